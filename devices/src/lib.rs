@@ -1,1 +1,9 @@
-//! devices
+//! Device models of Ferry: legacy PC devices and device-state backends.
+//!
+//! Every device has an explicit state struct: save copies it out, restore
+//! builds the device from it. No device reaches into the VMM.
+
+pub mod i8042;
+pub mod serial;
+pub mod sim_vfio;
+pub mod vfio;

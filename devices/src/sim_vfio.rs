@@ -1,0 +1,1 @@
+//! sim_vfio (to be written)

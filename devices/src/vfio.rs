@@ -1,0 +1,1 @@
+//! vfio (to be written)

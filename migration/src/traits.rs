@@ -1,0 +1,229 @@
+//! The contract between the migration machinery and a VMM.
+//!
+//! The migration crate never calls KVM. A VMM hands it objects implementing
+//! these traits; unit tests hand it in-memory fakes. Everything here is
+//! object-safe so that the VMM can pass `Arc<dyn ...>`.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Error reported by a VMM-side backend (KVM, a device, the host).
+///
+/// The string is shown to the user as is, so it must name what failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+impl BackendError {
+    /// Builds an error from anything printable.
+    pub fn new(msg: impl Into<String>) -> Self {
+        BackendError(msg.into())
+    }
+}
+
+/// Result of a backend call.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Size of a guest page as tracked by dirty logging and moved by migration.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One contiguous block of guest RAM mapped into this process.
+///
+/// Invariants (upheld by whoever builds it): `host_addr` points to a mapping
+/// of at least `size` bytes that stays valid, readable and writable for as
+/// long as the object that returned this region lives; `gpa` and `size` are
+/// multiples of [`PAGE_SIZE`]; regions of one VM never overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host virtual address of the first byte.
+    pub host_addr: usize,
+}
+
+impl RamRegion {
+    /// Number of pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+    /// Whether `[gpa, gpa + len)` lies wholly inside this region (overflow-safe).
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.gpa
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.gpa + self.size)
+    }
+}
+
+/// A dirty bitmap of one region: bit `i` of word `i / 64` is page `i`.
+///
+/// Invariant: `words.len() == ceil(region.pages() / 64)`; bits past the last
+/// page are zero.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// The bitmap words, little-endian bit order as KVM returns them.
+    pub words: Vec<u64>,
+}
+
+/// The source-side VM, as seen by the sender.
+///
+/// All methods may be called from the migration worker thread while vCPUs run.
+pub trait SourceVm: Send + Sync {
+    /// Opaque, serialized VM configuration (memory layout, vCPUs, devices).
+    /// The destination's [`DestinationFactory`] parses it.
+    fn config(&self) -> BackendResult<Vec<u8>>;
+
+    /// The guest RAM regions, sorted by `gpa`. Stable for the whole migration.
+    fn ram(&self) -> Vec<RamRegion>;
+
+    /// Byte ranges (offsets inside region `region`, page-aligned, sorted) that
+    /// may hold non-zero data. Memory outside them was never populated and is
+    /// not scanned by the first pass. Returning the whole region is correct,
+    /// only slower.
+    fn populated(&self, region: usize) -> BackendResult<Vec<Range<u64>>>;
+
+    /// Starts dirty logging on all regions (KVM_MEM_LOG_DIRTY_PAGES). Pages
+    /// written after this returns are reported by [`SourceVm::fetch_dirty`].
+    fn start_dirty_log(&self) -> BackendResult<()>;
+
+    /// Stops dirty logging. Called once, on success and on failure.
+    fn stop_dirty_log(&self) -> BackendResult<()>;
+
+    /// Returns the pages of `region` dirtied since the previous fetch
+    /// (KVM's log plus the VMM's own writes). When [`SourceVm::manual_protect`]
+    /// is true, the pages stay writable until [`SourceVm::clear_dirty`].
+    fn fetch_dirty(&self, region: usize) -> BackendResult<DirtyBitmap>;
+
+    /// Whether KVM_CLEAR_DIRTY_LOG is in use: then the sender must call
+    /// [`SourceVm::clear_dirty`] on each range just before reading it.
+    fn manual_protect(&self) -> bool;
+
+    /// Re-protects pages `[first_page, first_page + npages)` of `region` so
+    /// that later writes show up in the next fetch. A no-op without manual
+    /// protection. Ranges given by the sender are 64-page aligned or reach the
+    /// region's end.
+    fn clear_dirty(&self, region: usize, first_page: u64, npages: u64) -> BackendResult<()>;
+
+    /// Stops all vCPUs. Returns once none runs guest code. Idempotent.
+    fn pause(&self) -> BackendResult<()>;
+
+    /// Resumes vCPUs, unless the VM was paused by the user before the
+    /// migration started ([`SourceVm::user_paused`]).
+    fn resume(&self) -> BackendResult<()>;
+
+    /// Whether the user had paused the VM before the migration started; the
+    /// destination then starts paused.
+    fn user_paused(&self) -> bool;
+
+    /// Serializes vCPU, VM (irqchip, PIT, clock) and small device state.
+    /// Only called while paused.
+    fn save_state(&self) -> BackendResult<Vec<u8>>;
+
+    /// Devices with migratable (VFIO-v2-shaped) state, in a stable order.
+    fn devices(&self) -> Vec<Arc<dyn MigratableDevice>>;
+}
+
+/// Builds the destination VM from a received configuration.
+pub trait DestinationFactory: Send + Sync {
+    /// Parses `config` and builds a VM whose RAM is ready to be written.
+    /// An incompatible configuration fails with a message that the sender
+    /// shows to its user.
+    fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>>;
+}
+
+/// The destination-side VM while it is being received.
+pub trait DestinationVm: Send + Sync {
+    /// The guest RAM regions, sorted by `gpa`; same layout as the source's.
+    fn ram(&self) -> Vec<RamRegion>;
+
+    /// Devices with migratable state, in the same order and with the same ids
+    /// as on the source.
+    fn devices(&self) -> Vec<Arc<dyn MigratableDevice>>;
+
+    /// Restores what [`SourceVm::save_state`] produced.
+    fn restore_state(&self, state: &[u8]) -> BackendResult<()>;
+
+    /// Starts the vCPUs (or leaves them paused) and hands the VM to the VMM.
+    fn start(&self, paused: bool) -> BackendResult<()>;
+
+    /// Drops the half-built VM after a failed migration.
+    fn discard(&self);
+}
+
+/// Device migration states, as in the kernel's VFIO migration v2 uAPI
+/// (`enum vfio_device_mig_state`). The discriminants are the uAPI values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigState {
+    /// VFIO_DEVICE_STATE_ERROR
+    Error = 0,
+    /// VFIO_DEVICE_STATE_STOP
+    Stop = 1,
+    /// VFIO_DEVICE_STATE_RUNNING
+    Running = 2,
+    /// VFIO_DEVICE_STATE_STOP_COPY
+    StopCopy = 3,
+    /// VFIO_DEVICE_STATE_RESUMING
+    Resuming = 4,
+    /// VFIO_DEVICE_STATE_RUNNING_P2P
+    RunningP2p = 5,
+    /// VFIO_DEVICE_STATE_PRE_COPY
+    PreCopy = 6,
+    /// VFIO_DEVICE_STATE_PRE_COPY_P2P
+    PreCopyP2p = 7,
+}
+
+/// What a device offers (VFIO_DEVICE_FEATURE_MIGRATION flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigCaps {
+    /// VFIO_MIGRATION_STOP_COPY: always set for a migratable device.
+    pub stop_copy: bool,
+    /// VFIO_MIGRATION_P2P: RUNNING_P2P (and PRE_COPY_P2P) exist.
+    pub p2p: bool,
+    /// VFIO_MIGRATION_PRE_COPY: PRE_COPY exists.
+    pub pre_copy: bool,
+}
+
+/// VFIO_MIG_GET_PRECOPY_INFO: bytes the device can hand out now in PRE_COPY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrecopyInfo {
+    /// Bytes of initial state not yet read.
+    pub initial_bytes: u64,
+    /// Bytes of state that changed again (an estimate, may grow).
+    pub dirty_bytes: u64,
+}
+
+/// A device with VFIO-v2-shaped migration state.
+///
+/// The data of a state lives behind a file descriptor handed out by
+/// [`MigratableDevice::set_state`]: in PRE_COPY and STOP_COPY it is read
+/// until `read` returns 0 (end of stream; in PRE_COPY a read may instead
+/// fail with `ENOMSG` when nothing is available right now); in RESUMING it is
+/// written, and the stream ends when the state is set to the next state.
+/// Implementations must be usable from one save or load thread at a time
+/// per device, concurrently with other devices.
+pub trait MigratableDevice: Send + Sync {
+    /// A short unique name (`id=` on the command line); used in errors.
+    fn id(&self) -> &str;
+
+    /// What the device supports.
+    fn caps(&self) -> MigCaps;
+
+    /// Current state.
+    fn state(&self) -> BackendResult<MigState>;
+
+    /// Moves to `new` (the arc must be one the uAPI allows, or a combination
+    /// the implementation walks through). Returns the data fd when the new
+    /// state is PRE_COPY, STOP_COPY or RESUMING and the device opened one.
+    /// In VFIO, PRE_COPY -> STOP_COPY keeps the PRE_COPY fd: `None`.
+    fn set_state(&self, new: MigState) -> BackendResult<Option<File>>;
+
+    /// VFIO_MIG_GET_PRECOPY_INFO on the current PRE_COPY data fd.
+    fn precopy_info(&self) -> BackendResult<PrecopyInfo>;
+
+    /// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: estimated STOP_COPY size in bytes.
+    fn stop_copy_size(&self) -> BackendResult<u64>;
+}
