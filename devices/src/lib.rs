@@ -3,7 +3,11 @@
 //! Every device has an explicit state struct: save copies it out, restore
 //! builds the device from it. No device reaches into the VMM.
 
+pub mod error;
 pub mod i8042;
+pub mod mig_fsm;
 pub mod serial;
 pub mod sim_vfio;
 pub mod vfio;
+
+pub use error::{Error, Result};

@@ -1,0 +1,359 @@
+//! ACPI tables: RSDP (v2) -> XSDT -> {FADT -> DSDT, MADT}.
+//!
+//! The platform is described as *hardware-reduced* ACPI (FADT flag
+//! `HW_REDUCED_ACPI`): no PM timer, SCI, GPE or fixed-feature registers
+//! exist, which Linux accepts and which matches a VMM without an ACPI PM
+//! device. The FADT still advertises the i8042 (reset via port 0x64) and
+//! "no VGA". The DSDT is an empty AML block; legacy devices (COM1, i8042)
+//! are found by Linux at their fixed ISA ports. The MADT lists the local
+//! APICs, the IOAPIC, the IRQ0 -> GSI2 override and LINT1 NMI.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::bytes::{checksum, ByteBuf};
+use crate::layout::{ACPI_MAX_SIZE, ACPI_START, APIC_ADDR, IOAPIC_ADDR, MAX_SUPPORTED_CPUS};
+use crate::mptable::ioapic_id;
+use crate::{Error, Result};
+
+/// OEM ID in every table.
+pub const OEM_ID: &[u8; 6] = b"FERRY ";
+/// OEM table ID in every table.
+pub const OEM_TABLE_ID: &[u8; 8] = b"FERRYVMM";
+/// Creator ID in every table.
+pub const CREATOR_ID: &[u8; 4] = b"FRRY";
+/// Size of the common system description table header.
+pub const SDT_HEADER_SIZE: usize = 36;
+/// Size of an ACPI 2.0+ RSDP.
+pub const RSDP_SIZE: usize = 36;
+/// Size of a revision 6 FADT.
+pub const FADT_SIZE: usize = 276;
+
+/// FADT flag: power button is a control-method device (none here).
+const FADT_F_PWR_BUTTON: u32 = 1 << 4;
+/// FADT flag: sleep button is a control-method device (none here).
+const FADT_F_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: hardware-reduced ACPI.
+pub const FADT_F_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// IA-PC boot architecture flag: an 8042 keyboard controller is present.
+pub const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// IA-PC boot architecture flag: VGA must not be probed.
+pub const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// MADT flag: dual 8259 PICs are present (KVM's in-kernel irqchip has them).
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INT_SRC_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+/// MADT local APIC flag: processor enabled.
+const MADT_LAPIC_ENABLED: u32 = 1;
+
+/// Guest-physical addresses of each table produced by [`build_acpi_tables`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiLayout {
+    /// RSDP (always the window base, 16-byte aligned).
+    pub rsdp: u64,
+    /// XSDT.
+    pub xsdt: u64,
+    /// FADT ("FACP").
+    pub fadt: u64,
+    /// DSDT.
+    pub dsdt: u64,
+    /// MADT ("APIC").
+    pub madt: u64,
+}
+
+fn sdt_header(sig: &[u8; 4], revision: u8) -> ByteBuf {
+    let mut b = ByteBuf::new();
+    b.bytes(sig)
+        .u32(0) // length, fixed up by finish_sdt
+        .u8(revision)
+        .u8(0) // checksum
+        .bytes(OEM_ID)
+        .bytes(OEM_TABLE_ID)
+        .u32(1) // OEM revision
+        .bytes(CREATOR_ID)
+        .u32(1); // creator revision
+    b
+}
+
+/// Sets the length and checksum fields of a complete table.
+fn finish_sdt(mut b: ByteBuf) -> Vec<u8> {
+    // Tables are bounded by ACPI_MAX_SIZE (checked by the caller) < 4 GiB.
+    let len = b.len() as u32;
+    b.put_u32(4, len);
+    let c = checksum(&b.0);
+    b.0[9] = c;
+    b.0
+}
+
+fn gas_zero(b: &mut ByteBuf) {
+    b.zeros(12);
+}
+
+fn build_fadt(dsdt: u64) -> Vec<u8> {
+    let mut b = sdt_header(b"FACP", 6);
+    b.u32(0) // FIRMWARE_CTRL: no FACS (optional when hardware-reduced)
+        .u32(dsdt as u32) // DSDT (below 1 MiB)
+        .u8(0) // reserved
+        .u8(0) // preferred PM profile: unspecified
+        .u16(0) // SCI_INT
+        .u32(0) // SMI_CMD: no SMM, already in ACPI mode
+        .zeros(4) // ACPI_ENABLE, ACPI_DISABLE, S4BIOS_REQ, PSTATE_CNT
+        .zeros(8 * 4) // PM1a/b EVT, PM1a/b CNT, PM2 CNT, PM TMR, GPE0, GPE1
+        .zeros(8) // block lengths, GPE1_BASE, CST_CNT
+        .zeros(8) // P_LVL2/3 latencies, FLUSH_SIZE/STRIDE
+        .zeros(5) // duty cycle, RTC alarm/century indices
+        .u16(IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
+        .u8(0) // reserved
+        .u32(FADT_F_HW_REDUCED_ACPI | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON);
+    gas_zero(&mut b); // RESET_REG
+    b.u8(0) // RESET_VALUE
+        .u16(0) // ARM_BOOT_ARCH
+        .u8(5) // FADT minor version (ACPI 6.5)
+        .u64(0) // X_FIRMWARE_CTRL
+        .u64(dsdt); // X_DSDT
+    for _ in 0..8 {
+        gas_zero(&mut b); // X_PM1a_EVT .. X_GPE1 blocks
+    }
+    gas_zero(&mut b); // SLEEP_CONTROL_REG
+    gas_zero(&mut b); // SLEEP_STATUS_REG
+    b.bytes(b"FERRYVMM"); // hypervisor vendor identity
+    finish_sdt(b)
+}
+
+fn build_dsdt() -> Vec<u8> {
+    finish_sdt(sdt_header(b"DSDT", 2))
+}
+
+fn build_madt(num_cpus: u8) -> Vec<u8> {
+    let mut b = sdt_header(b"APIC", 6);
+    b.u32(APIC_ADDR).u32(MADT_PCAT_COMPAT);
+    for cpu in 0..num_cpus {
+        b.u8(MADT_LOCAL_APIC)
+            .u8(8)
+            .u8(cpu) // ACPI processor UID
+            .u8(cpu) // APIC ID
+            .u32(MADT_LAPIC_ENABLED);
+    }
+    b.u8(MADT_IO_APIC)
+        .u8(12)
+        .u8(ioapic_id(num_cpus))
+        .u8(0)
+        .u32(IOAPIC_ADDR)
+        .u32(0); // GSI base
+    b.u8(MADT_INT_SRC_OVERRIDE)
+        .u8(10)
+        .u8(0) // bus: ISA
+        .u8(0) // source: IRQ 0 (PIT)
+        .u32(2) // GSI 2
+        .u16(0); // flags: conforms to bus
+    b.u8(MADT_LOCAL_APIC_NMI)
+        .u8(6)
+        .u8(0xFF) // all processors
+        .u16(0)
+        .u8(1); // LINT1
+    finish_sdt(b)
+}
+
+fn build_xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut b = sdt_header(b"XSDT", 1);
+    for e in entries {
+        b.u64(*e);
+    }
+    finish_sdt(b)
+}
+
+fn build_rsdp(xsdt: u64) -> Vec<u8> {
+    let mut b = ByteBuf::new();
+    b.bytes(b"RSD PTR ")
+        .u8(0) // checksum of the first 20 bytes
+        .bytes(OEM_ID)
+        .u8(2) // revision: ACPI 2.0+
+        .u32(0) // RSDT address: none, XSDT only
+        .u32(RSDP_SIZE as u32)
+        .u64(xsdt)
+        .u8(0) // extended checksum
+        .zeros(3);
+    let c = checksum(&b.0[..20]);
+    b.0[8] = c;
+    let c = checksum(&b.0);
+    b.0[32] = c;
+    b.0
+}
+
+const fn align16(x: usize) -> usize {
+    (x + 15) & !15
+}
+
+/// Builds every ACPI table for `num_cpus` vCPUs as one image to be copied
+/// to guest-physical `base` (RSDP first, at `base`, which must be 16-byte
+/// aligned for the RSDP scan to find it). Tables are 16-byte aligned, all
+/// checksums valid, and the whole image is at most [`ACPI_MAX_SIZE`].
+pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>)> {
+    if num_cpus == 0 || num_cpus > MAX_SUPPORTED_CPUS {
+        return Err(Error::InvalidCpuCount(num_cpus));
+    }
+    let mut image: Vec<u8> = Vec::new();
+    let place = |table: &[u8], image: &mut Vec<u8>| -> u64 {
+        let off = align16(image.len());
+        image.resize(off, 0);
+        image.extend_from_slice(table);
+        base + off as u64
+    };
+
+    // Sizes are fixed except the MADT, so addresses can be computed first.
+    let rsdp_at = 0usize;
+    let xsdt_at = align16(rsdp_at + RSDP_SIZE);
+    let xsdt_len = SDT_HEADER_SIZE + 2 * 8;
+    let dsdt_at = align16(xsdt_at + xsdt_len);
+    let fadt_at = align16(dsdt_at + SDT_HEADER_SIZE);
+    let madt_at = align16(fadt_at + FADT_SIZE);
+    let layout = AcpiLayout {
+        rsdp: base + rsdp_at as u64,
+        xsdt: base + xsdt_at as u64,
+        dsdt: base + dsdt_at as u64,
+        fadt: base + fadt_at as u64,
+        madt: base + madt_at as u64,
+    };
+
+    let placed = [
+        place(&build_rsdp(layout.xsdt), &mut image),
+        place(&build_xsdt(&[layout.fadt, layout.madt]), &mut image),
+        place(&build_dsdt(), &mut image),
+        place(&build_fadt(layout.dsdt), &mut image),
+        place(&build_madt(num_cpus), &mut image),
+    ];
+    debug_assert_eq!(
+        placed,
+        [layout.rsdp, layout.xsdt, layout.dsdt, layout.fadt, layout.madt]
+    );
+    if image.len() > ACPI_MAX_SIZE {
+        return Err(Error::TableTooLarge {
+            what: "ACPI tables",
+            size: image.len(),
+            max: ACPI_MAX_SIZE,
+        });
+    }
+    Ok((layout, image))
+}
+
+/// Writes the ACPI tables for `num_cpus` vCPUs at [`ACPI_START`] and
+/// returns the RSDP address (for `hvm_start_info.rsdp_paddr` /
+/// `boot_params.acpi_rsdp_addr`).
+pub fn setup_acpi_tables<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<GuestAddress> {
+    let (layout, image) = build_acpi_tables(ACPI_START, num_cpus)?;
+    mem.write_slice(&image, GuestAddress(ACPI_START))
+        .map_err(|source| Error::GuestWrite { what: "ACPI tables", source })?;
+    Ok(GuestAddress(layout.rsdp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes::sum;
+    use crate::test_utils::guest_mem;
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+    /// The table at guest address `addr`, sliced by its length field.
+    fn table(image: &[u8], addr: u64) -> &[u8] {
+        let off = (addr - ACPI_START) as usize;
+        let len = u32_at(image, off + 4) as usize;
+        &image[off..off + len]
+    }
+
+    #[test]
+    fn rsdp_checksums() {
+        let (l, img) = build_acpi_tables(ACPI_START, 2).unwrap();
+        let rsdp = &img[..RSDP_SIZE];
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "v1 checksum");
+        assert_eq!(sum(rsdp), 0, "extended checksum");
+        assert_eq!(rsdp[15], 2);
+        assert_eq!(u32_at(rsdp, 20) as usize, RSDP_SIZE);
+        assert_eq!(u64_at(rsdp, 24), l.xsdt);
+        assert_eq!(l.rsdp % 16, 0);
+    }
+
+    #[test]
+    fn xsdt_fadt_dsdt() {
+        let (l, img) = build_acpi_tables(ACPI_START, 2).unwrap();
+        let xsdt = table(&img, l.xsdt);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(xsdt), 0);
+        assert_eq!(xsdt.len(), 36 + 16);
+        assert_eq!((u64_at(xsdt, 36), u64_at(xsdt, 44)), (l.fadt, l.madt));
+
+        let fadt = table(&img, l.fadt);
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(fadt.len(), FADT_SIZE);
+        assert_eq!(sum(fadt), 0);
+        assert_eq!(fadt[8], 6);
+        assert_ne!(u32_at(fadt, 112) & FADT_F_HW_REDUCED_ACPI, 0);
+        assert_eq!(u64_at(fadt, 140), l.dsdt);
+        assert_eq!(u32_at(fadt, 40) as u64, l.dsdt);
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0x6);
+        assert_eq!(&fadt[268..276], b"FERRYVMM");
+
+        let dsdt = table(&img, l.dsdt);
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(dsdt.len(), SDT_HEADER_SIZE);
+        assert_eq!(sum(dsdt), 0);
+    }
+
+    #[test]
+    fn madt_entries() {
+        for n in [1u8, 4, 254] {
+            let (l, img) = build_acpi_tables(ACPI_START, n).unwrap();
+            let madt = table(&img, l.madt);
+            assert_eq!(&madt[..4], b"APIC");
+            assert_eq!(sum(madt), 0);
+            assert_eq!(u32_at(madt, 36), 0xFEE0_0000);
+            let mut off = 44;
+            let mut counts = [0usize; 5];
+            let mut apic_ids = Vec::new();
+            while off < madt.len() {
+                let (t, len) = (madt[off] as usize, madt[off + 1] as usize);
+                assert!(len >= 2);
+                counts[t] += 1;
+                match t {
+                    0 => {
+                        apic_ids.push(madt[off + 3]);
+                        assert_eq!(u32_at(madt, off + 4), 1);
+                    }
+                    1 => {
+                        assert_eq!(madt[off + 2], n);
+                        assert_eq!(u32_at(madt, off + 4), 0xFEC0_0000);
+                    }
+                    2 => assert_eq!((madt[off + 3], u32_at(madt, off + 4)), (0, 2)),
+                    _ => {}
+                }
+                off += len;
+            }
+            assert_eq!(off, madt.len());
+            assert_eq!(counts, [n as usize, 1, 1, 0, 1]);
+            assert_eq!(apic_ids, (0..n).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn bad_cpu_counts() {
+        assert!(build_acpi_tables(ACPI_START, 0).is_err());
+        assert!(build_acpi_tables(ACPI_START, 255).is_err());
+    }
+
+    #[test]
+    fn written_to_guest_memory() {
+        let mem = guest_mem(512 << 20);
+        let rsdp = setup_acpi_tables(&mem, 2).unwrap();
+        assert_eq!(rsdp, GuestAddress(ACPI_START));
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, rsdp).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+    }
+}

@@ -1,1 +1,0 @@
-//! sim_vfio (to be written)

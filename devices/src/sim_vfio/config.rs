@@ -1,0 +1,232 @@
+//! `--sim-vfio` argument parsing.
+
+use crate::error::{Error, Result};
+use crate::vfio::validate_id;
+
+/// Largest accepted device state (16 GiB).
+pub const MAX_STATE_SIZE: u64 = 16 << 30;
+/// Largest accepted rate (MiB/s); higher values are meaningless here.
+pub const MAX_RATE_MIBS: f64 = 1_000_000.0;
+
+/// Parsed `--sim-vfio` argument.
+///
+/// Invariants: `1 <= state_size <= MAX_STATE_SIZE`; `precopy_size <=
+/// state_size`; rates are finite, `>= 0` and `<= MAX_RATE_MIBS` (0 means no
+/// dirtying for `dirty_rate`, unlimited for the others); `id` is valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimVfioConfig {
+    /// Device id.
+    pub id: String,
+    /// Bytes of device state.
+    pub state_size: u64,
+    /// Bytes of the state (a prefix) that can be pre-copied; 0 = no PRE_COPY.
+    pub precopy_size: u64,
+    /// MiB/s of state rewritten while the device runs (0 = none).
+    pub dirty_rate: f64,
+    /// MiB/s at which state is produced for saving (0 = unlimited).
+    pub save_rate: f64,
+    /// MiB/s at which state is consumed when loading (0 = unlimited).
+    pub load_rate: f64,
+    /// Fault injection: the save stream fails after this many bytes.
+    pub fail_save_after: Option<u64>,
+    /// Fault injection: the destination refuses its data.
+    pub fail_load: bool,
+}
+
+impl SimVfioConfig {
+    /// A config with the given id and sizes and no rates or faults.
+    pub fn new(id: &str, state_size: u64, precopy_size: u64) -> Self {
+        SimVfioConfig {
+            id: id.to_string(),
+            state_size,
+            precopy_size,
+            dirty_rate: 0.0,
+            save_rate: 0.0,
+            load_rate: 0.0,
+            fail_save_after: None,
+            fail_load: false,
+        }
+    }
+
+    /// Checks the invariants (for configs built by hand).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::InvalidArg {
+            arg: format!("--sim-vfio id={}", self.id),
+            reason,
+        };
+        validate_id(&self.id, &self.id)?;
+        if self.state_size == 0 || self.state_size > MAX_STATE_SIZE {
+            return Err(bad(format!("state must be 1 byte to {MAX_STATE_SIZE} bytes")));
+        }
+        if self.precopy_size > self.state_size {
+            return Err(bad("precopy must not exceed state".into()));
+        }
+        for (n, r) in [
+            ("dirty-rate", self.dirty_rate),
+            ("save-rate", self.save_rate),
+            ("load-rate", self.load_rate),
+        ] {
+            if !r.is_finite() || !(0.0..=MAX_RATE_MIBS).contains(&r) {
+                return Err(bad(format!("{n} must be between 0 and {MAX_RATE_MIBS} MiB/s")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size: a decimal integer with an optional `K`, `M`, `G` (binary
+/// multiples, case-insensitive, optional trailing `iB`/`B`) suffix.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return None,
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) || num.len() > 20 {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+fn parse_rate(s: &str) -> Option<f64> {
+    let r: f64 = s.trim().parse().ok()?;
+    (r.is_finite() && (0.0..=MAX_RATE_MIBS).contains(&r)).then_some(r)
+}
+
+/// Parses `id=NAME,state=SIZE[,precopy=SIZE][,dirty-rate=MBPS]
+/// [,save-rate=MBPS][,load-rate=MBPS][,fail-save-after=SIZE][,fail-load=1]`.
+pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
+    let bad = |reason: String| Error::InvalidArg {
+        arg: s.to_string(),
+        reason,
+    };
+    if s.len() > 4096 {
+        return Err(bad("too long".into()));
+    }
+    let mut id = None;
+    let mut state = None;
+    let mut cfg = SimVfioConfig::new("", 0, 0);
+    let mut seen: Vec<&str> = Vec::new();
+    for kv in s.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad(format!("expected key=value, got `{kv}`")))?;
+        if seen.contains(&k) {
+            return Err(bad(format!("`{k}` given twice")));
+        }
+        seen.push(k);
+        let size = || parse_size(v).ok_or_else(|| bad(format!("{k}: bad size `{v}`")));
+        let rate = || {
+            parse_rate(v)
+                .ok_or_else(|| bad(format!("{k}: bad rate `{v}` (MiB/s, 0 to {MAX_RATE_MIBS})")))
+        };
+        match k {
+            "id" => id = Some(v.to_string()),
+            "state" => state = Some(size()?),
+            "precopy" => cfg.precopy_size = size()?,
+            "dirty-rate" => cfg.dirty_rate = rate()?,
+            "save-rate" => cfg.save_rate = rate()?,
+            "load-rate" => cfg.load_rate = rate()?,
+            "fail-save-after" => cfg.fail_save_after = Some(size()?),
+            "fail-load" => {
+                cfg.fail_load = match v {
+                    "1" | "true" | "on" => true,
+                    "0" | "false" | "off" => false,
+                    _ => return Err(bad(format!("fail-load: expected 0 or 1, got `{v}`"))),
+                }
+            }
+            _ => return Err(bad(format!("unknown key `{k}`"))),
+        }
+    }
+    cfg.id = id.ok_or_else(|| bad("missing id=".into()))?;
+    validate_id(s, &cfg.id)?;
+    cfg.state_size = state.ok_or_else(|| bad("missing state=".into()))?;
+    if cfg.state_size == 0 || cfg.state_size > MAX_STATE_SIZE {
+        return Err(bad(format!("state must be 1 byte to 16G, got {}", cfg.state_size)));
+    }
+    if cfg.precopy_size > cfg.state_size {
+        return Err(bad("precopy must not exceed state".into()));
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("32M"), Some(32 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("8KiB"), Some(8 << 10));
+        assert_eq!(parse_size("2MB"), Some(2 << 20));
+        assert_eq!(parse_size("0"), Some(0));
+        for bad in ["", "M", "-1", "1.5M", "1X", "99999999999999999999G", "1 M"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn full_arg() {
+        let c = parse_sim_vfio_arg(
+            "id=gpu0,state=64M,precopy=48M,dirty-rate=10.5,save-rate=100,load-rate=0,fail-save-after=1M,fail-load=1",
+        )
+        .unwrap();
+        assert_eq!(c.id, "gpu0");
+        assert_eq!(c.state_size, 64 << 20);
+        assert_eq!(c.precopy_size, 48 << 20);
+        assert_eq!(c.dirty_rate, 10.5);
+        assert_eq!(c.save_rate, 100.0);
+        assert_eq!(c.load_rate, 0.0);
+        assert_eq!(c.fail_save_after, Some(1 << 20));
+        assert!(c.fail_load);
+        c.validate().unwrap();
+        let d = parse_sim_vfio_arg("state=4096,id=a").unwrap();
+        assert_eq!(d, SimVfioConfig::new("a", 4096, 0));
+    }
+
+    #[test]
+    fn rejects() {
+        for bad in [
+            "id=a",
+            "state=1M",
+            "id=a,state=0",
+            "id=a,state=17G",
+            "id=a,state=1M,precopy=2M",
+            "id=a,state=1M,dirty-rate=-1",
+            "id=a,state=1M,save-rate=nan",
+            "id=a,state=1M,load-rate=inf",
+            "id=a,state=1M,fail-load=2",
+            "id=a,state=1M,bogus=1",
+            "id=a,state=1M,state=2M",
+            "id=,state=1M",
+            "id=a b,state=1M",
+            "id=a,state=1M,",
+        ] {
+            assert!(parse_sim_vfio_arg(bad).is_err(), "{bad} accepted");
+        }
+        let mut c = SimVfioConfig::new("x", 10, 11);
+        assert!(c.validate().is_err());
+        c.precopy_size = 10;
+        assert!(c.validate().is_ok());
+        c.save_rate = f64::NAN;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,1 +1,0 @@
-//! vfio (to be written)

@@ -1,0 +1,101 @@
+//! The error type of a migration, on both sides.
+
+use crate::traits::BackendError;
+
+/// Errors of a migration. The display text is what the API reports, so every
+/// variant names its cause (the peer's message, the device id, the step).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Kept for API compatibility; no code path returns it any more.
+    #[error("migration is not implemented")]
+    Unsupported,
+    /// The parameters were refused before anything started.
+    #[error("invalid migration parameters: {0}")]
+    InvalidParams(String),
+    /// The migration was cancelled.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// A socket or file operation failed; `context` says which.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer sent something that violates the protocol (hostile or broken
+    /// input). Nothing of it was applied.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The destination refused or failed the migration; the text is its own.
+    #[error("destination reported an error: {0}")]
+    Remote(String),
+    /// The source aborted the migration; the text is its own.
+    #[error("source aborted the migration: {0}")]
+    PeerAborted(String),
+    /// The peer closed a connection before the migration finished.
+    #[error("peer closed the connection: {0}")]
+    PeerClosed(String),
+    /// A VM backend call failed; `context` names the call.
+    #[error("{context}: {source}")]
+    Vm {
+        /// The backend call.
+        context: String,
+        /// The backend's message.
+        #[source]
+        source: BackendError,
+    },
+    /// A device failed; `id` is the device's id.
+    #[error("device {id}: {msg}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// What failed.
+        msg: String,
+    },
+    /// The overall timeout (`timeout_s`) or a setup timeout expired.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// No progress on a connection for the stall timeout.
+    #[error("stalled: {0}")]
+    Stalled(String),
+    /// The destination's VM does not match the source's.
+    #[error("incompatible configuration: {0}")]
+    Incompatible(String),
+    /// A worker stopped because another part of the migration failed first;
+    /// never the final error of a migration (the first cause replaces it).
+    #[error("aborted after an earlier failure")]
+    Aborted,
+}
+
+impl MigrationError {
+    /// Builds an [`MigrationError::Io`] with a context.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        MigrationError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Builds a [`MigrationError::Vm`] with a context.
+    pub(crate) fn vm(context: impl Into<String>, source: BackendError) -> Self {
+        MigrationError::Vm {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Builds a [`MigrationError::Device`].
+    pub(crate) fn device(id: &str, msg: impl Into<String>) -> Self {
+        MigrationError::Device {
+            id: id.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Builds a [`MigrationError::Protocol`].
+    pub(crate) fn proto(msg: impl Into<String>) -> Self {
+        MigrationError::Protocol(msg.into())
+    }
+}

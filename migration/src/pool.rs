@@ -1,0 +1,303 @@
+//! The sender's bounded per-connection queues and the global enqueue lock.
+//!
+//! One mutex guards all queues. Device sequence numbers are assigned and
+//! SYNC markers are pushed to every queue under that same mutex, so the
+//! enqueue order is one total order that is consistent with each device's
+//! sequence and with each connection's FIFO; the receiver's deadlock-freedom
+//! argument (docs/migration-protocol.md) rests on this.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::MigrationError;
+use crate::net::{lock, Ctl, POLL_INTERVAL};
+use crate::traits::PAGE_SIZE;
+use crate::wire::DevItemKind;
+
+/// A run of pages inside one region (sender side, before zero detection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Region index.
+    pub region: u32,
+    /// First page relative to the region.
+    pub first_page: u64,
+    /// Pages (≥ 1).
+    pub npages: u64,
+}
+
+/// One unit of work for a writer thread.
+#[derive(Debug)]
+pub enum Item {
+    /// A RAM packet of pass `pass`; the writer reads the pages from guest
+    /// memory when it sends them.
+    Ram {
+        /// Pass number (≥ 1).
+        pass: u64,
+        /// Page runs, total ≤ the packet size.
+        runs: Vec<PageRun>,
+    },
+    /// A device stream item.
+    Device {
+        /// Device index.
+        dev: u32,
+        /// Sequence number within the device's stream.
+        seq: u64,
+        /// Item kind.
+        kind: DevItemKind,
+        /// Payload (empty for markers).
+        data: Vec<u8>,
+    },
+    /// End of pass `pass` on this connection.
+    Sync {
+        /// Pass number.
+        pass: u64,
+    },
+    /// No more items: the writer shuts down its write side and exits.
+    Close,
+}
+
+impl Item {
+    /// Bytes this item counts against its queue's bound.
+    pub fn cost(&self) -> u64 {
+        match self {
+            Item::Ram { runs, .. } => runs.iter().map(|r| r.npages).sum::<u64>() * PAGE_SIZE,
+            Item::Device { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+struct PoolState {
+    queues: Vec<VecDeque<Item>>,
+    queued: Vec<u64>,
+    dev_seq: Vec<u64>,
+    dev_inflight: u64,
+}
+
+/// The bounded queues feeding the writer threads.
+///
+/// Invariants: `queued[i]` is the cost of items pushed to connection `i` and
+/// not yet reported written; pushes wait while every queue is over
+/// `conn_limit` (markers excepted) or device bytes in flight exceed
+/// `dev_limit`, which bounds sender memory.
+pub struct Pool {
+    st: Mutex<PoolState>,
+    writer_cv: Vec<Condvar>,
+    space_cv: Condvar,
+    conn_limit: u64,
+    dev_limit: u64,
+    ctl: Arc<Ctl>,
+    /// Bytes written on all data connections (headers included).
+    pub sent_bytes: AtomicU64,
+    /// RAM pages handed to the wire (data or zero marker).
+    pub pages_done: AtomicU64,
+}
+
+impl Pool {
+    /// Queues for `n` connections and `ndev` devices.
+    pub fn new(n: usize, ndev: usize, conn_limit: u64, dev_limit: u64, ctl: Arc<Ctl>) -> Arc<Pool> {
+        Arc::new(Pool {
+            st: Mutex::new(PoolState {
+                queues: (0..n).map(|_| VecDeque::new()).collect(),
+                queued: vec![0; n],
+                dev_seq: vec![0; ndev],
+                dev_inflight: 0,
+            }),
+            writer_cv: (0..n).map(|_| Condvar::new()).collect(),
+            space_cv: Condvar::new(),
+            conn_limit,
+            dev_limit,
+            ctl,
+            sent_bytes: AtomicU64::new(0),
+            pages_done: AtomicU64::new(0),
+        })
+    }
+
+    /// Number of connections.
+    pub fn connections(&self) -> usize {
+        self.writer_cv.len()
+    }
+
+    /// Bytes queued and not yet written, all connections.
+    pub fn backlog(&self) -> u64 {
+        lock(&self.st).queued.iter().sum()
+    }
+
+    fn push_inner(&self, mut make: impl FnMut(&mut PoolState) -> Item, cost: u64, dev_bytes: u64) -> Result<u64, MigrationError> {
+        let mut st = lock(&self.st);
+        loop {
+            self.ctl.check()?;
+            let (best, q) = st
+                .queued
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, q)| **q)
+                .map(|(i, q)| (i, *q))
+                .unwrap_or((0, 0));
+            let dev_ok = dev_bytes == 0 || st.dev_inflight == 0 || st.dev_inflight + dev_bytes <= self.dev_limit;
+            if (q == 0 || q + cost <= self.conn_limit) && dev_ok {
+                let item = make(&mut st);
+                let seq = match &item {
+                    Item::Device { seq, .. } => *seq,
+                    _ => 0,
+                };
+                st.queued[best] += cost;
+                st.dev_inflight += dev_bytes;
+                st.queues[best].push_back(item);
+                self.writer_cv[best].notify_one();
+                return Ok(seq);
+            }
+            st = self
+                .space_cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Queues a RAM packet on the least-loaded connection (waits for space).
+    pub fn push_ram(&self, pass: u64, runs: Vec<PageRun>) -> Result<(), MigrationError> {
+        let cost = runs.iter().map(|r| r.npages).sum::<u64>() * PAGE_SIZE;
+        let mut runs = Some(runs);
+        self.push_inner(
+            |_| Item::Ram {
+                pass,
+                runs: runs.take().unwrap_or_default(),
+            },
+            cost,
+            0,
+        )
+        .map(|_| ())
+    }
+
+    /// Assigns the next sequence number of device `dev` and queues the item,
+    /// both under the global enqueue lock. Returns the sequence number.
+    pub fn push_device(&self, dev: u32, kind: DevItemKind, data: Vec<u8>) -> Result<u64, MigrationError> {
+        let cost = data.len() as u64;
+        let mut data = Some(data);
+        self.push_inner(
+            |st| {
+                let seq = st.dev_seq[dev as usize];
+                st.dev_seq[dev as usize] += 1;
+                Item::Device {
+                    dev,
+                    seq,
+                    kind,
+                    data: data.take().unwrap_or_default(),
+                }
+            },
+            cost,
+            cost,
+        )
+    }
+
+    /// Pushes one marker to every queue atomically (SYNC or CLOSE).
+    pub fn push_all(&self, make: impl Fn() -> Item) {
+        let mut st = lock(&self.st);
+        for i in 0..st.queues.len() {
+            st.queues[i].push_back(make());
+            self.writer_cv[i].notify_one();
+        }
+    }
+
+    /// Takes the next item of connection `conn`, waiting for one.
+    pub fn pop(&self, conn: usize) -> Result<Item, MigrationError> {
+        let mut st = lock(&self.st);
+        loop {
+            if let Some(it) = st.queues[conn].pop_front() {
+                return Ok(it);
+            }
+            self.ctl.check()?;
+            st = self.writer_cv[conn]
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Reports an item of `cost` bytes (of which `dev_bytes` device bytes)
+    /// written on `conn`, freeing queue space.
+    pub fn done(&self, conn: usize, cost: u64, dev_bytes: u64) {
+        let mut st = lock(&self.st);
+        st.queued[conn] = st.queued[conn].saturating_sub(cost);
+        st.dev_inflight = st.dev_inflight.saturating_sub(dev_bytes);
+        drop(st);
+        self.space_cv.notify_all();
+    }
+
+    /// Waits until every queue is empty and written (used by tests and the
+    /// final pass accounting); bounded by the stall timeout.
+    pub fn drain(&self) -> Result<(), MigrationError> {
+        let start = Instant::now();
+        let mut st = lock(&self.st);
+        loop {
+            self.ctl.check()?;
+            if st.queued.iter().all(|&q| q == 0) && st.queues.iter().all(|q| q.is_empty()) {
+                return Ok(());
+            }
+            if start.elapsed() > self.ctl.stall {
+                return Err(MigrationError::Stalled("data connections do not drain".into()));
+            }
+            st = self
+                .space_cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Token bucket shared by all writers (`max_bandwidth_mbps`).
+///
+/// Invariant: over any interval the bytes granted are at most
+/// `rate × interval + burst`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    st: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// A bucket of `rate` bytes/s.
+    pub fn new(rate: f64) -> Arc<RateLimiter> {
+        let burst = (rate * 0.05).max(256.0 * 1024.0);
+        Arc::new(RateLimiter {
+            rate,
+            burst,
+            st: Mutex::new((burst, Instant::now())),
+        })
+    }
+
+    /// Takes `n` bytes, sleeping (in slices that poll abort) while in debt.
+    pub fn take(&self, n: u64, ctl: &Ctl) -> Result<(), MigrationError> {
+        let wait = {
+            let mut st = lock(&self.st);
+            let now = Instant::now();
+            let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
+            st.0 = (st.0 + refill).min(self.burst) - n as f64;
+            st.1 = now;
+            if st.0 < 0.0 {
+                -st.0 / self.rate
+            } else {
+                0.0
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs_f64(wait);
+        loop {
+            ctl.check()?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            std::thread::sleep((deadline - now).min(POLL_INTERVAL));
+        }
+    }
+}
+
+/// Shorthand used by workers: the pool's stats counters.
+pub fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Ordering::Relaxed);
+}

@@ -1,0 +1,325 @@
+//! Live migration statistics: atomics updated by the workers, snapshotted
+//! into the serde [`MigrationStatus`] that `GET /api/v1/vm.migration` returns.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::lock;
+
+/// Overall state of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Nothing has run yet.
+    #[default]
+    None,
+    /// Running.
+    Active,
+    /// Finished; the guest runs on the destination.
+    Completed,
+    /// Failed; `error` says why.
+    Failed,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+impl MigrationState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => MigrationState::Active,
+            2 => MigrationState::Completed,
+            3 => MigrationState::Failed,
+            4 => MigrationState::Cancelled,
+            _ => MigrationState::None,
+        }
+    }
+    fn to_u8(self) -> u8 {
+        match self {
+            MigrationState::None => 0,
+            MigrationState::Active => 1,
+            MigrationState::Completed => 2,
+            MigrationState::Failed => 3,
+            MigrationState::Cancelled => 4,
+        }
+    }
+}
+
+/// Per-device progress in a [`MigrationStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeviceStatus {
+    /// Device id.
+    pub id: String,
+    /// Device state bytes moved so far (sent on the source, loaded on the
+    /// destination).
+    pub bytes_transferred: u64,
+    /// Estimated bytes still to move (source only).
+    pub bytes_remaining: u64,
+    /// Destination load rate in bytes/s, once measured (0 = unknown).
+    pub load_rate_bps: u64,
+    /// Whether the initial pre-copy data was loaded (switch-over ack).
+    pub initial_loaded: bool,
+}
+
+/// Snapshot returned by `GET /api/v1/vm.migration` (both sides).
+/// Byte counters are bytes; rates are bytes per second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MigrationStatus {
+    /// Overall state.
+    pub state: MigrationState,
+    /// Reason, when failed or cancelled.
+    pub error: Option<String>,
+    /// "source" or "destination" (None before anything started).
+    pub role: Option<String>,
+    /// Current (or last) RAM pass, starting at 1.
+    pub iteration: u64,
+    /// Data connections.
+    pub connections: u32,
+    /// Guest RAM size.
+    pub total_bytes: u64,
+    /// RAM bytes on the wire so far (headers, range tables and page data).
+    pub transferred_bytes: u64,
+    /// RAM bytes still dirty at the last pass decision.
+    pub remaining_bytes: u64,
+    /// Pages sent (or received) as zero markers instead of data.
+    pub zero_pages: u64,
+    /// RAM throughput on the wire (EWMA per pass).
+    pub throughput_bps: u64,
+    /// Rate at which the guest dirties RAM.
+    pub dirty_rate_bps: u64,
+    /// Downtime predicted by the convergence policy.
+    pub expected_downtime_ms: u64,
+    /// Device state bytes moved so far, all devices.
+    pub device_bytes_transferred: u64,
+    /// Estimated device state bytes still to move, all devices.
+    pub device_bytes_remaining: u64,
+    /// Per-device progress, in device order.
+    pub devices: Vec<DeviceStatus>,
+    /// Time since the migration began.
+    pub elapsed_ms: u64,
+    /// From connect to the first RAM byte, once known.
+    pub setup_time_ms: Option<u64>,
+    /// Whole migration, on completion.
+    pub total_time_ms: Option<u64>,
+    /// Actual downtime: source pause → destination resume (wall clock).
+    pub downtime_ms: Option<u64>,
+    /// Source-measured pause → "resumed" reply (source only).
+    pub pause_to_ack_ms: Option<u64>,
+    /// Source pause time, µs since the Unix epoch.
+    pub pause_time_us: Option<u64>,
+    /// Destination resume time, µs since the Unix epoch.
+    pub resume_time_us: Option<u64>,
+}
+
+/// Counters of one device. Updated by its save/load thread and the writers.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Device id.
+    pub id: String,
+    /// Bytes moved.
+    pub transferred: AtomicU64,
+    /// Estimated bytes remaining.
+    pub remaining: AtomicU64,
+    /// Load rate in bytes/s (0 = unknown).
+    pub load_rate: AtomicU64,
+    /// Initial data loaded.
+    pub initial_loaded: AtomicBool,
+}
+
+/// Optional counters store `value + 1`; 0 means "not known yet", so that
+/// `Default` is the empty state.
+fn set_opt(a: &AtomicU64, v: u64) {
+    a.store(v.saturating_add(1), Relaxed);
+}
+
+/// Live counters updated by the workers; read through [`MigrationStats::snapshot`].
+///
+/// Invariant: only `send`/`receive` (and [`MigrationStats::begin`] /
+/// [`MigrationStats::reset_for_new`]) change `state`; a final state
+/// (completed/failed/cancelled) is set exactly once per migration.
+#[derive(Debug, Default)]
+pub struct MigrationStats {
+    state: AtomicU8,
+    role: AtomicU8,
+    error: Mutex<Option<String>>,
+    started: Mutex<Option<Instant>>,
+    pub(crate) iteration: AtomicU64,
+    pub(crate) connections: AtomicU64,
+    pub(crate) total_bytes: AtomicU64,
+    pub(crate) transferred_bytes: AtomicU64,
+    pub(crate) remaining_bytes: AtomicU64,
+    pub(crate) zero_pages: AtomicU64,
+    pub(crate) throughput_bps: AtomicU64,
+    pub(crate) dirty_rate_bps: AtomicU64,
+    pub(crate) expected_downtime_ms: AtomicU64,
+    devices: RwLock<Vec<Arc<DeviceCounters>>>,
+    setup_time_ms: AtomicU64,
+    total_time_ms: AtomicU64,
+    downtime_ms: AtomicU64,
+    pause_to_ack_ms: AtomicU64,
+    pause_time_us: AtomicU64,
+    resume_time_us: AtomicU64,
+}
+
+/// Role stored in the stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Source = 1,
+    Destination = 2,
+}
+
+fn opt(v: &AtomicU64) -> Option<u64> {
+    v.load(Relaxed).checked_sub(1)
+}
+
+impl MigrationStats {
+    /// Clears every counter and sets the state to `none`.
+    pub fn reset_for_new(&self) {
+        self.state.store(0, Relaxed);
+        self.role.store(0, Relaxed);
+        *lock(&self.error) = None;
+        *lock(&self.started) = None;
+        for a in [
+            &self.iteration,
+            &self.connections,
+            &self.total_bytes,
+            &self.transferred_bytes,
+            &self.remaining_bytes,
+            &self.zero_pages,
+            &self.throughput_bps,
+            &self.dirty_rate_bps,
+            &self.expected_downtime_ms,
+        ] {
+            a.store(0, Relaxed);
+        }
+        for a in [
+            &self.setup_time_ms,
+            &self.total_time_ms,
+            &self.downtime_ms,
+            &self.pause_to_ack_ms,
+            &self.pause_time_us,
+            &self.resume_time_us,
+        ] {
+            a.store(0, Relaxed);
+        }
+        self.devices.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Resets the counters and marks the migration active (the VMM may call
+    /// it before spawning the worker so that the API shows `active` at once;
+    /// `send`/`receive` call it again themselves).
+    pub fn begin(&self) {
+        self.reset_for_new();
+        *lock(&self.started) = Some(Instant::now());
+        self.state.store(MigrationState::Active.to_u8(), Relaxed);
+    }
+
+    /// Current state.
+    pub fn state(&self) -> MigrationState {
+        MigrationState::from_u8(self.state.load(Relaxed))
+    }
+
+    pub(crate) fn set_role(&self, r: Role) {
+        self.role.store(r as u8, Relaxed);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        lock(&self.started).map(|s| s.elapsed().as_millis() as u64).unwrap_or(0)
+    }
+
+    pub(crate) fn mark_setup_done(&self) {
+        set_opt(&self.setup_time_ms, self.elapsed_ms());
+    }
+
+    /// Sets the device list (ids in order) and returns their counters.
+    pub(crate) fn set_devices(&self, ids: &[String]) -> Vec<Arc<DeviceCounters>> {
+        let v: Vec<Arc<DeviceCounters>> = ids
+            .iter()
+            .map(|id| {
+                Arc::new(DeviceCounters {
+                    id: id.clone(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        *self.devices.write().unwrap_or_else(|e| e.into_inner()) = v.clone();
+        v
+    }
+
+    /// Records a completed migration with its timings.
+    pub(crate) fn complete(&self, pause_us: u64, resume_us: u64, pause_to_ack_ms: Option<u64>) {
+        set_opt(&self.pause_time_us, pause_us);
+        set_opt(&self.resume_time_us, resume_us);
+        set_opt(&self.downtime_ms, resume_us.saturating_sub(pause_us) / 1000);
+        if let Some(p) = pause_to_ack_ms {
+            set_opt(&self.pause_to_ack_ms, p);
+        }
+        set_opt(&self.total_time_ms, self.elapsed_ms());
+        self.remaining_bytes.store(0, Relaxed);
+        self.state.store(MigrationState::Completed.to_u8(), Relaxed);
+    }
+
+    /// Records the final error (cancelled or failed).
+    pub(crate) fn fail(&self, e: &crate::error::MigrationError) {
+        *lock(&self.error) = Some(e.to_string());
+        let st = if matches!(e, crate::error::MigrationError::Cancelled) {
+            MigrationState::Cancelled
+        } else {
+            MigrationState::Failed
+        };
+        set_opt(&self.total_time_ms, self.elapsed_ms());
+        self.state.store(st.to_u8(), Relaxed);
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> MigrationStatus {
+        let devs = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        let devices: Vec<DeviceStatus> = devs
+            .iter()
+            .map(|d| DeviceStatus {
+                id: d.id.clone(),
+                bytes_transferred: d.transferred.load(Relaxed),
+                bytes_remaining: d.remaining.load(Relaxed),
+                load_rate_bps: d.load_rate.load(Relaxed),
+                initial_loaded: d.initial_loaded.load(Relaxed),
+            })
+            .collect();
+        let role = match self.role.load(Relaxed) {
+            1 => Some("source".to_string()),
+            2 => Some("destination".to_string()),
+            _ => None,
+        };
+        let state = self.state();
+        let total = opt(&self.total_time_ms);
+        MigrationStatus {
+            state,
+            error: lock(&self.error).clone(),
+            role,
+            iteration: self.iteration.load(Relaxed),
+            connections: self.connections.load(Relaxed) as u32,
+            total_bytes: self.total_bytes.load(Relaxed),
+            transferred_bytes: self.transferred_bytes.load(Relaxed),
+            remaining_bytes: self.remaining_bytes.load(Relaxed),
+            zero_pages: self.zero_pages.load(Relaxed),
+            throughput_bps: self.throughput_bps.load(Relaxed),
+            dirty_rate_bps: self.dirty_rate_bps.load(Relaxed),
+            expected_downtime_ms: self.expected_downtime_ms.load(Relaxed),
+            device_bytes_transferred: devices.iter().map(|d| d.bytes_transferred).sum(),
+            device_bytes_remaining: devices.iter().map(|d| d.bytes_remaining).sum(),
+            devices,
+            elapsed_ms: if state == MigrationState::Active {
+                self.elapsed_ms()
+            } else {
+                total.unwrap_or(0)
+            },
+            setup_time_ms: opt(&self.setup_time_ms),
+            total_time_ms: if state == MigrationState::Active { None } else { total },
+            downtime_ms: opt(&self.downtime_ms),
+            pause_to_ack_ms: opt(&self.pause_to_ack_ms),
+            pause_time_us: opt(&self.pause_time_us),
+            resume_time_us: opt(&self.resume_time_us),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
+//!
+//! ```text
+//! ferry-bench <ram|idle|downtime|devices|limits|all> [--runs N] [--out docs/benchmarks.md]
+//!             [--settle S] [--conns 1,2,4,8] [--keep-file] [-v]
+//! ```
+//!
+//! `ferry`, `first-touch` and the stamp guest are taken from the same target
+//! directory as this binary (the ferry-tests harness locates them;
+//! `FERRY_STAMP_GUEST` overrides the guest).
+//!
+//! ```text
+//! ```
+//!
+//! Every part prints a Markdown section, writes the raw per-run results to
+//! `resources/bench/results/PART-DATE.json`, and with `--out` replaces the
+//! matching `<!-- ferry-bench:PART begin/end -->` block of that document.
+//! The `devices` part also writes `docs/img/downtime-vs-{devices,connections}.svg`.
+//!
+//! Benchmarks run strictly one at a time, and each timed run is preceded by a
+//! settle wait (`--settle`, default 6 s): the host hands freed memory back
+//! within seconds, and first-touch costs swing 2-4x without the wait.
+
+#[path = "ferry-bench/limits.rs"]
+mod limits;
+#[path = "ferry-bench/procfs.rs"]
+mod procfs;
+#[path = "ferry-bench/report.rs"]
+mod report;
+#[path = "ferry-bench/suites.rs"]
+mod suites;
+#[path = "ferry-bench/svg.rs"]
+mod svg;
+#[path = "ferry-bench/vmm.rs"]
+mod vmm;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Seconds since the bench started (for log lines).
+pub fn elapsed() -> f64 {
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// Command-line options.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub part: String,
+    pub runs: usize,
+    pub out: Option<PathBuf>,
+    pub root: PathBuf,
+    pub conns: Vec<u32>,
+    pub keep_file: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: ferry-bench <ram|idle|downtime|devices|limits|all> [--runs N] [--out FILE.md]\n\
+         \x20      [--settle SECONDS] [--first-touch PATH]\n\
+         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [-v]"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    elapsed();
+    let mut env = vmm::Env {
+        first_touch: ferry_tests::profile_dir().join("first-touch"),
+        settle_s: 6.0,
+        verbose: false,
+    };
+    let mut opts = Opts {
+        part: String::new(),
+        runs: 3,
+        out: None,
+        root: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")),
+        conns: vec![1, 2, 4, 8],
+        keep_file: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--runs" => opts.runs = val().parse().unwrap_or_else(|_| usage()),
+            "--out" => opts.out = Some(PathBuf::from(val())),
+            "--root" => opts.root = PathBuf::from(val()),
+            "--settle" => env.settle_s = val().parse().unwrap_or_else(|_| usage()),
+            "--first-touch" => env.first_touch = PathBuf::from(val()),
+            "--conns" => {
+                opts.conns = val().split(',').map(|c| c.parse().unwrap_or_else(|_| usage())).collect()
+            }
+            "--keep-file" => opts.keep_file = true,
+            "-v" | "--verbose" => env.verbose = true,
+            "-h" | "--help" => usage(),
+            p if !p.starts_with('-') && opts.part.is_empty() => opts.part = p.to_string(),
+            _ => usage(),
+        }
+    }
+    if opts.runs == 0 {
+        usage()
+    }
+    if env.settle_s < 6.0 {
+        eprintln!("ferry-bench: warning: --settle {} < 6 s: results may swing 2-4x", env.settle_s);
+    }
+    let parts: Vec<&str> = match opts.part.as_str() {
+        "all" => vec!["ram", "idle", "downtime", "devices"],
+        "ram" | "idle" | "downtime" | "devices" | "limits" => vec![opts.part.as_str()],
+        _ => usage(),
+    };
+    let ferry = ferry_tests::profile_dir().join("ferry");
+    if parts.iter().any(|p| *p != "limits") && !ferry.is_file() {
+        eprintln!("ferry-bench: {} not found: build the workspace (cargo build --workspace --release)", ferry.display());
+        std::process::exit(2);
+    }
+    if !env.first_touch.is_file() {
+        eprintln!("ferry-bench: warning: {} not found", env.first_touch.display());
+    }
+    let mut failed = false;
+    for part in parts {
+        env.log(&format!("== {part}"));
+        let section = match part {
+            "ram" => suites::ram(&env, &opts, true),
+            "limits" => suites::ram(&env, &opts, false),
+            "idle" => suites::idle(&env, &opts),
+            "downtime" => suites::downtime(&env, &opts),
+            "devices" => suites::devices(&env, &opts),
+            _ => unreachable!(),
+        };
+        let path = report::write_json(&opts.root.join("resources/bench/results"), part, &section.json);
+        let md = format!("{}\n\n_Raw results: `{}`._\n", section.markdown.trim_end(), rel(&opts.root, &path));
+        println!("{md}");
+        if let Some(out) = &opts.out {
+            let out = if out.is_absolute() { out.clone() } else { opts.root.join(out) };
+            if let Err(e) = report::update_doc(&out, part, &md) {
+                eprintln!("ferry-bench: cannot update {}: {e}", out.display());
+            }
+        }
+        failed |= section.failed_runs > 0;
+    }
+    if failed {
+        eprintln!("ferry-bench: some runs failed (see the tables and JSON)");
+        std::process::exit(1);
+    }
+}
+
+fn rel(root: &Path, p: &str) -> String {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    Path::new(p)
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.strip_prefix(&root).ok().map(|r| r.display().to_string()))
+        .unwrap_or_else(|| p.to_string())
+}

@@ -1,0 +1,320 @@
+//! Live migration tests (issue #3).
+//!
+//! Every test runs the stamp guest, which rewrites a region and checks, page
+//! by page, that it still holds what the previous pass wrote: a page lost or
+//! stale after migration shows up as `stamp: MISMATCH`. The concatenated
+//! serial output of all hosts the guest ran on must read as one run with
+//! passes numbered 1, 2, 3, ... ([`check_stream`]).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::thread;
+use std::time::Duration;
+
+use ferry_tests::*;
+
+/// Boots a source guest running forever and waits for its first passes.
+fn boot_source(name: &str, cmdline: &str, extra: &[&str]) -> Vmm {
+    let vm = Vmm::boot(name, cmdline, extra);
+    vm.wait_pass(2);
+    vm
+}
+
+fn basic_migration(connections: u32) {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let dst = Vmm::destination("dst", &[]);
+    let m = migrate(&mut src, &dst, send_params(0, connections));
+    check_completed_status(&m.dest_status, "destination");
+    if let Some(s) = &m.source_status {
+        check_completed_status(s, "source");
+    }
+    assert!(m.dest_status["transferred_bytes"].as_u64().unwrap_or(0) > 0, "{}", m.dest_status);
+    assert!(!src.sock.exists(), "source API socket not removed on exit");
+    check_guest_moved(&[&src.serial], &dst);
+    assert_eq!(src.serial.boot(), Some((512, 32)));
+    assert_eq!(dst.serial.boot(), None, "the guest must not reboot on the destination");
+}
+
+#[test]
+fn migrate_1_connection() {
+    basic_migration(1);
+}
+
+#[test]
+fn migrate_2_connections() {
+    basic_migration(2);
+}
+
+#[test]
+fn migrate_4_connections() {
+    basic_migration(4);
+}
+
+#[test]
+fn migrate_8_connections() {
+    basic_migration(8);
+}
+
+#[test]
+fn migrate_two_vcpus_shared_memory() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &["--cpus", "boot=2", "--memory", "size=512M,shared=on"]);
+    let dst = Vmm::destination("dst", &[]);
+    let m = migrate(&mut src, &dst, send_params(0, 4));
+    check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src.serial], &dst);
+    let info = dst.info();
+    assert!(!info["vcpus"].is_null(), "{}", info);
+}
+
+#[test]
+fn migrate_with_ferry_remote() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let dst = Vmm::destination("dst", &[]);
+    let port = free_tcp_port();
+    let url = tcp_url(port);
+    let out = dst.remote(&["receive-migration", &url]);
+    assert!(out.status.success(), "ferry-remote receive-migration: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(poll(LONG, || tcp_listening(port).then_some(())).is_some(), "destination not listening");
+    let out = src.remote(&["send-migration", &url, "--connections", "2", "--downtime-ms", "300", "--device-state", "channels", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "ferry-remote send-migration --wait: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({}): {:?}", e, stdout));
+    assert_eq!(mig_state(&v), "completed", "{}", v);
+    src.expect_exit_ok(LONG);
+    let out = dst.remote(&["migration-status"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("JSON");
+    assert_eq!(mig_state(&v), "completed", "{}", v);
+    check_guest_moved(&[&src.serial], &dst);
+}
+
+#[test]
+fn paused_vm_stays_paused_on_destination() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    src.api_ok("PUT", "vm.pause", None);
+    thread::sleep(Duration::from_millis(300));
+    let paused_at = src.serial.last_pass().unwrap();
+    let dst = Vmm::destination("dst", &[]);
+    let m = migrate(&mut src, &dst, send_params(0, 4));
+    check_completed_status(&m.dest_status, "destination");
+    assert_eq!(dst.state(), "paused", "a paused VM must stay paused on the destination");
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(dst.serial.passes(), Vec::<u64>::new(), "the paused guest ran on the destination");
+    assert_eq!(dst.state(), "paused");
+    let passes = check_stream(&[&src.serial, &dst.serial]);
+    assert_eq!(passes.last().copied(), Some(paused_at));
+
+    dst.api_ok("PUT", "vm.resume", None);
+    check_guest_moved(&[&src.serial], &dst);
+}
+
+#[test]
+fn migrate_back_and_forth() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut a = boot_source("a", "region=32 passes=0", &[]);
+    let mut b = Vmm::destination("b", &[]);
+    let m = migrate(&mut a, &b, send_params(0, 4));
+    check_completed_status(&m.dest_status, "b");
+    check_guest_moved(&[&a.serial], &b);
+
+    let a2 = Vmm::destination("a2", &[]);
+    let m = migrate(&mut b, &a2, send_params(0, 2));
+    check_completed_status(&m.dest_status, "a2");
+    check_guest_moved(&[&a.serial, &b.serial], &a2);
+}
+
+/// Source with a big dirty region, so a bandwidth-capped migration runs long.
+fn boot_big_source(name: &str) -> Vmm {
+    let vm = Vmm::boot(name, "region=512 passes=0", &["--memory", "size=1G"]);
+    vm.wait_pass(1);
+    vm
+}
+
+fn slow_params(port: u16) -> Value {
+    let mut p = send_params(port, 4);
+    p["max_bandwidth_mbps"] = json!(20);
+    p
+}
+
+#[test]
+fn cancel_midway_then_migrate_again() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_big_source("src");
+    let dst = Vmm::destination("dst", &[]);
+    let port = free_tcp_port();
+    let _recv = start_receive(&dst, port);
+    start_send(&src, slow_params(port));
+    wait_transfer_started(&src);
+
+    // A second migration while one runs is a state conflict.
+    let (st, body) = src.api("PUT", "vm.send-migration", Some(slow_params(free_tcp_port())));
+    assert_eq!(st, 409, "second send-migration while active: {}", body);
+
+    src.api_ok("PUT", "vm.migration-cancel", None);
+    let s = expect_migration_end(&src, &["cancelled"], LONG);
+    assert_eq!(mig_state(&s), "cancelled");
+    assert_guest_runs(&src, 1);
+
+    // The destination notices and can receive again.
+    let d = wait_migration_state(&dst, &["failed", "cancelled"], LONG);
+    assert!(d["error"].is_string() || mig_state(&d) == "cancelled", "{}", d);
+    assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
+
+    let mut p = send_params(0, 4);
+    p["downtime_ms"] = json!(500);
+    let m = migrate(&mut src, &dst, p);
+    check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src.serial], &dst);
+}
+
+#[test]
+fn destination_killed_midway() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_big_source("src");
+    let mut dst = Vmm::destination("dst", &[]);
+    let port = free_tcp_port();
+    let _recv = start_receive(&dst, port);
+    start_send(&src, slow_params(port));
+    wait_transfer_started(&src);
+    dst.kill();
+
+    let s = expect_migration_end(&src, &["failed"], Duration::from_secs(120));
+    let err = s["error"].as_str().unwrap_or("");
+    assert!(!err.is_empty(), "a failed migration must say why: {}", s);
+    assert_guest_runs(&src, 1);
+
+    // And it can still migrate somewhere else.
+    let dst2 = Vmm::destination("dst2", &[]);
+    let m = migrate(&mut src, &dst2, send_params(0, 4));
+    check_completed_status(&m.dest_status, "dst2");
+    check_guest_moved(&[&src.serial], &dst2);
+}
+
+#[test]
+fn source_killed_midway() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_big_source("src");
+    let dst = Vmm::destination("dst", &[]);
+    let port = free_tcp_port();
+    let _recv = start_receive(&dst, port);
+    start_send(&src, slow_params(port));
+    wait_transfer_started(&src);
+    src.kill();
+
+    let d = wait_migration_state(&dst, &["failed"], Duration::from_secs(120));
+    assert!(!d["error"].as_str().unwrap_or("").is_empty(), "a failed migration must say why: {}", d);
+    assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
+    assert_eq!(dst.serial.passes(), Vec::<u64>::new(), "no guest may run after a failed receive");
+
+    // It accepts a new migration.
+    let mut src2 = boot_source("src2", "region=32 passes=0", &[]);
+    let m = migrate(&mut src2, &dst, send_params(0, 4));
+    check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src2.serial], &dst);
+}
+
+fn garbage_connection(port: u16, bytes: &[u8]) {
+    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+        s.set_write_timeout(Some(Duration::from_secs(10))).ok();
+        let _ = s.write_all(bytes);
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn receiver_refuses_garbage_and_stays_usable() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let dst = Vmm::destination("dst", &[]);
+    let mut port = free_tcp_port();
+    let mut recv = Some(start_receive(&dst, port));
+
+    let mut wrong_magic = Vec::new();
+    wrong_magic.extend_from_slice(b"FERRYMIG");
+    wrong_magic.extend_from_slice(&[0xff; 56]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", random_bytes(64 << 10)),
+        ("zeros", vec![0u8; 4096]),
+        ("an HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("a wrong magic", wrong_magic),
+        ("nothing", Vec::new()),
+        ("a huge length", [0x7fu8; 64].to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        garbage_connection(port, bytes);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(dst.api("GET", "vmm.ping", None).0, 200, "destination API after {}", what);
+        assert!(dst.is_running(), "destination died after {}", what);
+        let st = dst.migration_status().map(|s| mig_state(&s).to_string()).unwrap_or_default();
+        assert_ne!(st, "completed", "garbage ({}) was accepted as a migration", what);
+        if st == "failed" || st == "cancelled" || !tcp_listening(port) {
+            // The receive was refused as a whole: ask again.
+            port = free_tcp_port();
+            recv = Some(start_receive(&dst, port));
+        }
+    }
+    assert_eq!(dst.serial.passes(), Vec::<u64>::new());
+
+    // A real migration to it works.
+    start_send(&src, send_params(port, 4));
+    let m = finish_migration(&mut src, &dst, recv.take());
+    check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src.serial], &dst);
+}
+
+#[test]
+fn incompatible_destination_refused() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let src = boot_source("src", "region=32 passes=0", &[]);
+    let dst = Vmm::destination("dst", &["--memory", "size=1G,prefault=on"]);
+    let port = free_tcp_port();
+    let _recv = start_receive(&dst, port);
+    let (st, body) = src.api("PUT", "vm.send-migration", Some(send_params(port, 4)));
+    let err = if ok(st) {
+        let s = expect_migration_end(&src, &["failed"], MIGRATION_TIMEOUT);
+        s["error"].as_str().unwrap_or("").to_string()
+    } else {
+        body["error"].as_str().unwrap_or("").to_string()
+    };
+    assert!(err.to_lowercase().contains("memory"), "the error should mention memory: {:?}", err);
+    assert_guest_runs(&src, 1);
+    assert!(dst.is_running());
+    assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
+    assert_eq!(dst.serial.passes(), Vec::<u64>::new());
+}
+
+#[test]
+fn migration_to_nowhere_fails_cleanly() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let port = free_tcp_port(); // nothing listens there
+    let (st, body) = src.api("PUT", "vm.send-migration", Some(send_params(port, 4)));
+    if ok(st) {
+        let s = expect_migration_end(&src, &["failed"], LONG);
+        assert!(!s["error"].as_str().unwrap_or("").is_empty(), "{}", s);
+    } else {
+        assert!(body["error"].is_string(), "{} {}", st, body);
+    }
+    assert_guest_runs(&src, 1);
+
+    // Then a real one works.
+    let dst = Vmm::destination("dst", &[]);
+    let m = migrate(&mut src, &dst, send_params(0, 4));
+    check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src.serial], &dst);
+}

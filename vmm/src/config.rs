@@ -1,0 +1,744 @@
+//! Command line of `ferry`: parsing (clap) and validation into a [`VmmConfig`].
+//!
+//! Everything that can be checked before a VM exists is checked here, so that
+//! bad input is refused with one clear line before anything starts.
+
+use std::fs::File;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Default guest memory size (512 MiB).
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Smallest guest memory accepted (what the boot layout needs).
+pub const MIN_MEMORY: u64 = arch::layout::MIN_MEM_SIZE;
+/// Largest guest memory accepted.
+pub const MAX_MEMORY: u64 = arch::layout::MAX_MEM_SIZE;
+/// Largest vCPU count accepted (APIC ids 0..=254; 255 is broadcast).
+pub const MAX_CPUS: u8 = 254;
+/// Kernel command line used when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Raw command line of `ferry`, as clap parses it.
+///
+/// Invariant: fields hold the strings exactly as given; nothing is validated
+/// until [`VmmConfig::from_cli`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a minimal KVM VMM built for live migration",
+    long_about = None
+)]
+pub struct Cli {
+    /// Guest kernel: PVH ELF or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk loaded after the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// vCPUs: `boot=N` (default 1).
+    #[arg(long, value_name = "boot=N")]
+    pub cpus: Option<String>,
+    /// Guest memory: `size=SIZE[,shared=on][,file=PATH][,prefault=on]` (default 512M).
+    #[arg(long, value_name = "size=SIZE[,..]")]
+    pub memory: Option<String>,
+    /// Serial console (COM1): `tty`, `off` or `file=PATH` (default tty).
+    #[arg(long, value_name = "tty|off|file=PATH")]
+    pub serial: Option<String>,
+    /// UNIX socket of the HTTP API.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Simulated VFIO device with migratable state (repeatable).
+    #[arg(long, value_name = "id=..,state=..")]
+    pub sim_vfio: Vec<String>,
+    /// Kernel VFIO device (repeatable).
+    #[arg(long, value_name = "path=..")]
+    pub vfio: Vec<String>,
+}
+
+/// Errors of command-line validation. All of them end `ferry` with exit code 2.
+///
+/// Invariant: the display text is one line that names the offending option.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An option's value could not be parsed.
+    #[error("invalid {option} '{value}': {reason}")]
+    Invalid {
+        /// The option (`--memory`, ...).
+        option: &'static str,
+        /// The value as given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Options that do not fit together.
+    #[error("{0}")]
+    Conflict(String),
+    /// A file named on the command line is unusable.
+    #[error("{what} '{path}': {reason}")]
+    File {
+        /// What the file is for (`kernel`, ...).
+        what: &'static str,
+        /// The path as given.
+        path: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// The host cannot back the requested memory.
+    #[error("{0}")]
+    HostMemory(String),
+}
+
+/// Where guest memory comes from.
+///
+/// Invariant: `File` holds a path that existed and was large enough when
+/// the configuration was validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryBacking {
+    /// Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE).
+    Anonymous,
+    /// A memfd mapped MAP_SHARED (`shared=on`).
+    Shared,
+    /// A host file mapped MAP_SHARED (`file=PATH`).
+    File(PathBuf),
+}
+
+impl MemoryBacking {
+    /// Short name for logs and the API (`anonymous`, `shared`, `file`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MemoryBacking::Anonymous => "anonymous",
+            MemoryBacking::Shared => "shared",
+            MemoryBacking::File(_) => "file",
+        }
+    }
+}
+
+/// Parsed `--memory`.
+///
+/// Invariant: `size` is a multiple of 4 KiB and at least [`MIN_MEMORY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    /// Total guest RAM in bytes.
+    pub size: u64,
+    /// Backing kind.
+    pub backing: MemoryBacking,
+    /// Fault all memory in at start.
+    pub prefault: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: DEFAULT_MEMORY,
+            backing: MemoryBacking::Anonymous,
+            prefault: false,
+        }
+    }
+}
+
+/// Parsed `--serial`.
+///
+/// Invariant: a `File` path was openable for writing at validation time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialConfig {
+    /// Guest output goes to our stdout.
+    Tty,
+    /// Guest output is dropped.
+    Off,
+    /// Guest output is appended to this file (created/truncated at start).
+    File(PathBuf),
+}
+
+/// What to boot.
+///
+/// Invariant: `kernel` (and `initramfs` if set) were readable at validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootConfig {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initramfs path.
+    pub initramfs: Option<PathBuf>,
+    /// Command line handed to the kernel.
+    pub cmdline: String,
+}
+
+/// The validated configuration of one `ferry` process.
+///
+/// Invariant: produced only by [`VmmConfig::from_cli`] (or tests); either
+/// `boot` or `api_socket` is set; `cpus` is in `1..=MAX_CPUS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmConfig {
+    /// Kernel to boot at start; `None` for an API-only VMM (e.g. a migration destination).
+    pub boot: Option<BootConfig>,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest memory.
+    pub memory: MemoryConfig,
+    /// Whether `--memory` was given (a destination then checks the received size).
+    pub memory_explicit: bool,
+    /// Serial console; `None` when not given (tty for a booted VM, the
+    /// source's choice for a received one).
+    pub serial: Option<SerialConfig>,
+    /// API socket path.
+    pub api_socket: Option<PathBuf>,
+    /// Raw `--sim-vfio` arguments, in order.
+    pub sim_vfio: Vec<String>,
+    /// Raw `--vfio` arguments, in order.
+    pub vfio: Vec<String>,
+}
+
+/// Parses a size such as `512M`, `4G`, `1024K`, `2GiB`, or plain bytes.
+///
+/// Returns `None` on anything else or on overflow.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if digits_end == 0 {
+        return None;
+    }
+    let n: u64 = s[..digits_end].parse().ok()?;
+    let suffix = &s[digits_end..];
+    let shift = match suffix {
+        "" | "B" => 0,
+        "K" | "k" | "KB" | "KiB" => 10,
+        "M" | "m" | "MB" | "MiB" => 20,
+        "G" | "g" | "GB" | "GiB" => 30,
+        "T" | "t" | "TB" | "TiB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+fn on_off(option: &'static str, value: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            option,
+            value: value.to_string(),
+            reason: format!("{key} must be on or off, not '{v}'"),
+        }),
+    }
+}
+
+/// Parses the value of `--memory` (syntax only; host checks are separate).
+pub fn parse_memory(value: &str) -> Result<MemoryConfig, ConfigError> {
+    let err = |reason: String| ConfigError::Invalid {
+        option: "--memory",
+        value: value.to_string(),
+        reason,
+    };
+    let mut size = None;
+    let mut shared = false;
+    let mut file = None;
+    let mut prefault = false;
+    for part in value.split(',') {
+        let (key, v) = match part.split_once('=') {
+            Some(kv) => kv,
+            // A bare size is accepted for convenience: `--memory 1G`.
+            None if size.is_none() && !part.is_empty() => ("size", part),
+            None => return Err(err(format!("expected key=value, got '{part}'"))),
+        };
+        match key {
+            "size" => {
+                let s = parse_size(v).ok_or_else(|| {
+                    err(format!(
+                        "cannot parse size '{v}' (use e.g. 512M, 4G or a byte count)"
+                    ))
+                })?;
+                size = Some(s);
+            }
+            "shared" => shared = on_off("--memory", value, key, v)?,
+            "prefault" => prefault = on_off("--memory", value, key, v)?,
+            "file" => {
+                if v.is_empty() {
+                    return Err(err("file= needs a path".into()));
+                }
+                file = Some(PathBuf::from(v));
+            }
+            _ => {
+                return Err(err(format!(
+                    "unknown option '{key}' (known: size, shared, file, prefault)"
+                )))
+            }
+        }
+    }
+    let size = size.unwrap_or(DEFAULT_MEMORY);
+    if size < MIN_MEMORY {
+        return Err(err(format!(
+            "size must be at least {} MiB",
+            MIN_MEMORY >> 20
+        )));
+    }
+    if size > MAX_MEMORY {
+        return Err(err(format!("size must be at most {} GiB", MAX_MEMORY >> 30)));
+    }
+    if size % 4096 != 0 {
+        return Err(err("size must be a multiple of 4 KiB".into()));
+    }
+    let backing = match (shared, file) {
+        (true, Some(_)) => return Err(err("shared=on and file= exclude each other".into())),
+        (true, None) => MemoryBacking::Shared,
+        (false, Some(f)) => MemoryBacking::File(f),
+        (false, None) => MemoryBacking::Anonymous,
+    };
+    Ok(MemoryConfig {
+        size,
+        backing,
+        prefault,
+    })
+}
+
+/// Parses the value of `--serial`.
+pub fn parse_serial(value: &str) -> Result<SerialConfig, ConfigError> {
+    match value {
+        "tty" | "stdout" => Ok(SerialConfig::Tty),
+        "off" | "null" | "none" => Ok(SerialConfig::Off),
+        _ => match value.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Invalid {
+                option: "--serial",
+                value: value.to_string(),
+                reason: "expected tty, off or file=PATH".into(),
+            }),
+        },
+    }
+}
+
+/// Parses the value of `--cpus` (`boot=N` or `N`).
+pub fn parse_cpus(value: &str) -> Result<u8, ConfigError> {
+    let err = |reason: String| ConfigError::Invalid {
+        option: "--cpus",
+        value: value.to_string(),
+        reason,
+    };
+    let mut boot = None;
+    for part in value.split(',') {
+        let (key, v) = match part.split_once('=') {
+            Some(kv) => kv,
+            None if boot.is_none() => ("boot", part),
+            None => return Err(err(format!("expected boot=N, got '{part}'"))),
+        };
+        if key != "boot" {
+            return Err(err(format!("unknown option '{key}' (known: boot)")));
+        }
+        let n: u64 = v
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("'{v}' is not a number")))?;
+        if n == 0 {
+            return Err(err("boot must be at least 1".into()));
+        }
+        if n > u64::from(MAX_CPUS) {
+            return Err(err(format!("boot must be at most {MAX_CPUS}")));
+        }
+        boot = Some(n as u8);
+    }
+    boot.ok_or_else(|| err("expected boot=N".into()))
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let ferr = |reason: String| ConfigError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| ferr(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(ferr("is a directory".into()));
+    }
+    File::open(path).map_err(|e| ferr(e.to_string()))?;
+    Ok(())
+}
+
+/// Host memory that can back anonymous guest memory: MemTotal + SwapTotal
+/// from `/proc/meminfo`, in bytes. `None` if it cannot be read.
+pub fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+/// Parses MemTotal + SwapTotal (kB) out of `/proc/meminfo` text.
+pub fn parse_meminfo(text: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        kb.checked_mul(1024)
+    };
+    let mem = field("MemTotal:")?;
+    Some(mem.saturating_add(field("SwapTotal:").unwrap_or(0)))
+}
+
+/// Checks that the host can back `mem` (memory size vs. host RAM, or the
+/// size of the backing file).
+pub fn check_host_memory(mem: &MemoryConfig) -> Result<(), ConfigError> {
+    match &mem.backing {
+        MemoryBacking::File(path) => {
+            let ferr = |reason: String| ConfigError::File {
+                what: "memory file",
+                path: path.display().to_string(),
+                reason,
+            };
+            let meta = std::fs::metadata(path).map_err(|e| ferr(e.to_string()))?;
+            if !meta.is_file() && !meta.file_type().is_block_device() {
+                return Err(ferr("is not a regular file".into()));
+            }
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| ferr(format!("cannot open read-write: {e}")))?;
+            if meta.is_file() && meta.len() < mem.size {
+                return Err(ferr(format!(
+                    "file is {} bytes, smaller than the memory size {} bytes",
+                    meta.len(),
+                    mem.size
+                )));
+            }
+            Ok(())
+        }
+        _ => {
+            if let Some(host) = host_memory_bytes() {
+                if mem.size > host {
+                    return Err(ConfigError::HostMemory(format!(
+                        "memory size {} MiB is larger than the host can back ({} MiB of RAM + swap)",
+                        mem.size >> 20,
+                        host >> 20
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks an API socket path: it may not exist, or be a stale socket (which
+/// is removed); anything else is refused.
+pub fn check_api_socket(path: &Path) -> Result<(), ConfigError> {
+    let ferr = |reason: String| ConfigError::File {
+        what: "API socket",
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ferr(e.to_string())),
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(ferr("exists and is not a socket".into()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ferr("is in use by a running process".into()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| ferr(format!("cannot remove stale socket: {e}")))?;
+        }
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(ferr("its directory does not exist".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl VmmConfig {
+    /// Validates a parsed command line: syntax of every option, files,
+    /// host memory, API socket. Stale API sockets are removed.
+    pub fn from_cli(cli: &Cli) -> Result<VmmConfig, ConfigError> {
+        let cfg = Self::parse(cli)?;
+        if let Some(boot) = &cfg.boot {
+            check_readable("kernel", &boot.kernel)?;
+            if let Some(i) = &boot.initramfs {
+                check_readable("initramfs", i)?;
+            }
+        }
+        if cfg.boot.is_some() || cfg.memory_explicit {
+            check_host_memory(&cfg.memory)?;
+        }
+        if let Some(SerialConfig::File(p)) = &cfg.serial {
+            if let Some(dir) = p.parent() {
+                if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                    return Err(ConfigError::File {
+                        what: "serial file",
+                        path: p.display().to_string(),
+                        reason: "its directory does not exist".into(),
+                    });
+                }
+            }
+        }
+        if let Some(sock) = &cfg.api_socket {
+            check_api_socket(sock)?;
+        }
+        Ok(cfg)
+    }
+
+    /// The syntactic part of [`VmmConfig::from_cli`]: no file system access.
+    pub fn parse(cli: &Cli) -> Result<VmmConfig, ConfigError> {
+        let memory_explicit = cli.memory.is_some();
+        let memory = match &cli.memory {
+            Some(m) => parse_memory(m)?,
+            None => MemoryConfig::default(),
+        };
+        let cpus = match &cli.cpus {
+            Some(c) => parse_cpus(c)?,
+            None => 1,
+        };
+        let serial = cli.serial.as_deref().map(parse_serial).transpose()?;
+        let boot = match &cli.kernel {
+            Some(k) => Some(BootConfig {
+                kernel: k.clone(),
+                initramfs: cli.initramfs.clone(),
+                cmdline: cli
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            }),
+            None => {
+                let mut extra = Vec::new();
+                if cli.initramfs.is_some() {
+                    extra.push("--initramfs");
+                }
+                if cli.cmdline.is_some() {
+                    extra.push("--cmdline");
+                }
+                if cli.cpus.is_some() {
+                    extra.push("--cpus");
+                }
+                if !cli.sim_vfio.is_empty() {
+                    extra.push("--sim-vfio");
+                }
+                if !cli.vfio.is_empty() {
+                    extra.push("--vfio");
+                }
+                if !extra.is_empty() {
+                    return Err(ConfigError::Conflict(format!(
+                        "{} requires --kernel",
+                        extra.join(", ")
+                    )));
+                }
+                if cli.api_socket.is_none() {
+                    return Err(ConfigError::Conflict(
+                        "nothing to do: give --kernel PATH to boot a VM and/or --api-socket PATH"
+                            .into(),
+                    ));
+                }
+                None
+            }
+        };
+        if let Some(b) = &boot {
+            if b.cmdline.contains('\0') {
+                return Err(ConfigError::Invalid {
+                    option: "--cmdline",
+                    value: b.cmdline.escape_default().to_string(),
+                    reason: "contains a NUL byte".into(),
+                });
+            }
+        }
+        Ok(VmmConfig {
+            boot,
+            cpus,
+            memory,
+            memory_explicit,
+            serial,
+            api_socket: cli.api_socket.clone(),
+            sim_vfio: cli.sim_vfio.clone(),
+            vfio: cli.vfio.clone(),
+        })
+    }
+}
+
+/// Turns a clap error into the single line `ferry` prints (without the
+/// `ferry: error: ` prefix): the first line of clap's message, minus its
+/// own `error: ` prefix and usage hints.
+pub fn clap_error_line(err: &clap::Error) -> String {
+    let rendered = err.to_string();
+    let first = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let mut line = first.to_string();
+    // Add clap's "tip" when it names a close match, still on the same line.
+    if let Some(tip) = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("tip:"))
+    {
+        line.push_str(&format!(" ({tip})"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut v = vec!["ferry"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("4G"), Some(4 << 30));
+        assert_eq!(parse_size("4GiB"), Some(4 << 30));
+        assert_eq!(parse_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+        assert_eq!(parse_size("17179869184G"), None, "overflow");
+    }
+
+    #[test]
+    fn memory_options() {
+        let m = parse_memory("size=1G").unwrap();
+        assert_eq!(m.size, 1 << 30);
+        assert_eq!(m.backing, MemoryBacking::Anonymous);
+        assert!(!m.prefault);
+        let m = parse_memory("size=64M,shared=on,prefault=on").unwrap();
+        assert_eq!(m.backing, MemoryBacking::Shared);
+        assert!(m.prefault);
+        let m = parse_memory("size=64M,file=/tmp/x").unwrap();
+        assert_eq!(m.backing, MemoryBacking::File("/tmp/x".into()));
+        assert_eq!(parse_memory("2G").unwrap().size, 2 << 30);
+        assert!(parse_memory("size=abc").is_err());
+        assert!(parse_memory("size=512K").is_err(), "too small");
+        assert!(parse_memory("size=10000001").is_err(), "not page aligned");
+        assert!(parse_memory("size=2T").is_err(), "too large");
+        assert!(parse_memory("size=64M,shared=maybe").is_err());
+        assert!(parse_memory("size=64M,bogus=1").is_err());
+        assert!(parse_memory("size=64M,shared=on,file=/x").is_err());
+        assert!(parse_memory("size=64M,file=").is_err());
+        assert!(parse_memory("size=64M,,").is_err());
+    }
+
+    #[test]
+    fn serial_options() {
+        assert_eq!(parse_serial("tty").unwrap(), SerialConfig::Tty);
+        assert_eq!(parse_serial("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            parse_serial("file=/tmp/s.log").unwrap(),
+            SerialConfig::File("/tmp/s.log".into())
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(parse_cpus("boot=1").unwrap(), 1);
+        assert_eq!(parse_cpus("boot=4").unwrap(), 4);
+        assert_eq!(parse_cpus("2").unwrap(), 2);
+        assert_eq!(parse_cpus("boot=254").unwrap(), 254);
+        assert!(parse_cpus("boot=0").is_err());
+        assert!(parse_cpus("boot=255").is_err());
+        assert!(parse_cpus("boot=100000").is_err());
+        assert!(parse_cpus("boot=x").is_err());
+        assert!(parse_cpus("max=2").is_err());
+        assert!(parse_cpus("").is_err());
+    }
+
+    #[test]
+    fn cli_forms() {
+        let c = VmmConfig::parse(&cli(&["--kernel", "k", "--cmdline", "a=1"]).unwrap()).unwrap();
+        let b = c.boot.unwrap();
+        assert_eq!(b.cmdline, "a=1");
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.memory.size, DEFAULT_MEMORY);
+        assert!(!c.memory_explicit);
+        let c = VmmConfig::parse(&cli(&["--api-socket", "/tmp/a.sock"]).unwrap()).unwrap();
+        assert!(c.boot.is_none());
+        assert!(VmmConfig::parse(&cli(&[]).unwrap()).is_err());
+        assert!(VmmConfig::parse(&cli(&["--api-socket", "s", "--cmdline", "x"]).unwrap()).is_err());
+        assert!(VmmConfig::parse(&cli(&["--kernel", "k", "--cpus", "boot=0"]).unwrap()).is_err());
+        let c = VmmConfig::parse(
+            &cli(&["--kernel", "k", "--sim-vfio", "id=a", "--sim-vfio", "id=b"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.sim_vfio, vec!["id=a", "id=b"]);
+    }
+
+    #[test]
+    fn clap_errors_are_one_line() {
+        let e = cli(&["--kernal", "x"]).unwrap_err();
+        let line = clap_error_line(&e);
+        assert!(!line.contains('\n'));
+        assert!(line.contains("--kernal"), "{line}");
+        let e = cli(&["--kernel"]).unwrap_err();
+        assert!(!clap_error_line(&e).contains('\n'));
+    }
+
+    #[test]
+    fn meminfo() {
+        let t = "MemTotal:       24000000 kB\nMemFree: 1 kB\nSwapTotal:      1000 kB\n";
+        assert_eq!(parse_meminfo(t), Some((24000000 + 1000) * 1024));
+        assert_eq!(parse_meminfo("garbage"), None);
+    }
+
+    #[test]
+    fn host_memory_limits() {
+        let huge = MemoryConfig {
+            size: 1 << 50,
+            ..MemoryConfig::default()
+        };
+        assert!(check_host_memory(&huge).is_err());
+        assert!(check_host_memory(&MemoryConfig::default()).is_ok());
+        let dir = std::env::temp_dir().join(format!("ferry-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("mem");
+        std::fs::write(&f, vec![0u8; 8192]).unwrap();
+        let small = MemoryConfig {
+            size: 1 << 20,
+            backing: MemoryBacking::File(f.clone()),
+            prefault: false,
+        };
+        assert!(check_host_memory(&small).is_err(), "file too small");
+        let missing = MemoryConfig {
+            backing: MemoryBacking::File(dir.join("nope")),
+            ..small.clone()
+        };
+        assert!(check_host_memory(&missing).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn api_socket_checks() {
+        let dir = std::env::temp_dir().join(format!("ferry-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let regular = dir.join("regular");
+        std::fs::write(&regular, b"x").unwrap();
+        assert!(check_api_socket(&regular).is_err());
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(check_api_socket(&stale).is_ok());
+        assert!(!stale.exists());
+        let live = dir.join("live.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        assert!(check_api_socket(&live).is_err());
+        assert!(check_api_socket(&dir.join("nodir/x.sock")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,212 @@
+//! The port I/O bus: COM1 (0x3f8..0x3ff), the i8042 (0x60, 0x64), and
+//! quiet defaults for every other port.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Mutex;
+
+use devices::i8042::{I8042Device, I8042State, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::serial::{SerialDevice, SerialState, COM1_PORT_BASE, COM1_PORT_LEN};
+use log::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialConfig;
+
+/// Errors building the bus.
+///
+/// Invariant: messages name the device and the OS error.
+#[derive(Debug, thiserror::Error)]
+pub enum PioError {
+    /// An eventfd could not be created or cloned.
+    #[error("eventfd for {0}: {1}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// The serial output file could not be opened.
+    #[error("serial output file {0}: {1}")]
+    SerialFile(String, #[source] std::io::Error),
+    /// The serial device refused its state.
+    #[error("serial: {0}")]
+    Serial(#[from] devices::Error),
+}
+
+/// What the vCPU loop must do after a port access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioAction {
+    /// Keep running.
+    Continue,
+    /// The guest asked for a reset (i8042 0xFE): end the VM.
+    Reset,
+}
+
+/// Opens the sink the serial console writes to.
+pub fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, PioError> {
+    Ok(match cfg {
+        SerialConfig::Tty => Box::new(std::io::stdout()),
+        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::File(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| PioError::SerialFile(p.display().to_string(), e))?,
+        ),
+    })
+}
+
+/// The legacy port I/O devices of one VM.
+///
+/// Invariant: never panics on any port, size or value; unknown ports read
+/// 0xff and drop writes, each logged once at debug level.
+pub struct PioBus {
+    serial: Mutex<SerialDevice>,
+    i8042: Mutex<I8042Device>,
+    reset_evt: EventFd,
+    logged: Mutex<HashSet<u16>>,
+}
+
+impl std::fmt::Debug for PioBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PioBus").finish_non_exhaustive()
+    }
+}
+
+fn efd(what: &'static str) -> Result<EventFd, PioError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PioError::EventFd(what, e))
+}
+
+impl PioBus {
+    /// Builds the bus with power-on devices; serial output goes to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Result<PioBus, PioError> {
+        Self::build(None, None, out)
+    }
+
+    /// Builds the bus from saved device states.
+    pub fn from_state(
+        serial: &SerialState,
+        i8042: &I8042State,
+        out: Box<dyn Write + Send>,
+    ) -> Result<PioBus, PioError> {
+        Self::build(Some(serial), Some(i8042), out)
+    }
+
+    fn build(
+        serial: Option<&SerialState>,
+        i8042: Option<&I8042State>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<PioBus, PioError> {
+        let irq = efd("COM1 interrupt")?;
+        let serial = match serial {
+            Some(s) => SerialDevice::from_state(s, irq, out)?,
+            None => SerialDevice::new(irq, out)?,
+        };
+        let reset_evt = efd("i8042 reset")?;
+        let dev_evt = reset_evt
+            .try_clone()
+            .map_err(|e| PioError::EventFd("i8042 reset", e))?;
+        let i8042 = match i8042 {
+            Some(s) => I8042Device::from_state(s, dev_evt),
+            None => I8042Device::new(dev_evt),
+        };
+        Ok(PioBus {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(i8042),
+            reset_evt,
+            logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The serial interrupt eventfd (to register as irqfd for GSI 4).
+    pub fn serial_irq(&self) -> Result<EventFd, PioError> {
+        let s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        s.irq()
+            .try_clone()
+            .map_err(|e| PioError::EventFd("COM1 interrupt", e))
+    }
+
+    /// Saved state of the serial port.
+    pub fn serial_state(&self) -> SerialState {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    /// Saved state of the i8042.
+    pub fn i8042_state(&self) -> I8042State {
+        self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state()
+    }
+
+    fn log_once(&self, port: u16, dir: &str) {
+        let mut l = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if l.insert(port) {
+            debug!("ignoring port I/O {dir} at {port:#x} (logged once per port)");
+        }
+    }
+
+    /// Guest `in` from `port`; fills `data`.
+    pub fn io_in(&self, port: u16, data: &mut [u8]) {
+        if (COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN).contains(&port) {
+            let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = s.read((port - COM1_PORT_BASE) as u8 + i as u8);
+            }
+        } else if port == I8042_DATA_PORT || port == I8042_COMMAND_PORT {
+            let mut d = self.i8042.lock().unwrap_or_else(|p| p.into_inner());
+            data.fill(0);
+            if let Some(b) = data.first_mut() {
+                *b = d.read((port - I8042_DATA_PORT) as u8);
+            }
+        } else {
+            self.log_once(port, "read");
+            data.fill(0xff);
+        }
+    }
+
+    /// Guest `out` of `data` to `port`.
+    pub fn io_out(&self, port: u16, data: &[u8]) -> PioAction {
+        if (COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN).contains(&port) {
+            let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, b) in data.iter().enumerate() {
+                if let Err(e) = s.write((port - COM1_PORT_BASE) as u8 + i as u8, *b) {
+                    warn!("{e}");
+                }
+            }
+            PioAction::Continue
+        } else if port == I8042_DATA_PORT || port == I8042_COMMAND_PORT {
+            if let Some(b) = data.first() {
+                self.i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write((port - I8042_DATA_PORT) as u8, *b);
+            }
+            if self.reset_evt.read().is_ok() {
+                PioAction::Reset
+            } else {
+                PioAction::Continue
+            }
+        } else {
+            self.log_once(port, "write");
+            PioAction::Continue
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        let bus = PioBus::new(Box::new(std::io::sink())).unwrap();
+        let mut d = [0u8; 1];
+        bus.io_in(0x3fd, &mut d);
+        assert_ne!(d[0] & 0x20, 0, "THR empty");
+        let mut d = [0u8; 4];
+        bus.io_in(0xcfc, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert_eq!(bus.io_out(0x80, &[1]), PioAction::Continue);
+        assert_eq!(bus.io_out(0x64, &[0x20]), PioAction::Continue);
+        assert_eq!(bus.io_out(0x60, &[0xfe]), PioAction::Continue);
+        assert_eq!(bus.io_out(0x64, &[]), PioAction::Continue);
+        assert_eq!(bus.io_out(0x64, &[0xfe]), PioAction::Reset);
+        assert_eq!(bus.io_out(0x3f8, &[b'x', b'y']), PioAction::Continue);
+        let mut e: [u8; 0] = [];
+        bus.io_in(0x60, &mut e);
+    }
+}
