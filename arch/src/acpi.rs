@@ -226,7 +226,13 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
     ];
     debug_assert_eq!(
         placed,
-        [layout.rsdp, layout.xsdt, layout.dsdt, layout.fadt, layout.madt]
+        [
+            layout.rsdp,
+            layout.xsdt,
+            layout.dsdt,
+            layout.fadt,
+            layout.madt
+        ]
     );
     if image.len() > ACPI_MAX_SIZE {
         return Err(Error::TableTooLarge {
@@ -244,7 +250,10 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
 pub fn setup_acpi_tables<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<GuestAddress> {
     let (layout, image) = build_acpi_tables(ACPI_START, num_cpus)?;
     mem.write_slice(&image, GuestAddress(ACPI_START))
-        .map_err(|source| Error::GuestWrite { what: "ACPI tables", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "ACPI tables",
+            source,
+        })?;
     Ok(GuestAddress(layout.rsdp))
 }
 

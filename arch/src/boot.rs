@@ -103,7 +103,10 @@ pub fn configure_system<M: GuestMemoryBackend>(mem: &M, setup: &BootSetup) -> Re
     cmdline_nul.extend_from_slice(cmdline);
     cmdline_nul.push(0);
     mem.write_slice(&cmdline_nul, GuestAddress(CMDLINE_START))
-        .map_err(|source| Error::GuestWrite { what: "command line", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "command line",
+            source,
+        })?;
 
     setup_mptable(mem, GuestAddress(MPTABLE_START), setup.num_cpus)?;
     let rsdp = setup_acpi_tables(mem, setup.num_cpus)?;

@@ -42,7 +42,10 @@ fn load(mem: &GuestMemoryMmap<()>, protocol: BootProtocol) -> InitrdInfo {
 fn check_pvh(mem_size: u64) {
     let mem = guest_mem(mem_size);
     let initrd = load(&mem, BootProtocol::Pvh);
-    let s = BootSetup { initrd: Some(initrd), ..setup(BootProtocol::Pvh, mem_size) };
+    let s = BootSetup {
+        initrd: Some(initrd),
+        ..setup(BootProtocol::Pvh, mem_size)
+    };
     let info_addr = configure_system(&mem, &s).unwrap();
     assert_eq!(info_addr, GuestAddress(PVH_INFO_START));
 
@@ -56,7 +59,10 @@ fn check_pvh(mem_size: u64) {
     assert_eq!(info.nr_modules, 1);
     assert_eq!(info.modlist_paddr, PVH_MODLIST_START);
     let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
-    assert_eq!((m.paddr, m.size, m.cmdline_paddr), (initrd.addr.0, 12345, 0));
+    assert_eq!(
+        (m.paddr, m.size, m.cmdline_paddr),
+        (initrd.addr.0, 12345, 0)
+    );
 
     let expected = memory_map(mem_size).unwrap();
     assert_eq!(info.memmap_paddr, PVH_MEMMAP_START);
@@ -65,16 +71,21 @@ fn check_pvh(mem_size: u64) {
         let got: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(info.memmap_paddr + 24 * i as u64))
             .unwrap();
-        assert_eq!((got.addr, got.size, got.type_, got.reserved), (e.addr, e.size, e.kind, 0));
+        assert_eq!(
+            (got.addr, got.size, got.type_, got.reserved),
+            (e.addr, e.size, e.kind, 0)
+        );
     }
     // The RSDP the guest is pointed at is valid.
     let mut rsdp = [0u8; 36];
-    mem.read_slice(&mut rsdp, GuestAddress(info.rsdp_paddr)).unwrap();
+    mem.read_slice(&mut rsdp, GuestAddress(info.rsdp_paddr))
+        .unwrap();
     assert_eq!(&rsdp[..8], b"RSD PTR ");
     assert_eq!((sum(&rsdp[..20]), sum(&rsdp)), (0, 0));
     // MP floating pointer too.
     let mut mpf = [0u8; 16];
-    mem.read_slice(&mut mpf, GuestAddress(MPTABLE_START)).unwrap();
+    mem.read_slice(&mut mpf, GuestAddress(MPTABLE_START))
+        .unwrap();
     assert_eq!((&mpf[..4], sum(&mpf)), (&b"_MP_"[..], 0));
 }
 
@@ -102,7 +113,10 @@ fn pvh_without_initrd_has_no_modules() {
 fn check_linux64(mem_size: u64) {
     let mem = guest_mem(mem_size);
     let initrd = load(&mem, BootProtocol::Linux64);
-    let s = BootSetup { initrd: Some(initrd), ..setup(BootProtocol::Linux64, mem_size) };
+    let s = BootSetup {
+        initrd: Some(initrd),
+        ..setup(BootProtocol::Linux64, mem_size)
+    };
     let addr = configure_system(&mem, &s).unwrap();
     assert_eq!(addr, GuestAddress(ZERO_PAGE_START));
 
@@ -125,7 +139,10 @@ fn check_linux64(mem_size: u64) {
     assert_eq!(bp.e820_entries as usize, expected.len());
     let table = bp.e820_table;
     for (got, e) in table.iter().zip(&expected) {
-        assert_eq!(({ got.addr }, { got.size }, { got.r#type }), (e.addr, e.size, e.kind));
+        assert_eq!(
+            ({ got.addr }, { got.size }, { got.r#type }),
+            (e.addr, e.size, e.kind)
+        );
     }
     assert_eq!({ table[0].r#type }, E820_RAM);
     assert_eq!({ table[1].r#type }, E820_RESERVED);
@@ -163,26 +180,44 @@ fn linux64_requires_bzimage_header() {
 fn cmdline_limits() {
     let mem = guest_mem(512 << 20);
     let max = "x".repeat(CMDLINE_MAX_SIZE - 1);
-    let s = BootSetup { cmdline: &max, ..setup(BootProtocol::Pvh, 512 << 20) };
+    let s = BootSetup {
+        cmdline: &max,
+        ..setup(BootProtocol::Pvh, 512 << 20)
+    };
     configure_system(&mem, &s).unwrap();
     assert_eq!(read_cstr(&mem, CMDLINE_START).len(), CMDLINE_MAX_SIZE - 1);
 
     let long = "x".repeat(CMDLINE_MAX_SIZE);
-    let s = BootSetup { cmdline: &long, ..setup(BootProtocol::Pvh, 512 << 20) };
+    let s = BootSetup {
+        cmdline: &long,
+        ..setup(BootProtocol::Pvh, 512 << 20)
+    };
     assert!(matches!(
         configure_system(&mem, &s),
-        Err(Error::CmdlineTooLong { len: 2048, max: 2047 })
+        Err(Error::CmdlineTooLong {
+            len: 2048,
+            max: 2047
+        })
     ));
 
-    let s = BootSetup { cmdline: "a\0b", ..setup(BootProtocol::Pvh, 512 << 20) };
-    assert!(matches!(configure_system(&mem, &s), Err(Error::CmdlineHasNul)));
+    let s = BootSetup {
+        cmdline: "a\0b",
+        ..setup(BootProtocol::Pvh, 512 << 20)
+    };
+    assert!(matches!(
+        configure_system(&mem, &s),
+        Err(Error::CmdlineHasNul)
+    ));
 
     // Linux64 also honours the kernel's own cmdline_size.
     let mut hdr = bz_header();
     hdr.cmdline_size = 10;
     let mut k = temp_file(&build_bzimage(&hdr, 0x1000));
     load_kernel(&mem, &mut k.file).unwrap();
-    let s = BootSetup { cmdline: "0123456789A", ..setup(BootProtocol::Linux64, 512 << 20) };
+    let s = BootSetup {
+        cmdline: "0123456789A",
+        ..setup(BootProtocol::Linux64, 512 << 20)
+    };
     assert!(matches!(
         configure_system(&mem, &s),
         Err(Error::CmdlineTooLong { len: 11, max: 10 })
@@ -193,23 +228,66 @@ fn cmdline_limits() {
 fn invalid_inputs_rejected() {
     let mem = guest_mem(512 << 20);
     for n in [0u8, 255] {
-        let s = BootSetup { num_cpus: n, ..setup(BootProtocol::Pvh, 512 << 20) };
+        let s = BootSetup {
+            num_cpus: n,
+            ..setup(BootProtocol::Pvh, 512 << 20)
+        };
         assert!(matches!(configure_system(&mem, &s), Err(Error::InvalidCpuCount(x)) if x == n));
     }
-    let s = BootSetup { num_cpus: 254, ..setup(BootProtocol::Pvh, 512 << 20) };
+    let s = BootSetup {
+        num_cpus: 254,
+        ..setup(BootProtocol::Pvh, 512 << 20)
+    };
     configure_system(&mem, &s).unwrap();
 
     // mem_size larger than the guest memory object.
     let s = setup(BootProtocol::Pvh, 1 << 30);
-    assert!(matches!(configure_system(&mem, &s), Err(Error::MemoryNotCovered { .. })));
+    assert!(matches!(
+        configure_system(&mem, &s),
+        Err(Error::MemoryNotCovered { .. })
+    ));
     let s = setup(BootProtocol::Pvh, 1 << 20);
-    assert!(matches!(configure_system(&mem, &s), Err(Error::InvalidMemSize(_))));
+    assert!(matches!(
+        configure_system(&mem, &s),
+        Err(Error::InvalidMemSize(_))
+    ));
 
-    for (addr, size) in [(0x1000u64, 100usize), (0x1000_0000, 0), ((512 << 20) - 10, 100)] {
+    for (addr, size) in [
+        (0x1000u64, 100usize),
+        (0x1000_0000, 0),
+        ((512 << 20) - 10, 100),
+    ] {
         let s = BootSetup {
-            initrd: Some(InitrdInfo { addr: GuestAddress(addr), size }),
+            initrd: Some(InitrdInfo {
+                addr: GuestAddress(addr),
+                size,
+            }),
             ..setup(BootProtocol::Pvh, 512 << 20)
         };
-        assert!(matches!(configure_system(&mem, &s), Err(Error::InvalidInitrd { .. })));
+        assert!(matches!(
+            configure_system(&mem, &s),
+            Err(Error::InvalidInitrd { .. })
+        ));
     }
+}
+
+#[test]
+fn works_with_dirty_bitmap_memory() {
+    use vm_memory::bitmap::AtomicBitmap;
+    let mem_size = 512u64 << 20;
+    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&crate::layout::ram_regions(mem_size))
+        .unwrap();
+    let mut k = temp_file(&build_elf(&ElfSpec::default()));
+    let kl = load_kernel(&mem, &mut k.file).unwrap();
+    let mut f = temp_file(&[7u8; 100]);
+    let initrd = load_initramfs(&mem, &mut f.file, kl.kernel_end).unwrap();
+    let s = BootSetup {
+        initrd: Some(initrd),
+        ..setup(kl.protocol, mem_size)
+    };
+    let info = configure_system(&mem, &s).unwrap();
+    let mut sregs = kvm_bindings::kvm_sregs::default();
+    crate::regs::setup_sregs(&mem, kl.protocol, &mut sregs).unwrap();
+    let regs = crate::regs::setup_regs(kl.protocol, kl.entry, info);
+    assert_eq!((regs.rip, regs.rbx), (0x100_0040, PVH_INFO_START));
 }

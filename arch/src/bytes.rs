@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn little_endian() {
         let mut b = ByteBuf::new();
-        b.u8(1).u16(0x0302).u32(0x0706_0504).u64(0x0f0e_0d0c_0b0a_0908);
+        b.u8(1)
+            .u16(0x0302)
+            .u32(0x0706_0504)
+            .u64(0x0f0e_0d0c_0b0a_0908);
         assert_eq!(b.0, (1..=15).collect::<Vec<u8>>());
         b.put_u32(0, 0xaaaa_aaaa);
         assert_eq!(&b.0[..5], &[0xaa, 0xaa, 0xaa, 0xaa, 5]);

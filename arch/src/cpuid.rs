@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX bit 28: HTT (EBX[23:16] holds a valid logical-processor count).
+/// Leaf 1 EDX bit 28: HTT (`EBX[23:16]` holds a valid logical-processor count).
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 6 EAX bit 1: Intel Turbo Boost.
 pub const LEAF6_EAX_TURBO: u32 = 1 << 1;
@@ -27,8 +27,8 @@ const LEVEL_TYPE_CORE: u32 = 2;
 ///
 /// Only entries already present are modified (the list never grows, so it
 /// always fits `KVM_SET_CPUID2`):
-/// - leaf 0x1: initial APIC ID (EBX[31:24]) = `vcpu_id`, logical count
-///   (EBX[23:16]) = `num_cpus`, HTT iff `num_cpus > 1`, hypervisor and
+/// - leaf 0x1: initial APIC ID (`EBX[31:24]`) = `vcpu_id`, logical count
+///   (`EBX[23:16]`) = `num_cpus`, HTT iff `num_cpus > 1`, hypervisor and
 ///   TSC-deadline bits set;
 /// - leaf 0x4: cores per package and cache sharing consistent with the
 ///   topology (L1/L2 private, L3 shared by all vCPUs);
@@ -55,14 +55,12 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, num_cpus: u8) {
                     e.edx &= !LEAF1_EDX_HTT;
                 }
             }
-            0x4 => {
-                // EAX[4:0] == 0: no more caches; leave the terminator alone.
-                if e.eax & 0x1F != 0 {
-                    let level = (e.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { num_cpus - 1 } else { 0 };
-                    e.eax &= 0x3FFF;
-                    e.eax |= ((num_cpus - 1).min(0x3F) << 26) | (sharing.min(0xFFF) << 14);
-                }
+            // EAX[4:0] == 0: no more caches; leave the terminator alone.
+            0x4 if e.eax & 0x1F != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { num_cpus - 1 } else { 0 };
+                e.eax &= 0x3FFF;
+                e.eax |= ((num_cpus - 1).min(0x3F) << 26) | (sharing.min(0xFFF) << 14);
             }
             0x6 => {
                 e.eax &= !LEAF6_EAX_TURBO;
@@ -100,7 +98,8 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
     entries.iter().any(|e| {
         e.function == 0
             && ((e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6E65, 0x444D_4163) // AuthenticAMD
-                || (e.ebx, e.edx, e.ecx) == (0x6F67_7948, 0x6E65_476E, 0x656E_6975)) // HygonGenuine
+                || (e.ebx, e.edx, e.ecx) == (0x6F67_7948, 0x6E65_476E, 0x656E_6975))
+        // HygonGenuine
     })
 }
 
@@ -108,12 +107,30 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     fn intel_like() -> CpuId {

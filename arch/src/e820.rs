@@ -82,9 +82,21 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                MemoryMapEntry { addr: 0, size: 0x9FC00, kind: E820_RAM },
-                MemoryMapEntry { addr: 0x9FC00, size: 0x60400, kind: E820_RESERVED },
-                MemoryMapEntry { addr: 0x10_0000, size: (512 << 20) - 0x10_0000, kind: E820_RAM },
+                MemoryMapEntry {
+                    addr: 0,
+                    size: 0x9FC00,
+                    kind: E820_RAM
+                },
+                MemoryMapEntry {
+                    addr: 0x9FC00,
+                    size: 0x60400,
+                    kind: E820_RESERVED
+                },
+                MemoryMapEntry {
+                    addr: 0x10_0000,
+                    size: (512 << 20) - 0x10_0000,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -94,7 +106,14 @@ mod tests {
         let map = memory_map(5 << 30).unwrap();
         assert_eq!(map.len(), 4);
         assert_eq!(map[2].addr + map[2].size, 0xC000_0000);
-        assert_eq!(map[3], MemoryMapEntry { addr: 1 << 32, size: 2 << 30, kind: E820_RAM });
+        assert_eq!(
+            map[3],
+            MemoryMapEntry {
+                addr: 1 << 32,
+                size: 2 << 30,
+                kind: E820_RAM
+            }
+        );
         // All RAM except the 384 KiB reserved below 1 MiB is reported.
         assert_eq!(ram_total(&map), (5 << 30) - (0x10_0000 - 0x9FC00));
         for w in map.windows(2) {

@@ -137,9 +137,15 @@ mod tests {
         let c = kvm_segment_from_gdt(gdt_entry(FLAGS_CODE32, 0, 0xFFFFF), CODE_INDEX);
         assert_eq!((c.db, c.l, c.g, c.limit), (1, 0, 1, 0xFFFF_FFFF));
         let d = kvm_segment_from_gdt(gdt_entry(FLAGS_DATA, 0, 0xFFFFF), DATA_INDEX);
-        assert_eq!((d.selector, d.type_, d.db, d.s, d.limit), (0x18, 3, 1, 1, 0xFFFF_FFFF));
+        assert_eq!(
+            (d.selector, d.type_, d.db, d.s, d.limit),
+            (0x18, 3, 1, 1, 0xFFFF_FFFF)
+        );
         let t = kvm_segment_from_gdt(gdt_entry(FLAGS_TSS, 0, TSS_LIMIT), TSS_INDEX);
-        assert_eq!((t.selector, t.type_, t.s, t.g, t.limit, t.present), (0x20, 11, 0, 0, 0x67, 1));
+        assert_eq!(
+            (t.selector, t.type_, t.s, t.g, t.limit, t.present),
+            (0x20, 11, 0, 0, 0x67, 1)
+        );
     }
 
     #[test]

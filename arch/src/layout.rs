@@ -142,10 +142,7 @@ mod tests {
 
     #[test]
     fn small_memory_is_one_region() {
-        assert_eq!(
-            ram_regions(512 << 20),
-            vec![(GuestAddress(0), 512 << 20)]
-        );
+        assert_eq!(ram_regions(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
         assert_eq!(
             ram_regions(MEM_32BIT_GAP_START),
             vec![(GuestAddress(0), MEM_32BIT_GAP_START as usize)]
@@ -158,10 +155,7 @@ mod tests {
         let r = ram_regions(5 << 30);
         assert_eq!(
             r,
-            vec![
-                (GuestAddress(0), 3 << 30),
-                (GuestAddress(4 << 30), 2 << 30)
-            ]
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]
         );
         let total: usize = r.iter().map(|(_, s)| s).sum();
         assert_eq!(total, 5 << 30);
@@ -196,8 +190,10 @@ mod tests {
         }
         let last = w[w.len() - 1];
         assert!(last.0 + last.1 <= HIMEM_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(PDE_START + 4096 * BOOT_PD_COUNT <= EBDA_START);
-        assert!(ACPI_START >= EBDA_START);
+        const {
+            assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+            assert!(PDE_START + 4096 * BOOT_PD_COUNT <= EBDA_START);
+            assert!(ACPI_START >= EBDA_START);
+        }
     }
 }

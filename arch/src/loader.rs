@@ -15,9 +15,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::layout::{
-    HIMEM_START, MAX_ELF_PHDRS, MEM_32BIT_GAP_START, ZERO_PAGE_START,
-};
+use crate::layout::{HIMEM_START, MAX_ELF_PHDRS, MEM_32BIT_GAP_START, ZERO_PAGE_START};
 use crate::{BootProtocol, Error, Result};
 
 /// `"HdrS"`: magic of the bzImage setup header.
@@ -78,7 +76,10 @@ fn read_at(file: &File, off: u64, buf: &mut [u8]) -> io::Result<bool> {
 fn low_ram_limit<M: GuestMemoryBackend>(mem: &M) -> Result<u64> {
     let region = mem
         .find_region(GuestAddress(HIMEM_START))
-        .ok_or(Error::MemoryNotCovered { start: HIMEM_START, len: 1 })?;
+        .ok_or(Error::MemoryNotCovered {
+            start: HIMEM_START,
+            len: 1,
+        })?;
     let end = region.start_addr().raw_value().saturating_add(region.len());
     Ok(end.min(MEM_32BIT_GAP_START))
 }
@@ -107,8 +108,12 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, kernel: &mut File) -> Result<
         return load_elf(mem, kernel, limit);
     }
     let mut hdr = setup_header::default();
-    if read_at(kernel, SETUP_HEADER_OFFSET, vm_memory::ByteValued::as_mut_slice(&mut hdr))
-        .map_err(Error::KernelRead)?
+    if read_at(
+        kernel,
+        SETUP_HEADER_OFFSET,
+        vm_memory::ByteValued::as_mut_slice(&mut hdr),
+    )
+    .map_err(Error::KernelRead)?
         && hdr.header == HDRS_MAGIC
     {
         return load_bzimage(mem, kernel, hdr, limit);
@@ -174,7 +179,10 @@ fn load_elf<M: GuestMemoryBackend>(mem: &M, kernel: &mut File, limit: u64) -> Re
     }
     // No bzImage header may linger in the zero page.
     mem.write_obj(boot_params::default(), GuestAddress(ZERO_PAGE_START))
-        .map_err(|source| Error::GuestWrite { what: "zero page", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "zero page",
+            source,
+        })?;
     Ok(KernelLoad {
         entry,
         protocol: BootProtocol::Pvh,
@@ -192,20 +200,29 @@ fn load_bzimage<M: GuestMemoryBackend>(
         return Err(Error::UnsupportedBzImage("boot protocol older than 2.12"));
     }
     if hdr.loadflags & LOADED_HIGH == 0 {
-        return Err(Error::UnsupportedBzImage("kernel is not loaded high (zImage)"));
+        return Err(Error::UnsupportedBzImage(
+            "kernel is not loaded high (zImage)",
+        ));
     }
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(Error::UnsupportedBzImage("no 64-bit entry point (XLF_KERNEL_64)"));
+        return Err(Error::UnsupportedBzImage(
+            "no 64-bit entry point (XLF_KERNEL_64)",
+        ));
     }
-    let file_len = kernel
-        .seek(SeekFrom::End(0))
-        .map_err(Error::KernelRead)?;
-    let setup_sects = if hdr.setup_sects == 0 { 4 } else { u64::from(hdr.setup_sects) };
+    let file_len = kernel.seek(SeekFrom::End(0)).map_err(Error::KernelRead)?;
+    let setup_sects = if hdr.setup_sects == 0 {
+        4
+    } else {
+        u64::from(hdr.setup_sects)
+    };
     let setup_len = (setup_sects + 1) * 512;
-    let payload = file_len
-        .checked_sub(setup_len)
-        .filter(|p| *p > 0)
-        .ok_or(Error::UnsupportedBzImage("file shorter than its setup sectors"))?;
+    let payload =
+        file_len
+            .checked_sub(setup_len)
+            .filter(|p| *p > 0)
+            .ok_or(Error::UnsupportedBzImage(
+                "file shorter than its setup sectors",
+            ))?;
     let load = u64::from(hdr.code32_start);
     if load < HIMEM_START {
         return Err(Error::UnsupportedBzImage("code32_start below 1 MiB"));
@@ -218,10 +235,15 @@ fn load_bzimage<M: GuestMemoryBackend>(
     let res = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
         .map_err(Error::KernelLoader)?;
     let loaded_hdr = res.setup_header.unwrap_or(hdr);
-    let mut zero_page = boot_params::default();
-    zero_page.hdr = loaded_hdr;
+    let zero_page = boot_params {
+        hdr: loaded_hdr,
+        ..Default::default()
+    };
     mem.write_obj(zero_page, GuestAddress(ZERO_PAGE_START))
-        .map_err(|source| Error::GuestWrite { what: "zero page", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "zero page",
+            source,
+        })?;
 
     Ok(KernelLoad {
         entry: res.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
@@ -235,7 +257,10 @@ fn load_bzimage<M: GuestMemoryBackend>(
 pub(crate) fn stored_setup_header<M: GuestMemoryBackend>(mem: &M) -> Result<Option<setup_header>> {
     let hdr: setup_header = mem
         .read_obj(GuestAddress(ZERO_PAGE_START + SETUP_HEADER_OFFSET))
-        .map_err(|source| Error::GuestRead { what: "setup header", source })?;
+        .map_err(|source| Error::GuestRead {
+            what: "setup header",
+            source,
+        })?;
     Ok((hdr.header == HDRS_MAGIC).then_some(hdr))
 }
 
@@ -243,7 +268,11 @@ pub(crate) fn stored_setup_header<M: GuestMemoryBackend>(mem: &M) -> Result<Opti
 pub(crate) fn initrd_limit(hdr: Option<&setup_header>) -> u64 {
     match hdr {
         Some(h) => {
-            let max = if h.version >= 0x0203 { h.initrd_addr_max } else { DEFAULT_INITRD_ADDR_MAX };
+            let max = if h.version >= 0x0203 {
+                h.initrd_addr_max
+            } else {
+                DEFAULT_INITRD_ADDR_MAX
+            };
             u64::from(max) + 1
         }
         None => MEM_32BIT_GAP_START,
@@ -282,7 +311,10 @@ pub fn load_initramfs<M: GuestMemoryBackend>(
     initrd.rewind().map_err(Error::InitrdRead)?;
     let len = size as usize; // < 3 GiB
     mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
-        .map_err(|source| Error::GuestWrite { what: "initramfs", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "initramfs",
+            source,
+        })?;
     Ok(InitrdInfo {
         addr: GuestAddress(addr),
         size: len,

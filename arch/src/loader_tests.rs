@@ -25,37 +25,82 @@ fn pvh_elf_loads() {
 #[test]
 fn elf_without_pvh_note_is_rejected() {
     let mem = guest_mem(512 << 20);
-    let mut k = temp_file(&build_elf(&ElfSpec { note: None, ..Default::default() }));
-    assert!(matches!(load_kernel(&mem, &mut k.file), Err(Error::ElfWithoutPvhNote)));
+    let mut k = temp_file(&build_elf(&ElfSpec {
+        note: None,
+        ..Default::default()
+    }));
+    assert!(matches!(
+        load_kernel(&mem, &mut k.file),
+        Err(Error::ElfWithoutPvhNote)
+    ));
     // A note with the right type but the wrong name is not a PVH note.
-    let spec = ElfSpec { note: Some((b"Gnu\0", 18, 0x100_0040)), ..Default::default() };
+    let spec = ElfSpec {
+        note: Some((b"Gnu\0", 18, 0x100_0040)),
+        ..Default::default()
+    };
     let mut k = temp_file(&build_elf(&spec));
-    assert!(matches!(load_kernel(&mem, &mut k.file), Err(Error::ElfWithoutPvhNote)));
+    assert!(matches!(
+        load_kernel(&mem, &mut k.file),
+        Err(Error::ElfWithoutPvhNote)
+    ));
 }
 
 #[test]
 fn elf_bad_inputs() {
     let mem = guest_mem(512 << 20);
-    let cases: Vec<(ElfSpec, fn(&Error) -> bool)> = vec![
-        (ElfSpec { class: 1, ..Default::default() }, |e| matches!(e, Error::UnsupportedElf)),
-        (ElfSpec { paddr: 0x1000, ..Default::default() }, |e| {
-            matches!(e, Error::ElfSegmentOutOfRange { paddr: 0x1000, .. })
-        }),
-        (ElfSpec { paddr: MEM_32BIT_GAP_START - 0x1000, ..Default::default() }, |e| {
-            matches!(e, Error::ElfSegmentOutOfRange { .. })
-        }),
-        (ElfSpec { paddr: u64::MAX - 0x10, ..Default::default() }, |e| {
-            matches!(e, Error::ElfSegmentOutOfRange { .. })
-        }),
-        (ElfSpec { note: Some((b"Xen\0", 18, 0x200_0000)), ..Default::default() }, |e| {
-            matches!(e, Error::PvhEntryOutOfRange(0x200_0000))
-        }),
-        (ElfSpec { phnum_override: Some(1000), ..Default::default() }, |e| {
-            matches!(e, Error::TooManyProgramHeaders(1000))
-        }),
-        (ElfSpec { phnum_override: Some(100), ..Default::default() }, |e| {
-            matches!(e, Error::UnsupportedElf) // program headers past EOF
-        }),
+    type Check = fn(&Error) -> bool;
+    let cases: Vec<(ElfSpec, Check)> = vec![
+        (
+            ElfSpec {
+                class: 1,
+                ..Default::default()
+            },
+            |e| matches!(e, Error::UnsupportedElf),
+        ),
+        (
+            ElfSpec {
+                paddr: 0x1000,
+                ..Default::default()
+            },
+            |e| matches!(e, Error::ElfSegmentOutOfRange { paddr: 0x1000, .. }),
+        ),
+        (
+            ElfSpec {
+                paddr: MEM_32BIT_GAP_START - 0x1000,
+                ..Default::default()
+            },
+            |e| matches!(e, Error::ElfSegmentOutOfRange { .. }),
+        ),
+        (
+            ElfSpec {
+                paddr: u64::MAX - 0x10,
+                ..Default::default()
+            },
+            |e| matches!(e, Error::ElfSegmentOutOfRange { .. }),
+        ),
+        (
+            ElfSpec {
+                note: Some((b"Xen\0", 18, 0x200_0000)),
+                ..Default::default()
+            },
+            |e| matches!(e, Error::PvhEntryOutOfRange(0x200_0000)),
+        ),
+        (
+            ElfSpec {
+                phnum_override: Some(1000),
+                ..Default::default()
+            },
+            |e| matches!(e, Error::TooManyProgramHeaders(1000)),
+        ),
+        (
+            ElfSpec {
+                phnum_override: Some(100),
+                ..Default::default()
+            },
+            |e| {
+                matches!(e, Error::UnsupportedElf) // program headers past EOF
+            },
+        ),
     ];
     for (i, (spec, check)) in cases.iter().enumerate() {
         let mut k = temp_file(&build_elf(spec));
@@ -67,7 +112,10 @@ fn elf_bad_inputs() {
 #[test]
 fn elf_segment_beyond_small_memory() {
     let mem = guest_mem(16 << 20);
-    let mut k = temp_file(&build_elf(&ElfSpec { paddr: 0x100_0000, ..Default::default() }));
+    let mut k = temp_file(&build_elf(&ElfSpec {
+        paddr: 0x100_0000,
+        ..Default::default()
+    }));
     assert!(matches!(
         load_kernel(&mem, &mut k.file),
         Err(Error::ElfSegmentOutOfRange { .. })
@@ -81,7 +129,10 @@ fn unknown_formats() {
         let mut k = temp_file(bytes);
         let err = load_kernel(&mem, &mut k.file).unwrap_err();
         assert!(matches!(err, Error::UnknownKernelFormat), "{err}");
-        assert_eq!(err.to_string(), "kernel image is not an ELF with a PVH note nor a bzImage");
+        assert_eq!(
+            err.to_string(),
+            "kernel image is not an ELF with a PVH note nor a bzImage"
+        );
     }
 }
 
@@ -117,11 +168,17 @@ fn bzimage_bad_headers() {
         f(&mut hdr);
         let mut k = temp_file(&build_bzimage(&hdr, 0x1000));
         let err = load_kernel(&mem, &mut k.file).unwrap_err();
-        assert!(matches!(err, Error::UnsupportedBzImage(_)), "variant {i}: {err}");
+        assert!(
+            matches!(err, Error::UnsupportedBzImage(_)),
+            "variant {i}: {err}"
+        );
     }
     // Setup sectors only, no payload.
     let mut k = temp_file(&build_bzimage(&bz_header(), 0));
-    assert!(matches!(load_kernel(&mem, &mut k.file), Err(Error::UnsupportedBzImage(_))));
+    assert!(matches!(
+        load_kernel(&mem, &mut k.file),
+        Err(Error::UnsupportedBzImage(_))
+    ));
 }
 
 #[test]
@@ -130,7 +187,10 @@ fn bzimage_too_large_for_memory() {
     let mut k = temp_file(&build_bzimage(&bz_header(), 0x1000));
     assert!(matches!(
         load_kernel(&mem, &mut k.file),
-        Err(Error::KernelTooLarge { end: 0x90_0000, limit: 0x80_0000 })
+        Err(Error::KernelTooLarge {
+            end: 0x90_0000,
+            limit: 0x80_0000
+        })
     ));
 }
 
@@ -153,7 +213,10 @@ fn initramfs_placed_high_and_aligned() {
     assert_eq!(info.size, 10_000);
     assert_eq!(info.addr.raw_value() % 4096, 0);
     assert!(info.addr.raw_value() + 10_000 <= 512 << 20);
-    assert!(info.addr.raw_value() + 10_000 + 4096 > 512 << 20, "as high as possible");
+    assert!(
+        info.addr.raw_value() + 10_000 + 4096 > 512 << 20,
+        "as high as possible"
+    );
     assert_eq!(read_bytes(&mem, info.addr.raw_value(), 10_000), data);
 }
 

@@ -5,7 +5,9 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::bytes::{checksum, ByteBuf};
-use crate::layout::{APIC_ADDR, IOAPIC_ADDR, IOAPIC_NUM_PINS, MAX_SUPPORTED_CPUS, MPTABLE_MAX_SIZE};
+use crate::layout::{
+    APIC_ADDR, IOAPIC_ADDR, IOAPIC_NUM_PINS, MAX_SUPPORTED_CPUS, MPTABLE_MAX_SIZE,
+};
 use crate::{Error, Result};
 
 const MPC_SIGNATURE: &[u8; 4] = b"PCMP";
@@ -154,10 +156,17 @@ pub fn build_mptable(addr: u64, num_cpus: u8) -> Result<Vec<u8>> {
 }
 
 /// Writes [`build_mptable`]`(addr, num_cpus)` to guest memory at `addr`.
-pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, num_cpus: u8) -> Result<()> {
+pub fn setup_mptable<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: GuestAddress,
+    num_cpus: u8,
+) -> Result<()> {
     let table = build_mptable(addr.0, num_cpus)?;
     mem.write_slice(&table, addr)
-        .map_err(|source| Error::GuestWrite { what: "MP table", source })
+        .map_err(|source| Error::GuestWrite {
+            what: "MP table",
+            source,
+        })
 }
 
 /// ISA IRQ -> IOAPIC pin routes: IRQ 0 -> pin 2, then identity for every
@@ -227,8 +236,14 @@ mod tests {
 
     #[test]
     fn bad_cpu_counts() {
-        assert!(matches!(build_mptable(MPTABLE_START, 0), Err(Error::InvalidCpuCount(0))));
-        assert!(matches!(build_mptable(MPTABLE_START, 255), Err(Error::InvalidCpuCount(255))));
+        assert!(matches!(
+            build_mptable(MPTABLE_START, 0),
+            Err(Error::InvalidCpuCount(0))
+        ));
+        assert!(matches!(
+            build_mptable(MPTABLE_START, 255),
+            Err(Error::InvalidCpuCount(255))
+        ));
     }
 
     #[test]
@@ -236,7 +251,8 @@ mod tests {
         let mem = guest_mem(512 << 20);
         setup_mptable(&mem, GuestAddress(MPTABLE_START), 4).unwrap();
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START + 16)).unwrap();
+        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START + 16))
+            .unwrap();
         assert_eq!(&sig, b"PCMP");
     }
 }

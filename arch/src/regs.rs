@@ -44,7 +44,11 @@ const PDE_P_RW_PS: u64 = 0x83;
 /// (`hvm_start_info`), everything else 0. Linux64: `rip = entry`,
 /// `rsi = boot_info` (`boot_params`), `rsp = rbp =` [`BOOT_STACK_POINTER`].
 /// Both: `rflags = 0x2` (interrupts disabled).
-pub fn setup_regs(protocol: BootProtocol, entry: GuestAddress, boot_info: GuestAddress) -> kvm_regs {
+pub fn setup_regs(
+    protocol: BootProtocol,
+    entry: GuestAddress,
+    boot_info: GuestAddress,
+) -> kvm_regs {
     let mut regs = kvm_regs {
         rip: entry.raw_value(),
         rflags: RFLAGS_RESERVED,
@@ -101,7 +105,10 @@ pub fn setup_sregs<M: GuestMemoryBackend>(
     let gdt = boot_gdt(code_flags);
     write_gdt(mem, &gdt)?;
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|source| Error::GuestWrite { what: "IDT", source })?;
+        .map_err(|source| Error::GuestWrite {
+            what: "IDT",
+            source,
+        })?;
 
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (BOOT_GDT_ENTRIES * 8 - 1) as u16;
@@ -140,14 +147,20 @@ pub fn setup_sregs<M: GuestMemoryBackend>(
 fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<()> {
     let bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(BOOT_GDT_START))
-        .map_err(|source| Error::GuestWrite { what: "GDT", source })
+        .map_err(|source| Error::GuestWrite {
+            what: "GDT",
+            source,
+        })
 }
 
 /// Writes PML4[0] -> PDPT[0..4] -> 4 PDs of 512 2 MiB identity pages.
 fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<()> {
     let wr = |bytes: &[u8], addr: u64| {
         mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|source| Error::GuestWrite { what: "page tables", source })
+            .map_err(|source| Error::GuestWrite {
+                what: "page tables",
+                source,
+            })
     };
     let mut pml4 = vec![0u8; 4096];
     pml4[..8].copy_from_slice(&(PDPTE_START | PTE_P_RW).to_le_bytes());
@@ -196,16 +209,27 @@ mod tests {
 
     #[test]
     fn regs_pvh() {
-        let r = setup_regs(BootProtocol::Pvh, GuestAddress(0x100_0040), GuestAddress(0x6000));
+        let r = setup_regs(
+            BootProtocol::Pvh,
+            GuestAddress(0x100_0040),
+            GuestAddress(0x6000),
+        );
         assert_eq!((r.rip, r.rbx, r.rflags), (0x100_0040, 0x6000, 2));
         assert_eq!((r.rsi, r.rsp, r.rax), (0, 0, 0));
     }
 
     #[test]
     fn regs_linux64() {
-        let r = setup_regs(BootProtocol::Linux64, GuestAddress(0x10_0200), GuestAddress(0x7000));
+        let r = setup_regs(
+            BootProtocol::Linux64,
+            GuestAddress(0x10_0200),
+            GuestAddress(0x7000),
+        );
         assert_eq!((r.rip, r.rsi, r.rflags), (0x10_0200, 0x7000, 2));
-        assert_eq!((r.rsp, r.rbp, r.rbx), (BOOT_STACK_POINTER, BOOT_STACK_POINTER, 0));
+        assert_eq!(
+            (r.rsp, r.rbp, r.rbx),
+            (BOOT_STACK_POINTER, BOOT_STACK_POINTER, 0)
+        );
     }
 
     #[test]
@@ -217,17 +241,29 @@ mod tests {
     #[test]
     fn sregs_pvh() {
         let mem = guest_mem(512 << 20);
-        let mut s = kvm_sregs { apic_base: 0xFEE0_0900, ..Default::default() };
+        let mut s = kvm_sregs {
+            apic_base: 0xFEE0_0900,
+            ..Default::default()
+        };
         setup_sregs(&mem, BootProtocol::Pvh, &mut s).unwrap();
         assert_eq!(s.cr0 & X86_CR0_PE, X86_CR0_PE);
         assert_eq!(s.cr0 & X86_CR0_PG, 0);
         assert_eq!((s.cr3, s.cr4, s.efer), (0, 0, 0));
-        assert_eq!((s.cs.selector, s.cs.db, s.cs.l, s.cs.type_), (0x10, 1, 0, 0xB));
+        assert_eq!(
+            (s.cs.selector, s.cs.db, s.cs.l, s.cs.type_),
+            (0x10, 1, 0, 0xB)
+        );
         assert_eq!((s.cs.base, s.cs.limit), (0, 0xFFFF_FFFF));
         for d in [s.ds, s.es, s.fs, s.gs, s.ss] {
-            assert_eq!((d.selector, d.type_, d.db, d.base, d.limit), (0x18, 3, 1, 0, 0xFFFF_FFFF));
+            assert_eq!(
+                (d.selector, d.type_, d.db, d.base, d.limit),
+                (0x18, 3, 1, 0, 0xFFFF_FFFF)
+            );
         }
-        assert_eq!((s.tr.type_, s.tr.base, s.tr.limit, s.tr.present), (11, 0, 0x67, 1));
+        assert_eq!(
+            (s.tr.type_, s.tr.base, s.tr.limit, s.tr.present),
+            (11, 0, 0x67, 1)
+        );
         assert_eq!((s.gdt.base, s.gdt.limit), (BOOT_GDT_START, 47));
         assert_eq!((s.idt.base, s.idt.limit), (BOOT_IDT_START, 7));
         assert_eq!(s.apic_base, 0xFEE0_0900, "untouched");
@@ -247,7 +283,10 @@ mod tests {
         let mut s = kvm_sregs::default();
         setup_sregs(&mem, BootProtocol::Linux64, &mut s).unwrap();
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET | X86_CR0_PG);
-        assert_eq!((s.cr3, s.cr4, s.efer), (PML4_START, X86_CR4_PAE, EFER_LME | EFER_LMA));
+        assert_eq!(
+            (s.cr3, s.cr4, s.efer),
+            (PML4_START, X86_CR4_PAE, EFER_LME | EFER_LMA)
+        );
         assert_eq!((s.cs.selector, s.cs.l, s.cs.db), (0x10, 1, 0));
         assert_eq!((s.ss.selector, s.ds.selector), (0x18, 0x18));
         assert_eq!(s.tr.type_, 11);
@@ -255,12 +294,23 @@ mod tests {
         assert_eq!(read_u64(&mem, PML4_START), PDPTE_START | 3);
         assert_eq!(read_u64(&mem, PML4_START + 8), 0);
         for i in 0..4 {
-            assert_eq!(read_u64(&mem, PDPTE_START + i * 8), (PDE_START + i * 0x1000) | 3);
+            assert_eq!(
+                read_u64(&mem, PDPTE_START + i * 8),
+                (PDE_START + i * 0x1000) | 3
+            );
         }
         assert_eq!(read_u64(&mem, PDPTE_START + 32), 0);
         assert_eq!(read_u64(&mem, PDE_START), 0x83);
         assert_eq!(read_u64(&mem, PDE_START + 8), (2 << 20) | 0x83);
-        for va in [0u64, 0x7000, 0x10_0200, 0x1234_5678, 0xBFFF_FFFF, 0xC000_0000, 0xFFFF_FFFF] {
+        for va in [
+            0u64,
+            0x7000,
+            0x10_0200,
+            0x1234_5678,
+            0xBFFF_FFFF,
+            0xC000_0000,
+            0xFFFF_FFFF,
+        ] {
             assert_eq!(translate(&mem, s.cr3, va), Some(va), "{va:#x}");
         }
         assert_eq!(translate(&mem, s.cr3, 1 << 32), None);
@@ -268,8 +318,9 @@ mod tests {
 
     #[test]
     fn sregs_fail_cleanly_without_low_memory() {
-        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 32), 1 << 20)])
-            .unwrap();
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 32), 1 << 20)])
+                .unwrap();
         let mut s = kvm_sregs::default();
         assert!(matches!(
             setup_sregs(&mem, BootProtocol::Linux64, &mut s),

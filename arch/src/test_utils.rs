@@ -82,7 +82,11 @@ pub(crate) fn build_elf(spec: &ElfSpec) -> Vec<u8> {
     put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
     put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
     put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
-    put(&mut f, 56, &spec.phnum_override.unwrap_or(phnum).to_le_bytes());
+    put(
+        &mut f,
+        56,
+        &spec.phnum_override.unwrap_or(phnum).to_le_bytes(),
+    );
 
     // PT_LOAD
     let ph = 64;

@@ -3,6 +3,8 @@
 //! Every device has an explicit state struct: save copies it out, restore
 //! builds the device from it. No device reaches into the VMM.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod i8042;
 pub mod mig_fsm;

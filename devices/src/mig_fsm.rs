@@ -194,15 +194,41 @@ mod tests {
     use super::*;
     use MigState::*;
 
-    const FULL: MigCaps = MigCaps { stop_copy: true, p2p: true, pre_copy: true };
-    const BASIC: MigCaps = MigCaps { stop_copy: true, p2p: false, pre_copy: false };
-    const PRE: MigCaps = MigCaps { stop_copy: true, p2p: false, pre_copy: true };
-    const P2P: MigCaps = MigCaps { stop_copy: true, p2p: true, pre_copy: false };
+    const FULL: MigCaps = MigCaps {
+        stop_copy: true,
+        p2p: true,
+        pre_copy: true,
+    };
+    const BASIC: MigCaps = MigCaps {
+        stop_copy: true,
+        p2p: false,
+        pre_copy: false,
+    };
+    const PRE: MigCaps = MigCaps {
+        stop_copy: true,
+        p2p: false,
+        pre_copy: true,
+    };
+    const P2P: MigCaps = MigCaps {
+        stop_copy: true,
+        p2p: true,
+        pre_copy: false,
+    };
 
     /// The arcs a driver must implement (uAPI comment), per feature set.
     fn is_arc(caps: MigCaps, a: MigState, b: MigState) -> bool {
-        let base = [(Resuming, Stop), (Stop, Resuming), (Stop, StopCopy), (StopCopy, Stop)];
-        let p2p = [(Running, RunningP2p), (RunningP2p, Running), (RunningP2p, Stop), (Stop, RunningP2p)];
+        let base = [
+            (Resuming, Stop),
+            (Stop, Resuming),
+            (Stop, StopCopy),
+            (StopCopy, Stop),
+        ];
+        let p2p = [
+            (Running, RunningP2p),
+            (RunningP2p, Running),
+            (RunningP2p, Stop),
+            (Stop, RunningP2p),
+        ];
         let pre = [(Running, PreCopy), (PreCopy, Running), (PreCopy, StopCopy)];
         let pre_p2p = [
             (PreCopy, PreCopyP2p),
@@ -222,25 +248,54 @@ mod tests {
             ok |= pre.contains(&(a, b)) && !(caps.p2p && (a, b) == (PreCopy, StopCopy));
         }
         if caps.pre_copy && caps.p2p {
-            ok |= pre_p2p.contains(&(a, b)) || (a, b) == (PreCopy, Running) || (a, b) == (Running, PreCopy);
+            ok |= pre_p2p.contains(&(a, b))
+                || (a, b) == (PreCopy, Running)
+                || (a, b) == (Running, PreCopy);
         }
         ok
     }
 
     #[test]
     fn documented_paths() {
-        assert_eq!(path(FULL, Running, StopCopy).unwrap(), vec![RunningP2p, Stop, StopCopy]);
-        assert_eq!(path(BASIC, Running, StopCopy).unwrap(), vec![Stop, StopCopy]);
-        assert_eq!(path(FULL, PreCopy, StopCopy).unwrap(), vec![PreCopyP2p, StopCopy]);
+        assert_eq!(
+            path(FULL, Running, StopCopy).unwrap(),
+            vec![RunningP2p, Stop, StopCopy]
+        );
+        assert_eq!(
+            path(BASIC, Running, StopCopy).unwrap(),
+            vec![Stop, StopCopy]
+        );
+        assert_eq!(
+            path(FULL, PreCopy, StopCopy).unwrap(),
+            vec![PreCopyP2p, StopCopy]
+        );
         assert_eq!(path(PRE, PreCopy, StopCopy).unwrap(), vec![StopCopy]);
-        assert_eq!(path(FULL, PreCopy, Stop).unwrap(), vec![Running, RunningP2p, Stop]);
+        assert_eq!(
+            path(FULL, PreCopy, Stop).unwrap(),
+            vec![Running, RunningP2p, Stop]
+        );
         assert_eq!(path(PRE, PreCopy, Stop).unwrap(), vec![Running, Stop]);
-        assert_eq!(path(FULL, Resuming, Running).unwrap(), vec![Stop, RunningP2p, Running]);
+        assert_eq!(
+            path(FULL, Resuming, Running).unwrap(),
+            vec![Stop, RunningP2p, Running]
+        );
         assert_eq!(path(BASIC, Resuming, Running).unwrap(), vec![Stop, Running]);
-        assert_eq!(path(FULL, StopCopy, Running).unwrap(), vec![Stop, RunningP2p, Running]);
-        assert_eq!(path(FULL, Running, Resuming).unwrap(), vec![RunningP2p, Stop, Resuming]);
-        assert_eq!(path(FULL, Stop, PreCopy).unwrap(), vec![RunningP2p, Running, PreCopy]);
-        assert_eq!(path(FULL, Running, Running).unwrap(), Vec::<MigState>::new());
+        assert_eq!(
+            path(FULL, StopCopy, Running).unwrap(),
+            vec![Stop, RunningP2p, Running]
+        );
+        assert_eq!(
+            path(FULL, Running, Resuming).unwrap(),
+            vec![RunningP2p, Stop, Resuming]
+        );
+        assert_eq!(
+            path(FULL, Stop, PreCopy).unwrap(),
+            vec![RunningP2p, Running, PreCopy]
+        );
+        assert_eq!(
+            path(FULL, Running, Running).unwrap(),
+            Vec::<MigState>::new()
+        );
     }
 
     #[test]
@@ -272,7 +327,10 @@ mod tests {
                     assert!(!blocked);
                     let mut at = a;
                     for s in &p {
-                        assert!(is_arc(caps, at, *s), "{caps:?}: {at:?}->{s:?} in {a:?}->{b:?}");
+                        assert!(
+                            is_arc(caps, at, *s),
+                            "{caps:?}: {at:?}->{s:?} in {a:?}->{b:?}"
+                        );
                         at = *s;
                     }
                     assert_eq!(at, b);

@@ -115,7 +115,9 @@ pub struct SerialDevice {
 
 impl std::fmt::Debug for SerialDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialDevice").field("state", &self.state()).finish()
+        f.debug_struct("SerialDevice")
+            .field("state", &self.state())
+            .finish()
     }
 }
 

@@ -1,5 +1,4 @@
 //! Entry points and the types the VMM's API exposes.
-//! (Stubs: the protocol implementation replaces the bodies.)
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,21 +6,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::MigrationError;
+pub use crate::stats::{DeviceStatus, MigrationState, MigrationStats, MigrationStatus};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
-
-/// Errors of a migration. The display text is what the API reports.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    /// Not implemented yet.
-    #[error("migration is not implemented")]
-    Unsupported,
-    /// The parameters were refused before anything started.
-    #[error("invalid migration parameters: {0}")]
-    InvalidParams(String),
-    /// The migration was cancelled.
-    #[error("migration cancelled")]
-    Cancelled,
-}
+use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
 
 /// Where device state travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -90,45 +78,6 @@ pub struct ReceiveParams {
     pub device_buffer_bytes: Option<u64>,
 }
 
-/// Overall state of a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationState {
-    /// Nothing has run yet.
-    None,
-    /// Running.
-    Active,
-    /// Finished; the guest runs on the destination.
-    Completed,
-    /// Failed; `error` says why.
-    Failed,
-    /// Cancelled by the user.
-    Cancelled,
-}
-
-/// Snapshot returned by `GET /api/v1/vm.migration`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MigrationStatus {
-    /// Overall state.
-    pub state: MigrationState,
-    /// Reason, when failed.
-    pub error: Option<String>,
-}
-
-/// Live counters updated by the workers; read through [`MigrationStats::snapshot`].
-#[derive(Debug, Default)]
-pub struct MigrationStats {}
-
-impl MigrationStats {
-    /// A consistent-enough copy of the counters.
-    pub fn snapshot(&self) -> MigrationStatus {
-        MigrationStatus {
-            state: MigrationState::None,
-            error: None,
-        }
-    }
-}
-
 /// Shared cancel flag; cloning shares it.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
@@ -144,28 +93,92 @@ impl CancelToken {
     }
 }
 
+impl SendParams {
+    /// Checks every field; the error names the offending one.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        let bad = |m: String| Err(MigrationError::InvalidParams(m));
+        crate::handshake::parse_url(&self.destination_url)?;
+        if self.connections == 0 || self.connections > MAX_CONNECTIONS {
+            return bad(format!("connections must be 1..={MAX_CONNECTIONS}, got {}", self.connections));
+        }
+        if self.downtime_ms > 3_600_000 {
+            return bad(format!("downtime_ms {} is over one hour", self.downtime_ms));
+        }
+        if let Some(b) = self.max_bandwidth_mbps {
+            if !b.is_finite() || b <= 0.0 {
+                return bad(format!("max_bandwidth_mbps must be a positive number, got {b}"));
+            }
+        }
+        if self.timeout_s == 0 {
+            return bad("timeout_s must be at least 1".into());
+        }
+        if self.device_chunk_bytes < 4096 || self.device_chunk_bytes > MAX_DEVICE_CHUNK {
+            return bad(format!(
+                "device_chunk_bytes must be 4096..={MAX_DEVICE_CHUNK}, got {}",
+                self.device_chunk_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ReceiveParams {
+    /// Checks every field; the error names the offending one.
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        if let Some(b) = self.device_buffer_bytes {
+            if b < MAX_DEVICE_CHUNK {
+                return Err(MigrationError::InvalidParams(format!(
+                    "device_buffer_bytes must be at least {MAX_DEVICE_CHUNK}, got {b}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address of `receiver_url` (`tcp:HOST:PORT`).
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, MigrationError> {
+        crate::handshake::parse_url(&self.receiver_url)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| MigrationError::InvalidParams("receiver_url resolves to nothing".into()))
+    }
+}
+
 /// Runs a migration on the source. On success the VM is paused for good and
 /// the caller should exit; on error the VM runs again (unless the user had
 /// paused it), dirty logging is off, devices are RUNNING and every thread
-/// and socket is closed.
+/// and socket is closed. `stats` shows progress meanwhile and the final
+/// state afterwards (completed/failed/cancelled, set here).
 pub fn send(
-    _vm: Arc<dyn SourceVm>,
-    _params: &SendParams,
-    _stats: &Arc<MigrationStats>,
-    _cancel: &CancelToken,
+    vm: Arc<dyn SourceVm>,
+    params: &SendParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
 ) -> Result<(), MigrationError> {
-    Err(MigrationError::Unsupported)
+    if let Err(e) = params.validate() {
+        stats.begin();
+        stats.fail(&e);
+        return Err(e);
+    }
+    crate::sender::run(vm, params, stats, cancel)
 }
 
 /// Receives one migration on `listener`. On success the VM has been started
 /// ([`DestinationVm::start`]) and is returned; on error it was discarded and
-/// every thread and socket is closed, so the caller can receive again.
+/// every thread and socket is closed, so the caller can receive again (on a
+/// new or cloned listener). Strangers connecting meanwhile are refused with
+/// an ERROR frame without disturbing the migration.
 pub fn receive(
-    _listener: TcpListener,
-    _factory: &dyn DestinationFactory,
-    _params: &ReceiveParams,
-    _stats: &Arc<MigrationStats>,
-    _cancel: &CancelToken,
+    listener: TcpListener,
+    factory: &dyn DestinationFactory,
+    params: &ReceiveParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
 ) -> Result<Arc<dyn DestinationVm>, MigrationError> {
-    Err(MigrationError::Unsupported)
+    if let Err(e) = params.validate() {
+        stats.begin();
+        stats.fail(&e);
+        return Err(e);
+    }
+    crate::receiver::run(listener, factory, params, stats, cancel)
 }

@@ -207,10 +207,10 @@ fn accept_loop(listener: TcpListener, stop: CancelToken, threads: Arc<Mutex<Vec<
         match listener.accept() {
             Ok((s, peer)) => {
                 log::debug!("migration connection from {peer}");
-                let (st, tx, th) = (stop.clone(), tx.clone(), threads.clone());
+                let (st, tx) = (stop.clone(), tx.clone());
                 let h = std::thread::Builder::new()
                     .name("mig-hello".into())
-                    .spawn(move || read_hello(s, st, tx, th));
+                    .spawn(move || read_hello(s, st, tx));
                 if let Ok(h) = h {
                     let mut t = lock(&threads);
                     t.retain(|h| !h.is_finished());
@@ -228,7 +228,7 @@ fn accept_loop(listener: TcpListener, stop: CancelToken, threads: Arc<Mutex<Vec<
     }
 }
 
-fn read_hello(s: TcpStream, stop: CancelToken, tx: Sender<Incoming>, threads: Arc<Mutex<Vec<JoinHandle<()>>>>) {
+fn read_hello(s: TcpStream, stop: CancelToken, tx: Sender<Incoming>) {
     if prepare_stream(&s, true).is_err() {
         return;
     }
@@ -252,5 +252,4 @@ fn read_hello(s: TcpStream, stop: CancelToken, tx: Sender<Incoming>, threads: Ar
         }
         Err(msg) => refuse_now(&s, 0, &format!("connection refused: {msg}"), &stop),
     }
-    drop(threads);
 }

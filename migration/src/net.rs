@@ -409,3 +409,61 @@ impl Notify {
         let _ = self.cv.wait_timeout(g, timeout);
     }
 }
+
+/// The main (control) connection with a write lock, so that the state
+/// machine and the keepalive thread never interleave frames.
+///
+/// Invariant: every frame on the main connection is written while holding
+/// `wlock`; reads happen on one thread only.
+#[derive(Debug)]
+pub struct MainConn {
+    /// The stream (poll timeouts set).
+    pub stream: TcpStream,
+    wlock: Mutex<()>,
+    /// Session id stamped on frames.
+    pub session: u128,
+}
+
+impl MainConn {
+    /// Wraps a connected main stream.
+    pub fn new(stream: TcpStream, session: u128) -> Arc<MainConn> {
+        Arc::new(MainConn {
+            stream,
+            wlock: Mutex::new(()),
+            session,
+        })
+    }
+
+    /// Sends one frame of `kind` with args and payload.
+    pub fn send(&self, kind: Kind, args: (u64, u64, u64), payload: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
+        let h = Header::new(kind, self.session).args(args.0, args.1, args.2);
+        let _g = lock(&self.wlock);
+        send_frame(&self.stream, &h, payload, ctl, what)
+    }
+
+    /// Best-effort ERROR/ABORT frame (ignores failures).
+    pub fn send_message(&self, kind: Kind, msg: &str) {
+        let _g = lock(&self.wlock);
+        send_message(&self.stream, kind, self.session, msg);
+    }
+}
+
+/// Starts a thread that sends KEEPALIVE on `main` every
+/// [`KEEPALIVE_INTERVAL`] until `stop` is set or a send fails.
+pub fn spawn_keepalive(main: Arc<MainConn>, ctl: Arc<Ctl>, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("mig-keepalive".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::SeqCst) && !ctl.stopped() {
+                std::thread::sleep(Duration::from_millis(20));
+                if last.elapsed() >= KEEPALIVE_INTERVAL {
+                    last = Instant::now();
+                    if main.send(Kind::Keepalive, (0, 0, 0), &[], &ctl, "sending a keepalive").is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+        .ok()
+}

@@ -115,11 +115,6 @@ impl Pool {
         })
     }
 
-    /// Number of connections.
-    pub fn connections(&self) -> usize {
-        self.writer_cv.len()
-    }
-
     /// Bytes queued and not yet written, all connections.
     pub fn backlog(&self) -> u64 {
         lock(&self.st).queued.iter().sum()
@@ -227,26 +222,6 @@ impl Pool {
         self.space_cv.notify_all();
     }
 
-    /// Waits until every queue is empty and written (used by tests and the
-    /// final pass accounting); bounded by the stall timeout.
-    pub fn drain(&self) -> Result<(), MigrationError> {
-        let start = Instant::now();
-        let mut st = lock(&self.st);
-        loop {
-            self.ctl.check()?;
-            if st.queued.iter().all(|&q| q == 0) && st.queues.iter().all(|q| q.is_empty()) {
-                return Ok(());
-            }
-            if start.elapsed() > self.ctl.stall {
-                return Err(MigrationError::Stalled("data connections do not drain".into()));
-            }
-            st = self
-                .space_cv
-                .wait_timeout(st, POLL_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
 }
 
 /// Token bucket shared by all writers (`max_bandwidth_mbps`).

@@ -7,10 +7,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use log::{debug, info};
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    FileOffset, GuestMemoryBackend, GuestRegionMmap,
 };
 
 use crate::config::{MemoryBacking, MemoryConfig};

@@ -74,26 +74,28 @@ fn efd(what: &'static str) -> Result<EventFd, PioError> {
 }
 
 impl PioBus {
-    /// Builds the bus with power-on devices; serial output goes to `out`.
-    pub fn new(out: Box<dyn Write + Send>) -> Result<PioBus, PioError> {
-        Self::build(None, None, out)
+    /// Builds the bus with power-on devices; the UART raises `irq` and its
+    /// output goes to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Result<PioBus, PioError> {
+        Self::build(None, None, irq, out)
     }
 
     /// Builds the bus from saved device states.
     pub fn from_state(
         serial: &SerialState,
         i8042: &I8042State,
+        irq: EventFd,
         out: Box<dyn Write + Send>,
     ) -> Result<PioBus, PioError> {
-        Self::build(Some(serial), Some(i8042), out)
+        Self::build(Some(serial), Some(i8042), irq, out)
     }
 
     fn build(
         serial: Option<&SerialState>,
         i8042: Option<&I8042State>,
+        irq: EventFd,
         out: Box<dyn Write + Send>,
     ) -> Result<PioBus, PioError> {
-        let irq = efd("COM1 interrupt")?;
         let serial = match serial {
             Some(s) => SerialDevice::from_state(s, irq, out)?,
             None => SerialDevice::new(irq, out)?,
@@ -112,14 +114,6 @@ impl PioBus {
             reset_evt,
             logged: Mutex::new(HashSet::new()),
         })
-    }
-
-    /// The serial interrupt eventfd (to register as irqfd for GSI 4).
-    pub fn serial_irq(&self) -> Result<EventFd, PioError> {
-        let s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        s.irq()
-            .try_clone()
-            .map_err(|e| PioError::EventFd("COM1 interrupt", e))
     }
 
     /// Saved state of the serial port.
@@ -193,7 +187,7 @@ mod tests {
 
     #[test]
     fn ports() {
-        let bus = PioBus::new(Box::new(std::io::sink())).unwrap();
+        let bus = PioBus::new(efd("t").unwrap(), Box::new(std::io::sink())).unwrap();
         let mut d = [0u8; 1];
         bus.io_in(0x3fd, &mut d);
         assert_ne!(d[0] & 0x20, 0, "THR empty");

@@ -56,7 +56,9 @@ impl SimVfioConfig {
         };
         validate_id(&self.id, &self.id)?;
         if self.state_size == 0 || self.state_size > MAX_STATE_SIZE {
-            return Err(bad(format!("state must be 1 byte to {MAX_STATE_SIZE} bytes")));
+            return Err(bad(format!(
+                "state must be 1 byte to {MAX_STATE_SIZE} bytes"
+            )));
         }
         if self.precopy_size > self.state_size {
             return Err(bad("precopy must not exceed state".into()));
@@ -67,7 +69,9 @@ impl SimVfioConfig {
             ("load-rate", self.load_rate),
         ] {
             if !r.is_finite() || !(0.0..=MAX_RATE_MIBS).contains(&r) {
-                return Err(bad(format!("{n} must be between 0 and {MAX_RATE_MIBS} MiB/s")));
+                return Err(bad(format!(
+                    "{n} must be between 0 and {MAX_RATE_MIBS} MiB/s"
+                )));
             }
         }
         Ok(())
@@ -157,7 +161,10 @@ pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
     validate_id(s, &cfg.id)?;
     cfg.state_size = state.ok_or_else(|| bad("missing state=".into()))?;
     if cfg.state_size == 0 || cfg.state_size > MAX_STATE_SIZE {
-        return Err(bad(format!("state must be 1 byte to 16G, got {}", cfg.state_size)));
+        return Err(bad(format!(
+            "state must be 1 byte to 16G, got {}",
+            cfg.state_size
+        )));
     }
     if cfg.precopy_size > cfg.state_size {
         return Err(bad("precopy must not exceed state".into()));

@@ -7,9 +7,20 @@
 //! there is none) at `dirty_rate`. Saving and loading go through real
 //! sockets (see [`stream`] for the format) served by a pump (source) or a
 //! loader (destination) thread, throttled to `save_rate` / `load_rate`.
+//!
+//! A source ([`SimVfioDevice::new_source`]) starts with content derived from
+//! its id; a destination ([`SimVfioDevice::new_destination`]) starts zeroed
+//! and never dirties its own state, so after a migration its
+//! [`SimVfioDevice::digest`] equals the source's at STOP_COPY entry (the
+//! source stays frozen from then on unless set back to RUNNING).
+//!
+//! Fault injection: `fail_save_after` makes the pump close the stream early
+//! and the device report ERROR; `fail_load` makes the loader refuse the
+//! stream so that leaving RESUMING fails. Errors name the device id.
 
 pub mod config;
 pub mod stream;
+mod workers;
 
 pub use config::{parse_sim_vfio_arg, parse_size, SimVfioConfig};
 
@@ -18,22 +29,21 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, warn};
 use migration::{BackendError, BackendResult, MigCaps, MigState, MigratableDevice, PrecopyInfo};
 
 use crate::error::{Error, Result};
 use crate::mig_fsm;
-use stream::{
-    RateLimiter, Record, XferError, BLOCK, CHUNK, END_LEN, END_OFFSET, HEADER_LEN,
-    RECORD_HDR_LEN,
-};
+use stream::{BLOCK, CHUNK, END_LEN, HEADER_LEN, RECORD_HDR_LEN};
 
 /// How long the loader waits for more data once the stream must be complete.
 const LOAD_GRACE: Duration = Duration::from_secs(2);
 /// Dirtier tick.
 const TICK: Duration = Duration::from_millis(5);
+/// Blocks the dirtier rewrites per lock hold.
+const DIRTY_BATCH: u64 = 16;
 
 /// One unit the pump will write.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +66,15 @@ struct Core {
     dirty: Vec<u64>,
     dirty_blocks: u64,
     queue: VecDeque<Seg>,
+    /// Stream bytes committed in this session.
+    commit_total: u64,
+    /// Stream offset where the initial part (header + pre-copyable bytes)
+    /// ends, once committed; it is always a prefix of the stream.
+    initial_end: Option<u64>,
+    /// Stream bytes the pump got accepted by the socket (see `send_all`).
+    sent: Arc<Mutex<u64>>,
+    /// A duplicate of the PRE_COPY read end, to ask how much is unread.
+    reader: Option<File>,
     save_error: Option<String>,
     shutdown: bool,
     seed: u64,
@@ -92,6 +111,7 @@ impl Shared {
             n += RECORD_HDR_LEN + len;
             off += len;
         }
+        c.commit_total += n;
         n
     }
 
@@ -101,11 +121,15 @@ impl Shared {
         if !c.header_queued {
             c.queue.push_back(Seg::Header);
             c.header_queued = true;
+            c.commit_total += HEADER_LEN;
             n += HEADER_LEN;
         }
         let pre = self.cfg.precopy_size;
         n += Self::queue_range(c, c.initial_next, pre);
         c.initial_next = pre;
+        if c.initial_end.is_none() {
+            c.initial_end = Some(c.commit_total);
+        }
         n
     }
 
@@ -144,7 +168,11 @@ impl Shared {
         if off >= end {
             return 0;
         }
-        c.queue.push_back(Seg::Data { off, len: end - off });
+        c.queue.push_back(Seg::Data {
+            off,
+            len: end - off,
+        });
+        c.commit_total += RECORD_HDR_LEN + end - off;
         RECORD_HDR_LEN + end - off
     }
 
@@ -154,11 +182,19 @@ impl Shared {
         self.commit_dirty(c);
         Self::queue_range(c, self.cfg.precopy_size, self.cfg.state_size);
         c.queue.push_back(Seg::End);
+        c.commit_total += END_LEN;
+        c.reader = None; // no more PRECOPY_INFO: let a closed reader fail the pump
         self.work_cv.notify_all();
     }
 
-    fn begin_session(&self, c: &mut Core) {
+    /// Starts a save session; `reader` is a duplicate of the read end
+    /// (PRE_COPY only).
+    fn begin_session(&self, c: &mut Core, reader: Option<File>) {
         c.tracking = true;
+        c.commit_total = 0;
+        c.initial_end = None;
+        c.sent = Arc::new(Mutex::new(0));
+        c.reader = reader;
         c.header_queued = false;
         c.initial_next = 0;
         c.dirty.iter_mut().for_each(|w| *w = 0);
@@ -168,6 +204,7 @@ impl Shared {
 
     fn end_session(&self, c: &mut Core) {
         c.tracking = false;
+        c.reader = None;
         c.queue.clear();
         c.dirty.iter_mut().for_each(|w| *w = 0);
         c.dirty_blocks = 0;
@@ -206,7 +243,9 @@ pub struct SimVfioDevice {
 
 impl std::fmt::Debug for SimVfioDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimVfioDevice").field("cfg", &self.shared.cfg).finish()
+        f.debug_struct("SimVfioDevice")
+            .field("cfg", &self.shared.cfg)
+            .finish()
     }
 }
 
@@ -229,7 +268,9 @@ impl SimVfioDevice {
     }
 
     /// A destination device: same config, state zeroed (it receives
-    /// everything), in RUNNING until moved to RESUMING.
+    /// everything), in RUNNING until moved to RESUMING. It never dirties its
+    /// own state (even when RUNNING after the migration), so its digest stays
+    /// that of the loaded state.
     pub fn new_destination(cfg: &SimVfioConfig) -> Result<Self> {
         Self::build(cfg, false)
     }
@@ -262,6 +303,10 @@ impl SimVfioDevice {
                 dirty: vec![0; words],
                 dirty_blocks: 0,
                 queue: VecDeque::new(),
+                commit_total: 0,
+                initial_end: None,
+                sent: Arc::new(Mutex::new(0)),
+                reader: None,
                 save_error: None,
                 shutdown: false,
                 seed: seed ^ 0x5eed,
@@ -270,7 +315,10 @@ impl SimVfioDevice {
             work_cv: Condvar::new(),
         });
         let sh = shared.clone();
-        let dirtier = spawn(&cfg.id, "dirtier", move || dirtier(sh))
+        // Only a source changes its own state: a destination keeps what it
+        // loaded, so its digest can be checked after it resumes.
+        let rate = if source { cfg.dirty_rate } else { 0.0 };
+        let dirtier = spawn(&cfg.id, "dirtier", move || workers::dirtier(sh, rate))
             .map_err(|e| dev_err(e.to_string()))?;
         debug!(
             "sim-vfio {}: {} bytes ({} pre-copyable), {}",
@@ -341,7 +389,10 @@ impl SimVfioDevice {
     fn start_pump(&self, ctl: &mut Ctl, sock: File) -> BackendResult<()> {
         let cancel = Arc::new(AtomicBool::new(false));
         let (sh, c2) = (self.shared.clone(), cancel.clone());
-        let handle = spawn(&self.shared.cfg.id, "pump", move || pump(sh, sock, c2))?;
+        let sent = self.shared.lock().sent.clone();
+        let handle = spawn(&self.shared.cfg.id, "pump", move || {
+            workers::pump(sh, sock, sent, c2)
+        })?;
         ctl.pump = Some(Pump { cancel, handle });
         Ok(())
     }
@@ -352,8 +403,12 @@ impl SimVfioDevice {
         let sh = &self.shared;
         let pair = || stream::socket_pair().map_err(|e| self.err(format_args!("socketpair: {e}")));
         match (from, to) {
-            (Running, RunningP2p) | (RunningP2p, Running) | (PreCopy, PreCopyP2p)
-            | (PreCopyP2p, PreCopy) | (Running, Stop) | (RunningP2p, Stop) => {
+            (Running, RunningP2p)
+            | (RunningP2p, Running)
+            | (PreCopy, PreCopyP2p)
+            | (PreCopyP2p, PreCopy)
+            | (Running, Stop)
+            | (RunningP2p, Stop) => {
                 sh.lock().state = to;
                 Ok(None)
             }
@@ -364,9 +419,12 @@ impl SimVfioDevice {
             }
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) => {
                 let (rd, wr) = pair()?;
+                let dup = rd
+                    .try_clone()
+                    .map_err(|e| self.err(format_args!("duplicating data fd: {e}")))?;
                 {
                     let mut c = sh.lock();
-                    sh.begin_session(&mut c);
+                    sh.begin_session(&mut c, Some(dup));
                     c.state = to;
                 }
                 self.start_pump(ctl, wr)?;
@@ -389,7 +447,7 @@ impl SimVfioDevice {
                 let (rd, wr) = pair()?;
                 {
                     let mut c = sh.lock();
-                    sh.begin_session(&mut c);
+                    sh.begin_session(&mut c, None);
                     c.state = StopCopy;
                     sh.commit_rest(&mut c);
                 }
@@ -401,7 +459,9 @@ impl SimVfioDevice {
                 let cancel = Arc::new(AtomicBool::new(false));
                 let closing = Arc::new(AtomicBool::new(false));
                 let (s2, c2, cl2) = (sh.clone(), cancel.clone(), closing.clone());
-                let handle = spawn(&sh.cfg.id, "loader", move || loader(s2, rd, c2, cl2))?;
+                let handle = spawn(&sh.cfg.id, "loader", move || {
+                    workers::loader(s2, rd, c2, cl2)
+                })?;
                 ctl.loader = Some(Loader {
                     cancel,
                     closing,
@@ -473,7 +533,12 @@ impl MigratableDevice for SimVfioDevice {
 
     /// ERROR after a failed save stream or a failed load.
     fn state(&self) -> BackendResult<MigState> {
-        Ok(self.shared.lock().state)
+        let c = self.shared.lock();
+        Ok(if c.save_error.is_some() {
+            MigState::Error
+        } else {
+            c.state
+        })
     }
 
     /// Walks the uAPI FSM one arc at a time, like the kernel.
@@ -496,7 +561,13 @@ impl MigratableDevice for SimVfioDevice {
         let mut ctl = self.lock_ctl();
         let (cur, save_error) = {
             let c = self.shared.lock();
-            (c.state, c.save_error.clone())
+            // A failed save is sticky until reset, whatever arc raced it.
+            let cur = if c.save_error.is_some() {
+                MigState::Error
+            } else {
+                c.state
+            };
+            (cur, c.save_error.clone())
         };
         if cur == MigState::Error {
             if new == MigState::Running {
@@ -506,8 +577,9 @@ impl MigratableDevice for SimVfioDevice {
             let why = save_error.unwrap_or_else(|| "device is in ERROR".into());
             return Err(self.err(format_args!("cannot go to {new:?}: {why}")));
         }
-        let steps = mig_fsm::path(self.caps(), cur, new)
-            .ok_or_else(|| self.err(format_args!("transition {cur:?} -> {new:?} is not allowed")))?;
+        let steps = mig_fsm::path(self.caps(), cur, new).ok_or_else(|| {
+            self.err(format_args!("transition {cur:?} -> {new:?} is not allowed"))
+        })?;
         let mut fd = None;
         let mut at = cur;
         for s in steps {
@@ -520,13 +592,16 @@ impl MigratableDevice for SimVfioDevice {
         Ok(fd)
     }
 
-    /// Commits to the stream everything pending now — uncommitted initial
-    /// bytes (and the stream header, first time) plus the blocks dirtied
-    /// since the last commit — and returns those byte counts, record headers
-    /// included. The reader must read exactly `initial_bytes + dirty_bytes`
-    /// more bytes after each call (the pump delivers them at `save_rate`);
-    /// reads never hit ENOMSG because nothing uncommitted is ever written.
-    /// So `initial_bytes` is nonzero only at the first call of a session.
+    /// Commits to the stream everything pending now — the stream header and
+    /// all initial bytes at the first call, then the blocks dirtied since the
+    /// previous call — and reports what is committed but not yet read by the
+    /// reader (record headers included), VFIO-style: `initial_bytes` is the
+    /// unread part of the initial data (a prefix of the stream), and
+    /// `dirty_bytes` the rest. All reported bytes are (or will shortly be,
+    /// at `save_rate`) readable without blocking; reading more may block
+    /// until the next call or STOP_COPY (the socket never returns ENOMSG).
+    /// A reader that reads everything reported after each call thus reads
+    /// exactly `initial_bytes + dirty_bytes` each time.
     fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
         let mut c = self.shared.lock();
         if let Some(e) = &c.save_error {
@@ -535,12 +610,28 @@ impl MigratableDevice for SimVfioDevice {
         if !mig_fsm::is_pre_copy(c.state) {
             return Err(self.err(format_args!("precopy info asked in state {:?}", c.state)));
         }
-        let initial_bytes = self.shared.commit_initial(&mut c);
-        let dirty_bytes = self.shared.commit_dirty(&mut c);
+        self.shared.commit_initial(&mut c);
+        self.shared.commit_dirty(&mut c);
         self.shared.work_cv.notify_all();
+        let consumed = match &c.reader {
+            Some(r) => {
+                // Holding `sent` keeps the pump from sending meanwhile.
+                let sent = c.sent.clone();
+                let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
+                let queued = stream::unread(r)
+                    .map_err(|e| self.err(format_args!("FIONREAD on the data socket: {e}")))?;
+                sent.saturating_sub(queued)
+            }
+            None => 0,
+        };
+        let unread = c.commit_total.saturating_sub(consumed);
+        let initial_bytes = c
+            .initial_end
+            .map_or(0, |e| e.saturating_sub(consumed))
+            .min(unread);
         Ok(PrecopyInfo {
             initial_bytes,
-            dirty_bytes,
+            dirty_bytes: unread - initial_bytes,
         })
     }
 
@@ -556,175 +647,6 @@ impl MigratableDevice for SimVfioDevice {
         let hdr = if c.header_queued { 0 } else { HEADER_LEN };
         let dirty = c.dirty_blocks * (BLOCK + RECORD_HDR_LEN);
         Ok(hdr + stream::stream_len(cfg.precopy_size - c.initial_next) + dirty + rest)
-    }
-}
-
-/// Rewrites random blocks at `dirty_rate` while the device runs.
-fn dirtier(sh: Arc<Shared>) {
-    let rate = sh.cfg.dirty_rate * 1024.0 * 1024.0;
-    let span = if sh.cfg.precopy_size > 0 {
-        sh.cfg.precopy_size
-    } else {
-        sh.cfg.state_size
-    };
-    let nblocks = span.div_ceil(BLOCK);
-    let mut credit = 0.0f64;
-    let mut last = Instant::now();
-    loop {
-        {
-            let mut c = sh.lock();
-            let mut waited = false;
-            while !c.shutdown && (rate <= 0.0 || !mig_fsm::is_running(c.state)) {
-                c = sh.run_cv.wait(c).unwrap_or_else(|e| e.into_inner());
-                waited = true;
-            }
-            if c.shutdown {
-                return;
-            }
-            if waited {
-                credit = 0.0;
-                last = Instant::now();
-            }
-        }
-        std::thread::sleep(TICK);
-        let now = Instant::now();
-        credit = (credit + rate * (now - last).as_secs_f64()).min(rate);
-        last = now;
-        let n = (credit / BLOCK as f64) as u64;
-        if n == 0 {
-            continue;
-        }
-        credit -= (n * BLOCK) as f64;
-        let mut c = sh.lock();
-        if c.shutdown {
-            return;
-        }
-        if !mig_fsm::is_running(c.state) {
-            continue; // frozen between our wait and now
-        }
-        let mut seed = c.seed;
-        for _ in 0..n {
-            let b = stream::splitmix64(&mut seed) % nblocks;
-            let off = b * BLOCK;
-            let end = (off + BLOCK).min(span);
-            stream::fill(&mut c.data[off as usize..end as usize], &mut seed);
-            if c.tracking && off < c.initial_next {
-                let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
-                if c.dirty[w] & bit == 0 {
-                    c.dirty[w] |= bit;
-                    c.dirty_blocks += 1;
-                }
-            }
-        }
-        c.seed = seed;
-    }
-}
-
-/// Writes committed segments into the save socket until the end marker.
-fn pump(sh: Arc<Shared>, sock: File, cancel: Arc<AtomicBool>) {
-    let mut limiter = RateLimiter::new(sh.cfg.save_rate);
-    let mut written = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity((CHUNK + RECORD_HDR_LEN) as usize);
-    loop {
-        buf.clear();
-        let is_end;
-        {
-            let mut c = sh.lock();
-            let seg = loop {
-                if cancel.load(Ordering::Acquire) || c.shutdown {
-                    return;
-                }
-                if let Some(s) = c.queue.pop_front() {
-                    break s;
-                }
-                c = sh.work_cv.wait(c).unwrap_or_else(|e| e.into_inner());
-            };
-            is_end = matches!(seg, Seg::End);
-            match seg {
-                Seg::Header => buf.extend_from_slice(&stream::encode_header(sh.cfg.state_size)),
-                Seg::Data { off, len } => {
-                    buf.extend_from_slice(&stream::encode_record(off, len as u32));
-                    buf.extend_from_slice(&c.data[off as usize..(off + len) as usize]);
-                }
-                Seg::End => buf.extend_from_slice(&stream::encode_record(END_OFFSET, 0)),
-            }
-        }
-        if !stream::sleep_cancellable(limiter.reserve(buf.len() as u64), &cancel) {
-            return;
-        }
-        let mut out = &buf[..];
-        let mut fault = None;
-        if let Some(limit) = sh.cfg.fail_save_after {
-            let left = limit.saturating_sub(written);
-            if out.len() as u64 > left {
-                out = &out[..left as usize];
-                fault = Some(limit);
-            }
-        }
-        match stream::send_all(&sock, out, &cancel) {
-            Ok(()) => written += out.len() as u64,
-            Err(XferError::Cancelled) => return,
-            Err(XferError::Io(e)) => {
-                sh.fail_save(format!("writing the save stream failed after {written} bytes: {e}"));
-                return;
-            }
-            Err(XferError::Truncated) => return,
-        }
-        if let Some(limit) = fault {
-            // Record the error before the socket closes (on return).
-            sh.fail_save(format!("injected save failure after {limit} bytes"));
-            return;
-        }
-        if is_end {
-            return;
-        }
-    }
-}
-
-/// Reads and applies a load stream until the end marker.
-fn loader(
-    sh: Arc<Shared>,
-    sock: File,
-    cancel: Arc<AtomicBool>,
-    closing: Arc<AtomicBool>,
-) -> std::result::Result<(), String> {
-    let size = sh.cfg.state_size;
-    let mut limiter = RateLimiter::new(sh.cfg.load_rate);
-    let read = |buf: &mut [u8], what: &str| {
-        stream::read_exact_cancellable(&sock, buf, &cancel, &closing, LOAD_GRACE).map_err(|e| match e {
-            XferError::Cancelled => "load cancelled".to_string(),
-            XferError::Truncated => format!("stream truncated while reading {what}"),
-            XferError::Io(e) => format!("reading {what}: {e}"),
-        })
-    };
-    let mut hdr = [0u8; HEADER_LEN as usize];
-    read(&mut hdr, "the stream header")?;
-    stream::check_header(&hdr, size)?;
-    if sh.cfg.fail_load {
-        return Err("device refuses its data (fail-load)".into());
-    }
-    let mut buf = Vec::new();
-    let mut records = 0u64;
-    loop {
-        let mut rh = [0u8; RECORD_HDR_LEN as usize];
-        read(&mut rh, "a record header")?;
-        match stream::decode_record(&rh, size)? {
-            Record::End => {
-                debug!("sim-vfio {}: loaded {records} records", sh.cfg.id);
-                return Ok(());
-            }
-            Record::Data { offset, len } => {
-                let len = len as usize; // <= MAX_RECORD, checked by decode_record
-                buf.resize(len, 0);
-                read(&mut buf[..len], "record data")?;
-                if !stream::sleep_cancellable(limiter.reserve(RECORD_HDR_LEN + len as u64), &cancel) {
-                    return Err("load cancelled".into());
-                }
-                let off = offset as usize;
-                sh.lock().data[off..off + len].copy_from_slice(&buf[..len]);
-                records += 1;
-            }
-        }
     }
 }
 

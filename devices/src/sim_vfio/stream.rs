@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Magic number opening a stream ("FRYSIMV1").
@@ -62,7 +63,9 @@ pub fn check_header(b: &[u8; HEADER_LEN as usize], state_size: u64) -> Result<()
     }
     let size = word(16..24);
     if size != state_size {
-        return Err(format!("stream carries {size} bytes of state, device has {state_size}"));
+        return Err(format!(
+            "stream carries {size} bytes of state, device has {state_size}"
+        ));
     }
     Ok(())
 }
@@ -138,6 +141,19 @@ pub fn fill(buf: &mut [u8], seed: &mut u64) {
     let last = splitmix64(seed).to_le_bytes();
     let n = rest.len();
     rest.copy_from_slice(&last[..n]);
+}
+
+/// Overwrites `buf` with a cheap pattern derived from `v` (word `i` is
+/// `v ^ i * K`): how the dirtier changes a block.
+pub fn scribble(buf: &mut [u8], v: u64) {
+    let mut chunks = buf.chunks_exact_mut(8);
+    for (i, c) in (&mut chunks).enumerate() {
+        let w = v ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        c.copy_from_slice(&w.to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    let n = rest.len();
+    rest.copy_from_slice(&(!v).to_le_bytes()[..n]);
 }
 
 /// A fast 64-bit digest: FNV-1a-style over 8-byte words in four
@@ -240,8 +256,29 @@ pub fn socket_pair() -> io::Result<(File, File)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: socketpair succeeded: both fds are fresh and owned by us.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    let pair = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    for f in [&pair.0, &pair.1] {
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            let v: libc::c_int = SOCKET_BUFFER;
+            // SAFETY: valid socket fd and a c_int option value of the right
+            // size. Best effort: the kernel clamps to its maximum.
+            unsafe {
+                libc::setsockopt(
+                    f.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+    Ok(pair)
 }
+
+/// Socket buffer size requested for data sockets (clamped by the kernel's
+/// net.core.wmem_max / rmem_max).
+pub const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 /// Waits up to `timeout` for `events` on `f`; true when ready.
 pub fn poll_fd(f: &File, events: i16, timeout: Duration) -> io::Result<bool> {
@@ -276,20 +313,34 @@ pub enum XferError {
 }
 
 /// Writes all of `buf` to the socket `f` without raising SIGPIPE, waiting
-/// for room in 50 ms steps and giving up when `cancel` is set.
-pub fn send_all(f: &File, mut buf: &[u8], cancel: &AtomicBool) -> Result<(), XferError> {
+/// for room in 50 ms steps and giving up when `cancel` is set. Each
+/// non-blocking `send` happens under `sent`, which it advances by the bytes
+/// accepted: holding `sent` gives a consistent view with [`unread`].
+pub fn send_all(
+    f: &File,
+    mut buf: &[u8],
+    sent: &Mutex<u64>,
+    cancel: &AtomicBool,
+) -> Result<(), XferError> {
     while !buf.is_empty() {
         if cancel.load(Ordering::Acquire) {
             return Err(XferError::Cancelled);
         }
-        // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes.
-        let n = unsafe {
-            libc::send(
-                f.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
+        let n = {
+            let mut total = sent.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes.
+            let n = unsafe {
+                libc::send(
+                    f.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                *total += n as u64;
+            }
+            n
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -305,6 +356,17 @@ pub fn send_all(f: &File, mut buf: &[u8], cancel: &AtomicBool) -> Result<(), Xfe
         buf = &buf[n as usize..];
     }
     Ok(())
+}
+
+/// Bytes queued in socket `f` that its reader has not read yet (FIONREAD).
+pub fn unread(f: &File) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the valid pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Fills `buf` from `f`, waiting in 50 ms steps. Stops on `cancel`; once
@@ -337,7 +399,10 @@ pub fn read_exact_cancellable(
         let n = unsafe { libc::read(f.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) {
                 continue;
             }
             return Err(XferError::Io(e));
@@ -364,9 +429,18 @@ mod tests {
         bad[0] ^= 1;
         assert!(check_header(&bad, 1234).is_err());
         let r = encode_record(100, 24);
-        assert_eq!(decode_record(&r, 124), Ok(Record::Data { offset: 100, len: 24 }));
+        assert_eq!(
+            decode_record(&r, 124),
+            Ok(Record::Data {
+                offset: 100,
+                len: 24
+            })
+        );
         assert!(decode_record(&r, 123).is_err());
-        assert_eq!(decode_record(&encode_record(END_OFFSET, 0), 10), Ok(Record::End));
+        assert_eq!(
+            decode_record(&encode_record(END_OFFSET, 0), 10),
+            Ok(Record::End)
+        );
         assert!(decode_record(&encode_record(0, 0), 10).is_err());
         assert!(decode_record(&encode_record(u64::MAX - 1, 4), u64::MAX).is_err());
         assert!(decode_record(&encode_record(0, (MAX_RECORD + 1) as u32), u64::MAX).is_err());
@@ -395,6 +469,10 @@ mod tests {
         b[3] ^= 0x80;
         assert_ne!(digest(&a), digest(&b));
         assert_ne!(digest(&[0; 64]), digest(&[0; 65]));
+        let mut c = a.clone();
+        scribble(&mut c[..13], 42);
+        assert_ne!(c[..13], a[..13]);
+        assert_eq!(c[13..], a[13..]);
     }
 
     #[test]
@@ -403,14 +481,20 @@ mod tests {
         assert_eq!(r.reserve(1 << 30), Duration::ZERO);
         let mut r = RateLimiter::new(1.0); // 1 MiB/s
         let w = r.reserve(512 << 10);
-        assert!(w > Duration::from_millis(400) && w < Duration::from_millis(510), "{w:?}");
+        assert!(
+            w > Duration::from_millis(400) && w < Duration::from_millis(510),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn socket_transfer_and_cancel() {
         let (mut a, b) = socket_pair().unwrap();
         let no = AtomicBool::new(false);
-        send_all(&b, b"hello", &no).unwrap();
+        let sent = Mutex::new(0);
+        send_all(&b, b"hello", &sent, &no).unwrap();
+        assert_eq!(*sent.lock().unwrap(), 5);
+        assert_eq!(unread(&a).unwrap(), 5);
         let mut buf = [0u8; 5];
         read_exact_cancellable(&a, &mut buf, &no, &no, Duration::ZERO).unwrap();
         assert_eq!(&buf, b"hello");
@@ -428,7 +512,12 @@ mod tests {
         let big = vec![0u8; 64 << 20];
         let flag = std::sync::Arc::new(AtomicBool::new(false));
         let f2 = flag.clone();
-        let t = std::thread::spawn(move || matches!(send_all(&b, &big, &f2), Err(XferError::Cancelled)));
+        let t = std::thread::spawn(move || {
+            matches!(
+                send_all(&b, &big, &Mutex::new(0), &f2),
+                Err(XferError::Cancelled)
+            )
+        });
         std::thread::sleep(Duration::from_millis(100));
         flag.store(true, Ordering::Release);
         assert!(t.join().unwrap());
@@ -441,6 +530,9 @@ mod tests {
         let (a, b) = socket_pair().unwrap();
         drop(a);
         let no = AtomicBool::new(false);
-        assert!(matches!(send_all(&b, b"x", &no), Err(XferError::Io(_))));
+        assert!(matches!(
+            send_all(&b, b"x", &Mutex::new(0), &no),
+            Err(XferError::Io(_))
+        ));
     }
 }

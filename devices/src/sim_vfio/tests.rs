@@ -1,6 +1,7 @@
 use super::*;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 fn cfg(id: &str, state: u64, pre: u64) -> SimVfioConfig {
     SimVfioConfig::new(id, state, pre)
@@ -8,7 +9,10 @@ fn cfg(id: &str, state: u64, pre: u64) -> SimVfioConfig {
 
 /// Makes reads on `f` fail after 5 s instead of hanging a broken test.
 fn timeout(f: &File) {
-    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
     // SAFETY: valid fd and a timeval of the right size.
     let r = unsafe {
         libc::setsockopt(
@@ -36,11 +40,17 @@ fn copy_n(src: &mut File, dst: &mut File, n: u64) {
 /// Runs a migration; returns (source digest at switch-over, bytes moved,
 /// number of precopy rounds that reported dirty bytes).
 fn migrate(src: &SimVfioDevice, dst: &SimVfioDevice, rounds: usize) -> (u64, u64, usize) {
-    let mut wr = dst.set_state(MigState::Resuming).unwrap().expect("resuming fd");
+    let mut wr = dst
+        .set_state(MigState::Resuming)
+        .unwrap()
+        .expect("resuming fd");
     let mut moved = 0;
     let mut dirty_rounds = 0;
     let mut rd = if rounds > 0 {
-        let mut rd = src.set_state(MigState::PreCopy).unwrap().expect("precopy fd");
+        let mut rd = src
+            .set_state(MigState::PreCopy)
+            .unwrap()
+            .expect("precopy fd");
         timeout(&rd);
         for _ in 0..rounds {
             let info = src.precopy_info().unwrap();
@@ -56,7 +66,10 @@ fn migrate(src: &SimVfioDevice, dst: &SimVfioDevice, rounds: usize) -> (u64, u64
         assert!(src.set_state(MigState::StopCopy).unwrap().is_none());
         rd
     } else {
-        let rd = src.set_state(MigState::StopCopy).unwrap().expect("stop-copy fd");
+        let rd = src
+            .set_state(MigState::StopCopy)
+            .unwrap()
+            .expect("stop-copy fd");
         timeout(&rd);
         rd
     };
@@ -66,7 +79,8 @@ fn migrate(src: &SimVfioDevice, dst: &SimVfioDevice, rounds: usize) -> (u64, u64
     moved += rest.len() as u64;
     wr.write_all(&rest).unwrap();
     drop(wr);
-    dst.set_state(MigState::Running).unwrap();
+    // Compare in STOP: once RUNNING, the destination's own dirtier runs.
+    dst.set_state(MigState::Stop).unwrap();
     (digest, moved, dirty_rounds)
 }
 
@@ -78,9 +92,21 @@ fn source_has_content_destination_is_zero() {
     assert_ne!(s.digest(), d.digest());
     assert_eq!(d.digest(), stream::digest(&[0u8; 10_000]));
     assert_eq!(s.digest(), SimVfioDevice::new_source(&c).unwrap().digest());
-    assert_ne!(s.digest(), SimVfioDevice::new_source(&cfg("d1", 10_000, 0)).unwrap().digest());
+    assert_ne!(
+        s.digest(),
+        SimVfioDevice::new_source(&cfg("d1", 10_000, 0))
+            .unwrap()
+            .digest()
+    );
     assert_eq!(s.state_size(), 10_000);
-    assert_eq!(s.caps(), MigCaps { stop_copy: true, p2p: true, pre_copy: false });
+    assert_eq!(
+        s.caps(),
+        MigCaps {
+            stop_copy: true,
+            p2p: true,
+            pre_copy: false
+        }
+    );
     assert!(SimVfioDevice::new_source(&cfg("big", 17 << 30, 0)).is_err());
 }
 
@@ -97,7 +123,10 @@ fn stop_copy_only_migration() {
     assert_ne!(before, dg, "dirtier changed the state while running");
     assert_eq!(moved, expect, "stop_copy_size is exact without pre-copy");
     assert_eq!(d.digest(), dg);
+    d.set_state(MigState::Running).unwrap();
     assert_eq!(d.state().unwrap(), MigState::Running);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(d.digest(), dg, "a destination does not dirty its state");
     // Source recovers to RUNNING (pump gone) and keeps running.
     s.set_state(MigState::Running).unwrap();
     assert_eq!(s.state().unwrap(), MigState::Running);
@@ -127,7 +156,14 @@ fn precopy_info_semantics() {
     let mut rd = s.set_state(MigState::PreCopy).unwrap().unwrap();
     timeout(&rd);
     let i = s.precopy_info().unwrap();
-    assert_eq!(i.initial_bytes, HEADER_LEN + stream::stream_len(1 << 19));
+    let total = HEADER_LEN + stream::stream_len(1 << 19);
+    assert_eq!(i.initial_bytes, total);
+    assert_eq!(i.dirty_bytes, 0);
+    // VFIO-style: what is reported is what is still unread.
+    let mut buf = vec![0u8; 100_000];
+    rd.read_exact(&mut buf).unwrap();
+    let i = s.precopy_info().unwrap();
+    assert_eq!(i.initial_bytes, total - 100_000);
     assert_eq!(i.dirty_bytes, 0);
     let mut buf = vec![0u8; i.initial_bytes as usize];
     rd.read_exact(&mut buf).unwrap();
@@ -145,6 +181,48 @@ fn precopy_info_semantics() {
     assert!(rest.is_empty());
 }
 
+/// The migration crate's pattern: read at most a chunk of what is reported,
+/// then ask again; the initial data is done when it reports 0.
+#[test]
+fn chunked_reader_with_dirtying() {
+    let mut c = cfg("chunky", 2 << 20, 1 << 20);
+    c.dirty_rate = 200.0;
+    c.save_rate = 64.0;
+    let s = SimVfioDevice::new_source(&c).unwrap();
+    let d = SimVfioDevice::new_destination(&c).unwrap();
+    let mut wr = d.set_state(MigState::Resuming).unwrap().unwrap();
+    let mut rd = s.set_state(MigState::PreCopy).unwrap().unwrap();
+    timeout(&rd);
+    let chunk = 64 << 10;
+    let mut initial_read = 0;
+    loop {
+        let i = s.precopy_info().unwrap();
+        if i.initial_bytes == 0 {
+            break;
+        }
+        copy_n(&mut rd, &mut wr, i.initial_bytes.min(chunk));
+        initial_read += i.initial_bytes.min(chunk);
+    }
+    assert_eq!(initial_read, HEADER_LEN + stream::stream_len(1 << 20));
+    let mut dirty_seen = 0;
+    for _ in 0..20 {
+        let i = s.precopy_info().unwrap();
+        assert_eq!(i.initial_bytes, 0);
+        dirty_seen += u64::from(i.dirty_bytes > 0);
+        copy_n(&mut rd, &mut wr, i.dirty_bytes.min(chunk));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(dirty_seen > 0);
+    assert!(s.set_state(MigState::StopCopy).unwrap().is_none());
+    let dg = s.digest();
+    let mut rest = Vec::new();
+    rd.read_to_end(&mut rest).unwrap();
+    wr.write_all(&rest).unwrap();
+    drop(wr);
+    d.set_state(MigState::Stop).unwrap();
+    assert_eq!(d.digest(), dg);
+}
+
 #[test]
 fn rate_limits_slow_save_and_load() {
     let mut c = cfg("rl", 1 << 20, 0);
@@ -154,7 +232,11 @@ fn rate_limits_slow_save_and_load() {
     let d = SimVfioDevice::new_destination(&c).unwrap();
     let t = Instant::now();
     let (dg, _, _) = migrate(&s, &d, 0);
-    assert!(t.elapsed() >= Duration::from_millis(70), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(70),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(d.digest(), dg);
 }
 
@@ -186,12 +268,20 @@ fn truncated_or_malformed_streams_are_rejected() {
     let c = cfg("trunc", 300_000, 0);
     let full = full_stream(&c);
     assert!(load(&c, &full).is_ok());
-    for cut in [0, 10, HEADER_LEN as usize + 5, full.len() / 2, full.len() - 1] {
+    for cut in [
+        0,
+        10,
+        HEADER_LEN as usize + 5,
+        full.len() / 2,
+        full.len() - 1,
+    ] {
         let e = load(&c, &full[..cut]).unwrap_err().to_string();
         assert!(e.contains("trunc") && e.contains("truncated"), "{cut}: {e}");
     }
     // Wrong state size in the header.
-    let e = load(&cfg("trunc", 300_001, 0), &full).unwrap_err().to_string();
+    let e = load(&cfg("trunc", 300_001, 0), &full)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("300001"), "{e}");
     // A record pointing outside the state.
     let mut bad = full[..HEADER_LEN as usize].to_vec();
@@ -254,6 +344,18 @@ fn walker_arcs_and_refusals() {
         (MigState::Running, false),
         (MigState::StopCopy, true),
         (MigState::Resuming, true),
+    ] {
+        let r = s.set_state(to).unwrap();
+        assert_eq!(r.is_some(), fd, "to {to:?}");
+        assert_eq!(s.state().unwrap(), to);
+    }
+    // Leaving RESUMING without a stream fails; RUNNING resets from ERROR.
+    let e = s.set_state(MigState::RunningP2p).unwrap_err().to_string();
+    assert!(e.contains("walk") && e.contains("truncated"), "{e}");
+    assert_eq!(s.state().unwrap(), MigState::Error);
+    assert!(s.set_state(MigState::Stop).is_err());
+    s.set_state(MigState::Running).unwrap();
+    for (to, fd) in [
         (MigState::RunningP2p, false),
         (MigState::PreCopy, true),
         (MigState::StopCopy, false),
@@ -296,4 +398,81 @@ fn digest_speed() {
     let t = Instant::now();
     let _ = s.digest();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+#[test]
+#[ignore = "timing; run with --release --nocapture"]
+fn throughput_report() {
+    let mut c = cfg("tp", 256 << 20, 128 << 20);
+    c.dirty_rate = 100.0;
+    let t = Instant::now();
+    let s = SimVfioDevice::new_source(&c).unwrap();
+    eprintln!("create source: {:?}", t.elapsed());
+    let t = Instant::now();
+    let d = SimVfioDevice::new_destination(&c).unwrap();
+    eprintln!("create destination: {:?}", t.elapsed());
+    let t = Instant::now();
+    let dg = s.digest();
+    eprintln!("digest 256 MiB: {:?} ({dg:x})", t.elapsed());
+    let t = Instant::now();
+    let (dg, moved, dr) = migrate(&s, &d, 3);
+    eprintln!(
+        "migrate: {moved} bytes in {:?}, {dr} dirty rounds",
+        t.elapsed()
+    );
+    assert_eq!(d.digest(), dg);
+}
+
+#[test]
+#[ignore = "timing; run with --release --nocapture"]
+fn stop_copy_throughput_report() {
+    let c = cfg("tp2", 256 << 20, 0);
+    let s = SimVfioDevice::new_source(&c).unwrap();
+    let d = SimVfioDevice::new_destination(&c).unwrap();
+    let mut wr = d.set_state(MigState::Resuming).unwrap().unwrap();
+    let t = Instant::now();
+    let mut rd = s.set_state(MigState::StopCopy).unwrap().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0;
+    loop {
+        let k = rd.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        wr.write_all(&buf[..k]).unwrap();
+        n += k;
+    }
+    drop(wr);
+    d.set_state(MigState::Stop).unwrap();
+    let el = t.elapsed();
+    eprintln!(
+        "stop-copy {n} bytes in {el:?}: {:.0} MiB/s",
+        n as f64 / el.as_secs_f64() / 1048576.0
+    );
+    assert_eq!(d.digest(), s.digest());
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "counts process-wide fds; run alone with --test-threads=1"]
+fn no_fd_or_thread_leaks() {
+    let before = open_fds();
+    {
+        let mut c = cfg("leak", 1 << 20, 1 << 19);
+        c.dirty_rate = 50.0;
+        let s = SimVfioDevice::new_source(&c).unwrap();
+        let d = SimVfioDevice::new_destination(&c).unwrap();
+        let (dg, _, _) = migrate(&s, &d, 2);
+        assert_eq!(d.digest(), dg);
+        // An abandoned session too.
+        s.set_state(MigState::Running).unwrap();
+        let _rd = s.set_state(MigState::PreCopy).unwrap();
+        s.precopy_info().unwrap();
+    }
+    assert_eq!(open_fds(), before);
 }

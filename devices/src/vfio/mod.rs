@@ -84,7 +84,9 @@ pub fn parse_vfio_arg(s: &str) -> Result<VfioConfig> {
     let mut path = None;
     let mut id = None;
     for kv in s.split(',') {
-        let (k, v) = kv.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("expected key=value"))?;
         match k {
             "path" if path.is_none() => path = Some(v),
             "id" if id.is_none() => id = Some(v),
@@ -192,7 +194,10 @@ pub fn iommu_group_of(id: &str, sysfs: &Path) -> Result<u32> {
     let link = std::fs::read_link(sysfs.join("iommu_group")).map_err(|e| {
         vfio_err(
             id,
-            format!("{}: no iommu_group link ({e}); is the IOMMU enabled?", sysfs.display()),
+            format!(
+                "{}: no iommu_group link ({e}); is the IOMMU enabled?",
+                sysfs.display()
+            ),
         )
     })?;
     link.file_name()
@@ -209,7 +214,10 @@ impl KernelVfioDevice {
     pub fn open(cfg: &VfioConfig) -> Result<Self> {
         let id = cfg.id.as_str();
         if !cfg.path.exists() {
-            return Err(vfio_err(id, format!("no such device {}", cfg.path.display())));
+            return Err(vfio_err(
+                id,
+                format!("no such device {}", cfg.path.display()),
+            ));
         }
         let group = iommu_group_of(id, &cfg.path)?;
         if !Path::new("/dev/vfio/vfio").exists() {
@@ -226,7 +234,8 @@ impl KernelVfioDevice {
             ));
         }
         let container = Arc::new(
-            VfioContainer::new(None).map_err(|e| vfio_err(id, format!("opening container: {e}")))?,
+            VfioContainer::new(None)
+                .map_err(|e| vfio_err(id, format!("opening container: {e}")))?,
         );
         let ops: Arc<dyn VfioOps> = container.clone();
         let device = Arc::new(
@@ -260,7 +269,9 @@ impl KernelVfioDevice {
         if !caps.stop_copy {
             return Err(vfio_err(
                 id,
-                format!("device does not support VFIO migration v2 (flags {flags:#x} lack STOP_COPY)"),
+                format!(
+                    "device does not support VFIO migration v2 (flags {flags:#x} lack STOP_COPY)"
+                ),
             ));
         }
         let raw = ops
@@ -388,7 +399,10 @@ impl MigratableDevice for KernelVfioDevice {
     fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
         let inner = self.lock();
         if !mig_fsm::is_pre_copy(inner.state) {
-            return Err(self.err(format_args!("precopy info asked in state {:?}", inner.state)));
+            return Err(self.err(format_args!(
+                "precopy info asked in state {:?}",
+                inner.state
+            )));
         }
         let fd = inner
             .data_fd

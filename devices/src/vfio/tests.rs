@@ -31,7 +31,10 @@ fn parse_rejects_malformed() {
     ] {
         assert!(parse_vfio_arg(bad).is_err(), "{bad:?} accepted");
     }
-    let long = format!("path=/sys/bus/pci/devices/0000:01:00.0,id={}", "a".repeat(65));
+    let long = format!(
+        "path=/sys/bus/pci/devices/0000:01:00.0,id={}",
+        "a".repeat(65)
+    );
     assert!(parse_vfio_arg(&long).is_err());
 }
 
@@ -67,7 +70,9 @@ fn open_without_vfio_is_a_clear_error() {
 
 #[test]
 fn no_iommu_group_is_a_clear_error() {
-    let e = iommu_group_of("g", Path::new("/nonexistent")).unwrap_err().to_string();
+    let e = iommu_group_of("g", Path::new("/nonexistent"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("iommu_group"), "{e}");
 }
 
@@ -138,10 +143,23 @@ fn fake(flags: u64, fail_at: Option<MigState>) -> KernelVfioDevice {
 #[test]
 fn walker_drives_single_arcs_full_caps() {
     let d = fake(7, None);
-    assert_eq!(d.caps(), MigCaps { stop_copy: true, p2p: true, pre_copy: true });
+    assert_eq!(
+        d.caps(),
+        MigCaps {
+            stop_copy: true,
+            p2p: true,
+            pre_copy: true
+        }
+    );
     assert!(d.precopy_info().is_err());
     assert!(d.set_state(MigState::PreCopy).unwrap().is_some());
-    assert_eq!(d.precopy_info().unwrap(), PrecopyInfo { initial_bytes: 100, dirty_bytes: 5 });
+    assert_eq!(
+        d.precopy_info().unwrap(),
+        PrecopyInfo {
+            initial_bytes: 100,
+            dirty_bytes: 5
+        }
+    );
     // PRE_COPY -> PRE_COPY_P2P -> STOP_COPY keeps the fd.
     assert!(d.set_state(MigState::StopCopy).unwrap().is_none());
     assert_eq!(d.state().unwrap(), MigState::StopCopy);
@@ -175,9 +193,19 @@ fn failed_arc_reports_device_and_state() {
 
 #[test]
 fn no_migration_support_is_a_clear_error() {
-    let ops = FakeOps { flags: 0, st: Mutex::new((2, vec![])), fail_at: None };
-    let e = KernelVfioDevice::with_ops("nomig", Box::new(ops)).unwrap_err().to_string();
+    let ops = FakeOps {
+        flags: 0,
+        st: Mutex::new((2, vec![])),
+        fail_at: None,
+    };
+    let e = KernelVfioDevice::with_ops("nomig", Box::new(ops))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nomig") && e.contains("migration"), "{e}");
-    let ops = FakeOps { flags: 2, st: Mutex::new((2, vec![])), fail_at: None };
+    let ops = FakeOps {
+        flags: 2,
+        st: Mutex::new((2, vec![])),
+        fail_at: None,
+    };
     assert!(KernelVfioDevice::with_ops("p2ponly", Box::new(ops)).is_err());
 }

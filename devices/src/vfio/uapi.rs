@@ -36,8 +36,24 @@ pub const FEATURE_MIG_DEVICE_STATE: u32 = 2;
 /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
 pub const FEATURE_MIG_DATA_SIZE: u32 = 9;
 
-vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE, VFIO_BASE + 17);
-vmm_sys_util::ioctl_io_nr!(VFIO_MIG_GET_PRECOPY_INFO, VFIO_TYPE, VFIO_BASE + 21);
+mod nr {
+    use super::{VFIO_BASE, VFIO_TYPE};
+    vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE, VFIO_BASE + 17);
+    vmm_sys_util::ioctl_io_nr!(VFIO_MIG_GET_PRECOPY_INFO, VFIO_TYPE, VFIO_BASE + 21);
+}
+
+/// `VFIO_DEVICE_FEATURE` = `_IO(VFIO_TYPE, VFIO_BASE + 17)` (0x3B75).
+#[allow(non_snake_case)]
+pub fn VFIO_DEVICE_FEATURE() -> std::os::raw::c_ulong {
+    nr::VFIO_DEVICE_FEATURE()
+}
+
+/// `VFIO_MIG_GET_PRECOPY_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 21)` (0x3B79),
+/// issued on a PRE_COPY data fd.
+#[allow(non_snake_case)]
+pub fn VFIO_MIG_GET_PRECOPY_INFO() -> std::os::raw::c_ulong {
+    nr::VFIO_MIG_GET_PRECOPY_INFO()
+}
 
 /// The fixed part of `struct vfio_device_feature` (8 bytes).
 ///
@@ -185,11 +201,23 @@ mod tests {
         // Header + payload: the full ioctl arguments are 16 bytes, payload at 8.
         assert_eq!(size_of::<FeatureArg<vfio_device_feature_mig_state>>(), 16);
         assert_eq!(size_of::<FeatureArg<vfio_device_feature_migration>>(), 16);
-        assert_eq!(size_of::<FeatureArg<vfio_device_feature_mig_data_size>>(), 16);
-        assert_eq!(offset_of!(FeatureArg<vfio_device_feature_mig_state>, payload), 8);
-        assert_eq!(offset_of!(FeatureArg<vfio_device_feature_migration>, payload), 8);
+        assert_eq!(
+            size_of::<FeatureArg<vfio_device_feature_mig_data_size>>(),
+            16
+        );
+        assert_eq!(
+            offset_of!(FeatureArg<vfio_device_feature_mig_state>, payload),
+            8
+        );
+        assert_eq!(
+            offset_of!(FeatureArg<vfio_device_feature_migration>, payload),
+            8
+        );
         assert_eq!(offset_of!(vfio_device_feature_mig_state, data_fd), 4);
-        let a = FeatureArg::new(FEATURE_SET | FEATURE_MIG_DEVICE_STATE, vfio_device_feature_mig_state::default());
+        let a = FeatureArg::new(
+            FEATURE_SET | FEATURE_MIG_DEVICE_STATE,
+            vfio_device_feature_mig_state::default(),
+        );
         assert_eq!(a.hdr.argsz, 16);
         assert_eq!(a.hdr.flags, 0x2_0002);
     }
@@ -208,19 +236,37 @@ mod tests {
         assert_eq!(FEATURE_MIG_DEVICE_STATE, 2);
         assert_eq!(FEATURE_MIG_DATA_SIZE, 9);
         assert_eq!(FEATURE_MIGRATION, b::VFIO_DEVICE_FEATURE_MIGRATION);
-        assert_eq!(FEATURE_MIG_DEVICE_STATE, b::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE);
+        assert_eq!(
+            FEATURE_MIG_DEVICE_STATE,
+            b::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+        );
         assert_eq!(FEATURE_MIG_DATA_SIZE, b::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE);
         assert_eq!(VFIO_TYPE, b::VFIO_TYPE as u32);
         assert_eq!(VFIO_BASE, b::VFIO_BASE);
-        assert_eq!(crate::mig_fsm::FLAG_STOP_COPY, b::VFIO_MIGRATION_STOP_COPY as u64);
+        assert_eq!(
+            crate::mig_fsm::FLAG_STOP_COPY,
+            b::VFIO_MIGRATION_STOP_COPY as u64
+        );
         assert_eq!(crate::mig_fsm::FLAG_P2P, b::VFIO_MIGRATION_P2P as u64);
-        assert_eq!(crate::mig_fsm::FLAG_PRE_COPY, b::VFIO_MIGRATION_PRE_COPY as u64);
+        assert_eq!(
+            crate::mig_fsm::FLAG_PRE_COPY,
+            b::VFIO_MIGRATION_PRE_COPY as u64
+        );
         for (i, s) in crate::mig_fsm::ALL_STATES.iter().enumerate() {
             assert_eq!(*s as u32, i as u32);
         }
-        assert_eq!(migration::MigState::PreCopyP2p as u32, b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P);
-        assert_eq!(migration::MigState::RunningP2p as u32, b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P);
-        assert_eq!(migration::MigState::Resuming as u32, b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING);
+        assert_eq!(
+            migration::MigState::PreCopyP2p as u32,
+            b::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P
+        );
+        assert_eq!(
+            migration::MigState::RunningP2p as u32,
+            b::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P
+        );
+        assert_eq!(
+            migration::MigState::Resuming as u32,
+            b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING
+        );
     }
 
     #[test]

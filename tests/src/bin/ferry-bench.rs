@@ -110,6 +110,12 @@ fn main() {
         "ram" | "idle" | "downtime" | "devices" | "limits" => vec![opts.part.as_str()],
         _ => usage(),
     };
+    // Never two benchmarks at once: hold an exclusive lock for the whole run.
+    let _lock = lock("/tmp/ferry-bench.lock");
+    let load = vmm::loadavg();
+    if load > 0.5 {
+        eprintln!("ferry-bench: warning: load average {load:.2}: other work shares the 2 cores, results will be low");
+    }
     let ferry = ferry_tests::profile_dir().join("ferry");
     if parts.iter().any(|p| *p != "limits") && !ferry.is_file() {
         eprintln!("ferry-bench: {} not found: build the workspace (cargo build --workspace --release)", ferry.display());
@@ -144,6 +150,19 @@ fn main() {
         eprintln!("ferry-bench: some runs failed (see the tables and JSON)");
         std::process::exit(1);
     }
+}
+
+/// Takes an exclusive flock on `path`, waiting (with a message) if another bench holds it.
+fn lock(path: &str) -> Option<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("ferry-bench: another ferry-bench holds {path}; waiting for it to finish");
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    }
+    Some(f)
 }
 
 fn rel(root: &Path, p: &str) -> String {

@@ -97,7 +97,7 @@ impl Sampler {
                 let done = s2.load(Ordering::Relaxed);
                 for (i, &pid) in pids.iter().enumerate() {
                     let m = mem(pid);
-                    let cpu = if n % 5 == 0 { cpu_seconds(pid) } else { None };
+                    let cpu = if n.is_multiple_of(5) { cpu_seconds(pid) } else { None };
                     let mut g = p2.lock().unwrap();
                     let p = &mut g[i];
                     if let Some(m) = m {

@@ -33,7 +33,7 @@ pub fn f(v: Option<f64>, prec: usize) -> String {
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut s = String::new();
     s.push_str(&format!("| {} |\n", headers.join(" | ")));
-    s.push_str(&format!("|{}\n", headers.iter().map(|h| if h.starts_with(' ') { "---|" } else { "---|" }).collect::<String>()));
+    s.push_str(&format!("|{}\n", "---|".repeat(headers.len())));
     for r in rows {
         s.push_str(&format!("| {} |\n", r.join(" | ")));
     }

@@ -23,7 +23,12 @@ pub struct Section {
 
 fn header(title: &str) -> String {
     let (date, time, _) = report::now();
-    format!("### {title}\n\nMeasured {date} {time} UTC on {}.\n\n", report::machine())
+    format!(
+        "### {title}\n\nMeasured {date} {time} UTC on {} (1-min load average at start: {:.2}; \
+         the machine is shared with other engineers' builds).\n\n",
+        report::machine(),
+        vmm::loadavg()
+    )
 }
 
 /// Boots a source, starts a destination, migrates; the result plus the
@@ -125,17 +130,27 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
         let (m, all) = measure(env, &format!("iperf3 -P{p}"), lim_runs, || limits::iperf3(env, p, 5));
         iperf.push((p, m, all));
     }
-    let mut md = header("RAM throughput (issue #3): full 4 GiB of incompressible memory, paused guest");
-    md.push_str("Limits measured in the same run (median of ");
-    md.push_str(&format!("{lim_runs}; 1 GB = 10^9 bytes):\n\n"));
+    let mut md = if migrate {
+        header("RAM throughput (issue #3): full 4 GiB of incompressible memory, paused guest")
+    } else {
+        header("Host limits")
+    };
+    md.push_str(&format!("Limits measured in the same run (median of {lim_runs}, each after a 6 s settle; 1 GB = 10^9 bytes; load average {:.2} at the end):\n\n", vmm::loadavg()));
+    let span = |all: &[f64]| {
+        min_max(all).map(|(a, b)| format!("{:.2}–{:.2}", a / 1e9, b / 1e9)).unwrap_or_else(|| "–".into())
+    };
     let mut rows = vec![
-        vec!["first-touch, 1 thread (4 GiB)".into(), format!("{} GB/s", f(ft1.map(|x| x / 1e9), 3))],
-        vec!["first-touch, 2 threads (4 GiB): **cold limit**".into(), format!("{} GB/s", f(ft2.map(|x| x / 1e9), 3))],
+        vec!["first-touch, 1 thread (4 GiB)".into(), format!("{} GB/s", f(ft1.map(|x| x / 1e9), 3)), span(&ft1_all)],
+        vec!["first-touch, 2 threads (4 GiB): **cold limit**".into(), format!("{} GB/s", f(ft2.map(|x| x / 1e9), 3)), span(&ft2_all)],
     ];
-    for (p, m, _) in &iperf {
-        rows.push(vec![format!("iperf3 loopback -P {p}: **warm limit** at {p} conn."), format!("{} GB/s", f(m.map(|x| x / 1e9), 2))]);
+    for (p, m, all) in &iperf {
+        rows.push(vec![
+            format!("iperf3 loopback -P {p}: **warm limit** at {p} conn."),
+            format!("{} GB/s", f(m.map(|x| x / 1e9), 2)),
+            span(all),
+        ]);
     }
-    md.push_str(&table(&["limit", "value"], &rows));
+    md.push_str(&table(&["limit", "median", "min–max (GB/s)"], &rows));
     let mut js = json!({
         "first_touch_1t_bps": ft1_all, "first_touch_2t_bps": ft2_all,
         "iperf3": iperf.iter().map(|(p, _, a)| json!({"parallel": p, "bps": a})).collect::<Vec<_>>(),
@@ -215,6 +230,7 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
                 f(med(&runs, |r| r.dst_cpu_s), 2),
                 f(med(&runs, src_extra), 0),
                 f(med(&runs, dst_extra), 0),
+                f(med(&runs, |r| Some(r.loadavg)), 2),
                 format!("{} GB/s", f(limit.map(|x| x / 1e9), 2)),
                 ratio.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "–".into()),
             ];
@@ -229,7 +245,7 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     md.push_str("\nMigrations (medians; throughput = 4 GiB / total_time; extra memory = peak during the migration, see method):\n\n");
     md.push_str(&table(
         &["destination", "conn.", "runs", "GiB/s", "total (s)", "downtime (ms)", "CPU src (s)", "CPU dst (s)",
-          "src extra (MiB)", "dst extra (MiB)", "limit", "% of limit"],
+          "src extra (MiB)", "dst extra (MiB)", "load avg", "limit", "% of limit"],
         &rows,
     ));
     let src_peak = all.iter().filter(|x| x.2.ok).map(|x| x.2.src_peak.max_anon as f64 / MIB).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
@@ -407,7 +423,7 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         let (m, c) = (get("main"), get("channels"));
         failed += m.iter().chain(c.iter()).filter(|r| !r.ok).count();
         let (mm, cm) = (med(&m, dt), med(&c, dt));
-        let rng = |v: &[&RunResult]| min_max(&col(v, dt)).map(|(a, b)| format!(" ({a:.0}–{b:.0})")).unwrap_or_default();
+        let rng = |v: &[&RunResult]| min_max(&col(v, dt)).map(|(a, b)| format!(" ({a:.1}–{b:.1})")).unwrap_or_default();
         rows.push(vec![
             devs.to_string(),
             format!("{}{}", f(mm, 1), rng(&m)),
@@ -433,7 +449,7 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         if let Some(m) = m {
             meds.push((*c, m));
         }
-        let rng = min_max(&col(&v, dt)).map(|(a, b)| format!("{a:.0}–{b:.0}")).unwrap_or_else(|| "–".into());
+        let rng = min_max(&col(&v, dt)).map(|(a, b)| format!("{a:.1}–{b:.1}")).unwrap_or_else(|| "–".into());
         rows.push(vec![c.to_string(), fails(&v), f(m, 1), rng, f(med(&v, |r| r.stat("total_time_ms")), 0)]);
     }
     md.push_str(&table(&["connections", "runs", "median downtime (ms)", "min–max (ms)", "total (ms)"], &rows));
@@ -483,7 +499,7 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         &series,
         None,
     );
-    let pts: Vec<(f64, f64, Option<(f64, f64)>)> = by_conn
+    let pts: Vec<svg::Point> = by_conn
         .iter()
         .filter_map(|(c, v)| {
             let v: Vec<&RunResult> = v.iter().collect();

@@ -2,12 +2,15 @@
 
 use std::fmt::Write;
 
+/// A point: x, y and an optional (min, max) whisker.
+pub type Point = (f64, f64, Option<(f64, f64)>);
+
 /// One line of a chart: label, colour and points (x, y). `y` may carry an
 /// optional (min, max) range drawn as a whisker.
 pub struct Series {
     pub name: String,
     pub color: &'static str,
-    pub points: Vec<(f64, f64, Option<(f64, f64)>)>,
+    pub points: Vec<Point>,
 }
 
 pub const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
@@ -73,7 +76,8 @@ pub fn line_chart(
     let step = nice_step(ymax * 1.1, 5.0);
     let ytop = (ymax * 1.1 / step).ceil() * step;
     let xspan = if xmax > xmin { xmax - xmin } else { 1.0 };
-    let px = |x: f64| ml + (x - xmin) / xspan * pw;
+    // 5% padding on both sides so that points do not sit on the axis.
+    let px = |x: f64| ml + pw * (0.05 + 0.9 * (x - xmin) / xspan);
     let py = |y: f64| mt + ph - y / ytop * ph;
 
     let mut o = String::new();
@@ -120,4 +124,29 @@ pub fn line_chart(
     }
     o.push_str("</svg>\n");
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_is_well_formed() {
+        let s = line_chart(
+            "Downtime vs devices",
+            "devices",
+            "downtime (ms)",
+            &[1.0, 2.0, 4.0],
+            &[
+                Series { name: "main".into(), color: COLORS[0], points: vec![(1.0, 450.0, Some((430.0, 470.0))), (2.0, 900.0, None), (4.0, 1800.0, None)] },
+                Series { name: "channels".into(), color: COLORS[1], points: vec![(1.0, 440.0, None), (2.0, 460.0, None), (4.0, 520.0, None)] },
+            ],
+            Some(("best + 10%", 480.0)),
+        );
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
+        assert_eq!(s.matches("<polyline").count(), 2);
+        if let Ok(p) = std::env::var("SVG_OUT") {
+            std::fs::write(p, &s).unwrap();
+        }
+    }
 }

@@ -97,12 +97,17 @@ pub fn start_destination(env: &Env, memory: Option<&str>, prefault_bytes: Option
     guarded("destination API", || vm.wait_api())?;
     if let Some(b) = prefault_bytes {
         let t = Instant::now();
+        let (mut last, mut since) = (0u64, Instant::now());
         loop {
             let m = mem(&vm);
             if m.anon + m.shmem >= b / 100 * 97 {
                 break;
             }
-            if t.elapsed() > Duration::from_secs(120) || !vm.is_running() {
+            if m.anon + m.shmem != last {
+                (last, since) = (m.anon + m.shmem, Instant::now());
+            }
+            // Stop waiting once residency has not moved for 3 s (prefault done or not done this way).
+            if t.elapsed() > Duration::from_secs(120) || since.elapsed() > Duration::from_secs(3) || !vm.is_running() {
                 env.log(&format!("warning: destination resident {} MiB < prefault target", (m.anon + m.shmem) >> 20));
                 break;
             }

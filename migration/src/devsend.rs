@@ -1,0 +1,324 @@
+//! Device state on the source: one save thread per device (channels mode)
+//! that pre-copies while the VM runs and stop-copies after the pause,
+//! queueing chunks onto the shared data connections; and the sequential
+//! main-connection path (`device_state = main`) kept for comparison.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::MigrationError;
+use crate::net::{lock, Ctl, MainConn, POLL_INTERVAL};
+use crate::pool::Pool;
+use crate::stats::DeviceCounters;
+use crate::traits::{MigState, MigratableDevice};
+use crate::wire::{DevItemKind, Kind};
+
+/// Pause between `precopy_info` polls when a device has nothing to hand out.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Whether a device pre-copies in this migration.
+pub fn does_precopy(dev: &dyn MigratableDevice, enabled: bool) -> bool {
+    enabled && dev.caps().pre_copy
+}
+
+fn berr(id: &str, what: &str, e: impl std::fmt::Display) -> MigrationError {
+    MigrationError::device(id, format!("{what}: {e}"))
+}
+
+/// Reads up to `max` bytes from a device data fd. Returns fewer bytes at end
+/// of stream (read → 0) or when nothing is available now (`ENOMSG`). Waits
+/// with `poll` so abort is noticed; a device that hands out nothing for the
+/// stall timeout fails.
+pub fn read_chunk(f: &File, max: usize, ctl: &Ctl, id: &str) -> Result<Vec<u8>, MigrationError> {
+    let mut buf = vec![0u8; max];
+    let mut got = 0;
+    let mut last = Instant::now();
+    while got < max {
+        ctl.check()?;
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, POLL_INTERVAL.as_millis() as i32) };
+        if r == 0 {
+            if last.elapsed() > ctl.stall {
+                return Err(MigrationError::device(id, "no state data for the stall timeout"));
+            }
+            continue;
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(berr(id, "polling the data fd", e));
+        }
+        match (&*f).read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                last = Instant::now();
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOMSG) => break,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {}
+            Err(e) => return Err(berr(id, "reading state", e)),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    PreCopy,
+    StopCopy,
+}
+
+/// The save threads of channels mode.
+///
+/// Invariant: each device's items are pushed by its own thread only, so the
+/// pool assigns its sequence numbers in stream order; the thread ends after
+/// pushing END (or on the first error, reported through `ctl`).
+pub struct DeviceSavers {
+    phase: Arc<(Mutex<Phase>, Condvar)>,
+    handles: Vec<JoinHandle<Result<(), MigrationError>>>,
+}
+
+impl DeviceSavers {
+    /// Starts one save thread per device.
+    pub fn spawn(
+        devices: &[Arc<dyn MigratableDevice>],
+        pool: &Arc<Pool>,
+        ctl: &Arc<Ctl>,
+        counters: &[Arc<DeviceCounters>],
+        chunk: usize,
+        precopy: bool,
+    ) -> Result<DeviceSavers, MigrationError> {
+        let phase = Arc::new((Mutex::new(Phase::PreCopy), Condvar::new()));
+        let mut handles = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            let (d, pool, ctl, c, ph) = (d.clone(), pool.clone(), ctl.clone(), counters[i].clone(), phase.clone());
+            let pre = does_precopy(&*d, precopy);
+            let h = std::thread::Builder::new()
+                .name(format!("mig-save-{i}"))
+                .spawn(move || {
+                    let r = save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph);
+                    if let Err(e) = &r {
+                        ctl.fail(match e {
+                            MigrationError::Aborted => MigrationError::Aborted,
+                            e => MigrationError::device(d.id(), e.to_string()),
+                        });
+                    }
+                    r
+                })
+                .map_err(|e| MigrationError::io("spawning a device save thread", e))?;
+            handles.push(h);
+        }
+        Ok(DeviceSavers { phase, handles })
+    }
+
+    /// Tells every save thread to enter STOP_COPY and drain its device.
+    pub fn stop_copy(&self) {
+        *lock(&self.phase.0) = Phase::StopCopy;
+        self.phase.1.notify_all();
+    }
+
+    /// Joins every save thread; the first error if any.
+    pub fn join(self) -> Result<(), MigrationError> {
+        self.stop_copy();
+        let mut first = Ok(());
+        for h in self.handles {
+            let r = h.join().unwrap_or_else(|_| Err(MigrationError::proto("device save thread panicked")));
+            if first.is_ok() {
+                if let Err(e) = r {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+}
+
+fn wait_phase(ph: &(Mutex<Phase>, Condvar), timeout: Duration) -> Phase {
+    let g = lock(&ph.0);
+    if *g == Phase::StopCopy {
+        return Phase::StopCopy;
+    }
+    *ph.1.wait_timeout(g, timeout).unwrap_or_else(|e| e.into_inner()).0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_thread(
+    idx: u32,
+    dev: &dyn MigratableDevice,
+    pool: &Pool,
+    ctl: &Ctl,
+    c: &DeviceCounters,
+    chunk: usize,
+    precopy: bool,
+    ph: &(Mutex<Phase>, Condvar),
+) -> Result<(), MigrationError> {
+    let id = dev.id().to_string();
+    let mut fd: Option<File> = None;
+    if precopy {
+        fd = Some(
+            dev.set_state(MigState::PreCopy)
+                .map_err(|e| berr(&id, "entering PRE_COPY", e))?
+                .ok_or_else(|| MigrationError::device(&id, "PRE_COPY returned no data fd"))?,
+        );
+        let mut announced = false;
+        while *lock(&ph.0) == Phase::PreCopy {
+            ctl.check()?;
+            let info = dev.precopy_info().map_err(|e| berr(&id, "precopy_info", e))?;
+            let scs = dev.stop_copy_size().unwrap_or(0);
+            c.remaining.store(info.initial_bytes + info.dirty_bytes + scs, Relaxed);
+            if !announced && info.initial_bytes == 0 {
+                let seq = pool.push_device(idx, DevItemKind::InitialDone, Vec::new())?;
+                log::debug!("device {id}: initial pre-copy done at seq {seq}");
+                announced = true;
+                continue;
+            }
+            let want = if announced { info.dirty_bytes } else { info.initial_bytes };
+            let buf = if want == 0 {
+                Vec::new()
+            } else if let Some(f) = &fd {
+                read_chunk(f, (want as usize).min(chunk), ctl, &id)?
+            } else {
+                Vec::new()
+            };
+            if buf.is_empty() {
+                wait_phase(ph, IDLE_POLL);
+                continue;
+            }
+            pool.push_device(idx, DevItemKind::PrecopyData, buf)?;
+        }
+    } else {
+        c.remaining.store(dev.stop_copy_size().unwrap_or(0), Relaxed);
+        while wait_phase(ph, POLL_INTERVAL) == Phase::PreCopy {
+            ctl.check()?;
+        }
+    }
+    ctl.check()?;
+    if let Some(f) = dev.set_state(MigState::StopCopy).map_err(|e| berr(&id, "entering STOP_COPY", e))? {
+        fd = Some(f);
+    }
+    let f = fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
+    loop {
+        let buf = read_chunk(&f, chunk, ctl, &id)?;
+        if buf.is_empty() {
+            break;
+        }
+        pool.push_device(idx, DevItemKind::StopCopyData, buf)?;
+    }
+    let seq = pool.push_device(idx, DevItemKind::End, Vec::new())?;
+    log::debug!("device {id}: end of stream at seq {seq}");
+    c.remaining.store(0, Relaxed);
+    Ok(())
+}
+
+/// The sequential main-connection path: devices one after another, all data
+/// on the main connection.
+///
+/// Invariant: `fds[i]` is device `i`'s PRE_COPY fd between
+/// [`MainModeDevices::precopy`] and [`MainModeDevices::stop_copy`].
+pub struct MainModeDevices {
+    fds: Vec<Option<File>>,
+    seqs: Vec<u64>,
+}
+
+impl MainModeDevices {
+    /// Nothing started yet.
+    pub fn new(n: usize) -> Self {
+        MainModeDevices {
+            fds: (0..n).map(|_| None).collect(),
+            seqs: vec![0; n],
+        }
+    }
+
+    fn send(&mut self, main: &MainConn, ctl: &Ctl, i: usize, kind: DevItemKind, data: &[u8]) -> Result<(), MigrationError> {
+        let seq = self.seqs[i];
+        self.seqs[i] += 1;
+        main.send(Kind::Device, (i as u64, seq, kind as u64), data, ctl, "sending device state on the main connection")
+    }
+
+    /// Pre-copies the initial data of every pre-copy device, in order.
+    pub fn precopy(
+        &mut self,
+        devices: &[Arc<dyn MigratableDevice>],
+        counters: &[Arc<DeviceCounters>],
+        main: &MainConn,
+        ctl: &Ctl,
+        chunk: usize,
+        enabled: bool,
+    ) -> Result<(), MigrationError> {
+        for (i, d) in devices.iter().enumerate() {
+            if !does_precopy(&**d, enabled) {
+                continue;
+            }
+            let id = d.id().to_string();
+            let f = d
+                .set_state(MigState::PreCopy)
+                .map_err(|e| berr(&id, "entering PRE_COPY", e))?
+                .ok_or_else(|| MigrationError::device(&id, "PRE_COPY returned no data fd"))?;
+            loop {
+                ctl.check()?;
+                let info = d.precopy_info().map_err(|e| berr(&id, "precopy_info", e))?;
+                if info.initial_bytes == 0 {
+                    break;
+                }
+                let buf = read_chunk(&f, (info.initial_bytes as usize).min(chunk), ctl, &id)?;
+                if buf.is_empty() {
+                    std::thread::sleep(IDLE_POLL);
+                    continue;
+                }
+                self.send(main, ctl, i, DevItemKind::PrecopyData, &buf)?;
+                counters[i].transferred.fetch_add(buf.len() as u64, Relaxed);
+            }
+            self.send(main, ctl, i, DevItemKind::InitialDone, &[])?;
+            self.fds[i] = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Stop-copies every device in order, then sends its END.
+    pub fn stop_copy(
+        &mut self,
+        devices: &[Arc<dyn MigratableDevice>],
+        counters: &[Arc<DeviceCounters>],
+        main: &MainConn,
+        ctl: &Ctl,
+        chunk: usize,
+    ) -> Result<(), MigrationError> {
+        for (i, d) in devices.iter().enumerate() {
+            let id = d.id().to_string();
+            let mut fd = self.fds[i].take();
+            if let Some(f) = d.set_state(MigState::StopCopy).map_err(|e| berr(&id, "entering STOP_COPY", e))? {
+                fd = Some(f);
+            }
+            let f = fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
+            loop {
+                let buf = read_chunk(&f, chunk, ctl, &id)?;
+                if buf.is_empty() {
+                    break;
+                }
+                self.send(main, ctl, i, DevItemKind::StopCopyData, &buf)?;
+                counters[i].transferred.fetch_add(buf.len() as u64, Relaxed);
+            }
+            self.send(main, ctl, i, DevItemKind::End, &[])?;
+            counters[i].remaining.store(0, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drops any fd still held (failure path).
+    pub fn close(&mut self) {
+        self.fds.iter_mut().for_each(|f| *f = None);
+    }
+}

@@ -1,0 +1,295 @@
+//! A small, bounded HTTP/1.1 request reader and response writer.
+//!
+//! One request per connection (`Connection: close`). Headers are limited to
+//! [`MAX_HEADER_BYTES`], bodies to [`MAX_BODY_BYTES`]; chunked bodies are
+//! refused. Nothing here panics on any input.
+
+use std::io::{Read, Write};
+
+/// Largest request head (request line + headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Most headers accepted.
+pub const MAX_HEADERS: usize = 64;
+
+/// A parsed request.
+///
+/// Invariant: `body.len() <= MAX_BODY_BYTES`; `path` has no query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Method, as sent (`GET`, `PUT`, ...).
+    pub method: String,
+    /// Path without query string.
+    pub path: String,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// Why a request could not be read.
+///
+/// Invariant: `status` is the HTTP status to answer with (0 = the peer is
+/// gone, answer nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpError {
+    /// Status code to answer with, 0 for none.
+    pub status: u16,
+    /// Message for the `error` field.
+    pub message: String,
+}
+
+fn err(status: u16, message: impl Into<String>) -> HttpError {
+    HttpError {
+        status,
+        message: message.into(),
+    }
+}
+
+/// Result of parsing a request head.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// More bytes are needed.
+    Partial,
+    /// Complete: method, path, body length, head length in bytes.
+    Complete {
+        /// Method.
+        method: String,
+        /// Path without query.
+        path: String,
+        /// Content-Length (0 if absent).
+        content_length: usize,
+        /// Bytes of the head, including the blank line.
+        head_len: usize,
+    },
+}
+
+/// Parses a request head out of `buf`.
+pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = req
+        .parse(buf)
+        .map_err(|e| err(400, format!("malformed HTTP request: {e}")))?;
+    let head_len = match status {
+        httparse::Status::Partial => return Ok(Head::Partial),
+        httparse::Status::Complete(n) => n,
+    };
+    let method = req.method.unwrap_or("").to_string();
+    let raw_path = req.path.unwrap_or("");
+    let path = raw_path.split(['?', '#']).next().unwrap_or("").to_string();
+    let mut content_length = 0usize;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| err(400, "invalid Content-Length"))?;
+            if v > MAX_BODY_BYTES as u64 {
+                return Err(err(
+                    413,
+                    format!("request body of {v} bytes exceeds the limit of {MAX_BODY_BYTES}"),
+                ));
+            }
+            content_length = v as usize;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if v.trim() != "identity" {
+                return Err(err(411, "chunked request bodies are not supported; send Content-Length"));
+            }
+        }
+    }
+    Ok(Head::Complete {
+        method,
+        path,
+        content_length,
+        head_len,
+    })
+}
+
+/// Reads one request from `stream` (which should have a read timeout).
+pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(if buf.is_empty() {
+                    err(0, "connection closed")
+                } else {
+                    err(400, "connection closed in the middle of the request")
+                })
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err(err(408, "timed out reading the request"))
+            }
+            Err(_) => return Err(err(0, "connection error")),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        match parse_head(&buf)? {
+            Head::Partial => {
+                if buf.len() > MAX_HEADER_BYTES {
+                    return Err(err(431, "request header too large"));
+                }
+            }
+            Head::Complete {
+                method,
+                path,
+                content_length,
+                head_len,
+            } => {
+                if head_len > MAX_HEADER_BYTES {
+                    return Err(err(431, "request header too large"));
+                }
+                let mut body = buf.split_off(head_len);
+                if body.len() > content_length {
+                    body.truncate(content_length);
+                }
+                while body.len() < content_length {
+                    let want = (content_length - body.len()).min(chunk.len());
+                    match stream.read(&mut chunk[..want]) {
+                        Ok(0) => return Err(err(400, "connection closed before the end of the body")),
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut =>
+                        {
+                            return Err(err(408, "timed out reading the request body"))
+                        }
+                        Err(_) => return Err(err(0, "connection error")),
+                    }
+                }
+                return Ok(Request { method, path, body });
+            }
+        }
+    }
+}
+
+/// Reason phrase of a status code.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Writes a response with a JSON body (none for 204) and closes the exchange.
+pub fn write_response(
+    stream: &mut impl Write,
+    status: u16,
+    body: Option<&serde_json::Value>,
+    extra_headers: &[(&str, &str)],
+) -> std::io::Result<()> {
+    let body = match body {
+        Some(b) if status != 204 => {
+            let mut s = serde_json::to_string(b).unwrap_or_else(|_| "{}".into());
+            s.push('\n');
+            s
+        }
+        _ => String::new(),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nServer: ferry\r\nConnection: close\r\n",
+        reason(status)
+    );
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in extra_headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn read(s: &[u8]) -> Result<Request, HttpError> {
+        read_request(&mut Cursor::new(s.to_vec()))
+    }
+
+    #[test]
+    fn simple_requests() {
+        let r = read(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/api/v1/vmm.ping");
+        assert!(r.body.is_empty());
+        let r = read(b"PUT /api/v1/vm.pause?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        assert_eq!(r.path, "/api/v1/vm.pause");
+        assert_eq!(r.body, b"{}");
+        let r = read(b"PUT /a HTTP/1.0\r\ncontent-length: 3\r\n\r\nabcdef").unwrap();
+        assert_eq!(r.body, b"abc");
+    }
+
+    #[test]
+    fn malformed_requests() {
+        assert_eq!(read(b"").unwrap_err().status, 0);
+        assert_eq!(read(b"GET /x HTT").unwrap_err().status, 400);
+        assert_eq!(read(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n").unwrap_err().status, 400);
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n").unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").unwrap_err().status,
+            400,
+            "body cut short"
+        );
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n").unwrap_err().status,
+            413
+        );
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err().status,
+            411
+        );
+    }
+
+    #[test]
+    fn oversized_head() {
+        let mut big = b"GET /x HTTP/1.1\r\nX-Long: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEADER_BYTES * 2));
+        assert_eq!(read(&big).unwrap_err().status, 431);
+        let mut many = b"GET /x HTTP/1.1\r\n".to_vec();
+        for i in 0..(MAX_HEADERS + 5) {
+            many.extend(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend(b"\r\n");
+        assert_eq!(read(&many).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn responses() {
+        let mut out = Vec::new();
+        write_response(&mut out, 200, Some(&serde_json::json!({"a": 1})), &[]).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(s.contains("Content-Length: 8\r\n"));
+        assert!(s.ends_with("{\"a\":1}\n"));
+        let mut out = Vec::new();
+        write_response(&mut out, 204, None, &[]).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("Content-Length: 0"));
+    }
+}

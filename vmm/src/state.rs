@@ -1,0 +1,428 @@
+//! Saving and restoring vCPU, VM (irqchip, PIT, clock) and legacy device
+//! state, encoded with bincode.
+
+use std::sync::Arc;
+
+use devices::i8042::I8042State;
+use devices::serial::SerialState;
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{KvmNestedStateBuffer, VcpuFd};
+use log::{debug, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::caps::LEGACY_XSAVE_SIZE;
+use crate::pio::{serial_output, PioBus};
+use crate::vm::{kvm_err, Vm, VmError};
+
+/// Version of the state encoding; bumped on any layout change.
+pub const STATE_VERSION: u32 = 1;
+
+/// Saved state of one vCPU.
+///
+/// Invariant: optional parts are present exactly when the VM's
+/// [`crate::caps::HostCaps`] selected them.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state (used when XSAVE is unavailable).
+    pub fpu: FpuBytes,
+    /// XSAVE area as 32-bit words (4 KiB, or the KVM_CAP_XSAVE2 size).
+    pub xsave: Option<Vec<u32>>,
+    /// Extended control registers.
+    pub xcrs: Option<kvm_xcrs>,
+    /// MSRs as (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// Local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Run state (runnable, halted, waiting for SIPI...).
+    pub mp_state: kvm_mp_state,
+    /// Debug registers.
+    pub debugregs: Option<kvm_debugregs>,
+    /// Nested virtualization state (raw `KvmNestedStateBuffer` bytes).
+    pub nested: Option<Vec<u8>>,
+}
+
+/// `kvm_fpu` has no serde support: its raw bytes.
+///
+/// Invariant: exactly `size_of::<kvm_fpu>()` bytes when valid.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct FpuBytes(pub Vec<u8>);
+
+/// Saved state of the whole VM.
+///
+/// Invariant: `vcpus[i]` belongs to vCPU `i`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// [`STATE_VERSION`] of the producer.
+    pub version: u32,
+    /// Per-vCPU state.
+    pub vcpus: Vec<VcpuState>,
+    /// PIC master.
+    pub pic_master: kvm_irqchip,
+    /// PIC slave.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+    /// COM1.
+    pub serial: SerialState,
+    /// i8042.
+    pub i8042: I8042State,
+}
+
+/// Errors decoding or applying state.
+///
+/// Invariant: the message says which part failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The bytes are not a state of this version.
+    #[error("decoding VM state: {0}")]
+    Decode(String),
+    /// The state does not fit this VM.
+    #[error("VM state does not fit this VM: {0}")]
+    Mismatch(String),
+    /// A KVM call failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+fn fpu_bytes(f: &kvm_fpu) -> FpuBytes {
+    // SAFETY: kvm_fpu is a plain C struct; reading its bytes is fine.
+    let b = unsafe {
+        std::slice::from_raw_parts(
+            (f as *const kvm_fpu).cast::<u8>(),
+            std::mem::size_of::<kvm_fpu>(),
+        )
+    };
+    FpuBytes(b.to_vec())
+}
+
+fn fpu_from(b: &FpuBytes) -> Result<kvm_fpu, StateError> {
+    if b.0.len() != std::mem::size_of::<kvm_fpu>() {
+        return Err(StateError::Mismatch(format!(
+            "FPU state is {} bytes, expected {}",
+            b.0.len(),
+            std::mem::size_of::<kvm_fpu>()
+        )));
+    }
+    let mut f = kvm_fpu::default();
+    // SAFETY: sizes match (checked); every bit pattern is a valid kvm_fpu.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            b.0.as_ptr(),
+            (&mut f as *mut kvm_fpu).cast::<u8>(),
+            b.0.len(),
+        )
+    };
+    Ok(f)
+}
+
+/// Reads the XSAVE area of `vcpu` (`size` bytes, > 4096 uses KVM_GET_XSAVE2).
+pub fn get_xsave(vcpu: &VcpuFd, size: usize) -> Result<Vec<u32>, VmError> {
+    if size <= LEGACY_XSAVE_SIZE {
+        let x = vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+        return Ok(x.region.to_vec());
+    }
+    let extra = (size - LEGACY_XSAVE_SIZE).div_ceil(4);
+    let mut xs = Xsave::new(extra)
+        .map_err(|e| VmError::State(format!("allocating XSAVE2 buffer: {e:?}")))?;
+    // SAFETY: `xs` has room for `size` bytes, the size KVM_CAP_XSAVE2 reported.
+    unsafe { vcpu.get_xsave2(&mut xs) }.map_err(kvm_err("KVM_GET_XSAVE2"))?;
+    let f = xs.as_fam_struct_ref();
+    let mut v = f.xsave.region.to_vec();
+    v.extend_from_slice(xs.as_slice());
+    Ok(v)
+}
+
+fn set_xsave(vcpu: &VcpuFd, words: &[u32]) -> Result<(), StateError> {
+    let legacy = LEGACY_XSAVE_SIZE / 4;
+    if words.len() <= legacy {
+        let mut x = kvm_xsave::default();
+        x.region[..words.len()].copy_from_slice(words);
+        // SAFETY: a legacy kvm_xsave of 4096 bytes; KVM reads no more.
+        unsafe { vcpu.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        return Ok(());
+    }
+    let mut xs = Xsave::new(words.len() - legacy)
+        .map_err(|e| StateError::Mismatch(format!("XSAVE2 buffer: {e:?}")))?;
+    // SAFETY: only the fixed part is written; the FAM length is untouched.
+    unsafe { xs.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(&words[..legacy]);
+    xs.as_mut_slice().copy_from_slice(&words[legacy..]);
+    // SAFETY: the buffer holds the whole area the source's KVM produced,
+    // which the destination accepted as fitting its own XSAVE2 size.
+    unsafe { vcpu.set_xsave2(&xs) }.map_err(kvm_err("KVM_SET_XSAVE2"))?;
+    Ok(())
+}
+
+fn nested_bytes(b: &KvmNestedStateBuffer) -> Vec<u8> {
+    // SAFETY: KvmNestedStateBuffer is a plain C struct.
+    unsafe {
+        std::slice::from_raw_parts(
+            (b as *const KvmNestedStateBuffer).cast::<u8>(),
+            std::mem::size_of::<KvmNestedStateBuffer>(),
+        )
+    }
+    .to_vec()
+}
+
+fn nested_from(b: &[u8]) -> Result<KvmNestedStateBuffer, StateError> {
+    let mut n = KvmNestedStateBuffer::empty();
+    if b.len() != std::mem::size_of::<KvmNestedStateBuffer>() {
+        return Err(StateError::Mismatch("nested state size differs".into()));
+    }
+    // SAFETY: sizes match; every bit pattern is valid for the buffer.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            b.as_ptr(),
+            (&mut n as *mut KvmNestedStateBuffer).cast::<u8>(),
+            b.len(),
+        )
+    };
+    Ok(n)
+}
+
+fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
+    let caps = &vm.caps;
+    let mut msrs = Vec::new();
+    if !vm.msr_list.is_empty() {
+        let entries: Vec<kvm_msr_entry> = vm
+            .msr_list
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut m = Msrs::from_entries(&entries)
+            .map_err(|e| VmError::State(format!("building the MSR list: {e:?}")))?;
+        let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            let bad = entries.get(n).map(|e| e.index).unwrap_or(0);
+            return Err(VmError::State(format!(
+                "KVM_GET_MSRS read {n} of {} MSRs (stopped at {bad:#x})",
+                entries.len()
+            )));
+        }
+        msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
+    }
+    Ok(VcpuState {
+        regs: fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+        fpu: fpu_bytes(&fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?),
+        xsave: if caps.xsave {
+            Some(get_xsave(fd, caps.xsave_size)?)
+        } else {
+            None
+        },
+        xcrs: if caps.xcrs {
+            Some(fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
+        } else {
+            None
+        },
+        msrs,
+        lapic: fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+        events: fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        mp_state: fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+        debugregs: if caps.debugregs {
+            Some(fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?)
+        } else {
+            None
+        },
+        nested: if caps.nested {
+            let mut b = KvmNestedStateBuffer::empty();
+            fd.nested_state(&mut b)
+                .map_err(kvm_err("KVM_GET_NESTED_STATE"))?;
+            Some(nested_bytes(&b))
+        } else {
+            None
+        },
+    })
+}
+
+fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> {
+    let mut rest: Vec<kvm_msr_entry> = msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    while !rest.is_empty() {
+        let m = Msrs::from_entries(&rest)
+            .map_err(|e| StateError::Mismatch(format!("MSR list: {e:?}")))?;
+        let n = fd
+            .set_msrs(&m)
+            .map_err(kvm_err(format!("KVM_SET_MSRS on vCPU {id}")))?;
+        if n >= rest.len() {
+            break;
+        }
+        warn!(
+            "vCPU {id}: KVM refused MSR {:#x}; skipped",
+            rest[n].index
+        );
+        rest.drain(..=n);
+    }
+    Ok(())
+}
+
+fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    let ctx = |what: &str| format!("{what} on vCPU {id}");
+    // Order matters: sregs (CR0/CR4/EFER) before regs, MSRs and XSAVE;
+    // LAPIC after sregs (APIC base MSR); events and mp_state last.
+    fd.set_sregs(&s.sregs).map_err(kvm_err(ctx("KVM_SET_SREGS")))?;
+    fd.set_regs(&s.regs).map_err(kvm_err(ctx("KVM_SET_REGS")))?;
+    fd.set_fpu(&fpu_from(&s.fpu)?)
+        .map_err(kvm_err(ctx("KVM_SET_FPU")))?;
+    if let Some(x) = &s.xsave {
+        if x.len() * 4 > vm.caps.xsave_size.max(LEGACY_XSAVE_SIZE) || !vm.caps.xsave {
+            return Err(StateError::Mismatch(format!(
+                "XSAVE state of {} bytes does not fit this host",
+                x.len() * 4
+            )));
+        }
+        set_xsave(fd, x)?;
+    }
+    if let Some(x) = &s.xcrs {
+        fd.set_xcrs(x).map_err(kvm_err(ctx("KVM_SET_XCRS")))?;
+    }
+    set_msrs(fd, id, &s.msrs)?;
+    fd.set_lapic(&s.lapic).map_err(kvm_err(ctx("KVM_SET_LAPIC")))?;
+    if let Some(d) = &s.debugregs {
+        fd.set_debug_regs(d)
+            .map_err(kvm_err(ctx("KVM_SET_DEBUGREGS")))?;
+    }
+    if let Some(n) = &s.nested {
+        fd.set_nested_state(&nested_from(n)?)
+            .map_err(kvm_err(ctx("KVM_SET_NESTED_STATE")))?;
+    }
+    fd.set_vcpu_events(&s.events)
+        .map_err(kvm_err(ctx("KVM_SET_VCPU_EVENTS")))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm_err(ctx("KVM_SET_MP_STATE")))?;
+    Ok(())
+}
+
+fn irqchip(vm: &Vm, chip_id: u32) -> Result<kvm_irqchip, VmError> {
+    let mut c = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.fd
+        .get_irqchip(&mut c)
+        .map_err(kvm_err(format!("KVM_GET_IRQCHIP {chip_id}")))?;
+    Ok(c)
+}
+
+impl Vm {
+    /// Captures the whole VM state. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        if !self.is_paused() && self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(VmError::State("state can only be saved while paused".into()));
+        }
+        let start = std::time::Instant::now();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let fd = v.lock();
+            vcpus.push(save_vcpu(self, &fd)?);
+        }
+        let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let state = VmState {
+            version: STATE_VERSION,
+            vcpus,
+            pic_master: irqchip(self, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(self, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(self, KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            serial: pio.serial_state(),
+            i8042: pio.i8042_state(),
+        };
+        debug!("VM state saved in {:?}", start.elapsed());
+        Ok(state)
+    }
+
+    /// Applies a saved state to this (not yet started) VM.
+    pub fn restore_state(&self, s: &VmState) -> Result<(), StateError> {
+        if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StateError::Mismatch("the VM already runs".into()));
+        }
+        if s.version != STATE_VERSION {
+            return Err(StateError::Mismatch(format!(
+                "state version {} (this VMM reads {STATE_VERSION})",
+                s.version
+            )));
+        }
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(StateError::Mismatch(format!(
+                "{} vCPU states for {} vCPUs",
+                s.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        let start = std::time::Instant::now();
+        // VM-wide interrupt controllers first, so that LAPIC/IOAPIC agree.
+        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err(format!("KVM_SET_IRQCHIP {}", chip.chip_id)))?;
+        }
+        self.fd
+            .set_pit2(&s.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
+            let fd = v.lock();
+            restore_vcpu(self, v.id, &fd, vs)?;
+        }
+        // Devices: rebuild COM1 and the i8042 from their state (same irqfd).
+        let irq = self
+            .serial_irq
+            .try_clone()
+            .map_err(|e| VmError::State(format!("cloning the COM1 eventfd: {e}")))?;
+        let out = serial_output(&self.serial_cfg).map_err(VmError::from)?;
+        let pio = PioBus::from_state(&s.serial, &s.i8042, irq, out).map_err(VmError::from)?;
+        *self.pio.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(pio);
+        // The clock last, as close to resuming as possible.
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        debug!("VM state restored in {:?}", start.elapsed());
+        Ok(())
+    }
+}
+
+/// Encodes a state with bincode.
+pub fn encode(s: &VmState) -> Result<Vec<u8>, StateError> {
+    bincode::serialize(s).map_err(|e| StateError::Decode(format!("encoding: {e}")))
+}
+
+/// Decodes a state, refusing trailing garbage and absurd sizes.
+pub fn decode(b: &[u8]) -> Result<VmState, StateError> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(64 << 20)
+        .reject_trailing_bytes()
+        .deserialize(b)
+        .map_err(|e| StateError::Decode(e.to_string()))
+}
