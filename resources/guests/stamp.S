@@ -294,7 +294,8 @@ cmdline_done:
         lea     rsi, [str_boot]
         call    puts
         mov     rax, [ram_total]
-        shr     rax, 20
+        add     rax, 0x80000            /* round to the nearest MiB: the */
+        shr     rax, 20                 /* e820 holes below 1 MiB are tiny */
         call    print_dec
         lea     rsi, [str_region_out]
         call    puts

@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn vmm_writes_are_tracked() {
-        use vm_memory::Bytes;
+        use vm_memory::{Bytes, GuestAddress};
         let ram = GuestRam::new(&cfg(8 << 20, MemoryBacking::Anonymous)).unwrap();
         ram.reset_vmm_dirty();
         ram.mem()
