@@ -31,13 +31,14 @@ pub struct SendParams {
     /// Data connections, 1..=64.
     #[serde(default = "default_connections")]
     pub connections: u32,
-    /// Switch-over target in milliseconds.
+    /// Switch-over target in milliseconds (0: only when nothing is left, or
+    /// forced after 30 passes).
     #[serde(default = "default_downtime_ms")]
     pub downtime_ms: u64,
-    /// Optional throughput cap in MiB/s.
+    /// Optional throughput cap in MiB/s (> 0), shared by all connections.
     #[serde(default)]
     pub max_bandwidth_mbps: Option<f64>,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds (≥ 1); the source then resumes.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Where device state travels.
@@ -46,7 +47,7 @@ pub struct SendParams {
     /// Whether devices pre-copy while the VM runs.
     #[serde(default = "default_true")]
     pub device_precopy: bool,
-    /// Device chunk size in bytes.
+    /// Device chunk size in bytes, 4096..=16 MiB.
     #[serde(default = "default_chunk")]
     pub device_chunk_bytes: u64,
 }
@@ -73,7 +74,9 @@ fn default_chunk() -> u64 {
 pub struct ReceiveParams {
     /// `tcp:HOST:PORT` to listen on.
     pub receiver_url: String,
-    /// Per-device reorder buffer bound in bytes.
+    /// Per-device reorder buffer bound in bytes (default 64 MiB, at least
+    /// 16 MiB). A reader waits when a device's buffer is full, except for the
+    /// chunk the device's load thread needs next.
     #[serde(default)]
     pub device_buffer_bytes: Option<u64>,
 }

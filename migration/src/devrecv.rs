@@ -198,6 +198,11 @@ impl DeviceInbox {
         Ok(())
     }
 
+    /// Items applied so far, all devices (a progress measure).
+    pub fn progress(&self) -> u64 {
+        self.slots.iter().map(|s| lock(&s.st).progress).sum()
+    }
+
     /// Whether every device finished loading (END applied, STOP set).
     pub fn all_done(&self) -> bool {
         self.slots.iter().all(|s| lock(&s.st).done)

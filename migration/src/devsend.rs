@@ -109,14 +109,16 @@ impl DeviceSavers {
             let h = std::thread::Builder::new()
                 .name(format!("mig-save-{i}"))
                 .spawn(move || {
-                    let r = save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph);
-                    if let Err(e) = &r {
-                        ctl.fail(match e {
-                            MigrationError::Aborted => MigrationError::Aborted,
-                            e => MigrationError::device(d.id(), e.to_string()),
-                        });
+                    match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            ctl.fail(match e {
+                                MigrationError::Aborted | MigrationError::Device { .. } => e,
+                                e => MigrationError::device(d.id(), e.to_string()),
+                            });
+                            Err(MigrationError::Aborted)
+                        }
                     }
-                    r
                 })
                 .map_err(|e| MigrationError::io("spawning a device save thread", e))?;
             handles.push(h);

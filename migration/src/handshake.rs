@@ -15,6 +15,8 @@ use crate::wire::{self, Header, Kind, ROLE_DATA, ROLE_MAIN};
 
 /// Time a newcomer has to send its HELLO.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of connections whose HELLO is being read at once (flood guard).
+const MAX_PENDING: usize = 128;
 /// Time to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -206,6 +208,15 @@ fn accept_loop(listener: TcpListener, stop: CancelToken, threads: Arc<Mutex<Vec<
     while !stop.is_cancelled() {
         match listener.accept() {
             Ok((s, peer)) => {
+                let busy = {
+                    let mut t = lock(&threads);
+                    t.retain(|h| !h.is_finished());
+                    t.len() >= MAX_PENDING
+                };
+                if busy {
+                    log::warn!("dropping migration connection from {peer}: too many pending handshakes");
+                    continue;
+                }
                 log::debug!("migration connection from {peer}");
                 let (st, tx) = (stop.clone(), tx.clone());
                 let h = std::thread::Builder::new()

@@ -12,6 +12,8 @@
 //! data path and pass barrier), `sender`/`receiver` (the two state
 //! machines), [`stats`].
 
+#![warn(missing_docs)]
+
 pub mod api;
 mod convergence;
 mod devrecv;

@@ -43,6 +43,8 @@ pub struct Ctl {
     first: Mutex<Option<MigrationError>>,
     cancel: CancelToken,
     sockets: Mutex<Vec<TcpStream>>,
+    deadline: Mutex<Option<(Instant, String)>>,
+    peer_seen: Mutex<Option<Instant>>,
     /// Stall timeout in force.
     pub stall: Duration,
 }
@@ -55,8 +57,29 @@ impl Ctl {
             first: Mutex::new(None),
             cancel,
             sockets: Mutex::new(Vec::new()),
+            deadline: Mutex::new(None),
+            peer_seen: Mutex::new(None),
             stall,
         })
+    }
+
+    /// Makes every blocking loop fail with [`MigrationError::Timeout`]
+    /// (`why`) after `at`.
+    pub fn set_deadline(&self, at: Instant, why: String) {
+        *lock(&self.deadline) = Some((at, why));
+    }
+
+    /// Records that the peer just proved to be alive (a frame arrived on the
+    /// main connection).
+    pub fn touch_peer(&self) {
+        *lock(&self.peer_seen) = Some(Instant::now());
+    }
+
+    /// Whether a blocked write should count as stalled: no progress for the
+    /// stall timeout and no sign of life from the peer for as long (a live
+    /// destination may back-pressure for long while devices load slowly).
+    fn write_stalled(&self, last_progress: Instant) -> bool {
+        last_progress.elapsed() > self.stall && unset_or_older(*lock(&self.peer_seen), self.stall)
     }
 
     /// Registers a socket to be shut down on abort.
@@ -92,10 +115,20 @@ impl Ctl {
         self.abort.load(Ordering::SeqCst) || self.cancel.is_cancelled()
     }
 
-    /// Ok while running; turns a cancel into the migration's error.
+    /// Ok while running; turns a cancel or an expired deadline into the
+    /// migration's error.
     pub fn check(&self) -> Result<(), MigrationError> {
         if self.cancel.is_cancelled() && !self.abort.load(Ordering::SeqCst) {
             self.fail(MigrationError::Cancelled);
+        }
+        let expired = match &*lock(&self.deadline) {
+            Some((at, why)) if Instant::now() >= *at => Some(why.clone()),
+            _ => None,
+        };
+        if let Some(why) = expired {
+            if !self.abort.load(Ordering::SeqCst) {
+                self.fail(MigrationError::Timeout(why));
+            }
         }
         if self.abort.load(Ordering::SeqCst) {
             return Err(MigrationError::Aborted);
@@ -107,6 +140,11 @@ impl Ctl {
     pub fn take_error(&self) -> Option<MigrationError> {
         lock(&self.first).take()
     }
+}
+
+/// Whether `t` is unset or older than `age`.
+fn unset_or_older(t: Option<Instant>, age: Duration) -> bool {
+    t.map_or(true, |t| t.elapsed() > age)
 }
 
 /// Reads `/proc/sys/net/core/{r,w}mem_max`; `None` if unreadable.
@@ -231,7 +269,7 @@ pub fn write_full(mut s: &TcpStream, buf: &[u8], ctl: &Ctl, what: &str) -> Resul
                 last = Instant::now();
             }
             Err(e) if is_timeout(&e) => {
-                if last.elapsed() > ctl.stall {
+                if ctl.write_stalled(last) {
                     return Err(MigrationError::Stalled(format!("cannot write for {:?} {what}", ctl.stall)));
                 }
             }
@@ -242,7 +280,7 @@ pub fn write_full(mut s: &TcpStream, buf: &[u8], ctl: &Ctl, what: &str) -> Resul
 }
 
 /// Drops `n` bytes from the front of an iovec list.
-fn advance(iovs: &mut Vec<libc::iovec>, start: &mut usize, mut n: usize) {
+fn advance(iovs: &mut [libc::iovec], start: &mut usize, mut n: usize) {
     while n > 0 && *start < iovs.len() {
         let v = &mut iovs[*start];
         if n >= v.iov_len {
@@ -278,7 +316,7 @@ pub enum Dir {
 /// [`Dir::Write`], writable for [`Dir::Read`]).
 pub unsafe fn vectored_full(
     s: &TcpStream,
-    iovs: &mut Vec<libc::iovec>,
+    iovs: &mut [libc::iovec],
     dir: Dir,
     ctl: &Ctl,
     what: &str,
@@ -310,7 +348,11 @@ pub unsafe fn vectored_full(
         if !is_timeout(&e) {
             return Err(MigrationError::io(what, e));
         }
-        if last.elapsed() > ctl.stall {
+        let stalled = match dir {
+            Dir::Write => ctl.write_stalled(last),
+            Dir::Read => last.elapsed() > ctl.stall,
+        };
+        if stalled {
             return Err(MigrationError::Stalled(format!("no progress for {:?} {what}", ctl.stall)));
         }
     }

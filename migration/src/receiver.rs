@@ -259,7 +259,7 @@ impl Receiver<'_> {
                 self.refuse(inc, "another migration is in progress (session mismatch)");
             } else if h.a != ROLE_DATA || h.c as usize != self.n {
                 self.refuse(inc, "unexpected connection role or count for this session");
-            } else if self.data.get(idx).is_none_or(|d| d.is_some()) {
+            } else if !matches!(self.data.get(idx), Some(None)) {
                 self.refuse(inc, &format!("duplicate data connection index {idx}"));
             } else {
                 let ctl = &self.ctl;
@@ -352,7 +352,8 @@ impl Receiver<'_> {
         }
         // Wait for all passes and device loads (event driven: readers and
         // load threads notify).
-        let mut last = (Instant::now(), rctx.barrier.completed(), self.stats.transferred_bytes.load(Relaxed));
+        let progress = |r: &ReaderCtx| (r.barrier.completed(), r.stats.transferred_bytes.load(Relaxed), inbox.progress());
+        let mut last = (Instant::now(), progress(&rctx));
         let mut ended_checked = false;
         loop {
             self.ctl.check()?;
@@ -368,11 +369,15 @@ impl Receiver<'_> {
                     break;
                 }
             }
-            let now = (done, self.stats.transferred_bytes.load(Relaxed));
-            if now != (last.1, last.2) {
-                last = (Instant::now(), now.0, now.1);
-            } else if last.0.elapsed() > self.ctl.stall && done < final_pass {
-                return Err(MigrationError::Stalled("final pass not completing".into()));
+            let now = progress(&rctx);
+            if now != last.1 {
+                last = (Instant::now(), now);
+            } else if last.0.elapsed() > self.ctl.stall {
+                return Err(MigrationError::Stalled(if done < final_pass {
+                    "final pass not completing".into()
+                } else {
+                    "device state not loading".into()
+                }));
             }
             self.notify.wait(g, POLL_INTERVAL);
         }

@@ -44,7 +44,7 @@ enum SendState {
     Iterate,
     StopVm,
     DeviceStopCopy,
-    SendState,
+    SendVmState,
     AwaitResumed,
     Done,
 }
@@ -137,6 +137,10 @@ pub fn run(vm: Arc<dyn SourceVm>, p: &SendParams, stats: &Arc<MigrationStats>, c
         last_fetch: Instant::now(),
         forced_warned: false,
     };
+    s.ctl.set_deadline(
+        s.start + Duration::from_secs(p.timeout_s),
+        format!("migration took longer than {} s", p.timeout_s),
+    );
     match s.drive() {
         Ok(()) => {
             s.finish_ok();
@@ -167,7 +171,7 @@ impl Sender {
                 SendState::Iterate => self.iterate()?,
                 SendState::StopVm => self.stop_vm()?,
                 SendState::DeviceStopCopy => self.device_stop_copy()?,
-                SendState::SendState => self.send_state()?,
+                SendState::SendVmState => self.send_state()?,
                 SendState::AwaitResumed => self.await_resumed()?,
                 SendState::Done => SendState::Done,
             };
@@ -416,7 +420,7 @@ impl Sender {
                 self.mainmode.stop_copy(&devs, &cnt, &main, &self.ctl, self.p.device_chunk_bytes as usize)?;
             }
         }
-        Ok(SendState::SendState)
+        Ok(SendState::SendVmState)
     }
 
     fn send_state(&mut self) -> Result<SendState, MigrationError> {
@@ -576,6 +580,7 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
             Ok((_, Some(h))) => h,
         };
         last = Instant::now();
+        ctl.touch_peer();
         let res: Result<bool, MigrationError> = (|| {
             if h.session != main.session {
                 return Err(MigrationError::proto("frame of another session on the main connection"));
@@ -591,8 +596,8 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
                     *slot = Some((h.b, h.c));
                     if let Some(c) = counters.get(dev) {
                         c.initial_loaded.store(true, Relaxed);
-                        if h.c > 0 {
-                            c.load_rate.store(h.b.saturating_mul(1_000_000) / h.c, Relaxed);
+                        if let Some(rate) = h.b.saturating_mul(1_000_000).checked_div(h.c) {
+                            c.load_rate.store(rate, Relaxed);
                         }
                         log::debug!("device {}: destination loaded its initial data", c.id);
                     }

@@ -965,6 +965,8 @@ pub fn finish_migration(
             Err(e) => panic!("[{}] vm.receive-migration: {}", dst.name, e),
         }
     }
+    eprintln!("[{}] source's last status: {:?}", src.name, source_status);
+    eprintln!("[{}] migration completed: {}", dst.name, dest_status);
     Migration { source_status, dest_status }
 }
 
@@ -996,6 +998,7 @@ pub fn file_mode(p: &Path) -> u32 {
 /// Waits for a migration on `src` to end in failure (or cancellation when
 /// `states` says so) while the source keeps running; returns the status.
 pub fn expect_migration_end(src: &Vmm, states: &[&str], timeout: Duration) -> Value {
+    let start = Instant::now();
     let mut last = Value::Null;
     let r = poll(timeout, || {
         if !src.is_running() {
@@ -1015,7 +1018,9 @@ pub fn expect_migration_end(src: &Vmm, states: &[&str], timeout: Duration) -> Va
             _ => None,
         }
     });
-    r.unwrap_or_else(|| panic!("[{}] migration did not end in {:?} within {:?}; last: {}", src.name, states, timeout, last))
+    let r = r.unwrap_or_else(|| panic!("[{}] migration did not end in {:?} within {:?}; last: {}", src.name, states, timeout, last));
+    eprintln!("[{}] migration ended after {:.1?}: {}", src.name, start.elapsed(), r);
+    r
 }
 
 /// Waits until a running migration on `src` has moved some bytes (or 30 s passed).
@@ -1058,6 +1063,12 @@ pub fn check_guest_moved(logs_before: &[&SerialLog], dst: &Vmm) {
         "the destination did not continue the source's passes (source's last {}, all {:?})",
         last_before,
         passes
+    );
+    eprintln!(
+        "[{}] guest moved: passes 1..={} before, {} after switch-over, no MISMATCH",
+        dst.name,
+        last_before,
+        passes.len() as u64 - last_before
     );
     // The destination keeps serving its API.
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);

@@ -47,7 +47,15 @@ fn vm_info_reports_config() {
     assert_eq!(info["state"], "running", "{}", info);
     assert!(!info["config"].is_null(), "vm.info has no config: {}", info);
     assert!(!info["vcpus"].is_null(), "vm.info has no vcpus: {}", info);
-    assert!(!info["memory"].is_null(), "vm.info has no memory: {}", info);
+    assert!(
+        !info["memory"].is_null() || !info["memory_regions"].is_null(),
+        "vm.info has no memory: {}",
+        info
+    );
+    if let Some(v) = info["vcpus"].as_array() {
+        assert_eq!(v.len(), 2, "vcpus: {}", info);
+    }
+    assert!(info.to_string().contains("268435456") || info.to_string().contains("256"), "memory size not reported: {}", info);
     assert!(info["devices"].is_array(), "vm.info has no devices array: {}", info);
     assert_eq!(vm.serial.boot(), Some((256, 4)));
 }

@@ -6,12 +6,13 @@
 //! serial output of all hosts the guest ran on must read as one run with
 //! passes numbered 1, 2, 3, ... ([`check_stream`]).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::Duration;
 
 use ferry_tests::*;
+use migration::wire::{Header, Kind, HEADER_LEN, ROLE_DATA, ROLE_MAIN};
 
 /// Boots a source guest running forever and waits for its first passes.
 fn boot_source(name: &str, cmdline: &str, extra: &[&str]) -> Vmm {
@@ -252,6 +253,20 @@ fn receiver_refuses_garbage_and_stays_usable() {
         ("a wrong magic", wrong_magic),
         ("nothing", Vec::new()),
         ("a huge length", [0x7fu8; 64].to_vec()),
+        ("a wrong protocol version", {
+            let mut h = Header::new(Kind::Hello, 42).args(ROLE_MAIN, 0, 1).encode();
+            h[4] = 99;
+            h.to_vec()
+        }),
+        ("a data connection of no session", Header::new(Kind::Hello, 0xdead).args(ROLE_DATA, 0, 4).encode().to_vec()),
+        ("a main HELLO, then silence", Header::new(Kind::Hello, 0xbeef).args(ROLE_MAIN, 0, 1).encode().to_vec()),
+        ("a main HELLO, then a bogus SETUP", {
+            let mut v = Header::new(Kind::Hello, 0xf00d).args(ROLE_MAIN, 0, 1).encode().to_vec();
+            v.extend_from_slice(&Header::new(Kind::Setup, 0xf00d).with_len(16).encode());
+            v.extend_from_slice(&[0xa5; 16]);
+            v
+        }),
+        ("a frame of the wrong kind first", Header::new(Kind::Ram, 7).encode().to_vec()),
     ];
     for (what, bytes) in &cases {
         garbage_connection(port, bytes);
@@ -316,5 +331,53 @@ fn migration_to_nowhere_fails_cleanly() {
     let dst = Vmm::destination("dst", &[]);
     let m = migrate(&mut src, &dst, send_params(0, 4));
     check_completed_status(&m.dest_status, "destination");
+    check_guest_moved(&[&src.serial], &dst);
+}
+
+/// Reads one frame header from `s` (10 s timeout).
+fn read_header(s: &mut TcpStream) -> Option<Header> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut b = [0u8; HEADER_LEN];
+    s.read_exact(&mut b).ok()?;
+    Header::decode(&b).ok()
+}
+
+#[test]
+fn wrong_session_connection_refused_during_migration() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    // A paused source dirties nothing, so a bandwidth-capped migration is
+    // slow but converges: a window to intrude into.
+    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    src.api_ok("PUT", "vm.pause", None);
+    let dst = Vmm::destination("dst", &[]);
+    let port = free_tcp_port();
+    let recv = start_receive(&dst, port);
+    let mut p = send_params(port, 2);
+    p["max_bandwidth_mbps"] = json!(10);
+    start_send(&src, p);
+    wait_transfer_started(&src);
+
+    for (what, role) in [("data", ROLE_DATA), ("main", ROLE_MAIN)] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the receiver");
+        s.write_all(&Header::new(Kind::Hello, 0x5eed_0000_0000_0001).args(role, 0, 2).encode()).unwrap();
+        let reply = read_header(&mut s);
+        assert!(
+            !matches!(reply, Some(Header { kind: Kind::Ok, .. })),
+            "a {} connection of another session was accepted: {:?}",
+            what,
+            reply
+        );
+        if let Some(h) = reply {
+            assert_eq!(h.kind, Kind::Error, "reply to a stranger: {:?}", h);
+        }
+        // And plain garbage on a fresh connection.
+        garbage_connection(port, &random_bytes(4096));
+    }
+
+    let m = finish_migration(&mut src, &dst, Some(recv));
+    check_completed_status(&m.dest_status, "destination");
+    assert_eq!(dst.state(), "paused");
+    dst.api_ok("PUT", "vm.resume", None);
     check_guest_moved(&[&src.serial], &dst);
 }

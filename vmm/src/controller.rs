@@ -89,6 +89,52 @@ pub struct Inner {
     pub completion_reported: bool,
 }
 
+/// RAM provisioned at start for incoming migrations, faulted in by a
+/// background thread so that the API is up at once.
+///
+/// Invariant: `done` becomes true once, when the prefault thread finished
+/// (successfully or not); the RAM is usable either way.
+pub struct Provisioned {
+    ram: GuestRam,
+    done: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Provisioned {
+    /// Maps `cfg`'s memory and starts faulting it in on a thread.
+    fn start(cfg: &crate::config::MemoryConfig) -> Result<Arc<Provisioned>, RunError> {
+        let ram = GuestRam::new(cfg).map_err(|e| RunError::Failed(e.to_string()))?;
+        let p = Arc::new(Provisioned {
+            ram,
+            done: Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+        });
+        let q = p.clone();
+        let size = cfg.size;
+        std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                match q.ram.prefault() {
+                    Ok(()) => info!("{} MiB of RAM provisioned for an incoming migration", size >> 20),
+                    Err(e) => warn!("{e}; pages will be faulted in on first use"),
+                }
+                *q.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                q.cv.notify_all();
+            })
+            .map_err(|e| RunError::Failed(format!("spawning the prefault thread: {e}")))?;
+        Ok(p)
+    }
+
+    /// The RAM, once faulted in.
+    fn wait(&self) -> GuestRam {
+        let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*d {
+            d = self.cv.wait(d).unwrap_or_else(|p| p.into_inner());
+        }
+        self.ram.clone()
+    }
+}
+
 /// The VMM of one `ferry` process.
 ///
 /// Invariant: `provisioned` is RAM faulted in at start (API-only VMM with
@@ -97,7 +143,7 @@ pub struct Vmm {
     cfg: VmmConfig,
     events: Sender<VmmEvent>,
     inner: Mutex<Inner>,
-    provisioned: Option<GuestRam>,
+    provisioned: Option<Arc<Provisioned>>,
 }
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
@@ -122,9 +168,14 @@ impl Vmm {
         self.events.clone()
     }
 
-    /// Pre-provisioned RAM, if any.
+    /// Pre-provisioned RAM, if any; waits until it is faulted in.
     pub fn provisioned_ram(&self) -> Option<GuestRam> {
-        self.provisioned.clone()
+        self.provisioned.as_ref().map(|p| p.wait())
+    }
+
+    /// Whether RAM was pre-provisioned (without waiting for it).
+    pub fn has_provisioned_ram(&self) -> bool {
+        self.provisioned.is_some()
     }
 
     /// Whether this process booted its own VM (`--kernel`).
@@ -163,7 +214,7 @@ impl Vmm {
             g.vm.take().ok_or_else(|| "no VM has been created".to_string())?
         };
         vm.stop();
-        if self.provisioned.is_some() {
+        if self.has_provisioned_ram() {
             vm.ram().zero();
         }
         info!("VM {} shut down", vm.id);
@@ -266,14 +317,7 @@ fn main_loop(vmm: &Vmm, rx: &Receiver<VmmEvent>) -> i32 {
 pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
     let (tx, rx) = channel();
     let provisioned = if cfg.boot.is_none() && cfg.memory_explicit && cfg.memory.prefault {
-        let ram = GuestRam::new(&cfg.memory).map_err(|e| RunError::Failed(e.to_string()))?;
-        ram.prefault()
-            .map_err(|e| RunError::Failed(e.to_string()))?;
-        info!(
-            "{} MiB of RAM provisioned for an incoming migration",
-            cfg.memory.size >> 20
-        );
-        Some(ram)
+        Some(Provisioned::start(&cfg.memory)?)
     } else {
         None
     };
@@ -284,6 +328,12 @@ pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
         provisioned,
     });
     install_term_handlers();
+    // The VM exists before the API answers, so that `vm.info` works as soon
+    // as `vmm.ping` does.
+    let booted = build_boot_vm(&vmm)?;
+    if let Some(vm) = &booted {
+        vmm.lock().vm = Some(vm.clone());
+    }
     let api = match &vmm.cfg.api_socket {
         Some(path) => Some(
             crate::api::server::ApiServer::start(path, vmm.clone())
@@ -291,11 +341,9 @@ pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
         ),
         None => None,
     };
-    let booted = build_boot_vm(&vmm)?;
     // Everything the user gave has been accepted: only now warn about the host.
     crate::warn_if_pvm();
     if let Some(vm) = booted {
-        vmm.lock().vm = Some(vm.clone());
         vm.start(false)
             .map_err(|e| RunError::Failed(e.to_string()))?;
     } else {

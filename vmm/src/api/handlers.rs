@@ -132,7 +132,7 @@ fn vm_info(vmm: &Arc<Vmm>) -> Reply {
                 "size_mib": ram.size() >> 20,
                 "kind": ram.backing().kind(),
                 "file": file,
-                "prefault": vmm.config().memory.prefault && (vmm.booted() || vmm.provisioned_ram().is_some()),
+                "prefault": vmm.config().memory.prefault && (vmm.booted() || vmm.has_provisioned_ram()),
             },
             "serial": serial_str(&desc.serial),
             "migrated_in": desc.migrated_in,

@@ -15,8 +15,11 @@ use super::http::{read_request, write_response};
 use super::routes::{allowed_method, route, After, Reply};
 use crate::Vmm;
 
-/// Most connections served at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Most connections served at once. A further connection waits up to
+/// [`SLOT_WAIT`] for a slot, then is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection beyond [`MAX_CONNECTIONS`] waits for a slot.
+pub const SLOT_WAIT: Duration = Duration::from_secs(2);
 /// Time a client has to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,6 +99,10 @@ fn accept_loop(listener: UnixListener, vmm: Arc<Vmm>, stop: Arc<AtomicBool>) {
                 continue;
             }
         };
+        let t0 = std::time::Instant::now();
+        while active.load(Ordering::SeqCst) >= MAX_CONNECTIONS && t0.elapsed() < SLOT_WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));

@@ -77,7 +77,7 @@ fn one_run(env: &Env, src: &SourceSpec, dst_mem: Option<&str>, prefault: Option<
 }
 
 fn total_s(r: &RunResult) -> Option<f64> {
-    r.stat("total_time_ms").map(|ms| ms / 1000.0).or(if r.ok { Some(r.wall_s) } else { None })
+    r.stat("total_time_ms").map(|ms| ms / 1000.0)
 }
 
 fn col(runs: &[&RunResult], g: impl Fn(&RunResult) -> Option<f64>) -> Vec<f64> {

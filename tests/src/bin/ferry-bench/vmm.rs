@@ -161,9 +161,36 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    /// A counter from the destination's statistics, else the source's.
+    /// A counter from the source's final statistics when the bench read them
+    /// (the source exits right after completing), else the destination's.
+    /// `total_time_ms` only from the source (the destination's counts from the
+    /// receive request, i.e. includes the settle wait), else the bench's wall
+    /// time; `downtime_ms` from the pause/resume timestamps (µs) when present.
     pub fn stat(&self, key: &str) -> Option<f64> {
-        num(&self.dst_status, key).or_else(|| num(&self.src_status, key))
+        let src_done = self.src_status.get("state").and_then(Value::as_str) == Some("completed");
+        match key {
+            "total_time_ms" => {
+                if src_done {
+                    num(&self.src_status, key)
+                } else if self.ok {
+                    Some(self.wall_s * 1000.0)
+                } else {
+                    None
+                }
+            }
+            "downtime_ms" => {
+                for v in [&self.src_status, &self.dst_status] {
+                    if let (Some(p), Some(r)) = (num(v, "pause_time_us"), num(v, "resume_time_us")) {
+                        if r >= p && p > 0.0 {
+                            return Some((r - p) / 1000.0);
+                        }
+                    }
+                }
+                num(&self.dst_status, key).or_else(|| num(&self.src_status, key))
+            }
+            _ if src_done => num(&self.src_status, key).or_else(|| num(&self.dst_status, key)),
+            _ => num(&self.dst_status, key).or_else(|| num(&self.src_status, key)),
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -275,7 +302,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
             None if !dst.is_running() => res.error = Some(format!("destination died: {}", stderr_tail(dst))),
             None => {}
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     res.wall_s = t0.elapsed().as_secs_f64();
     let dst_cpu1 = procfs::cpu_seconds(dpid);
