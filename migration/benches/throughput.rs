@@ -122,7 +122,10 @@ impl DestinationFactory for Factory {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2048);
     let conns: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(4);
     let len = mib << 20;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::MigrationError;
-pub use crate::stats::{DeviceStatus, MigrationState, MigrationStats, MigrationStatus};
+pub use crate::stats::{
+    DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
+};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
 use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
 
@@ -102,14 +104,19 @@ impl SendParams {
         let bad = |m: String| Err(MigrationError::InvalidParams(m));
         crate::handshake::parse_url(&self.destination_url)?;
         if self.connections == 0 || self.connections > MAX_CONNECTIONS {
-            return bad(format!("connections must be 1..={MAX_CONNECTIONS}, got {}", self.connections));
+            return bad(format!(
+                "connections must be 1..={MAX_CONNECTIONS}, got {}",
+                self.connections
+            ));
         }
         if self.downtime_ms > 3_600_000 {
             return bad(format!("downtime_ms {} is over one hour", self.downtime_ms));
         }
         if let Some(b) = self.max_bandwidth_mbps {
             if !b.is_finite() || b <= 0.0 {
-                return bad(format!("max_bandwidth_mbps must be a positive number, got {b}"));
+                return bad(format!(
+                    "max_bandwidth_mbps must be a positive number, got {b}"
+                ));
             }
         }
         if self.timeout_s == 0 {

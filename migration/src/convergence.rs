@@ -121,9 +121,18 @@ mod tests {
     fn decides() {
         let mut c = Convergence::new(Duration::from_millis(300), 30);
         c.record_transfer(1 << 30, 1 << 30, Duration::from_secs(1));
-        assert_eq!(c.decide(2, c.estimate(100 << 20, Duration::ZERO)), Decision::SwitchOver);
-        assert_eq!(c.decide(2, c.estimate(900 << 20, Duration::ZERO)), Decision::Continue);
-        assert_eq!(c.decide(30, c.estimate(900 << 20, Duration::ZERO)), Decision::Forced);
+        assert_eq!(
+            c.decide(2, c.estimate(100 << 20, Duration::ZERO)),
+            Decision::SwitchOver
+        );
+        assert_eq!(
+            c.decide(2, c.estimate(900 << 20, Duration::ZERO)),
+            Decision::Continue
+        );
+        assert_eq!(
+            c.decide(30, c.estimate(900 << 20, Duration::ZERO)),
+            Decision::Forced
+        );
         assert_eq!(
             c.decide(2, c.estimate(1, Duration::from_secs(1))),
             Decision::Continue

@@ -100,7 +100,9 @@ impl DeviceInbox {
         if (dev as usize) < self.slots.len() {
             Ok(())
         } else {
-            Err(MigrationError::proto(format!("chunk for unknown device index {dev}")))
+            Err(MigrationError::proto(format!(
+                "chunk for unknown device index {dev}"
+            )))
         }
     }
 
@@ -111,7 +113,13 @@ impl DeviceInbox {
     /// Hands an item to device `dev`'s buffer, waiting while the buffer is
     /// full (unless `seq` is the next expected). Duplicates, items after the
     /// end of the stream and a stalled buffer are errors.
-    pub fn deliver(self: &Arc<Self>, dev: usize, seq: u64, kind: DevItemKind, data: Vec<u8>) -> Result<(), MigrationError> {
+    pub fn deliver(
+        self: &Arc<Self>,
+        dev: usize,
+        seq: u64,
+        kind: DevItemKind,
+        data: Vec<u8>,
+    ) -> Result<(), MigrationError> {
         self.check_index(dev as u64)?;
         let item = match kind {
             DevItemKind::PrecopyData | DevItemKind::StopCopyData => DevItem::Data(data),
@@ -124,15 +132,24 @@ impl DeviceInbox {
         let mut since = (Instant::now(), st.progress);
         loop {
             if seq < st.next || st.buf.contains_key(&seq) {
-                return Err(MigrationError::device(self.id(dev), format!("duplicate state chunk {seq}")));
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    format!("duplicate state chunk {seq}"),
+                ));
             }
             if let Some(e) = st.end_seq {
                 if seq > e || matches!(item, DevItem::End) {
-                    return Err(MigrationError::device(self.id(dev), format!("chunk {seq} after the end of its stream ({e})")));
+                    return Err(MigrationError::device(
+                        self.id(dev),
+                        format!("chunk {seq} after the end of its stream ({e})"),
+                    ));
                 }
             }
             if matches!(item, DevItem::End) && st.buf.keys().next_back().is_some_and(|&k| k > seq) {
-                return Err(MigrationError::device(self.id(dev), format!("end of stream at {seq} before buffered chunks")));
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    format!("end of stream at {seq} before buffered chunks"),
+                ));
             }
             if seq == st.next || st.bytes + cost <= self.bound {
                 break;
@@ -141,9 +158,16 @@ impl DeviceInbox {
             if st.progress != since.1 {
                 since = (Instant::now(), st.progress);
             } else if since.0.elapsed() > self.ctl.stall {
-                return Err(MigrationError::device(self.id(dev), "state reorder buffer full and not draining"));
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    "state reorder buffer full and not draining",
+                ));
             }
-            st = slot.cv.wait_timeout(st, POLL_INTERVAL).unwrap_or_else(|e| e.into_inner()).0;
+            st = slot
+                .cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         if matches!(item, DevItem::End) {
             st.end_seq = Some(seq);
@@ -180,7 +204,11 @@ impl DeviceInbox {
                 if first != st.next || last - first + 1 != st.buf.len() as u64 {
                     return Err(MigrationError::device(
                         self.id(i),
-                        format!("state sequence gap: expected {}, have {first}..={last} ({} chunks)", st.next, st.buf.len()),
+                        format!(
+                            "state sequence gap: expected {}, have {first}..={last} ({} chunks)",
+                            st.next,
+                            st.buf.len()
+                        ),
                     ));
                 }
             }
@@ -192,7 +220,10 @@ impl DeviceInbox {
     pub fn check_all_ended(&self) -> Result<(), MigrationError> {
         for (i, s) in self.slots.iter().enumerate() {
             if lock(&s.st).end_seq.is_none() {
-                return Err(MigrationError::device(self.id(i), "state stream did not end before the final state"));
+                return Err(MigrationError::device(
+                    self.id(i),
+                    "state stream did not end before the final state",
+                ));
             }
         }
         Ok(())
@@ -230,7 +261,11 @@ impl DeviceInbox {
                 return Ok(item);
             }
             self.ctl.check()?;
-            st = slot.cv.wait_timeout(st, POLL_INTERVAL).unwrap_or_else(|e| e.into_inner()).0;
+            st = slot
+                .cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -249,14 +284,18 @@ impl DeviceInbox {
                 DevItem::Data(data) => {
                     let t = Instant::now();
                     if let Some(f) = f.as_mut() {
-                        f.write_all(&data)
-                            .map_err(|e| MigrationError::device(&id, format!("loading state: {e}")))?;
+                        f.write_all(&data).map_err(|e| {
+                            MigrationError::device(&id, format!("loading state: {e}"))
+                        })?;
                     }
                     busy += t.elapsed();
                     loaded += data.len() as u64;
                     c.transferred.fetch_add(data.len() as u64, Relaxed);
                     if busy.as_micros() > 0 {
-                        c.load_rate.store((loaded as u128 * 1_000_000 / busy.as_micros()) as u64, Relaxed);
+                        c.load_rate.store(
+                            (loaded as u128 * 1_000_000 / busy.as_micros()) as u64,
+                            Relaxed,
+                        );
                     }
                 }
                 DevItem::InitialDone => {
@@ -266,8 +305,9 @@ impl DeviceInbox {
                 }
                 DevItem::End => {
                     drop(f.take());
-                    d.set_state(MigState::Stop)
-                        .map_err(|e| MigrationError::device(&id, format!("refused its state: {e}")))?;
+                    d.set_state(MigState::Stop).map_err(|e| {
+                        MigrationError::device(&id, format!("refused its state: {e}"))
+                    })?;
                     lock(&self.slots[dev].st).done = true;
                     log::debug!("device {id}: {loaded} bytes loaded");
                     return Ok(());

@@ -49,7 +49,10 @@ pub fn read_chunk(f: &File, max: usize, ctl: &Ctl, id: &str) -> Result<Vec<u8>, 
         let r = unsafe { libc::poll(&mut pfd, 1, POLL_INTERVAL.as_millis() as i32) };
         if r == 0 {
             if last.elapsed() > ctl.stall {
-                return Err(MigrationError::device(id, "no state data for the stall timeout"));
+                return Err(MigrationError::device(
+                    id,
+                    "no state data for the stall timeout",
+                ));
             }
             continue;
         }
@@ -67,7 +70,11 @@ pub fn read_chunk(f: &File, max: usize, ctl: &Ctl, id: &str) -> Result<Vec<u8>, 
                 last = Instant::now();
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOMSG) => break,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) => return Err(berr(id, "reading state", e)),
         }
     }
@@ -104,12 +111,18 @@ impl DeviceSavers {
         let phase = Arc::new((Mutex::new(Phase::PreCopy), Condvar::new()));
         let mut handles = Vec::new();
         for (i, d) in devices.iter().enumerate() {
-            let (d, pool, ctl, c, ph) = (d.clone(), pool.clone(), ctl.clone(), counters[i].clone(), phase.clone());
+            let (d, pool, ctl, c, ph) = (
+                d.clone(),
+                pool.clone(),
+                ctl.clone(),
+                counters[i].clone(),
+                phase.clone(),
+            );
             let pre = does_precopy(&*d, precopy);
             let h = std::thread::Builder::new()
                 .name(format!("mig-save-{i}"))
-                .spawn(move || {
-                    match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
+                .spawn(
+                    move || match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
                         Ok(()) => Ok(()),
                         Err(e) => {
                             ctl.fail(match e {
@@ -118,8 +131,8 @@ impl DeviceSavers {
                             });
                             Err(MigrationError::Aborted)
                         }
-                    }
-                })
+                    },
+                )
                 .map_err(|e| MigrationError::io("spawning a device save thread", e))?;
             handles.push(h);
         }
@@ -137,7 +150,9 @@ impl DeviceSavers {
         self.stop_copy();
         let mut first = Ok(());
         for h in self.handles {
-            let r = h.join().unwrap_or_else(|_| Err(MigrationError::proto("device save thread panicked")));
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(MigrationError::proto("device save thread panicked")));
             if first.is_ok() {
                 if let Err(e) = r {
                     first = Err(e);
@@ -153,7 +168,10 @@ fn wait_phase(ph: &(Mutex<Phase>, Condvar), timeout: Duration) -> Phase {
     if *g == Phase::StopCopy {
         return Phase::StopCopy;
     }
-    *ph.1.wait_timeout(g, timeout).unwrap_or_else(|e| e.into_inner()).0
+    *ph.1
+        .wait_timeout(g, timeout)
+        .unwrap_or_else(|e| e.into_inner())
+        .0
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -178,16 +196,23 @@ fn save_thread(
         let mut announced = false;
         while *lock(&ph.0) == Phase::PreCopy {
             ctl.check()?;
-            let info = dev.precopy_info().map_err(|e| berr(&id, "precopy_info", e))?;
+            let info = dev
+                .precopy_info()
+                .map_err(|e| berr(&id, "precopy_info", e))?;
             let scs = dev.stop_copy_size().unwrap_or(0);
-            c.remaining.store(info.initial_bytes + info.dirty_bytes + scs, Relaxed);
+            c.remaining
+                .store(info.initial_bytes + info.dirty_bytes + scs, Relaxed);
             if !announced && info.initial_bytes == 0 {
                 let seq = pool.push_device(idx, DevItemKind::InitialDone, Vec::new())?;
                 log::debug!("device {id}: initial pre-copy done at seq {seq}");
                 announced = true;
                 continue;
             }
-            let want = if announced { info.dirty_bytes } else { info.initial_bytes };
+            let want = if announced {
+                info.dirty_bytes
+            } else {
+                info.initial_bytes
+            };
             let buf = if want == 0 {
                 Vec::new()
             } else if let Some(f) = &fd {
@@ -202,13 +227,17 @@ fn save_thread(
             pool.push_device(idx, DevItemKind::PrecopyData, buf)?;
         }
     } else {
-        c.remaining.store(dev.stop_copy_size().unwrap_or(0), Relaxed);
+        c.remaining
+            .store(dev.stop_copy_size().unwrap_or(0), Relaxed);
         while wait_phase(ph, POLL_INTERVAL) == Phase::PreCopy {
             ctl.check()?;
         }
     }
     ctl.check()?;
-    if let Some(f) = dev.set_state(MigState::StopCopy).map_err(|e| berr(&id, "entering STOP_COPY", e))? {
+    if let Some(f) = dev
+        .set_state(MigState::StopCopy)
+        .map_err(|e| berr(&id, "entering STOP_COPY", e))?
+    {
         fd = Some(f);
     }
     let f = fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
@@ -244,10 +273,23 @@ impl MainModeDevices {
         }
     }
 
-    fn send(&mut self, main: &MainConn, ctl: &Ctl, i: usize, kind: DevItemKind, data: &[u8]) -> Result<(), MigrationError> {
+    fn send(
+        &mut self,
+        main: &MainConn,
+        ctl: &Ctl,
+        i: usize,
+        kind: DevItemKind,
+        data: &[u8],
+    ) -> Result<(), MigrationError> {
         let seq = self.seqs[i];
         self.seqs[i] += 1;
-        main.send(Kind::Device, (i as u64, seq, kind as u64), data, ctl, "sending device state on the main connection")
+        main.send(
+            Kind::Device,
+            (i as u64, seq, kind as u64),
+            data,
+            ctl,
+            "sending device state on the main connection",
+        )
     }
 
     /// Pre-copies the initial data of every pre-copy device, in order.
@@ -301,10 +343,14 @@ impl MainModeDevices {
         for (i, d) in devices.iter().enumerate() {
             let id = d.id().to_string();
             let mut fd = self.fds[i].take();
-            if let Some(f) = d.set_state(MigState::StopCopy).map_err(|e| berr(&id, "entering STOP_COPY", e))? {
+            if let Some(f) = d
+                .set_state(MigState::StopCopy)
+                .map_err(|e| berr(&id, "entering STOP_COPY", e))?
+            {
                 fd = Some(f);
             }
-            let f = fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
+            let f =
+                fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
             loop {
                 let buf = read_chunk(&f, chunk, ctl, &id)?;
                 if buf.is_empty() {

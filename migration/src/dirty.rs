@@ -69,7 +69,10 @@ impl<'a> Packetizer<'a> {
         }
         let rp = self.regions[region].pages();
         let start = (first / CLEAR_BLOCK * CLEAR_BLOCK).max(self.cleared_upto[region]);
-        let end = (first + n).div_ceil(CLEAR_BLOCK).saturating_mul(CLEAR_BLOCK).min(rp);
+        let end = (first + n)
+            .div_ceil(CLEAR_BLOCK)
+            .saturating_mul(CLEAR_BLOCK)
+            .min(rp);
         if end <= start {
             return Ok(());
         }
@@ -85,12 +88,19 @@ impl<'a> Packetizer<'a> {
     }
 
     /// Adds pages `[first, first + n)` of `region` (ascending per region).
-    pub fn add_run(&mut self, region: usize, mut first: u64, mut n: u64) -> Result<(), MigrationError> {
+    pub fn add_run(
+        &mut self,
+        region: usize,
+        mut first: u64,
+        mut n: u64,
+    ) -> Result<(), MigrationError> {
         while n > 0 {
             let take = n.min(PACKET_PAGES - self.cur_pages);
             self.note_clear(region, first, take)?;
             match self.cur.last_mut() {
-                Some(l) if l.region as usize == region && l.first_page + l.npages == first => l.npages += take,
+                Some(l) if l.region as usize == region && l.first_page + l.npages == first => {
+                    l.npages += take
+                }
                 _ => self.cur.push(PageRun {
                     region: region as u32,
                     first_page: first,
@@ -122,7 +132,11 @@ impl<'a> Packetizer<'a> {
     /// Adds the populated byte ranges of a region (first pass). In manual
     /// mode ranges are widened to whole 64-page blocks, because every page
     /// that is re-protected must also be read afterwards.
-    pub fn add_populated(&mut self, region: usize, ranges: &[Range<u64>]) -> Result<(), MigrationError> {
+    pub fn add_populated(
+        &mut self,
+        region: usize,
+        ranges: &[Range<u64>],
+    ) -> Result<(), MigrationError> {
         let rp = self.regions[region].pages();
         let mut raw: Vec<(u64, u64)> = Vec::new();
         for r in ranges {
@@ -208,7 +222,12 @@ pub fn runs_of(bm: &DirtyBitmap, pages: u64) -> Vec<(u64, u64)> {
 /// Number of set bits (bounded by `pages`).
 pub fn count_dirty(bm: &DirtyBitmap, pages: u64) -> u64 {
     let full = (pages / 64) as usize;
-    let mut n: u64 = bm.words.iter().take(full).map(|w| w.count_ones() as u64).sum();
+    let mut n: u64 = bm
+        .words
+        .iter()
+        .take(full)
+        .map(|w| w.count_ones() as u64)
+        .sum();
     if pages % 64 != 0 {
         if let Some(w) = bm.words.get(full) {
             n += (w & ((1u64 << (pages % 64)) - 1)).count_ones() as u64;

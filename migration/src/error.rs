@@ -63,6 +63,24 @@ pub enum MigrationError {
     /// The destination's VM does not match the source's.
     #[error("incompatible configuration: {0}")]
     Incompatible(String),
+    /// Source only: the switch-over was committed (COMMIT written to the
+    /// destination) but the destination's RESUMED never arrived (`cause`:
+    /// connection broken, destination error, or no reply within the stall
+    /// timeout). The destination may or may not be running the guest, so the
+    /// source VM was **left paused** (devices STOP, dirty logging off) to
+    /// make sure the guest never runs twice. The caller must keep the paused
+    /// VM (not exit with success); resuming it is a manual decision for when
+    /// the destination is known not to run the guest.
+    #[error(
+        "migration outcome uncertain: the switch-over was committed but the destination did not confirm \
+         that the VM started ({cause}); the VM was left paused on the source to avoid running it twice \
+         (resume it by hand only if the destination did not start it)"
+    )]
+    CommitUncertain {
+        /// Why the confirmation is missing.
+        #[source]
+        cause: Box<MigrationError>,
+    },
     /// A worker stopped because another part of the migration failed first;
     /// never the final error of a migration (the first cause replaces it).
     #[error("aborted after an earlier failure")]
@@ -92,6 +110,12 @@ impl MigrationError {
             id: id.to_string(),
             msg: msg.into(),
         }
+    }
+
+    /// Whether the source VM was left paused because the outcome of a
+    /// committed switch-over is unknown ([`MigrationError::CommitUncertain`]).
+    pub fn is_commit_uncertain(&self) -> bool {
+        matches!(self, MigrationError::CommitUncertain { .. })
     }
 
     /// Builds a [`MigrationError::Protocol`].

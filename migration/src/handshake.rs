@@ -22,29 +22,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses `tcp:HOST:PORT` into socket addresses.
 pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, MigrationError> {
-    let rest = url
-        .strip_prefix("tcp:")
-        .ok_or_else(|| MigrationError::InvalidParams(format!("unsupported URL {url:?} (expected tcp:HOST:PORT)")))?;
+    let rest = url.strip_prefix("tcp:").ok_or_else(|| {
+        MigrationError::InvalidParams(format!("unsupported URL {url:?} (expected tcp:HOST:PORT)"))
+    })?;
     let addrs: Vec<SocketAddr> = rest
         .to_socket_addrs()
         .map_err(|e| MigrationError::InvalidParams(format!("cannot resolve {rest:?}: {e}")))?
         .collect();
     if addrs.is_empty() {
-        return Err(MigrationError::InvalidParams(format!("{rest:?} resolves to nothing")));
+        return Err(MigrationError::InvalidParams(format!(
+            "{rest:?} resolves to nothing"
+        )));
     }
     Ok(addrs)
 }
 
 /// Waits up to `timeout` for the reply to a request: OK → `Ok(())`, ERROR →
 /// [`MigrationError::Remote`] with the destination's message.
-pub fn await_reply(s: &TcpStream, session: u128, ctl: &Ctl, timeout: Duration, what: &str) -> Result<(), MigrationError> {
+pub fn await_reply(
+    s: &TcpStream,
+    session: u128,
+    ctl: &Ctl,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), MigrationError> {
     let start = Instant::now();
     loop {
         let (st, h) = recv_header(s, ctl, true, what)?;
         match (st, h) {
             (Start::Idle, _) => {
                 if start.elapsed() > timeout {
-                    return Err(MigrationError::Timeout(format!("no reply within {timeout:?} {what}")));
+                    return Err(MigrationError::Timeout(format!(
+                        "no reply within {timeout:?} {what}"
+                    )));
                 }
             }
             (Start::Eof, _) => return Err(MigrationError::PeerClosed(what.to_string())),
@@ -56,7 +66,9 @@ pub fn await_reply(s: &TcpStream, session: u128, ctl: &Ctl, timeout: Duration, w
                     }
                     Kind::Ok if h.session == session => Ok(()),
                     Kind::Keepalive => continue,
-                    k => Err(MigrationError::proto(format!("unexpected {k:?} reply {what}"))),
+                    k => Err(MigrationError::proto(format!(
+                        "unexpected {k:?} reply {what}"
+                    ))),
                 };
             }
             (Start::Full, None) => return Err(MigrationError::proto("missing header")),
@@ -93,13 +105,22 @@ pub fn connect(
         Some(s) => s,
         None => {
             let e = last.unwrap_or_else(|| std::io::Error::other("no address"));
-            return Err(MigrationError::io(format!("connecting to the destination {what}"), e));
+            return Err(MigrationError::io(
+                format!("connecting to the destination {what}"),
+                e,
+            ));
         }
     };
     prepare_stream(&s, role == ROLE_DATA)?;
     let hello = Header::new(Kind::Hello, session).args(role, index, n);
     send_frame(&s, &hello, &[], ctl, &format!("sending HELLO {what}"))?;
-    await_reply(&s, session, ctl, ctl.stall, &format!("waiting for the HELLO reply {what}"))?;
+    await_reply(
+        &s,
+        session,
+        ctl,
+        ctl.stall,
+        &format!("waiting for the HELLO reply {what}"),
+    )?;
     Ok(s)
 }
 
@@ -174,7 +195,13 @@ impl Drop for Acceptor {
     }
 }
 
-fn spawn_refusal(threads: &Mutex<Vec<JoinHandle<()>>>, stop: CancelToken, s: TcpStream, session: u128, msg: String) {
+fn spawn_refusal(
+    threads: &Mutex<Vec<JoinHandle<()>>>,
+    stop: CancelToken,
+    s: TcpStream,
+    session: u128,
+    msg: String,
+) {
     log::warn!("refusing migration connection: {msg}");
     let h = std::thread::Builder::new()
         .name("mig-refuse".into())
@@ -198,13 +225,22 @@ pub fn refuse_now(s: &TcpStream, session: u128, msg: &str, stop: &CancelToken) {
         match std::io::Read::read(&mut &*s, &mut buf) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
 }
 
-fn accept_loop(listener: TcpListener, stop: CancelToken, threads: Arc<Mutex<Vec<JoinHandle<()>>>>, tx: Sender<Incoming>) {
+fn accept_loop(
+    listener: TcpListener,
+    stop: CancelToken,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tx: Sender<Incoming>,
+) {
     while !stop.is_cancelled() {
         match listener.accept() {
             Ok((s, peer)) => {
@@ -214,7 +250,9 @@ fn accept_loop(listener: TcpListener, stop: CancelToken, threads: Arc<Mutex<Vec<
                     t.len() >= MAX_PENDING
                 };
                 if busy {
-                    log::warn!("dropping migration connection from {peer}: too many pending handshakes");
+                    log::warn!(
+                        "dropping migration connection from {peer}: too many pending handshakes"
+                    );
                     continue;
                 }
                 log::debug!("migration connection from {peer}");

@@ -27,6 +27,7 @@ mod reader;
 mod receiver;
 mod sender;
 pub mod stats;
+mod testhook;
 pub mod traits;
 pub mod wire;
 mod writer;
@@ -36,6 +37,6 @@ mod tests;
 
 pub use api::{
     receive, send, CancelToken, DeviceStateMode, DeviceStatus, MigrationError, MigrationState,
-    MigrationStats, MigrationStatus, ReceiveParams, SendParams,
+    MigrationStats, MigrationStatus, ReceiveParams, SendParams, SourceVmOutcome,
 };
 pub use traits::*;

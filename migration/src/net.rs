@@ -37,9 +37,14 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///
 /// Invariant: once `abort` is set it stays set; `first` holds the first
 /// error reported through [`Ctl::fail`], which is the migration's cause.
+/// Once `committed` is set (the switch-over commit point, see
+/// [`Ctl::commit_point`]) it stays set, and from then on neither the cancel
+/// token nor the deadline can fail the migration: only a real failure
+/// (connection, peer, protocol) sets `abort`.
 #[derive(Debug)]
 pub struct Ctl {
     abort: AtomicBool,
+    committed: AtomicBool,
     first: Mutex<Option<MigrationError>>,
     cancel: CancelToken,
     sockets: Mutex<Vec<TcpStream>>,
@@ -54,6 +59,7 @@ impl Ctl {
     pub fn new(cancel: CancelToken, stall: Duration) -> Arc<Ctl> {
         Arc::new(Ctl {
             abort: AtomicBool::new(false),
+            committed: AtomicBool::new(false),
             first: Mutex::new(None),
             cancel,
             sockets: Mutex::new(Vec::new()),
@@ -92,14 +98,26 @@ impl Ctl {
     /// Records `e` (if it is the first) and stops everything: sets the abort
     /// flag and shuts down the registered sockets.
     pub fn fail(&self, e: MigrationError) {
+        self.fail_inner(e, false);
+    }
+
+    /// Records `e` and aborts like [`Ctl::fail`], unless `soft` and the commit
+    /// point was passed (a cancel or deadline that lost the race against
+    /// [`Ctl::commit_point`] is ignored). The commit flag is read under the
+    /// same lock that `commit_point` takes, so the two are linearized.
+    fn fail_inner(&self, e: MigrationError, soft: bool) {
         {
             let mut f = lock(&self.first);
+            if soft && self.is_committed() {
+                log::warn!("ignored after the switch-over was committed: {e}");
+                return;
+            }
             if f.is_none() && !matches!(e, MigrationError::Aborted) {
                 log::warn!("migration failing: {e}");
                 *f = Some(e);
             }
+            self.abort.store(true, Ordering::SeqCst);
         }
-        self.abort.store(true, Ordering::SeqCst);
         self.shutdown_all();
     }
 
@@ -110,24 +128,52 @@ impl Ctl {
         }
     }
 
-    /// Whether workers must stop (abort or cancel).
+    /// Passes the switch-over commit point: from now on cancel and the
+    /// deadline are ignored (it is too late to go back), only failures abort.
+    ///
+    /// Fails with [`MigrationError::Aborted`] (and commits nothing) if the
+    /// migration was already aborted, cancelled or past its deadline: then
+    /// the caller must not commit. A cancel either lands before this call
+    /// (and fails it) or after it (and is ignored): both paths take the
+    /// lock of the first error.
+    pub fn commit_point(&self) -> Result<(), MigrationError> {
+        self.check()?;
+        {
+            let _f = lock(&self.first);
+            if !self.abort.load(Ordering::SeqCst) && !self.cancel.is_cancelled() {
+                self.committed.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        // Cancelled between the check and the lock: honour it.
+        self.fail(MigrationError::Cancelled);
+        Err(MigrationError::Aborted)
+    }
+
+    /// Whether [`Ctl::commit_point`] was passed.
+    pub fn is_committed(&self) -> bool {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    /// Whether workers must stop (abort, or cancel before the commit point).
     pub fn stopped(&self) -> bool {
-        self.abort.load(Ordering::SeqCst) || self.cancel.is_cancelled()
+        self.abort.load(Ordering::SeqCst) || (self.cancel.is_cancelled() && !self.is_committed())
     }
 
     /// Ok while running; turns a cancel or an expired deadline into the
-    /// migration's error.
+    /// migration's error (both only before the commit point).
     pub fn check(&self) -> Result<(), MigrationError> {
-        if self.cancel.is_cancelled() && !self.abort.load(Ordering::SeqCst) {
-            self.fail(MigrationError::Cancelled);
+        let committed = self.is_committed();
+        if !committed && self.cancel.is_cancelled() && !self.abort.load(Ordering::SeqCst) {
+            self.fail_inner(MigrationError::Cancelled, true);
         }
         let expired = match &*lock(&self.deadline) {
-            Some((at, why)) if Instant::now() >= *at => Some(why.clone()),
+            Some((at, why)) if !committed && Instant::now() >= *at => Some(why.clone()),
             _ => None,
         };
         if let Some(why) = expired {
             if !self.abort.load(Ordering::SeqCst) {
-                self.fail(MigrationError::Timeout(why));
+                self.fail_inner(MigrationError::Timeout(why), true);
             }
         }
         if self.abort.load(Ordering::SeqCst) {
@@ -168,7 +214,10 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) {
         )
     };
     if r != 0 {
-        log::debug!("setsockopt({level}, {name}, {v}) failed: {}", io::Error::last_os_error());
+        log::debug!(
+            "setsockopt({level}, {name}, {v}) failed: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -200,7 +249,10 @@ pub fn prepare_stream(s: &TcpStream, data: bool) -> Result<(), MigrationError> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
 }
 
 /// What [`read_start`] found at a frame boundary.
@@ -241,7 +293,10 @@ pub fn read_start(
                     return Ok(Start::Idle);
                 }
                 if last.elapsed() > ctl.stall {
-                    return Err(MigrationError::Stalled(format!("no data for {:?} {what}", ctl.stall)));
+                    return Err(MigrationError::Stalled(format!(
+                        "no data for {:?} {what}",
+                        ctl.stall
+                    )));
                 }
             }
             Err(e) => return Err(MigrationError::io(what, e)),
@@ -251,13 +306,23 @@ pub fn read_start(
 }
 
 /// Fills `buf` completely (EOF is an error).
-pub fn read_full(s: &TcpStream, buf: &mut [u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
+pub fn read_full(
+    s: &TcpStream,
+    buf: &mut [u8],
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
     read_start(s, buf, ctl, false, what).map(|_| ())
 }
 
 /// Writes all of `buf`, polling abort between timeouts; fails after no
 /// progress for `ctl.stall`.
-pub fn write_full(mut s: &TcpStream, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
+pub fn write_full(
+    mut s: &TcpStream,
+    buf: &[u8],
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
     let mut done = 0;
     let mut last = Instant::now();
     while done < buf.len() {
@@ -270,7 +335,10 @@ pub fn write_full(mut s: &TcpStream, buf: &[u8], ctl: &Ctl, what: &str) -> Resul
             }
             Err(e) if is_timeout(&e) => {
                 if ctl.write_stalled(last) {
-                    return Err(MigrationError::Stalled(format!("cannot write for {:?} {what}", ctl.stall)));
+                    return Err(MigrationError::Stalled(format!(
+                        "cannot write for {:?} {what}",
+                        ctl.stall
+                    )));
                 }
             }
             Err(e) => return Err(MigrationError::io(what, e)),
@@ -353,7 +421,10 @@ pub unsafe fn vectored_full(
             Dir::Read => last.elapsed() > ctl.stall,
         };
         if stalled {
-            return Err(MigrationError::Stalled(format!("no progress for {:?} {what}", ctl.stall)));
+            return Err(MigrationError::Stalled(format!(
+                "no progress for {:?} {what}",
+                ctl.stall
+            )));
         }
     }
     Ok(())
@@ -403,7 +474,12 @@ pub fn recv_header(
 }
 
 /// Reads a payload of `len` bytes (already bounded by header validation).
-pub fn recv_payload(s: &TcpStream, len: u64, ctl: &Ctl, what: &str) -> Result<Vec<u8>, MigrationError> {
+pub fn recv_payload(
+    s: &TcpStream,
+    len: u64,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<Vec<u8>, MigrationError> {
     let mut v = vec![0u8; len as usize];
     read_full(s, &mut v, ctl, what)?;
     Ok(v)
@@ -414,7 +490,13 @@ pub fn recv_payload(s: &TcpStream, len: u64, ctl: &Ctl, what: &str) -> Result<Ve
 pub fn send_message(s: &TcpStream, kind: Kind, session: u128, msg: &str) {
     let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(1));
     let msg = wire::bounded_message(msg);
-    let _ = send_frame(s, &Header::new(kind, session), msg.as_bytes(), &ctl, "sending an error frame");
+    let _ = send_frame(
+        s,
+        &Header::new(kind, session),
+        msg.as_bytes(),
+        &ctl,
+        "sending an error frame",
+    );
 }
 
 /// Wall-clock microseconds since the Unix epoch (for cross-process downtime).
@@ -477,7 +559,14 @@ impl MainConn {
     }
 
     /// Sends one frame of `kind` with args and payload.
-    pub fn send(&self, kind: Kind, args: (u64, u64, u64), payload: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
+    pub fn send(
+        &self,
+        kind: Kind,
+        args: (u64, u64, u64),
+        payload: &[u8],
+        ctl: &Ctl,
+        what: &str,
+    ) -> Result<(), MigrationError> {
         let h = Header::new(kind, self.session).args(args.0, args.1, args.2);
         let _g = lock(&self.wlock);
         send_frame(&self.stream, &h, payload, ctl, what)
@@ -492,7 +581,11 @@ impl MainConn {
 
 /// Starts a thread that sends KEEPALIVE on `main` every
 /// [`KEEPALIVE_INTERVAL`] until `stop` is set or a send fails.
-pub fn spawn_keepalive(main: Arc<MainConn>, ctl: Arc<Ctl>, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+pub fn spawn_keepalive(
+    main: Arc<MainConn>,
+    ctl: Arc<Ctl>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("mig-keepalive".into())
         .spawn(move || {
@@ -501,7 +594,10 @@ pub fn spawn_keepalive(main: Arc<MainConn>, ctl: Arc<Ctl>, stop: Arc<AtomicBool>
                 std::thread::sleep(Duration::from_millis(20));
                 if last.elapsed() >= KEEPALIVE_INTERVAL {
                     last = Instant::now();
-                    if main.send(Kind::Keepalive, (0, 0, 0), &[], &ctl, "sending a keepalive").is_err() {
+                    if main
+                        .send(Kind::Keepalive, (0, 0, 0), &[], &ctl, "sending a keepalive")
+                        .is_err()
+                    {
                         break;
                     }
                 }

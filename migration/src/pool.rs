@@ -120,7 +120,12 @@ impl Pool {
         lock(&self.st).queued.iter().sum()
     }
 
-    fn push_inner(&self, mut make: impl FnMut(&mut PoolState) -> Item, cost: u64, dev_bytes: u64) -> Result<u64, MigrationError> {
+    fn push_inner(
+        &self,
+        mut make: impl FnMut(&mut PoolState) -> Item,
+        cost: u64,
+        dev_bytes: u64,
+    ) -> Result<u64, MigrationError> {
         let mut st = lock(&self.st);
         loop {
             self.ctl.check()?;
@@ -131,7 +136,9 @@ impl Pool {
                 .min_by_key(|(_, q)| **q)
                 .map(|(i, q)| (i, *q))
                 .unwrap_or((0, 0));
-            let dev_ok = dev_bytes == 0 || st.dev_inflight == 0 || st.dev_inflight + dev_bytes <= self.dev_limit;
+            let dev_ok = dev_bytes == 0
+                || st.dev_inflight == 0
+                || st.dev_inflight + dev_bytes <= self.dev_limit;
             if (q == 0 || q + cost <= self.conn_limit) && dev_ok {
                 let item = make(&mut st);
                 let seq = match &item {
@@ -169,7 +176,12 @@ impl Pool {
 
     /// Assigns the next sequence number of device `dev` and queues the item,
     /// both under the global enqueue lock. Returns the sequence number.
-    pub fn push_device(&self, dev: u32, kind: DevItemKind, data: Vec<u8>) -> Result<u64, MigrationError> {
+    pub fn push_device(
+        &self,
+        dev: u32,
+        kind: DevItemKind,
+        data: Vec<u8>,
+    ) -> Result<u64, MigrationError> {
         let cost = data.len() as u64;
         let mut data = Some(data);
         self.push_inner(
@@ -221,7 +233,6 @@ impl Pool {
         drop(st);
         self.space_cv.notify_all();
     }
-
 }
 
 /// Token bucket shared by all writers (`max_bandwidth_mbps`).

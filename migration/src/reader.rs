@@ -10,7 +10,10 @@ use std::thread::JoinHandle;
 
 use crate::devrecv::DeviceInbox;
 use crate::error::MigrationError;
-use crate::net::{lock, read_full, recv_header, recv_payload, vectored_full, Ctl, Dir, Notify, Start, POLL_INTERVAL};
+use crate::net::{
+    lock, read_full, recv_header, recv_payload, vectored_full, Ctl, Dir, Notify, Start,
+    POLL_INTERVAL,
+};
 use crate::pool::add;
 use crate::stats::MigrationStats;
 use crate::traits::{RamRegion, PAGE_SIZE};
@@ -32,7 +35,11 @@ impl DestRam {
     pub fn new(regions: Vec<RamRegion>) -> Self {
         let written = regions
             .iter()
-            .map(|r| (0..r.pages().div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .map(|r| {
+                (0..r.pages().div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            })
             .collect();
         DestRam { regions, written }
     }
@@ -44,7 +51,11 @@ impl DestRam {
         while p < end {
             let bit = p % 64;
             let take = (64 - bit).min(end - p);
-            let mask = if take == 64 { u64::MAX } else { ((1u64 << take) - 1) << bit };
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
             bm[(p / 64) as usize].fetch_or(mask, Relaxed);
             p += take;
         }
@@ -100,10 +111,19 @@ impl PassBarrier {
 
     /// Reader `idx` reached SYNC(`pass`): waits for all others. The last one
     /// to arrive runs `on_last` (consistency checks) before releasing all.
-    pub fn wait(&self, idx: usize, pass: u64, ctl: &Ctl, on_last: &dyn Fn() -> Result<(), MigrationError>) -> Result<(), MigrationError> {
+    pub fn wait(
+        &self,
+        idx: usize,
+        pass: u64,
+        ctl: &Ctl,
+        on_last: &dyn Fn() -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
         let mut st = lock(&self.st);
         if pass != st.completed + 1 {
-            return Err(MigrationError::proto(format!("SYNC({pass}) while pass {} is open", st.completed + 1)));
+            return Err(MigrationError::proto(format!(
+                "SYNC({pass}) while pass {} is open",
+                st.completed + 1
+            )));
         }
         st.arrived += 1;
         if st.arrived == self.n {
@@ -124,7 +144,11 @@ impl PassBarrier {
                     "data connection {i} ended before pass {pass} (reader {idx} waiting)"
                 )));
             }
-            st = self.cv.wait_timeout(st, POLL_INTERVAL).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -158,7 +182,10 @@ pub struct ReaderCtx {
 }
 
 /// Starts one reader per data connection (index = connection index).
-pub fn spawn_readers(ctx: &Arc<ReaderCtx>, streams: Vec<TcpStream>) -> Result<Vec<JoinHandle<()>>, MigrationError> {
+pub fn spawn_readers(
+    ctx: &Arc<ReaderCtx>,
+    streams: Vec<TcpStream>,
+) -> Result<Vec<JoinHandle<()>>, MigrationError> {
     let mut v = Vec::new();
     for (i, s) in streams.into_iter().enumerate() {
         let ctx = ctx.clone();
@@ -181,7 +208,12 @@ pub fn spawn_readers(ctx: &Arc<ReaderCtx>, streams: Vec<TcpStream>) -> Result<Ve
     Ok(v)
 }
 
-fn run_reader(idx: usize, s: &TcpStream, ctx: &ReaderCtx, passes: &mut u64) -> Result<(), MigrationError> {
+fn run_reader(
+    idx: usize,
+    s: &TcpStream,
+    ctx: &ReaderCtx,
+    passes: &mut u64,
+) -> Result<(), MigrationError> {
     let what = format!("reading data connection {idx}");
     let mut table = Vec::new();
     let mut ranges: Vec<ResolvedRange> = Vec::new();
@@ -198,13 +230,18 @@ fn run_reader(idx: usize, s: &TcpStream, ctx: &ReaderCtx, passes: &mut u64) -> R
             return Ok(());
         }
         if h.session != ctx.session {
-            return Err(MigrationError::proto(format!("frame of another session on data connection {idx}")));
+            return Err(MigrationError::proto(format!(
+                "frame of another session on data connection {idx}"
+            )));
         }
         let pass = *passes + 1;
         match h.kind {
             Kind::Ram => {
                 if h.a != pass {
-                    return Err(MigrationError::proto(format!("RAM of pass {} while pass {pass} is open", h.a)));
+                    return Err(MigrationError::proto(format!(
+                        "RAM of pass {} while pass {pass} is open",
+                        h.a
+                    )));
                 }
                 table.resize(h.count as usize * RANGE_ENTRY_LEN, 0);
                 read_full(s, &mut table, &ctx.ctl, &what)?;
@@ -229,7 +266,13 @@ fn run_reader(idx: usize, s: &TcpStream, ctx: &ReaderCtx, passes: &mut u64) -> R
                         for p in r.first_page..r.first_page + r.npages {
                             if ctx.ram.is_written(r.region, p) {
                                 // SAFETY: page inside guest RAM (validated above).
-                                unsafe { std::ptr::write_bytes(ctx.ram.host(r.region, p), 0, PAGE_SIZE as usize) };
+                                unsafe {
+                                    std::ptr::write_bytes(
+                                        ctx.ram.host(r.region, p),
+                                        0,
+                                        PAGE_SIZE as usize,
+                                    )
+                                };
                             }
                         }
                     } else {
@@ -241,7 +284,10 @@ fn run_reader(idx: usize, s: &TcpStream, ctx: &ReaderCtx, passes: &mut u64) -> R
             }
             Kind::Sync => {
                 if h.a != pass {
-                    return Err(MigrationError::proto(format!("SYNC({}) while pass {pass} is open", h.a)));
+                    return Err(MigrationError::proto(format!(
+                        "SYNC({}) while pass {pass} is open",
+                        h.a
+                    )));
                 }
                 let check = || match &ctx.inbox {
                     Some(i) => i.check_contiguous(),
@@ -272,7 +318,11 @@ fn run_reader(idx: usize, s: &TcpStream, ctx: &ReaderCtx, passes: &mut u64) -> R
                 return Err(MigrationError::PeerAborted(crate::wire::message_text(&m)));
             }
             Kind::Keepalive => {}
-            k => return Err(MigrationError::proto(format!("unexpected {k:?} frame on data connection {idx}"))),
+            k => {
+                return Err(MigrationError::proto(format!(
+                    "unexpected {k:?} frame on data connection {idx}"
+                )))
+            }
         }
     }
 }

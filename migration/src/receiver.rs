@@ -3,10 +3,15 @@
 //! completing (restore, start, "resumed") or cleaning up.
 //!
 //! ```text
-//! WaitMain -> Setup -> AcceptData -> Receive --STATE--> Complete -> Done
-//! any state --error/cancel/abort/peer death--> cleanup (ERROR frame,
-//!   threads joined, sockets closed, vm.discard()) -> Failed
+//! WaitMain -> Setup -> AcceptData -> Receive --STATE--> Complete (restore, READY)
+//!   -> AwaitCommit --COMMIT--> Start (start, RESUMED) -> Done
+//! any state before COMMIT --error/cancel/abort/peer death--> cleanup (ERROR
+//!   frame, threads joined, sockets closed, vm.discard()) -> Failed
 //! ```
+//!
+//! The VM is started only after COMMIT arrived; from then on cancel is
+//! ignored and a failure to send RESUMED leaves the VM running (the source,
+//! which wrote COMMIT, stays paused and reports an uncertain outcome).
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
@@ -19,9 +24,12 @@ use crate::api::{CancelToken, DeviceStateMode, ReceiveParams};
 use crate::devrecv::{Ack, DeviceInbox};
 use crate::error::MigrationError;
 use crate::handshake::{Acceptor, Incoming};
-use crate::net::{self, epoch_us, recv_header, recv_payload, Ctl, MainConn, Notify, Start, POLL_INTERVAL, STALL_TIMEOUT};
+use crate::net::{
+    self, epoch_us, recv_header, recv_payload, Ctl, MainConn, Notify, Start, POLL_INTERVAL,
+    STALL_TIMEOUT,
+};
 use crate::reader::{spawn_readers, DestRam, PassBarrier, ReaderCtx};
-use crate::stats::{MigrationStats, Role};
+use crate::stats::{DeviceCounters, MigrationStats, Role};
 use crate::traits::{DestinationFactory, DestinationVm};
 use crate::wire::{self, Header, Kind, Setup, ROLE_DATA, ROLE_MAIN};
 
@@ -29,6 +37,8 @@ use crate::wire::{self, Header, Kind, Setup, ROLE_DATA, ROLE_MAIN};
 pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
 /// Read timeout of the main connection while receiving (ack latency).
 const MAIN_POLL: Duration = Duration::from_millis(10);
+/// Interval of RATE frames (device load rates) while receiving.
+const RATE_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecvState {
@@ -37,6 +47,8 @@ enum RecvState {
     AcceptData,
     Receive,
     Complete,
+    AwaitCommit,
+    Start,
     Done,
 }
 
@@ -61,6 +73,12 @@ struct Receiver<'a> {
     notify: Arc<Notify>,
     last_main: Instant,
     state: Option<(Header, Vec<u8>)>,
+    /// After READY: (final pass, start paused, source pause µs, READY time).
+    ready: Option<(u64, bool, u64, Instant)>,
+    /// Device counters (load rates for RATE frames).
+    counters: Vec<Arc<DeviceCounters>>,
+    /// Last RATE round and the rate last sent per device.
+    rates: (Instant, Vec<u64>),
     error_sent: std::cell::Cell<bool>,
 }
 
@@ -74,7 +92,10 @@ pub fn run(
 ) -> Result<Arc<dyn DestinationVm>, MigrationError> {
     stats.begin();
     stats.set_role(Role::Destination);
-    let bound = params.device_buffer_bytes.unwrap_or(DEFAULT_DEVICE_BUFFER).max(wire::MAX_DEVICE_CHUNK);
+    let bound = params
+        .device_buffer_bytes
+        .unwrap_or(DEFAULT_DEVICE_BUFFER)
+        .max(wire::MAX_DEVICE_CHUNK);
     let mut r = Receiver {
         factory,
         bound,
@@ -96,6 +117,9 @@ pub fn run(
         notify: Arc::new(Notify::default()),
         last_main: Instant::now(),
         state: None,
+        ready: None,
+        counters: Vec::new(),
+        rates: (Instant::now(), Vec::new()),
         error_sent: std::cell::Cell::new(false),
     };
     match r.drive() {
@@ -115,7 +139,10 @@ pub fn run(
 fn is_connection_error(e: &MigrationError) -> bool {
     matches!(
         e,
-        MigrationError::Io { .. } | MigrationError::PeerClosed(_) | MigrationError::Stalled(_) | MigrationError::Aborted
+        MigrationError::Io { .. }
+            | MigrationError::PeerClosed(_)
+            | MigrationError::Stalled(_)
+            | MigrationError::Aborted
     )
 }
 
@@ -123,21 +150,30 @@ impl Receiver<'_> {
     fn drive(&mut self) -> Result<Arc<dyn DestinationVm>, MigrationError> {
         let mut st = RecvState::WaitMain;
         loop {
-            self.ctl.check()?;
+            // After COMMIT the VM is started whatever else failed meanwhile.
+            if st != RecvState::Start {
+                self.ctl.check()?;
+            }
             st = match st {
                 RecvState::WaitMain => self.wait_main()?,
                 RecvState::Setup => self.do_setup()?,
                 RecvState::AcceptData => self.accept_data()?,
                 RecvState::Receive => self.receive_step()?,
                 RecvState::Complete => self.complete()?,
+                RecvState::AwaitCommit => self.await_commit()?,
+                RecvState::Start => self.start_vm()?,
                 RecvState::Done => break,
             };
         }
-        self.vm.clone().ok_or_else(|| MigrationError::proto("no VM"))
+        self.vm
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no VM"))
     }
 
     fn main(&self) -> Result<Arc<MainConn>, MigrationError> {
-        self.main.clone().ok_or_else(|| MigrationError::proto("main connection missing"))
+        self.main
+            .clone()
+            .ok_or_else(|| MigrationError::proto("main connection missing"))
     }
 
     fn refuse(&self, inc: Incoming, msg: &str) {
@@ -168,9 +204,19 @@ impl Receiver<'_> {
         self.session = h.session;
         self.n = h.c as usize;
         let main = MainConn::new(s, h.session);
-        main.send(Kind::Ok, (0, 0, 0), &[], &self.ctl, "accepting the main connection")?;
+        main.send(
+            Kind::Ok,
+            (0, 0, 0),
+            &[],
+            &self.ctl,
+            "accepting the main connection",
+        )?;
         self.main = Some(main);
-        log::info!("incoming migration: session {:032x}, {} data connections", self.session, self.n);
+        log::info!(
+            "incoming migration: session {:032x}, {} data connections",
+            self.session,
+            self.n
+        );
         Ok(RecvState::Setup)
     }
 
@@ -191,19 +237,25 @@ impl Receiver<'_> {
             match recv_header(&main.stream, &self.ctl, true, what)? {
                 (Start::Full, Some(h)) => break h,
                 (Start::Eof, _) => return Err(MigrationError::PeerClosed(what.into())),
-                _ if start.elapsed() > self.ctl.stall => return Err(MigrationError::Timeout(what.into())),
+                _ if start.elapsed() > self.ctl.stall => {
+                    return Err(MigrationError::Timeout(what.into()))
+                }
                 _ => {}
             }
         };
         if h.kind != Kind::Setup || h.session != self.session {
-            return Err(self.refuse_setup(MigrationError::proto(format!("expected SETUP, got {:?}", h.kind))));
+            return Err(self.refuse_setup(MigrationError::proto(format!(
+                "expected SETUP, got {:?}",
+                h.kind
+            ))));
         }
         let payload = recv_payload(&main.stream, h.len, &self.ctl, what)?;
         let setup = Setup::decode(&payload).map_err(|e| self.refuse_setup(e))?;
-        let vm = self
-            .factory
-            .create(&setup.config)
-            .map_err(|e| self.refuse_setup(MigrationError::Incompatible(format!("VM configuration refused: {e}"))))?;
+        let vm = self.factory.create(&setup.config).map_err(|e| {
+            self.refuse_setup(MigrationError::Incompatible(format!(
+                "VM configuration refused: {e}"
+            )))
+        })?;
         self.vm = Some(vm.clone());
         let regions = vm.ram();
         let dst: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
@@ -221,11 +273,21 @@ impl Receiver<'_> {
                 "devices differ: source {src_ids:?}, destination {ids:?}"
             ))));
         }
-        self.stats.total_bytes.store(dst.iter().map(|r| r.1).sum(), Relaxed);
+        self.stats
+            .total_bytes
+            .store(dst.iter().map(|r| r.1).sum(), Relaxed);
         self.stats.connections.store(self.n as u64, Relaxed);
         let counters = self.stats.set_devices(&ids);
+        self.counters = counters.clone();
         let (tx, rx) = channel();
-        let inbox = DeviceInbox::new(devices, counters, self.bound, self.ctl.clone(), tx, self.notify.clone());
+        let inbox = DeviceInbox::new(
+            devices,
+            counters,
+            self.bound,
+            self.ctl.clone(),
+            tx,
+            self.notify.clone(),
+        );
         self.ack_rx = Some(rx);
         self.inbox = Some(inbox.clone());
         self.rctx = Some(Arc::new(ReaderCtx {
@@ -240,7 +302,13 @@ impl Receiver<'_> {
             sealed: AtomicBool::new(false),
         }));
         self.setup = Some(setup);
-        main.send(Kind::Ok, (0, 0, 0), &[], &self.ctl, "accepting the VM configuration")?;
+        main.send(
+            Kind::Ok,
+            (0, 0, 0),
+            &[],
+            &self.ctl,
+            "accepting the VM configuration",
+        )?;
         self.data = (0..self.n).map(|_| None).collect();
         Ok(RecvState::AcceptData)
     }
@@ -250,9 +318,13 @@ impl Receiver<'_> {
         while self.data.iter().any(|d| d.is_none()) {
             self.ctl.check()?;
             if start.elapsed() > self.ctl.stall {
-                return Err(MigrationError::Timeout("waiting for the data connections".into()));
+                return Err(MigrationError::Timeout(
+                    "waiting for the data connections".into(),
+                ));
             }
-            let Some(inc) = self.next_incoming(POLL_INTERVAL) else { continue };
+            let Some(inc) = self.next_incoming(POLL_INTERVAL) else {
+                continue;
+            };
             let h = inc.hello;
             let idx = h.b as usize;
             if h.session != self.session {
@@ -263,13 +335,22 @@ impl Receiver<'_> {
                 self.refuse(inc, &format!("duplicate data connection index {idx}"));
             } else {
                 let ctl = &self.ctl;
-                net::send_frame(&inc.stream, &Header::new(Kind::Ok, self.session), &[], ctl, "accepting a data connection")?;
+                net::send_frame(
+                    &inc.stream,
+                    &Header::new(Kind::Ok, self.session),
+                    &[],
+                    ctl,
+                    "accepting a data connection",
+                )?;
                 ctl.register(&inc.stream);
                 self.data[idx] = Some(inc.stream);
             }
         }
         let streams: Vec<TcpStream> = self.data.iter_mut().filter_map(|d| d.take()).collect();
-        let rctx = self.rctx.clone().ok_or_else(|| MigrationError::proto("no reader context"))?;
+        let rctx = self
+            .rctx
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no reader context"))?;
         self.readers = spawn_readers(&rctx, streams)?;
         let main = self.main()?;
         main.stream
@@ -286,7 +367,13 @@ impl Receiver<'_> {
             let acks: Vec<Ack> = rx.try_iter().collect();
             let main = self.main()?;
             for (dev, bytes, us) in acks {
-                main.send(Kind::Ack, (dev as u64, bytes, us), &[], &self.ctl, "sending a switch-over ack")?;
+                main.send(
+                    Kind::Ack,
+                    (dev as u64, bytes, us),
+                    &[],
+                    &self.ctl,
+                    "sending a switch-over ack",
+                )?;
             }
         }
         while let Some(inc) = self.next_incoming(Duration::ZERO) {
@@ -295,34 +382,78 @@ impl Receiver<'_> {
         Ok(())
     }
 
+    /// Every [`RATE_INTERVAL`]: sends RATE for each device whose measured
+    /// load rate changed, so the source's estimate uses fresh figures.
+    fn send_rates(&mut self) -> Result<(), MigrationError> {
+        if self.rates.0.elapsed() < RATE_INTERVAL {
+            return Ok(());
+        }
+        self.rates.0 = Instant::now();
+        self.rates.1.resize(self.counters.len(), 0);
+        let main = self.main()?;
+        for (i, c) in self.counters.iter().enumerate() {
+            let rate = c.load_rate.load(Relaxed);
+            if rate != 0 && rate != self.rates.1[i] {
+                self.rates.1[i] = rate;
+                let loaded = c.transferred.load(Relaxed);
+                main.send(
+                    Kind::Rate,
+                    (i as u64, rate, loaded),
+                    &[],
+                    &self.ctl,
+                    "sending a device load rate",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     fn receive_step(&mut self) -> Result<RecvState, MigrationError> {
         self.pump()?;
+        self.send_rates()?;
         let main = self.main()?;
         let what = "reading the main connection";
         let h = match recv_header(&main.stream, &self.ctl, true, what)? {
             (Start::Full, Some(h)) => h,
-            (Start::Eof, _) => return Err(MigrationError::PeerClosed("source closed the main connection".into())),
+            (Start::Eof, _) => {
+                return Err(MigrationError::PeerClosed(
+                    "source closed the main connection".into(),
+                ))
+            }
             _ => {
                 if self.last_main.elapsed() > self.ctl.stall {
-                    return Err(MigrationError::Stalled(format!("source silent for {:?}", self.ctl.stall)));
+                    return Err(MigrationError::Stalled(format!(
+                        "source silent for {:?}",
+                        self.ctl.stall
+                    )));
                 }
                 return Ok(RecvState::Receive);
             }
         };
         self.last_main = Instant::now();
         if h.session != self.session {
-            return Err(MigrationError::proto("frame of another session on the main connection"));
+            return Err(MigrationError::proto(
+                "frame of another session on the main connection",
+            ));
         }
         match h.kind {
             Kind::Keepalive => Ok(RecvState::Receive),
             Kind::Device => {
-                let inbox = self.inbox.clone().ok_or_else(|| MigrationError::proto("device data without devices"))?;
+                let inbox = self
+                    .inbox
+                    .clone()
+                    .ok_or_else(|| MigrationError::proto("device data without devices"))?;
                 let chunk_max = self.setup.as_ref().map(|s| s.chunk_bytes).unwrap_or(0);
                 if self.setup.as_ref().map(|s| s.device_mode) != Some(DeviceStateMode::Main) {
-                    return Err(MigrationError::proto("device data on the main connection in channels mode"));
+                    return Err(MigrationError::proto(
+                        "device data on the main connection in channels mode",
+                    ));
                 }
                 if h.len > chunk_max {
-                    return Err(MigrationError::proto(format!("device chunk of {} bytes over {chunk_max}", h.len)));
+                    return Err(MigrationError::proto(format!(
+                        "device chunk of {} bytes over {chunk_max}",
+                        h.len
+                    )));
                 }
                 inbox.check_index(h.a)?;
                 let data = recv_payload(&main.stream, h.len, &self.ctl, what)?;
@@ -338,21 +469,40 @@ impl Receiver<'_> {
                 let m = recv_payload(&main.stream, h.len, &self.ctl, what)?;
                 Err(MigrationError::PeerAborted(wire::message_text(&m)))
             }
-            k => Err(MigrationError::proto(format!("unexpected {k:?} frame on the main connection"))),
+            k => Err(MigrationError::proto(format!(
+                "unexpected {k:?} frame on the main connection"
+            ))),
         }
     }
 
     fn complete(&mut self) -> Result<RecvState, MigrationError> {
-        let (h, state) = self.state.take().ok_or_else(|| MigrationError::proto("no state"))?;
+        let (h, state) = self
+            .state
+            .take()
+            .ok_or_else(|| MigrationError::proto("no state"))?;
         let (final_pass, paused, pause_us) = (h.a, h.b != 0, h.c);
-        let rctx = self.rctx.clone().ok_or_else(|| MigrationError::proto("no reader context"))?;
-        let inbox = self.inbox.clone().ok_or_else(|| MigrationError::proto("no inbox"))?;
+        let rctx = self
+            .rctx
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no reader context"))?;
+        let inbox = self
+            .inbox
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no inbox"))?;
         if final_pass == 0 || final_pass < rctx.barrier.completed() {
-            return Err(MigrationError::proto(format!("final pass {final_pass} is invalid")));
+            return Err(MigrationError::proto(format!(
+                "final pass {final_pass} is invalid"
+            )));
         }
         // Wait for all passes and device loads (event driven: readers and
         // load threads notify).
-        let progress = |r: &ReaderCtx| (r.barrier.completed(), r.stats.transferred_bytes.load(Relaxed), inbox.progress());
+        let progress = |r: &ReaderCtx| {
+            (
+                r.barrier.completed(),
+                r.stats.transferred_bytes.load(Relaxed),
+                inbox.progress(),
+            )
+        };
         let mut last = (Instant::now(), progress(&rctx));
         let mut ended_checked = false;
         loop {
@@ -388,14 +538,92 @@ impl Receiver<'_> {
             let _ = h.join();
         }
         inbox.join();
-        let vm = self.vm.clone().ok_or_else(|| MigrationError::proto("no VM"))?;
-        vm.restore_state(&state).map_err(|e| MigrationError::vm("restoring the VM state", e))?;
-        vm.start(paused).map_err(|e| MigrationError::vm("starting the VM", e))?;
+        let vm = self
+            .vm
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no VM"))?;
+        vm.restore_state(&state)
+            .map_err(|e| MigrationError::vm("restoring the VM state", e))?;
+        self.main()?
+            .send(Kind::Ready, (0, 0, 0), &[], &self.ctl, "sending READY")?;
+        self.ready = Some((final_pass, paused, pause_us, Instant::now()));
+        Ok(RecvState::AwaitCommit)
+    }
+
+    /// Waits for COMMIT on the main connection, bounded by the stall timeout
+    /// since READY; cancel, ABORT, EOF and errors fail (the VM is discarded
+    /// and the source, which did not write COMMIT, resumes).
+    fn await_commit(&mut self) -> Result<RecvState, MigrationError> {
+        self.pump()?;
+        let since = self.ready.map(|r| r.3).unwrap_or_else(Instant::now);
+        let main = self.main()?;
+        let what = "waiting for COMMIT";
+        let h = match recv_header(&main.stream, &self.ctl, true, what)? {
+            (Start::Full, Some(h)) => h,
+            (Start::Eof, _) => {
+                return Err(MigrationError::PeerClosed(
+                    "source closed the main connection before COMMIT".into(),
+                ))
+            }
+            _ => {
+                if since.elapsed() > self.ctl.stall {
+                    return Err(MigrationError::Timeout(format!(
+                        "no COMMIT within {:?} of READY",
+                        self.ctl.stall
+                    )));
+                }
+                return Ok(RecvState::AwaitCommit);
+            }
+        };
+        if h.session != self.session {
+            return Err(MigrationError::proto(
+                "frame of another session on the main connection",
+            ));
+        }
+        match h.kind {
+            Kind::Keepalive => Ok(RecvState::AwaitCommit),
+            Kind::Commit => {
+                // From here on cancel is ignored: the source never resumes.
+                self.ctl.commit_point()?;
+                Ok(RecvState::Start)
+            }
+            Kind::Abort => {
+                let m = recv_payload(&main.stream, h.len, &self.ctl, what)?;
+                Err(MigrationError::PeerAborted(wire::message_text(&m)))
+            }
+            k => Err(MigrationError::proto(format!(
+                "unexpected {k:?} frame while waiting for COMMIT"
+            ))),
+        }
+    }
+
+    /// After COMMIT: starts the VM and sends RESUMED. A failure to send
+    /// RESUMED does not undo the start (the source stays paused).
+    fn start_vm(&mut self) -> Result<RecvState, MigrationError> {
+        let (final_pass, paused, pause_us, _) = self
+            .ready
+            .ok_or_else(|| MigrationError::proto("COMMIT before READY"))?;
+        let vm = self
+            .vm
+            .clone()
+            .ok_or_else(|| MigrationError::proto("no VM"))?;
+        vm.start(paused)
+            .map_err(|e| MigrationError::vm("starting the VM", e))?;
         let resume_us = epoch_us();
         let main = self.main()?;
-        if let Err(e) = main.send(Kind::Resumed, (resume_us, 0, 0), &[], &self.ctl, "sending RESUMED") {
-            // The VM runs here now; the source will fail on its side and must
-            // not resume (it cannot know) -- log loudly.
+        crate::testhook::fire(crate::testhook::Point::BeforeResumed, &main.stream);
+        // A private control block: an abort seen by another thread (e.g. a
+        // failed keepalive) must not suppress RESUMED.
+        let ctl = Ctl::new(CancelToken::default(), self.ctl.stall);
+        if let Err(e) = main.send(
+            Kind::Resumed,
+            (resume_us, 0, 0),
+            &[],
+            &ctl,
+            "sending RESUMED",
+        ) {
+            // The VM runs here now; the source wrote COMMIT and stays paused
+            // with an uncertain outcome -- log loudly.
             log::error!("VM started but the source was not told: {e}");
         }
         self.stats.complete(pause_us, resume_us, None);

@@ -3,10 +3,17 @@
 //!
 //! ```text
 //! Connect -> Setup -> FirstPass -> Iterate --(converged/forced, all acks)--> StopVm
-//!   -> DeviceStopCopy -> SendState -> AwaitResumed -> Done
-//! any state --error/cancel/peer death--> cleanup (abort frame, threads
-//!   joined, devices RUNNING, VM resumed, dirty log off) -> Failed
+//!   -> DeviceStopCopy -> SendState -> AwaitReady --READY, COMMIT written--> AwaitResumed -> Done
+//! any state before COMMIT --error/cancel/peer death--> cleanup (abort frame,
+//!   threads joined, devices RUNNING, VM resumed, dirty log off) -> Failed
+//! AwaitResumed --peer death/ERROR/stall--> cleanup (threads joined, devices
+//!   STOP, VM LEFT PAUSED, dirty log off) -> Failed(CommitUncertain)
 //! ```
+//!
+//! The split-brain rule: once COMMIT has been written to the main connection
+//! (`committed`), the destination may start the guest at any moment, so this
+//! side never resumes its VM again; cancel and the deadline are ignored from
+//! then on (see `Ctl::commit_point`).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -19,9 +26,11 @@ use crate::devsend::{does_precopy, DeviceSavers, MainModeDevices};
 use crate::dirty::{count_dirty, merge, Packetizer};
 use crate::error::MigrationError;
 use crate::handshake::{await_reply, connect, parse_url};
-use crate::net::{self, epoch_us, lock, recv_header, recv_payload, Ctl, MainConn, Notify, Start, STALL_TIMEOUT};
+use crate::net::{
+    self, epoch_us, lock, recv_header, recv_payload, Ctl, MainConn, Notify, Start, STALL_TIMEOUT,
+};
 use crate::pool::{Item, Pool, RateLimiter};
-use crate::stats::{DeviceCounters, MigrationStats, Role};
+use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{DirtyBitmap, MigState, MigratableDevice, RamRegion, SourceVm, PAGE_SIZE};
 use crate::wire::{self, DeviceDesc, Kind, Setup, ROLE_DATA, ROLE_MAIN};
 use crate::writer::{spawn_writers, WriterCtx};
@@ -45,6 +54,7 @@ enum SendState {
     StopVm,
     DeviceStopCopy,
     SendVmState,
+    AwaitReady,
     AwaitResumed,
     Done,
 }
@@ -54,6 +64,10 @@ enum SendState {
 struct FromDest {
     /// Per device: (bytes loaded, load µs) once its initial data was loaded.
     acks: Mutex<Vec<Option<(u64, u64)>>>,
+    /// READY arrived: the destination restored the state and waits for COMMIT.
+    ready: AtomicBool,
+    /// Set just before COMMIT is written; RESUMED before it is a violation.
+    commit_sent: AtomicBool,
     resumed: Mutex<Option<u64>>,
     remote_error: Mutex<Option<String>>,
     notify: Notify,
@@ -81,7 +95,10 @@ struct Sender {
     mainmode: MainModeDevices,
     dirty_log: bool,
     paused: bool,
+    /// COMMIT was written: the VM must never be resumed here again.
+    committed: bool,
     pause_at: Option<(Instant, u64)>,
+    commit_at: Option<Instant>,
     start: Instant,
     pass: u64,
     held: Vec<DirtyBitmap>,
@@ -92,14 +109,21 @@ struct Sender {
 }
 
 /// Runs a migration on the source (see [`crate::send`]).
-pub fn run(vm: Arc<dyn SourceVm>, p: &SendParams, stats: &Arc<MigrationStats>, cancel: &CancelToken) -> Result<(), MigrationError> {
+pub fn run(
+    vm: Arc<dyn SourceVm>,
+    p: &SendParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
+) -> Result<(), MigrationError> {
     let ctl = Ctl::new(cancel.clone(), STALL_TIMEOUT);
     let devices = vm.devices();
     let regions = vm.ram();
     stats.begin();
     stats.set_role(Role::Source);
     stats.connections.store(p.connections as u64, Relaxed);
-    stats.total_bytes.store(regions.iter().map(|r| r.size).sum(), Relaxed);
+    stats
+        .total_bytes
+        .store(regions.iter().map(|r| r.size).sum(), Relaxed);
     let ids: Vec<String> = devices.iter().map(|d| d.id().to_string()).collect();
     let counters = stats.set_devices(&ids);
     let n = devices.len();
@@ -128,7 +152,9 @@ pub fn run(vm: Arc<dyn SourceVm>, p: &SendParams, stats: &Arc<MigrationStats>, c
         savers: None,
         dirty_log: false,
         paused: false,
+        committed: false,
         pause_at: None,
+        commit_at: None,
         start: Instant::now(),
         pass: 0,
         held: Vec::new(),
@@ -148,6 +174,11 @@ pub fn run(vm: Arc<dyn SourceVm>, p: &SendParams, stats: &Arc<MigrationStats>, c
         }
         Err(e) => {
             let e = s.cleanup(e);
+            s.stats.set_source_vm(if s.committed {
+                SourceVmOutcome::PausedUncertain
+            } else {
+                SourceVmOutcome::Resumed
+            });
             s.stats.fail(&e);
             log::error!("migration failed: {e}");
             Err(e)
@@ -161,8 +192,11 @@ impl Sender {
         while st != SendState::Done {
             log::debug!("sender: {st:?}");
             self.ctl.check()?;
-            if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
-                return Err(MigrationError::Timeout(format!("migration took longer than {} s", self.p.timeout_s)));
+            if !self.committed && self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
+                return Err(MigrationError::Timeout(format!(
+                    "migration took longer than {} s",
+                    self.p.timeout_s
+                )));
             }
             st = match st {
                 SendState::Connect => self.connect_main()?,
@@ -172,6 +206,7 @@ impl Sender {
                 SendState::StopVm => self.stop_vm()?,
                 SendState::DeviceStopCopy => self.device_stop_copy()?,
                 SendState::SendVmState => self.send_state()?,
+                SendState::AwaitReady => self.await_ready_and_commit()?,
                 SendState::AwaitResumed => self.await_resumed()?,
                 SendState::Done => SendState::Done,
             };
@@ -180,11 +215,15 @@ impl Sender {
     }
 
     fn main(&self) -> Result<&Arc<MainConn>, MigrationError> {
-        self.main.as_ref().ok_or_else(|| MigrationError::proto("main connection missing"))
+        self.main
+            .as_ref()
+            .ok_or_else(|| MigrationError::proto("main connection missing"))
     }
 
     fn pool(&self) -> Result<Arc<Pool>, MigrationError> {
-        self.pool.clone().ok_or_else(|| MigrationError::proto("data connections missing"))
+        self.pool
+            .clone()
+            .ok_or_else(|| MigrationError::proto("data connections missing"))
     }
 
     fn connect_main(&mut self) -> Result<SendState, MigrationError> {
@@ -196,9 +235,15 @@ impl Sender {
     }
 
     fn setup(&mut self) -> Result<SendState, MigrationError> {
-        let config = self.vm.config().map_err(|e| MigrationError::vm("serializing the VM configuration", e))?;
+        let config = self
+            .vm
+            .config()
+            .map_err(|e| MigrationError::vm("serializing the VM configuration", e))?;
         if config.len() as u64 > wire::MAX_CONFIG_LEN {
-            return Err(MigrationError::InvalidParams(format!("VM configuration of {} bytes is too large", config.len())));
+            return Err(MigrationError::InvalidParams(format!(
+                "VM configuration of {} bytes is too large",
+                config.len()
+            )));
         }
         let setup = Setup {
             config,
@@ -215,8 +260,20 @@ impl Sender {
             device_mode: self.p.device_state,
         };
         let main = self.main()?.clone();
-        main.send(Kind::Setup, (0, 0, 0), &setup.encode(), &self.ctl, "sending the VM configuration")?;
-        await_reply(&main.stream, self.session, &self.ctl, SETUP_TIMEOUT, "waiting for the destination to accept the configuration")?;
+        main.send(
+            Kind::Setup,
+            (0, 0, 0),
+            &setup.encode(),
+            &self.ctl,
+            "sending the VM configuration",
+        )?;
+        await_reply(
+            &main.stream,
+            self.session,
+            &self.ctl,
+            SETUP_TIMEOUT,
+            "waiting for the destination to accept the configuration",
+        )?;
 
         let addrs = parse_url(&self.p.destination_url)?;
         let n = self.p.connections as u64;
@@ -227,7 +284,12 @@ impl Sender {
         }
         // Threads: main reader, keepalive, writers, device savers.
         let rctl = Ctl::new(self.reader_stop.clone(), STALL_TIMEOUT);
-        let (m, c, fd, cnt) = (main.clone(), self.ctl.clone(), self.from_dest.clone(), self.counters.clone());
+        let (m, c, fd, cnt) = (
+            main.clone(),
+            self.ctl.clone(),
+            self.from_dest.clone(),
+            self.counters.clone(),
+        );
         self.reader = Some(
             std::thread::Builder::new()
                 .name("mig-main-reader".into())
@@ -235,8 +297,17 @@ impl Sender {
                 .map_err(|e| MigrationError::io("spawning the main reader", e))?,
         );
         self.keepalive = net::spawn_keepalive(main.clone(), self.ctl.clone(), self.ka_stop.clone());
-        let pool = Pool::new(n as usize, self.devices.len(), CONN_QUEUE_BYTES, DEVICE_INFLIGHT_BYTES, self.ctl.clone());
-        let limiter = self.p.max_bandwidth_mbps.map(|m| RateLimiter::new(m * 1024.0 * 1024.0));
+        let pool = Pool::new(
+            n as usize,
+            self.devices.len(),
+            CONN_QUEUE_BYTES,
+            DEVICE_INFLIGHT_BYTES,
+            self.ctl.clone(),
+        );
+        let limiter = self
+            .p
+            .max_bandwidth_mbps
+            .map(|m| RateLimiter::new(m * 1024.0 * 1024.0));
         let ctx = Arc::new(WriterCtx {
             pool: pool.clone(),
             regions: self.regions.clone(),
@@ -249,7 +320,10 @@ impl Sender {
         let streams = self
             .data
             .iter()
-            .map(|s| s.try_clone().map_err(|e| MigrationError::io("cloning a data socket", e)))
+            .map(|s| {
+                s.try_clone()
+                    .map_err(|e| MigrationError::io("cloning a data socket", e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.writers = spawn_writers(ctx, streams)?;
         self.pool = Some(pool.clone());
@@ -260,16 +334,30 @@ impl Sender {
             n,
             self.devices.len()
         );
-        self.vm.start_dirty_log().map_err(|e| MigrationError::vm("starting dirty logging", e))?;
+        self.vm
+            .start_dirty_log()
+            .map_err(|e| MigrationError::vm("starting dirty logging", e))?;
         self.dirty_log = true;
         let chunk = self.p.device_chunk_bytes as usize;
         match self.p.device_state {
             DeviceStateMode::Channels => {
-                self.savers = Some(DeviceSavers::spawn(&self.devices, &pool, &self.ctl, &self.counters, chunk, self.p.device_precopy)?);
+                self.savers = Some(DeviceSavers::spawn(
+                    &self.devices,
+                    &pool,
+                    &self.ctl,
+                    &self.counters,
+                    chunk,
+                    self.p.device_precopy,
+                )?);
             }
             DeviceStateMode::Main => {
-                let (devs, cnt, pre) = (self.devices.clone(), self.counters.clone(), self.p.device_precopy);
-                self.mainmode.precopy(&devs, &cnt, &main, &self.ctl, chunk, pre)?;
+                let (devs, cnt, pre) = (
+                    self.devices.clone(),
+                    self.counters.clone(),
+                    self.p.device_precopy,
+                );
+                self.mainmode
+                    .precopy(&devs, &cnt, &main, &self.ctl, chunk, pre)?;
             }
         }
         Ok(SendState::FirstPass)
@@ -283,7 +371,10 @@ impl Sender {
         self.last_sample = (Instant::now(), 0, 0);
         let mut pk = Packetizer::new(&pool, &*self.vm, &self.regions, 1);
         for i in 0..self.regions.len() {
-            let ranges = self.vm.populated(i).map_err(|e| MigrationError::vm("listing populated memory", e))?;
+            let ranges = self
+                .vm
+                .populated(i)
+                .map_err(|e| MigrationError::vm("listing populated memory", e))?;
             pk.add_populated(i, &ranges)?;
         }
         let pages = pk.finish()?;
@@ -296,7 +387,10 @@ impl Sender {
         let mut pages = 0;
         self.held.resize(self.regions.len(), DirtyBitmap::default());
         for i in 0..self.regions.len() {
-            let bm = self.vm.fetch_dirty(i).map_err(|e| MigrationError::vm("fetching the dirty log", e))?;
+            let bm = self
+                .vm
+                .fetch_dirty(i)
+                .map_err(|e| MigrationError::vm("fetching the dirty log", e))?;
             merge(&mut self.held[i], &bm);
             pages += count_dirty(&self.held[i], self.regions[i].pages());
         }
@@ -311,7 +405,9 @@ impl Sender {
 
     fn acks_complete(&self) -> bool {
         let acks = lock(&self.from_dest.acks);
-        self.precopy_devices().iter().all(|&i| acks.get(i).is_some_and(|a| a.is_some()))
+        self.precopy_devices()
+            .iter()
+            .all(|&i| acks.get(i).is_some_and(|a| a.is_some()))
     }
 
     fn device_estimate(&self) -> (u64, Duration) {
@@ -343,7 +439,8 @@ impl Sender {
         let now = Instant::now();
         let (t0, p0, b0) = self.last_sample;
         let (p1, b1) = (pool.pages_done.load(Relaxed), pool.sent_bytes.load(Relaxed));
-        self.conv.record_transfer((p1 - p0) * PAGE_SIZE, b1 - b0, now - t0);
+        self.conv
+            .record_transfer((p1 - p0) * PAGE_SIZE, b1 - b0, now - t0);
         self.last_sample = (now, p1, b1);
 
         let dirty_pages = self.fetch_all()?;
@@ -351,15 +448,23 @@ impl Sender {
         self.conv.record_dirty(dirty, self.last_fetch.elapsed());
         self.last_fetch = Instant::now();
         let (dev_bytes, dev_load) = self.device_estimate();
-        let est = self.conv.estimate(dirty + pool.backlog() + dev_bytes, dev_load);
+        let est = self
+            .conv
+            .estimate(dirty + pool.backlog() + dev_bytes, dev_load);
         let st = &self.stats;
         st.remaining_bytes.store(dirty, Relaxed);
-        st.throughput_bps.store(self.conv.wire_rate() as u64, Relaxed);
-        st.dirty_rate_bps.store(self.conv.dirty_rate() as u64, Relaxed);
-        st.expected_downtime_ms.store(est.as_millis() as u64, Relaxed);
+        st.throughput_bps
+            .store(self.conv.wire_rate() as u64, Relaxed);
+        st.dirty_rate_bps
+            .store(self.conv.dirty_rate() as u64, Relaxed);
+        st.expected_downtime_ms
+            .store(est.as_millis() as u64, Relaxed);
         let decision = self.conv.decide(self.pass, est);
         let acks = self.acks_complete();
-        log::debug!("after pass {}: {dirty} dirty bytes, estimate {est:?}, {decision:?}, acks {acks}", self.pass);
+        log::debug!(
+            "after pass {}: {dirty} dirty bytes, estimate {est:?}, {decision:?}, acks {acks}",
+            self.pass
+        );
         if decision != Decision::Continue && acks {
             if decision == Decision::Forced {
                 log::warn!(
@@ -372,7 +477,9 @@ impl Sender {
         }
         if decision != Decision::Continue {
             if !self.forced_warned {
-                log::info!("converged; waiting for the destination to load the devices' initial data");
+                log::info!(
+                    "converged; waiting for the destination to load the devices' initial data"
+                );
                 self.forced_warned = true;
             }
             if dirty_pages == 0 {
@@ -390,14 +497,19 @@ impl Sender {
     }
 
     fn stop_vm(&mut self) -> Result<SendState, MigrationError> {
-        self.vm.pause().map_err(|e| MigrationError::vm("pausing the VM", e))?;
+        self.vm
+            .pause()
+            .map_err(|e| MigrationError::vm("pausing the VM", e))?;
         self.paused = true;
         self.pause_at = Some((Instant::now(), epoch_us()));
         self.fetch_all()?;
         self.pass += 1;
         self.stats.iteration.store(self.pass, Relaxed);
         let pages = self.send_held(self.pass)?;
-        log::info!("VM paused; final pass {} with {pages} pages queued", self.pass);
+        log::info!(
+            "VM paused; final pass {} with {pages} pages queued",
+            self.pass
+        );
         Ok(SendState::DeviceStopCopy)
     }
 
@@ -417,30 +529,85 @@ impl Sender {
                 pool.push_all(|| Item::Close);
                 let main = self.main()?.clone();
                 let (devs, cnt) = (self.devices.clone(), self.counters.clone());
-                self.mainmode.stop_copy(&devs, &cnt, &main, &self.ctl, self.p.device_chunk_bytes as usize)?;
+                self.mainmode.stop_copy(
+                    &devs,
+                    &cnt,
+                    &main,
+                    &self.ctl,
+                    self.p.device_chunk_bytes as usize,
+                )?;
             }
         }
         Ok(SendState::SendVmState)
     }
 
     fn send_state(&mut self) -> Result<SendState, MigrationError> {
-        let state = self.vm.save_state().map_err(|e| MigrationError::vm("saving the VM state", e))?;
+        let state = self
+            .vm
+            .save_state()
+            .map_err(|e| MigrationError::vm("saving the VM state", e))?;
         if state.len() as u64 > wire::MAX_STATE_LEN {
-            return Err(MigrationError::vm("saving the VM state", crate::traits::BackendError::new("state too large")));
+            return Err(MigrationError::vm(
+                "saving the VM state",
+                crate::traits::BackendError::new("state too large"),
+            ));
         }
         let pause_us = self.pause_at.map(|p| p.1).unwrap_or(0);
         let up = self.vm.user_paused() as u64;
-        self.main()?
-            .send(Kind::State, (self.pass, up, pause_us), &state, &self.ctl, "sending the VM state")?;
+        self.main()?.send(
+            Kind::State,
+            (self.pass, up, pause_us),
+            &state,
+            &self.ctl,
+            "sending the VM state",
+        )?;
+        Ok(SendState::AwaitReady)
+    }
+
+    /// Waits for READY, then passes the commit point and writes COMMIT.
+    /// Cancel, the deadline and any failure before the COMMIT write
+    /// completed lead to the normal cleanup (the VM resumes here): a COMMIT
+    /// whose write failed never reached the destination whole, so it cannot
+    /// have started the guest.
+    fn await_ready_and_commit(&mut self) -> Result<SendState, MigrationError> {
+        loop {
+            self.ctl.check()?;
+            if self.from_dest.ready.load(SeqCst) {
+                break;
+            }
+            if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
+                return Err(MigrationError::Timeout(format!(
+                    "migration took longer than {} s",
+                    self.p.timeout_s
+                )));
+            }
+            let g = self.from_dest.notify.generation();
+            if !self.from_dest.ready.load(SeqCst) {
+                self.from_dest.notify.wait(g, Duration::from_millis(50));
+            }
+        }
+        let main = self.main()?.clone();
+        crate::testhook::fire(crate::testhook::Point::BeforeCommit, &main.stream);
+        // Cancel and the deadline are honoured up to here and ignored after.
+        self.ctl.commit_point()?;
+        self.from_dest.commit_sent.store(true, SeqCst);
+        main.send(Kind::Commit, (0, 0, 0), &[], &self.ctl, "sending COMMIT")?;
+        self.committed = true;
+        self.commit_at = Some(Instant::now());
+        log::info!("switch-over committed; waiting for the destination to start the VM");
+        crate::testhook::fire(crate::testhook::Point::AfterCommit, &main.stream);
         Ok(SendState::AwaitResumed)
     }
 
+    /// After COMMIT: waits for RESUMED, bounded by the stall timeout. Any
+    /// failure here becomes [`MigrationError::CommitUncertain`] in cleanup.
     fn await_resumed(&mut self) -> Result<SendState, MigrationError> {
+        let since = self.commit_at.unwrap_or_else(Instant::now);
         loop {
-            self.ctl.check()?;
             if let Some(ts) = *lock(&self.from_dest.resumed) {
                 let (pi, pu) = self.pause_at.unwrap_or((Instant::now(), ts));
                 let ack_ms = pi.elapsed().as_millis() as u64;
+                self.stats.set_source_vm(SourceVmOutcome::Migrated);
                 self.stats.complete(pu, ts, Some(ack_ms));
                 log::info!(
                     "migration completed: downtime {} ms (pause→ack {ack_ms} ms), {} passes",
@@ -449,8 +616,14 @@ impl Sender {
                 );
                 return Ok(SendState::Done);
             }
-            if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
-                return Err(MigrationError::Timeout(format!("migration took longer than {} s", self.p.timeout_s)));
+            // Ignores cancel and the deadline (committed); fails on a real
+            // failure reported by the main reader.
+            self.ctl.check()?;
+            if since.elapsed() > self.ctl.stall {
+                return Err(MigrationError::Timeout(format!(
+                    "no RESUMED within {:?} of COMMIT",
+                    self.ctl.stall
+                )));
             }
             let g = self.from_dest.notify.generation();
             if lock(&self.from_dest.resumed).is_none() {
@@ -489,7 +662,10 @@ impl Sender {
         self.dirty_log = false;
     }
 
-    /// Stops everything after `e`; returns the error to report.
+    /// Stops everything after `e`; returns the error to report. Before the
+    /// commit point the VM runs again and devices are RUNNING; after it
+    /// (`committed`) the VM stays paused, devices go to STOP and the error is
+    /// [`MigrationError::CommitUncertain`].
     fn cleanup(&mut self, e: MigrationError) -> MigrationError {
         let mut err = match self.ctl.take_error() {
             Some(first) => first,
@@ -497,7 +673,8 @@ impl Sender {
         };
         self.ctl.fail(MigrationError::Aborted);
         if let Some(m) = &self.main {
-            if !matches!(err, MigrationError::Remote(_)) {
+            // After COMMIT an ABORT would be read after the COMMIT and ignored.
+            if !matches!(err, MigrationError::Remote(_)) && !self.committed {
                 m.send_message(Kind::Abort, &err.to_string());
             }
             // Let the reader pick up the destination's own error message.
@@ -513,7 +690,10 @@ impl Sender {
         }
         if matches!(
             err,
-            MigrationError::Io { .. } | MigrationError::PeerClosed(_) | MigrationError::Stalled(_) | MigrationError::Aborted
+            MigrationError::Io { .. }
+                | MigrationError::PeerClosed(_)
+                | MigrationError::Stalled(_)
+                | MigrationError::Aborted
         ) {
             if let Some(m) = lock(&self.from_dest.remote_error).take() {
                 err = MigrationError::Remote(m);
@@ -521,6 +701,9 @@ impl Sender {
         }
         self.join_threads();
         self.mainmode.close();
+        if self.committed {
+            return self.cleanup_committed(err);
+        }
         for d in &self.devices {
             match d.state() {
                 Ok(MigState::Running) => {}
@@ -545,11 +728,52 @@ impl Sender {
         self.main = None;
         err
     }
+
+    /// The end of [`Sender::cleanup`] after COMMIT: the destination may run
+    /// the guest, so the VM is left paused (never resumed here), devices are
+    /// stopped (a RUNNING device could DMA or transmit while the destination
+    /// runs), dirty logging is turned off.
+    fn cleanup_committed(&mut self, err: MigrationError) -> MigrationError {
+        for d in &self.devices {
+            if !matches!(d.state(), Ok(MigState::Stop)) {
+                if let Err(e) = d.set_state(MigState::Stop) {
+                    log::error!(
+                        "device {}: STOP after an uncertain switch-over: {e}",
+                        d.id()
+                    );
+                }
+            }
+        }
+        if self.dirty_log {
+            if let Err(e) = self.vm.stop_dirty_log() {
+                log::error!("stopping dirty logging: {e}");
+            }
+            self.dirty_log = false;
+        }
+        self.data.clear();
+        self.main = None;
+        let err = match err {
+            e @ MigrationError::CommitUncertain { .. } => e,
+            cause => MigrationError::CommitUncertain {
+                cause: Box::new(cause),
+            },
+        };
+        log::error!("{err}; the source VM stays paused");
+        err
+    }
 }
 
 /// Reads the destination's frames on the main connection until RESUMED,
-/// ERROR, EOF or stop; reports problems through `ctl`.
-fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: &[Arc<DeviceCounters>]) {
+/// ERROR, EOF or stop; reports problems through `ctl`. READY is accepted
+/// once, RESUMED only after COMMIT was sent; RATE updates a device's load
+/// rate (the convergence estimate reads it).
+fn main_reader(
+    main: &MainConn,
+    rctl: &Ctl,
+    ctl: &Ctl,
+    fd: &FromDest,
+    counters: &[Arc<DeviceCounters>],
+) {
     let what = "reading the main connection";
     let mut last = Instant::now();
     loop {
@@ -563,7 +787,10 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
             }
             Ok((Start::Idle, _)) => {
                 if last.elapsed() > rctl.stall {
-                    ctl.fail(MigrationError::Stalled(format!("destination silent for {:?}", rctl.stall)));
+                    ctl.fail(MigrationError::Stalled(format!(
+                        "destination silent for {:?}",
+                        rctl.stall
+                    )));
                     fd.notify.notify();
                     return;
                 }
@@ -571,7 +798,9 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
             }
             Ok((Start::Eof, _)) => {
                 if lock(&fd.resumed).is_none() {
-                    ctl.fail(MigrationError::PeerClosed("destination closed the main connection".into()));
+                    ctl.fail(MigrationError::PeerClosed(
+                        "destination closed the main connection".into(),
+                    ));
                 }
                 fd.notify.notify();
                 return;
@@ -583,16 +812,18 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
         ctl.touch_peer();
         let res: Result<bool, MigrationError> = (|| {
             if h.session != main.session {
-                return Err(MigrationError::proto("frame of another session on the main connection"));
+                return Err(MigrationError::proto(
+                    "frame of another session on the main connection",
+                ));
             }
             match h.kind {
                 Kind::Keepalive => Ok(false),
                 Kind::Ack => {
                     let dev = h.a as usize;
                     let mut acks = lock(&fd.acks);
-                    let slot = acks
-                        .get_mut(dev)
-                        .ok_or_else(|| MigrationError::proto(format!("ack for unknown device {dev}")))?;
+                    let slot = acks.get_mut(dev).ok_or_else(|| {
+                        MigrationError::proto(format!("ack for unknown device {dev}"))
+                    })?;
                     *slot = Some((h.b, h.c));
                     if let Some(c) = counters.get(dev) {
                         c.initial_loaded.store(true, Relaxed);
@@ -603,7 +834,28 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
                     }
                     Ok(false)
                 }
+                Kind::Rate => {
+                    let c = counters.get(h.a as usize).ok_or_else(|| {
+                        MigrationError::proto(format!("load rate for unknown device {}", h.a))
+                    })?;
+                    if h.b > 0 {
+                        c.load_rate.store(h.b, Relaxed);
+                    }
+                    Ok(false)
+                }
+                Kind::Ready => {
+                    if fd.ready.swap(true, SeqCst) {
+                        return Err(MigrationError::proto(
+                            "duplicate READY from the destination",
+                        ));
+                    }
+                    log::debug!("destination restored the VM state and is ready to start it");
+                    Ok(false)
+                }
                 Kind::Resumed => {
+                    if !fd.commit_sent.load(SeqCst) {
+                        return Err(MigrationError::proto("RESUMED before COMMIT"));
+                    }
                     *lock(&fd.resumed) = Some(h.a);
                     Ok(true)
                 }
@@ -613,7 +865,9 @@ fn main_reader(main: &MainConn, rctl: &Ctl, ctl: &Ctl, fd: &FromDest, counters: 
                     ctl.fail(MigrationError::Remote(m));
                     Ok(true)
                 }
-                k => Err(MigrationError::proto(format!("unexpected {k:?} frame from the destination"))),
+                k => Err(MigrationError::proto(format!(
+                    "unexpected {k:?} frame from the destination"
+                ))),
             }
         })();
         fd.notify.notify();

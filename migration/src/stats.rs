@@ -47,6 +47,41 @@ impl MigrationState {
     }
 }
 
+/// What became of the source VM when a send ended (`source_vm` in a
+/// [`MigrationStatus`]; absent while running and on the destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceVmOutcome {
+    /// The migration failed or was cancelled before the commit point; the VM
+    /// runs again here (or stays paused if the user had paused it).
+    Resumed,
+    /// The migration completed; the VM stays paused for good and runs on the
+    /// destination.
+    Migrated,
+    /// The switch-over was committed but not confirmed
+    /// ([`crate::MigrationError::CommitUncertain`]): the VM was left paused
+    /// here so that it never runs twice; resume it only by hand.
+    PausedUncertain,
+}
+
+impl SourceVmOutcome {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(SourceVmOutcome::Resumed),
+            2 => Some(SourceVmOutcome::Migrated),
+            3 => Some(SourceVmOutcome::PausedUncertain),
+            _ => None,
+        }
+    }
+    fn to_u8(self) -> u8 {
+        match self {
+            SourceVmOutcome::Resumed => 1,
+            SourceVmOutcome::Migrated => 2,
+            SourceVmOutcome::PausedUncertain => 3,
+        }
+    }
+}
+
 /// Per-device progress in a [`MigrationStatus`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeviceStatus {
@@ -71,6 +106,11 @@ pub struct MigrationStatus {
     pub state: MigrationState,
     /// Reason, when failed or cancelled.
     pub error: Option<String>,
+    /// Source only, once the send ended: what became of the source VM.
+    /// `paused_uncertain` means the VM is paused and must not be resumed
+    /// automatically (see [`SourceVmOutcome::PausedUncertain`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_vm: Option<SourceVmOutcome>,
     /// "source" or "destination" (None before anything started).
     pub role: Option<String>,
     /// Current (or last) RAM pass, starting at 1.
@@ -143,6 +183,7 @@ fn set_opt(a: &AtomicU64, v: u64) {
 pub struct MigrationStats {
     state: AtomicU8,
     role: AtomicU8,
+    source_vm: AtomicU8,
     error: Mutex<Option<String>>,
     started: Mutex<Option<Instant>>,
     pub(crate) iteration: AtomicU64,
@@ -179,6 +220,7 @@ impl MigrationStats {
     pub fn reset_for_new(&self) {
         self.state.store(0, Relaxed);
         self.role.store(0, Relaxed);
+        self.source_vm.store(0, Relaxed);
         *lock(&self.error) = None;
         *lock(&self.started) = None;
         for a in [
@@ -204,7 +246,10 @@ impl MigrationStats {
         ] {
             a.store(0, Relaxed);
         }
-        self.devices.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Resets the counters and marks the migration active (the VMM may call
@@ -226,7 +271,19 @@ impl MigrationStats {
     }
 
     fn elapsed_ms(&self) -> u64 {
-        lock(&self.started).map(|s| s.elapsed().as_millis() as u64).unwrap_or(0)
+        lock(&self.started)
+            .map(|s| s.elapsed().as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Records what became of the source VM (set before the final state).
+    pub(crate) fn set_source_vm(&self, o: SourceVmOutcome) {
+        self.source_vm.store(o.to_u8(), Relaxed);
+    }
+
+    /// What became of the source VM, once a send ended.
+    pub fn source_vm(&self) -> Option<SourceVmOutcome> {
+        SourceVmOutcome::from_u8(self.source_vm.load(Relaxed))
     }
 
     pub(crate) fn mark_setup_done(&self) {
@@ -296,6 +353,7 @@ impl MigrationStats {
         MigrationStatus {
             state,
             error: lock(&self.error).clone(),
+            source_vm: self.source_vm(),
             role,
             iteration: self.iteration.load(Relaxed),
             connections: self.connections.load(Relaxed) as u32,
@@ -315,7 +373,11 @@ impl MigrationStats {
                 total.unwrap_or(0)
             },
             setup_time_ms: opt(&self.setup_time_ms),
-            total_time_ms: if state == MigrationState::Active { None } else { total },
+            total_time_ms: if state == MigrationState::Active {
+                None
+            } else {
+                total
+            },
             downtime_ms: opt(&self.downtime_ms),
             pause_to_ack_ms: opt(&self.pause_to_ack_ms),
             pause_time_us: opt(&self.pause_time_us),

@@ -12,8 +12,10 @@ use crate::traits::{MigCaps, RamRegion, PAGE_SIZE};
 
 /// `b"FRRY"` read as a little-endian u32: first four bytes of every frame.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
-/// The only protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The only protocol version this build speaks. Version 2 added the
+/// READY/COMMIT switch-over handshake and RATE frames; a version-1 peer is
+/// refused at HELLO (it would start the VM without waiting for COMMIT).
+pub const VERSION: u16 = 2;
 /// Size of every frame header.
 pub const HEADER_LEN: usize = 64;
 /// Size of one RAM range-table entry.
@@ -76,6 +78,13 @@ pub enum Kind {
     Abort = 11,
     /// Liveness on the main connection, both ways.
     Keepalive = 12,
+    /// Destination restored the VM state and waits for COMMIT to start it.
+    Ready = 13,
+    /// Source commits the switch-over: from the moment it is written the
+    /// source never resumes its VM.
+    Commit = 14,
+    /// Device load rate: `a` device index, `b` bytes/s, `c` bytes loaded.
+    Rate = 15,
 }
 
 impl Kind {
@@ -93,6 +102,9 @@ impl Kind {
             10 => Kind::Ack,
             11 => Kind::Abort,
             12 => Kind::Keepalive,
+            13 => Kind::Ready,
+            14 => Kind::Commit,
+            15 => Kind::Rate,
             _ => return None,
         })
     }
@@ -266,7 +278,15 @@ impl Header {
             return Err(self.invalid("non-zero count"));
         }
         let max_len = match self.kind {
-            Kind::Hello | Kind::Ok | Kind::Sync | Kind::Resumed | Kind::Ack | Kind::Keepalive => 0,
+            Kind::Hello
+            | Kind::Ok
+            | Kind::Sync
+            | Kind::Resumed
+            | Kind::Ack
+            | Kind::Keepalive
+            | Kind::Ready
+            | Kind::Commit
+            | Kind::Rate => 0,
             Kind::Error | Kind::Abort => MAX_MESSAGE_LEN,
             Kind::Setup => MAX_SETUP_LEN,
             Kind::State => MAX_STATE_LEN,
@@ -300,6 +320,9 @@ impl Header {
                 if self.a == ROLE_DATA && self.b >= self.c {
                     return Err(self.invalid(format!("index {} of {}", self.b, self.c)));
                 }
+            }
+            Kind::Ack | Kind::Rate if self.a >= MAX_DEVICES as u64 => {
+                return Err(self.invalid(format!("device index {}", self.a)));
             }
             Kind::Device => {
                 let item = DevItemKind::from_u64(self.c)
@@ -383,7 +406,9 @@ pub fn decode_ranges(
 ) -> Result<(), MigrationError> {
     out.clear();
     if table.len() % RANGE_ENTRY_LEN != 0 {
-        return Err(MigrationError::proto("range table length not a multiple of 16"));
+        return Err(MigrationError::proto(
+            "range table length not a multiple of 16",
+        ));
     }
     let mut total_pages = 0u64;
     let mut data_pages = 0u64;
@@ -405,9 +430,7 @@ pub fn decode_ranges(
         }
         let len = npages * PAGE_SIZE;
         let region = resolve(regions, gpa, len).ok_or_else(|| {
-            MigrationError::proto(format!(
-                "range {gpa:#x}+{len:#x} is outside guest RAM"
-            ))
+            MigrationError::proto(format!("range {gpa:#x}+{len:#x} is outside guest RAM"))
         })?;
         let zero = flags & RANGE_ZERO != 0;
         if !zero {
@@ -526,7 +549,9 @@ impl Setup {
         }
         let chunk_bytes = c.u64()?;
         if chunk_bytes == 0 || chunk_bytes > MAX_DEVICE_CHUNK {
-            return Err(MigrationError::proto(format!("device chunk of {chunk_bytes} bytes")));
+            return Err(MigrationError::proto(format!(
+                "device chunk of {chunk_bytes} bytes"
+            )));
         }
         let device_mode = match c.u8()? {
             0 => DeviceStateMode::Channels,

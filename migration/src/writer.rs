@@ -29,7 +29,8 @@ pub unsafe fn page_is_zero(p: *const u8) -> bool {
     // SAFETY: aligned, PAGE_SIZE readable bytes.
     let s = unsafe { std::slice::from_raw_parts(p as *const u64, PAGE_SIZE as usize / 8) };
     // Blocks of 512 bytes: vectorizes and still exits early on data.
-    s.chunks_exact(64).all(|b| b.iter().fold(0u64, |a, &x| a | x) == 0)
+    s.chunks_exact(64)
+        .all(|b| b.iter().fold(0u64, |a, &x| a | x) == 0)
 }
 
 /// What a writer needs; shared by all writers of one migration.
@@ -52,7 +53,10 @@ pub struct WriterCtx {
 
 /// Starts one writer per stream. Each returns when it has sent CLOSE, or on
 /// the first error (which it also reports through `ctl.fail`).
-pub fn spawn_writers(ctx: Arc<WriterCtx>, streams: Vec<TcpStream>) -> Result<Vec<JoinHandle<()>>, MigrationError> {
+pub fn spawn_writers(
+    ctx: Arc<WriterCtx>,
+    streams: Vec<TcpStream>,
+) -> Result<Vec<JoinHandle<()>>, MigrationError> {
     let mut handles = Vec::new();
     for (i, s) in streams.into_iter().enumerate() {
         let ctx = ctx.clone();
@@ -85,14 +89,20 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
         let cost = item.cost();
         match item {
             Item::Ram { pass, runs } => {
-                let (wire, zero, pages) = write_ram(s, ctx, pass, &runs, &mut table, &mut iovs, &what)?;
+                let (wire, zero, pages) =
+                    write_ram(s, ctx, pass, &runs, &mut table, &mut iovs, &what)?;
                 add(&ctx.pool.sent_bytes, wire);
                 add(&ctx.pool.pages_done, pages);
                 add(&ctx.stats.transferred_bytes, wire);
                 add(&ctx.stats.zero_pages, zero);
                 ctx.pool.done(conn, cost, 0);
             }
-            Item::Device { dev, seq, kind, data } => {
+            Item::Device {
+                dev,
+                seq,
+                kind,
+                data,
+            } => {
                 let h = Header::new(Kind::Device, ctx.session)
                     .args(dev as u64, seq, kind as u64)
                     .with_len(data.len() as u64);
@@ -114,7 +124,9 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
                 ctx.pool.done(conn, cost, cost);
             }
             Item::Sync { pass } => {
-                let h = Header::new(Kind::Sync, ctx.session).args(pass, 0, 0).encode();
+                let h = Header::new(Kind::Sync, ctx.session)
+                    .args(pass, 0, 0)
+                    .encode();
                 iovs.clear();
                 iovs.push(iov(h.as_ptr(), HEADER_LEN));
                 // SAFETY: `h` outlives the call.

@@ -73,7 +73,9 @@ impl HostCaps {
     pub fn can_restore(&self, src: &HostCaps) -> Result<(), String> {
         if src.xsave {
             if !self.xsave {
-                return Err("the source saves XSAVE state but this host has no KVM_CAP_XSAVE".into());
+                return Err(
+                    "the source saves XSAVE state but this host has no KVM_CAP_XSAVE".into(),
+                );
             }
             if src.xsave_size > self.xsave_size {
                 return Err(format!(
@@ -92,7 +94,9 @@ impl HostCaps {
             );
         }
         if src.debugregs && !self.debugregs {
-            return Err("the source saves debug registers but this host cannot restore them".into());
+            return Err(
+                "the source saves debug registers but this host cannot restore them".into(),
+            );
         }
         Ok(())
     }

@@ -138,8 +138,10 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "{\"a\":1}");
         assert!(r.is_success());
-        let r = parse_response(b"HTTP/1.1 409 Conflict\r\nContent-Length: 15\r\n\r\n{\"error\":\"no\"}\n")
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 409 Conflict\r\nContent-Length: 15\r\n\r\n{\"error\":\"no\"}\n",
+        )
+        .unwrap();
         assert_eq!(r.error_message(), "no");
         assert!(!r.is_success());
         let r = parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();

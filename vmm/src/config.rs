@@ -280,9 +280,12 @@ pub fn parse_memory(value: &str) -> Result<MemoryConfig, ConfigError> {
         )));
     }
     if size > MAX_MEMORY {
-        return Err(err(format!("size must be at most {} GiB", MAX_MEMORY >> 30)));
+        return Err(err(format!(
+            "size must be at most {} GiB",
+            MAX_MEMORY >> 30
+        )));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(err("size must be a multiple of 4 KiB".into()));
     }
     let backing = match (shared, file) {

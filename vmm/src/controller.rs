@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use migration::{CancelToken, MigrationStats};
 
 use crate::config::VmmConfig;
@@ -115,7 +115,10 @@ impl Provisioned {
             .name("prefault".into())
             .spawn(move || {
                 match q.ram.prefault() {
-                    Ok(()) => info!("{} MiB of RAM provisioned for an incoming migration", size >> 20),
+                    Ok(()) => info!(
+                        "{} MiB of RAM provisioned for an incoming migration",
+                        size >> 20
+                    ),
                     Err(e) => warn!("{e}; pages will be faulted in on first use"),
                 }
                 *q.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -153,6 +156,25 @@ extern "C" fn on_term(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 }
 
 impl Vmm {
+    /// A VMM without VM for `cfg`, and the receiver of its events. RAM is
+    /// pre-provisioned (in the background) for an API-only VMM started with
+    /// `--memory ...,prefault=on`.
+    pub fn new(cfg: VmmConfig) -> Result<(Arc<Vmm>, Receiver<VmmEvent>), RunError> {
+        let (tx, rx) = channel();
+        let provisioned = if cfg.boot.is_none() && cfg.memory_explicit && cfg.memory.prefault {
+            Some(Provisioned::start(&cfg.memory)?)
+        } else {
+            None
+        };
+        let vmm = Arc::new(Vmm {
+            cfg,
+            events: tx,
+            inner: Mutex::new(Inner::default()),
+            provisioned,
+        });
+        Ok((vmm, rx))
+    }
+
     /// The validated command line.
     pub fn config(&self) -> &VmmConfig {
         &self.cfg
@@ -211,7 +233,8 @@ impl Vmm {
                     job.cancel.cancel();
                 }
             }
-            g.vm.take().ok_or_else(|| "no VM has been created".to_string())?
+            g.vm.take()
+                .ok_or_else(|| "no VM has been created".to_string())?
         };
         vm.stop();
         if self.has_provisioned_ram() {
@@ -236,7 +259,6 @@ impl Vmm {
                         Some(0)
                     }
                     VmEnd::Error(msg) => {
-                        error!("VM failed: {msg}");
                         eprintln!("ferry: error: {msg}");
                         Some(1)
                     }
@@ -251,16 +273,18 @@ fn build_boot_vm(vmm: &Vmm) -> Result<Option<Arc<Vm>>, RunError> {
     let Some(boot) = &cfg.boot else {
         return Ok(None);
     };
-    let specs = validate_args(&cfg.sim_vfio, &cfg.vfio)
-        .map_err(|e| RunError::BadInput(e.to_string()))?;
-    let devices =
-        DeviceSet::create(&specs, true).map_err(|e| RunError::BadInput(e.to_string()))?;
+    let specs =
+        validate_args(&cfg.sim_vfio, &cfg.vfio).map_err(|e| RunError::BadInput(e.to_string()))?;
+    let devices = DeviceSet::create(&specs, true).map_err(|e| RunError::BadInput(e.to_string()))?;
     let ram = GuestRam::new(&cfg.memory).map_err(|e| RunError::Failed(e.to_string()))?;
     if cfg.memory.prefault {
         ram.prefault()
             .map_err(|e| RunError::Failed(e.to_string()))?;
     }
-    let serial = cfg.serial.clone().unwrap_or(crate::config::SerialConfig::Tty);
+    let serial = cfg
+        .serial
+        .clone()
+        .unwrap_or(crate::config::SerialConfig::Tty);
     let desc = VmDescription {
         boot: Some(boot.clone()),
         serial: serial.clone(),
@@ -315,18 +339,7 @@ fn main_loop(vmm: &Vmm, rx: &Receiver<VmmEvent>) -> i32 {
 /// Order: API socket, VM (memory, devices, kernel), vCPU threads, then the
 /// main loop. Errors before the VM runs are returned (bad input: exit 2).
 pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
-    let (tx, rx) = channel();
-    let provisioned = if cfg.boot.is_none() && cfg.memory_explicit && cfg.memory.prefault {
-        Some(Provisioned::start(&cfg.memory)?)
-    } else {
-        None
-    };
-    let vmm = Arc::new(Vmm {
-        cfg,
-        events: tx,
-        inner: Mutex::new(Inner::default()),
-        provisioned,
-    });
+    let (vmm, rx) = Vmm::new(cfg)?;
     install_term_handlers();
     // The VM exists before the API answers, so that `vm.info` works as soon
     // as `vmm.ping` does.

@@ -131,7 +131,10 @@ impl DeviceSet {
     pub fn create(specs: &[DeviceSpec], source: bool) -> Result<DeviceSet, DeviceError> {
         let mut entries = Vec::with_capacity(specs.len());
         for spec in specs {
-            if entries.iter().any(|(s, _): &(DeviceSpec, Handle)| s.id() == spec.id()) {
+            if entries
+                .iter()
+                .any(|(s, _): &(DeviceSpec, Handle)| s.id() == spec.id())
+            {
                 return Err(DeviceError::DuplicateId(spec.id().to_string()));
             }
             let handle = match spec {

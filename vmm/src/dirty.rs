@@ -45,6 +45,9 @@ pub fn enable_manual_protect(_kvm: &Kvm, vm: &VmFd) -> bool {
     }
 }
 
+/// Bitmap words (64 pages each) per KVM_CLEAR_DIRTY_LOG call.
+pub const CLEAR_CHUNK_WORDS: usize = 32;
+
 /// Number of u64 words of a bitmap of `pages` pages.
 pub fn bitmap_words(pages: u64) -> usize {
     pages.div_ceil(64) as usize
@@ -74,10 +77,10 @@ pub fn check_clear_range(first_page: u64, npages: u64, region_pages: u64) -> Res
             "pages {first_page}..{end} exceed the region's {region_pages} pages"
         ));
     }
-    if first_page % 64 != 0 {
+    if !first_page.is_multiple_of(64) {
         return Err(format!("first page {first_page} is not a multiple of 64"));
     }
-    if npages % 64 != 0 && end != region_pages {
+    if !npages.is_multiple_of(64) && end != region_pages {
         return Err(format!(
             "{npages} pages is not a multiple of 64 and does not reach the region's end"
         ));
@@ -99,7 +102,10 @@ impl Vm {
         for s in &self.slots {
             // SAFETY: the same live mapping as at creation, only flags change.
             unsafe { self.fd.set_user_memory_region(s.region(flags)) }.map_err(kvm_err(
-                format!("KVM_SET_USER_MEMORY_REGION slot {} (flags {flags:#x})", s.slot),
+                format!(
+                    "KVM_SET_USER_MEMORY_REGION slot {} (flags {flags:#x})",
+                    s.slot
+                ),
             ))?;
         }
         Ok(())
@@ -190,25 +196,32 @@ impl Vm {
             let w1 = bitmap_words(first_page + npages);
             l.get(w0..w1.min(l.len())).unwrap_or(&[]).to_vec()
         };
-        if mask.iter().all(|w| *w == 0) {
-            return Ok(());
-        }
-        let mut arg = kvm_clear_dirty_log {
-            slot: slot.slot,
-            num_pages: u32::try_from(npages)
-                .map_err(|_| VmError::State(format!("{npages} pages is too many to clear")))?,
-            first_page,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = mask.as_ptr() as *mut libc::c_void;
-        // SAFETY: `mask` holds at least num_pages bits and outlives the call;
-        // the range was validated against the slot.
-        let r = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
-        if r < 0 {
-            return Err(VmError::Kvm {
-                what: format!("KVM_CLEAR_DIRTY_LOG slot {}", slot.slot),
-                source: kvm_ioctls::Error::last(),
-            });
+        // KVM holds the MMU lock for a whole call: clear in bounded chunks
+        // so that faulting vCPUs are not stalled behind a long range.
+        let end = first_page + npages;
+        for (i, words) in mask.chunks(CLEAR_CHUNK_WORDS).enumerate() {
+            if words.iter().all(|w| *w == 0) {
+                continue;
+            }
+            let start = first_page + (i * CLEAR_CHUNK_WORDS * 64) as u64;
+            let n = (words.len() as u64 * 64).min(end - start);
+            let mut arg = kvm_clear_dirty_log {
+                slot: slot.slot,
+                num_pages: n as u32,
+                first_page: start,
+                ..Default::default()
+            };
+            arg.__bindgen_anon_1.dirty_bitmap = words.as_ptr() as *mut libc::c_void;
+            // SAFETY: `words` holds at least num_pages bits and outlives the
+            // call; the chunk lies inside the validated range (64-page
+            // aligned start, length a multiple of 64 or reaching the end).
+            let r = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
+            if r < 0 {
+                return Err(VmError::Kvm {
+                    what: format!("KVM_CLEAR_DIRTY_LOG slot {}", slot.slot),
+                    source: kvm_ioctls::Error::last(),
+                });
+            }
         }
         Ok(())
     }

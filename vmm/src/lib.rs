@@ -19,6 +19,9 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
+#[cfg(test)]
+mod kvm_tests;
+
 pub use controller::{run, RunError, Vmm};
 
 /// Events delivered to the VMM's main loop.

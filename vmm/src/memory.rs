@@ -9,9 +9,7 @@ use std::sync::Arc;
 use log::{debug, info};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestMemoryBackend, GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::config::{MemoryBacking, MemoryConfig};
 
@@ -151,9 +149,8 @@ impl GuestRam {
             let builder = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             let builder = match &fd {
-                None => builder.with_mmap_flags(
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                ),
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
                 Some(f) => builder
                     .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
                     .with_file_offset(FileOffset::from_arc(f.clone(), offset)),
@@ -293,7 +290,7 @@ impl GuestRam {
             (Some(fd), Some(off)) => seek_data_ranges(fd, off, r.size).map_err(perr),
             _ => {
                 if host_has_swap() {
-                    return Ok(vec![0..r.size]);
+                    return Ok(whole(r.size));
                 }
                 mincore_ranges(r.host_addr, r.size).map_err(perr)
             }
@@ -361,6 +358,13 @@ fn populate_write(addr: u64, len: u64) -> Result<(), std::io::Error> {
     Ok(())
 }
 
+/// The single range covering `size` bytes (a list of one byte range,
+/// not the list of numbers that clippy suspects).
+#[allow(clippy::single_range_in_vec_init)]
+fn whole(size: u64) -> Vec<Range<u64>> {
+    vec![0..size]
+}
+
 /// Appends page `[start, end)` to `out`, merging with the previous range.
 fn push_range(out: &mut Vec<Range<u64>>, start: u64, end: u64) {
     if let Some(last) = out.last_mut() {
@@ -421,7 +425,7 @@ fn seek_data_ranges(fd: &File, offset: u64, size: u64) -> Result<Vec<Range<u64>>
             }
             if e.raw_os_error() == Some(libc::EINVAL) {
                 // SEEK_DATA unsupported: everything may hold data.
-                return Ok(vec![0..size]);
+                return Ok(whole(size));
             }
             return Err(e);
         }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use migration::{
-    BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap,
-    MigratableDevice, RamRegion, SourceVm,
+    BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap, MigratableDevice,
+    RamRegion, SourceVm,
 };
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +101,7 @@ impl MigrationConfig {
         }
         if cfg.memory_size < crate::config::MIN_MEMORY
             || cfg.memory_size > crate::config::MAX_MEMORY
-            || cfg.memory_size % crate::memory::PAGE != 0
+            || !cfg.memory_size.is_multiple_of(crate::memory::PAGE)
         {
             return Err(format!("invalid memory size {:#x}", cfg.memory_size));
         }
@@ -241,7 +241,10 @@ impl DestinationFactory for DestFactory {
     fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>> {
         let vmm = &self.vmm;
         let provisioned = vmm.provisioned_ram();
-        let expected = vmm.config().memory_explicit.then_some(vmm.config().memory.size);
+        let expected = vmm
+            .config()
+            .memory_explicit
+            .then_some(vmm.config().memory.size);
         let cfg = MigrationConfig::parse_and_check(config, expected).map_err(BackendError::new)?;
         info!(
             "incoming VM: {} vCPU(s), {} MiB RAM, {} device(s)",
@@ -272,8 +275,8 @@ impl DestinationFactory for DestFactory {
             serial: serial.clone(),
             migrated_in: true,
         };
-        let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sender())
-            .map_err(be)?;
+        let vm =
+            Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sender()).map_err(be)?;
         vm.caps()
             .can_restore(&cfg.caps)
             .map_err(|e| BackendError::new(format!("incompatible vCPU state: {e}")))?;
@@ -337,7 +340,11 @@ impl DestinationVm for DestAdapter {
         info!(
             "received VM {} started{}",
             self.vm.id,
-            if paused { " (paused, as on the source)" } else { "" }
+            if paused {
+                " (paused, as on the source)"
+            } else {
+                ""
+            }
         );
         Ok(())
     }
@@ -384,7 +391,10 @@ mod tests {
     #[test]
     fn compatible_configs() {
         let c = cfg(512 << 20);
-        assert_eq!(MigrationConfig::parse_and_check(&bytes(&c), None).unwrap(), c);
+        assert_eq!(
+            MigrationConfig::parse_and_check(&bytes(&c), None).unwrap(),
+            c
+        );
         assert!(MigrationConfig::parse_and_check(&bytes(&c), Some(512 << 20)).is_ok());
         let big = cfg(6 << 30);
         assert_eq!(big.regions.len(), 2);

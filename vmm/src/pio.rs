@@ -118,7 +118,10 @@ impl PioBus {
 
     /// Saved state of the serial port.
     pub fn serial_state(&self) -> SerialState {
-        self.serial.lock().unwrap_or_else(|p| p.into_inner()).state()
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
     }
 
     /// Saved state of the i8042.
@@ -199,7 +202,7 @@ mod tests {
         assert_eq!(bus.io_out(0x60, &[0xfe]), PioAction::Continue);
         assert_eq!(bus.io_out(0x64, &[]), PioAction::Continue);
         assert_eq!(bus.io_out(0x64, &[0xfe]), PioAction::Reset);
-        assert_eq!(bus.io_out(0x3f8, &[b'x', b'y']), PioAction::Continue);
+        assert_eq!(bus.io_out(0x3f8, b"xy"), PioAction::Continue);
         let mut e: [u8; 0] = [];
         bus.io_in(0x60, &mut e);
     }

@@ -7,9 +7,8 @@ use devices::i8042::I8042State;
 use devices::serial::SerialState;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{KvmNestedStateBuffer, VcpuFd};
 use log::{debug, warn};
@@ -237,7 +236,9 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
         },
         msrs,
         lapic: fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
-        events: fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        events: fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
         mp_state: fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
         debugregs: if caps.debugregs {
             Some(fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?)
@@ -273,10 +274,7 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> 
         if n >= rest.len() {
             break;
         }
-        warn!(
-            "vCPU {id}: KVM refused MSR {:#x}; skipped",
-            rest[n].index
-        );
+        warn!("vCPU {id}: KVM refused MSR {:#x}; skipped", rest[n].index);
         rest.drain(..=n);
     }
     Ok(())
@@ -286,7 +284,8 @@ fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), State
     let ctx = |what: &str| format!("{what} on vCPU {id}");
     // Order matters: sregs (CR0/CR4/EFER) before regs, MSRs and XSAVE;
     // LAPIC after sregs (APIC base MSR); events and mp_state last.
-    fd.set_sregs(&s.sregs).map_err(kvm_err(ctx("KVM_SET_SREGS")))?;
+    fd.set_sregs(&s.sregs)
+        .map_err(kvm_err(ctx("KVM_SET_SREGS")))?;
     fd.set_regs(&s.regs).map_err(kvm_err(ctx("KVM_SET_REGS")))?;
     fd.set_fpu(&fpu_from(&s.fpu)?)
         .map_err(kvm_err(ctx("KVM_SET_FPU")))?;
@@ -303,7 +302,8 @@ fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), State
         fd.set_xcrs(x).map_err(kvm_err(ctx("KVM_SET_XCRS")))?;
     }
     set_msrs(fd, id, &s.msrs)?;
-    fd.set_lapic(&s.lapic).map_err(kvm_err(ctx("KVM_SET_LAPIC")))?;
+    fd.set_lapic(&s.lapic)
+        .map_err(kvm_err(ctx("KVM_SET_LAPIC")))?;
     if let Some(d) = &s.debugregs {
         fd.set_debug_regs(d)
             .map_err(kvm_err(ctx("KVM_SET_DEBUGREGS")))?;
@@ -334,7 +334,9 @@ impl Vm {
     /// Captures the whole VM state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         if !self.is_paused() && self.started.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(VmError::State("state can only be saved while paused".into()));
+            return Err(VmError::State(
+                "state can only be saved while paused".into(),
+            ));
         }
         let start = std::time::Instant::now();
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -383,9 +385,7 @@ impl Vm {
                 .set_irqchip(chip)
                 .map_err(kvm_err(format!("KVM_SET_IRQCHIP {}", chip.chip_id)))?;
         }
-        self.fd
-            .set_pit2(&s.pit)
-            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        self.fd.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
             let fd = v.lock();
             restore_vcpu(self, v.id, &fd, vs)?;

@@ -210,9 +210,8 @@ impl Vm {
         devices: DeviceSet,
         events: Sender<VmmEvent>,
     ) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(|e| {
-            VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)"))
-        })?;
+        let kvm = Kvm::new()
+            .map_err(|e| VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)")))?;
         let api = kvm.get_api_version();
         if api != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(VmError::Host(format!(
@@ -225,7 +224,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -296,9 +296,8 @@ impl Vm {
             (caps, msr_list)
         };
         debug!("host capabilities: {caps:?}; {} MSRs saved", msr_list.len());
-        vcpu::install_kick_handler().map_err(|e| {
-            VmError::Host(format!("installing the vCPU kick signal handler: {e}"))
-        })?;
+        vcpu::install_kick_handler()
+            .map_err(|e| VmError::Host(format!("installing the vCPU kick signal handler: {e}")))?;
         let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
         info!(
             "VM {id} created: {cpus} vCPU(s), {} MiB RAM ({}), in-kernel irqchip and PIT",

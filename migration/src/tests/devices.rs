@@ -57,7 +57,11 @@ fn device_streams_channels_and_main() {
         assert_same_ram(&src, &d);
         check_devices(&src, &d);
         let s = stats.snapshot();
-        let total: usize = src.devices.iter().map(|d| d.produced.lock().unwrap().len()).sum();
+        let total: usize = src
+            .devices
+            .iter()
+            .map(|d| d.produced.lock().unwrap().len())
+            .sum();
         assert_eq!(s.device_bytes_transferred, total as u64, "{mode:?}");
         assert_eq!(s.devices.len(), 2);
         if precopy && mode == DeviceStateMode::Channels {

@@ -12,7 +12,15 @@ fn two_regions() -> FakeSource {
     FakeSource::new(&[(0, 24 * MIB), (4 << 30, 8 * MIB)])
 }
 
-fn migrate(src: Arc<FakeSource>, p: &mut SendParams) -> (Result<(), MigrationError>, RecvResult, Finished, Arc<MigrationStats>) {
+fn migrate(
+    src: Arc<FakeSource>,
+    p: &mut SendParams,
+) -> (
+    Result<(), MigrationError>,
+    RecvResult,
+    Finished,
+    Arc<MigrationStats>,
+) {
     let f = FakeFactory::new(src.layout());
     migrate_with(src, f, p)
 }
@@ -28,7 +36,10 @@ fn full_migration_1_4_8_connections() {
         r.unwrap();
         rr.unwrap();
         let d = dest.factory.last();
-        assert_eq!(d.restored.lock().unwrap().as_deref(), Some(&src.state_blob[..]));
+        assert_eq!(
+            d.restored.lock().unwrap().as_deref(),
+            Some(&src.state_blob[..])
+        );
         assert_eq!(*d.started.lock().unwrap(), Some(false));
         assert!(!d.discarded.load(SeqCst));
         // Pages never written on the source were never touched here.
@@ -83,7 +94,11 @@ fn multi_pass_last_writer_wins() {
         r.unwrap();
         rr.unwrap();
         assert_same_ram(&src, &dest.factory.last());
-        assert!(stats.snapshot().iteration >= 9, "passes: {}", stats.snapshot().iteration);
+        assert!(
+            stats.snapshot().iteration >= 9,
+            "passes: {}",
+            stats.snapshot().iteration
+        );
         if manual {
             assert!(!src.clears.lock().unwrap().is_empty());
         }
@@ -132,7 +147,11 @@ fn untouched_16g_guest() {
     let d = dest.factory.last();
     assert_eq!(d.regions[0].1.read(0, 8192), pattern(1, 8192));
     assert_eq!(d.regions[1].1.read(5 << 30, 4096), pattern(2, 4096));
-    let resident: usize = d.regions.iter().map(|r| r.1.resident(0, r.2 as usize).iter().filter(|&&x| x).count()).sum();
+    let resident: usize = d
+        .regions
+        .iter()
+        .map(|r| r.1.resident(0, r.2 as usize).iter().filter(|&&x| x).count())
+        .sum();
     assert!(resident < 64, "{resident} destination pages touched");
     assert!(stats.snapshot().transferred_bytes < MIB);
 }
@@ -157,6 +176,14 @@ fn params_are_validated() {
         assert_eq!(stats.snapshot().state, MigrationState::Failed);
     }
     let j: SendParams = serde_json::from_str(r#"{"destination_url":"tcp:127.0.0.1:1"}"#).unwrap();
-    assert_eq!((j.connections, j.downtime_ms, j.timeout_s, j.device_chunk_bytes), (4, 300, 3600, 1 << 20));
+    assert_eq!(
+        (
+            j.connections,
+            j.downtime_ms,
+            j.timeout_s,
+            j.device_chunk_bytes
+        ),
+        (4, 300, 3600, 1 << 20)
+    );
     assert!(serde_json::from_str::<SendParams>(r#"{"destination_url":"x","bogus":1}"#).is_err());
 }

@@ -13,7 +13,12 @@ const MIB: u64 = 1 << 20;
 
 fn source_with_device() -> Arc<FakeSource> {
     let mut s = FakeSource::new(&[(0, 4 * MIB)]);
-    s.devices = vec![Arc::new(FakeDevice::new("dev0", true, pattern(1, 10_000), pattern(2, 5_000)))];
+    s.devices = vec![Arc::new(FakeDevice::new(
+        "dev0",
+        true,
+        pattern(1, 10_000),
+        pattern(2, 5_000),
+    ))];
     fill(&s, 0, 2, 1);
     Arc::new(s)
 }
@@ -46,7 +51,11 @@ fn destination_refuses_config() {
     assert!(rr.is_err());
     assert!(fin.factory.created.lock().unwrap().is_empty());
     assert_source_running(&src);
-    assert_eq!(src.stop_log_calls.load(SeqCst), 0, "dirty logging never started");
+    assert_eq!(
+        src.stop_log_calls.load(SeqCst),
+        0,
+        "dirty logging never started"
+    );
     let s = stats.snapshot();
     assert_eq!(s.state, MigrationState::Failed);
     assert!(s.error.unwrap().contains("AVX-512"));
@@ -94,7 +103,13 @@ fn cancel_on_the_destination() {
     });
     let mut p = params(dest.port, 4);
     p.downtime_ms = 0;
-    let e = send(src.clone(), &p, &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap_err();
+    let e = send(
+        src.clone(),
+        &p,
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");
     assert_source_running(&src);
     let re = rerr(dest.handle.join().unwrap());
@@ -152,7 +167,13 @@ fn overall_timeout_fails_and_resumes() {
     let mut p = params(dest.port, 2);
     p.max_bandwidth_mbps = Some(1.0); // 4 MiB at 1 MiB/s: longer than 1 s
     p.timeout_s = 1;
-    let e = send(src.clone(), &p, &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap_err();
+    let e = send(
+        src.clone(),
+        &p,
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap_err();
     assert!(matches!(e, MigrationError::Timeout(_)), "{e}");
     assert_source_running(&src);
     let re = rerr(dest.handle.join().unwrap()).to_string();
@@ -165,7 +186,13 @@ fn nothing_listening() {
     let port = l.local_addr().unwrap().port();
     drop(l);
     let src = source_with_device();
-    let e = send(src.clone(), &params(port, 2), &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap_err();
+    let e = send(
+        src.clone(),
+        &params(port, 2),
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("connecting"), "{e}");
     assert_source_running(&src);
     let _ = raw_reply; // shared helper

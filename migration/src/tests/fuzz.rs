@@ -32,10 +32,16 @@ fn valid_headers() -> Vec<[u8; HEADER_LEN]> {
     vec![
         Header::new(Kind::Hello, s).args(ROLE_DATA, 1, 4).encode(),
         Header::new(Kind::Sync, s).args(1, 0, 0).encode(),
-        Header::new(Kind::Device, s).args(0, 5, 1).with_len(100).encode(),
+        Header::new(Kind::Device, s)
+            .args(0, 5, 1)
+            .with_len(100)
+            .encode(),
         Header::new(Kind::Device, s).args(0, 6, 3).encode(),
         Header::new(Kind::Error, s).with_len(20).encode(),
-        Header::new(Kind::State, s).args(4, 1, 99).with_len(1000).encode(),
+        Header::new(Kind::State, s)
+            .args(4, 1, 99)
+            .with_len(1000)
+            .encode(),
         ram.encode(),
     ]
 }
@@ -95,7 +101,10 @@ fn header_parser_never_panics() {
             assert_eq!(Header::decode(&h.encode()), Ok(h));
         }
     }
-    assert!(accepted > 1000, "mutations should often stay valid ({accepted})");
+    assert!(
+        accepted > 1000,
+        "mutations should often stay valid ({accepted})"
+    );
 }
 
 #[test]
@@ -119,7 +128,11 @@ fn range_table_parser_rejects_out_of_range() {
                 0 => rng.gen::<u32>(),
                 _ => rng.gen_range(0..300),
             };
-            let flags = if rng.gen_bool(0.1) { rng.gen() } else { rng.gen_range(0..2) };
+            let flags = if rng.gen_bool(0.1) {
+                rng.gen()
+            } else {
+                rng.gen_range(0..2)
+            };
             if flags == 0 {
                 data_pages += npages as u64;
             }
@@ -129,7 +142,11 @@ fn range_table_parser_rejects_out_of_range() {
             let i = rng.gen_range(0..t.len());
             t[i] = rng.gen();
         }
-        let data_len = if rng.gen_bool(0.8) { data_pages.wrapping_mul(PAGE_SIZE) } else { rng.gen() };
+        let data_len = if rng.gen_bool(0.8) {
+            data_pages.wrapping_mul(PAGE_SIZE)
+        } else {
+            rng.gen()
+        };
         if decode_ranges(&t, data_len, &regs, &mut out).is_ok() {
             accepted += 1;
             let mut total = 0;
@@ -166,7 +183,9 @@ fn setup_parser_never_panics() {
     assert_eq!(Setup::decode(&enc).unwrap(), good);
     for i in 0..50_000 {
         let mut b = if i % 3 == 0 {
-            (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect::<Vec<u8>>()
+            (0..rng.gen_range(0..200))
+                .map(|_| rng.gen())
+                .collect::<Vec<u8>>()
         } else {
             enc.clone()
         };

@@ -21,7 +21,8 @@ pub fn raw_connect(port: u16) -> TcpStream {
 }
 
 pub fn raw_send(mut s: &TcpStream, h: Header, payload: &[u8]) {
-    s.write_all(&h.with_len(payload.len() as u64).encode()).unwrap();
+    s.write_all(&h.with_len(payload.len() as u64).encode())
+        .unwrap();
     s.write_all(payload).unwrap();
 }
 
@@ -38,11 +39,11 @@ pub fn raw_reply(mut s: &TcpStream) -> Result<Header, String> {
     Ok(h)
 }
 
-/// Skips keepalives and returns the first other frame's result.
+/// Skips keepalives and load rates and returns the first other frame's result.
 pub fn raw_reply_skip(s: &TcpStream) -> Result<Header, String> {
     loop {
         match raw_reply(s) {
-            Ok(h) if h.kind == Kind::Keepalive => continue,
+            Ok(h) if h.kind == Kind::Keepalive || h.kind == Kind::Rate => continue,
             r => return r,
         }
     }
@@ -54,16 +55,33 @@ pub struct RawSource {
     pub session: u128,
 }
 
-pub fn hello(port: u16, session: u128, role: u64, idx: u64, n: u64) -> (TcpStream, Result<Header, String>) {
+pub fn hello(
+    port: u16,
+    session: u128,
+    role: u64,
+    idx: u64,
+    n: u64,
+) -> (TcpStream, Result<Header, String>) {
     let s = raw_connect(port);
-    raw_send(&s, Header::new(Kind::Hello, session).args(role, idx, n), &[]);
+    raw_send(
+        &s,
+        Header::new(Kind::Hello, session).args(role, idx, n),
+        &[],
+    );
     let r = raw_reply(&s);
     (s, r)
 }
 
 impl RawSource {
     /// Handshake + setup + `n` data connections for `layout` and `devices`.
-    pub fn start(port: u16, n: u64, layout: &[(u64, u64)], devices: &[&str], mode: DeviceStateMode, chunk: u64) -> RawSource {
+    pub fn start(
+        port: u16,
+        n: u64,
+        layout: &[(u64, u64)],
+        devices: &[&str],
+        mode: DeviceStateMode,
+        chunk: u64,
+    ) -> RawSource {
         let session = 0x1234_5678_9abc_def0_u128 << 3;
         let (main, r) = hello(port, session, ROLE_MAIN, 0, n);
         r.unwrap();
@@ -93,7 +111,11 @@ impl RawSource {
                 s
             })
             .collect();
-        RawSource { main, data, session }
+        RawSource {
+            main,
+            data,
+            session,
+        }
     }
 
     pub fn h(&self, kind: Kind) -> Header {
@@ -116,7 +138,11 @@ impl RawSource {
     }
 
     pub fn device(&self, conn: usize, dev: u64, seq: u64, kind: DevItemKind, data: &[u8]) {
-        raw_send(&self.data[conn], self.h(Kind::Device).args(dev, seq, kind as u64), data);
+        raw_send(
+            &self.data[conn],
+            self.h(Kind::Device).args(dev, seq, kind as u64),
+            data,
+        );
     }
 
     /// The ERROR message the receiver sends on main.
@@ -131,7 +157,10 @@ fn layout() -> Vec<(u64, u64)> {
 
 fn dest_with_devices(devs: &[&str]) -> Dest {
     let f = FakeFactory::new(layout());
-    *f.devices.lock().unwrap() = devs.iter().map(|d| Arc::new(FakeDevice::new(d, true, vec![], vec![]))).collect();
+    *f.devices.lock().unwrap() = devs
+        .iter()
+        .map(|d| Arc::new(FakeDevice::new(d, true, vec![], vec![])))
+        .collect();
     start_dest(f)
 }
 
@@ -161,7 +190,13 @@ fn bad_handshakes_are_refused_and_receiver_stays_usable() {
     let src = Arc::new(FakeSource::new(&[(0, 4 * MIB)]));
     fill(&src, 0, 1, 1);
     let p = params(dest.port, 2);
-    send(src.clone(), &p, &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap();
+    send(
+        src.clone(),
+        &p,
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap();
     let vm = dest.handle.join().unwrap();
     assert!(vm.is_ok());
     assert_same_ram(&src, &dest.factory.last());
@@ -180,7 +215,8 @@ fn strangers_during_a_migration_are_refused() {
             let (_c, r) = hello(port, 999, ROLE_DATA, 0, 4);
             r2.lock().unwrap().push(r.unwrap_err());
             let c = raw_connect(port);
-            (&c).write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            (&c).write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
             (&c).write_all(&[0u8; 64]).unwrap();
             r2.lock().unwrap().push(raw_reply(&c).unwrap_err());
         }
@@ -190,7 +226,13 @@ fn strangers_during_a_migration_are_refused() {
     });
     let mut p = params(port, 4);
     p.downtime_ms = 0;
-    send(src.clone(), &p, &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap();
+    send(
+        src.clone(),
+        &p,
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap();
     assert!(dest.handle.join().unwrap().is_ok());
     assert_same_ram(&src, &dest.factory.last());
     let r = refusals.lock().unwrap().clone();
@@ -228,13 +270,60 @@ fn raw_source_protocol_and_refusals() {
         session,
     };
     let page = pattern(9, 8192);
-    rs.ram(0, 1, &[RangeEntry { gpa: 4096, npages: 2, flags: 0 }], &page);
-    rs.ram(1, 1, &[RangeEntry { gpa: (1 << 32) + 8192, npages: 3, flags: RANGE_ZERO }, RangeEntry { gpa: 1 << 32, npages: 1, flags: 0 }], &page[..4096]);
+    rs.ram(
+        0,
+        1,
+        &[RangeEntry {
+            gpa: 4096,
+            npages: 2,
+            flags: 0,
+        }],
+        &page,
+    );
+    rs.ram(
+        1,
+        1,
+        &[
+            RangeEntry {
+                gpa: (1 << 32) + 8192,
+                npages: 3,
+                flags: RANGE_ZERO,
+            },
+            RangeEntry {
+                gpa: 1 << 32,
+                npages: 1,
+                flags: 0,
+            },
+        ],
+        &page[..4096],
+    );
     rs.sync_all(1);
     // Pass 2 zeroes a page written in pass 1.
-    rs.ram(1, 2, &[RangeEntry { gpa: 4096, npages: 1, flags: RANGE_ZERO }], &[]);
+    rs.ram(
+        1,
+        2,
+        &[RangeEntry {
+            gpa: 4096,
+            npages: 1,
+            flags: RANGE_ZERO,
+        }],
+        &[],
+    );
     rs.sync_all(2);
-    raw_send(&rs.main, rs.h(Kind::State).args(2, 0, crate::net::epoch_us()), b"state");
+    raw_send(
+        &rs.main,
+        rs.h(Kind::State).args(2, 0, crate::net::epoch_us()),
+        b"state",
+    );
+    // Restored, then READY; the VM starts only on COMMIT.
+    let h = raw_reply_skip(&rs.main).unwrap();
+    assert_eq!(h.kind, Kind::Ready);
+    assert!(dest.factory.last().restored.lock().unwrap().is_some());
+    assert!(
+        dest.factory.last().started.lock().unwrap().is_none(),
+        "started before COMMIT"
+    );
+    raw_send(&rs.main, rs.h(Kind::Commit), &[]);
     let h = raw_reply_skip(&rs.main).unwrap();
     assert_eq!(h.kind, Kind::Resumed);
     assert!(dest.handle.join().unwrap().is_ok());
@@ -249,25 +338,75 @@ fn raw_source_protocol_and_refusals() {
 /// connections) and returns (receiver error, error frame on main).
 fn attack(chunk: u64, f: impl FnOnce(&RawSource)) -> (String, String) {
     let dest = dest_with_devices(&["d0"]);
-    let rs = RawSource::start(dest.port, 2, &layout(), &["d0"], DeviceStateMode::Channels, chunk);
+    let rs = RawSource::start(
+        dest.port,
+        2,
+        &layout(),
+        &["d0"],
+        DeviceStateMode::Channels,
+        chunk,
+    );
     f(&rs);
     let e = rerr(dest.handle.join().unwrap()).to_string();
     let m = rs.main_error();
-    assert!(dest.factory.last().discarded.load(SeqCst), "VM discarded after: {e}");
+    assert!(
+        dest.factory.last().discarded.load(SeqCst),
+        "VM discarded after: {e}"
+    );
     (e, m)
 }
 
 #[test]
 fn hostile_frames_fail_cleanly() {
-    let (e, m) = attack(4096, |rs| rs.ram(0, 1, &[RangeEntry { gpa: 2 * MIB, npages: 1, flags: 0 }], &[1; 4096]));
-    assert!(e.contains("outside guest RAM") && m.contains("outside guest RAM"), "{e} / {m}");
-    let (e, _) = attack(4096, |rs| rs.ram(0, 1, &[RangeEntry { gpa: MIB - 4096, npages: 2, flags: 0 }], &[1; 8192]));
+    let (e, m) = attack(4096, |rs| {
+        rs.ram(
+            0,
+            1,
+            &[RangeEntry {
+                gpa: 2 * MIB,
+                npages: 1,
+                flags: 0,
+            }],
+            &[1; 4096],
+        )
+    });
+    assert!(
+        e.contains("outside guest RAM") && m.contains("outside guest RAM"),
+        "{e} / {m}"
+    );
+    let (e, _) = attack(4096, |rs| {
+        rs.ram(
+            0,
+            1,
+            &[RangeEntry {
+                gpa: MIB - 4096,
+                npages: 2,
+                flags: 0,
+            }],
+            &[1; 8192],
+        )
+    });
     assert!(e.contains("outside guest RAM"), "{e}");
-    let (e, _) = attack(4096, |rs| rs.ram(0, 2, &[RangeEntry { gpa: 0, npages: 1, flags: 0 }], &[1; 4096]));
+    let (e, _) = attack(4096, |rs| {
+        rs.ram(
+            0,
+            2,
+            &[RangeEntry {
+                gpa: 0,
+                npages: 1,
+                flags: 0,
+            }],
+            &[1; 4096],
+        )
+    });
     assert!(e.contains("pass 2"), "{e}");
-    let (e, _) = attack(4096, |rs| rs.device(0, 5, 0, DevItemKind::PrecopyData, &[1; 10]));
+    let (e, _) = attack(4096, |rs| {
+        rs.device(0, 5, 0, DevItemKind::PrecopyData, &[1; 10])
+    });
     assert!(e.contains("unknown device"), "{e}");
-    let (e, _) = attack(4096, |rs| rs.device(0, 0, 0, DevItemKind::PrecopyData, &[1; 8192]));
+    let (e, _) = attack(4096, |rs| {
+        rs.device(0, 0, 0, DevItemKind::PrecopyData, &[1; 8192])
+    });
     assert!(e.contains("over the announced"), "{e}");
     let (e, _) = attack(4096, |rs| {
         rs.device(0, 0, 0, DevItemKind::PrecopyData, &[1; 10]);
@@ -279,7 +418,10 @@ fn hostile_frames_fail_cleanly() {
         rs.device(0, 0, 2, DevItemKind::PrecopyData, &[1; 10]);
         rs.sync_all(1);
     });
-    assert!(e.contains("sequence gap") && e.contains("d0") && m.contains("sequence gap"), "{e}");
+    assert!(
+        e.contains("sequence gap") && e.contains("d0") && m.contains("sequence gap"),
+        "{e}"
+    );
     let (e, _) = attack(4096, |rs| {
         rs.device(0, 0, 0, DevItemKind::End, &[]);
         rs.device(1, 0, 1, DevItemKind::PrecopyData, &[1; 10]);
@@ -295,7 +437,12 @@ fn hostile_frames_fail_cleanly() {
     let (e, _) = attack(4096, |rs| {
         // Range table announcing more data than the frame carries.
         let mut t = Vec::new();
-        RangeEntry { gpa: 0, npages: 2, flags: 0 }.encode_into(&mut t);
+        RangeEntry {
+            gpa: 0,
+            npages: 2,
+            flags: 0,
+        }
+        .encode_into(&mut t);
         let mut h = rs.h(Kind::Ram).args(1, 0, 0);
         h.count = 1;
         t.extend_from_slice(&[0; 4096]);
@@ -311,10 +458,17 @@ fn truncated_stream_and_source_death() {
     let rs = RawSource::start(port, 2, &layout(), &["d0"], DeviceStateMode::Channels, 4096);
     // A RAM frame announcing a page of data, of which only 100 bytes come.
     let mut t = Vec::new();
-    RangeEntry { gpa: 0, npages: 1, flags: 0 }.encode_into(&mut t);
+    RangeEntry {
+        gpa: 0,
+        npages: 1,
+        flags: 0,
+    }
+    .encode_into(&mut t);
     let mut h = rs.h(Kind::Ram).args(1, 0, 0);
     h.count = 1;
-    (&rs.data[0]).write_all(&h.with_len(16 + 4096).encode()).unwrap();
+    (&rs.data[0])
+        .write_all(&h.with_len(16 + 4096).encode())
+        .unwrap();
     (&rs.data[0]).write_all(&t).unwrap();
     (&rs.data[0]).write_all(&[7; 100]).unwrap();
     drop(rs); // source dies
@@ -337,7 +491,13 @@ fn truncated_stream_and_source_death() {
     });
     let src = Arc::new(FakeSource::new(&[(0, 2 * MIB)]));
     fill(&src, 0, 4, 1);
-    send(src.clone(), &params(port, 2), &Arc::new(MigrationStats::default()), &CancelToken::default()).unwrap();
+    send(
+        src.clone(),
+        &params(port, 2),
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap();
     assert!(h.join().unwrap());
     assert_same_ram(&src, &f.last());
 }

@@ -8,6 +8,7 @@ mod e2e;
 mod failures;
 mod fuzz;
 mod hostile;
+mod switchover;
 
 use std::fs::File;
 use std::io::Seek;
@@ -50,7 +51,10 @@ impl AnonMem {
         // No THP: residency (mincore) must be per 4 KiB page in the tests.
         // SAFETY: advice on our own mapping.
         unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        AnonMem { ptr: p as *mut u8, len }
+        AnonMem {
+            ptr: p as *mut u8,
+            len,
+        }
     }
     pub fn addr(&self) -> usize {
         self.ptr as usize
@@ -70,7 +74,8 @@ impl AnonMem {
         let pages = len.div_ceil(4096);
         let mut v = vec![0u8; pages];
         // SAFETY: page-aligned range inside the mapping, vector sized.
-        let r = unsafe { libc::mincore(self.ptr.add(off) as *mut libc::c_void, len, v.as_mut_ptr()) };
+        let r =
+            unsafe { libc::mincore(self.ptr.add(off) as *mut libc::c_void, len, v.as_mut_ptr()) };
         assert_eq!(r, 0);
         v.iter().map(|b| b & 1 != 0).collect()
     }
@@ -143,7 +148,9 @@ impl FakeDevice {
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
 }
 
 impl MigratableDevice for FakeDevice {
@@ -211,7 +218,9 @@ impl MigratableDevice for FakeDevice {
     fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
         let pos = {
             let g = self.file.lock().unwrap();
-            let f = g.as_ref().ok_or_else(|| BackendError::new("not in PRE_COPY"))?;
+            let f = g
+                .as_ref()
+                .ok_or_else(|| BackendError::new("not in PRE_COPY"))?;
             let mut r = f;
             r.stream_position().unwrap()
         };
@@ -258,7 +267,10 @@ pub struct FakeSource {
 impl FakeSource {
     /// Regions given as (gpa, size).
     pub fn new(layout: &[(u64, u64)]) -> FakeSource {
-        let regions: Vec<(u64, AnonMem, u64)> = layout.iter().map(|&(g, s)| (g, AnonMem::new(s as usize), s)).collect();
+        let regions: Vec<(u64, AnonMem, u64)> = layout
+            .iter()
+            .map(|&(g, s)| (g, AnonMem::new(s as usize), s))
+            .collect();
         let words = |s: u64| vec![0u64; (s / 4096).div_ceil(64) as usize];
         FakeSource {
             touched: Mutex::new(regions.iter().map(|r| words(r.2)).collect()),
@@ -305,7 +317,9 @@ impl FakeSource {
     }
 
     pub fn mem(&self, region: usize) -> Vec<u8> {
-        self.regions[region].1.read(0, self.regions[region].2 as usize)
+        self.regions[region]
+            .1
+            .read(0, self.regions[region].2 as usize)
     }
 }
 
@@ -364,8 +378,14 @@ impl SourceVm for FakeSource {
     fn clear_dirty(&self, region: usize, first_page: u64, npages: u64) -> BackendResult<()> {
         let pages = self.regions[region].2 / 4096;
         assert!(first_page % 64 == 0, "clear not aligned");
-        assert!(npages % 64 == 0 || first_page + npages == pages, "clear length not aligned");
-        self.clears.lock().unwrap().push((region, first_page, npages));
+        assert!(
+            npages % 64 == 0 || first_page + npages == pages,
+            "clear length not aligned"
+        );
+        self.clears
+            .lock()
+            .unwrap()
+            .push((region, first_page, npages));
         // KVM semantics with the fetched mask: only bits reported by the last
         // fetch (or, before any fetch, every bit) are cleared.
         let fetched = self.fetches.load(SeqCst) > 0;
@@ -397,7 +417,10 @@ impl SourceVm for FakeSource {
         Ok(self.state_blob.clone())
     }
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
-        self.devices.iter().map(|d| d.clone() as Arc<dyn MigratableDevice>).collect()
+        self.devices
+            .iter()
+            .map(|d| d.clone() as Arc<dyn MigratableDevice>)
+            .collect()
     }
 }
 
@@ -422,7 +445,10 @@ impl DestinationVm for FakeDest {
             .collect()
     }
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
-        self.devices.iter().map(|d| d.clone() as Arc<dyn MigratableDevice>).collect()
+        self.devices
+            .iter()
+            .map(|d| d.clone() as Arc<dyn MigratableDevice>)
+            .collect()
     }
     fn restore_state(&self, state: &[u8]) -> BackendResult<()> {
         *self.restored.lock().unwrap() = Some(state.to_vec());
@@ -466,7 +492,11 @@ impl DestinationFactory for FakeFactory {
         }
         assert_eq!(config, b"fake-config-v1");
         let d = Arc::new(FakeDest {
-            regions: self.layout.iter().map(|&(g, s)| (g, AnonMem::new(s as usize), s)).collect(),
+            regions: self
+                .layout
+                .iter()
+                .map(|&(g, s)| (g, AnonMem::new(s as usize), s))
+                .collect(),
             devices: self.devices.lock().unwrap().clone(),
             restored: Mutex::new(None),
             started: Mutex::new(None),
@@ -502,10 +532,13 @@ pub struct Dest {
 }
 
 pub fn start_dest(factory: FakeFactory) -> Dest {
-    start_dest_with(factory, ReceiveParams {
-        receiver_url: "tcp:127.0.0.1:0".into(),
-        device_buffer_bytes: None,
-    })
+    start_dest_with(
+        factory,
+        ReceiveParams {
+            receiver_url: "tcp:127.0.0.1:0".into(),
+            device_buffer_bytes: None,
+        },
+    )
 }
 
 pub fn start_dest_with(factory: FakeFactory, p: ReceiveParams) -> Dest {
@@ -550,7 +583,10 @@ pub fn assert_same_ram(src: &FakeSource, dst: &FakeDest) {
         let b = dst.regions[i].1.read(0, r.2 as usize);
         if a != b {
             let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap();
-            panic!("region {i} differs at byte {first:#x} (page {})", first / 4096);
+            panic!(
+                "region {i} differs at byte {first:#x} (page {})",
+                first / 4096
+            );
         }
     }
 }
@@ -566,7 +602,12 @@ pub fn migrate_with(
     src: Arc<FakeSource>,
     f: FakeFactory,
     p: &mut SendParams,
-) -> (Result<(), MigrationError>, RecvResult, Finished, Arc<MigrationStats>) {
+) -> (
+    Result<(), MigrationError>,
+    RecvResult,
+    Finished,
+    Arc<MigrationStats>,
+) {
     let dest = start_dest(f);
     p.destination_url = format!("tcp:127.0.0.1:{}", dest.port);
     let stats = Arc::new(MigrationStats::default());

@@ -106,7 +106,11 @@ fn vm_info(vmm: &Arc<Vmm>) -> Reply {
         if let Some(Value::Object(m)) = r.body.as_mut() {
             m.insert(
                 "state".into(),
-                json!(if receiving { "receiving" } else { "not_created" }),
+                json!(if receiving {
+                    "receiving"
+                } else {
+                    "not_created"
+                }),
             );
         }
         return r;
@@ -157,7 +161,11 @@ fn pause_resume(vmm: &Arc<Vmm>, pause: bool) -> Reply {
     if send_running(&g) {
         return Reply::error(409, "a migration is running");
     }
-    let r = if pause { vm.user_pause() } else { vm.user_resume() };
+    let r = if pause {
+        vm.user_pause()
+    } else {
+        vm.user_resume()
+    };
     match r {
         Ok(()) => Reply::ok(json!({"state": if pause { "paused" } else { "running" }})),
         Err(e) => Reply::error(409, e.to_string()),
@@ -304,7 +312,11 @@ pub fn job_status(job: &Job) -> Value {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     if let Value::Object(m) = &mut v {
-        let state = m.get("state").and_then(Value::as_str).unwrap_or("none").to_string();
+        let state = m
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
         match outcome {
             None if state == "none" => {
                 m.insert("state".into(), json!("active"));
@@ -315,7 +327,11 @@ pub fn job_status(job: &Job) -> Value {
             }
             Some(Err(e)) => {
                 if state != "failed" && state != "cancelled" {
-                    let s = if job.cancel.is_cancelled() { "cancelled" } else { "failed" };
+                    let s = if job.cancel.is_cancelled() {
+                        "cancelled"
+                    } else {
+                        "failed"
+                    };
                     m.insert("state".into(), json!(s));
                 }
                 if m.get("error").is_none_or(Value::is_null) {
@@ -337,7 +353,9 @@ pub fn job_status(job: &Job) -> Value {
 fn migration_status(vmm: &Arc<Vmm>) -> Reply {
     let mut g = vmm.lock();
     let Some(job) = &g.job else {
-        return Reply::ok(serde_json::to_value(MigrationStatus::default()).unwrap_or(json!({"state": "none"})));
+        return Reply::ok(
+            serde_json::to_value(MigrationStatus::default()).unwrap_or(json!({"state": "none"})),
+        );
     };
     let v = job_status(job);
     let completed_send = job.direction == Direction::Send && g.migrated_out;
@@ -346,4 +364,111 @@ fn migration_status(vmm: &Arc<Vmm>) -> Reply {
         return Reply::ok(v).then(After::Exit(0));
     }
     Reply::ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, VmmConfig};
+    use clap::Parser;
+
+    fn vmm() -> Arc<Vmm> {
+        let cli = Cli::parse_from(["ferry", "--api-socket", "/nonexistent/x.sock"]);
+        let cfg = VmmConfig::parse(&cli).unwrap();
+        Vmm::new(cfg).unwrap().0
+    }
+
+    fn status(r: &Reply) -> u16 {
+        r.status
+    }
+
+    #[test]
+    fn no_vm_requests_conflict() {
+        let v = vmm();
+        let r = handle(&v, Route::VmInfo, b"");
+        assert_eq!(status(&r), 409);
+        assert_eq!(r.body.as_ref().unwrap()["state"], "not_created");
+        for route in [
+            Route::VmPause,
+            Route::VmResume,
+            Route::VmShutdown,
+            Route::MigrationCancel,
+        ] {
+            let r = handle(&v, route, b"");
+            assert_eq!(status(&r), 409, "{route:?}");
+            assert!(r.body.unwrap()["error"].is_string());
+        }
+        let r = handle(
+            &v,
+            Route::SendMigration,
+            br#"{"destination_url":"tcp:127.0.0.1:1"}"#,
+        );
+        assert_eq!(status(&r), 409);
+    }
+
+    #[test]
+    fn ping_and_status() {
+        let v = vmm();
+        let r = handle(&v, Route::Ping, b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.unwrap()["pid"], std::process::id());
+        let r = handle(&v, Route::MigrationStatus, b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.unwrap()["state"], "none");
+        let r = handle(&v, Route::VmmShutdown, b"");
+        assert_eq!(r.after, After::Exit(0));
+    }
+
+    #[test]
+    fn bad_bodies_are_400() {
+        let v = vmm();
+        for body in [
+            &b""[..],
+            b"{not json",
+            b"[1,2]",
+            br#"{"receiver_url": 5}"#,
+            br#"{"receiver_url":"udp:x:1"}"#,
+            br#"{"receiver_url":"tcp:127.0.0.1:1","bogus":1}"#,
+        ] {
+            let r = handle(&v, Route::ReceiveMigration, body);
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+        }
+        for body in [
+            &b""[..],
+            b"{}",
+            br#"{"destination_url":"tcp:127.0.0.1:1","connections":0}"#,
+        ] {
+            let r = handle(&v, Route::SendMigration, body);
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn receive_binds_and_reports_bind_errors() {
+        let v = vmm();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let body = format!(r#"{{"receiver_url":"tcp:127.0.0.1:{port}"}}"#);
+        let r = handle(&v, Route::ReceiveMigration, body.as_bytes());
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        drop(taken);
+        let r = handle(&v, Route::ReceiveMigration, body.as_bytes());
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        // A second receive while the first waits is a conflict.
+        let r = handle(&v, Route::ReceiveMigration, body.as_bytes());
+        assert_eq!(r.status, 409);
+        let r = handle(&v, Route::MigrationCancel, b"");
+        assert_eq!(r.status, 200);
+        // The worker ends as cancelled.
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = handle(&v, Route::MigrationStatus, b"").body.unwrap();
+            if s["state"] == "cancelled" || s["state"] == "failed" {
+                assert!(s["error"].is_string());
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "status {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -94,7 +94,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
             if v.trim() != "identity" {
-                return Err(err(411, "chunked request bodies are not supported; send Content-Length"));
+                return Err(err(
+                    411,
+                    "chunked request bodies are not supported; send Content-Length",
+                ));
             }
         }
     }
@@ -152,7 +155,9 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                 while body.len() < content_length {
                     let want = (content_length - body.len()).min(chunk.len());
                     match stream.read(&mut chunk[..want]) {
-                        Ok(0) => return Err(err(400, "connection closed before the end of the body")),
+                        Ok(0) => {
+                            return Err(err(400, "connection closed before the end of the body"))
+                        }
                         Ok(n) => body.extend_from_slice(&chunk[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e)
@@ -246,23 +251,39 @@ mod tests {
     fn malformed_requests() {
         assert_eq!(read(b"").unwrap_err().status, 0);
         assert_eq!(read(b"GET /x HTT").unwrap_err().status, 400);
-        assert_eq!(read(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err().status, 400);
-        assert_eq!(read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n").unwrap_err().status, 400);
         assert_eq!(
-            read(b"PUT /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n").unwrap_err().status,
+            read(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err().status,
             400
         );
         assert_eq!(
-            read(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").unwrap_err().status,
+            read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+                .unwrap_err()
+                .status,
             400,
             "body cut short"
         );
         assert_eq!(
-            read(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n").unwrap_err().status,
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n")
+                .unwrap_err()
+                .status,
             413
         );
         assert_eq!(
-            read(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err().status,
+            read(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap_err()
+                .status,
             411
         );
     }
@@ -290,6 +311,8 @@ mod tests {
         assert!(s.ends_with("{\"a\":1}\n"));
         let mut out = Vec::new();
         write_response(&mut out, 204, None, &[]).unwrap();
-        assert!(String::from_utf8(out).unwrap().contains("Content-Length: 0"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Content-Length: 0"));
     }
 }

@@ -94,9 +94,12 @@ impl Reply {
 /// Maps a method and path to an endpoint: 404 for an unknown path, 405
 /// (with the allowed method named) for a known path with the wrong method.
 pub fn route(method: &str, path: &str) -> Result<Route, Reply> {
-    let name = path
-        .strip_prefix(PREFIX)
-        .ok_or_else(|| Reply::error(404, format!("unknown path {path}: endpoints live under {PREFIX}")))?;
+    let name = path.strip_prefix(PREFIX).ok_or_else(|| {
+        Reply::error(
+            404,
+            format!("unknown path {path}: endpoints live under {PREFIX}"),
+        )
+    })?;
     let name = name.trim_end_matches('/');
     let (_, allowed, r) = TABLE
         .iter()
@@ -115,7 +118,10 @@ pub fn route(method: &str, path: &str) -> Result<Route, Reply> {
 /// The allowed method of an endpoint name (for `Allow` headers).
 pub fn allowed_method(path: &str) -> Option<&'static str> {
     let name = path.strip_prefix(PREFIX)?.trim_end_matches('/');
-    TABLE.iter().find(|(n, _, _)| *n == name).map(|(_, m, _)| *m)
+    TABLE
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, m, _)| *m)
 }
 
 #[cfg(test)]
@@ -127,7 +133,10 @@ mod tests {
         assert_eq!(route("GET", "/api/v1/vmm.ping"), Ok(Route::Ping));
         assert_eq!(route("PUT", "/api/v1/vm.pause"), Ok(Route::VmPause));
         assert_eq!(route("put", "/api/v1/vm.resume"), Ok(Route::VmResume));
-        assert_eq!(route("GET", "/api/v1/vm.migration"), Ok(Route::MigrationStatus));
+        assert_eq!(
+            route("GET", "/api/v1/vm.migration"),
+            Ok(Route::MigrationStatus)
+        );
         assert_eq!(
             route("PUT", "/api/v1/vm.send-migration"),
             Ok(Route::SendMigration)

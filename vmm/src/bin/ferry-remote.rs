@@ -16,7 +16,11 @@ use vmm::client::{request, ApiResponse};
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry-remote", version, about = "Control a ferry VMM through its API socket")]
+#[command(
+    name = "ferry-remote",
+    version,
+    about = "Control a ferry VMM through its API socket"
+)]
 struct Args {
     /// The VMM's API socket.
     #[arg(long, value_name = "PATH")]
@@ -131,7 +135,10 @@ fn progress_text(v: &Value) -> String {
 
 fn bar(v: &Value) -> String {
     let total = v.get("total_bytes").and_then(Value::as_u64).unwrap_or(0);
-    let remaining = v.get("remaining_bytes").and_then(Value::as_u64).unwrap_or(0);
+    let remaining = v
+        .get("remaining_bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     let frac = if total == 0 {
         0.0
     } else {
@@ -158,7 +165,11 @@ fn wait_for_migration(args: &Args) -> Result<()> {
             .context("lost contact with the source VMM while waiting for the migration")?;
         let r = checked(r)?;
         let v: Value = serde_json::from_str(&r.body).context("unreadable vm.migration answer")?;
-        let state = v.get("state").and_then(Value::as_str).unwrap_or("none").to_string();
+        let state = v
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
         let iter = v.get("iteration").and_then(Value::as_u64).unwrap_or(0);
         if tty {
             let _ = write!(err, "\r\x1b[K{}", bar(&v));
@@ -180,7 +191,10 @@ fn wait_for_migration(args: &Args) -> Result<()> {
                 if state == "completed" {
                     return Ok(());
                 }
-                let why = v.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+                let why = v
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
                 bail!("migration {state}: {why}");
             }
             _ => std::thread::sleep(Duration::from_millis(200)),

@@ -1,0 +1,52 @@
+//! Fault injection at the switch-over, for tests only.
+//!
+//! A test installs a hook on the thread that runs `send` or `receive`; the
+//! state machine calls [`fire`] at the points of [`Point`] with the main
+//! connection, so that the test can cut it (or cancel) at an exact moment.
+//! In non-test builds [`fire`] is an empty inline function.
+
+/// Where the hook is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Source: READY seen, COMMIT not yet written.
+    BeforeCommit,
+    /// Source: COMMIT written, RESUMED not yet seen.
+    AfterCommit,
+    /// Destination: COMMIT received and VM started, RESUMED not yet sent.
+    BeforeResumed,
+}
+
+#[cfg(test)]
+mod imp {
+    use super::Point;
+    use std::cell::RefCell;
+    use std::net::TcpStream;
+
+    type Hook = Box<dyn Fn(Point, &TcpStream)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Installs `f` for migrations run on the current thread.
+    pub fn set(f: impl Fn(Point, &TcpStream) + 'static) {
+        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// Calls the current thread's hook, if any.
+    pub fn fire(p: Point, s: &TcpStream) {
+        HOOK.with(|h| {
+            if let Some(f) = &*h.borrow() {
+                f(p, s)
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+pub use imp::{fire, set};
+
+/// Calls the current thread's hook (no-op outside tests).
+#[cfg(not(test))]
+#[inline(always)]
+pub fn fire(_p: Point, _s: &std::net::TcpStream) {}

@@ -1,0 +1,168 @@
+//! In-process tests of the KVM glue with the stamp guest: boot, pause,
+//! dirty logging, and a save/restore round trip into a second VM. Skipped
+//! when /dev/kvm is absent.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{BootConfig, MemoryBacking, MemoryConfig, SerialConfig};
+use crate::device_set::DeviceSet;
+use crate::memory::{GuestRam, PAGE};
+use crate::vm::{Vm, VmDescription};
+
+fn kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-kvmtest-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn vm(size: u64, serial: &Path) -> Vm {
+    let ram = GuestRam::new(&MemoryConfig {
+        size,
+        backing: MemoryBacking::Anonymous,
+        prefault: false,
+    })
+    .unwrap();
+    let (tx, rx) = channel();
+    // Keep the receiver alive for the test's duration.
+    std::mem::forget(rx);
+    let desc = VmDescription {
+        boot: None,
+        serial: SerialConfig::File(serial.into()),
+        migrated_in: false,
+    };
+    Vm::create(
+        ram,
+        1,
+        SerialConfig::File(serial.into()),
+        desc,
+        DeviceSet::empty(),
+        tx,
+    )
+    .unwrap()
+}
+
+fn boot(vm: &Vm, cmdline: &str) {
+    vm.boot(&BootConfig {
+        kernel: PathBuf::from(env!("FERRY_STAMP_GUEST")),
+        initramfs: None,
+        cmdline: cmdline.into(),
+    })
+    .unwrap();
+}
+
+fn wait_for(path: &Path, needle: &str) {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(!text.contains("MISMATCH"), "{text}");
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no '{needle}' in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn last_pass(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("stamp: pass ")?
+                .strip_suffix(" ok")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn pause_dirty_log_and_state_round_trip() {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("roundtrip");
+    let (s1, s2) = (dir.join("a.log"), dir.join("b.log"));
+    let a = Arc::new(vm(64 << 20, &s1));
+    boot(&a, "region=4 passes=0");
+    a.start(false).unwrap();
+    wait_for(&s1, "pass 2 ok");
+
+    // Dirty logging sees the guest's stamping region (16 MiB + 4 MiB).
+    a.start_dirty_log().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let bm = a.fetch_dirty(0).unwrap();
+    assert_eq!(bm.len(), (64 << 20) / PAGE as usize / 64);
+    let region_words = &bm[(16 << 20) / PAGE as usize / 64..(20 << 20) / PAGE as usize / 64];
+    assert!(
+        region_words.iter().any(|w| *w != 0),
+        "no dirty page in the stamped region"
+    );
+    a.clear_dirty(0, 4096, 1024).unwrap();
+    assert!(a.clear_dirty(0, 1, 64).is_err(), "unaligned clear");
+
+    // Pause: the guest stops printing.
+    a.pause_vcpus();
+    let paused_at = last_pass(&s1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(last_pass(&s1), paused_at);
+    a.stop_dirty_log().unwrap();
+
+    // Save, copy RAM, restore into a fresh VM, and run it there.
+    let state =
+        crate::state::decode(&crate::state::encode(&a.save_state().unwrap()).unwrap()).unwrap();
+    let b = vm(64 << 20, &s2);
+    for (ra, rb) in a.ram().regions().iter().zip(b.ram().regions()) {
+        // SAFETY: both mappings are live and `size` bytes long; A is paused.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                ra.host_addr as *const u8,
+                rb.host_addr as *mut u8,
+                ra.size as usize,
+            )
+        };
+    }
+    b.restore_state(&state).unwrap();
+    assert!(
+        b.restore_state(&state).is_ok(),
+        "restore is repeatable before start"
+    );
+    b.start(false).unwrap();
+    wait_for(&s2, &format!("pass {} ok", paused_at + 2));
+    a.stop();
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn user_pause_rules() {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("pause");
+    let s = dir.join("s.log");
+    let v = vm(32 << 20, &s);
+    boot(&v, "region=1 passes=0");
+    assert!(v.user_resume().is_err(), "resume of a running VM");
+    v.start(false).unwrap();
+    v.user_pause().unwrap();
+    assert!(v.user_pause().is_err(), "second pause");
+    assert!(v.user_paused());
+    v.user_resume().unwrap();
+    assert!(!v.user_paused());
+    v.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
