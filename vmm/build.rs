@@ -18,7 +18,8 @@ use std::process::{self, Command};
 const INSTALL_HINT: &str = "apt-get install -y gcc binutils";
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let guests_src = manifest_dir
         .parent()
@@ -83,9 +84,10 @@ fn main() {
 /// `OUT_DIR = <target>[/<triple>]/<profile>/build/<pkg>-<hash>/out`.
 fn target_dir(out_dir: &Path) -> PathBuf {
     // `base` is `<target>` or, with `--target TRIPLE`, `<target>/<triple>`.
-    let base = out_dir.ancestors().nth(4).unwrap_or_else(|| {
-        fail(&format!("unexpected OUT_DIR layout: {}", out_dir.display()))
-    });
+    let base = out_dir
+        .ancestors()
+        .nth(4)
+        .unwrap_or_else(|| fail(&format!("unexpected OUT_DIR layout: {}", out_dir.display())));
     let parent = base.parent();
     let triple = env::var("TARGET").unwrap_or_default();
     let named_like_triple = !triple.is_empty() && base.file_name() == Some(OsStr::new(&triple));
@@ -124,7 +126,9 @@ fn run(cmd: &mut Command, tool: &str) {
             "`{tool}` not found: the stamp test guest (resources/guests/stamp.S) is assembled \
              with the system toolchain. Install it with: {INSTALL_HINT}"
         )),
-        Err(e) => fail(&format!("cannot run `{tool}`: {e} (install with: {INSTALL_HINT})")),
+        Err(e) => fail(&format!(
+            "cannot run `{tool}`: {e} (install with: {INSTALL_HINT})"
+        )),
     }
 }
 

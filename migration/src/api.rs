@@ -155,10 +155,22 @@ impl ReceiveParams {
 }
 
 /// Runs a migration on the source. On success the VM is paused for good and
-/// the caller should exit; on error the VM runs again (unless the user had
-/// paused it), dirty logging is off, devices are RUNNING and every thread
-/// and socket is closed. `stats` shows progress meanwhile and the final
-/// state afterwards (completed/failed/cancelled, set here).
+/// the caller should exit. On error, two cases (see
+/// `docs/migration-protocol.md`, "The switch-over commit"):
+///
+/// * any error except [`MigrationError::CommitUncertain`]: the failure came
+///   before the switch-over was committed; the VM runs again (unless the
+///   user had paused it), devices are RUNNING, `stats` shows
+///   `source_vm = resumed`;
+/// * [`MigrationError::CommitUncertain`]: COMMIT was written but RESUMED never
+///   arrived, so the destination may run the guest. The VM was **left
+///   paused** (devices STOP) and must be kept, not exited with success nor
+///   resumed automatically; `stats` shows `source_vm = paused_uncertain`.
+///
+/// In every case dirty logging is off and every thread and socket is
+/// closed. Cancel is honoured until the commit point and ignored after it.
+/// `stats` shows progress meanwhile and the final state afterwards
+/// (completed/failed/cancelled, set here).
 pub fn send(
     vm: Arc<dyn SourceVm>,
     params: &SendParams,
@@ -174,7 +186,7 @@ pub fn send(
 }
 
 /// Receives one migration on `listener`. On success the VM has been started
-/// ([`DestinationVm::start`]) and is returned; on error it was discarded and
+/// ([`DestinationVm::start`], only after the source's COMMIT) and is returned; on error it was discarded and
 /// every thread and socket is closed, so the caller can receive again (on a
 /// new or cloned listener). Strangers connecting meanwhile are refused with
 /// an ERROR frame without disturbing the migration.

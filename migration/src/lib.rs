@@ -10,7 +10,8 @@
 //! (sender queues and writer threads), `dirty` (pass scheduler),
 //! `convergence`, `devsend`/`devrecv` (device streams), `reader` (receiver
 //! data path and pass barrier), `sender`/`receiver` (the two state
-//! machines), [`stats`].
+//! machines), `srcmain` (the source's main-connection reader), `testhook`
+//! (switch-over fault injection for tests), [`stats`].
 
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ mod pool;
 mod reader;
 mod receiver;
 mod sender;
+mod srcmain;
 pub mod stats;
 mod testhook;
 pub mod traits;

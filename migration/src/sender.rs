@@ -26,10 +26,9 @@ use crate::devsend::{does_precopy, DeviceSavers, MainModeDevices};
 use crate::dirty::{count_dirty, merge, Packetizer};
 use crate::error::MigrationError;
 use crate::handshake::{await_reply, connect, parse_url};
-use crate::net::{
-    self, epoch_us, lock, recv_header, recv_payload, Ctl, MainConn, Notify, Start, STALL_TIMEOUT,
-};
+use crate::net::{self, epoch_us, lock, Ctl, MainConn, STALL_TIMEOUT};
 use crate::pool::{Item, Pool, RateLimiter};
+use crate::srcmain::{main_reader, FromDest};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{DirtyBitmap, MigState, MigratableDevice, RamRegion, SourceVm, PAGE_SIZE};
 use crate::wire::{self, DeviceDesc, Kind, Setup, ROLE_DATA, ROLE_MAIN};
@@ -57,20 +56,6 @@ enum SendState {
     AwaitReady,
     AwaitResumed,
     Done,
-}
-
-/// What the main-connection reader learned from the destination.
-#[derive(Debug, Default)]
-struct FromDest {
-    /// Per device: (bytes loaded, load µs) once its initial data was loaded.
-    acks: Mutex<Vec<Option<(u64, u64)>>>,
-    /// READY arrived: the destination restored the state and waits for COMMIT.
-    ready: AtomicBool,
-    /// Set just before COMMIT is written; RESUMED before it is a violation.
-    commit_sent: AtomicBool,
-    resumed: Mutex<Option<u64>>,
-    remote_error: Mutex<Option<String>>,
-    notify: Notify,
 }
 
 struct Sender {
@@ -760,124 +745,5 @@ impl Sender {
         };
         log::error!("{err}; the source VM stays paused");
         err
-    }
-}
-
-/// Reads the destination's frames on the main connection until RESUMED,
-/// ERROR, EOF or stop; reports problems through `ctl`. READY is accepted
-/// once, RESUMED only after COMMIT was sent; RATE updates a device's load
-/// rate (the convergence estimate reads it).
-fn main_reader(
-    main: &MainConn,
-    rctl: &Ctl,
-    ctl: &Ctl,
-    fd: &FromDest,
-    counters: &[Arc<DeviceCounters>],
-) {
-    let what = "reading the main connection";
-    let mut last = Instant::now();
-    loop {
-        let r = recv_header(&main.stream, rctl, true, what);
-        let h = match r {
-            Err(MigrationError::Aborted) => return,
-            Err(e) => {
-                ctl.fail(e);
-                fd.notify.notify();
-                return;
-            }
-            Ok((Start::Idle, _)) => {
-                if last.elapsed() > rctl.stall {
-                    ctl.fail(MigrationError::Stalled(format!(
-                        "destination silent for {:?}",
-                        rctl.stall
-                    )));
-                    fd.notify.notify();
-                    return;
-                }
-                continue;
-            }
-            Ok((Start::Eof, _)) => {
-                if lock(&fd.resumed).is_none() {
-                    ctl.fail(MigrationError::PeerClosed(
-                        "destination closed the main connection".into(),
-                    ));
-                }
-                fd.notify.notify();
-                return;
-            }
-            Ok((_, None)) => return,
-            Ok((_, Some(h))) => h,
-        };
-        last = Instant::now();
-        ctl.touch_peer();
-        let res: Result<bool, MigrationError> = (|| {
-            if h.session != main.session {
-                return Err(MigrationError::proto(
-                    "frame of another session on the main connection",
-                ));
-            }
-            match h.kind {
-                Kind::Keepalive => Ok(false),
-                Kind::Ack => {
-                    let dev = h.a as usize;
-                    let mut acks = lock(&fd.acks);
-                    let slot = acks.get_mut(dev).ok_or_else(|| {
-                        MigrationError::proto(format!("ack for unknown device {dev}"))
-                    })?;
-                    *slot = Some((h.b, h.c));
-                    if let Some(c) = counters.get(dev) {
-                        c.initial_loaded.store(true, Relaxed);
-                        if let Some(rate) = h.b.saturating_mul(1_000_000).checked_div(h.c) {
-                            c.load_rate.store(rate, Relaxed);
-                        }
-                        log::debug!("device {}: destination loaded its initial data", c.id);
-                    }
-                    Ok(false)
-                }
-                Kind::Rate => {
-                    let c = counters.get(h.a as usize).ok_or_else(|| {
-                        MigrationError::proto(format!("load rate for unknown device {}", h.a))
-                    })?;
-                    if h.b > 0 {
-                        c.load_rate.store(h.b, Relaxed);
-                    }
-                    Ok(false)
-                }
-                Kind::Ready => {
-                    if fd.ready.swap(true, SeqCst) {
-                        return Err(MigrationError::proto(
-                            "duplicate READY from the destination",
-                        ));
-                    }
-                    log::debug!("destination restored the VM state and is ready to start it");
-                    Ok(false)
-                }
-                Kind::Resumed => {
-                    if !fd.commit_sent.load(SeqCst) {
-                        return Err(MigrationError::proto("RESUMED before COMMIT"));
-                    }
-                    *lock(&fd.resumed) = Some(h.a);
-                    Ok(true)
-                }
-                Kind::Error => {
-                    let m = wire::message_text(&recv_payload(&main.stream, h.len, rctl, what)?);
-                    *lock(&fd.remote_error) = Some(m.clone());
-                    ctl.fail(MigrationError::Remote(m));
-                    Ok(true)
-                }
-                k => Err(MigrationError::proto(format!(
-                    "unexpected {k:?} frame from the destination"
-                ))),
-            }
-        })();
-        fd.notify.notify();
-        match res {
-            Ok(false) => {}
-            Ok(true) => return,
-            Err(e) => {
-                ctl.fail(e);
-                return;
-            }
-        }
     }
 }

@@ -3,7 +3,10 @@
 //! A test installs a hook on the thread that runs `send` or `receive`; the
 //! state machine calls [`fire`] at the points of [`Point`] with the main
 //! connection, so that the test can cut it (or cancel) at an exact moment.
-//! In non-test builds [`fire`] is an empty inline function.
+//! In non-test builds [`fire`] is an empty inline function and no hook
+//! storage exists.
+
+use std::net::TcpStream;
 
 /// Where the hook is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,36 +20,30 @@ pub enum Point {
 }
 
 #[cfg(test)]
-mod imp {
-    use super::Point;
-    use std::cell::RefCell;
-    use std::net::TcpStream;
-
-    type Hook = Box<dyn Fn(Point, &TcpStream)>;
-
-    thread_local! {
-        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
-    }
-
-    /// Installs `f` for migrations run on the current thread.
-    pub fn set(f: impl Fn(Point, &TcpStream) + 'static) {
-        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
-    }
-
-    /// Calls the current thread's hook, if any.
-    pub fn fire(p: Point, s: &TcpStream) {
-        HOOK.with(|h| {
-            if let Some(f) = &*h.borrow() {
-                f(p, s)
-            }
-        });
-    }
-}
+type Hook = Box<dyn Fn(Point, &TcpStream)>;
 
 #[cfg(test)]
-pub use imp::{fire, set};
+thread_local! {
+    static HOOK: std::cell::RefCell<Option<Hook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs `f` for migrations run on the current thread (tests only).
+#[cfg(test)]
+pub fn set(f: impl Fn(Point, &TcpStream) + 'static) {
+    HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+}
+
+/// Calls the current thread's hook, if any.
+#[cfg(test)]
+pub fn fire(p: Point, s: &TcpStream) {
+    HOOK.with(|h| {
+        if let Some(f) = &*h.borrow() {
+            f(p, s)
+        }
+    });
+}
 
 /// Calls the current thread's hook (no-op outside tests).
 #[cfg(not(test))]
 #[inline(always)]
-pub fn fire(_p: Point, _s: &std::net::TcpStream) {}
+pub fn fire(_p: Point, _s: &TcpStream) {}

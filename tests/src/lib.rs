@@ -54,7 +54,12 @@ pub fn profile_dir() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     let profile = profile_dir();
     // <target>/<profile> or <target>/<triple>/<profile>
-    let mut candidates: Vec<PathBuf> = profile.ancestors().skip(1).take(2).map(Path::to_path_buf).collect();
+    let mut candidates: Vec<PathBuf> = profile
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(Path::to_path_buf)
+        .collect();
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         candidates.push(PathBuf::from(dir));
     }
@@ -72,7 +77,11 @@ fn find_binary(name: &str) -> PathBuf {
         panic!(
             "{} not found: run `cargo build --workspace{}` first (the README's test command does)",
             path.display(),
-            if profile_dir().ends_with("release") { " --release" } else { "" }
+            if profile_dir().ends_with("release") {
+                " --release"
+            } else {
+                ""
+            }
         );
     }
     path
@@ -95,7 +104,10 @@ pub fn stamp_guest() -> PathBuf {
         return PathBuf::from(p);
     }
     let profile = profile_dir();
-    let mut candidates = vec![target_dir().join("guests/stamp.elf"), profile.join("guests/stamp.elf")];
+    let mut candidates = vec![
+        target_dir().join("guests/stamp.elf"),
+        profile.join("guests/stamp.elf"),
+    ];
     for a in profile.ancestors().skip(1).take(2) {
         candidates.push(a.join("guests/stamp.elf"));
     }
@@ -161,7 +173,10 @@ impl TempDir {
     /// Creates a fresh directory under /tmp (short path: it holds UNIX sockets).
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let path = PathBuf::from(format!(
             "/tmp/ferry-{}-{}-{}-{:x}",
             tag,
@@ -190,7 +205,11 @@ impl Drop for TempDir {
 
 /// Cheap non-cryptographic random bytes (xorshift seeded from the clock).
 pub fn random_bytes(n: usize) -> Vec<u8> {
-    let mut x: u64 = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut x: u64 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     x ^= (std::process::id() as u64) << 32;
     (0..n)
         .map(|_| {
@@ -235,10 +254,14 @@ pub fn free_tcp_port() -> u16 {
 pub fn tcp_listening(port: u16) -> bool {
     let needle = format!(":{:04X}", port);
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
-        })
+        fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
+            })
     })
 }
 
@@ -286,7 +309,11 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
             );
         }
     };
-    Output { status, stdout: to.join().unwrap_or_default(), stderr: te.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: to.join().unwrap_or_default(),
+        stderr: te.join().unwrap_or_default(),
+    }
 }
 
 fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -314,8 +341,19 @@ pub type ApiResponse = (u16, Value);
 /// status and JSON body. `path` is either absolute (`/api/v1/vm.info`) or
 /// relative to `/api/v1/` (`vm.info`). Errors (connect, I/O, malformed
 /// response) are returned as `Err`.
-pub fn try_api(sock: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<ApiResponse, String> {
-    try_api_raw(sock, method, path, body.map(|b| b.to_string()).as_deref(), Duration::from_secs(120))
+pub fn try_api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<ApiResponse, String> {
+    try_api_raw(
+        sock,
+        method,
+        path,
+        body.map(|b| b.to_string()).as_deref(),
+        Duration::from_secs(120),
+    )
 }
 
 /// Like [`try_api`] but with a raw body string and a read timeout.
@@ -326,18 +364,30 @@ pub fn try_api_raw(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<ApiResponse, String> {
-    let full = if path.starts_with('/') { path.to_string() } else { format!("/api/v1/{}", path) };
-    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {}", sock.display(), e))?;
+    let full = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/api/v1/{}", path)
+    };
+    let mut s =
+        UnixStream::connect(sock).map_err(|e| format!("connect {}: {}", sock.display(), e))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
     let body = body.unwrap_or("");
-    let mut req = format!("{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n", method, full);
+    let mut req = format!(
+        "{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n",
+        method, full
+    );
     if !body.is_empty() || method == "PUT" || method == "POST" {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).map_err(|e| format!("write: {}", e))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("write: {}", e))?;
     read_response(&mut s)
 }
 
@@ -351,7 +401,10 @@ fn read_response(s: &mut UnixStream) -> Result<ApiResponse, String> {
         }
         let n = s.read(&mut chunk).map_err(|e| format!("read: {}", e))?;
         if n == 0 {
-            return Err(format!("connection closed before the end of the headers: {:?}", String::from_utf8_lossy(&buf)));
+            return Err(format!(
+                "connection closed before the end of the headers: {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -378,7 +431,9 @@ fn read_response(s: &mut UnixStream) -> Result<ApiResponse, String> {
     let mut body = buf[header_end..].to_vec();
     if let Some(len) = content_length {
         while body.len() < len {
-            let n = s.read(&mut chunk).map_err(|e| format!("read body: {}", e))?;
+            let n = s
+                .read(&mut chunk)
+                .map_err(|e| format!("read body: {}", e))?;
             if n == 0 {
                 return Err("connection closed in the body".into());
             }
@@ -482,7 +537,10 @@ impl SerialLog {
     }
     /// The first `stamp: MISMATCH` line, if any.
     pub fn mismatch(&self) -> Option<String> {
-        self.text().lines().find(|l| l.contains("MISMATCH")).map(str::to_string)
+        self.text()
+            .lines()
+            .find(|l| l.contains("MISMATCH"))
+            .map(str::to_string)
     }
     /// The `stamp: boot mem=<MiB> region=<MiB>` line parsed as (mem, region).
     pub fn boot(&self) -> Option<(u64, u64)> {
@@ -546,12 +604,19 @@ pub fn check_stream(logs: &[&SerialLog]) -> Vec<u64> {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert!(!text.contains("MISMATCH"), "guest saw a MISMATCH:\n{}", describe());
+    assert!(
+        !text.contains("MISMATCH"),
+        "guest saw a MISMATCH:\n{}",
+        describe()
+    );
     let lines = complete_lines(&text);
     for l in &lines {
         let l = l.trim();
         assert!(
-            l.is_empty() || parse_pass(l).is_some() || parse_boot(l).is_some() || l.starts_with("stamp: "),
+            l.is_empty()
+                || parse_pass(l).is_some()
+                || parse_boot(l).is_some()
+                || l.starts_with("stamp: "),
             "unexpected serial line {:?}:\n{}",
             l,
             describe()
@@ -559,7 +624,13 @@ pub fn check_stream(logs: &[&SerialLog]) -> Vec<u64> {
     }
     let passes = pass_numbers(&lines);
     for (i, p) in passes.iter().enumerate() {
-        assert_eq!(*p, i as u64 + 1, "pass numbers not consecutive ({:?}):\n{}", passes, describe());
+        assert_eq!(
+            *p,
+            i as u64 + 1,
+            "pass numbers not consecutive ({:?}):\n{}",
+            passes,
+            describe()
+        );
     }
     passes
 }
@@ -608,7 +679,14 @@ impl Vmm {
             .spawn()
             .expect("spawn ferry");
         eprintln!("[{}] ferry {}", name, full.join(" "));
-        Vmm { child, status: None, dir, sock, serial: SerialLog::new(serial), name: name.to_string() }
+        Vmm {
+            child,
+            status: None,
+            dir,
+            sock,
+            serial: SerialLog::new(serial),
+            name: name.to_string(),
+        }
     }
 
     /// Boots the stamp guest with `cmdline` plus `extra` ferry arguments,
@@ -650,14 +728,26 @@ impl Vmm {
     pub fn wait_api(&self) {
         let start = Instant::now();
         loop {
-            if let Ok((200, _)) = try_api_raw(&self.sock, "GET", "vmm.ping", None, Duration::from_secs(10)) {
+            if let Ok((200, _)) =
+                try_api_raw(&self.sock, "GET", "vmm.ping", None, Duration::from_secs(10))
+            {
                 return;
             }
             if let Some(st) = self.peek_exit() {
-                panic!("[{}] ferry exited ({}) before its API answered; stderr:\n{}", self.name, st, self.stderr());
+                panic!(
+                    "[{}] ferry exited ({}) before its API answered; stderr:\n{}",
+                    self.name,
+                    st,
+                    self.stderr()
+                );
             }
             if start.elapsed() > LONG {
-                panic!("[{}] API did not answer within {:?}; stderr:\n{}", self.name, LONG, self.stderr());
+                panic!(
+                    "[{}] API did not answer within {:?}; stderr:\n{}",
+                    self.name,
+                    LONG,
+                    self.stderr()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -705,7 +795,12 @@ impl Vmm {
     /// Waits for exit and asserts exit code 0.
     pub fn expect_exit_ok(&mut self, timeout: Duration) {
         match self.wait_exit(timeout) {
-            None => panic!("[{}] ferry did not exit within {:?}; stderr:\n{}", self.name, timeout, self.stderr()),
+            None => panic!(
+                "[{}] ferry did not exit within {:?}; stderr:\n{}",
+                self.name,
+                timeout,
+                self.stderr()
+            ),
             Some(s) => assert!(
                 s.success(),
                 "[{}] ferry exited with {}; stderr:\n{}\nserial tail:\n{}",
@@ -738,14 +833,29 @@ impl Vmm {
     /// An API call; panics on transport errors.
     pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> ApiResponse {
         try_api(&self.sock, method, path, body.as_ref()).unwrap_or_else(|e| {
-            panic!("[{}] API {} {}: {}; stderr:\n{}", self.name, method, path, e, self.stderr())
+            panic!(
+                "[{}] API {} {}: {}; stderr:\n{}",
+                self.name,
+                method,
+                path,
+                e,
+                self.stderr()
+            )
         })
     }
 
     /// An API call that must succeed (2xx); returns the body.
     pub fn api_ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (st, v) = self.api(method, path, body);
-        assert!(ok(st), "[{}] {} {} -> {} {}", self.name, method, path, st, v);
+        assert!(
+            ok(st),
+            "[{}] {} {} -> {} {}",
+            self.name,
+            method,
+            path,
+            st,
+            v
+        );
         v
     }
 
@@ -834,13 +944,30 @@ pub fn start_receive(dst: &Vmm, port: u16) -> thread::JoinHandle<Result<ApiRespo
             MIGRATION_TIMEOUT,
         )
     });
-    let listening = poll(LONG, || if tcp_listening(port) || h.is_finished() { Some(()) } else { None });
-    assert!(listening.is_some(), "[{}] not listening on port {} within {:?}", dst.name, port, LONG);
+    let listening = poll(LONG, || {
+        if tcp_listening(port) || h.is_finished() {
+            Some(())
+        } else {
+            None
+        }
+    });
+    assert!(
+        listening.is_some(),
+        "[{}] not listening on port {} within {:?}",
+        dst.name,
+        port,
+        LONG
+    );
     if h.is_finished() {
         let r = h.join().unwrap();
         match &r {
             Ok((st, _)) if ok(*st) => {}
-            other => panic!("[{}] vm.receive-migration failed: {:?}; stderr:\n{}", dst.name, other, dst.stderr()),
+            other => panic!(
+                "[{}] vm.receive-migration failed: {:?}; stderr:\n{}",
+                dst.name,
+                other,
+                dst.stderr()
+            ),
         }
         assert!(
             poll(LONG, || tcp_listening(port).then_some(())).is_some(),
@@ -869,7 +996,14 @@ pub fn send_params(port: u16, connections: u32) -> Value {
 /// Sends `vm.send-migration` with `params` (must be accepted).
 pub fn start_send(src: &Vmm, params: Value) {
     let (st, v) = src.api("PUT", "vm.send-migration", Some(params.clone()));
-    assert!(ok(st), "[{}] vm.send-migration {} -> {} {}", src.name, params, st, v);
+    assert!(
+        ok(st),
+        "[{}] vm.send-migration {} -> {} {}",
+        src.name,
+        params,
+        st,
+        v
+    );
 }
 
 /// The `state` field of a migration status.
@@ -957,17 +1091,36 @@ pub fn finish_migration(
         thread::sleep(Duration::from_millis(50));
     }
     src.expect_exit_ok(LONG);
-    let dest_status = wait_migration_state(dst, &["completed", "failed", "cancelled"], MIGRATION_TIMEOUT);
-    assert_eq!(mig_state(&dest_status), "completed", "[{}] destination status: {}", dst.name, dest_status);
+    let dest_status = wait_migration_state(
+        dst,
+        &["completed", "failed", "cancelled"],
+        MIGRATION_TIMEOUT,
+    );
+    assert_eq!(
+        mig_state(&dest_status),
+        "completed",
+        "[{}] destination status: {}",
+        dst.name,
+        dest_status
+    );
     if let Some(recv) = recv.filter(|r| r.is_finished()) {
         match recv.join().unwrap() {
-            Ok((st, v)) => assert!(ok(st), "[{}] vm.receive-migration -> {} {}", dst.name, st, v),
+            Ok((st, v)) => assert!(
+                ok(st),
+                "[{}] vm.receive-migration -> {} {}",
+                dst.name,
+                st,
+                v
+            ),
             Err(e) => panic!("[{}] vm.receive-migration: {}", dst.name, e),
         }
     }
     eprintln!("[{}] source's last status: {:?}", src.name, source_status);
     eprintln!("[{}] migration completed: {}", dst.name, dest_status);
-    Migration { source_status, dest_status }
+    Migration {
+        source_status,
+        dest_status,
+    }
 }
 
 /// Asserts that a completed migration status carries the documented figures.
@@ -986,13 +1139,21 @@ pub fn check_completed_status(s: &Value, who: &str) {
         "downtime_ms",
         "setup_time_ms",
     ] {
-        assert!(s[f].is_number(), "{}: field {} missing or not a number in {}", who, f, s);
+        assert!(
+            s[f].is_number(),
+            "{}: field {} missing or not a number in {}",
+            who,
+            f,
+            s
+        );
     }
 }
 
 /// Mode bits of a file (`& 0o777`).
 pub fn file_mode(p: &Path) -> u32 {
-    fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
+    fs::metadata(p)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0)
 }
 
 /// Waits for a migration on `src` to end in failure (or cancellation when
@@ -1014,19 +1175,38 @@ pub fn expect_migration_end(src: &Vmm, states: &[&str], timeout: Duration) -> Va
         last = s.clone();
         match mig_state(&s) {
             st if states.contains(&st) => Some(s),
-            "completed" => panic!("[{}] migration completed but should have ended in {:?}: {}", src.name, states, s),
+            "completed" => panic!(
+                "[{}] migration completed but should have ended in {:?}: {}",
+                src.name, states, s
+            ),
             _ => None,
         }
     });
-    let r = r.unwrap_or_else(|| panic!("[{}] migration did not end in {:?} within {:?}; last: {}", src.name, states, timeout, last));
-    eprintln!("[{}] migration ended after {:.1?}: {}", src.name, start.elapsed(), r);
+    let r = r.unwrap_or_else(|| {
+        panic!(
+            "[{}] migration did not end in {:?} within {:?}; last: {}",
+            src.name, states, timeout, last
+        )
+    });
+    eprintln!(
+        "[{}] migration ended after {:.1?}: {}",
+        src.name,
+        start.elapsed(),
+        r
+    );
     r
 }
 
 /// Waits until a running migration on `src` has moved some bytes (or 30 s passed).
 pub fn wait_transfer_started(src: &Vmm) -> Value {
     let active = wait_migration_state(src, &["active", "failed", "cancelled", "completed"], LONG);
-    assert_eq!(mig_state(&active), "active", "[{}] migration is not active: {}", src.name, active);
+    assert_eq!(
+        mig_state(&active),
+        "active",
+        "[{}] migration is not active: {}",
+        src.name,
+        active
+    );
     poll(Duration::from_secs(30), || {
         let s = src.migration_status()?;
         (s["transferred_bytes"].as_u64().unwrap_or(0) > 0 || mig_state(&s) != "active").then_some(s)
@@ -1051,8 +1231,16 @@ pub fn check_guest_moved(logs_before: &[&SerialLog], dst: &Vmm) {
     assert_eq!(dst.state(), "running", "destination VM state");
     let before: Vec<u64> = check_stream(logs_before);
     let last_before = before.last().copied().unwrap_or(0);
-    poll(LONG * 2, || (dst.serial.passes().len() as u64 >= DEST_PASSES).then_some(()))
-        .unwrap_or_else(|| panic!("destination completed fewer than {} passes; serial:\n{}", DEST_PASSES, dst.serial.tail(10)));
+    poll(LONG * 2, || {
+        (dst.serial.passes().len() as u64 >= DEST_PASSES).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "destination completed fewer than {} passes; serial:\n{}",
+            DEST_PASSES,
+            dst.serial.tail(10)
+        )
+    });
     let mut all: Vec<&SerialLog> = logs_before.to_vec();
     all.push(&dst.serial);
     // check_stream proves the numbering runs on without gap across hosts
@@ -1073,7 +1261,6 @@ pub fn check_guest_moved(logs_before: &[&SerialLog], dst: &Vmm) {
     // The destination keeps serving its API.
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
 }
-
 
 #[cfg(test)]
 mod harness_tests {
@@ -1096,7 +1283,11 @@ mod harness_tests {
         let dir = TempDir::new("harness");
         let a = dir.join("a.log");
         let b = dir.join("b.log");
-        fs::write(&a, "stamp: boot mem=512 region=16\nstamp: pass 1 ok\nstamp: pa").unwrap();
+        fs::write(
+            &a,
+            "stamp: boot mem=512 region=16\nstamp: pass 1 ok\nstamp: pa",
+        )
+        .unwrap();
         fs::write(&b, "ss 2 ok\nstamp: pass 3 ok\n").unwrap();
         let (a, b) = (SerialLog::new(a), SerialLog::new(b));
         assert_eq!(check_stream(&[&a, &b]), vec![1, 2, 3]);
@@ -1117,7 +1308,11 @@ mod harness_tests {
     fn stream_detects_a_mismatch() {
         let dir = TempDir::new("harness");
         let a = dir.join("a.log");
-        fs::write(&a, "stamp: pass 1 ok\nstamp: MISMATCH page=3 expected=1 found=2\n").unwrap();
+        fs::write(
+            &a,
+            "stamp: pass 1 ok\nstamp: MISMATCH page=3 expected=1 found=2\n",
+        )
+        .unwrap();
         check_stream(&[&SerialLog::new(a)]);
     }
 
@@ -1135,13 +1330,23 @@ mod harness_tests {
                 let (mut s, _) = l.accept().unwrap();
                 let mut buf = [0u8; 4096];
                 let n = s.read(&mut buf).unwrap();
-                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("PUT /api/v1/vm.pause HTTP/1.1\r\n"));
+                assert!(String::from_utf8_lossy(&buf[..n])
+                    .starts_with("PUT /api/v1/vm.pause HTTP/1.1\r\n"));
                 s.write_all(reply.as_bytes()).unwrap();
             }
         });
-        assert_eq!(api(&sock, "PUT", "vm.pause", None), (200, json!({"a": true})));
-        assert_eq!(api(&sock, "PUT", "vm.pause", None), (409, json!({"error": "x"})));
-        assert_eq!(api(&sock, "PUT", "/api/v1/vm.pause", None), (204, Value::Null));
+        assert_eq!(
+            api(&sock, "PUT", "vm.pause", None),
+            (200, json!({"a": true}))
+        );
+        assert_eq!(
+            api(&sock, "PUT", "vm.pause", None),
+            (409, json!({"error": "x"}))
+        );
+        assert_eq!(
+            api(&sock, "PUT", "/api/v1/vm.pause", None),
+            (204, Value::Null)
+        );
         t.join().unwrap();
     }
 

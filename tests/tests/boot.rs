@@ -18,11 +18,25 @@ fn boots_runs_passes_and_exits_on_reset() {
     let _g = serial_guard();
     let mut vm = Vmm::boot_no_wait("boot", "region=16 passes=3", &[]);
     vm.expect_exit_ok(Duration::from_secs(300));
-    assert_eq!(vm.serial.boot(), Some((512, 16)), "boot line; serial:\n{}", vm.serial.text());
-    assert_eq!(vm.serial.passes(), vec![1, 2, 3], "serial:\n{}", vm.serial.text());
+    assert_eq!(
+        vm.serial.boot(),
+        Some((512, 16)),
+        "boot line; serial:\n{}",
+        vm.serial.text()
+    );
+    assert_eq!(
+        vm.serial.passes(),
+        vec![1, 2, 3],
+        "serial:\n{}",
+        vm.serial.text()
+    );
     assert_eq!(vm.serial.mismatch(), None);
     let lines = vm.serial.lines();
-    assert!(lines[0].starts_with("stamp: boot"), "first line is the boot line: {:?}", lines);
+    assert!(
+        lines[0].starts_with("stamp: boot"),
+        "first line is the boot line: {:?}",
+        lines
+    );
     assert!(!vm.sock.exists(), "API socket not removed on exit");
 }
 
@@ -41,7 +55,11 @@ fn boots_with_two_vcpus() {
 fn vm_info_reports_config() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let vm = Vmm::boot("info", "region=4 passes=0", &["--cpus", "boot=2", "--memory", "size=256M"]);
+    let vm = Vmm::boot(
+        "info",
+        "region=4 passes=0",
+        &["--cpus", "boot=2", "--memory", "size=256M"],
+    );
     vm.wait_pass(1);
     let info = vm.info();
     assert_eq!(info["state"], "running", "{}", info);
@@ -55,8 +73,16 @@ fn vm_info_reports_config() {
     if let Some(v) = info["vcpus"].as_array() {
         assert_eq!(v.len(), 2, "vcpus: {}", info);
     }
-    assert!(info.to_string().contains("268435456") || info.to_string().contains("256"), "memory size not reported: {}", info);
-    assert!(info["devices"].is_array(), "vm.info has no devices array: {}", info);
+    assert!(
+        info.to_string().contains("268435456") || info.to_string().contains("256"),
+        "memory size not reported: {}",
+        info
+    );
+    assert!(
+        info["devices"].is_array(),
+        "vm.info has no devices array: {}",
+        info
+    );
     assert_eq!(vm.serial.boot(), Some((256, 4)));
 }
 
@@ -64,7 +90,11 @@ fn vm_info_reports_config() {
 fn boots_with_shared_memory() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut vm = Vmm::boot_no_wait("shared", "region=4 passes=2", &["--memory", "size=512M,shared=on"]);
+    let mut vm = Vmm::boot_no_wait(
+        "shared",
+        "region=4 passes=2",
+        &["--memory", "size=512M,shared=on"],
+    );
     vm.expect_exit_ok(Duration::from_secs(300));
     assert_eq!(vm.serial.boot(), Some((512, 4)));
     assert_eq!(vm.serial.passes(), vec![1, 2]);
@@ -91,7 +121,11 @@ fn boots_with_file_backed_memory() {
 fn boots_with_prefaulted_memory() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut vm = Vmm::boot_no_wait("prefault", "region=4 passes=1", &["--memory", "size=256M,prefault=on"]);
+    let mut vm = Vmm::boot_no_wait(
+        "prefault",
+        "region=4 passes=1",
+        &["--memory", "size=256M,prefault=on"],
+    );
     vm.expect_exit_ok(Duration::from_secs(300));
     assert_eq!(vm.serial.boot(), Some((256, 4)));
     assert_eq!(vm.serial.passes(), vec![1]);
@@ -109,7 +143,11 @@ fn pvm_warning_printed_once() {
     vm.expect_exit_ok(Duration::from_secs(300));
     let stderr = vm.stderr() + &vm.stdout();
     let n = stderr.lines().filter(|l| l.contains("PVM")).count();
-    assert_eq!(n, 1, "expected exactly one line mentioning PVM, got:\n{}", stderr);
+    assert_eq!(
+        n, 1,
+        "expected exactly one line mentioning PVM, got:\n{}",
+        stderr
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -130,7 +168,11 @@ fn pause_freezes_the_guest_and_resume_continues() {
     let paused_at = vm.serial.last_pass().unwrap();
     let text = vm.serial.text();
     thread::sleep(Duration::from_secs(2));
-    assert_eq!(vm.serial.last_pass(), Some(paused_at), "a pass completed while paused");
+    assert_eq!(
+        vm.serial.last_pass(),
+        Some(paused_at),
+        "a pass completed while paused"
+    );
     assert_eq!(vm.serial.text(), text, "serial output while paused");
     assert_eq!(vm.state(), "paused");
 
@@ -160,18 +202,52 @@ fn api_errors() {
     for path in ["vm.nonexistent", "/api/v2/vmm.ping", "/", "/nothing"] {
         let (st, body) = vm.api("GET", path, None);
         assert_eq!(st, 404, "GET {} -> {}", path, body);
-        assert!(body["error"].is_string(), "GET {}: error body {}", path, body);
+        assert!(
+            body["error"].is_string(),
+            "GET {}: error body {}",
+            path,
+            body
+        );
     }
     // 405: wrong method.
-    for (m, path) in [("GET", "vm.pause"), ("GET", "vm.resume"), ("PUT", "vm.info"), ("POST", "vmm.ping"), ("DELETE", "vm.info")] {
+    for (m, path) in [
+        ("GET", "vm.pause"),
+        ("GET", "vm.resume"),
+        ("PUT", "vm.info"),
+        ("POST", "vmm.ping"),
+        ("DELETE", "vm.info"),
+    ] {
         let (st, body) = vm.api(m, path, None);
         assert_eq!(st, 405, "{} {} -> {}", m, path, body);
-        assert!(body["error"].is_string(), "{} {}: error body {}", m, path, body);
+        assert!(
+            body["error"].is_string(),
+            "{} {}: error body {}",
+            m,
+            path,
+            body
+        );
     }
-    assert_eq!(vm.state(), "running", "a refused request changed the VM state");
+    assert_eq!(
+        vm.state(),
+        "running",
+        "a refused request changed the VM state"
+    );
     // 400: malformed bodies.
-    for body in ["{not json", "[1,2,3]", "{\"destination_url\": 5}", "{\"destination_url\":\"tcp:127.0.0.1:1\",\"bogus_field\":1}", ""] {
-        let (st, resp) = try_api_raw(&vm.sock, "PUT", "vm.send-migration", Some(body), Duration::from_secs(30)).unwrap();
+    for body in [
+        "{not json",
+        "[1,2,3]",
+        "{\"destination_url\": 5}",
+        "{\"destination_url\":\"tcp:127.0.0.1:1\",\"bogus_field\":1}",
+        "",
+    ] {
+        let (st, resp) = try_api_raw(
+            &vm.sock,
+            "PUT",
+            "vm.send-migration",
+            Some(body),
+            Duration::from_secs(30),
+        )
+        .unwrap();
         assert_eq!(st, 400, "send-migration body {:?} -> {} {}", body, st, resp);
         assert!(resp["error"].is_string(), "error body {}", resp);
     }
@@ -188,9 +264,19 @@ fn api_socket_mode_is_0600() {
     let vm = Vmm::boot("sockmode", "region=4 passes=0", &[]);
     use std::os::unix::fs::FileTypeExt;
     assert!(fs::metadata(&vm.sock).unwrap().file_type().is_socket());
-    assert_eq!(file_mode(&vm.sock), 0o600, "API socket mode {:o}", file_mode(&vm.sock));
+    assert_eq!(
+        file_mode(&vm.sock),
+        0o600,
+        "API socket mode {:o}",
+        file_mode(&vm.sock)
+    );
     let dst = Vmm::destination("sockmode-dst", &[]);
-    assert_eq!(file_mode(&dst.sock), 0o600, "API socket mode (no VM) {:o}", file_mode(&dst.sock));
+    assert_eq!(
+        file_mode(&dst.sock),
+        0o600,
+        "API socket mode (no VM) {:o}",
+        file_mode(&dst.sock)
+    );
 }
 
 #[test]
@@ -233,7 +319,12 @@ fn vmless_ferry_serves_api_and_shuts_down() {
     assert_eq!(st, 200);
     // No VM: pausing is refused (not a crash).
     let (st, body) = dst.api("PUT", "vm.pause", None);
-    assert!((400..500).contains(&st), "pause without a VM -> {} {}", st, body);
+    assert!(
+        (400..500).contains(&st),
+        "pause without a VM -> {} {}",
+        st,
+        body
+    );
     dst.api_ok("PUT", "vmm.shutdown", None);
     dst.expect_exit_ok(LONG);
     assert!(!dst.sock.exists(), "API socket not removed on exit");
@@ -312,7 +403,9 @@ fn garbage_requests_leave_the_vmm_healthy() {
     healthy("malformed request lines");
 
     // Many connections at once, all dropped.
-    let conns: Vec<_> = (0..64).filter_map(|_| UnixStream::connect(&vm.sock).ok()).collect();
+    let conns: Vec<_> = (0..64)
+        .filter_map(|_| UnixStream::connect(&vm.sock).ok())
+        .collect();
     drop(conns);
     healthy("64 dropped connections");
 
@@ -327,10 +420,15 @@ fn idle_connection_does_not_block_the_api() {
     let vm = Vmm::boot("idleconn", "region=4 passes=0", &[]);
     // A client that connects and sends half a request, then goes silent.
     let mut idle = UnixStream::connect(&vm.sock).unwrap();
-    idle.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n").unwrap();
+    idle.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n")
+        .unwrap();
     let idle2 = UnixStream::connect(&vm.sock).unwrap();
     let r = try_api_raw(&vm.sock, "GET", "vmm.ping", None, Duration::from_secs(30));
-    assert!(matches!(r, Ok((200, _))), "ping while another client idles: {:?}", r);
+    assert!(
+        matches!(r, Ok((200, _))),
+        "ping while another client idles: {:?}",
+        r
+    );
     drop((idle, idle2));
 }
 
@@ -349,9 +447,23 @@ fn expect_usage_error(what: &str, args: &[&str]) {
         out.status,
         stderr
     );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && !l.contains("PVM")).collect();
-    assert_eq!(lines.len(), 1, "{}: expected one line on stderr, got:\n{}", what, stderr);
-    assert!(lines[0].to_lowercase().contains("error"), "{}: stderr should say error: {:?}", what, lines[0]);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("PVM"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{}: expected one line on stderr, got:\n{}",
+        what,
+        stderr
+    );
+    assert!(
+        lines[0].to_lowercase().contains("error"),
+        "{}: stderr should say error: {:?}",
+        what,
+        lines[0]
+    );
 }
 
 /// Paths shared by the bad-input cases.
@@ -365,7 +477,11 @@ impl Bad {
     fn new() -> Bad {
         let dir = TempDir::new("badinput");
         let sock = dir.join("api.sock").to_str().unwrap().to_string();
-        Bad { kernel: stamp_guest().to_str().unwrap().to_string(), sock, dir }
+        Bad {
+            kernel: stamp_guest().to_str().unwrap().to_string(),
+            sock,
+            dir,
+        }
     }
     fn path(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_string()
@@ -382,7 +498,11 @@ impl Bad {
             })
             .collect();
         expect_usage_error(what, &args);
-        assert!(!std::path::Path::new(&self.sock).exists(), "{}: API socket left behind", what);
+        assert!(
+            !std::path::Path::new(&self.sock).exists(),
+            "{}: API socket left behind",
+            what
+        );
     }
 }
 
@@ -397,25 +517,96 @@ macro_rules! bad_input {
     };
 }
 
-bad_input!(bad_unknown_flag, ["--kernel", "K", "--bogus-flag", "1", "--api-socket", "S"]);
+bad_input!(
+    bad_unknown_flag,
+    ["--kernel", "K", "--bogus-flag", "1", "--api-socket", "S"]
+);
 bad_input!(bad_unknown_flag_alone, ["--frobnicate"]);
-bad_input!(bad_missing_kernel, ["--kernel", "/nonexistent/ferry/kernel", "--api-socket", "S"]);
-bad_input!(bad_kernel_is_a_directory, ["--kernel", "/tmp", "--api-socket", "S"]);
-bad_input!(bad_unparsable_size, ["--kernel", "K", "--memory", "size=12Q", "--api-socket", "S"]);
-bad_input!(bad_unparsable_size_text, ["--kernel", "K", "--memory", "size=lots", "--api-socket", "S"]);
-bad_input!(bad_zero_vcpus, ["--kernel", "K", "--cpus", "boot=0", "--api-socket", "S"]);
-bad_input!(bad_vcpu_count, ["--kernel", "K", "--cpus", "boot=two", "--api-socket", "S"]);
-bad_input!(bad_memory_larger_than_host, ["--kernel", "K", "--memory", "size=100T", "--api-socket", "S"]);
-bad_input!(bad_unknown_memory_option, ["--kernel", "K", "--memory", "size=512M,colour=blue", "--api-socket", "S"]);
-bad_input!(bad_serial, ["--kernel", "K", "--serial", "carrier-pigeon", "--api-socket", "S"]);
-bad_input!(bad_sim_vfio_size, ["--kernel", "K", "--sim-vfio", "id=d0,state=lots", "--api-socket", "S"]);
+bad_input!(
+    bad_missing_kernel,
+    ["--kernel", "/nonexistent/ferry/kernel", "--api-socket", "S"]
+);
+bad_input!(
+    bad_kernel_is_a_directory,
+    ["--kernel", "/tmp", "--api-socket", "S"]
+);
+bad_input!(
+    bad_unparsable_size,
+    ["--kernel", "K", "--memory", "size=12Q", "--api-socket", "S"]
+);
+bad_input!(
+    bad_unparsable_size_text,
+    [
+        "--kernel",
+        "K",
+        "--memory",
+        "size=lots",
+        "--api-socket",
+        "S"
+    ]
+);
+bad_input!(
+    bad_zero_vcpus,
+    ["--kernel", "K", "--cpus", "boot=0", "--api-socket", "S"]
+);
+bad_input!(
+    bad_vcpu_count,
+    ["--kernel", "K", "--cpus", "boot=two", "--api-socket", "S"]
+);
+bad_input!(
+    bad_memory_larger_than_host,
+    [
+        "--kernel",
+        "K",
+        "--memory",
+        "size=100T",
+        "--api-socket",
+        "S"
+    ]
+);
+bad_input!(
+    bad_unknown_memory_option,
+    [
+        "--kernel",
+        "K",
+        "--memory",
+        "size=512M,colour=blue",
+        "--api-socket",
+        "S"
+    ]
+);
+bad_input!(
+    bad_serial,
+    [
+        "--kernel",
+        "K",
+        "--serial",
+        "carrier-pigeon",
+        "--api-socket",
+        "S"
+    ]
+);
+bad_input!(
+    bad_sim_vfio_size,
+    [
+        "--kernel",
+        "K",
+        "--sim-vfio",
+        "id=d0,state=lots",
+        "--api-socket",
+        "S"
+    ]
+);
 
 #[test]
 fn bad_memory_file_missing() {
     skip_unless_kvm!();
     let b = Bad::new();
     let mem = format!("size=512M,file={}", b.path("nope.mem"));
-    b.check("memory file missing", &["--kernel", "K", "--memory", &mem, "--api-socket", "S"]);
+    b.check(
+        "memory file missing",
+        &["--kernel", "K", "--memory", &mem, "--api-socket", "S"],
+    );
 }
 
 #[test]
@@ -425,8 +616,15 @@ fn bad_memory_file_too_small() {
     let small = b.path("small.mem");
     fs::File::create(&small).unwrap().set_len(16 << 20).unwrap();
     let mem = format!("size=512M,file={}", small);
-    b.check("memory file too small", &["--kernel", "K", "--memory", &mem, "--api-socket", "S"]);
-    assert_eq!(fs::metadata(&small).unwrap().len(), 16 << 20, "the memory file was resized");
+    b.check(
+        "memory file too small",
+        &["--kernel", "K", "--memory", &mem, "--api-socket", "S"],
+    );
+    assert_eq!(
+        fs::metadata(&small).unwrap().len(),
+        16 << 20,
+        "the memory file was resized"
+    );
 }
 
 #[test]
@@ -435,11 +633,24 @@ fn bad_api_socket_path_is_a_regular_file() {
     let b = Bad::new();
     let regular = b.path("not-a-socket");
     fs::write(&regular, b"precious").unwrap();
-    expect_usage_error("API socket path is a regular file", &["--kernel", &b.kernel, "--api-socket", &regular]);
-    expect_usage_error("API socket path is a regular file (no VM)", &["--api-socket", &regular]);
-    assert_eq!(fs::read(&regular).unwrap(), b"precious", "the regular file was modified");
+    expect_usage_error(
+        "API socket path is a regular file",
+        &["--kernel", &b.kernel, "--api-socket", &regular],
+    );
+    expect_usage_error(
+        "API socket path is a regular file (no VM)",
+        &["--api-socket", &regular],
+    );
+    assert_eq!(
+        fs::read(&regular).unwrap(),
+        b"precious",
+        "the regular file was modified"
+    );
     let d = b.path("");
-    expect_usage_error("API socket path is a directory", &["--kernel", &b.kernel, "--api-socket", &d]);
+    expect_usage_error(
+        "API socket path is a directory",
+        &["--kernel", &b.kernel, "--api-socket", &d],
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -448,8 +659,15 @@ fn bad_api_socket_path_is_a_regular_file() {
 
 fn stdout_json(out: &std::process::Output, what: &str) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({}): {:?}; stderr: {}", what, e, text, String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{}: stdout is not JSON ({}): {:?}; stderr: {}",
+            what,
+            e,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 #[test]
@@ -461,14 +679,24 @@ fn ferry_remote_controls_the_vm() {
 
     for cmd in ["ping", "info"] {
         let out = vm.remote(&[cmd]);
-        assert!(out.status.success(), "ferry-remote {}: {}; {}", cmd, out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ferry-remote {}: {}; {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         stdout_json(&out, cmd);
     }
     let info = stdout_json(&vm.remote(&["info"]), "info");
     assert_eq!(info["state"], "running", "{}", info);
 
     let out = vm.remote(&["pause"]);
-    assert!(out.status.success(), "pause: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pause: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout_json(&out, "pause");
     assert_eq!(vm.state(), "paused");
 
@@ -476,23 +704,38 @@ fn ferry_remote_controls_the_vm() {
     assert!(!out.status.success(), "a second pause must fail");
 
     let out = vm.remote(&["resume"]);
-    assert!(out.status.success(), "resume: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "resume: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout_json(&out, "resume");
     assert_eq!(vm.state(), "running");
 
     let out = vm.remote(&["migration-status"]);
-    assert!(out.status.success(), "migration-status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "migration-status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout_json(&out, "migration-status");
 
     let out = vm.remote(&["no-such-command"]);
     assert!(!out.status.success(), "an unknown command must fail");
 
     let out = vm.remote(&["shutdown"]);
-    assert!(out.status.success(), "shutdown: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "shutdown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     vm.expect_exit_ok(LONG);
 
     // Nobody listening: fails.
-    let out = run_remote(&["--api-socket", "/nonexistent/ferry.sock", "ping"], Duration::from_secs(60));
+    let out = run_remote(
+        &["--api-socket", "/nonexistent/ferry.sock", "ping"],
+        Duration::from_secs(60),
+    );
     assert!(!out.status.success(), "ping on a missing socket must fail");
     assert!(!out.stderr.is_empty(), "a failure should say why on stderr");
 }

@@ -21,11 +21,16 @@ const DEVICES: [(&str, bool); 4] = [
 ];
 
 fn device_args(n: usize) -> Vec<String> {
-    DEVICES[..n].iter().flat_map(|(d, _)| ["--sim-vfio".to_string(), d.to_string()]).collect()
+    DEVICES[..n]
+        .iter()
+        .flat_map(|(d, _)| ["--sim-vfio".to_string(), d.to_string()])
+        .collect()
 }
 
 fn dev_id(spec: &str) -> &str {
-    spec.split(',').find_map(|kv| kv.strip_prefix("id=")).unwrap()
+    spec.split(',')
+        .find_map(|kv| kv.strip_prefix("id="))
+        .unwrap()
 }
 
 /// id -> device object, from `vm.info`.
@@ -60,8 +65,15 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
 
     let before = devices_of(&src.info());
     for (spec, _) in &DEVICES[..n] {
-        let d = before.get(dev_id(spec)).unwrap_or_else(|| panic!("device {} not in vm.info: {:?}", dev_id(spec), before));
-        assert!(d["state_size"].as_u64().unwrap_or(0) > 0, "state_size of {}: {}", dev_id(spec), d);
+        let d = before
+            .get(dev_id(spec))
+            .unwrap_or_else(|| panic!("device {} not in vm.info: {:?}", dev_id(spec), before));
+        assert!(
+            d["state_size"].as_u64().unwrap_or(0) > 0,
+            "state_size of {}: {}",
+            dev_id(spec),
+            d
+        );
         assert!(!d["digest"].is_null(), "digest of {}: {}", dev_id(spec), d);
     }
     // Constant devices really are constant.
@@ -70,7 +82,11 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
     for (spec, dirtying) in &DEVICES[..n] {
         if !dirtying {
             let id = dev_id(spec);
-            assert_eq!(before[id]["digest"], again[id]["digest"], "digest of non-dirtying {} changed on the source", id);
+            assert_eq!(
+                before[id]["digest"], again[id]["digest"],
+                "digest of non-dirtying {} changed on the source",
+                id
+            );
         }
     }
 
@@ -88,9 +104,17 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
     );
     for (spec, dirtying) in &DEVICES[..n] {
         let id = dev_id(spec);
-        assert_eq!(after[id]["state_size"], before[id]["state_size"], "state_size of {}", id);
+        assert_eq!(
+            after[id]["state_size"], before[id]["state_size"],
+            "state_size of {}",
+            id
+        );
         if !dirtying {
-            assert_eq!(after[id]["digest"], before[id]["digest"], "digest of {} after migration", id);
+            assert_eq!(
+                after[id]["digest"], before[id]["digest"],
+                "digest of {} after migration",
+                id
+            );
         }
     }
     // Per-device digests at switch-over, where both sides report them.
@@ -99,7 +123,11 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
         let d = status_digests(&m.dest_status);
         for (id, digest) in &s {
             if let Some(dd) = d.get(id) {
-                assert_eq!(digest, dd, "switch-over digest of {}: source vs destination", id);
+                assert_eq!(
+                    digest, dd,
+                    "switch-over digest of {}: source vs destination",
+                    id
+                );
             }
         }
     }
@@ -150,7 +178,11 @@ fn devices_without_precopy() {
     for (spec, dirtying) in &DEVICES {
         if !dirtying {
             let id = dev_id(spec);
-            assert_eq!(after[id]["digest"], before[id]["digest"], "digest of {}", id);
+            assert_eq!(
+                after[id]["digest"], before[id]["digest"],
+                "digest of {}",
+                id
+            );
         }
     }
     check_guest_moved(&[&src.serial], &dst);
@@ -162,7 +194,11 @@ fn device_fault(faulty: &str, mode: &str) {
     skip_unless_kvm!();
     let _g = serial_guard();
     let id = dev_id(faulty).to_string();
-    let src = Vmm::boot("src", "region=32 passes=0", &["--sim-vfio", DEVICES[0].0, "--sim-vfio", faulty]);
+    let src = Vmm::boot(
+        "src",
+        "region=32 passes=0",
+        &["--sim-vfio", DEVICES[0].0, "--sim-vfio", faulty],
+    );
     src.wait_pass(1);
     let before = devices_of(&src.info());
     let dst = Vmm::destination("dst", &[]);
@@ -173,23 +209,41 @@ fn device_fault(faulty: &str, mode: &str) {
     start_send(&src, params);
     let s = expect_migration_end(&src, &["failed"], MIGRATION_TIMEOUT);
     let err = s["error"].as_str().unwrap_or("");
-    assert!(err.contains(&id), "the error should name device {}: {:?}", id, err);
+    assert!(
+        err.contains(&id),
+        "the error should name device {}: {:?}",
+        id,
+        err
+    );
 
     assert_guest_runs(&src, 1);
     let now = devices_of(&src.info());
-    assert_eq!(now.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
-    assert_eq!(now["d0"]["digest"], before["d0"]["digest"], "d0's state changed by the failed migration");
+    assert_eq!(
+        now.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        now["d0"]["digest"], before["d0"]["digest"],
+        "d0's state changed by the failed migration"
+    );
 
     let d = wait_migration_state(&dst, &["failed", "cancelled"], LONG);
     assert!(d["error"].is_string(), "{}", d);
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
-    assert_eq!(dst.serial.passes(), Vec::<u64>::new(), "no guest may run after a failed receive");
+    assert_eq!(
+        dst.serial.passes(),
+        Vec::<u64>::new(),
+        "no guest may run after a failed receive"
+    );
     drop(src);
 }
 
 #[test]
 fn device_save_fails_midway_channels() {
-    device_fault("id=faulty,state=16M,precopy=8M,fail-save-after=4M", "channels");
+    device_fault(
+        "id=faulty,state=16M,precopy=8M,fail-save-after=4M",
+        "channels",
+    );
 }
 
 #[test]

@@ -31,11 +31,19 @@ fn basic_migration(connections: u32) {
     if let Some(s) = &m.source_status {
         check_completed_status(s, "source");
     }
-    assert!(m.dest_status["transferred_bytes"].as_u64().unwrap_or(0) > 0, "{}", m.dest_status);
+    assert!(
+        m.dest_status["transferred_bytes"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        m.dest_status
+    );
     assert!(!src.sock.exists(), "source API socket not removed on exit");
     check_guest_moved(&[&src.serial], &dst);
     assert_eq!(src.serial.boot(), Some((512, 32)));
-    assert_eq!(dst.serial.boot(), None, "the guest must not reboot on the destination");
+    assert_eq!(
+        dst.serial.boot(),
+        None,
+        "the guest must not reboot on the destination"
+    );
 }
 
 #[test]
@@ -62,7 +70,11 @@ fn migrate_8_connections() {
 fn migrate_two_vcpus_shared_memory() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &["--cpus", "boot=2", "--memory", "size=512M,shared=on"]);
+    let mut src = boot_source(
+        "src",
+        "region=32 passes=0",
+        &["--cpus", "boot=2", "--memory", "size=512M,shared=on"],
+    );
     let dst = Vmm::destination("dst", &[]);
     let m = migrate(&mut src, &dst, send_params(0, 4));
     check_completed_status(&m.dest_status, "destination");
@@ -80,12 +92,35 @@ fn migrate_with_ferry_remote() {
     let port = free_tcp_port();
     let url = tcp_url(port);
     let out = dst.remote(&["receive-migration", &url]);
-    assert!(out.status.success(), "ferry-remote receive-migration: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(poll(LONG, || tcp_listening(port).then_some(())).is_some(), "destination not listening");
-    let out = src.remote(&["send-migration", &url, "--connections", "2", "--downtime-ms", "300", "--device-state", "channels", "--wait"]);
+    assert!(
+        out.status.success(),
+        "ferry-remote receive-migration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        poll(LONG, || tcp_listening(port).then_some(())).is_some(),
+        "destination not listening"
+    );
+    let out = src.remote(&[
+        "send-migration",
+        &url,
+        "--connections",
+        "2",
+        "--downtime-ms",
+        "300",
+        "--device-state",
+        "channels",
+        "--wait",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "ferry-remote send-migration --wait: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({}): {:?}", e, stdout));
+    assert!(
+        out.status.success(),
+        "ferry-remote send-migration --wait: {}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({}): {:?}", e, stdout));
     assert_eq!(mig_state(&v), "completed", "{}", v);
     src.expect_exit_ok(LONG);
     let out = dst.remote(&["migration-status"]);
@@ -106,9 +141,17 @@ fn paused_vm_stays_paused_on_destination() {
     let dst = Vmm::destination("dst", &[]);
     let m = migrate(&mut src, &dst, send_params(0, 4));
     check_completed_status(&m.dest_status, "destination");
-    assert_eq!(dst.state(), "paused", "a paused VM must stay paused on the destination");
+    assert_eq!(
+        dst.state(),
+        "paused",
+        "a paused VM must stay paused on the destination"
+    );
     thread::sleep(Duration::from_secs(2));
-    assert_eq!(dst.serial.passes(), Vec::<u64>::new(), "the paused guest ran on the destination");
+    assert_eq!(
+        dst.serial.passes(),
+        Vec::<u64>::new(),
+        "the paused guest ran on the destination"
+    );
     assert_eq!(dst.state(), "paused");
     let passes = check_stream(&[&src.serial, &dst.serial]);
     assert_eq!(passes.last().copied(), Some(paused_at));
@@ -158,7 +201,11 @@ fn cancel_midway_then_migrate_again() {
     wait_transfer_started(&src);
 
     // A second migration while one runs is a state conflict.
-    let (st, body) = src.api("PUT", "vm.send-migration", Some(slow_params(free_tcp_port())));
+    let (st, body) = src.api(
+        "PUT",
+        "vm.send-migration",
+        Some(slow_params(free_tcp_port())),
+    );
     assert_eq!(st, 409, "second send-migration while active: {}", body);
 
     src.api_ok("PUT", "vm.migration-cancel", None);
@@ -168,7 +215,11 @@ fn cancel_midway_then_migrate_again() {
 
     // The destination notices and can receive again.
     let d = wait_migration_state(&dst, &["failed", "cancelled"], LONG);
-    assert!(d["error"].is_string() || mig_state(&d) == "cancelled", "{}", d);
+    assert!(
+        d["error"].is_string() || mig_state(&d) == "cancelled",
+        "{}",
+        d
+    );
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
 
     let mut p = send_params(0, 4);
@@ -215,9 +266,17 @@ fn source_killed_midway() {
     src.kill();
 
     let d = wait_migration_state(&dst, &["failed"], Duration::from_secs(120));
-    assert!(!d["error"].as_str().unwrap_or("").is_empty(), "a failed migration must say why: {}", d);
+    assert!(
+        !d["error"].as_str().unwrap_or("").is_empty(),
+        "a failed migration must say why: {}",
+        d
+    );
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
-    assert_eq!(dst.serial.passes(), Vec::<u64>::new(), "no guest may run after a failed receive");
+    assert_eq!(
+        dst.serial.passes(),
+        Vec::<u64>::new(),
+        "no guest may run after a failed receive"
+    );
 
     // It accepts a new migration.
     let mut src2 = boot_source("src2", "region=32 passes=0", &[]);
@@ -249,7 +308,10 @@ fn receiver_refuses_garbage_and_stays_usable() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("random bytes", random_bytes(64 << 10)),
         ("zeros", vec![0u8; 4096]),
-        ("an HTTP request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
         ("a wrong magic", wrong_magic),
         ("nothing", Vec::new()),
         ("a huge length", [0x7fu8; 64].to_vec()),
@@ -258,23 +320,53 @@ fn receiver_refuses_garbage_and_stays_usable() {
             h[4] = 99;
             h.to_vec()
         }),
-        ("a data connection of no session", Header::new(Kind::Hello, 0xdead).args(ROLE_DATA, 0, 4).encode().to_vec()),
-        ("a main HELLO, then silence", Header::new(Kind::Hello, 0xbeef).args(ROLE_MAIN, 0, 1).encode().to_vec()),
+        (
+            "a data connection of no session",
+            Header::new(Kind::Hello, 0xdead)
+                .args(ROLE_DATA, 0, 4)
+                .encode()
+                .to_vec(),
+        ),
+        (
+            "a main HELLO, then silence",
+            Header::new(Kind::Hello, 0xbeef)
+                .args(ROLE_MAIN, 0, 1)
+                .encode()
+                .to_vec(),
+        ),
         ("a main HELLO, then a bogus SETUP", {
-            let mut v = Header::new(Kind::Hello, 0xf00d).args(ROLE_MAIN, 0, 1).encode().to_vec();
+            let mut v = Header::new(Kind::Hello, 0xf00d)
+                .args(ROLE_MAIN, 0, 1)
+                .encode()
+                .to_vec();
             v.extend_from_slice(&Header::new(Kind::Setup, 0xf00d).with_len(16).encode());
             v.extend_from_slice(&[0xa5; 16]);
             v
         }),
-        ("a frame of the wrong kind first", Header::new(Kind::Ram, 7).encode().to_vec()),
+        (
+            "a frame of the wrong kind first",
+            Header::new(Kind::Ram, 7).encode().to_vec(),
+        ),
     ];
     for (what, bytes) in &cases {
         garbage_connection(port, bytes);
         thread::sleep(Duration::from_millis(300));
-        assert_eq!(dst.api("GET", "vmm.ping", None).0, 200, "destination API after {}", what);
+        assert_eq!(
+            dst.api("GET", "vmm.ping", None).0,
+            200,
+            "destination API after {}",
+            what
+        );
         assert!(dst.is_running(), "destination died after {}", what);
-        let st = dst.migration_status().map(|s| mig_state(&s).to_string()).unwrap_or_default();
-        assert_ne!(st, "completed", "garbage ({}) was accepted as a migration", what);
+        let st = dst
+            .migration_status()
+            .map(|s| mig_state(&s).to_string())
+            .unwrap_or_default();
+        assert_ne!(
+            st, "completed",
+            "garbage ({}) was accepted as a migration",
+            what
+        );
         if st == "failed" || st == "cancelled" || !tcp_listening(port) {
             // The receive was refused as a whole: ask again.
             port = free_tcp_port();
@@ -305,7 +397,11 @@ fn incompatible_destination_refused() {
     } else {
         body["error"].as_str().unwrap_or("").to_string()
     };
-    assert!(err.to_lowercase().contains("memory"), "the error should mention memory: {:?}", err);
+    assert!(
+        err.to_lowercase().contains("memory"),
+        "the error should mention memory: {:?}",
+        err
+    );
     assert_guest_runs(&src, 1);
     assert!(dst.is_running());
     assert_eq!(dst.api("GET", "vmm.ping", None).0, 200);
@@ -360,7 +456,12 @@ fn wrong_session_connection_refused_during_migration() {
 
     for (what, role) in [("data", ROLE_DATA), ("main", ROLE_MAIN)] {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the receiver");
-        s.write_all(&Header::new(Kind::Hello, 0x5eed_0000_0000_0001).args(role, 0, 2).encode()).unwrap();
+        s.write_all(
+            &Header::new(Kind::Hello, 0x5eed_0000_0000_0001)
+                .args(role, 0, 2)
+                .encode(),
+        )
+        .unwrap();
         let reply = read_header(&mut s);
         assert!(
             !matches!(reply, Some(Header { kind: Kind::Ok, .. })),

@@ -154,7 +154,8 @@ pub enum SerialConfig {
     Tty,
     /// Guest output is dropped.
     Off,
-    /// Guest output is appended to this file (created/truncated at start).
+    /// Guest output is appended to this file (created if missing), so a
+    /// migrated guest continues the same log.
     File(PathBuf),
 }
 

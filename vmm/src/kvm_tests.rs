@@ -166,3 +166,36 @@ fn user_pause_rules() {
     v.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[ignore = "measurement; run by hand"]
+fn pause_latency() {
+    let dir = tmpdir("lat");
+    let s = dir.join("s.log");
+    let v = vm(512 << 20, &s);
+    boot(&v, "region=64 passes=0");
+    v.start(false).unwrap();
+    wait_for(&s, "pass 1 ok");
+    for dirty in [false, true] {
+        if dirty {
+            v.start_dirty_log().unwrap();
+        }
+        let mut worst = Duration::ZERO;
+        let mut total = Duration::ZERO;
+        for i in 0..50 {
+            if dirty && i % 5 == 0 {
+                let _ = v.fetch_dirty(0);
+                v.clear_dirty(0, 0, (512 << 20) / PAGE).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            let t = Instant::now();
+            v.pause_vcpus();
+            let d = t.elapsed();
+            worst = worst.max(d);
+            total += d;
+            v.resume_vcpus();
+        }
+        eprintln!("dirty={dirty}: mean {:?} worst {:?}", total / 50, worst);
+    }
+    v.stop();
+}

@@ -139,9 +139,12 @@ impl PioBus {
     /// Guest `in` from `port`; fills `data`.
     pub fn io_in(&self, port: u16, data: &mut [u8]) {
         if (COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN).contains(&port) {
+            // Multi-byte data is string I/O (`rep insb`): every element
+            // comes from the same register.
             let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = s.read((port - COM1_PORT_BASE) as u8 + i as u8);
+            let reg = (port - COM1_PORT_BASE) as u8;
+            for b in data.iter_mut() {
+                *b = s.read(reg);
             }
         } else if port == I8042_DATA_PORT || port == I8042_COMMAND_PORT {
             let mut d = self.i8042.lock().unwrap_or_else(|p| p.into_inner());
@@ -158,9 +161,12 @@ impl PioBus {
     /// Guest `out` of `data` to `port`.
     pub fn io_out(&self, port: u16, data: &[u8]) -> PioAction {
         if (COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN).contains(&port) {
+            // Multi-byte data is string I/O (`rep outsb`): every element goes
+            // to the same register.
             let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, b) in data.iter().enumerate() {
-                if let Err(e) = s.write((port - COM1_PORT_BASE) as u8 + i as u8, *b) {
+            let reg = (port - COM1_PORT_BASE) as u8;
+            for b in data {
+                if let Err(e) = s.write(reg, *b) {
                     warn!("{e}");
                 }
             }
@@ -205,5 +211,9 @@ mod tests {
         assert_eq!(bus.io_out(0x3f8, b"xy"), PioAction::Continue);
         let mut e: [u8; 0] = [];
         bus.io_in(0x60, &mut e);
+        // Long string I/O never overflows register offsets.
+        assert_eq!(bus.io_out(0x3f8, &[b'z'; 4096]), PioAction::Continue);
+        let mut big = vec![0u8; 4096];
+        bus.io_in(0x3fd, &mut big);
     }
 }

@@ -449,6 +449,13 @@ impl Vm {
         Ok(())
     }
 
+    /// Records that the (already paused) VM is held paused on the user's
+    /// behalf: `vm.resume` is then the way to run it again.
+    pub fn mark_user_paused(&self) {
+        self.pause_vcpus();
+        self.user_paused.store(true, Ordering::SeqCst);
+    }
+
     /// Whether the user paused the VM.
     pub fn user_paused(&self) -> bool {
         self.user_paused.load(Ordering::SeqCst)

@@ -90,7 +90,10 @@ fn main() {
             "--settle" => env.settle_s = val().parse().unwrap_or_else(|_| usage()),
             "--first-touch" => env.first_touch = PathBuf::from(val()),
             "--conns" => {
-                opts.conns = val().split(',').map(|c| c.parse().unwrap_or_else(|_| usage())).collect()
+                opts.conns = val()
+                    .split(',')
+                    .map(|c| c.parse().unwrap_or_else(|_| usage()))
+                    .collect()
             }
             "--keep-file" => opts.keep_file = true,
             "-v" | "--verbose" => env.verbose = true,
@@ -103,7 +106,10 @@ fn main() {
         usage()
     }
     if env.settle_s < 6.0 {
-        eprintln!("ferry-bench: warning: --settle {} < 6 s: results may swing 2-4x", env.settle_s);
+        eprintln!(
+            "ferry-bench: warning: --settle {} < 6 s: results may swing 2-4x",
+            env.settle_s
+        );
     }
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices"],
@@ -118,11 +124,17 @@ fn main() {
     }
     let ferry = ferry_tests::profile_dir().join("ferry");
     if parts.iter().any(|p| *p != "limits") && !ferry.is_file() {
-        eprintln!("ferry-bench: {} not found: build the workspace (cargo build --workspace --release)", ferry.display());
+        eprintln!(
+            "ferry-bench: {} not found: build the workspace (cargo build --workspace --release)",
+            ferry.display()
+        );
         std::process::exit(2);
     }
     if !env.first_touch.is_file() {
-        eprintln!("ferry-bench: warning: {} not found", env.first_touch.display());
+        eprintln!(
+            "ferry-bench: warning: {} not found",
+            env.first_touch.display()
+        );
     }
     let mut failed = false;
     for part in parts {
@@ -135,11 +147,23 @@ fn main() {
             "devices" => suites::devices(&env, &opts),
             _ => unreachable!(),
         };
-        let path = report::write_json(&opts.root.join("resources/bench/results"), part, &section.json);
-        let md = format!("{}\n\n_Raw results: `{}`._\n", section.markdown.trim_end(), rel(&opts.root, &path));
+        let path = report::write_json(
+            &opts.root.join("resources/bench/results"),
+            part,
+            &section.json,
+        );
+        let md = format!(
+            "{}\n\n_Raw results: `{}`._\n",
+            section.markdown.trim_end(),
+            rel(&opts.root, &path)
+        );
         println!("{md}");
         if let Some(out) = &opts.out {
-            let out = if out.is_absolute() { out.clone() } else { opts.root.join(out) };
+            let out = if out.is_absolute() {
+                out.clone()
+            } else {
+                opts.root.join(out)
+            };
             if let Err(e) = report::update_doc(&out, part, &md) {
                 eprintln!("ferry-bench: cannot update {}: {e}", out.display());
             }
@@ -155,7 +179,12 @@ fn main() {
 /// Takes an exclusive flock on `path`, waiting (with a message) if another bench holds it.
 fn lock(path: &str) -> Option<std::fs::File> {
     use std::os::unix::io::AsRawFd;
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         eprintln!("ferry-bench: another ferry-bench holds {path}; waiting for it to finish");

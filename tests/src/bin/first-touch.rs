@@ -30,13 +30,26 @@ fn usage() -> ! {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { gib: 4.0, threads: 2, warm: false, json: false };
+    let mut a = Args {
+        gib: 4.0,
+        threads: 2,
+        warm: false,
+        json: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--gib" => a.gib = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--gib" => {
+                a.gib = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--threads" => {
-                a.threads = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())
+                a.threads = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
             }
             "--warm" => a.warm = true,
             "--json" => a.json = true,
@@ -90,12 +103,19 @@ fn main() {
         )
     };
     if ptr == libc::MAP_FAILED {
-        eprintln!("first-touch: mmap of {len} bytes failed: {}", std::io::Error::last_os_error());
+        eprintln!(
+            "first-touch: mmap of {len} bytes failed: {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(1);
     }
     let base = ptr as usize;
     let cold_s = touch(base, len, a.threads, 1);
-    let warm_s = if a.warm { Some(touch(base, len, a.threads, 2)) } else { None };
+    let warm_s = if a.warm {
+        Some(touch(base, len, a.threads, 2))
+    } else {
+        None
+    };
     // SAFETY: unmapping exactly what we mapped.
     unsafe { libc::munmap(ptr, len) };
 

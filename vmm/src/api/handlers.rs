@@ -213,6 +213,7 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Reply {
     );
     let v = vmm.clone();
     let out = outcome.clone();
+    let vm2 = vm.clone();
     let spawned = std::thread::Builder::new()
         .name("migration-send".into())
         .spawn(move || {
@@ -227,6 +228,13 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Reply {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     v.request_exit(0);
+                }
+                Err(e) if e.is_commit_uncertain() => {
+                    // The guest may run on the destination: keep it paused
+                    // here; the user decides (vm.resume or vm.shutdown).
+                    vm2.mark_user_paused();
+                    log::error!("{e}");
+                    set_outcome(&out, Err(e.to_string()));
                 }
                 Err(e) => {
                     warn!("migration failed: {e}; the VM keeps running here");

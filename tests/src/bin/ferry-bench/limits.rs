@@ -22,7 +22,14 @@ pub fn iperf3(env: &Env, parallel: u32, seconds: u32) -> Result<f64, String> {
     std::thread::sleep(Duration::from_millis(500));
     env.settle();
     let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-P", &parallel.to_string()])
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-P",
+            &parallel.to_string(),
+        ])
         .args(["-t", &seconds.to_string(), "-J"])
         .output()
         .map_err(|e| format!("iperf3 -c: {e}"));
@@ -33,16 +40,31 @@ pub fn iperf3(env: &Env, parallel: u32, seconds: u32) -> Result<f64, String> {
     v.pointer("/end/sum_received/bits_per_second")
         .and_then(Value::as_f64)
         .map(|b| b / 8.0)
-        .ok_or_else(|| format!("iperf3: no sum_received ({})", v.get("error").cloned().unwrap_or(Value::Null)))
+        .ok_or_else(|| {
+            format!(
+                "iperf3: no sum_received ({})",
+                v.get("error").cloned().unwrap_or(Value::Null)
+            )
+        })
 }
 
 /// First-touch rate of fresh anonymous memory with `threads` threads, in bytes/s.
 pub fn first_touch(env: &Env, gib: u32, threads: u32) -> Result<f64, String> {
     env.settle();
     let out = Command::new(&env.first_touch)
-        .args(["--gib", &gib.to_string(), "--threads", &threads.to_string(), "--json"])
+        .args([
+            "--gib",
+            &gib.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--json",
+        ])
         .output()
         .map_err(|e| format!("{}: {e}", env.first_touch.display()))?;
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("first-touch JSON: {e}"))?;
-    v.get("cold_gbps").and_then(Value::as_f64).map(|g| g * 1e9).ok_or_else(|| "first-touch: no cold_gbps".into())
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("first-touch JSON: {e}"))?;
+    v.get("cold_gbps")
+        .and_then(Value::as_f64)
+        .map(|g| g * 1e9)
+        .ok_or_else(|| "first-touch: no cold_gbps".into())
 }

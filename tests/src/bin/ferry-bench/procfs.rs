@@ -97,7 +97,11 @@ impl Sampler {
                 let done = s2.load(Ordering::Relaxed);
                 for (i, &pid) in pids.iter().enumerate() {
                     let m = mem(pid);
-                    let cpu = if n.is_multiple_of(5) { cpu_seconds(pid) } else { None };
+                    let cpu = if n.is_multiple_of(5) {
+                        cpu_seconds(pid)
+                    } else {
+                        None
+                    };
                     let mut g = p2.lock().unwrap();
                     let p = &mut g[i];
                     if let Some(m) = m {
@@ -121,7 +125,11 @@ impl Sampler {
                 std::thread::sleep(period);
             }
         });
-        Sampler { stop, peaks, handle: Some(handle) }
+        Sampler {
+            stop,
+            peaks,
+            handle: Some(handle),
+        }
     }
 
     pub fn finish(mut self) -> Vec<Peaks> {

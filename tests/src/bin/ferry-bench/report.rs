@@ -11,7 +11,11 @@ pub fn median(v: &[f64]) -> Option<f64> {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 pub fn min_max(v: &[f64]) -> Option<(f64, f64)> {
@@ -19,7 +23,10 @@ pub fn min_max(v: &[f64]) -> Option<(f64, f64)> {
     if v.is_empty() {
         return None;
     }
-    Some((v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max)))
+    Some((
+        v.iter().cloned().fold(f64::INFINITY, f64::min),
+        v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    ))
 }
 
 /// Formats an optional number with `prec` decimals, "–" when missing.
@@ -86,8 +93,15 @@ pub fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let ncpu = cpu.lines().filter(|l| l.starts_with("processor")).count();
     let (total, _) = crate::procfs::meminfo();
-    let pvm = if Path::new("/sys/module/kvm_pvm").exists() { ", nested PVM KVM" } else { "" };
-    format!("{model}, {ncpu} vCPU, {:.0} GiB RAM{pvm}", total as f64 / (1u64 << 30) as f64)
+    let pvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        ", nested PVM KVM"
+    } else {
+        ""
+    };
+    format!(
+        "{model}, {ncpu} vCPU, {:.0} GiB RAM{pvm}",
+        total as f64 / (1u64 << 30) as f64
+    )
 }
 
 /// Writes raw results to `dir/NAME-STAMP.json`; returns the path.

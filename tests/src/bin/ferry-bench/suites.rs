@@ -33,7 +33,13 @@ fn header(title: &str) -> String {
 
 /// Boots a source, starts a destination, migrates; the result plus the
 /// destination's serial log (to look for MISMATCH lines).
-fn one_run(env: &Env, src: &SourceSpec, dst_mem: Option<&str>, prefault: Option<u64>, mig: &MigrateSpec) -> RunResult {
+fn one_run(
+    env: &Env,
+    src: &SourceSpec,
+    dst_mem: Option<&str>,
+    prefault: Option<u64>,
+    mig: &MigrateSpec,
+) -> RunResult {
     let fail = |e: String| {
         env.log(&format!("   run failed: {e}"));
         RunResult {
@@ -102,7 +108,12 @@ fn first_error(runs: &[&RunResult]) -> Option<String> {
 }
 
 /// Median of `n` measurements (errors are logged and skipped).
-fn measure(env: &Env, what: &str, n: usize, mut m: impl FnMut() -> Result<f64, String>) -> (Option<f64>, Vec<f64>) {
+fn measure(
+    env: &Env,
+    what: &str,
+    n: usize,
+    mut m: impl FnMut() -> Result<f64, String>,
+) -> (Option<f64>, Vec<f64>) {
     let mut v = Vec::new();
     for i in 0..n {
         match m() {
@@ -122,12 +133,18 @@ fn measure(env: &Env, what: &str, n: usize, mut m: impl FnMut() -> Result<f64, S
 pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     let lim_runs = opts.runs.min(3);
     env.log("limit: first-touch, 1 and 2 threads, 4 GiB");
-    let (ft1, ft1_all) = measure(env, "first-touch 1T", lim_runs, || limits::first_touch(env, 4, 1));
-    let (ft2, ft2_all) = measure(env, "first-touch 2T", lim_runs, || limits::first_touch(env, 4, 2));
+    let (ft1, ft1_all) = measure(env, "first-touch 1T", lim_runs, || {
+        limits::first_touch(env, 4, 1)
+    });
+    let (ft2, ft2_all) = measure(env, "first-touch 2T", lim_runs, || {
+        limits::first_touch(env, 4, 2)
+    });
     let mut iperf = Vec::new();
     for &p in &opts.conns {
         env.log(&format!("limit: iperf3 -P {p}"));
-        let (m, all) = measure(env, &format!("iperf3 -P{p}"), lim_runs, || limits::iperf3(env, p, 5));
+        let (m, all) = measure(env, &format!("iperf3 -P{p}"), lim_runs, || {
+            limits::iperf3(env, p, 5)
+        });
         iperf.push((p, m, all));
     }
     let mut md = if migrate {
@@ -137,11 +154,21 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     };
     md.push_str(&format!("Limits measured in the same run (median of {lim_runs}, each after a 6 s settle; 1 GB = 10^9 bytes; load average {:.2} at the end):\n\n", vmm::loadavg()));
     let span = |all: &[f64]| {
-        min_max(all).map(|(a, b)| format!("{:.2}–{:.2}", a / 1e9, b / 1e9)).unwrap_or_else(|| "–".into())
+        min_max(all)
+            .map(|(a, b)| format!("{:.2}–{:.2}", a / 1e9, b / 1e9))
+            .unwrap_or_else(|| "–".into())
     };
     let mut rows = vec![
-        vec!["first-touch, 1 thread (4 GiB)".into(), format!("{} GB/s", f(ft1.map(|x| x / 1e9), 3)), span(&ft1_all)],
-        vec!["first-touch, 2 threads (4 GiB): **cold limit**".into(), format!("{} GB/s", f(ft2.map(|x| x / 1e9), 3)), span(&ft2_all)],
+        vec![
+            "first-touch, 1 thread (4 GiB)".into(),
+            format!("{} GB/s", f(ft1.map(|x| x / 1e9), 3)),
+            span(&ft1_all),
+        ],
+        vec![
+            "first-touch, 2 threads (4 GiB): **cold limit**".into(),
+            format!("{} GB/s", f(ft2.map(|x| x / 1e9), 3)),
+            span(&ft2_all),
+        ],
     ];
     for (p, m, all) in &iperf {
         rows.push(vec![
@@ -156,15 +183,26 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
         "iperf3": iperf.iter().map(|(p, _, a)| json!({"parallel": p, "bps": a})).collect::<Vec<_>>(),
     });
     if !migrate {
-        return Section { markdown: md, json: js, failed_runs: 0 };
+        return Section {
+            markdown: md,
+            json: js,
+            failed_runs: 0,
+        };
     }
 
     let guest = 4 * GIB;
     let file = PathBuf::from("/dev/shm/ferry-bench-4g.img");
-    env.log(&format!("writing 4 GiB of xorshift output to {}", file.display()));
+    env.log(&format!(
+        "writing 4 GiB of xorshift output to {}",
+        file.display()
+    ));
     if let Err(e) = vmm::random_file(&file, guest, 2) {
         md.push_str(&format!("\nCould not create {}: {e}\n", file.display()));
-        return Section { markdown: md, json: js, failed_runs: 1 };
+        return Section {
+            markdown: md,
+            json: js,
+            failed_runs: 1,
+        };
     }
     let src = SourceSpec {
         memory: format!("size=4G,file={}", file.display()),
@@ -176,9 +214,19 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     for &c in &opts.conns {
         for warm in [true, false] {
             for i in 0..opts.runs {
-                env.log(&format!("ram: {} destination, {c} connection(s), run {}", if warm { "warm" } else { "cold" }, i + 1));
+                env.log(&format!(
+                    "ram: {} destination, {c} connection(s), run {}",
+                    if warm { "warm" } else { "cold" },
+                    i + 1
+                ));
                 let r = if warm {
-                    one_run(env, &src, Some("size=4G,prefault=on"), Some(guest), &MigrateSpec::new(c))
+                    one_run(
+                        env,
+                        &src,
+                        Some("size=4G,prefault=on"),
+                        Some(guest),
+                        &MigrateSpec::new(c),
+                    )
                 } else {
                     one_run(env, &src, None, None, &MigrateSpec::new(c))
                 };
@@ -211,13 +259,25 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     let mut failed = 0;
     for warm in [true, false] {
         for &c in &opts.conns {
-            let runs: Vec<&RunResult> = all.iter().filter(|(w, cc, _)| *w == warm && *cc == c).map(|x| &x.2).collect();
+            let runs: Vec<&RunResult> = all
+                .iter()
+                .filter(|(w, cc, _)| *w == warm && *cc == c)
+                .map(|x| &x.2)
+                .collect();
             failed += runs.iter().filter(|r| !r.ok).count();
             let m = med(&runs, bps);
-            let limit = if warm { iperf.iter().find(|x| x.0 == c).and_then(|x| x.1) } else { ft2 };
+            let limit = if warm {
+                iperf.iter().find(|x| x.0 == c).and_then(|x| x.1)
+            } else {
+                ft2
+            };
             let ratio = m.zip(limit).map(|(a, b)| a / b);
             if let Some(rt) = ratio {
-                if warm { warm_ratios.push((c, rt)) } else { cold_ratios.push((c, rt)) }
+                if warm {
+                    warm_ratios.push((c, rt))
+                } else {
+                    cold_ratios.push((c, rt))
+                }
             }
             let mut row = vec![
                 (if warm { "warm" } else { "cold" }).to_string(),
@@ -232,11 +292,16 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
                 f(med(&runs, dst_extra), 0),
                 f(med(&runs, |r| Some(r.loadavg)), 2),
                 format!("{} GB/s", f(limit.map(|x| x / 1e9), 2)),
-                ratio.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "–".into()),
+                ratio
+                    .map(|r| format!("{:.0}%", r * 100.0))
+                    .unwrap_or_else(|| "–".into()),
             ];
             if m.is_none() {
                 if let Some(e) = first_error(&runs) {
-                    row[3] = format!("failed: {}", e.chars().take(80).collect::<String>().replace('|', "/"));
+                    row[3] = format!(
+                        "failed: {}",
+                        e.chars().take(80).collect::<String>().replace('|', "/")
+                    );
                 }
             }
             rows.push(row);
@@ -244,21 +309,62 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
     }
     md.push_str("\nMigrations (medians; throughput = 4 GiB / total_time; extra memory = peak during the migration, see method):\n\n");
     md.push_str(&table(
-        &["destination", "conn.", "runs", "GiB/s", "total (s)", "downtime (ms)", "CPU src (s)", "CPU dst (s)",
-          "src extra (MiB)", "dst extra (MiB)", "load avg", "limit", "% of limit"],
+        &[
+            "destination",
+            "conn.",
+            "runs",
+            "GiB/s",
+            "total (s)",
+            "downtime (ms)",
+            "CPU src (s)",
+            "CPU dst (s)",
+            "src extra (MiB)",
+            "dst extra (MiB)",
+            "load avg",
+            "limit",
+            "% of limit",
+        ],
         &rows,
     ));
-    let src_peak = all.iter().filter(|x| x.2.ok).map(|x| x.2.src_peak.max_anon as f64 / MIB).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
-    let fmt_ratios = |v: &[(u32, f64)]| v.iter().map(|(c, r)| format!("{:.0}% at {c}", r * 100.0)).collect::<Vec<_>>().join(", ");
-    let warm_ok = if warm_ratios.len() == opts.conns.len() { Some(warm_ratios.iter().all(|x| x.1 >= 0.9)) } else { None };
-    let cold_best = cold_ratios.iter().map(|x| x.1).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+    let src_peak = all
+        .iter()
+        .filter(|x| x.2.ok)
+        .map(|x| x.2.src_peak.max_anon as f64 / MIB)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+    let fmt_ratios = |v: &[(u32, f64)]| {
+        v.iter()
+            .map(|(c, r)| format!("{:.0}% at {c}", r * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let warm_ok = if warm_ratios.len() == opts.conns.len() {
+        Some(warm_ratios.iter().all(|x| x.1 >= 0.9))
+    } else {
+        None
+    };
+    let cold_best = cold_ratios
+        .iter()
+        .map(|x| x.1)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
     md.push_str("\nTargets:\n\n");
     md.push_str(&table(
         &["target", "measured", "status"],
         &[
-            vec!["warm ≥ 90% of iperf3 at the same -P".into(), fmt_ratios(&warm_ratios), met(warm_ok).into()],
-            vec!["cold ≥ 90% of 2-thread first-touch".into(), fmt_ratios(&cold_ratios), met(cold_best.map(|b| b >= 0.9)).into()],
-            vec!["sender extra memory < 64 MiB".into(), format!("max peak RssAnon {} MiB", f(src_peak, 0)), met(src_peak.map(|p| p < 64.0)).into()],
+            vec![
+                "warm ≥ 90% of iperf3 at the same -P".into(),
+                fmt_ratios(&warm_ratios),
+                met(warm_ok).into(),
+            ],
+            vec![
+                "cold ≥ 90% of 2-thread first-touch".into(),
+                fmt_ratios(&cold_ratios),
+                met(cold_best.map(|b| b >= 0.9)).into(),
+            ],
+            vec![
+                "sender extra memory < 64 MiB".into(),
+                format!("max peak RssAnon {} MiB", f(src_peak, 0)),
+                met(src_peak.map(|p| p < 64.0)).into(),
+            ],
         ],
     ));
     js["guest_bytes"] = guest.into();
@@ -266,19 +372,32 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
         .iter()
         .map(|(w, c, r)| json!({"destination": if *w {"warm"} else {"cold"}, "connections": c, "result": r.to_json()}))
         .collect();
-    Section { markdown: md, json: js, failed_runs: failed }
+    Section {
+        markdown: md,
+        json: js,
+        failed_runs: failed,
+    }
 }
 
 // ---------------------------------------------------------------- idle
 
 pub fn idle(env: &Env, opts: &Opts) -> Section {
-    let src = SourceSpec { memory: "size=16G".into(), cmdline: "region=1 passes=0".into(), extra: vec![], pause: true };
+    let src = SourceSpec {
+        memory: "size=16G".into(),
+        cmdline: "region=1 passes=0".into(),
+        extra: vec![],
+        pause: true,
+    };
     let mut all = Vec::new();
     for i in 0..opts.runs {
         env.log(&format!("idle: 16 GiB untouched guest, run {}", i + 1));
         let r = one_run(env, &src, None, None, &MigrateSpec::new(4));
         if r.ok {
-            env.log(&format!("   total {} ms, transferred {} bytes", f(r.stat("total_time_ms"), 1), f(r.stat("transferred_bytes"), 0)));
+            env.log(&format!(
+                "   total {} ms, transferred {} bytes",
+                f(r.stat("total_time_ms"), 1),
+                f(r.stat("transferred_bytes"), 0)
+            ));
         }
         all.push(r);
     }
@@ -286,9 +405,19 @@ pub fn idle(env: &Env, opts: &Opts) -> Section {
     let t = med(&runs, total_s);
     let xfer = med(&runs, |r| r.stat("transferred_bytes"));
     let rss_dst = med(&runs, |r| Some(r.dst_after.rss as f64 / MIB));
-    let mut md = header("Idle guest: 16 GiB never written, paused, 4 connections, cold destination");
+    let mut md =
+        header("Idle guest: 16 GiB never written, paused, 4 connections, cold destination");
     md.push_str(&table(
-        &["runs", "total time (ms)", "downtime (ms)", "setup (ms)", "transferred (MiB)", "zero pages", "dst RSS after (MiB)", "CPU src (s)"],
+        &[
+            "runs",
+            "total time (ms)",
+            "downtime (ms)",
+            "setup (ms)",
+            "transferred (MiB)",
+            "zero pages",
+            "dst RSS after (MiB)",
+            "CPU src (s)",
+        ],
         &[vec![
             fails(&runs),
             f(t.map(|x| x * 1000.0), 1),
@@ -309,7 +438,11 @@ pub fn idle(env: &Env, opts: &Opts) -> Section {
     md.push_str(&table(
         &["target", "measured", "status"],
         &[
-            vec!["idle 16 GiB moved in < 0.15 s".into(), format!("{} s (median)", f(t, 3)), met(t.map(|t| t < 0.15)).into()],
+            vec![
+                "idle 16 GiB moved in < 0.15 s".into(),
+                format!("{} s (median)", f(t, 3)),
+                met(t.map(|t| t < 0.15)).into(),
+            ],
             vec![
                 "no scan of unpopulated memory (transferred small)".into(),
                 format!("{} MiB transferred", f(xfer.map(|x| x / MIB), 2)),
@@ -318,30 +451,60 @@ pub fn idle(env: &Env, opts: &Opts) -> Section {
         ],
     ));
     let failed = runs.iter().filter(|r| !r.ok).count();
-    Section { markdown: md, json: json!({"runs": all.iter().map(RunResult::to_json).collect::<Vec<_>>()}), failed_runs: failed }
+    Section {
+        markdown: md,
+        json: json!({"runs": all.iter().map(RunResult::to_json).collect::<Vec<_>>()}),
+        failed_runs: failed,
+    }
 }
 
 // ---------------------------------------------------------------- downtime
 
 pub fn downtime(env: &Env, opts: &Opts) -> Section {
     let n = opts.runs.max(5);
-    let src = SourceSpec { memory: "size=512M".into(), cmdline: "region=1 passes=0".into(), extra: vec![], pause: false };
+    let src = SourceSpec {
+        memory: "size=512M".into(),
+        cmdline: "region=1 passes=0".into(),
+        extra: vec![],
+        pause: false,
+    };
     let mut all = Vec::new();
     for i in 0..n {
         env.log(&format!("downtime: running guest region=1, run {}", i + 1));
         let r = one_run(env, &src, None, None, &MigrateSpec::new(4));
         if r.ok {
-            env.log(&format!("   downtime {} ms, total {} ms", f(r.stat("downtime_ms"), 2), f(r.stat("total_time_ms"), 1)));
+            env.log(&format!(
+                "   downtime {} ms, total {} ms",
+                f(r.stat("downtime_ms"), 2),
+                f(r.stat("total_time_ms"), 1)
+            ));
         }
         all.push(r);
     }
     let runs: Vec<&RunResult> = all.iter().collect();
     let d = med(&runs, |r| r.stat("downtime_ms"));
-    let each = col(&runs, |r| r.stat("downtime_ms")).iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
-    let mut md = header("Downtime: running 1-vCPU stamp guest (region=1 passes=0, 512 MiB), 4 connections");
+    let each = col(&runs, |r| r.stat("downtime_ms"))
+        .iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut md =
+        header("Downtime: running 1-vCPU stamp guest (region=1 passes=0, 512 MiB), 4 connections");
     md.push_str(&table(
-        &["runs", "median downtime (ms)", "each run (ms)", "median total (ms)", "median passes"],
-        &[vec![fails(&runs), f(d, 2), each, f(med(&runs, |r| r.stat("total_time_ms")), 1), f(med(&runs, |r| r.stat("iteration")), 0)]],
+        &[
+            "runs",
+            "median downtime (ms)",
+            "each run (ms)",
+            "median total (ms)",
+            "median passes",
+        ],
+        &[vec![
+            fails(&runs),
+            f(d, 2),
+            each,
+            f(med(&runs, |r| r.stat("total_time_ms")), 1),
+            f(med(&runs, |r| r.stat("iteration")), 0),
+        ]],
     ));
     if d.is_none() {
         if let Some(e) = first_error(&runs) {
@@ -351,10 +514,18 @@ pub fn downtime(env: &Env, opts: &Opts) -> Section {
     md.push_str("\nTargets:\n\n");
     md.push_str(&table(
         &["target", "measured", "status"],
-        &[vec!["downtime ≤ 10 ms (median)".into(), format!("{} ms", f(d, 2)), met(d.map(|d| d <= 10.0)).into()]],
+        &[vec![
+            "downtime ≤ 10 ms (median)".into(),
+            format!("{} ms", f(d, 2)),
+            met(d.map(|d| d <= 10.0)).into(),
+        ]],
     ));
     let failed = runs.iter().filter(|r| !r.ok).count();
-    Section { markdown: md, json: json!({"runs": all.iter().map(RunResult::to_json).collect::<Vec<_>>()}), failed_runs: failed }
+    Section {
+        markdown: md,
+        json: json!({"runs": all.iter().map(RunResult::to_json).collect::<Vec<_>>()}),
+        failed_runs: failed,
+    }
 }
 
 // ---------------------------------------------------------------- devices (#4)
@@ -363,9 +534,16 @@ fn device_source(n: usize) -> SourceSpec {
     let mut extra = Vec::new();
     for i in 0..n {
         extra.push("--sim-vfio".to_string());
-        extra.push(format!("id=d{i},state=100M,precopy=10M,save-rate=2000,load-rate=250"));
+        extra.push(format!(
+            "id=d{i},state=100M,precopy=10M,save-rate=2000,load-rate=250"
+        ));
     }
-    SourceSpec { memory: "size=1G".into(), cmdline: "region=1 passes=0".into(), extra, pause: false }
+    SourceSpec {
+        memory: "size=1G".into(),
+        cmdline: "region=1 passes=0".into(),
+        extra,
+        pause: false,
+    }
 }
 
 pub fn devices(env: &Env, opts: &Opts) -> Section {
@@ -376,7 +554,10 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         for mode in ["main", "channels"] {
             let mut v = Vec::new();
             for i in 0..n {
-                env.log(&format!("devices: {devs} x 100 MiB, device_state={mode}, 6 connections, run {}", i + 1));
+                env.log(&format!(
+                    "devices: {devs} x 100 MiB, device_state={mode}, 6 connections, run {}",
+                    i + 1
+                ));
                 let mut spec = MigrateSpec::new(6);
                 spec.device_state = Some(mode.into());
                 spec.device_precopy = Some(true);
@@ -394,13 +575,20 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
     for &c in &conns {
         if c == 6 {
             // Same condition as "4 devices, channels, 6 connections" above: reuse it.
-            let v = by_dev.iter().find(|x| x.0 == 4 && x.1 == "channels").map(|x| x.2.clone()).unwrap_or_default();
+            let v = by_dev
+                .iter()
+                .find(|x| x.0 == 4 && x.1 == "channels")
+                .map(|x| x.2.clone())
+                .unwrap_or_default();
             by_conn.push((c, v));
             continue;
         }
         let mut v = Vec::new();
         for i in 0..n {
-            env.log(&format!("devices: 4 x 100 MiB, channels, {c} connections, run {}", i + 1));
+            env.log(&format!(
+                "devices: 4 x 100 MiB, channels, {c} connections, run {}",
+                i + 1
+            ));
             let mut spec = MigrateSpec::new(c);
             spec.device_state = Some("channels".into());
             spec.device_precopy = Some(true);
@@ -416,28 +604,52 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
     let dt = |r: &RunResult| r.stat("downtime_ms");
     let mut failed = 0;
     let mut md = header("Device state (issue #4): 1 GiB guest, devices of 100 MiB (precopy 10 MiB, save 2000 MB/s, load 250 MB/s)");
-    md.push_str(&format!("Downtime vs number of devices, 6 connections, median of {n} runs (min–max):\n\n"));
+    md.push_str(&format!(
+        "Downtime vs number of devices, 6 connections, median of {n} runs (min–max):\n\n"
+    ));
     let mut rows = Vec::new();
     for devs in [1usize, 2, 4] {
-        let get = |mode: &str| by_dev.iter().find(|x| x.0 == devs && x.1 == mode).map(|x| x.2.iter().collect::<Vec<_>>()).unwrap_or_default();
+        let get = |mode: &str| {
+            by_dev
+                .iter()
+                .find(|x| x.0 == devs && x.1 == mode)
+                .map(|x| x.2.iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
         let (m, c) = (get("main"), get("channels"));
         failed += m.iter().chain(c.iter()).filter(|r| !r.ok).count();
         let (mm, cm) = (med(&m, dt), med(&c, dt));
-        let rng = |v: &[&RunResult]| min_max(&col(v, dt)).map(|(a, b)| format!(" ({a:.1}–{b:.1})")).unwrap_or_default();
+        let rng = |v: &[&RunResult]| {
+            min_max(&col(v, dt))
+                .map(|(a, b)| format!(" ({a:.1}–{b:.1})"))
+                .unwrap_or_default()
+        };
         rows.push(vec![
             devs.to_string(),
             format!("{}{}", f(mm, 1), rng(&m)),
             format!("{}{}", f(cm, 1), rng(&c)),
             f(mm.zip(cm).map(|(a, b)| b / a), 2),
-            f(med(&c, |r| r.stat("device_bytes_transferred")).map(|x| x / MIB), 0),
+            f(
+                med(&c, |r| r.stat("device_bytes_transferred")).map(|x| x / MIB),
+                0,
+            ),
             f(med(&c, |r| r.stat("total_time_ms")), 0),
         ]);
     }
     md.push_str(&table(
-        &["devices", "main: downtime (ms)", "channels: downtime (ms)", "channels / main", "device MiB moved", "total (ms, channels)"],
+        &[
+            "devices",
+            "main: downtime (ms)",
+            "channels: downtime (ms)",
+            "channels / main",
+            "device MiB moved",
+            "total (ms, channels)",
+        ],
         &rows,
     ));
-    md.push_str(&format!("\nDowntime vs connections, 4 devices, device_state=channels, median of {n} runs:\n\n"));
+    md.push_str(&format!(
+        "\nDowntime vs connections, 4 devices, device_state=channels, median of {n} runs:\n\n"
+    ));
     let mut rows = Vec::new();
     let mut meds = Vec::new();
     for (c, v) in &by_conn {
@@ -449,14 +661,40 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         if let Some(m) = m {
             meds.push((*c, m));
         }
-        let rng = min_max(&col(&v, dt)).map(|(a, b)| format!("{a:.1}–{b:.1}")).unwrap_or_else(|| "–".into());
-        rows.push(vec![c.to_string(), fails(&v), f(m, 1), rng, f(med(&v, |r| r.stat("total_time_ms")), 0)]);
+        let rng = min_max(&col(&v, dt))
+            .map(|(a, b)| format!("{a:.1}–{b:.1}"))
+            .unwrap_or_else(|| "–".into());
+        rows.push(vec![
+            c.to_string(),
+            fails(&v),
+            f(m, 1),
+            rng,
+            f(med(&v, |r| r.stat("total_time_ms")), 0),
+        ]);
     }
-    md.push_str(&table(&["connections", "runs", "median downtime (ms)", "min–max (ms)", "total (ms)"], &rows));
+    md.push_str(&table(
+        &[
+            "connections",
+            "runs",
+            "median downtime (ms)",
+            "min–max (ms)",
+            "total (ms)",
+        ],
+        &rows,
+    ));
 
-    let main4 = by_dev.iter().find(|x| x.0 == 4 && x.1 == "main").and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
-    let chan4 = by_dev.iter().find(|x| x.0 == 4 && x.1 == "channels").and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
-    let best = meds.iter().map(|x| x.1).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
+    let main4 = by_dev
+        .iter()
+        .find(|x| x.0 == 4 && x.1 == "main")
+        .and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
+    let chan4 = by_dev
+        .iter()
+        .find(|x| x.0 == 4 && x.1 == "channels")
+        .and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
+    let best = meds
+        .iter()
+        .map(|x| x.1)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
     let at16 = meds.iter().find(|x| x.0 == 16).map(|x| x.1);
     md.push_str("\nTargets:\n\n");
     md.push_str(&table(
@@ -464,7 +702,12 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         &[
             vec![
                 "4 devices: channels downtime ≤ 0.35 × main".into(),
-                format!("{} / {} ms = {}", f(chan4, 1), f(main4, 1), f(chan4.zip(main4).map(|(a, b)| a / b), 2)),
+                format!(
+                    "{} / {} ms = {}",
+                    f(chan4, 1),
+                    f(main4, 1),
+                    f(chan4.zip(main4).map(|(a, b)| a / b), 2)
+                ),
                 met(chan4.zip(main4).map(|(a, b)| a <= 0.35 * b)).into(),
             ],
             vec![
@@ -489,7 +732,11 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
                 }
             }
         }
-        series.push(svg::Series { name: format!("device_state={mode}"), color: svg::COLORS[i], points: pts });
+        series.push(svg::Series {
+            name: format!("device_state={mode}"),
+            color: svg::COLORS[i],
+            points: pts,
+        });
     }
     let s1 = svg::line_chart(
         "Downtime vs devices (100 MiB each, 6 connections)",
@@ -511,7 +758,11 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         "connections",
         "downtime (ms), median with min–max",
         &conns.iter().map(|&c| c as f64).collect::<Vec<_>>(),
-        &[svg::Series { name: "device_state=channels".into(), color: svg::COLORS[1], points: pts }],
+        &[svg::Series {
+            name: "device_state=channels".into(),
+            color: svg::COLORS[1],
+            points: pts,
+        }],
         best.map(|b| ("best + 10%", b * 1.1)),
     );
     let _ = std::fs::write(img.join("downtime-vs-devices.svg"), s1);
@@ -531,5 +782,9 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
             records.push(json!({"devices": 4, "device_state": "channels", "connections": c, "result": r.to_json()}));
         }
     }
-    Section { markdown: md, json: json!({"runs": records}), failed_runs: failed }
+    Section {
+        markdown: md,
+        json: json!({"runs": records}),
+        failed_runs: failed,
+    }
 }

@@ -13,7 +13,9 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
-pub const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+pub const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 fn nice_step(range: f64, ticks: f64) -> f64 {
     let raw = (range / ticks).max(1e-9);
@@ -40,7 +42,9 @@ fn fmt_num(v: f64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// A line chart. `xticks` are the x values to label (the data's x values, typically).
@@ -81,46 +85,141 @@ pub fn line_chart(
     let py = |y: f64| mt + ph - y / ytop * ph;
 
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(o, r#"<text x="{}" y="28" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#, ml + pw / 2.0, esc(title));
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="28" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        ml + pw / 2.0,
+        esc(title)
+    );
     // Grid and y ticks.
     let mut y = 0.0;
     while y <= ytop + 1e-9 {
         let yy = py(y);
-        let _ = writeln!(o, r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, ml + pw);
-        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ml - 6.0, yy + 4.0, fmt_num(y));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
+            ml + pw
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            ml - 6.0,
+            yy + 4.0,
+            fmt_num(y)
+        );
         y += step;
     }
     // X ticks.
     for &x in &xs {
         let xx = px(x);
-        let _ = writeln!(o, r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#333"/>"##, mt + ph, mt + ph + 5.0);
-        let _ = writeln!(o, r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, mt + ph + 19.0, fmt_num(x));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#333"/>"##,
+            mt + ph,
+            mt + ph + 5.0
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            mt + ph + 19.0,
+            fmt_num(x)
+        );
     }
     // Axes.
-    let _ = writeln!(o, r##"<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{:.1}" stroke="#333"/>"##, mt + ph);
-    let _ = writeln!(o, r##"<line x1="{ml}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333"/>"##, mt + ph, ml + pw, mt + ph);
-    let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, ml + pw / 2.0, h - 15.0, esc(xlabel));
-    let _ = writeln!(o, r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">{}</text>"#, mt + ph / 2.0, mt + ph / 2.0, esc(ylabel));
+    let _ = writeln!(
+        o,
+        r##"<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{:.1}" stroke="#333"/>"##,
+        mt + ph
+    );
+    let _ = writeln!(
+        o,
+        r##"<line x1="{ml}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333"/>"##,
+        mt + ph,
+        ml + pw,
+        mt + ph
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        ml + pw / 2.0,
+        h - 15.0,
+        esc(xlabel)
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">{}</text>"#,
+        mt + ph / 2.0,
+        mt + ph / 2.0,
+        esc(ylabel)
+    );
     if let Some((label, yv)) = hline {
         let yy = py(yv);
-        let _ = writeln!(o, r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#888" stroke-dasharray="6,4"/>"##, ml + pw);
-        let _ = writeln!(o, r##"<text x="{:.1}" y="{:.1}" fill="#666">{}</text>"##, ml + pw + 6.0, yy + 4.0, esc(label));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#888" stroke-dasharray="6,4"/>"##,
+            ml + pw
+        );
+        let _ = writeln!(
+            o,
+            r##"<text x="{:.1}" y="{:.1}" fill="#666">{}</text>"##,
+            ml + pw + 6.0,
+            yy + 4.0,
+            esc(label)
+        );
     }
     for (i, s) in series.iter().enumerate() {
-        let pts: Vec<String> = s.points.iter().map(|&(x, y, _)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        let _ = writeln!(o, r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#, s.color, pts.join(" "));
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y, _)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = writeln!(
+            o,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
+            s.color,
+            pts.join(" ")
+        );
         for &(x, y, r) in &s.points {
             if let Some((lo, hi)) = r {
-                let _ = writeln!(o, r#"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="{3}" stroke-width="1"/>"#, px(x), py(lo), py(hi), s.color);
+                let _ = writeln!(
+                    o,
+                    r#"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="{3}" stroke-width="1"/>"#,
+                    px(x),
+                    py(lo),
+                    py(hi),
+                    s.color
+                );
             }
-            let _ = writeln!(o, r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{}"><title>{}: {}</title></circle>"#, px(x), py(y), s.color, esc(&s.name), fmt_num((y * 10.0).round() / 10.0));
+            let _ = writeln!(
+                o,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{}"><title>{}: {}</title></circle>"#,
+                px(x),
+                py(y),
+                s.color,
+                esc(&s.name),
+                fmt_num((y * 10.0).round() / 10.0)
+            );
         }
         let ly = mt + 10.0 + i as f64 * 20.0;
         let lx = ml + pw + 20.0;
-        let _ = writeln!(o, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="2"/>"#, lx + 20.0, s.color);
-        let _ = writeln!(o, r#"<text x="{}" y="{}">{}</text>"#, lx + 26.0, ly + 4.0, esc(&s.name));
+        let _ = writeln!(
+            o,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="2"/>"#,
+            lx + 20.0,
+            s.color
+        );
+        let _ = writeln!(
+            o,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            lx + 26.0,
+            ly + 4.0,
+            esc(&s.name)
+        );
     }
     o.push_str("</svg>\n");
     o
@@ -138,8 +237,20 @@ mod tests {
             "downtime (ms)",
             &[1.0, 2.0, 4.0],
             &[
-                Series { name: "main".into(), color: COLORS[0], points: vec![(1.0, 450.0, Some((430.0, 470.0))), (2.0, 900.0, None), (4.0, 1800.0, None)] },
-                Series { name: "channels".into(), color: COLORS[1], points: vec![(1.0, 440.0, None), (2.0, 460.0, None), (4.0, 520.0, None)] },
+                Series {
+                    name: "main".into(),
+                    color: COLORS[0],
+                    points: vec![
+                        (1.0, 450.0, Some((430.0, 470.0))),
+                        (2.0, 900.0, None),
+                        (4.0, 1800.0, None),
+                    ],
+                },
+                Series {
+                    name: "channels".into(),
+                    color: COLORS[1],
+                    points: vec![(1.0, 440.0, None), (2.0, 460.0, None), (4.0, 520.0, None)],
+                },
             ],
             Some(("best + 10%", 480.0)),
         );

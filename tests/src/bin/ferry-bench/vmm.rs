@@ -70,13 +70,25 @@ pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
     let mut extra: Vec<&str> = vec!["--memory", &spec.memory];
     extra.extend(spec.extra.iter().map(String::as_str));
     if env.verbose {
-        env.log(&format!("source: --cmdline {:?} {}", spec.cmdline, extra.join(" ")));
+        env.log(&format!(
+            "source: --cmdline {:?} {}",
+            spec.cmdline,
+            extra.join(" ")
+        ));
     }
     let vm = Vmm::boot_no_wait("bench-src", &spec.cmdline, &extra);
     guarded("source API", || vm.wait_api())?;
     vm.serial
-        .wait_for_line(Duration::from_secs(120), |l| l.starts_with("stamp: boot") || l.contains("stamp: pass"))
-        .ok_or_else(|| format!("no boot line on the source: {} {}", vm.serial.tail(3), stderr_tail(&vm)))?;
+        .wait_for_line(Duration::from_secs(120), |l| {
+            l.starts_with("stamp: boot") || l.contains("stamp: pass")
+        })
+        .ok_or_else(|| {
+            format!(
+                "no boot line on the source: {} {}",
+                vm.serial.tail(3),
+                stderr_tail(&vm)
+            )
+        })?;
     if spec.pause {
         let (st, v) = try_api(&vm.sock, "PUT", "vm.pause", None)?;
         if !ferry_tests::ok(st) {
@@ -87,7 +99,11 @@ pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
 }
 
 /// Starts a destination VMM. With `prefault_bytes`, waits until that much is resident.
-pub fn start_destination(env: &Env, memory: Option<&str>, prefault_bytes: Option<u64>) -> Result<Vmm, String> {
+pub fn start_destination(
+    env: &Env,
+    memory: Option<&str>,
+    prefault_bytes: Option<u64>,
+) -> Result<Vmm, String> {
     let mut args = Vec::new();
     if let Some(m) = memory {
         args.push("--memory");
@@ -107,8 +123,14 @@ pub fn start_destination(env: &Env, memory: Option<&str>, prefault_bytes: Option
                 (last, since) = (m.anon + m.shmem, Instant::now());
             }
             // Stop waiting once residency has not moved for 3 s (prefault done or not done this way).
-            if t.elapsed() > Duration::from_secs(120) || since.elapsed() > Duration::from_secs(3) || !vm.is_running() {
-                env.log(&format!("warning: destination resident {} MiB < prefault target", (m.anon + m.shmem) >> 20));
+            if t.elapsed() > Duration::from_secs(120)
+                || since.elapsed() > Duration::from_secs(3)
+                || !vm.is_running()
+            {
+                env.log(&format!(
+                    "warning: destination resident {} MiB < prefault target",
+                    (m.anon + m.shmem) >> 20
+                ));
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -180,7 +202,8 @@ impl RunResult {
             }
             "downtime_ms" => {
                 for v in [&self.src_status, &self.dst_status] {
-                    if let (Some(p), Some(r)) = (num(v, "pause_time_us"), num(v, "resume_time_us")) {
+                    if let (Some(p), Some(r)) = (num(v, "pause_time_us"), num(v, "resume_time_us"))
+                    {
                         if r >= p && p > 0.0 {
                             return Some((r - p) / 1000.0);
                         }
@@ -211,7 +234,11 @@ impl RunResult {
 
 /// Reads a number at the top level of a status object (or under `stats`).
 pub fn num(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64).or_else(|| v.get("stats").and_then(|s| s.get(key)).and_then(Value::as_f64))
+    v.get(key).and_then(Value::as_f64).or_else(|| {
+        v.get("stats")
+            .and_then(|s| s.get(key))
+            .and_then(Value::as_f64)
+    })
 }
 
 /// Runs one migration from `src` to `dst` (both up; the settle wait is done here).
@@ -274,7 +301,10 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
         if src.is_running() {
             if let Some(v) = src.migration_status() {
                 if matches!(mig_state(&v), "failed" | "cancelled") {
-                    res.error = Some(format!("source: {}", v.get("error").cloned().unwrap_or(Value::Null)));
+                    res.error = Some(format!(
+                        "source: {}",
+                        v.get("error").cloned().unwrap_or(Value::Null)
+                    ));
                 }
                 res.src_status = v;
             }
@@ -299,7 +329,9 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
                     res.error = Some(format!("destination: {e}"));
                 }
             }
-            None if !dst.is_running() => res.error = Some(format!("destination died: {}", stderr_tail(dst))),
+            None if !dst.is_running() => {
+                res.error = Some(format!("destination died: {}", stderr_tail(dst)))
+            }
             None => {}
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -317,7 +349,12 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
         }
         match src.wait_exit(Duration::from_secs(1)) {
             Some(s) if s.success() => res.ok = true,
-            Some(s) => res.error = Some(format!("source exited {s} after completion: {}", stderr_tail(src))),
+            Some(s) => {
+                res.error = Some(format!(
+                    "source exited {s} after completion: {}",
+                    stderr_tail(src)
+                ))
+            }
             None => res.error = Some("source did not exit after completion".into()),
         }
     } else if res.error.is_none() {
@@ -330,7 +367,9 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     let peaks = sampler.finish();
     res.src_peak = peaks[0];
     res.dst_peak = peaks[1];
-    res.src_cpu_s = src_cpu0.zip(src_cpu1.or(res.src_peak.last_cpu)).map(|(a, b)| b - a);
+    res.src_cpu_s = src_cpu0
+        .zip(src_cpu1.or(res.src_peak.last_cpu))
+        .map(|(a, b)| b - a);
     res.dst_cpu_s = dst_cpu0.zip(dst_cpu1).map(|(a, b)| b - a);
     res
 }
@@ -346,7 +385,10 @@ pub fn loadavg() -> f64 {
 /// Fills `path` with `bytes` of xorshift64* output (incompressible, no zero pages).
 pub fn random_file(path: &Path, bytes: u64, threads: usize) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
-    if std::fs::metadata(path).map(|m| m.len() == bytes).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == bytes)
+        .unwrap_or(false)
+    {
         return Ok(());
     }
     let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -359,7 +401,8 @@ pub fn random_file(path: &Path, bytes: u64, threads: usize) -> Result<(), String
         for t in 0..threads as u64 {
             let (f, err) = (&f, &err);
             s.spawn(move || {
-                let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (t + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let mut x: u64 =
+                    0x9E37_79B9_7F4A_7C15 ^ (t + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
                 let mut buf = vec![0u8; chunk as usize];
                 for c in t * per..((t + 1) * per).min(chunks) {
                     for w in buf.chunks_exact_mut(8) {
