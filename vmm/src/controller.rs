@@ -87,6 +87,11 @@ pub struct Inner {
     pub migrated_out: bool,
     /// A completed send was reported through `vm.migration`.
     pub completion_reported: bool,
+    /// A send failed after COMMIT: the guest may run on the destination, so
+    /// the VM is held paused here (devices in STOP) until the user resumes it
+    /// (taking responsibility that the destination did not start it) or
+    /// shuts it down. No new send is accepted while this is set.
+    pub commit_uncertain: bool,
 }
 
 /// RAM provisioned at start for incoming migrations, faulted in by a

@@ -161,11 +161,28 @@ fn pause_resume(vmm: &Arc<Vmm>, pause: bool) -> Reply {
     if send_running(&g) {
         return Reply::error(409, "a migration is running");
     }
+    let uncertain = !pause && g.commit_uncertain;
+    drop(g);
+    if uncertain {
+        // The failed send left the devices in STOP: bring them back first.
+        for dev in vm.devices().migratable() {
+            if let Err(e) = dev.set_state(migration::MigState::Running) {
+                return Reply::error(
+                    500,
+                    format!("device {}: returning to RUNNING: {e}", dev.id()),
+                );
+            }
+        }
+    }
     let r = if pause {
         vm.user_pause()
     } else {
         vm.user_resume()
     };
+    if uncertain && r.is_ok() {
+        vmm.lock().commit_uncertain = false;
+        warn!("VM resumed by the user after an uncertain migration commit: the user confirmed the destination did not start the guest");
+    }
     match r {
         Ok(()) => Reply::ok(json!({"state": if pause { "paused" } else { "running" }})),
         Err(e) => Reply::error(409, e.to_string()),
@@ -203,6 +220,12 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Reply {
     if g.job.as_ref().is_some_and(|j| j.running()) {
         return Reply::error(409, "a migration is already running");
     }
+    if g.commit_uncertain {
+        return Reply::error(
+            409,
+            "the last migration's outcome is uncertain (the guest may run on its destination): resume or shut down this VM first",
+        );
+    }
     let job = new_job(Direction::Send);
     let (stats, cancel, outcome) = (job.stats.clone(), job.cancel.clone(), job.outcome.clone());
     g.job = Some(job);
@@ -233,6 +256,7 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Reply {
                     // The guest may run on the destination: keep it paused
                     // here; the user decides (vm.resume or vm.shutdown).
                     vm2.mark_user_paused();
+                    v.lock().commit_uncertain = true;
                     log::error!("{e}");
                     set_outcome(&out, Err(e.to_string()));
                 }
