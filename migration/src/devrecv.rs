@@ -48,6 +48,9 @@ struct SlotState {
     started: bool,
     done: bool,
     progress: u64,
+    /// Items whose effect on the device is complete (written, or for END
+    /// the device left RESUMING). Invariant: `applied <= next`.
+    applied: u64,
 }
 
 #[derive(Default)]
@@ -229,6 +232,32 @@ impl DeviceInbox {
         Ok(())
     }
 
+    /// Waits until every item delivered so far to device `dev` has been
+    /// applied to the device (its load thread is idle). The main-connection
+    /// path (`device_state = main`) calls this after each chunk, so devices
+    /// load one chunk at a time, strictly one after another, as in QEMU's
+    /// single-channel path.
+    pub fn wait_applied(&self, dev: usize) -> Result<(), MigrationError> {
+        self.check_index(dev as u64)?;
+        let slot = &self.slots[dev];
+        let mut st = lock(&slot.st);
+        while !(st.buf.is_empty() && st.applied == st.next) {
+            self.ctl.check()?;
+            st = slot
+                .cv
+                .wait_timeout(st, POLL_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    fn mark_applied(&self, dev: usize) {
+        let slot = &self.slots[dev];
+        lock(&slot.st).applied += 1;
+        slot.cv.notify_all();
+    }
+
     /// Items applied so far, all devices (a progress measure).
     pub fn progress(&self) -> u64 {
         self.slots.iter().map(|s| lock(&s.st).progress).sum()
@@ -297,11 +326,13 @@ impl DeviceInbox {
                             Relaxed,
                         );
                     }
+                    self.mark_applied(dev);
                 }
                 DevItem::InitialDone => {
                     c.initial_loaded.store(true, Relaxed);
                     let _ = lock(&self.acks).send((dev, loaded, busy.as_micros() as u64));
                     self.notify.notify();
+                    self.mark_applied(dev);
                 }
                 DevItem::End => {
                     drop(f.take());
@@ -309,6 +340,7 @@ impl DeviceInbox {
                         MigrationError::device(&id, format!("refused its state: {e}"))
                     })?;
                     lock(&self.slots[dev].st).done = true;
+                    self.mark_applied(dev);
                     log::debug!("device {id}: {loaded} bytes loaded");
                     return Ok(());
                 }

@@ -458,6 +458,9 @@ impl Receiver<'_> {
                 inbox.check_index(h.a)?;
                 let data = recv_payload(&main.stream, h.len, &self.ctl, what)?;
                 inbox.deliver(h.a as usize, h.b, h.dev_item(), data)?;
+                // The single-channel path is sequential end to end: the next
+                // frame is read only once this chunk is in the device.
+                inbox.wait_applied(h.a as usize)?;
                 Ok(RecvState::Receive)
             }
             Kind::State => {

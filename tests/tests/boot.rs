@@ -368,7 +368,7 @@ fn garbage_requests_leave_the_vmm_healthy() {
 
     // An oversized header.
     let mut big = b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
-    big.extend(std::iter::repeat(b'a').take(4 << 20));
+    big.extend(std::iter::repeat_n(b'a', 4 << 20));
     big.extend_from_slice(b"\r\n\r\n");
     send_garbage(&vm.sock, &big, true);
     healthy("an oversized header");
