@@ -3,10 +3,13 @@
 //! VM runs, moved on the shared data connections (`device_state: channels`)
 //! or on the main connection (`main`).
 //!
-//! Digests: a device without `dirty-rate` keeps a constant state, so its
-//! digest on the destination must equal the source's before the migration.
-//! A dirtying device's digest changes all the time; it is compared only
-//! where both sides' `vm.migration` report per-device digests.
+//! Digests: every device's stream ends with the digest of its state when
+//! the source entered STOP_COPY; the destination checks it on load and shows
+//! it in `vm.info` as `source_digest`. So for every device (dirtying ones
+//! included) the destination's `digest` must equal its `source_digest`.
+//! A device without `dirty-rate` keeps a constant state, so both must also
+//! equal the source's `digest` before the migration. (Destination devices
+//! never dirty their state, so their `digest` is stable after migration.)
 
 use std::collections::BTreeMap;
 
@@ -41,6 +44,47 @@ fn devices_of(info: &Value) -> BTreeMap<String, Value> {
         .iter()
         .filter_map(|d| Some((d["id"].as_str()?.to_string(), d.clone())))
         .collect()
+}
+
+/// Checks, for every device of `specs`, that the destination loaded exactly
+/// the state the source had at switch-over, and for non-dirtying devices
+/// that this is also the source's state before the migration.
+fn check_digests(
+    specs: &[(&str, bool)],
+    before: &BTreeMap<String, Value>,
+    after: &BTreeMap<String, Value>,
+) {
+    for (spec, dirtying) in specs {
+        let id = dev_id(spec);
+        let b = &before[id];
+        let a = after
+            .get(id)
+            .unwrap_or_else(|| panic!("device {} not on the destination: {:?}", id, after));
+        assert!(
+            b.get("source_digest").is_none(),
+            "a source device has no source_digest: {}",
+            b
+        );
+        let digest = a["digest"]
+            .as_str()
+            .unwrap_or_else(|| panic!("digest of {} on the destination: {}", id, a));
+        let source_digest = a["source_digest"]
+            .as_str()
+            .unwrap_or_else(|| panic!("source_digest of {} on the destination: {}", id, a));
+        assert_eq!(digest.len(), 16, "digest format of {}: {:?}", id, digest);
+        assert_eq!(
+            digest, source_digest,
+            "digest of {} on the destination vs the source's at switch-over",
+            id
+        );
+        if !dirtying {
+            assert_eq!(
+                a["digest"], b["digest"],
+                "digest of non-dirtying {} after migration vs before",
+                id
+            );
+        }
+    }
 }
 
 /// id -> digest from a `vm.migration` status, when it reports devices.
@@ -102,21 +146,15 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
         before.keys().collect::<Vec<_>>(),
         "device set on the destination"
     );
-    for (spec, dirtying) in &DEVICES[..n] {
+    for (spec, _) in &DEVICES[..n] {
         let id = dev_id(spec);
         assert_eq!(
             after[id]["state_size"], before[id]["state_size"],
             "state_size of {}",
             id
         );
-        if !dirtying {
-            assert_eq!(
-                after[id]["digest"], before[id]["digest"],
-                "digest of {} after migration",
-                id
-            );
-        }
     }
+    check_digests(&DEVICES[..n], &before, &after);
     // Per-device digests at switch-over, where both sides report them.
     if let Some(src_status) = &m.source_status {
         let s = status_digests(src_status);
@@ -175,16 +213,7 @@ fn devices_without_precopy() {
     let m = migrate(&mut src, &dst, params);
     check_completed_status(&m.dest_status, "destination");
     let after = devices_of(&dst.info());
-    for (spec, dirtying) in &DEVICES {
-        if !dirtying {
-            let id = dev_id(spec);
-            assert_eq!(
-                after[id]["digest"], before[id]["digest"],
-                "digest of {}",
-                id
-            );
-        }
-    }
+    check_digests(&DEVICES, &before, &after);
     check_guest_moved(&[&src.serial], &dst);
 }
 

@@ -12,7 +12,11 @@
 //! its id; a destination ([`SimVfioDevice::new_destination`]) starts zeroed
 //! and never dirties its own state, so after a migration its
 //! [`SimVfioDevice::digest`] equals the source's at STOP_COPY entry (the
-//! source stays frozen from then on unless set back to RUNNING).
+//! source stays frozen from then on unless set back to RUNNING). The source
+//! records that digest ([`SimVfioDevice::switchover_digest`]) and sends it in
+//! the stream's end marker; the destination keeps it
+//! ([`SimVfioDevice::source_digest`]) and refuses to leave RESUMING when its
+//! loaded state's digest differs ("state digest mismatch after load").
 //!
 //! Fault injection: `fail_save_after` makes the pump close the stream early
 //! and the device report ERROR; `fail_load` makes the loader refuse the
@@ -36,7 +40,7 @@ use migration::{BackendError, BackendResult, MigCaps, MigState, MigratableDevice
 
 use crate::error::{Error, Result};
 use crate::mig_fsm;
-use stream::{BLOCK, CHUNK, END_LEN, HEADER_LEN, RECORD_HDR_LEN};
+use stream::{LoadError, BLOCK, CHUNK, END_LEN, HEADER_LEN, RECORD_HDR_LEN};
 
 /// How long the loader waits for more data once the stream must be complete.
 const LOAD_GRACE: Duration = Duration::from_secs(2);
@@ -49,8 +53,14 @@ const DIRTY_BATCH: u64 = 16;
 #[derive(Debug, Clone, Copy)]
 enum Seg {
     Header,
-    Data { off: u64, len: u64 },
-    End,
+    Data {
+        off: u64,
+        len: u64,
+    },
+    /// The end marker, carrying the state digest at STOP_COPY entry.
+    End {
+        digest: u64,
+    },
 }
 
 /// Mutable device state, under one lock shared with the worker threads.
@@ -76,6 +86,14 @@ struct Core {
     /// A duplicate of the PRE_COPY read end, to ask how much is unread.
     reader: Option<File>,
     save_error: Option<String>,
+    /// Source: digest of the state when the current/last save session
+    /// entered STOP_COPY (the state is frozen from then on); cleared when a
+    /// new session begins.
+    switchover_digest: Option<u64>,
+    /// Destination: the source's digest received in the end marker of the
+    /// last load stream (kept even when the check failed); cleared when a
+    /// new load begins.
+    source_digest: Option<u64>,
     shutdown: bool,
     seed: u64,
 }
@@ -176,12 +194,17 @@ impl Shared {
         RECORD_HDR_LEN + end - off
     }
 
-    /// Commits everything left for STOP_COPY, then the end marker.
+    /// Commits everything left for STOP_COPY, then the end marker with the
+    /// digest of the state now. Must be called with `c.state` already
+    /// STOP_COPY (the dirtier checks it under the same lock), so the state
+    /// cannot change after the digest is taken.
     fn commit_rest(&self, c: &mut Core) {
         self.commit_initial(c);
         self.commit_dirty(c);
         Self::queue_range(c, self.cfg.precopy_size, self.cfg.state_size);
-        c.queue.push_back(Seg::End);
+        let digest = stream::digest(&c.data);
+        c.switchover_digest = Some(digest);
+        c.queue.push_back(Seg::End { digest });
         c.commit_total += END_LEN;
         c.reader = None; // no more PRECOPY_INFO: let a closed reader fail the pump
         self.work_cv.notify_all();
@@ -191,6 +214,7 @@ impl Shared {
     /// (PRE_COPY only).
     fn begin_session(&self, c: &mut Core, reader: Option<File>) {
         c.tracking = true;
+        c.switchover_digest = None;
         c.commit_total = 0;
         c.initial_end = None;
         c.sent = Arc::new(Mutex::new(0));
@@ -219,7 +243,7 @@ struct Pump {
 struct Loader {
     cancel: Arc<AtomicBool>,
     closing: Arc<AtomicBool>,
-    handle: JoinHandle<std::result::Result<(), String>>,
+    handle: JoinHandle<std::result::Result<(), LoadError>>,
 }
 
 #[derive(Default)]
@@ -308,6 +332,8 @@ impl SimVfioDevice {
                 sent: Arc::new(Mutex::new(0)),
                 reader: None,
                 save_error: None,
+                switchover_digest: None,
+                source_digest: None,
                 shutdown: false,
                 seed: seed ^ 0x5eed,
             }),
@@ -351,6 +377,20 @@ impl SimVfioDevice {
         stream::digest(&self.shared.lock().data)
     }
 
+    /// Source: the digest of the state when the last save session entered
+    /// STOP_COPY (what its end marker carries), if one did since the last
+    /// session began.
+    pub fn switchover_digest(&self) -> Option<u64> {
+        self.shared.lock().switchover_digest
+    }
+
+    /// Destination: the source's switch-over digest received with the last
+    /// load stream, if its end marker was read. After a successful load it
+    /// equals [`Self::digest`] (leaving RESUMING checks it).
+    pub fn source_digest(&self) -> Option<u64> {
+        self.shared.lock().source_digest
+    }
+
     fn err(&self, msg: impl std::fmt::Display) -> BackendError {
         BackendError::new(format!("sim device {}: {msg}", self.shared.cfg.id))
     }
@@ -373,7 +413,7 @@ impl SimVfioDevice {
     }
 
     /// Waits for the loader to reach the end marker (`cancel`: abandon it).
-    fn finish_loader(&self, ctl: &mut Ctl, cancel: bool) -> std::result::Result<(), String> {
+    fn finish_loader(&self, ctl: &mut Ctl, cancel: bool) -> std::result::Result<(), LoadError> {
         let Some(l) = ctl.loader.take() else {
             return Ok(());
         };
@@ -383,7 +423,7 @@ impl SimVfioDevice {
         }
         l.handle
             .join()
-            .unwrap_or_else(|_| Err("loader thread panicked".into()))
+            .unwrap_or_else(|_| Err(LoadError::Stream("loader thread panicked".into())))
     }
 
     fn start_pump(&self, ctl: &mut Ctl, sock: File) -> BackendResult<()> {
@@ -467,7 +507,11 @@ impl SimVfioDevice {
                     closing,
                     handle,
                 });
-                sh.lock().state = Resuming;
+                {
+                    let mut c = sh.lock();
+                    c.source_digest = None;
+                    c.state = Resuming;
+                }
                 Ok(Some(wr))
             }
             (Resuming, Stop) => match self.finish_loader(ctl, false) {
@@ -477,7 +521,13 @@ impl SimVfioDevice {
                 }
                 Err(e) => {
                     sh.lock().state = Error;
-                    Err(self.err(format_args!("loading device state failed: {e}")))
+                    Err(match e {
+                        // "sim device X: state digest mismatch after load: ..."
+                        LoadError::DigestMismatch { .. } => self.err(e),
+                        LoadError::Stream(m) => {
+                            self.err(format_args!("loading device state failed: {m}"))
+                        }
+                    })
                 }
             },
             _ => Err(self.err(format_args!("internal: unexpected arc {from:?} -> {to:?}"))),
@@ -552,7 +602,9 @@ impl MigratableDevice for SimVfioDevice {
     /// - Entering RESUMING returns the write end; leaving RESUMING waits for
     ///   the loader to reach the end marker (the writer must have written the
     ///   whole stream; a writer silent for 2 s counts as truncation) and fails,
-    ///   naming the device, if the stream was truncated or malformed.
+    ///   naming the device, if the stream was truncated or malformed, or if
+    ///   the loaded state's digest differs from the source's digest carried
+    ///   by the end marker ("state digest mismatch after load").
     /// - Leaving PRE_COPY/STOP_COPY for RUNNING/STOP cancels the pump.
     /// - From ERROR only RUNNING is accepted: it acts as a device reset
     ///   (VFIO_DEVICE_RESET), stopping any pump/loader; the state bytes are

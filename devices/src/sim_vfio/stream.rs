@@ -2,11 +2,18 @@
 //! of the simulated VFIO device.
 //!
 //! Stream format (all integers little-endian):
-//! - a header: `magic: u64 = STREAM_MAGIC`, `version: u32 = 1`,
+//! - a header: `magic: u64 = STREAM_MAGIC`, `version: u32 = 2`,
 //!   `reserved: u32 = 0`, `state_size: u64` (24 bytes);
 //! - records: `offset: u64`, `len: u32`, then `len` bytes to store at
 //!   `offset` (1 <= len <= MAX_RECORD; later records override earlier ones);
-//! - an end marker: `offset = u64::MAX`, `len = 0`.
+//! - an end marker: `offset = u64::MAX`, `len = 8`, then `digest: u64`, the
+//!   [`digest`] of the source's whole state when it entered STOP_COPY (the
+//!   state is frozen from then on, so every record is consistent with it).
+//!
+//! Version 2 added the digest to the end marker (version 1 ended with
+//! `offset = u64::MAX`, `len = 0`); a reader accepts only its own version.
+//! Invariant: a loader that applied every record of a complete stream holds
+//! state whose [`digest`] equals the end marker's digest.
 
 use std::fs::File;
 use std::io;
@@ -17,14 +24,16 @@ use std::time::{Duration, Instant};
 
 /// Magic number opening a stream ("FRYSIMV1").
 pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"FRYSIMV1");
-/// Stream format version.
-pub const STREAM_VERSION: u32 = 1;
+/// Stream format version (2: the end marker carries the state digest).
+pub const STREAM_VERSION: u32 = 2;
 /// Size of the stream header.
 pub const HEADER_LEN: u64 = 24;
 /// Size of a record header.
 pub const RECORD_HDR_LEN: u64 = 12;
-/// Size of the end marker.
-pub const END_LEN: u64 = RECORD_HDR_LEN;
+/// Size of the digest that follows the end marker's record header.
+pub const END_DIGEST_LEN: u64 = 8;
+/// Size of the end marker (record header + digest).
+pub const END_LEN: u64 = RECORD_HDR_LEN + END_DIGEST_LEN;
 /// Offset value marking the end record.
 pub const END_OFFSET: u64 = u64::MAX;
 /// Largest record payload a writer emits.
@@ -78,6 +87,54 @@ pub fn encode_record(offset: u64, len: u32) -> [u8; RECORD_HDR_LEN as usize] {
     b
 }
 
+/// Encodes the end marker carrying `digest`, the source's state digest at
+/// STOP_COPY entry.
+pub fn encode_end(digest: u64) -> [u8; END_LEN as usize] {
+    let mut b = [0u8; END_LEN as usize];
+    b[..RECORD_HDR_LEN as usize].copy_from_slice(&encode_record(END_OFFSET, END_DIGEST_LEN as u32));
+    b[RECORD_HDR_LEN as usize..].copy_from_slice(&digest.to_le_bytes());
+    b
+}
+
+/// Decodes the digest that follows an end marker's record header.
+pub fn decode_end_digest(b: &[u8; END_DIGEST_LEN as usize]) -> u64 {
+    u64::from_le_bytes(*b)
+}
+
+/// Why loading a stream failed. Messages do not name the device: the
+/// device adds its id when reporting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The stream was truncated, malformed, refused or the load cancelled.
+    #[error("{0}")]
+    Stream(String),
+    /// The stream was complete but the loaded state does not match the
+    /// digest the source recorded at switch-over.
+    #[error("state digest mismatch after load: source 0x{sent:016x} loaded 0x{loaded:016x}")]
+    DigestMismatch {
+        /// The digest carried by the end marker.
+        sent: u64,
+        /// The digest of the state as loaded.
+        loaded: u64,
+    },
+}
+
+impl From<String> for LoadError {
+    fn from(s: String) -> Self {
+        LoadError::Stream(s)
+    }
+}
+
+/// Checks loaded state against the digest `sent` from the end marker.
+pub fn check_loaded(sent: u64, data: &[u8]) -> Result<(), LoadError> {
+    let loaded = digest(data);
+    if loaded == sent {
+        Ok(())
+    } else {
+        Err(LoadError::DigestMismatch { sent, loaded })
+    }
+}
+
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
@@ -88,7 +145,7 @@ pub enum Record {
         /// Payload length.
         len: u32,
     },
-    /// End of stream.
+    /// End of stream: [`END_DIGEST_LEN`] bytes of digest follow.
     End,
 }
 
@@ -101,8 +158,11 @@ pub fn decode_record(b: &[u8; RECORD_HDR_LEN as usize], state_size: u64) -> Resu
     let mut l = [0u8; 4];
     l.copy_from_slice(&b[8..12]);
     let len = u32::from_le_bytes(l);
-    if offset == END_OFFSET && len == 0 {
-        return Ok(Record::End);
+    if offset == END_OFFSET {
+        if u64::from(len) == END_DIGEST_LEN {
+            return Ok(Record::End);
+        }
+        return Err(format!("end marker has bad length {len}"));
     }
     if len == 0 || u64::from(len) > MAX_RECORD {
         return Err(format!("record at offset {offset} has bad length {len}"));
@@ -438,12 +498,47 @@ mod tests {
         );
         assert!(decode_record(&r, 123).is_err());
         assert_eq!(
-            decode_record(&encode_record(END_OFFSET, 0), 10),
+            decode_record(&encode_record(END_OFFSET, END_DIGEST_LEN as u32), 10),
             Ok(Record::End)
         );
+        // A version-1 end marker (no digest) is malformed now.
+        assert!(decode_record(&encode_record(END_OFFSET, 0), 10).is_err());
+        let e = encode_end(0x0123_4567_89ab_cdef);
+        let mut hdr = [0u8; RECORD_HDR_LEN as usize];
+        hdr.copy_from_slice(&e[..RECORD_HDR_LEN as usize]);
+        assert_eq!(decode_record(&hdr, 10), Ok(Record::End));
+        let mut dg = [0u8; END_DIGEST_LEN as usize];
+        dg.copy_from_slice(&e[RECORD_HDR_LEN as usize..]);
+        assert_eq!(decode_end_digest(&dg), 0x0123_4567_89ab_cdef);
+        // A version-1 header is refused.
+        let mut v1 = h;
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(check_header(&v1, 1234)
+            .unwrap_err()
+            .contains("unsupported stream version 1"));
         assert!(decode_record(&encode_record(0, 0), 10).is_err());
         assert!(decode_record(&encode_record(u64::MAX - 1, 4), u64::MAX).is_err());
         assert!(decode_record(&encode_record(0, (MAX_RECORD + 1) as u32), u64::MAX).is_err());
+    }
+
+    #[test]
+    fn loaded_digest_check() {
+        let data = vec![7u8; 1000];
+        assert_eq!(check_loaded(digest(&data), &data), Ok(()));
+        let e = check_loaded(digest(&data) ^ 1, &data).unwrap_err();
+        assert_eq!(
+            e,
+            LoadError::DigestMismatch {
+                sent: digest(&data) ^ 1,
+                loaded: digest(&data)
+            }
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("state digest mismatch after load: source 0x")
+                && msg.contains(&format!("loaded 0x{:016x}", digest(&data))),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::time::Instant;
 use log::debug;
 
 use super::stream::{
-    self, RateLimiter, Record, XferError, BLOCK, CHUNK, END_OFFSET, HEADER_LEN, RECORD_HDR_LEN,
+    self, LoadError, RateLimiter, Record, XferError, BLOCK, CHUNK, END_DIGEST_LEN, HEADER_LEN,
+    RECORD_HDR_LEN,
 };
 use super::{Seg, Shared, DIRTY_BATCH, LOAD_GRACE, TICK};
 use crate::mig_fsm;
@@ -100,14 +101,14 @@ pub(super) fn pump(sh: Arc<Shared>, sock: File, sent: Arc<Mutex<u64>>, cancel: A
                 }
                 c = sh.work_cv.wait(c).unwrap_or_else(|e| e.into_inner());
             };
-            is_end = matches!(seg, Seg::End);
+            is_end = matches!(seg, Seg::End { .. });
             match seg {
                 Seg::Header => buf.extend_from_slice(&stream::encode_header(sh.cfg.state_size)),
                 Seg::Data { off, len } => {
                     buf.extend_from_slice(&stream::encode_record(off, len as u32));
                     buf.extend_from_slice(&c.data[off as usize..(off + len) as usize]);
                 }
-                Seg::End => buf.extend_from_slice(&stream::encode_record(END_OFFSET, 0)),
+                Seg::End { digest } => buf.extend_from_slice(&stream::encode_end(digest)),
             }
         }
         if !stream::sleep_cancellable(limiter.reserve(buf.len() as u64), &cancel) {
@@ -157,13 +158,18 @@ pub(super) fn pump(sh: Arc<Shared>, sock: File, sent: Arc<Mutex<u64>>, cancel: A
     }
 }
 
-/// Reads and applies a load stream until the end marker.
+/// Reads and applies a load stream until the end marker, then checks the
+/// loaded state against the source's digest the marker carries (recorded in
+/// `source_digest` whether or not it matches).
+///
+/// Everything read is untrusted: malformed input yields an error, never a
+/// panic.
 pub(super) fn loader(
     sh: Arc<Shared>,
     sock: File,
     cancel: Arc<AtomicBool>,
     closing: Arc<AtomicBool>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), LoadError> {
     let size = sh.cfg.state_size;
     let mut limiter = RateLimiter::new(sh.cfg.load_rate);
     let read = |buf: &mut [u8], what: &str| {
@@ -179,7 +185,9 @@ pub(super) fn loader(
     read(&mut hdr, "the stream header")?;
     stream::check_header(&hdr, size)?;
     if sh.cfg.fail_load {
-        return Err("device refuses its data (fail-load)".into());
+        return Err(LoadError::Stream(
+            "device refuses its data (fail-load)".into(),
+        ));
     }
     let mut buf = Vec::new();
     let mut records = 0u64;
@@ -188,8 +196,19 @@ pub(super) fn loader(
         read(&mut rh, "a record header")?;
         match stream::decode_record(&rh, size)? {
             Record::End => {
-                debug!("sim-vfio {}: loaded {records} records", sh.cfg.id);
-                return Ok(());
+                let mut dg = [0u8; END_DIGEST_LEN as usize];
+                read(&mut dg, "the end marker digest")?;
+                let sent = stream::decode_end_digest(&dg);
+                let checked = {
+                    let mut c = sh.lock();
+                    c.source_digest = Some(sent);
+                    stream::check_loaded(sent, &c.data)
+                };
+                debug!(
+                    "sim-vfio {}: loaded {records} records, source digest {sent:016x}",
+                    sh.cfg.id
+                );
+                return checked;
             }
             Record::Data { offset, len } => {
                 let len = len as usize; // <= MAX_RECORD, checked by decode_record
@@ -197,7 +216,7 @@ pub(super) fn loader(
                 read(&mut buf[..len], "record data")?;
                 if !stream::sleep_cancellable(limiter.reserve(RECORD_HDR_LEN + len as u64), &cancel)
                 {
-                    return Err("load cancelled".into());
+                    return Err(LoadError::Stream("load cancelled".into()));
                 }
                 let off = offset as usize;
                 sh.lock().data[off..off + len].copy_from_slice(&buf[..len]);
