@@ -29,7 +29,7 @@ use crate::net::{
     STALL_TIMEOUT,
 };
 use crate::reader::{spawn_readers, DestRam, PassBarrier, ReaderCtx};
-use crate::stats::{DeviceCounters, MigrationStats, Role};
+use crate::stats::{DeviceCounters, MigrationStats, Role, RxMeter};
 use crate::traits::{DestinationFactory, DestinationVm};
 use crate::wire::{self, Header, Kind, Setup, ROLE_DATA, ROLE_MAIN};
 
@@ -79,6 +79,8 @@ struct Receiver<'a> {
     counters: Vec<Arc<DeviceCounters>>,
     /// Last RATE round and the rate last sent per device.
     rates: (Instant, Vec<u64>),
+    /// Live receive throughput shown as `throughput_bps` on this side.
+    rx: RxMeter,
     error_sent: std::cell::Cell<bool>,
 }
 
@@ -120,6 +122,7 @@ pub fn run(
         ready: None,
         counters: Vec::new(),
         rates: (Instant::now(), Vec::new()),
+        rx: RxMeter::new(),
         error_sent: std::cell::Cell::new(false),
     };
     match r.drive() {
@@ -411,6 +414,7 @@ impl Receiver<'_> {
     fn receive_step(&mut self) -> Result<RecvState, MigrationError> {
         self.pump()?;
         self.send_rates()?;
+        self.rx.tick(&self.stats);
         let main = self.main()?;
         let what = "reading the main connection";
         let h = match recv_header(&main.stream, &self.ctl, true, what)? {
@@ -512,6 +516,7 @@ impl Receiver<'_> {
             self.ctl.check()?;
             let g = self.notify.generation();
             self.pump()?;
+            self.rx.tick(&self.stats);
             let done = rctx.barrier.completed();
             if done >= final_pass {
                 if !ended_checked {

@@ -40,6 +40,8 @@ pub const MAX_PASSES: u64 = 30;
 const CONN_QUEUE_BYTES: u64 = 8 << 20;
 /// Bound of device bytes queued and not yet written, all devices.
 const DEVICE_INFLIGHT_BYTES: u64 = 32 << 20;
+/// Poll interval while waiting for a pass to reach the wire.
+const PASS_POLL: Duration = Duration::from_millis(5);
 /// How long the destination may take to build its VM.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -86,6 +88,10 @@ struct Sender {
     commit_at: Option<Instant>,
     start: Instant,
     pass: u64,
+    /// RAM pages queued by all passes so far. Invariant: a pass is fully on
+    /// the wire once `pool.pages_done >= pages_queued` (writers count every
+    /// page of a RAM item, data or zero marker, exactly once).
+    pages_queued: u64,
     held: Vec<DirtyBitmap>,
     conv: Convergence,
     last_sample: (Instant, u64, u64),
@@ -142,6 +148,7 @@ pub fn run(
         commit_at: None,
         start: Instant::now(),
         pass: 0,
+        pages_queued: 0,
         held: Vec::new(),
         conv: Convergence::new(Duration::from_millis(p.downtime_ms), MAX_PASSES),
         last_sample: (Instant::now(), 0, 0),
@@ -363,6 +370,7 @@ impl Sender {
             pk.add_populated(i, &ranges)?;
         }
         let pages = pk.finish()?;
+        self.pages_queued += pages;
         pool.push_all(|| Item::Sync { pass: 1 });
         log::info!("pass 1: {pages} populated pages queued");
         Ok(SendState::Iterate)
@@ -416,11 +424,43 @@ impl Sender {
         for (i, bm) in held.iter().enumerate() {
             pk.add_bitmap(i, bm)?;
         }
-        pk.finish()
+        let pages = pk.finish()?;
+        self.pages_queued += pages;
+        Ok(pages)
+    }
+
+    /// Waits until every RAM page queued so far has been written (the
+    /// previous pass is complete), polling cancel/deadline/peer failure.
+    ///
+    /// Without this wait a pass would be "done" as soon as it was queued:
+    /// with a slow link (e.g. `max_bandwidth_mbps`) the bounded queues still
+    /// hold megabytes of pass 1, the estimate counts that backlog, never
+    /// fits, and passes that find nothing dirty are counted at CPU speed
+    /// until the forced switch-over, which then has to drain the backlog
+    /// with the VM paused.
+    fn await_pass_drained(&self, pool: &Pool) -> Result<(), MigrationError> {
+        loop {
+            let done = pool.pages_done.load(Relaxed);
+            self.stats
+                .remaining_bytes
+                .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
+            if done >= self.pages_queued {
+                return Ok(());
+            }
+            self.ctl.check()?;
+            if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
+                return Err(MigrationError::Timeout(format!(
+                    "migration took longer than {} s",
+                    self.p.timeout_s
+                )));
+            }
+            std::thread::sleep(PASS_POLL);
+        }
     }
 
     fn iterate(&mut self) -> Result<SendState, MigrationError> {
         let pool = self.pool()?;
+        self.await_pass_drained(&pool)?;
         let now = Instant::now();
         let (t0, p0, b0) = self.last_sample;
         let (p1, b1) = (pool.pages_done.load(Relaxed), pool.sent_bytes.load(Relaxed));

@@ -121,15 +121,19 @@ pub struct MigrationStatus {
     pub total_bytes: u64,
     /// RAM bytes on the wire so far (headers, range tables and page data).
     pub transferred_bytes: u64,
-    /// RAM bytes still dirty at the last pass decision.
+    /// Source: RAM bytes still to send (queued-but-unsent while a pass drains,
+    /// then dirty at the last pass decision). Destination: always 0 (n/a).
     pub remaining_bytes: u64,
     /// Pages sent (or received) as zero markers instead of data.
     pub zero_pages: u64,
-    /// RAM throughput on the wire (EWMA per pass).
+    /// Source: RAM throughput on the wire (EWMA per pass). Destination: live
+    /// RAM receive throughput (bytes received over the last ~0.5 s interval).
     pub throughput_bps: u64,
-    /// Rate at which the guest dirties RAM.
+    /// Rate at which the guest dirties RAM (source only; 0 = n/a on the
+    /// destination).
     pub dirty_rate_bps: u64,
-    /// Downtime predicted by the convergence policy.
+    /// Downtime predicted by the convergence policy (source only; 0 = n/a on
+    /// the destination).
     pub expected_downtime_ms: u64,
     /// Device state bytes moved so far, all devices.
     pub device_bytes_transferred: u64,
@@ -202,6 +206,44 @@ pub struct MigrationStats {
     pause_to_ack_ms: AtomicU64,
     pause_time_us: AtomicU64,
     resume_time_us: AtomicU64,
+}
+
+/// Live receive throughput on the destination: samples
+/// `transferred_bytes` at most every [`RX_SAMPLE`] and stores the rate of the
+/// last interval in `throughput_bps`.
+///
+/// Invariant: `bytes` is the counter value at `at`; `transferred_bytes` only
+/// grows during a migration, so the difference never underflows (saturating
+/// anyway).
+#[derive(Debug)]
+pub(crate) struct RxMeter {
+    at: Instant,
+    bytes: u64,
+}
+
+/// Minimum interval of an [`RxMeter`] sample.
+const RX_SAMPLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl RxMeter {
+    pub(crate) fn new() -> Self {
+        RxMeter {
+            at: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Updates `stats.throughput_bps` if a sample interval has passed.
+    pub(crate) fn tick(&mut self, stats: &MigrationStats) {
+        let dt = self.at.elapsed();
+        if dt < RX_SAMPLE {
+            return;
+        }
+        let now = stats.transferred_bytes.load(Relaxed);
+        let rate = now.saturating_sub(self.bytes) as f64 / dt.as_secs_f64();
+        stats.throughput_bps.store(rate as u64, Relaxed);
+        self.at = Instant::now();
+        self.bytes = now;
+    }
 }
 
 /// Role stored in the stats.

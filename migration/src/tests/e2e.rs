@@ -119,6 +119,39 @@ fn forced_switchover_when_not_converging() {
     assert_eq!(stats.snapshot().iteration, crate::sender::MAX_PASSES + 1);
 }
 
+/// Regression: a paused (never dirtying) VM behind a slow bandwidth cap used
+/// to count passes while pass 1 was still queued, never fit the estimate
+/// (the queued backlog counted) and force a switch-over after
+/// `MAX_PASSES` with that backlog left to drain during the downtime. It must
+/// switch over right after pass 1 reached the wire.
+#[test]
+fn paused_vm_with_bandwidth_cap_converges_after_first_pass() {
+    let mut s = FakeSource::new(&[(0, 12 * MIB)]);
+    s.user_paused = true;
+    s.paused.store(true, SeqCst);
+    let src = Arc::new(s);
+    fill(&src, 0, 9, 1);
+    let mut p = params(0, 1);
+    p.max_bandwidth_mbps = Some(10.0);
+    p.downtime_ms = 300;
+    let (r, rr, dest, stats) = migrate(src.clone(), &mut p);
+    r.unwrap();
+    rr.unwrap();
+    assert_same_ram(&src, &dest.factory.last());
+    let st = stats.snapshot();
+    // Pass 1 (all memory), then the final pass (nothing dirty).
+    assert!(st.iteration <= 3, "took {} passes", st.iteration);
+    assert!(
+        st.expected_downtime_ms <= p.downtime_ms,
+        "switch-over was forced (estimate {} ms)",
+        st.expected_downtime_ms
+    );
+    // The destination reports a live receive throughput (~1 s of transfer).
+    let ds = dest.stats.snapshot();
+    assert_eq!(ds.role.as_deref(), Some("destination"));
+    assert!(ds.throughput_bps > 0, "destination throughput not measured");
+}
+
 #[test]
 fn user_paused_vm_starts_paused_and_bandwidth_cap() {
     let mut s = FakeSource::new(&[(0, 4 * MIB)]);
