@@ -9,20 +9,6 @@ use super::*;
 use crate::api::*;
 use crate::wire::{Header, Kind, HEADER_LEN};
 
-const MIB: u64 = 1 << 20;
-
-fn source_with_device() -> Arc<FakeSource> {
-    let mut s = FakeSource::new(&[(0, 4 * MIB)]);
-    s.devices = vec![Arc::new(FakeDevice::new(
-        "dev0",
-        true,
-        pattern(1, 10_000),
-        pattern(2, 5_000),
-    ))];
-    fill(&s, 0, 2, 1);
-    Arc::new(s)
-}
-
 fn factory_for(src: &FakeSource) -> FakeFactory {
     let f = FakeFactory::new(src.layout());
     *f.devices.lock().unwrap() = vec![Arc::new(FakeDevice::new("dev0", true, vec![], vec![]))];

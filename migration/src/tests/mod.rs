@@ -147,6 +147,21 @@ impl FakeDevice {
     }
 }
 
+/// A 4 MiB source whose first two pages are filled, with one pre-copy
+/// capable fake device `dev0` (10 000 bytes of initial data, 5 000 of
+/// stop-copy data): the fixture of the failure and switch-over tests.
+pub fn source_with_device() -> Arc<FakeSource> {
+    let mut s = FakeSource::new(&[(0, 4 << 20)]);
+    s.devices = vec![Arc::new(FakeDevice::new(
+        "dev0",
+        true,
+        pattern(1, 10_000),
+        pattern(2, 5_000),
+    ))];
+    fill(&s, 0, 2, 1);
+    Arc::new(s)
+}
+
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)

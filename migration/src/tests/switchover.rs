@@ -15,18 +15,6 @@ use crate::wire::{DevItemKind, Kind, RangeEntry};
 
 const MIB: u64 = 1 << 20;
 
-fn source() -> Arc<FakeSource> {
-    let mut s = FakeSource::new(&[(0, 4 * MIB)]);
-    s.devices = vec![Arc::new(FakeDevice::new(
-        "dev0",
-        true,
-        pattern(1, 10_000),
-        pattern(2, 5_000),
-    ))];
-    fill(&s, 0, 2, 1);
-    Arc::new(s)
-}
-
 fn factory() -> FakeFactory {
     let f = FakeFactory::new(vec![(0, 4 * MIB)]);
     *f.devices.lock().unwrap() = vec![Arc::new(FakeDevice::new("dev0", true, vec![], vec![]))];
@@ -99,8 +87,8 @@ fn assert_dest_discarded_unstarted(dest: &FakeDest) {
 }
 
 #[test]
-fn cut_between_ready_and_commit_resumes_the_source() {
-    let src = source();
+fn cut_between_ready_and_commit_resumes_the_source_with_device() {
+    let src = source_with_device();
     let dest = start_dest(factory());
     let (r, stats) = send_hooked(src.clone(), dest.port, CancelToken::default(), |p, s| {
         if p == Point::BeforeCommit {
@@ -124,8 +112,8 @@ fn cut_between_ready_and_commit_resumes_the_source() {
 }
 
 #[test]
-fn cancel_before_commit_resumes_the_source() {
-    let src = source();
+fn cancel_before_commit_resumes_the_source_with_device() {
+    let src = source_with_device();
     let dest = start_dest(factory());
     let cancel = CancelToken::default();
     let c = cancel.clone();
@@ -145,7 +133,7 @@ fn cancel_before_commit_resumes_the_source() {
 
 #[test]
 fn cancel_after_commit_is_ignored() {
-    let src = source();
+    let src = source_with_device();
     let dest = start_dest(factory());
     let cancel = CancelToken::default();
     let c = cancel.clone();
@@ -170,7 +158,7 @@ fn cancel_after_commit_is_ignored() {
 
 #[test]
 fn cut_after_commit_leaves_the_source_paused() {
-    let src = source();
+    let src = source_with_device();
     // The destination starts the VM, then loses the main connection before
     // RESUMED gets out.
     let dest = start_dest_hooked(factory(), |p, s| {
@@ -216,7 +204,7 @@ fn cut_after_commit_leaves_the_source_paused() {
 
 #[test]
 fn destination_ignores_cancel_after_commit() {
-    let src = source();
+    let src = source_with_device();
     let dc = Arc::new(Mutex::new(None::<CancelToken>));
     let d2 = dc.clone();
     let dest = start_dest_hooked(factory(), move |p, _| {
