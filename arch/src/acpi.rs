@@ -3,11 +3,18 @@
 //! The platform is described as *hardware-reduced* ACPI (FADT flag
 //! `HW_REDUCED_ACPI`): no PM timer, SCI, GPE or fixed-feature registers
 //! exist, which Linux accepts and which matches a VMM without an ACPI PM
-//! device. The FADT still advertises the i8042 (reset via port 0x64) and
-//! "no VGA". The DSDT is an empty AML block; legacy devices (COM1, i8042)
-//! are found by Linux at their fixed ISA ports. The MADT lists the local
-//! APICs, the IOAPIC, the IRQ0 -> GSI2 override and LINT1 NMI.
+//! device. The FADT still advertises the i8042 and "no VGA", and it points
+//! its reset register and its sleep control/status registers at the VMM's
+//! one-byte power port ([`ACPI_POWER_PORT`]): writing [`ACPI_RESET_VALUE`]
+//! resets the machine, writing `SLP_EN | SLP_TYP(5)` powers it off.
+//!
+//! Hardware-reduced ACPI makes Linux drop the legacy PIC and with it the
+//! fixed ISA IRQ numbers, so the DSDT (AML built with `acpi_tables`)
+//! declares COM1 (PNP0501, IRQ 4) and the i8042 keyboard port (PNP0303,
+//! IRQ 1) with their resources, and the `_S5_` sleep type. The MADT lists
+//! the local APICs, the IOAPIC, the IRQ0 -> GSI2 override and LINT1 NMI.
 
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::bytes::{checksum, ByteBuf};
@@ -34,6 +41,19 @@ const FADT_F_PWR_BUTTON: u32 = 1 << 4;
 const FADT_F_SLP_BUTTON: u32 = 1 << 5;
 /// FADT flag: hardware-reduced ACPI.
 pub const FADT_F_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// FADT flag: the reset register is supported.
+pub const FADT_F_RESET_REG_SUP: u32 = 1 << 10;
+/// I/O port of the VMM's ACPI power device: the FADT's reset register and
+/// its sleep control and status registers are this one byte.
+pub const ACPI_POWER_PORT: u16 = 0x3c0;
+/// Value the guest writes to the reset register ([`ACPI_POWER_PORT`]).
+pub const ACPI_RESET_VALUE: u8 = 0x01;
+/// Sleep type of S5 (soft off), as `_S5_` declares it.
+pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// Sleep control register bit: enter the sleep state written in SLP_TYP.
+pub const ACPI_SLP_EN: u8 = 1 << 5;
+/// Bits 2..4 of the sleep control register hold SLP_TYP.
+pub const ACPI_SLP_TYP_SHIFT: u8 = 2;
 /// IA-PC boot architecture flag: an 8042 keyboard controller is present.
 pub const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 /// IA-PC boot architecture flag: VGA must not be probed.
@@ -91,6 +111,15 @@ fn gas_zero(b: &mut ByteBuf) {
     b.zeros(12);
 }
 
+/// A generic address structure for one byte of system I/O space at `port`.
+fn gas_io_byte(b: &mut ByteBuf, port: u16) {
+    b.u8(1) // address space: system I/O
+        .u8(8) // register bit width
+        .u8(0) // bit offset
+        .u8(1) // access size: byte
+        .u64(u64::from(port));
+}
+
 fn build_fadt(dsdt: u64) -> Vec<u8> {
     let mut b = sdt_header(b"FACP", 6);
     b.u32(0) // FIRMWARE_CTRL: no FACS (optional when hardware-reduced)
@@ -106,9 +135,14 @@ fn build_fadt(dsdt: u64) -> Vec<u8> {
         .zeros(5) // duty cycle, RTC alarm/century indices
         .u16(IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
         .u8(0) // reserved
-        .u32(FADT_F_HW_REDUCED_ACPI | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON);
-    gas_zero(&mut b); // RESET_REG
-    b.u8(0) // RESET_VALUE
+        .u32(
+            FADT_F_HW_REDUCED_ACPI
+                | FADT_F_PWR_BUTTON
+                | FADT_F_SLP_BUTTON
+                | FADT_F_RESET_REG_SUP,
+        );
+    gas_io_byte(&mut b, ACPI_POWER_PORT); // RESET_REG
+    b.u8(ACPI_RESET_VALUE) // RESET_VALUE
         .u16(0) // ARM_BOOT_ARCH
         .u8(5) // FADT minor version (ACPI 6.5)
         .u64(0) // X_FIRMWARE_CTRL
@@ -116,14 +150,52 @@ fn build_fadt(dsdt: u64) -> Vec<u8> {
     for _ in 0..8 {
         gas_zero(&mut b); // X_PM1a_EVT .. X_GPE1 blocks
     }
-    gas_zero(&mut b); // SLEEP_CONTROL_REG
-    gas_zero(&mut b); // SLEEP_STATUS_REG
+    gas_io_byte(&mut b, ACPI_POWER_PORT); // SLEEP_CONTROL_REG
+    gas_io_byte(&mut b, ACPI_POWER_PORT); // SLEEP_STATUS_REG
     b.bytes(b"FERRYVMM"); // hypervisor vendor identity
     finish_sdt(b)
 }
 
+/// COM1 port base and IRQ, and the i8042 ports and IRQ, as the DSDT
+/// declares them (the VMM's port bus decodes the same numbers).
+const COM1_BASE: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_DATA: u16 = 0x60;
+const I8042_CMD: u16 = 0x64;
+const I8042_IRQ: u32 = 1;
+
+/// The DSDT: `\_SB.COM1`, `\_SB.PS2K` and `\_S5_`.
 fn build_dsdt() -> Vec<u8> {
-    finish_sdt(sdt_header(b"DSDT", 2))
+    // Extended IRQ descriptor: consumer, edge-triggered, active high,
+    // exclusive (the ISA defaults).
+    let com1_io = aml::IO::new(COM1_BASE, COM1_BASE, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ONE);
+    let com1_hid = aml::Name::new("_HID".into(), &com1_hid);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+
+    let kbd_data = aml::IO::new(I8042_DATA, I8042_DATA, 1, 1);
+    let kbd_cmd = aml::IO::new(I8042_CMD, I8042_CMD, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, I8042_IRQ);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = aml::EISAName::new("PNP0303");
+    let kbd_hid = aml::Name::new("_HID".into(), &kbd_hid);
+    let kbd_crs = aml::Name::new("_CRS".into(), &kbd_crs);
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd]);
+    let s5_type = ACPI_S5_SLEEP_TYPE;
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type]));
+
+    let mut b = sdt_header(b"DSDT", 2);
+    let mut body: Vec<u8> = Vec::new();
+    sb.to_aml_bytes(&mut body);
+    s5.to_aml_bytes(&mut body);
+    b.bytes(&body);
+    finish_sdt(b)
 }
 
 fn build_madt(num_cpus: u8) -> Vec<u8> {
@@ -202,12 +274,14 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
         base + off as u64
     };
 
-    // Sizes are fixed except the MADT, so addresses can be computed first.
+    // The DSDT does not depend on any address, so it is built first; then
+    // every address is known before the tables that point at others.
+    let dsdt = build_dsdt();
     let rsdp_at = 0usize;
     let xsdt_at = align16(rsdp_at + RSDP_SIZE);
     let xsdt_len = SDT_HEADER_SIZE + 2 * 8;
     let dsdt_at = align16(xsdt_at + xsdt_len);
-    let fadt_at = align16(dsdt_at + SDT_HEADER_SIZE);
+    let fadt_at = align16(dsdt_at + dsdt.len());
     let madt_at = align16(fadt_at + FADT_SIZE);
     let layout = AcpiLayout {
         rsdp: base + rsdp_at as u64,
@@ -220,7 +294,7 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
     let placed = [
         place(&build_rsdp(layout.xsdt), &mut image),
         place(&build_xsdt(&[layout.fadt, layout.madt]), &mut image),
-        place(&build_dsdt(), &mut image),
+        place(&dsdt, &mut image),
         place(&build_fadt(layout.dsdt), &mut image),
         place(&build_madt(num_cpus), &mut image),
     ];
@@ -309,10 +383,50 @@ mod tests {
         assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0x6);
         assert_eq!(&fadt[268..276], b"FERRYVMM");
 
+        // Reset register and sleep registers: one byte of system I/O at
+        // the power port; the reset register is flagged as supported.
+        assert_ne!(u32_at(fadt, 112) & FADT_F_RESET_REG_SUP, 0);
+        for off in [116usize, 244, 256] {
+            assert_eq!(&fadt[off..off + 4], &[1, 8, 0, 1], "GAS at {off}");
+            assert_eq!(u64_at(fadt, off + 4), u64::from(ACPI_POWER_PORT));
+        }
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+
         let dsdt = table(&img, l.dsdt);
         assert_eq!(&dsdt[..4], b"DSDT");
-        assert_eq!(dsdt.len(), SDT_HEADER_SIZE);
+        assert!(dsdt.len() > SDT_HEADER_SIZE);
         assert_eq!(sum(dsdt), 0);
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    #[test]
+    fn dsdt_declares_com1_keyboard_and_s5() {
+        let (l, img) = build_acpi_tables(ACPI_START, 1).unwrap();
+        let dsdt = &table(&img, l.dsdt)[SDT_HEADER_SIZE..];
+        // DeviceOp (0x5B 0x82) named COM1 and PS2K inside \_SB_.
+        assert!(find(dsdt, b"\\_SB_").is_some());
+        for name in [&b"COM1"[..], b"PS2K"] {
+            let at = find(dsdt, name).expect("device name");
+            assert_eq!(&dsdt[at - 3..at - 1], &[0x5b, 0x82], "DeviceOp before {name:?}");
+        }
+        // EISA ids: PNP0501 = 41 D0 05 01, PNP0303 = 41 D0 03 03 (DWordConst 0x0C).
+        assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]).is_some());
+        assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x03, 0x03]).is_some());
+        // IO descriptors (0x47, decode16, min, max, align, len) for the ports.
+        assert!(find(dsdt, &[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]).is_some());
+        assert!(find(dsdt, &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1]).is_some());
+        assert!(find(dsdt, &[0x47, 1, 0x64, 0, 0x64, 0, 1, 1]).is_some());
+        // Extended IRQ descriptors: 0x89, len 6, flags consumer|edge, 1 irq.
+        assert!(find(dsdt, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]).is_some());
+        assert!(find(dsdt, &[0x89, 6, 0, 0x03, 1, 1, 0, 0, 0]).is_some());
+        // Name(_S5_, Package(1) { 5 }): NameOp, name, PackageOp.
+        let at = find(dsdt, b"_S5_").expect("_S5_");
+        assert_eq!(dsdt[at - 1], 0x08, "NameOp");
+        assert_eq!(dsdt[at + 4], 0x12, "PackageOp");
+        assert!(dsdt[at + 5..].contains(&ACPI_S5_SLEEP_TYPE));
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub fn configure_system<M: GuestMemoryBackend>(mem: &M, setup: &BootSetup) -> Re
 
     setup_mptable(mem, GuestAddress(MPTABLE_START), setup.num_cpus)?;
     let rsdp = setup_acpi_tables(mem, setup.num_cpus)?;
+    crate::reset::setup_reset_vector(mem)?;
 
     match setup.protocol {
         BootProtocol::Pvh => write_pvh_start_info(mem, setup, &map, rsdp),

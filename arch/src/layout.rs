@@ -74,8 +74,10 @@ pub const ACPI_MAX_SIZE: usize = 0x10000;
 /// MP table window start: floating pointer (16 bytes) then configuration
 /// table, inside the 0xF0000..0xFFFFF BIOS area Linux scans.
 pub const MPTABLE_START: u64 = 0xF0000;
-/// Size of the MP table window.
-pub const MPTABLE_MAX_SIZE: usize = 0x10000;
+/// Size of the MP table window (up to the reset vector).
+pub const MPTABLE_MAX_SIZE: usize = 0xFFF0;
+/// Real-mode reset vector (F000:FFF0): 16 bytes, see `crate::reset`.
+pub const RESET_VECTOR: u64 = 0xFFFF0;
 
 /// First address of "high" memory: kernels are loaded at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -183,6 +185,7 @@ mod tests {
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
             (ACPI_START, ACPI_MAX_SIZE as u64),
             (MPTABLE_START, MPTABLE_MAX_SIZE as u64),
+            (RESET_VECTOR, 16),
         ];
         w.sort();
         for pair in w.windows(2) {

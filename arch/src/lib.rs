@@ -26,6 +26,7 @@ mod loader;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod reset;
 
 #[cfg(test)]
 mod test_utils;

@@ -20,6 +20,9 @@ pub enum Error {
     /// The serial model refused an operation.
     #[error("serial: {0}")]
     Serial(String),
+    /// The i8042 model refused a saved state.
+    #[error("i8042: {0}")]
+    I8042(String),
     /// A command-line argument is malformed.
     #[error("invalid argument `{arg}`: {reason}")]
     InvalidArg {

@@ -15,6 +15,8 @@
 //! - [`api`]: a raw HTTP/1.1 client over the UNIX socket;
 //! - migration helpers: [`free_tcp_port`], [`start_receive`], [`Migration`].
 
+pub mod nested;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;

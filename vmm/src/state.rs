@@ -19,7 +19,11 @@ use crate::pio::{serial_output, PioBus};
 use crate::vm::{kvm_err, Vm, VmError};
 
 /// Version of the state encoding; bumped on any layout change.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+
+/// IA32_TSC_DEADLINE. KVM drops a write of it while the LAPIC timer is not
+/// in TSC-deadline mode, so it is restored after KVM_SET_LAPIC.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Saved state of one vCPU.
 ///
@@ -39,6 +43,10 @@ pub struct VcpuState {
     pub xcrs: Option<kvm_xcrs>,
     /// MSRs as (index, value).
     pub msrs: Vec<(u32, u64)>,
+    /// kvmclock (ns) read right after the MSRs: with the VM's clock it
+    /// places the saved IA32_TSC on the kvmclock time line, so that the
+    /// destination restores TSC and kvmclock as one instant.
+    pub clock_at_msrs: u64,
     /// Local APIC.
     pub lapic: kvm_lapic_state,
     /// Pending exceptions, interrupts, NMIs.
@@ -220,6 +228,14 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
         }
         msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
     }
+    // IA32_TSC again, alone and between two clock reads, so that its place
+    // on the kvmclock time line is known to a fraction of an ioctl.
+    let (tsc, clock_at_msrs) = sample_tsc(vm, fd)?;
+    for (index, value) in msrs.iter_mut() {
+        if *index == arch::msr::MSR_IA32_TSC {
+            *value = tsc;
+        }
+    }
     Ok(VcpuState {
         regs: fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
         sregs: fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
@@ -235,6 +251,7 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
             None
         },
         msrs,
+        clock_at_msrs,
         lapic: fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
         events: fd
             .get_vcpu_events()
@@ -254,6 +271,46 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
             None
         },
     })
+}
+
+fn clock_ns(vm: &Vm) -> Result<u64, VmError> {
+    Ok(vm.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?.clock)
+}
+
+/// Reads IA32_TSC alone between two kvmclock reads: (TSC, kvmclock at the
+/// middle of the two reads).
+fn sample_tsc(vm: &Vm, fd: &VcpuFd) -> Result<(u64, u64), VmError> {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry {
+        index: arch::msr::MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| VmError::State(format!("building the TSC MSR list: {e:?}")))?;
+    let before = clock_ns(vm)?;
+    let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS (TSC)"))?;
+    let after = clock_ns(vm)?;
+    let tsc = match m.as_slice().first() {
+        Some(e) if n == 1 => e.data,
+        _ => return Err(VmError::State("KVM_GET_MSRS did not read IA32_TSC".into())),
+    };
+    Ok((tsc, before + after.saturating_sub(before) / 2))
+}
+
+/// Writes IA32_TSC so that it keeps the distance to kvmclock it had on the
+/// source (see [`tsc_for_clock`]). The TSC is sampled about one ioctl after
+/// the clock read that precedes it: that latency is measured first.
+fn restore_tsc(vm: &Vm, id: u8, fd: &VcpuFd, tsc: u64, clock_then: u64) -> Result<(), StateError> {
+    let khz = match fd.get_tsc_khz() {
+        Ok(k) if clock_then != 0 => k,
+        other => {
+            debug!("vCPU {id}: TSC restored as saved (TSC kHz {other:?})");
+            return set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, tsc)]);
+        }
+    };
+    let a = clock_ns(vm)?;
+    let b = clock_ns(vm)?;
+    let now = clock_ns(vm)?;
+    let value = tsc_for_clock(tsc, clock_then, now + b.saturating_sub(a), khz);
+    set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, value)])
 }
 
 fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> {
@@ -280,6 +337,18 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> 
     Ok(())
 }
 
+/// The guest TSC to restore so that it keeps its distance to kvmclock: a
+/// TSC of `tsc` was saved when kvmclock read `clock_then` ns; kvmclock now
+/// reads `clock_now` ns (set from the source's clock, then running), and
+/// the TSC runs at `khz`. Without this, the time that passes between the
+/// TSC write and KVM_SET_CLOCK on either side shows up in the guest as a
+/// skew between its two clocks (Linux marks its TSC unstable past ~0.5 ms).
+pub fn tsc_for_clock(tsc: u64, clock_then: u64, clock_now: u64, khz: u32) -> u64 {
+    let elapsed_ns = u128::from(clock_now.saturating_sub(clock_then));
+    let cycles = elapsed_ns * u128::from(khz) / 1_000_000;
+    tsc.saturating_add(u64::try_from(cycles).unwrap_or(u64::MAX))
+}
+
 fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     let ctx = |what: &str| format!("{what} on vCPU {id}");
     // Order matters: sregs (CR0/CR4/EFER) before regs, MSRs and XSAVE;
@@ -301,9 +370,26 @@ fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), State
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(kvm_err(ctx("KVM_SET_XCRS")))?;
     }
-    set_msrs(fd, id, &s.msrs)?;
+    // Every MSR but the TSC deadline first (IA32_TSC among them, which the
+    // deadline is relative to), then the LAPIC (its LVT timer mode), then
+    // the deadline: KVM ignores the deadline while the LAPIC is not in
+    // TSC-deadline mode, and an armed timer would be lost.
+    // The TSC is written alone, after the VM clock was set (see
+    // `restore_state`), at its saved distance to kvmclock.
+    let tsc_index = arch::msr::MSR_IA32_TSC;
+    let tsc = s.msrs.iter().find(|(i, _)| *i == tsc_index).map(|(_, v)| *v);
+    let (deadline, msrs): (Vec<(u32, u64)>, Vec<(u32, u64)>) = s
+        .msrs
+        .iter()
+        .filter(|(index, _)| *index != tsc_index)
+        .partition(|(index, _)| *index == MSR_IA32_TSC_DEADLINE);
+    set_msrs(fd, id, &msrs)?;
+    if let Some(tsc) = tsc {
+        restore_tsc(vm, id, fd, tsc, s.clock_at_msrs)?;
+    }
     fd.set_lapic(&s.lapic)
         .map_err(kvm_err(ctx("KVM_SET_LAPIC")))?;
+    set_msrs(fd, id, &deadline)?;
     if let Some(d) = &s.debugregs {
         fd.set_debug_regs(d)
             .map_err(kvm_err(ctx("KVM_SET_DEBUGREGS")))?;
@@ -386,19 +472,9 @@ impl Vm {
                 .map_err(kvm_err(format!("KVM_SET_IRQCHIP {}", chip.chip_id)))?;
         }
         self.fd.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-        for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
-            let fd = v.lock();
-            restore_vcpu(self, v.id, &fd, vs)?;
-        }
-        // Devices: rebuild COM1 and the i8042 from their state (same irqfd).
-        let irq = self
-            .serial_irq
-            .try_clone()
-            .map_err(|e| VmError::State(format!("cloning the COM1 eventfd: {e}")))?;
-        let out = serial_output(&self.serial_cfg).map_err(VmError::from)?;
-        let pio = PioBus::from_state(&s.serial, &s.i8042, irq, out).map_err(VmError::from)?;
-        *self.pio.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(pio);
-        // The clock last, as close to resuming as possible.
+        // The clock before the vCPUs: each vCPU's TSC is placed relative to
+        // it (`tsc_for_clock`), so the gap until the guest runs is the same
+        // for both clocks.
         let clock = kvm_clock_data {
             clock: s.clock.clock,
             ..Default::default()
@@ -406,6 +482,15 @@ impl Vm {
         self.fd
             .set_clock(&clock)
             .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
+            let fd = v.lock();
+            restore_vcpu(self, v.id, &fd, vs)?;
+        }
+        // Devices: rebuild COM1 and the i8042 from their state (same irqfds).
+        let irqs = self.irqs.try_clone().map_err(VmError::from)?;
+        let out = serial_output(&self.serial_cfg).map_err(VmError::from)?;
+        let pio = PioBus::from_state(&s.serial, &s.i8042, irqs, out).map_err(VmError::from)?;
+        *self.pio.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(pio);
         debug!("VM state restored in {:?}", start.elapsed());
         Ok(())
     }
@@ -425,4 +510,20 @@ pub fn decode(b: &[u8]) -> Result<VmState, StateError> {
         .reject_trailing_bytes()
         .deserialize(b)
         .map_err(|e| StateError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tsc_for_clock;
+
+    #[test]
+    fn tsc_follows_the_clock() {
+        // 2.5 GHz: 1 ms of kvmclock is 2.5 M cycles.
+        assert_eq!(tsc_for_clock(1_000, 5_000_000, 6_000_000, 2_500_000), 2_501_000);
+        // No time passed, or the clock reads earlier: the TSC as saved.
+        assert_eq!(tsc_for_clock(7, 10, 10, 2_500_000), 7);
+        assert_eq!(tsc_for_clock(7, 10, 3, 2_500_000), 7);
+        // Never overflows.
+        assert_eq!(tsc_for_clock(u64::MAX - 1, 0, u64::MAX, u32::MAX), u64::MAX);
+    }
 }

@@ -260,7 +260,7 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &PioBus) -> Handled {
         }
         VcpuExit::IoOut(port, data) => match pio.io_out(port, data) {
             PioAction::Continue => Handled::Continue(true),
-            PioAction::Reset => Handled::End(VmEnd::Reset("i8042 reset".into())),
+            PioAction::End(why) => Handled::End(VmEnd::Reset(why.into())),
         },
         VcpuExit::MmioRead(_, data) => {
             data.fill(0);

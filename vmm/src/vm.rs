@@ -13,13 +13,12 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::caps::HostCaps;
 use crate::config::{BootConfig, SerialConfig};
 use crate::device_set::DeviceSet;
 use crate::memory::GuestRam;
-use crate::pio::{serial_output, PioBus, PioError};
+use crate::pio::{serial_output, LegacyIrqs, PioBus, PioError};
 use crate::vcpu::{self, RunControl, Vcpu, VcpuContext};
 use crate::VmmEvent;
 
@@ -29,6 +28,8 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// GSI of COM1.
 pub const SERIAL_GSI: u32 = devices::serial::COM1_IRQ;
+/// GSI of the i8042 keyboard.
+pub const KBD_GSI: u32 = devices::i8042::KBD_IRQ;
 
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -140,7 +141,7 @@ impl Slot {
 /// A KVM VM with its RAM, vCPUs and devices.
 ///
 /// Invariant: `vcpus[i].id == i`; `slots[i]` maps `ram.regions()[i]`; the
-/// serial irqfd (`serial_irq`) is registered on GSI 4 for the VM's whole
+/// legacy irqfds (`irqs`: COM1 on GSI 4, i8042 on GSI 1) are registered for the VM's whole
 /// life; vCPU threads exist only after [`Vm::start`].
 pub struct Vm {
     /// Unique id of this VM in the process (tags [`VmmEvent`]s).
@@ -151,7 +152,7 @@ pub struct Vm {
     pub(crate) slots: Vec<Slot>,
     pub(crate) vcpus: Vec<Arc<Vcpu>>,
     pub(crate) pio: Mutex<Arc<PioBus>>,
-    pub(crate) serial_irq: EventFd,
+    pub(crate) irqs: LegacyIrqs,
     pub(crate) serial_cfg: SerialConfig,
     pub(crate) ctl: Arc<RunControl>,
     pub(crate) caps: HostCaps,
@@ -248,14 +249,12 @@ impl Vm {
             slots.push(slot);
         }
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmError::Pio(PioError::EventFd("COM1 interrupt", e)))?;
-        fd.register_irqfd(&serial_irq, SERIAL_GSI)
+        let irqs = LegacyIrqs::new()?;
+        fd.register_irqfd(&irqs.serial, SERIAL_GSI)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-        let irq = serial_irq
-            .try_clone()
-            .map_err(|e| VmError::Pio(PioError::EventFd("COM1 interrupt", e)))?;
-        let pio = PioBus::new(irq, serial_output(&serial)?)?;
+        fd.register_irqfd(&irqs.keyboard, KBD_GSI)
+            .map_err(kvm_err("KVM_IRQFD for the i8042"))?;
+        let pio = PioBus::new(irqs.try_clone()?, serial_output(&serial)?)?;
 
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -312,7 +311,7 @@ impl Vm {
             slots,
             vcpus,
             pio: Mutex::new(Arc::new(pio)),
-            serial_irq,
+            irqs,
             serial_cfg: serial,
             ctl: Arc::new(RunControl::default()),
             caps,
