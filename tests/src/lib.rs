@@ -98,13 +98,15 @@ pub fn ferry_remote_bin() -> PathBuf {
 }
 
 /// Path of the stamp test guest (`<target>/guests/stamp.elf`, assembled by the
-/// vmm crate's build script). `FERRY_STAMP_GUEST` overrides it.
+/// build script of the `ferry-guests` crate, `resources/guests/`).
+/// `FERRY_STAMP_GUEST` overrides it.
 pub fn stamp_guest() -> PathBuf {
     if let Some(p) = std::env::var_os("FERRY_STAMP_GUEST") {
         return PathBuf::from(p);
     }
     let profile = profile_dir();
     let mut candidates = vec![
+        ferry_guests::stamp_elf().to_path_buf(),
         target_dir().join("guests/stamp.elf"),
         profile.join("guests/stamp.elf"),
     ];
