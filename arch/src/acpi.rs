@@ -135,12 +135,7 @@ fn build_fadt(dsdt: u64) -> Vec<u8> {
         .zeros(5) // duty cycle, RTC alarm/century indices
         .u16(IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
         .u8(0) // reserved
-        .u32(
-            FADT_F_HW_REDUCED_ACPI
-                | FADT_F_PWR_BUTTON
-                | FADT_F_SLP_BUTTON
-                | FADT_F_RESET_REG_SUP,
-        );
+        .u32(FADT_F_HW_REDUCED_ACPI | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON | FADT_F_RESET_REG_SUP);
     gas_io_byte(&mut b, ACPI_POWER_PORT); // RESET_REG
     b.u8(ACPI_RESET_VALUE) // RESET_VALUE
         .u16(0) // ARM_BOOT_ARCH
@@ -410,7 +405,11 @@ mod tests {
         assert!(find(dsdt, b"\\_SB_").is_some());
         for name in [&b"COM1"[..], b"PS2K"] {
             let at = find(dsdt, name).expect("device name");
-            assert_eq!(&dsdt[at - 3..at - 1], &[0x5b, 0x82], "DeviceOp before {name:?}");
+            assert_eq!(
+                &dsdt[at - 3..at - 1],
+                &[0x5b, 0x82],
+                "DeviceOp before {name:?}"
+            );
         }
         // EISA ids: PNP0501 = 41 D0 05 01, PNP0303 = 41 D0 03 03 (DWordConst 0x0C).
         assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]).is_some());

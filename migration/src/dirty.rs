@@ -228,7 +228,7 @@ pub fn count_dirty(bm: &DirtyBitmap, pages: u64) -> u64 {
         .take(full)
         .map(|w| w.count_ones() as u64)
         .sum();
-    if pages % 64 != 0 {
+    if !pages.is_multiple_of(64) {
         if let Some(w) = bm.words.get(full) {
             n += (w & ((1u64 << (pages % 64)) - 1)).count_ones() as u64;
         }

@@ -190,7 +190,7 @@ impl Ctl {
 
 /// Whether `t` is unset or older than `age`.
 fn unset_or_older(t: Option<Instant>, age: Duration) -> bool {
-    t.map_or(true, |t| t.elapsed() > age)
+    t.is_none_or(|t| t.elapsed() > age)
 }
 
 /// Reads `/proc/sys/net/core/{r,w}mem_max`; `None` if unreadable.

@@ -405,7 +405,7 @@ pub fn decode_ranges(
     out: &mut Vec<ResolvedRange>,
 ) -> Result<(), MigrationError> {
     out.clear();
-    if table.len() % RANGE_ENTRY_LEN != 0 {
+    if !table.len().is_multiple_of(RANGE_ENTRY_LEN) {
         return Err(MigrationError::proto(
             "range table length not a multiple of 16",
         ));

@@ -21,7 +21,7 @@ use crate::wire::{Header, Kind, RangeEntry, HEADER_LEN, RANGE_ZERO};
 /// concurrently; a torn answer is harmless because such a write also marks
 /// the page dirty and it is sent again in the next pass.
 pub unsafe fn page_is_zero(p: *const u8) -> bool {
-    if (p as usize) % 8 != 0 {
+    if !(p as usize).is_multiple_of(8) {
         // SAFETY: caller guarantees PAGE_SIZE readable bytes.
         let s = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) };
         return s.iter().all(|&b| b == 0);

@@ -48,7 +48,9 @@ const KVM_MODULES: [&str; 4] = [
 ];
 
 fn bed_source(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("nested").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("nested")
+        .join(name)
 }
 
 /// Everything a scenario needs, prepared once per test process.
@@ -72,9 +74,7 @@ pub struct Bed {
 pub struct Unavailable(pub String);
 
 fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd:?} failed ({}): {}",
@@ -98,7 +98,9 @@ fn kernel_package() -> Result<String, String> {
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_string)
         .ok_or_else(|| {
-            format!("`apt-cache depends {KERNEL_META_PACKAGE}` names no kernel (run apt-get update)")
+            format!(
+                "`apt-cache depends {KERNEL_META_PACKAGE}` names no kernel (run apt-get update)"
+            )
         })
 }
 
@@ -112,11 +114,15 @@ fn unpacked(cache: &Path, package: &str) -> Result<PathBuf, String> {
     let debs = cache.join("debs");
     fs::create_dir_all(&debs).map_err(|e| format!("creating {}: {e}", debs.display()))?;
     let find_deb = || -> Option<PathBuf> {
-        fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-        })
+        fs::read_dir(&debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
     };
     let deb = match find_deb() {
         Some(d) => d,
@@ -225,7 +231,9 @@ fn libraries(bin: &Path) -> Result<Vec<(String, PathBuf)>, String> {
         let host = if let Some((_, rest)) = line.split_once("=>") {
             rest.split_whitespace().next()
         } else {
-            line.split_whitespace().next().filter(|p| p.starts_with('/'))
+            line.split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
         };
         let Some(host) = host.filter(|p| p.starts_with('/')) else {
             continue;
@@ -303,7 +311,10 @@ fn prepare() -> Result<Bed, Unavailable> {
     l1.copy("lib.sh", 0o644, &bed_source("lib.sh"))
         .map_err(fail)?;
     for m in KVM_MODULES {
-        let name = Path::new(m).file_name().and_then(|n| n.to_str()).unwrap_or(m);
+        let name = Path::new(m)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(m);
         l1.copy(&format!("modules/{name}"), 0o644, &modules.join(m))
             .map_err(fail)?;
     }

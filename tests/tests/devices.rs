@@ -104,8 +104,7 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
     let _g = serial_guard();
     let args = device_args(n);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut src = Vmm::boot("src", "region=32 passes=0", &args);
-    src.wait_pass(1);
+    let (mut src, dst) = start_pair("region=32 passes=0", &args, 1);
 
     let before = devices_of(&src.info());
     for (spec, _) in &DEVICES[..n] {
@@ -134,11 +133,9 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
         }
     }
 
-    let dst = Vmm::destination("dst", &[]);
     let mut params = send_params(0, connections);
     params["device_state"] = json!(mode);
-    let m = migrate(&mut src, &dst, params);
-    check_completed_status(&m.dest_status, "destination");
+    let m = migrate_and_check(&mut src, &dst, params, &[]);
 
     let after = devices_of(&dst.info());
     assert_eq!(
@@ -169,7 +166,6 @@ fn migrate_devices(n: usize, connections: u32, mode: &str) {
             }
         }
     }
-    check_guest_moved(&[&src.serial], &dst);
 }
 
 macro_rules! device_matrix {
@@ -204,17 +200,13 @@ fn devices_without_precopy() {
     let _g = serial_guard();
     let args = device_args(4);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut src = Vmm::boot("src", "region=32 passes=0", &args);
-    src.wait_pass(1);
+    let (mut src, dst) = start_pair("region=32 passes=0", &args, 1);
     let before = devices_of(&src.info());
-    let dst = Vmm::destination("dst", &[]);
     let mut params = send_params(0, 4);
     params["device_precopy"] = json!(false);
-    let m = migrate(&mut src, &dst, params);
-    check_completed_status(&m.dest_status, "destination");
+    migrate_and_check(&mut src, &dst, params, &[]);
     let after = devices_of(&dst.info());
     check_digests(&DEVICES, &before, &after);
-    check_guest_moved(&[&src.serial], &dst);
 }
 
 /// A device fault makes the migration fail: the source runs on with its
@@ -223,14 +215,12 @@ fn device_fault(faulty: &str, mode: &str) {
     skip_unless_kvm!();
     let _g = serial_guard();
     let id = dev_id(faulty).to_string();
-    let src = Vmm::boot(
-        "src",
+    let (src, dst) = start_pair(
         "region=32 passes=0",
         &["--sim-vfio", DEVICES[0].0, "--sim-vfio", faulty],
+        1,
     );
-    src.wait_pass(1);
     let before = devices_of(&src.info());
-    let dst = Vmm::destination("dst", &[]);
     let port = free_tcp_port();
     let _recv = start_receive(&dst, port);
     let mut params = send_params(port, 4);

@@ -47,7 +47,11 @@ fn check_guest_moved(run: &L1Run, vms: &[&str], min_after: usize) {
     let mut all = Vec::new();
     for vm in vms {
         let t = run.ticks(vm);
-        assert!(!t.is_empty(), "{vm}: no tick; transcript:\n{}", run.transcript());
+        assert!(
+            !t.is_empty(),
+            "{vm}: no tick; transcript:\n{}",
+            run.transcript()
+        );
         all.extend(t);
     }
     let last = run.ticks(vms[vms.len() - 1]);
@@ -108,8 +112,15 @@ dump vm
         .find_map(|kv| kv.strip_prefix("serial_irqs=")?.parse().ok())
         .expect("serial_irqs in the ready line");
     assert!(irqs > 0, "no serial interrupt was taken: {ready}");
-    assert!(log.iter().any(|l| l.contains("l2-kmsg: ready")), "kmsg line");
-    for bad in ["i8042: Can't read CTR", "i8042: No controller found", "Kernel panic"] {
+    assert!(
+        log.iter().any(|l| l.contains("l2-kmsg: ready")),
+        "kmsg line"
+    );
+    for bad in [
+        "i8042: Can't read CTR",
+        "i8042: No controller found",
+        "Kernel panic",
+    ] {
         assert!(!log.iter().any(|l| l.contains(bad)), "{bad}: {log:#?}");
     }
     assert!(run.ticks("vm").len() >= 2);
@@ -213,7 +224,10 @@ dump dst
     );
     sc.smp = 2;
     let Some(run) = run_ok(sc) else { return };
-    let ready = run.log("src").into_iter().find(|l| l.starts_with("l2: ready "));
+    let ready = run
+        .log("src")
+        .into_iter()
+        .find(|l| l.starts_with("l2: ready "));
     assert!(
         ready.is_some_and(|l| l.contains("cpus=2 ")),
         "the guest does not see 2 CPUs: {ready:?}"

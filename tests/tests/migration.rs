@@ -21,23 +21,20 @@ fn boot_source(name: &str, cmdline: &str, extra: &[&str]) -> Vmm {
     vm
 }
 
+/// The guest of most tests: a 32 MiB region rewritten forever.
+const GUEST: &str = "region=32 passes=0";
+
 fn basic_migration(connections: u32) {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
-    let dst = Vmm::destination("dst", &[]);
-    let m = migrate(&mut src, &dst, send_params(0, connections));
-    check_completed_status(&m.dest_status, "destination");
-    if let Some(s) = &m.source_status {
-        check_completed_status(s, "source");
-    }
+    let (mut src, dst) = start_pair(GUEST, &[], 2);
+    let m = migrate_and_check(&mut src, &dst, send_params(0, connections), &[]);
     assert!(
         m.dest_status["transferred_bytes"].as_u64().unwrap_or(0) > 0,
         "{}",
         m.dest_status
     );
     assert!(!src.sock.exists(), "source API socket not removed on exit");
-    check_guest_moved(&[&src.serial], &dst);
     assert_eq!(src.serial.boot(), Some((512, 32)));
     assert_eq!(
         dst.serial.boot(),
@@ -70,15 +67,12 @@ fn migrate_8_connections() {
 fn migrate_two_vcpus_shared_memory() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source(
-        "src",
-        "region=32 passes=0",
+    let (mut src, dst) = start_pair(
+        GUEST,
         &["--cpus", "boot=2", "--memory", "size=512M,shared=on"],
+        2,
     );
-    let dst = Vmm::destination("dst", &[]);
-    let m = migrate(&mut src, &dst, send_params(0, 4));
-    check_completed_status(&m.dest_status, "destination");
-    check_guest_moved(&[&src.serial], &dst);
+    migrate_and_check(&mut src, &dst, send_params(0, 4), &[]);
     let info = dst.info();
     assert!(!info["vcpus"].is_null(), "{}", info);
 }
@@ -87,8 +81,7 @@ fn migrate_two_vcpus_shared_memory() {
 fn migrate_with_ferry_remote() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
-    let dst = Vmm::destination("dst", &[]);
+    let (mut src, dst) = start_pair(GUEST, &[], 2);
     let port = free_tcp_port();
     let url = tcp_url(port);
     let out = dst.remote(&["receive-migration", &url]);
@@ -134,13 +127,12 @@ fn migrate_with_ferry_remote() {
 fn paused_vm_stays_paused_on_destination() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let (mut src, dst) = start_pair(GUEST, &[], 2);
     src.api_ok("PUT", "vm.pause", None);
     thread::sleep(Duration::from_millis(300));
     let paused_at = src.serial.last_pass().unwrap();
-    let dst = Vmm::destination("dst", &[]);
-    let m = migrate(&mut src, &dst, send_params(0, 4));
-    check_completed_status(&m.dest_status, "destination");
+    // Checked in two steps: the guest only moves on once resumed.
+    migrate(&mut src, &dst, send_params(0, 4)).check_completed();
     assert_eq!(
         dst.state(),
         "paused",
@@ -164,23 +156,17 @@ fn paused_vm_stays_paused_on_destination() {
 fn migrate_back_and_forth() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut a = boot_source("a", "region=32 passes=0", &[]);
-    let mut b = Vmm::destination("b", &[]);
-    let m = migrate(&mut a, &b, send_params(0, 4));
-    check_completed_status(&m.dest_status, "b");
-    check_guest_moved(&[&a.serial], &b);
+    let (mut a, mut b) = start_pair(GUEST, &[], 2);
+    migrate_and_check(&mut a, &b, send_params(0, 4), &[]);
 
     let a2 = Vmm::destination("a2", &[]);
-    let m = migrate(&mut b, &a2, send_params(0, 2));
-    check_completed_status(&m.dest_status, "a2");
-    check_guest_moved(&[&a.serial, &b.serial], &a2);
+    migrate_and_check(&mut b, &a2, send_params(0, 2), &[&a.serial]);
 }
 
-/// Source with a big dirty region, so a bandwidth-capped migration runs long.
-fn boot_big_source(name: &str) -> Vmm {
-    let vm = Vmm::boot(name, "region=512 passes=0", &["--memory", "size=1G"]);
-    vm.wait_pass(1);
-    vm
+/// A source with a big dirty region, so a bandwidth-capped migration runs
+/// long, and an empty destination.
+fn start_big_pair() -> (Vmm, Vmm) {
+    start_pair("region=512 passes=0", &["--memory", "size=1G"], 1)
 }
 
 fn slow_params(port: u16) -> Value {
@@ -193,8 +179,7 @@ fn slow_params(port: u16) -> Value {
 fn cancel_midway_then_migrate_again() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_big_source("src");
-    let dst = Vmm::destination("dst", &[]);
+    let (mut src, dst) = start_big_pair();
     let port = free_tcp_port();
     let _recv = start_receive(&dst, port);
     start_send(&src, slow_params(port));
@@ -224,17 +209,14 @@ fn cancel_midway_then_migrate_again() {
 
     let mut p = send_params(0, 4);
     p["downtime_ms"] = json!(500);
-    let m = migrate(&mut src, &dst, p);
-    check_completed_status(&m.dest_status, "destination");
-    check_guest_moved(&[&src.serial], &dst);
+    migrate_and_check(&mut src, &dst, p, &[]);
 }
 
 #[test]
 fn destination_killed_midway() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_big_source("src");
-    let mut dst = Vmm::destination("dst", &[]);
+    let (mut src, mut dst) = start_big_pair();
     let port = free_tcp_port();
     let _recv = start_receive(&dst, port);
     start_send(&src, slow_params(port));
@@ -248,17 +230,14 @@ fn destination_killed_midway() {
 
     // And it can still migrate somewhere else.
     let dst2 = Vmm::destination("dst2", &[]);
-    let m = migrate(&mut src, &dst2, send_params(0, 4));
-    check_completed_status(&m.dest_status, "dst2");
-    check_guest_moved(&[&src.serial], &dst2);
+    migrate_and_check(&mut src, &dst2, send_params(0, 4), &[]);
 }
 
 #[test]
 fn source_killed_midway() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_big_source("src");
-    let dst = Vmm::destination("dst", &[]);
+    let (mut src, dst) = start_big_pair();
     let port = free_tcp_port();
     let _recv = start_receive(&dst, port);
     start_send(&src, slow_params(port));
@@ -279,10 +258,8 @@ fn source_killed_midway() {
     );
 
     // It accepts a new migration.
-    let mut src2 = boot_source("src2", "region=32 passes=0", &[]);
-    let m = migrate(&mut src2, &dst, send_params(0, 4));
-    check_completed_status(&m.dest_status, "destination");
-    check_guest_moved(&[&src2.serial], &dst);
+    let mut src2 = boot_source("src2", GUEST, &[]);
+    migrate_and_check(&mut src2, &dst, send_params(0, 4), &[]);
 }
 
 fn garbage_connection(port: u16, bytes: &[u8]) {
@@ -297,8 +274,7 @@ fn garbage_connection(port: u16, bytes: &[u8]) {
 fn receiver_refuses_garbage_and_stays_usable() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
-    let dst = Vmm::destination("dst", &[]);
+    let (mut src, dst) = start_pair(GUEST, &[], 2);
     let mut port = free_tcp_port();
     let mut recv = Some(start_receive(&dst, port));
 
@@ -377,8 +353,7 @@ fn receiver_refuses_garbage_and_stays_usable() {
 
     // A real migration to it works.
     start_send(&src, send_params(port, 4));
-    let m = finish_migration(&mut src, &dst, recv.take());
-    check_completed_status(&m.dest_status, "destination");
+    finish_migration(&mut src, &dst, recv.take()).check_completed();
     check_guest_moved(&[&src.serial], &dst);
 }
 
@@ -386,7 +361,7 @@ fn receiver_refuses_garbage_and_stays_usable() {
 fn incompatible_destination_refused() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let src = boot_source("src", "region=32 passes=0", &[]);
+    let src = boot_source("src", GUEST, &[]);
     let dst = Vmm::destination("dst", &["--memory", "size=1G,prefault=on"]);
     let port = free_tcp_port();
     let _recv = start_receive(&dst, port);
@@ -412,7 +387,7 @@ fn incompatible_destination_refused() {
 fn migration_to_nowhere_fails_cleanly() {
     skip_unless_kvm!();
     let _g = serial_guard();
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let mut src = boot_source("src", GUEST, &[]);
     let port = free_tcp_port(); // nothing listens there
     let (st, body) = src.api("PUT", "vm.send-migration", Some(send_params(port, 4)));
     if ok(st) {
@@ -425,9 +400,7 @@ fn migration_to_nowhere_fails_cleanly() {
 
     // Then a real one works.
     let dst = Vmm::destination("dst", &[]);
-    let m = migrate(&mut src, &dst, send_params(0, 4));
-    check_completed_status(&m.dest_status, "destination");
-    check_guest_moved(&[&src.serial], &dst);
+    migrate_and_check(&mut src, &dst, send_params(0, 4), &[]);
 }
 
 /// Reads one frame header from `s` (10 s timeout).
@@ -444,9 +417,8 @@ fn wrong_session_connection_refused_during_migration() {
     let _g = serial_guard();
     // A paused source dirties nothing, so a bandwidth-capped migration is
     // slow but converges: a window to intrude into.
-    let mut src = boot_source("src", "region=32 passes=0", &[]);
+    let (mut src, dst) = start_pair(GUEST, &[], 2);
     src.api_ok("PUT", "vm.pause", None);
-    let dst = Vmm::destination("dst", &[]);
     let port = free_tcp_port();
     let recv = start_receive(&dst, port);
     let mut p = send_params(port, 2);
@@ -476,8 +448,7 @@ fn wrong_session_connection_refused_during_migration() {
         garbage_connection(port, &random_bytes(4096));
     }
 
-    let m = finish_migration(&mut src, &dst, Some(recv));
-    check_completed_status(&m.dest_status, "destination");
+    finish_migration(&mut src, &dst, Some(recv)).check_completed();
     assert_eq!(dst.state(), "paused");
     dst.api_ok("PUT", "vm.resume", None);
     check_guest_moved(&[&src.serial], &dst);

@@ -1,4 +1,5 @@
-//! A tiny HTTP/1.1 client over a UNIX socket, for `ferry-remote`.
+//! A tiny HTTP/1.1 client over a UNIX socket, for `ferry-remote` and the
+//! integration-test harness (`ferry-tests`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -96,11 +97,30 @@ pub fn parse_response(bytes: &[u8]) -> Result<ApiResponse, ClientError> {
     })
 }
 
-/// Sends one request and reads the answer.
+/// Sends one request for `/api/v1/<endpoint>` and reads the answer.
 pub fn request(
     socket: &Path,
     method: &str,
     endpoint: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<ApiResponse, ClientError> {
+    request_target(
+        socket,
+        method,
+        &format!("/api/v1/{endpoint}"),
+        body,
+        timeout,
+    )
+}
+
+/// Sends one request for the request target `target` (an absolute path such
+/// as `/api/v1/vm.info`, sent as is) and reads the answer; `timeout` bounds
+/// every read and write.
+pub fn request_target(
+    socket: &Path,
+    method: &str,
+    target: &str,
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<ApiResponse, ClientError> {
@@ -112,7 +132,7 @@ pub fn request(
     s.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     let mut req = format!(
-        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use devices::options::{KeyValues, OptionError};
 use serde::{Deserialize, Serialize};
 
 /// Default guest memory size (512 MiB).
@@ -197,83 +198,23 @@ pub struct VmmConfig {
     pub vfio: Vec<String>,
 }
 
-/// Parses a size such as `512M`, `4G`, `1024K`, `2GiB`, or plain bytes.
-///
-/// Returns `None` on anything else or on overflow.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    if digits_end == 0 {
-        return None;
-    }
-    let n: u64 = s[..digits_end].parse().ok()?;
-    let suffix = &s[digits_end..];
-    let shift = match suffix {
-        "" | "B" => 0,
-        "K" | "k" | "KB" | "KiB" => 10,
-        "M" | "m" | "MB" | "MiB" => 20,
-        "G" | "g" | "GB" | "GiB" => 30,
-        "T" | "t" | "TB" | "TiB" => 40,
-        _ => return None,
-    };
-    n.checked_mul(1u64 << shift)
-}
-
-fn on_off(option: &'static str, value: &str, key: &str, v: &str) -> Result<bool, ConfigError> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(ConfigError::Invalid {
-            option,
-            value: value.to_string(),
-            reason: format!("{key} must be on or off, not '{v}'"),
-        }),
-    }
-}
+/// Keys of `--memory` (a bare value is the size: `--memory 1G`).
+const MEMORY_KEYS: &[&str] = &["size", "shared", "file", "prefault"];
 
 /// Parses the value of `--memory` (syntax only; host checks are separate).
+/// Grammar of the list and of sizes: [`devices::options`].
 pub fn parse_memory(value: &str) -> Result<MemoryConfig, ConfigError> {
     let err = |reason: String| ConfigError::Invalid {
         option: "--memory",
         value: value.to_string(),
         reason,
     };
-    let mut size = None;
-    let mut shared = false;
-    let mut file = None;
-    let mut prefault = false;
-    for part in value.split(',') {
-        let (key, v) = match part.split_once('=') {
-            Some(kv) => kv,
-            // A bare size is accepted for convenience: `--memory 1G`.
-            None if size.is_none() && !part.is_empty() => ("size", part),
-            None => return Err(err(format!("expected key=value, got '{part}'"))),
-        };
-        match key {
-            "size" => {
-                let s = parse_size(v).ok_or_else(|| {
-                    err(format!(
-                        "cannot parse size '{v}' (use e.g. 512M, 4G or a byte count)"
-                    ))
-                })?;
-                size = Some(s);
-            }
-            "shared" => shared = on_off("--memory", value, key, v)?,
-            "prefault" => prefault = on_off("--memory", value, key, v)?,
-            "file" => {
-                if v.is_empty() {
-                    return Err(err("file= needs a path".into()));
-                }
-                file = Some(PathBuf::from(v));
-            }
-            _ => {
-                return Err(err(format!(
-                    "unknown option '{key}' (known: size, shared, file, prefault)"
-                )))
-            }
-        }
-    }
-    let size = size.unwrap_or(DEFAULT_MEMORY);
+    let opt = |e: OptionError| err(e.to_string());
+    let kv = KeyValues::parse(value, MEMORY_KEYS, Some("size")).map_err(opt)?;
+    let size = kv.size("size").map_err(opt)?.unwrap_or(DEFAULT_MEMORY);
+    let shared = kv.flag("shared").map_err(opt)?.unwrap_or(false);
+    let prefault = kv.flag("prefault").map_err(opt)?.unwrap_or(false);
+    let file = kv.get("file").map(PathBuf::from);
     if size < MIN_MEMORY {
         return Err(err(format!(
             "size must be at least {} MiB",
@@ -302,52 +243,50 @@ pub fn parse_memory(value: &str) -> Result<MemoryConfig, ConfigError> {
     })
 }
 
-/// Parses the value of `--serial`.
+/// Parses the value of `--serial`: `tty` (or `stdout`), `off` (or `null`,
+/// `none`), or the list `file=PATH` ([`devices::options`]).
 pub fn parse_serial(value: &str) -> Result<SerialConfig, ConfigError> {
+    const EXPECTED: &str = "expected tty, off or file=PATH";
+    let err = |reason: String| ConfigError::Invalid {
+        option: "--serial",
+        value: value.to_string(),
+        reason,
+    };
     match value {
         "tty" | "stdout" => Ok(SerialConfig::Tty),
         "off" | "null" | "none" => Ok(SerialConfig::Off),
-        _ => match value.strip_prefix("file=") {
-            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
-            _ => Err(ConfigError::Invalid {
-                option: "--serial",
-                value: value.to_string(),
-                reason: "expected tty, off or file=PATH".into(),
-            }),
-        },
+        _ if !value.contains('=') => Err(err(EXPECTED.into())),
+        _ => {
+            let kv = KeyValues::parse(value, &["file"], None)
+                .map_err(|e| err(format!("{e} ({EXPECTED})")))?;
+            let path = kv
+                .required("file")
+                .map_err(|e| err(format!("{e} ({EXPECTED})")))?;
+            Ok(SerialConfig::File(PathBuf::from(path)))
+        }
     }
 }
 
-/// Parses the value of `--cpus` (`boot=N` or `N`).
+/// Parses the value of `--cpus` (`boot=N` or `N`; [`devices::options`]).
 pub fn parse_cpus(value: &str) -> Result<u8, ConfigError> {
     let err = |reason: String| ConfigError::Invalid {
         option: "--cpus",
         value: value.to_string(),
         reason,
     };
-    let mut boot = None;
-    for part in value.split(',') {
-        let (key, v) = match part.split_once('=') {
-            Some(kv) => kv,
-            None if boot.is_none() => ("boot", part),
-            None => return Err(err(format!("expected boot=N, got '{part}'"))),
-        };
-        if key != "boot" {
-            return Err(err(format!("unknown option '{key}' (known: boot)")));
-        }
-        let n: u64 = v
-            .trim()
-            .parse()
-            .map_err(|_| err(format!("'{v}' is not a number")))?;
-        if n == 0 {
-            return Err(err("boot must be at least 1".into()));
-        }
-        if n > u64::from(MAX_CPUS) {
-            return Err(err(format!("boot must be at most {MAX_CPUS}")));
-        }
-        boot = Some(n as u8);
+    let opt = |e: OptionError| err(e.to_string());
+    let kv = KeyValues::parse(value, &["boot"], Some("boot")).map_err(opt)?;
+    let n = kv
+        .number("boot")
+        .map_err(opt)?
+        .ok_or_else(|| err("expected boot=N".into()))?;
+    if n == 0 {
+        return Err(err("boot must be at least 1".into()));
     }
-    boot.ok_or_else(|| err("expected boot=N".into()))
+    u8::try_from(n)
+        .ok()
+        .filter(|&n| n <= MAX_CPUS)
+        .ok_or_else(|| err(format!("boot must be at most {MAX_CPUS}")))
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -600,20 +539,31 @@ mod tests {
     }
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M"), Some(512 << 20));
-        assert_eq!(parse_size("4G"), Some(4 << 30));
-        assert_eq!(parse_size("4GiB"), Some(4 << 30));
-        assert_eq!(parse_size("1024K"), Some(1 << 20));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("12X"), None);
-        assert_eq!(parse_size("-1G"), None);
-        assert_eq!(parse_size("1.5G"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
-        assert_eq!(parse_size("17179869184G"), None, "overflow");
+    fn memory_sizes_use_the_shared_grammar() {
+        for (s, v) in [
+            ("size=512M", 512 << 20),
+            ("size=4G", 4 << 30),
+            ("size=4GiB", 4 << 30),
+            ("size=16384K", 16 << 20),
+            ("size=1g", 1 << 30),
+            ("size=268435456", 256 << 20),
+            ("1G", 1 << 30),
+        ] {
+            assert_eq!(parse_memory(s).unwrap().size, v, "{s}");
+        }
+        for bad in [
+            "size=",
+            "size=M",
+            "size=12X",
+            "size=12Q",
+            "size=-1G",
+            "size=1.5G",
+            "size=lots",
+            "size=99999999999999999999G",
+            "size=17179869184G",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -637,6 +587,15 @@ mod tests {
         assert!(parse_memory("size=64M,shared=on,file=/x").is_err());
         assert!(parse_memory("size=64M,file=").is_err());
         assert!(parse_memory("size=64M,,").is_err());
+        assert!(parse_memory("").is_err());
+        assert!(parse_memory("size=64M,size=128M").is_err(), "duplicate");
+        assert!(parse_memory("1G,2G").is_err(), "two bare sizes");
+        assert!(parse_memory("Size=1G").is_err(), "keys are case-sensitive");
+        let m = parse_memory("shared=yes,256M,prefault=1").unwrap();
+        assert_eq!(
+            (m.size, m.backing, m.prefault),
+            (256 << 20, MemoryBacking::Shared, true)
+        );
     }
 
     #[test]
@@ -649,6 +608,8 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("pty").is_err());
+        assert!(parse_serial("file=/a,file=/b").is_err());
+        assert!(parse_serial("path=/a").is_err());
     }
 
     #[test]
@@ -663,6 +624,10 @@ mod tests {
         assert!(parse_cpus("boot=x").is_err());
         assert!(parse_cpus("max=2").is_err());
         assert!(parse_cpus("").is_err());
+        assert!(parse_cpus("boot=2,boot=3").is_err(), "duplicate");
+        assert!(parse_cpus("boot=-1").is_err());
+        assert!(parse_cpus("boot=").is_err());
+        assert_eq!(parse_cpus("boot= 3").unwrap(), 3);
     }
 
     #[test]

@@ -50,7 +50,7 @@ fn vm(size: u64, serial: &Path) -> Vm {
 
 fn boot(vm: &Vm, cmdline: &str) {
     vm.boot(&BootConfig {
-        kernel: PathBuf::from(env!("FERRY_STAMP_GUEST")),
+        kernel: ferry_guests::stamp_elf().to_path_buf(),
         initramfs: None,
         cmdline: cmdline.into(),
     })

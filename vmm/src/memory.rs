@@ -469,6 +469,9 @@ mod tests {
             return;
         }
         assert!(ram.populated(0).unwrap().is_empty());
+        // SAFETY: `r` is a live 16 MiB mapping owned by `ram` (alive to the
+        // end of the test), the offsets are inside it, and no vCPU or other
+        // thread touches it.
         unsafe {
             *((r.host_addr + 5 * PAGE) as *mut u8) = 1;
             *((r.host_addr + 6 * PAGE + 7) as *mut u8) = 1;
@@ -486,6 +489,8 @@ mod tests {
         let ram = GuestRam::new(&cfg(16 << 20, MemoryBacking::Shared)).unwrap();
         assert!(ram.populated(0).unwrap().is_empty());
         let r = ram.regions()[0];
+        // SAFETY: offset inside the live 16 MiB mapping owned by `ram`; no
+        // other thread touches it.
         unsafe { *((r.host_addr + 3 * PAGE + 1) as *mut u8) = 1 };
         let p = ram.populated(0).unwrap();
         assert_eq!(p.len(), 1);
@@ -501,6 +506,8 @@ mod tests {
         assert_eq!(regs[0].size + regs[1].size, 4 << 30);
         assert_eq!(regs[1].file_offset, Some(regs[0].size));
         // Write past the gap and find it in region 1.
+        // SAFETY: region 1 is a live mapping owned by `ram`, larger than two
+        // pages; no other thread touches it.
         unsafe { *((regs[1].host_addr + PAGE) as *mut u8) = 9 };
         let p = ram.populated(1).unwrap();
         assert!(p.iter().any(|r| r.contains(&PAGE)), "{p:?}");
@@ -510,13 +517,17 @@ mod tests {
     fn prefault_and_zero_keep_working() {
         let ram = GuestRam::new(&cfg(8 << 20, MemoryBacking::Anonymous)).unwrap();
         let r = ram.regions()[0];
+        // SAFETY: byte 8 of the live 8 MiB mapping owned by `ram`; no other
+        // thread touches it.
         unsafe { *((r.host_addr + 8) as *mut u8) = 7 };
         ram.prefault().unwrap();
+        // SAFETY: as above.
         assert_eq!(unsafe { *((r.host_addr + 8) as *const u8) }, 7);
         if !host_has_swap() {
             assert_eq!(ram.populated(0).unwrap(), vec![0..8 << 20]);
         }
         ram.zero();
+        // SAFETY: as above.
         assert_eq!(unsafe { *((r.host_addr + 8) as *const u8) }, 0);
     }
 

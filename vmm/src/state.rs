@@ -377,12 +377,23 @@ fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), State
     // The TSC is written alone, after the VM clock was set (see
     // `restore_state`), at its saved distance to kvmclock.
     let tsc_index = arch::msr::MSR_IA32_TSC;
-    let tsc = s.msrs.iter().find(|(i, _)| *i == tsc_index).map(|(_, v)| *v);
-    let (deadline, msrs): (Vec<(u32, u64)>, Vec<(u32, u64)>) = s
+    let tsc = s
         .msrs
         .iter()
-        .filter(|(index, _)| *index != tsc_index)
-        .partition(|(index, _)| *index == MSR_IA32_TSC_DEADLINE);
+        .find(|(i, _)| *i == tsc_index)
+        .map(|(_, v)| *v);
+    let msrs: Vec<(u32, u64)> = s
+        .msrs
+        .iter()
+        .copied()
+        .filter(|(index, _)| *index != tsc_index && *index != MSR_IA32_TSC_DEADLINE)
+        .collect();
+    let deadline: Vec<(u32, u64)> = s
+        .msrs
+        .iter()
+        .copied()
+        .filter(|(index, _)| *index == MSR_IA32_TSC_DEADLINE)
+        .collect();
     set_msrs(fd, id, &msrs)?;
     if let Some(tsc) = tsc {
         restore_tsc(vm, id, fd, tsc, s.clock_at_msrs)?;
@@ -519,7 +530,10 @@ mod tests {
     #[test]
     fn tsc_follows_the_clock() {
         // 2.5 GHz: 1 ms of kvmclock is 2.5 M cycles.
-        assert_eq!(tsc_for_clock(1_000, 5_000_000, 6_000_000, 2_500_000), 2_501_000);
+        assert_eq!(
+            tsc_for_clock(1_000, 5_000_000, 6_000_000, 2_500_000),
+            2_501_000
+        );
         // No time passed, or the clock reads earlier: the TSC as saved.
         assert_eq!(tsc_for_clock(7, 10, 10, 2_500_000), 7);
         assert_eq!(tsc_for_clock(7, 10, 3, 2_500_000), 7);

@@ -1,6 +1,7 @@
 //! `--sim-vfio` argument parsing.
 
 use crate::error::{Error, Result};
+use crate::options::{KeyValues, OptionError};
 use crate::vfio::validate_id;
 
 /// Largest accepted device state (16 GiB).
@@ -78,42 +79,26 @@ impl SimVfioConfig {
     }
 }
 
-/// Parses a size: a decimal integer with an optional `K`, `M`, `G` (binary
-/// multiples, case-insensitive, optional trailing `iB`/`B`) suffix.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix("ib"))
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return None,
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) || num.len() > 20 {
-        return None;
-    }
-    let n: u64 = num.parse().ok()?;
-    n.checked_mul(1u64 << shift)
-}
-
 fn parse_rate(s: &str) -> Option<f64> {
     let r: f64 = s.trim().parse().ok()?;
     (r.is_finite() && (0.0..=MAX_RATE_MIBS).contains(&r)).then_some(r)
 }
 
+/// Keys of `--sim-vfio`.
+const KEYS: &[&str] = &[
+    "id",
+    "state",
+    "precopy",
+    "dirty-rate",
+    "save-rate",
+    "load-rate",
+    "fail-save-after",
+    "fail-load",
+];
+
 /// Parses `id=NAME,state=SIZE[,precopy=SIZE][,dirty-rate=MBPS]
-/// [,save-rate=MBPS][,load-rate=MBPS][,fail-save-after=SIZE][,fail-load=1]`.
+/// [,save-rate=MBPS][,load-rate=MBPS][,fail-save-after=SIZE][,fail-load=1]`
+/// (grammar of lists and sizes: [`crate::options`]).
 pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
     let bad = |reason: String| Error::InvalidArg {
         arg: s.to_string(),
@@ -122,44 +107,30 @@ pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
     if s.len() > 4096 {
         return Err(bad("too long".into()));
     }
-    let mut id = None;
-    let mut state = None;
-    let mut cfg = SimVfioConfig::new("", 0, 0);
-    let mut seen: Vec<&str> = Vec::new();
-    for kv in s.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| bad(format!("expected key=value, got `{kv}`")))?;
-        if seen.contains(&k) {
-            return Err(bad(format!("`{k}` given twice")));
+    let opt = |e: OptionError| bad(e.to_string());
+    let kv = KeyValues::parse(s, KEYS, None).map_err(opt)?;
+    let rate = |k: &str| -> Result<f64> {
+        match kv.get(k) {
+            None => Ok(0.0),
+            Some(v) => parse_rate(v)
+                .ok_or_else(|| bad(format!("{k}: bad rate `{v}` (MiB/s, 0 to {MAX_RATE_MIBS})"))),
         }
-        seen.push(k);
-        let size = || parse_size(v).ok_or_else(|| bad(format!("{k}: bad size `{v}`")));
-        let rate = || {
-            parse_rate(v)
-                .ok_or_else(|| bad(format!("{k}: bad rate `{v}` (MiB/s, 0 to {MAX_RATE_MIBS})")))
-        };
-        match k {
-            "id" => id = Some(v.to_string()),
-            "state" => state = Some(size()?),
-            "precopy" => cfg.precopy_size = size()?,
-            "dirty-rate" => cfg.dirty_rate = rate()?,
-            "save-rate" => cfg.save_rate = rate()?,
-            "load-rate" => cfg.load_rate = rate()?,
-            "fail-save-after" => cfg.fail_save_after = Some(size()?),
-            "fail-load" => {
-                cfg.fail_load = match v {
-                    "1" | "true" | "on" => true,
-                    "0" | "false" | "off" => false,
-                    _ => return Err(bad(format!("fail-load: expected 0 or 1, got `{v}`"))),
-                }
-            }
-            _ => return Err(bad(format!("unknown key `{k}`"))),
-        }
-    }
-    cfg.id = id.ok_or_else(|| bad("missing id=".into()))?;
+    };
+    let id = kv.required("id").map_err(opt)?;
+    let state_size = kv.size("state").map_err(opt)?;
+    let cfg = SimVfioConfig {
+        id: id.to_string(),
+        state_size: 0,
+        precopy_size: kv.size("precopy").map_err(opt)?.unwrap_or(0),
+        dirty_rate: rate("dirty-rate")?,
+        save_rate: rate("save-rate")?,
+        load_rate: rate("load-rate")?,
+        fail_save_after: kv.size("fail-save-after").map_err(opt)?,
+        fail_load: kv.flag("fail-load").map_err(opt)?.unwrap_or(false),
+    };
     validate_id(s, &cfg.id)?;
-    cfg.state_size = state.ok_or_else(|| bad("missing state=".into()))?;
+    let state_size = state_size.ok_or_else(|| bad("missing state=".into()))?;
+    let cfg = SimVfioConfig { state_size, ..cfg };
     if cfg.state_size == 0 || cfg.state_size > MAX_STATE_SIZE {
         return Err(bad(format!(
             "state must be 1 byte to 16G, got {}",
@@ -177,16 +148,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("32M"), Some(32 << 20));
-        assert_eq!(parse_size("1G"), Some(1 << 30));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("8KiB"), Some(8 << 10));
-        assert_eq!(parse_size("2MB"), Some(2 << 20));
-        assert_eq!(parse_size("0"), Some(0));
-        for bad in ["", "M", "-1", "1.5M", "1X", "99999999999999999999G", "1 M"] {
-            assert_eq!(parse_size(bad), None, "{bad}");
+    fn sizes_use_the_shared_grammar() {
+        for (s, v) in [
+            ("4096", 4096),
+            ("32M", 32 << 20),
+            ("1G", 1 << 30),
+            ("1g", 1 << 30),
+            ("8KiB", 8 << 10),
+            ("2MB", 2 << 20),
+        ] {
+            let c = parse_sim_vfio_arg(&format!("id=a,state={s}")).unwrap();
+            assert_eq!(c.state_size, v, "{s}");
+        }
+        for bad in [
+            "",
+            "M",
+            "-1",
+            "1.5M",
+            "1X",
+            "99999999999999999999G",
+            "1 M",
+            "lots",
+        ] {
+            assert!(
+                parse_sim_vfio_arg(&format!("id=a,state={bad}")).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -226,6 +213,11 @@ mod tests {
             "id=,state=1M",
             "id=a b,state=1M",
             "id=a,state=1M,",
+            "id=a,state=1M,,precopy=0",
+            "id=a,state=1M,id=b",
+            "id=a,state=1M,fail-save-after=",
+            "ID=a,state=1M",
+            "",
         ] {
             assert!(parse_sim_vfio_arg(bad).is_err(), "{bad} accepted");
         }

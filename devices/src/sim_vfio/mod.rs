@@ -26,7 +26,7 @@ pub mod config;
 pub mod stream;
 mod workers;
 
-pub use config::{parse_sim_vfio_arg, parse_size, SimVfioConfig};
+pub use config::{parse_sim_vfio_arg, SimVfioConfig};
 
 use std::collections::VecDeque;
 use std::fs::File;

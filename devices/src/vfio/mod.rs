@@ -19,6 +19,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
 use crate::error::{Error, Result};
 use crate::mig_fsm;
+use crate::options::{KeyValues, OptionError};
 
 /// Longest accepted device id (bytes).
 pub const MAX_ID_LEN: usize = 64;
@@ -72,7 +73,7 @@ fn is_bdf(s: &str) -> bool {
 }
 
 /// Parses `path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=NAME]` (default id:
-/// the BDF).
+/// the BDF; grammar of the list: [`crate::options`]).
 pub fn parse_vfio_arg(s: &str) -> Result<VfioConfig> {
     let bad = |reason: &str| Error::InvalidArg {
         arg: s.to_string(),
@@ -81,20 +82,10 @@ pub fn parse_vfio_arg(s: &str) -> Result<VfioConfig> {
     if s.len() > 4096 {
         return Err(bad("too long"));
     }
-    let mut path = None;
-    let mut id = None;
-    for kv in s.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| bad("expected key=value"))?;
-        match k {
-            "path" if path.is_none() => path = Some(v),
-            "id" if id.is_none() => id = Some(v),
-            "path" | "id" => return Err(bad(&format!("`{k}` given twice"))),
-            _ => return Err(bad(&format!("unknown key `{k}` (expected path, id)"))),
-        }
-    }
-    let path = path.ok_or_else(|| bad("missing path="))?;
+    let opt = |e: OptionError| bad(&e.to_string());
+    let kv = KeyValues::parse(s, &["path", "id"], None).map_err(opt)?;
+    let path = kv.required("path").map_err(opt)?;
+    let id = kv.get("id");
     let bdf = path
         .strip_prefix(SYSFS_PCI_DEVICES)
         .and_then(|r| r.strip_prefix('/'))

@@ -392,9 +392,9 @@ impl SourceVm for FakeSource {
     }
     fn clear_dirty(&self, region: usize, first_page: u64, npages: u64) -> BackendResult<()> {
         let pages = self.regions[region].2 / 4096;
-        assert!(first_page % 64 == 0, "clear not aligned");
+        assert!(first_page.is_multiple_of(64), "clear not aligned");
         assert!(
-            npages % 64 == 0 || first_page + npages == pages,
+            npages.is_multiple_of(64) || first_page + npages == pages,
             "clear length not aligned"
         );
         self.clears

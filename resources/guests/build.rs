@@ -1,9 +1,10 @@
-//! Build script for the `vmm` crate.
+//! Build script of the `ferry-guests` crate.
 //!
 //! Assembles and links the "stamp" test guest (`resources/guests/stamp.S` +
 //! `stamp.ld`) with the system toolchain and places the result at
 //! `<workspace target dir>/guests/stamp.elf`. The absolute path is exported
-//! to the crate as the `FERRY_STAMP_GUEST` compile-time environment variable.
+//! to the crate as the `FERRY_STAMP_GUEST` compile-time environment variable
+//! (`ferry_guests::STAMP_ELF`).
 //!
 //! Toolchain overrides: `FERRY_GUEST_CC` (default `gcc`) and `FERRY_GUEST_LD`
 //! (default `ld`).
@@ -21,11 +22,8 @@ fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let guests_src = manifest_dir
-        .parent()
-        .expect("vmm crate lives inside the workspace")
-        .join("resources")
-        .join("guests");
+    // This crate lives in resources/guests, next to the guest sources.
+    let guests_src = manifest_dir;
     let src = guests_src.join("stamp.S");
     let lds = guests_src.join("stamp.ld");
 
