@@ -3,10 +3,25 @@
 # with 4 connections to a second VMM on loopback, and show it passing there.
 #
 # Usage: bash resources/demo.sh            (builds in release mode first)
+#        bash resources/demo.sh --linux    (the same with a Debian Linux guest,
+#                                           in the nested test bed: needs QEMU)
 # Environment: REGION (MiB, default 64), CONNECTIONS (default 4), PORT (6000)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+
+if [[ ${1:-} == --linux ]]; then
+    # Linux cannot run on every KVM (nested PVM hosts emulate instructions),
+    # so this runs ferry inside QEMU TCG with emulated SVM: see README.md,
+    # "The nested Linux test bed".
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        echo "demo: installing qemu-system-x86 (runs the nested test bed)"
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+    fi
+    cargo build --workspace --release --quiet
+    TARGET=${CARGO_TARGET_DIR:-target}
+    exec "$TARGET/release/ferry-nested" resources/nested/demo-linux.sh
+fi
 REGION=${REGION:-64}
 CONNECTIONS=${CONNECTIONS:-4}
 PORT=${PORT:-6000}

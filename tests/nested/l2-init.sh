@@ -36,8 +36,11 @@ w0=$(warnings)
 # Interrupts taken by the serial port so far: the tty driver waits for them
 # (the "THR empty" interrupt) to send userspace's output.
 irqs=$(grep -E 'ttyS|serial' /proc/interrupts | awk '{ n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i; else break; s += n } END { print s + 0 }')
-echo "l2: ready cpus=$(grep -c ^processor /proc/cpuinfo) data=${data}MiB sum=$sum0 warn=$w0 serial_irqs=$irqs clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# Through printk first: the kernel prints it synchronously, while the tty
+# line after it drains by interrupts; the other order lets a later printk
+# (from another vCPU, too) cut into a tty line still being sent.
 echo "<4>l2-kmsg: ready" > /dev/kmsg
+echo "l2: ready cpus=$(grep -c ^processor /proc/cpuinfo) data=${data}MiB sum=$sum0 warn=$w0 serial_irqs=$irqs clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 [ "$show_dmesg" = 1 ] && dmesg | sed 's/^/l2: dmesg: /'
 
 n=0
@@ -48,8 +51,8 @@ while :; do
     if [ "$sum" = "$sum0" ]; then ok=ok; else ok="BAD($sum)"; fi
     w=$(warnings)
     up=$(cut -d' ' -f1 /proc/uptime)
-    echo "l2: tick $n sum=$ok warn=$w up=$up"
     echo "<4>l2-kmsg: tick $n" > /dev/kmsg
+    echo "l2: tick $n sum=$ok warn=$w up=$up"
     if [ "$w" != "$w0" ]; then
         dmesg | grep -A8 -iE "$WARN_RE" | sed "s/^/l2: kernel warning: /"
         w0=$w

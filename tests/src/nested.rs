@@ -372,6 +372,18 @@ pub struct Scenario {
     pub mem_mib: u32,
     /// Wall-clock limit for the whole L1 run.
     pub timeout: Duration,
+    /// What is echoed to stderr while it runs.
+    pub echo: Echo,
+}
+
+/// What [`Bed::run`] echoes to stderr while L1 runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Every console line, with the scenario name and the time (tests:
+    /// cargo shows it when a test fails).
+    All,
+    /// Only the scenario's own lines, without their `l1: ` tag (demos).
+    Scenario,
 }
 
 impl Scenario {
@@ -383,6 +395,7 @@ impl Scenario {
             smp: 1,
             mem_mib: 2048,
             timeout: Duration::from_secs(360),
+            echo: Echo::All,
         }
     }
 }
@@ -503,11 +516,21 @@ impl Bed {
         let stdout = child.0.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         let name = sc.name.clone();
+        let echo = sc.echo;
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let line = line.trim_end_matches('\r').to_string();
-                eprintln!("[{name} {:>5.1}s] {line}", start.elapsed().as_secs_f64());
+                match echo {
+                    Echo::All => {
+                        eprintln!("[{name} {:>5.1}s] {line}", start.elapsed().as_secs_f64())
+                    }
+                    Echo::Scenario => {
+                        if let Some(l) = line.strip_prefix("l1: ") {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
