@@ -1,39 +1,47 @@
 //! Receiver data path: one reader thread per data connection validates each
 //! frame and reads page data straight into guest memory with `readv`; the
-//! per-pass barrier orders passes across connections; the "written" bitmap
-//! lets zero-page markers leave never-written (fresh) memory untouched.
+//! per-pass barrier (`barrier`) orders passes across connections; the
+//! "written" bitmap lets zero-page markers leave never-written (fresh)
+//! memory untouched, which relies on the receiver contract of
+//! [`crate::DestinationVm::ram`] (destination RAM reads as zero until
+//! written).
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
-use crate::devrecv::DeviceInbox;
+use super::barrier::PassBarrier;
+use super::devices::DeviceInbox;
 use crate::error::MigrationError;
-use crate::net::{
-    lock, read_full, recv_header, recv_payload, vectored_full, Ctl, Dir, Notify, Start,
-    POLL_INTERVAL,
-};
-use crate::pool::add;
+use crate::guest_mem::{GuestMemory, IoVecs, Scatter};
+use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Ctl, Notify, Recv};
 use crate::stats::MigrationStats;
-use crate::traits::{RamRegion, PAGE_SIZE};
-use crate::wire::{decode_ranges, Kind, ResolvedRange, HEADER_LEN, RANGE_ENTRY_LEN};
+use crate::wire::{decode_ranges, Frame, ResolvedRange, HEADER_LEN, RANGE_ENTRY_LEN};
+use crate::worker::Workers;
+
+fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Relaxed);
+}
 
 /// Destination guest RAM plus one "written" bit per page.
 ///
 /// Invariant: a bit is set only after data was read into its page; pages
-/// whose bit is clear were never touched by the receiver (fresh memory).
+/// whose bit is clear were never touched by the receiver (fresh memory);
+/// `layout` is `mem`'s layout.
 #[derive(Debug)]
 pub struct DestRam {
-    /// Layout (host addresses valid while the destination VM lives).
-    pub regions: Vec<RamRegion>,
+    /// The guest memory (keeps the destination VM alive).
+    pub mem: GuestMemory,
+    /// The layout as `(gpa, size)`, for range-table validation.
+    pub layout: Vec<(u64, u64)>,
     written: Vec<Vec<AtomicU64>>,
 }
 
 impl DestRam {
-    /// Bitmaps for `regions`.
-    pub fn new(regions: Vec<RamRegion>) -> Self {
-        let written = regions
+    /// Bitmaps for the regions of `mem`.
+    pub fn new(mem: GuestMemory) -> Self {
+        let written = mem
+            .regions()
             .iter()
             .map(|r| {
                 (0..r.pages().div_ceil(64))
@@ -41,7 +49,11 @@ impl DestRam {
                     .collect()
             })
             .collect();
-        DestRam { regions, written }
+        DestRam {
+            layout: mem.layout(),
+            mem,
+            written,
+        }
     }
 
     /// Marks pages `[first, first + n)` of `region` written.
@@ -64,98 +76,6 @@ impl DestRam {
     /// Whether page `page` of `region` was ever written.
     pub fn is_written(&self, region: usize, page: u64) -> bool {
         self.written[region][(page / 64) as usize].load(Relaxed) & (1 << (page % 64)) != 0
-    }
-
-    fn host(&self, region: usize, page: u64) -> *mut u8 {
-        (self.regions[region].host_addr + (page * PAGE_SIZE) as usize) as *mut u8
-    }
-}
-
-#[derive(Debug)]
-struct BarrierState {
-    completed: u64,
-    arrived: usize,
-    exited: Vec<Option<u64>>,
-}
-
-/// The per-pass barrier: pass `k + 1` data of one connection is applied
-/// only after every connection delivered SYNC(k).
-///
-/// Invariant: `completed` is the last pass every reader finished; no reader
-/// applies a frame of pass `p` unless `completed == p - 1`.
-#[derive(Debug)]
-pub struct PassBarrier {
-    st: Mutex<BarrierState>,
-    cv: Condvar,
-    n: usize,
-}
-
-impl PassBarrier {
-    /// A barrier for `n` readers.
-    pub fn new(n: usize) -> Self {
-        PassBarrier {
-            st: Mutex::new(BarrierState {
-                completed: 0,
-                arrived: 0,
-                exited: vec![None; n],
-            }),
-            cv: Condvar::new(),
-            n,
-        }
-    }
-
-    /// Last pass completed on all connections.
-    pub fn completed(&self) -> u64 {
-        lock(&self.st).completed
-    }
-
-    /// Reader `idx` reached SYNC(`pass`): waits for all others. The last one
-    /// to arrive runs `on_last` (consistency checks) before releasing all.
-    pub fn wait(
-        &self,
-        idx: usize,
-        pass: u64,
-        ctl: &Ctl,
-        on_last: &dyn Fn() -> Result<(), MigrationError>,
-    ) -> Result<(), MigrationError> {
-        let mut st = lock(&self.st);
-        if pass != st.completed + 1 {
-            return Err(MigrationError::proto(format!(
-                "SYNC({pass}) while pass {} is open",
-                st.completed + 1
-            )));
-        }
-        st.arrived += 1;
-        if st.arrived == self.n {
-            on_last()?;
-            st.completed = pass;
-            st.arrived = 0;
-            drop(st);
-            self.cv.notify_all();
-            return Ok(());
-        }
-        loop {
-            if st.completed >= pass {
-                return Ok(());
-            }
-            ctl.check()?;
-            if let Some(i) = st.exited.iter().position(|e| e.is_some_and(|c| c < pass)) {
-                return Err(MigrationError::PeerClosed(format!(
-                    "data connection {i} ended before pass {pass} (reader {idx} waiting)"
-                )));
-            }
-            st = self
-                .cv
-                .wait_timeout(st, POLL_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Reader `idx` ended after completing `passes`.
-    pub fn exit(&self, idx: usize, passes: u64) {
-        lock(&self.st).exited[idx] = Some(passes);
-        self.cv.notify_all();
     }
 }
 
@@ -181,31 +101,29 @@ pub struct ReaderCtx {
     pub sealed: AtomicBool,
 }
 
-/// Starts one reader per data connection (index = connection index).
+/// Starts one reader per data connection (index = connection index) into
+/// `workers`.
 pub fn spawn_readers(
     ctx: &Arc<ReaderCtx>,
     streams: Vec<TcpStream>,
-) -> Result<Vec<JoinHandle<()>>, MigrationError> {
-    let mut v = Vec::new();
+    workers: &mut Workers,
+) -> Result<(), MigrationError> {
     for (i, s) in streams.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("mig-reader-{i}"))
-            .spawn(move || {
-                let mut passes = 0;
-                let r = run_reader(i, &s, &ctx, &mut passes);
-                if let Err(e) = r {
-                    if !ctx.sealed.load(SeqCst) {
-                        ctx.ctl.fail(e);
-                    }
+        workers.spawn(&format!("mig-reader-{i}"), move || {
+            let mut passes = 0;
+            let r = run_reader(i, &s, &ctx, &mut passes);
+            if let Err(e) = r {
+                if !ctx.sealed.load(SeqCst) {
+                    ctx.ctl.fail(e);
                 }
-                ctx.barrier.exit(i, passes);
-                ctx.notify.notify();
-            })
-            .map_err(|e| MigrationError::io("spawning a reader thread", e))?;
-        v.push(h);
+            }
+            ctx.barrier.exit(i, passes);
+            ctx.notify.notify();
+            Ok(())
+        })?;
     }
-    Ok(v)
+    Ok(())
 }
 
 fn run_reader(
@@ -217,76 +135,71 @@ fn run_reader(
     let what = format!("reading data connection {idx}");
     let mut table = Vec::new();
     let mut ranges: Vec<ResolvedRange> = Vec::new();
-    let mut iovs: Vec<libc::iovec> = Vec::new();
+    let mut storage: Vec<libc::iovec> = Vec::new();
+    let ram = &*ctx.ram;
     loop {
-        let (st, h) = recv_header(s, &ctx.ctl, true, &what)?;
-        let h = match (st, h) {
-            (Start::Idle, _) => continue,
-            (Start::Eof, _) => return Ok(()),
-            (_, Some(h)) => h,
-            (_, None) => return Ok(()),
+        let env = match recv_frame(s, &ctx.ctl, true, &what)? {
+            Recv::Idle => continue,
+            Recv::Eof => return Ok(()),
+            Recv::Frame(env) => env,
         };
         if ctx.sealed.load(SeqCst) {
             return Ok(());
         }
-        if h.session != ctx.session {
+        if env.session != ctx.session {
             return Err(MigrationError::proto(format!(
                 "frame of another session on data connection {idx}"
             )));
         }
         let pass = *passes + 1;
-        match h.kind {
-            Kind::Ram => {
-                if h.a != pass {
+        match env.frame {
+            Frame::Ram {
+                pass: p,
+                ranges: count,
+                data_len,
+            } => {
+                if p != pass {
                     return Err(MigrationError::proto(format!(
-                        "RAM of pass {} while pass {pass} is open",
-                        h.a
+                        "RAM of pass {p} while pass {pass} is open"
                     )));
                 }
-                table.resize(h.count as usize * RANGE_ENTRY_LEN, 0);
+                table.resize(count as usize * RANGE_ENTRY_LEN, 0);
                 read_full(s, &mut table, &ctx.ctl, &what)?;
-                decode_ranges(&table, h.ram_data_len(), &ctx.ram.regions, &mut ranges)?;
-                iovs.clear();
+                decode_ranges(&table, data_len, &ram.layout, &mut ranges)?;
+                // Every range lies inside a region of the destination's
+                // guest RAM (validated above). Within a pass each page is
+                // sent once, so no other reader writes these pages now.
+                let mut v: IoVecs<'_, Scatter> = IoVecs::with_storage(std::mem::take(&mut storage));
                 for r in ranges.iter().filter(|r| !r.zero) {
-                    iovs.push(libc::iovec {
-                        iov_base: ctx.ram.host(r.region, r.first_page) as *mut libc::c_void,
-                        iov_len: (r.npages * PAGE_SIZE) as usize,
-                    });
+                    v.push_guest_mut(&ram.mem, r.region, r.first_page, r.npages)?;
                 }
-                // SAFETY: every range was checked to lie inside a region of
-                // the destination's guest RAM, whose mapping is valid and
-                // writable while the destination VM lives (RamRegion
-                // invariant). Within a pass each page is sent once, so no
-                // other reader writes these pages now.
-                unsafe { vectored_full(s, &mut iovs, Dir::Read, &ctx.ctl, &what)? };
+                read_vecs(s, &mut v, &ctx.ctl, &what)?;
+                storage = v.into_storage();
                 let mut zero = 0;
                 for r in &ranges {
                     if r.zero {
                         zero += r.npages;
+                        // Fresh pages read as zero already (receiver
+                        // contract); only pages written earlier are cleared.
                         for p in r.first_page..r.first_page + r.npages {
-                            if ctx.ram.is_written(r.region, p) {
-                                // SAFETY: page inside guest RAM (validated above).
-                                unsafe {
-                                    std::ptr::write_bytes(
-                                        ctx.ram.host(r.region, p),
-                                        0,
-                                        PAGE_SIZE as usize,
-                                    )
-                                };
+                            if ram.is_written(r.region, p) {
+                                ram.mem.zero_pages(r.region, p, 1)?;
                             }
                         }
                     } else {
-                        ctx.ram.mark(r.region, r.first_page, r.npages);
+                        ram.mark(r.region, r.first_page, r.npages);
                     }
                 }
-                add(&ctx.stats.transferred_bytes, HEADER_LEN as u64 + h.len);
+                add(
+                    &ctx.stats.transferred_bytes,
+                    HEADER_LEN as u64 + env.frame.payload_len(),
+                );
                 add(&ctx.stats.zero_pages, zero);
             }
-            Kind::Sync => {
-                if h.a != pass {
+            Frame::Sync { pass: p } => {
+                if p != pass {
                     return Err(MigrationError::proto(format!(
-                        "SYNC({}) while pass {pass} is open",
-                        h.a
+                        "SYNC({p}) while pass {pass} is open"
                     )));
                 }
                 let check = || match &ctx.inbox {
@@ -298,29 +211,35 @@ fn run_reader(
                 ctx.stats.iteration.fetch_max(pass, Relaxed);
                 ctx.notify.notify();
             }
-            Kind::Device => {
+            Frame::Device {
+                dev,
+                seq,
+                item,
+                len,
+            } => {
                 let inbox = ctx
                     .inbox
                     .as_ref()
                     .ok_or_else(|| MigrationError::proto("device data on a data connection"))?;
-                if h.len > ctx.chunk_max {
+                if len > ctx.chunk_max {
                     return Err(MigrationError::proto(format!(
-                        "device chunk of {} bytes over the announced {}",
-                        h.len, ctx.chunk_max
+                        "device chunk of {len} bytes over the announced {}",
+                        ctx.chunk_max
                     )));
                 }
-                inbox.check_index(h.a)?;
-                let data = recv_payload(s, h.len, &ctx.ctl, &what)?;
-                inbox.deliver(h.a as usize, h.b, h.dev_item(), data)?;
+                inbox.check_index(dev as u64)?;
+                let data = recv_payload(s, len, &ctx.ctl, &what)?;
+                inbox.deliver(dev as usize, seq, item, data)?;
             }
-            Kind::Abort => {
-                let m = recv_payload(s, h.len, &ctx.ctl, &what)?;
+            Frame::Abort { len } => {
+                let m = recv_payload(s, len, &ctx.ctl, &what)?;
                 return Err(MigrationError::PeerAborted(crate::wire::message_text(&m)));
             }
-            Kind::Keepalive => {}
-            k => {
+            Frame::Keepalive => {}
+            f => {
                 return Err(MigrationError::proto(format!(
-                    "unexpected {k:?} frame on data connection {idx}"
+                    "unexpected {:?} frame on data connection {idx}",
+                    f.kind()
                 )))
             }
         }

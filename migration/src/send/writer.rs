@@ -5,40 +5,22 @@
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
+use super::pool::{add, Item, PageRun, Pool, RateLimiter};
 use crate::error::MigrationError;
-use crate::net::{vectored_full, Ctl, Dir};
-use crate::pool::{add, Item, PageRun, Pool, RateLimiter};
+use crate::guest_mem::{Gather, GuestMemory, IoVecs};
+use crate::net::{write_vecs, Ctl};
 use crate::stats::{DeviceCounters, MigrationStats};
-use crate::traits::{RamRegion, PAGE_SIZE};
-use crate::wire::{Header, Kind, RangeEntry, HEADER_LEN, RANGE_ZERO};
-
-/// Whether the 4 KiB page at `p` is all zeroes.
-///
-/// # Safety
-/// `p` must point to `PAGE_SIZE` readable bytes. The guest may write the page
-/// concurrently; a torn answer is harmless because such a write also marks
-/// the page dirty and it is sent again in the next pass.
-pub unsafe fn page_is_zero(p: *const u8) -> bool {
-    if (p as usize) % 8 != 0 {
-        // SAFETY: caller guarantees PAGE_SIZE readable bytes.
-        let s = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE as usize) };
-        return s.iter().all(|&b| b == 0);
-    }
-    // SAFETY: aligned, PAGE_SIZE readable bytes.
-    let s = unsafe { std::slice::from_raw_parts(p as *const u64, PAGE_SIZE as usize / 8) };
-    // Blocks of 512 bytes: vectorizes and still exits early on data.
-    s.chunks_exact(64)
-        .all(|b| b.iter().fold(0u64, |a, &x| a | x) == 0)
-}
+use crate::traits::PAGE_SIZE;
+use crate::wire::{Frame, RangeEntry, HEADER_LEN, RANGE_ZERO};
+use crate::worker::Workers;
 
 /// What a writer needs; shared by all writers of one migration.
 pub struct WriterCtx {
     /// The queues.
     pub pool: Arc<Pool>,
-    /// Source RAM layout (host addresses valid for the whole migration).
-    pub regions: Vec<RamRegion>,
+    /// Source guest RAM.
+    pub mem: Arc<GuestMemory>,
     /// Session id stamped on every frame.
     pub session: u128,
     /// Statistics.
@@ -51,46 +33,46 @@ pub struct WriterCtx {
     pub ctl: Arc<Ctl>,
 }
 
-/// Starts one writer per stream. Each returns when it has sent CLOSE, or on
-/// the first error (which it also reports through `ctl.fail`).
+/// Starts one writer per stream into `workers`. Each returns when it has
+/// sent CLOSE, or on the first error (which it also reports through
+/// `ctl.fail`).
 pub fn spawn_writers(
     ctx: Arc<WriterCtx>,
     streams: Vec<TcpStream>,
-) -> Result<Vec<JoinHandle<()>>, MigrationError> {
-    let mut handles = Vec::new();
+    workers: &mut Workers,
+) -> Result<(), MigrationError> {
     for (i, s) in streams.into_iter().enumerate() {
         let ctx = ctx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("mig-writer-{i}"))
-            .spawn(move || {
-                if let Err(e) = run_writer(i, &s, &ctx) {
-                    ctx.ctl.fail(e);
-                }
+        workers.spawn(&format!("mig-writer-{i}"), move || {
+            run_writer(i, &s, &ctx).map_err(|e| {
+                ctx.ctl.fail(e);
+                MigrationError::Aborted
             })
-            .map_err(|e| MigrationError::io("spawning a writer thread", e))?;
-        handles.push(h);
+        })?;
     }
-    Ok(handles)
-}
-
-fn iov(p: *const u8, len: usize) -> libc::iovec {
-    libc::iovec {
-        iov_base: p as *mut libc::c_void,
-        iov_len: len,
-    }
+    Ok(())
 }
 
 fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), MigrationError> {
     let what = format!("writing data connection {conn}");
     let mut table: Vec<u8> = Vec::with_capacity(8192);
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(1030);
+    let mut data_runs: Vec<(usize, u64, u64)> = Vec::with_capacity(1030);
+    let mut storage: Vec<libc::iovec> = Vec::with_capacity(1030);
     loop {
         let item = ctx.pool.pop(conn)?;
         let cost = item.cost();
         match item {
             Item::Ram { pass, runs } => {
-                let (wire, zero, pages) =
-                    write_ram(s, ctx, pass, &runs, &mut table, &mut iovs, &what)?;
+                let (wire, zero, pages) = write_ram(
+                    s,
+                    ctx,
+                    pass,
+                    &runs,
+                    &mut table,
+                    &mut data_runs,
+                    &mut storage,
+                    &what,
+                )?;
                 add(&ctx.pool.sent_bytes, wire);
                 add(&ctx.pool.pages_done, pages);
                 add(&ctx.stats.transferred_bytes, wire);
@@ -103,20 +85,21 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
                 kind,
                 data,
             } => {
-                let h = Header::new(Kind::Device, ctx.session)
-                    .args(dev as u64, seq, kind as u64)
-                    .with_len(data.len() as u64);
-                let head = h.encode();
+                let head = Frame::Device {
+                    dev,
+                    seq,
+                    item: kind,
+                    len: data.len() as u64,
+                }
+                .encode(ctx.session);
                 if let Some(l) = &ctx.limiter {
                     l.take((HEADER_LEN + data.len()) as u64, &ctx.ctl)?;
                 }
-                iovs.clear();
-                iovs.push(iov(head.as_ptr(), HEADER_LEN));
-                if !data.is_empty() {
-                    iovs.push(iov(data.as_ptr(), data.len()));
-                }
-                // SAFETY: `head` and `data` outlive the call.
-                unsafe { vectored_full(s, &mut iovs, Dir::Write, &ctx.ctl, &what)? };
+                let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
+                v.push_bytes(&head);
+                v.push_bytes(&data);
+                write_vecs(s, &mut v, &ctx.ctl, &what)?;
+                storage = v.into_storage();
                 add(&ctx.pool.sent_bytes, (HEADER_LEN + data.len()) as u64);
                 if let Some(d) = ctx.devs.get(dev as usize) {
                     add(&d.transferred, data.len() as u64);
@@ -124,13 +107,11 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
                 ctx.pool.done(conn, cost, cost);
             }
             Item::Sync { pass } => {
-                let h = Header::new(Kind::Sync, ctx.session)
-                    .args(pass, 0, 0)
-                    .encode();
-                iovs.clear();
-                iovs.push(iov(h.as_ptr(), HEADER_LEN));
-                // SAFETY: `h` outlives the call.
-                unsafe { vectored_full(s, &mut iovs, Dir::Write, &ctx.ctl, &what)? };
+                let head = Frame::Sync { pass }.encode(ctx.session);
+                let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
+                v.push_bytes(&head);
+                write_vecs(s, &mut v, &ctx.ctl, &what)?;
+                storage = v.into_storage();
                 add(&ctx.pool.sent_bytes, HEADER_LEN as u64);
             }
             Item::Close => {
@@ -143,40 +124,47 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
 }
 
 /// Sends one RAM packet; returns (wire bytes, zero pages, pages).
+///
+/// Zero pages are detected here, page by page with volatile reads; runs of
+/// equal zero-ness become one range-table entry each. The header, the table
+/// and the non-zero pages go out in one `writev`, the pages straight from
+/// guest memory.
+#[allow(clippy::too_many_arguments)]
 fn write_ram(
     s: &TcpStream,
     ctx: &WriterCtx,
     pass: u64,
     runs: &[PageRun],
     table: &mut Vec<u8>,
-    iovs: &mut Vec<libc::iovec>,
+    data_runs: &mut Vec<(usize, u64, u64)>,
+    storage: &mut Vec<libc::iovec>,
     what: &str,
 ) -> Result<(u64, u64, u64), MigrationError> {
     table.clear();
-    iovs.clear();
-    iovs.push(iov(std::ptr::null(), 0)); // header, filled below
-    iovs.push(iov(std::ptr::null(), 0)); // table, filled below
+    data_runs.clear();
+    let mem = &*ctx.mem;
     let mut count = 0u32;
     let mut data = 0u64;
     let mut zero = 0u64;
     let mut pages = 0u64;
     for run in runs {
-        let r = ctx.regions[run.region as usize];
-        let base = r.host_addr + (run.first_page * PAGE_SIZE) as usize;
-        let at = |p: u64| (base + (p * PAGE_SIZE) as usize) as *const u8;
+        let region = run.region as usize;
+        let gpa0 = mem
+            .regions()
+            .get(region)
+            .map(|r| r.gpa())
+            .ok_or_else(|| MigrationError::Internal(format!("RAM region {region} queued")))?;
+        let is_zero = |p: u64| mem.page_is_zero(region, run.first_page + p);
         let mut p = 0;
         while p < run.npages {
-            // SAFETY: the scheduler only queues pages inside the region, whose
-            // mapping stays valid for the whole migration (RamRegion invariant).
-            let z = unsafe { page_is_zero(at(p)) };
+            let z = is_zero(p)?;
             let mut q = p + 1;
-            // SAFETY: as above.
-            while q < run.npages && unsafe { page_is_zero(at(q)) } == z {
+            while q < run.npages && is_zero(q)? == z {
                 q += 1;
             }
             let n = q - p;
             RangeEntry {
-                gpa: r.gpa + (run.first_page + p) * PAGE_SIZE,
+                gpa: gpa0 + (run.first_page + p) * PAGE_SIZE,
                 npages: n as u32,
                 flags: if z { RANGE_ZERO } else { 0 },
             }
@@ -185,25 +173,30 @@ fn write_ram(
             if z {
                 zero += n;
             } else {
-                iovs.push(iov(at(p), (n * PAGE_SIZE) as usize));
+                data_runs.push((region, run.first_page + p, n));
                 data += n * PAGE_SIZE;
             }
             pages += n;
             p = q;
         }
     }
-    let mut h = Header::new(Kind::Ram, ctx.session).args(pass, 0, 0);
-    h.count = count;
-    h.len = table.len() as u64 + data;
-    let head = h.encode();
-    iovs[0] = iov(head.as_ptr(), HEADER_LEN);
-    iovs[1] = iov(table.as_ptr(), table.len());
-    let wire = HEADER_LEN as u64 + h.len;
+    let frame = Frame::Ram {
+        pass,
+        ranges: count,
+        data_len: data,
+    };
+    let head = frame.encode(ctx.session);
+    let wire = HEADER_LEN as u64 + frame.payload_len();
     if let Some(l) = &ctx.limiter {
         l.take(wire, &ctx.ctl)?;
     }
-    // SAFETY: header and table live on this stack frame / in `table`; page
-    // data lies in guest RAM mappings valid for the migration.
-    unsafe { vectored_full(s, iovs, Dir::Write, &ctx.ctl, what)? };
+    let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
+    v.push_bytes(&head);
+    v.push_bytes(table);
+    for &(region, first, n) in data_runs.iter() {
+        v.push_guest(mem, region, first, n)?;
+    }
+    write_vecs(s, &mut v, &ctx.ctl, what)?;
+    *storage = v.into_storage();
     Ok((wire, zero, pages))
 }

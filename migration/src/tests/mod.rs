@@ -345,11 +345,8 @@ impl SourceVm for FakeSource {
     fn ram(&self) -> Vec<RamRegion> {
         self.regions
             .iter()
-            .map(|r| RamRegion {
-                gpa: r.0,
-                size: r.2,
-                host_addr: r.1.addr(),
-            })
+            // SAFETY: the AnonMem mapping lives as long as `self`.
+            .map(|r| unsafe { RamRegion::new(r.0, r.2, r.1.addr()) })
             .collect()
     }
     fn populated(&self, region: usize) -> BackendResult<Vec<Range<u64>>> {
@@ -357,7 +354,7 @@ impl SourceVm for FakeSource {
         let bm = DirtyBitmap {
             words: t[region].clone(),
         };
-        Ok(crate::dirty::runs_of(&bm, self.regions[region].2 / 4096)
+        Ok(crate::send::runs_of(&bm, self.regions[region].2 / 4096)
             .into_iter()
             .map(|(s, n)| s * 4096..(s + n) * 4096)
             .collect())
@@ -452,11 +449,8 @@ impl DestinationVm for FakeDest {
     fn ram(&self) -> Vec<RamRegion> {
         self.regions
             .iter()
-            .map(|r| RamRegion {
-                gpa: r.0,
-                size: r.2,
-                host_addr: r.1.addr(),
-            })
+            // SAFETY: the AnonMem mapping lives as long as `self`.
+            .map(|r| unsafe { RamRegion::new(r.0, r.2, r.1.addr()) })
             .collect()
     }
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
