@@ -7,8 +7,10 @@ mod devices;
 mod e2e;
 mod failures;
 mod fuzz;
+mod guest_mem;
 mod hostile;
 mod switchover;
+mod unwind;
 
 use std::fs::File;
 use std::io::Seek;
@@ -112,6 +114,8 @@ pub struct FakeDevice {
     pub fail_on_stop: bool,
     pub fail_on: Option<MigState>,
     pub transitions: Mutex<Vec<MigState>>,
+    /// `precopy_info` panics (a broken device backend).
+    pub panic_in_info: AtomicBool,
 }
 
 impl FakeDevice {
@@ -133,6 +137,7 @@ impl FakeDevice {
             fail_on_stop: false,
             fail_on: None,
             transitions: Mutex::new(Vec::new()),
+            panic_in_info: AtomicBool::new(false),
         }
     }
     pub fn cur(&self) -> MigState {
@@ -231,6 +236,9 @@ impl MigratableDevice for FakeDevice {
         }
     }
     fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
+        if self.panic_in_info.load(SeqCst) {
+            panic!("fake device exploded");
+        }
         let pos = {
             let g = self.file.lock().unwrap();
             let f = g
