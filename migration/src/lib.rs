@@ -2,7 +2,7 @@
 //! page passes, device-state streams, convergence policy and statistics.
 //!
 //! This crate makes no KVM call. The VMM implements the traits in [`traits`]
-//! and calls [`send`] on the source and [`receive`] on the destination. The
+//! and calls [`send()`] on the source and [`receive`] on the destination. The
 //! wire protocol is described in `docs/migration-protocol.md`.
 //!
 //! Module map (arrows only point down):

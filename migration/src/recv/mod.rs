@@ -232,20 +232,12 @@ pub fn run(
         .device_buffer_bytes
         .unwrap_or(DEFAULT_DEVICE_BUFFER)
         .max(wire::MAX_DEVICE_CHUNK);
-    let acceptor = match Acceptor::start(listener) {
-        Ok(a) => a,
-        Err(e) => {
-            stats.fail(&e);
-            log::error!("incoming migration failed: {e}");
-            return Err(e);
-        }
-    };
     let ctx = Ctx {
         factory,
         bound,
         stats: stats.clone(),
         ctl: Ctl::new(cancel.clone(), STALL_TIMEOUT),
-        acceptor,
+        acceptor: Acceptor::start(listener)?,
         notify: Arc::new(Notify::default()),
         error_sent: Cell::new(false),
     };

@@ -210,7 +210,7 @@ macro_rules! or_fail {
 }
 use or_fail;
 
-/// Runs a migration on the source (see [`crate::send`]).
+/// Runs a migration on the source (see [`crate::send()`]).
 pub fn run(
     vm: Arc<dyn SourceVm>,
     p: &SendParams,
