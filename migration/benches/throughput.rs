@@ -46,11 +46,8 @@ impl SourceVm for Src {
         Ok(vec![1])
     }
     fn ram(&self) -> Vec<RamRegion> {
-        vec![RamRegion {
-            gpa: 0,
-            size: self.0 .1 as u64,
-            host_addr: self.0 .0,
-        }]
+        // SAFETY: the mapping is owned by `self` and lives as long as it.
+        vec![unsafe { RamRegion::new(0, self.0 .1 as u64, self.0 .0) }]
     }
     fn populated(&self, _: usize) -> BackendResult<Vec<Range<u64>>> {
         Ok(std::iter::once(0..self.0 .1 as u64).collect())
@@ -93,11 +90,8 @@ struct Dst(Mem);
 
 impl DestinationVm for Dst {
     fn ram(&self) -> Vec<RamRegion> {
-        vec![RamRegion {
-            gpa: 0,
-            size: self.0 .1 as u64,
-            host_addr: self.0 .0,
-        }]
+        // SAFETY: the mapping is owned by `self` and lives as long as it.
+        vec![unsafe { RamRegion::new(0, self.0 .1 as u64, self.0 .0) }]
     }
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
         vec![]

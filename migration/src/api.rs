@@ -182,7 +182,7 @@ pub fn send(
         stats.fail(&e);
         return Err(e);
     }
-    crate::sender::run(vm, params, stats, cancel)
+    crate::send::run(vm, params, stats, cancel)
 }
 
 /// Receives one migration on `listener`. On success the VM has been started
@@ -202,5 +202,5 @@ pub fn receive(
         stats.fail(&e);
         return Err(e);
     }
-    crate::receiver::run(listener, factory, params, stats, cancel)
+    crate::recv::run(listener, factory, params, stats, cancel)
 }

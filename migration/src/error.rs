@@ -81,6 +81,11 @@ pub enum MigrationError {
         #[source]
         cause: Box<MigrationError>,
     },
+    /// A broken invariant inside the migration machinery (a worker thread
+    /// that panicked, a frame built inconsistently): never caused by the
+    /// peer's input. The text names what broke.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A worker stopped because another part of the migration failed first;
     /// never the final error of a migration (the first cause replaces it).
     #[error("aborted after an earlier failure")]

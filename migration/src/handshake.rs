@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::CancelToken;
 use crate::error::MigrationError;
-use crate::net::{self, lock, prepare_stream, recv_header, recv_payload, send_frame, Ctl, Start};
-use crate::wire::{self, Header, Kind, ROLE_DATA, ROLE_MAIN};
+use crate::net::{self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Ctl, Recv};
+use crate::wire::{self, ConnRole, Frame};
 
 /// Time a newcomer has to send its HELLO.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,30 +48,29 @@ pub fn await_reply(
 ) -> Result<(), MigrationError> {
     let start = Instant::now();
     loop {
-        let (st, h) = recv_header(s, ctl, true, what)?;
-        match (st, h) {
-            (Start::Idle, _) => {
+        match recv_frame(s, ctl, true, what)? {
+            Recv::Idle => {
                 if start.elapsed() > timeout {
                     return Err(MigrationError::Timeout(format!(
                         "no reply within {timeout:?} {what}"
                     )));
                 }
             }
-            (Start::Eof, _) => return Err(MigrationError::PeerClosed(what.to_string())),
-            (_, Some(h)) => {
-                return match h.kind {
-                    Kind::Error => {
-                        let m = recv_payload(s, h.len, ctl, what)?;
+            Recv::Eof => return Err(MigrationError::PeerClosed(what.to_string())),
+            Recv::Frame(env) => {
+                return match env.frame {
+                    Frame::Error { len } => {
+                        let m = recv_payload(s, len, ctl, what)?;
                         Err(MigrationError::Remote(wire::message_text(&m)))
                     }
-                    Kind::Ok if h.session == session => Ok(()),
-                    Kind::Keepalive => continue,
-                    k => Err(MigrationError::proto(format!(
-                        "unexpected {k:?} reply {what}"
+                    Frame::Ok if env.session == session => Ok(()),
+                    Frame::Keepalive => continue,
+                    f => Err(MigrationError::proto(format!(
+                        "unexpected {:?} reply {what}",
+                        f.kind()
                     ))),
                 };
             }
-            (Start::Full, None) => return Err(MigrationError::proto("missing header")),
         }
     }
 }
@@ -80,15 +79,13 @@ pub fn await_reply(
 pub fn connect(
     addrs: &[SocketAddr],
     session: u128,
-    role: u64,
-    index: u64,
-    n: u64,
+    role: ConnRole,
+    connections: u32,
     ctl: &Ctl,
 ) -> Result<TcpStream, MigrationError> {
-    let what = if role == ROLE_MAIN {
-        "on the main connection".to_string()
-    } else {
-        format!("on data connection {index}")
+    let what = match role {
+        ConnRole::Main => "on the main connection".to_string(),
+        ConnRole::Data { index } => format!("on data connection {index}"),
     };
     let mut last = None;
     let mut stream = None;
@@ -111,9 +108,16 @@ pub fn connect(
             ));
         }
     };
-    prepare_stream(&s, role == ROLE_DATA)?;
-    let hello = Header::new(Kind::Hello, session).args(role, index, n);
-    send_frame(&s, &hello, &[], ctl, &format!("sending HELLO {what}"))?;
+    prepare_stream(&s, role != ConnRole::Main)?;
+    let hello = Frame::Hello { role, connections };
+    send_frame(
+        &s,
+        session,
+        &hello,
+        &[],
+        ctl,
+        &format!("sending HELLO {what}"),
+    )?;
     await_reply(
         &s,
         session,
@@ -128,8 +132,12 @@ pub fn connect(
 pub struct Incoming {
     /// The connection (blocking, with poll timeouts).
     pub stream: TcpStream,
-    /// Its validated HELLO.
-    pub hello: Header,
+    /// The session its HELLO names.
+    pub session: u128,
+    /// Its role.
+    pub role: ConnRole,
+    /// The data connections its HELLO announces.
+    pub connections: u32,
 }
 
 /// Background acceptor of one `receive` call.
@@ -216,7 +224,7 @@ fn spawn_refusal(
 /// Sends ERROR(msg), closes the write side, and drains what the peer still
 /// sends for a moment so that the close does not reset the error away.
 pub fn refuse_now(s: &TcpStream, session: u128, msg: &str, stop: &CancelToken) {
-    net::send_message(s, Kind::Error, session, msg);
+    net::send_message(s, session, |len| Frame::Error { len }, msg);
     let _ = s.shutdown(Shutdown::Write);
     let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
     let start = Instant::now();
@@ -284,20 +292,26 @@ fn read_hello(s: TcpStream, stop: CancelToken, tx: Sender<Incoming>) {
     let ctl = Ctl::new(stop.clone(), HELLO_TIMEOUT);
     let start = Instant::now();
     let res = loop {
-        match recv_header(&s, &ctl, true, "reading HELLO") {
-            Ok((Start::Idle, _)) if start.elapsed() < HELLO_TIMEOUT => continue,
-            Ok((Start::Idle, _)) => break Err("no HELLO within 5 s".to_string()),
-            Ok((Start::Eof, _)) => return,
-            Ok((_, Some(h))) if h.kind == Kind::Hello => break Ok(h),
-            Ok((_, Some(h))) => break Err(format!("expected HELLO, got {:?}", h.kind)),
-            Ok((_, None)) => return,
+        match recv_frame(&s, &ctl, true, "reading HELLO") {
+            Ok(Recv::Idle) if start.elapsed() < HELLO_TIMEOUT => continue,
+            Ok(Recv::Idle) => break Err("no HELLO within 5 s".to_string()),
+            Ok(Recv::Eof) => return,
+            Ok(Recv::Frame(env)) => match env.frame {
+                Frame::Hello { role, connections } => break Ok((env.session, role, connections)),
+                f => break Err(format!("expected HELLO, got {:?}", f.kind())),
+            },
             Err(MigrationError::Aborted) => return,
             Err(e) => break Err(e.to_string()),
         }
     };
     match res {
-        Ok(hello) => {
-            let _ = tx.send(Incoming { stream: s, hello });
+        Ok((session, role, connections)) => {
+            let _ = tx.send(Incoming {
+                stream: s,
+                session,
+                role,
+                connections,
+            });
         }
         Err(msg) => refuse_now(&s, 0, &format!("connection refused: {msg}"), &stop),
     }

@@ -2,37 +2,42 @@
 //! page passes, device-state streams, convergence policy and statistics.
 //!
 //! This crate makes no KVM call. The VMM implements the traits in [`traits`]
-//! and calls [`send`] on the source and [`receive`] on the destination. The
+//! and calls [`send()`] on the source and [`receive`] on the destination. The
 //! wire protocol is described in `docs/migration-protocol.md`.
 //!
-//! Module map: [`wire`] (frame layout), `net` (timed socket I/O, abort
-//! control), `handshake` (connect/accept/refuse), `pool` + `writer`
-//! (sender queues and writer threads), `dirty` (pass scheduler),
-//! `convergence`, `devsend`/`devrecv` (device streams), `reader` (receiver
-//! data path and pass barrier), `sender`/`receiver` (the two state
-//! machines), `srcmain` (the source's main-connection reader), `testhook`
-//! (switch-over fault injection for tests), [`stats`].
+//! Module map (arrows only point down):
+//!
+//! * [`api`], [`traits`], [`error`], [`stats`], `convergence`: the surface
+//!   and the policy;
+//! * `send/` (the source's state machine: `mod` phases, `setup`, `passes`,
+//!   `switchover`, `guards`, `link` (main connection reader + keepalive),
+//!   `pool`, `dirty` (packetizer), `writer`, `devices`) and `recv/` (the
+//!   destination's: `mod` phases, `setup`, `switchover`, `reader`,
+//!   `barrier`, `devices` (reorder buffers + load threads));
+//! * `handshake` (connect/accept/refuse), `net/` (`ctl`: cancel, deadlines,
+//!   commit point; `io`: frame and vectored I/O loops; `conn`: main
+//!   connection + keepalive), `worker` (threads whose panic fails the
+//!   migration, joined by guards);
+//! * [`wire`] (frame layout: typed [`wire::Frame`], range tables, SETUP) and
+//!   `guest_mem` (the one audited module that touches guest memory through
+//!   host addresses: [`RamRegion`], volatile zero scan, iovecs);
+//! * `testhook` (switch-over fault injection for tests).
 
 #![warn(missing_docs)]
 
 pub mod api;
 mod convergence;
-mod devrecv;
-mod devsend;
-mod dirty;
 pub mod error;
+mod guest_mem;
 mod handshake;
 mod net;
-mod pool;
-mod reader;
-mod receiver;
-mod sender;
-mod srcmain;
+mod recv;
+mod send;
 pub mod stats;
 mod testhook;
 pub mod traits;
 pub mod wire;
-mod writer;
+mod worker;
 
 #[cfg(test)]
 mod tests;

@@ -28,35 +28,7 @@ pub type BackendResult<T> = Result<T, BackendError>;
 /// Size of a guest page as tracked by dirty logging and moved by migration.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// One contiguous block of guest RAM mapped into this process.
-///
-/// Invariants (upheld by whoever builds it): `host_addr` points to a mapping
-/// of at least `size` bytes that stays valid, readable and writable for as
-/// long as the object that returned this region lives; `gpa` and `size` are
-/// multiples of [`PAGE_SIZE`]; regions of one VM never overlap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RamRegion {
-    /// Guest-physical address of the first byte.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Host virtual address of the first byte.
-    pub host_addr: usize,
-}
-
-impl RamRegion {
-    /// Number of pages in the region.
-    pub fn pages(&self) -> u64 {
-        self.size / PAGE_SIZE
-    }
-    /// Whether `[gpa, gpa + len)` lies wholly inside this region (overflow-safe).
-    pub fn contains(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.gpa
-            && gpa
-                .checked_add(len)
-                .is_some_and(|end| end <= self.gpa + self.size)
-    }
-}
+pub use crate::guest_mem::RamRegion;
 
 /// A dirty bitmap of one region: bit `i` of word `i / 64` is page `i`.
 ///
@@ -76,7 +48,11 @@ pub trait SourceVm: Send + Sync {
     /// The destination's [`DestinationFactory`] parses it.
     fn config(&self) -> BackendResult<Vec<u8>>;
 
-    /// The guest RAM regions, sorted by `gpa`. Stable for the whole migration.
+    /// The guest RAM regions, sorted by `gpa`. Stable for the whole
+    /// migration; each region's mapping stays valid while this object lives
+    /// (the [`RamRegion::new`] contract). The guest keeps writing it while
+    /// the VM runs: the sender reads it only with volatile loads and
+    /// `writev`.
     fn ram(&self) -> Vec<RamRegion>;
 
     /// Byte ranges (offsets inside region `region`, page-aligned, sorted) that
@@ -128,7 +104,8 @@ pub trait SourceVm: Send + Sync {
 
 /// Builds the destination VM from a received configuration.
 pub trait DestinationFactory: Send + Sync {
-    /// Parses `config` and builds a VM whose RAM is ready to be written.
+    /// Parses `config` and builds a VM whose RAM is ready to be written and
+    /// reads as zero (see [`DestinationVm::ram`]).
     /// An incompatible configuration fails with a message that the sender
     /// shows to its user.
     fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>>;
@@ -137,6 +114,15 @@ pub trait DestinationFactory: Send + Sync {
 /// The destination-side VM while it is being received.
 pub trait DestinationVm: Send + Sync {
     /// The guest RAM regions, sorted by `gpa`; same layout as the source's.
+    /// Each region's mapping stays valid while this object lives (the
+    /// [`RamRegion::new`] contract).
+    ///
+    /// **Receiver contract:** until the receiver writes a page, it reads as
+    /// zero. The sender does not send pages it never populated, and sends
+    /// zero pages as markers that the receiver applies only to pages it
+    /// wrote earlier in the same migration, so memory that is not fresh (a
+    /// file with old contents, memory reused from an earlier attempt) must
+    /// be zeroed (or its holes punched) before it is returned here.
     fn ram(&self) -> Vec<RamRegion>;
 
     /// Devices with migratable state, in the same order and with the same ids
@@ -149,7 +135,8 @@ pub trait DestinationVm: Send + Sync {
     /// Starts the vCPUs (or leaves them paused) and hands the VM to the VMM.
     fn start(&self, paused: bool) -> BackendResult<()>;
 
-    /// Drops the half-built VM after a failed migration.
+    /// Drops the half-built VM after a failed migration. Called after every
+    /// migration thread touching its RAM has been joined.
     fn discard(&self);
 }
 

@@ -136,11 +136,11 @@ fn ram_regions(vm: &Vm) -> Vec<RamRegion> {
     vm.ram()
         .regions()
         .iter()
-        .map(|r| RamRegion {
-            gpa: r.gpa,
-            size: r.size,
-            host_addr: r.host_addr as usize,
-        })
+        // SAFETY: each region is a live mapping owned by the VM's GuestRam
+        // (RegionInfo invariant), page-aligned and non-overlapping; the
+        // adapters that return these regions hold an `Arc<Vm>`, so the
+        // mapping outlives them (the `RamRegion::new` contract).
+        .map(|r| unsafe { RamRegion::new(r.gpa, r.size, r.host_addr as usize) })
         .collect()
 }
 

@@ -4,8 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use migration::wire::{decode_ranges, Header, Setup, HEADER_LEN};
-use migration::RamRegion;
+use migration::wire::{decode_ranges, Frame, Header, Setup, HEADER_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() >= HEADER_LEN {
@@ -14,17 +13,18 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(hdr) = Header::decode(&h) {
             assert_eq!(Header::decode(&hdr.encode()), Ok(hdr));
         }
+        assert_eq!(Header::decode(&h).is_ok(), Frame::decode(&h).is_ok());
+        if let Ok(env) = Frame::decode(&h) {
+            assert_eq!(Frame::decode(&env.frame.encode(env.session)), Ok(env));
+        }
     }
-    let regions = [
-        RamRegion { gpa: 0, size: 1 << 30, host_addr: 0x1000 },
-        RamRegion { gpa: 4 << 30, size: 1 << 30, host_addr: 0x2000 },
-    ];
+    let regions = [(0u64, 1u64 << 30), (4u64 << 30, 1u64 << 30)];
     let mut out = Vec::new();
     let split = data.len() / 16 * 16;
     let data_len = data.len() as u64 * 4096;
     if decode_ranges(&data[..split], data_len, &regions, &mut out).is_ok() {
         for r in &out {
-            assert!((r.first_page + r.npages) * 4096 <= regions[r.region].size);
+            assert!((r.first_page + r.npages) * 4096 <= regions[r.region].1);
         }
     }
     let _ = Setup::decode(data);

@@ -116,7 +116,7 @@ fn forced_switchover_when_not_converging() {
     r.unwrap();
     rr.unwrap();
     assert_same_ram(&src, &dest.factory.last());
-    assert_eq!(stats.snapshot().iteration, crate::sender::MAX_PASSES + 1);
+    assert_eq!(stats.snapshot().iteration, crate::send::MAX_PASSES + 1);
 }
 
 /// Regression: a paused (never dirtying) VM behind a slow bandwidth cap used

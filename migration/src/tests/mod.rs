@@ -7,8 +7,10 @@ mod devices;
 mod e2e;
 mod failures;
 mod fuzz;
+mod guest_mem;
 mod hostile;
 mod switchover;
+mod unwind;
 
 use std::fs::File;
 use std::io::Seek;
@@ -112,6 +114,8 @@ pub struct FakeDevice {
     pub fail_on_stop: bool,
     pub fail_on: Option<MigState>,
     pub transitions: Mutex<Vec<MigState>>,
+    /// `precopy_info` panics (a broken device backend).
+    pub panic_in_info: AtomicBool,
 }
 
 impl FakeDevice {
@@ -133,6 +137,7 @@ impl FakeDevice {
             fail_on_stop: false,
             fail_on: None,
             transitions: Mutex::new(Vec::new()),
+            panic_in_info: AtomicBool::new(false),
         }
     }
     pub fn cur(&self) -> MigState {
@@ -231,6 +236,9 @@ impl MigratableDevice for FakeDevice {
         }
     }
     fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
+        if self.panic_in_info.load(SeqCst) {
+            panic!("fake device exploded");
+        }
         let pos = {
             let g = self.file.lock().unwrap();
             let f = g
@@ -345,11 +353,8 @@ impl SourceVm for FakeSource {
     fn ram(&self) -> Vec<RamRegion> {
         self.regions
             .iter()
-            .map(|r| RamRegion {
-                gpa: r.0,
-                size: r.2,
-                host_addr: r.1.addr(),
-            })
+            // SAFETY: the AnonMem mapping lives as long as `self`.
+            .map(|r| unsafe { RamRegion::new(r.0, r.2, r.1.addr()) })
             .collect()
     }
     fn populated(&self, region: usize) -> BackendResult<Vec<Range<u64>>> {
@@ -357,7 +362,7 @@ impl SourceVm for FakeSource {
         let bm = DirtyBitmap {
             words: t[region].clone(),
         };
-        Ok(crate::dirty::runs_of(&bm, self.regions[region].2 / 4096)
+        Ok(crate::send::runs_of(&bm, self.regions[region].2 / 4096)
             .into_iter()
             .map(|(s, n)| s * 4096..(s + n) * 4096)
             .collect())
@@ -452,11 +457,8 @@ impl DestinationVm for FakeDest {
     fn ram(&self) -> Vec<RamRegion> {
         self.regions
             .iter()
-            .map(|r| RamRegion {
-                gpa: r.0,
-                size: r.2,
-                host_addr: r.1.addr(),
-            })
+            // SAFETY: the AnonMem mapping lives as long as `self`.
+            .map(|r| unsafe { RamRegion::new(r.0, r.2, r.1.addr()) })
             .collect()
     }
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {

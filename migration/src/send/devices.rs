@@ -8,15 +8,15 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::pool::Pool;
 use crate::error::MigrationError;
 use crate::net::{lock, Ctl, MainConn, POLL_INTERVAL};
-use crate::pool::Pool;
 use crate::stats::DeviceCounters;
 use crate::traits::{MigState, MigratableDevice};
-use crate::wire::{DevItemKind, Kind};
+use crate::wire::{DevItemKind, Frame};
+use crate::worker::Workers;
 
 /// Pause between `precopy_info` polls when a device has nothing to hand out.
 const IDLE_POLL: Duration = Duration::from_millis(20);
@@ -92,10 +92,11 @@ enum Phase {
 ///
 /// Invariant: each device's items are pushed by its own thread only, so the
 /// pool assigns its sequence numbers in stream order; the thread ends after
-/// pushing END (or on the first error, reported through `ctl`).
+/// pushing END (or on the first error, reported through `ctl`). Dropping
+/// the savers without [`DeviceSavers::join`] aborts and joins the threads.
 pub struct DeviceSavers {
     phase: Arc<(Mutex<Phase>, Condvar)>,
-    handles: Vec<JoinHandle<Result<(), MigrationError>>>,
+    workers: Workers,
 }
 
 impl DeviceSavers {
@@ -109,7 +110,7 @@ impl DeviceSavers {
         precopy: bool,
     ) -> Result<DeviceSavers, MigrationError> {
         let phase = Arc::new((Mutex::new(Phase::PreCopy), Condvar::new()));
-        let mut handles = Vec::new();
+        let mut workers = Workers::new(ctl);
         for (i, d) in devices.iter().enumerate() {
             let (d, pool, ctl, c, ph) = (
                 d.clone(),
@@ -119,24 +120,20 @@ impl DeviceSavers {
                 phase.clone(),
             );
             let pre = does_precopy(&*d, precopy);
-            let h = std::thread::Builder::new()
-                .name(format!("mig-save-{i}"))
-                .spawn(
-                    move || match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
-                        Ok(()) => Ok(()),
-                        Err(e) => {
-                            ctl.fail(match e {
-                                MigrationError::Aborted | MigrationError::Device { .. } => e,
-                                e => MigrationError::device(d.id(), e.to_string()),
-                            });
-                            Err(MigrationError::Aborted)
-                        }
-                    },
-                )
-                .map_err(|e| MigrationError::io("spawning a device save thread", e))?;
-            handles.push(h);
+            workers.spawn(&format!("mig-save-{i}"), move || {
+                match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        ctl.fail(match e {
+                            MigrationError::Aborted | MigrationError::Device { .. } => e,
+                            e => MigrationError::device(d.id(), e.to_string()),
+                        });
+                        Err(MigrationError::Aborted)
+                    }
+                }
+            })?;
         }
-        Ok(DeviceSavers { phase, handles })
+        Ok(DeviceSavers { phase, workers })
     }
 
     /// Tells every save thread to enter STOP_COPY and drain its device.
@@ -145,21 +142,10 @@ impl DeviceSavers {
         self.phase.1.notify_all();
     }
 
-    /// Joins every save thread; the first error if any.
+    /// Enters STOP_COPY and joins every save thread; the first error if any.
     pub fn join(self) -> Result<(), MigrationError> {
         self.stop_copy();
-        let mut first = Ok(());
-        for h in self.handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(MigrationError::proto("device save thread panicked")));
-            if first.is_ok() {
-                if let Err(e) = r {
-                    first = Err(e);
-                }
-            }
-        }
-        first
+        self.workers.join()
     }
 }
 
@@ -257,8 +243,9 @@ fn save_thread(
 /// The sequential main-connection path: devices one after another, all data
 /// on the main connection.
 ///
-/// Invariant: `fds[i]` is device `i`'s PRE_COPY fd between
-/// [`MainModeDevices::precopy`] and [`MainModeDevices::stop_copy`].
+/// Invariant: `fds[i]` is device `i`'s PRE_COPY fd (if it pre-copies) from
+/// [`MainModeDevices::precopy`] until [`MainModeDevices::stop_copy`]
+/// consumes the value; dropping it closes the fds.
 pub struct MainModeDevices {
     fds: Vec<Option<File>>,
     seqs: Vec<u64>,
@@ -266,7 +253,7 @@ pub struct MainModeDevices {
 
 impl MainModeDevices {
     /// Nothing started yet.
-    pub fn new(n: usize) -> Self {
+    fn new(n: usize) -> Self {
         MainModeDevices {
             fds: (0..n).map(|_| None).collect(),
             seqs: vec![0; n],
@@ -283,25 +270,31 @@ impl MainModeDevices {
     ) -> Result<(), MigrationError> {
         let seq = self.seqs[i];
         self.seqs[i] += 1;
+        let frame = Frame::Device {
+            dev: i as u32,
+            seq,
+            item: kind,
+            len: data.len() as u64,
+        };
         main.send(
-            Kind::Device,
-            (i as u64, seq, kind as u64),
+            &frame,
             data,
             ctl,
             "sending device state on the main connection",
         )
     }
 
-    /// Pre-copies the initial data of every pre-copy device, in order.
+    /// Pre-copies the initial data of every pre-copy device, in order, and
+    /// returns the fds to stop-copy from later.
     pub fn precopy(
-        &mut self,
         devices: &[Arc<dyn MigratableDevice>],
         counters: &[Arc<DeviceCounters>],
         main: &MainConn,
         ctl: &Ctl,
         chunk: usize,
         enabled: bool,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<MainModeDevices, MigrationError> {
+        let mut me = MainModeDevices::new(devices.len());
         for (i, d) in devices.iter().enumerate() {
             if !does_precopy(&**d, enabled) {
                 continue;
@@ -322,18 +315,18 @@ impl MainModeDevices {
                     std::thread::sleep(IDLE_POLL);
                     continue;
                 }
-                self.send(main, ctl, i, DevItemKind::PrecopyData, &buf)?;
+                me.send(main, ctl, i, DevItemKind::PrecopyData, &buf)?;
                 counters[i].transferred.fetch_add(buf.len() as u64, Relaxed);
             }
-            self.send(main, ctl, i, DevItemKind::InitialDone, &[])?;
-            self.fds[i] = Some(f);
+            me.send(main, ctl, i, DevItemKind::InitialDone, &[])?;
+            me.fds[i] = Some(f);
         }
-        Ok(())
+        Ok(me)
     }
 
     /// Stop-copies every device in order, then sends its END.
     pub fn stop_copy(
-        &mut self,
+        mut self,
         devices: &[Arc<dyn MigratableDevice>],
         counters: &[Arc<DeviceCounters>],
         main: &MainConn,
@@ -363,10 +356,5 @@ impl MainModeDevices {
             counters[i].remaining.store(0, Relaxed);
         }
         Ok(())
-    }
-
-    /// Drops any fd still held (failure path).
-    pub fn close(&mut self) {
-        self.fds.iter_mut().for_each(|f| *f = None);
     }
 }

@@ -9,7 +9,6 @@ use std::io::Write;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::MigrationError;
@@ -17,6 +16,7 @@ use crate::net::{lock, Ctl, Notify, POLL_INTERVAL};
 use crate::stats::DeviceCounters;
 use crate::traits::{MigState, MigratableDevice};
 use crate::wire::DevItemKind;
+use crate::worker::{self, Worker};
 
 /// Buffer cost of a marker item, so that markers are bounded too.
 const MARKER_COST: u64 = 4096;
@@ -73,7 +73,7 @@ pub struct DeviceInbox {
     ctl: Arc<Ctl>,
     acks: Mutex<Sender<Ack>>,
     notify: Arc<Notify>,
-    loaders: Mutex<Vec<JoinHandle<()>>>,
+    loaders: Mutex<Vec<Worker>>,
 }
 
 impl DeviceInbox {
@@ -183,15 +183,13 @@ impl DeviceInbox {
         slot.cv.notify_all();
         if start {
             let me = self.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("mig-load-{dev}"))
-                .spawn(move || {
-                    if let Err(e) = me.load(dev) {
-                        me.ctl.fail(e);
-                    }
-                    me.notify.notify();
-                })
-                .map_err(|e| MigrationError::io("spawning a device load thread", e))?;
+            let h = worker::spawn(&format!("mig-load-{dev}"), &self.ctl, move || {
+                if let Err(e) = me.load(dev) {
+                    me.ctl.fail(e);
+                }
+                me.notify.notify();
+                Ok(())
+            })?;
             lock(&self.loaders).push(h);
         }
         Ok(())
@@ -272,7 +270,7 @@ impl DeviceInbox {
     pub fn join(&self) {
         let hs: Vec<_> = lock(&self.loaders).drain(..).collect();
         for h in hs {
-            let _ = h.join();
+            let _ = worker::join(h);
         }
     }
 

@@ -7,8 +7,8 @@
 
 use std::ops::Range;
 
+use super::pool::{PageRun, Pool};
 use crate::error::MigrationError;
-use crate::pool::{PageRun, Pool};
 use crate::traits::{DirtyBitmap, RamRegion, SourceVm, PAGE_SIZE};
 
 /// Pages per RAM packet (2 MiB of guest memory).

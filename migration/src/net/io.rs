@@ -1,0 +1,328 @@
+//! Socket options and the blocking loops: whole buffers, typed frames and
+//! zero-copy vectored transfers. No call blocks longer than
+//! [`POLL_INTERVAL`] without checking abort, cancel and stalls.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::{Ctl, POLL_INTERVAL, SOCKET_BUFFER};
+use crate::api::CancelToken;
+use crate::error::MigrationError;
+use crate::guest_mem::{Gather, IoVecs, Scatter};
+use crate::wire::{self, Envelope, Frame, HEADER_LEN};
+
+/// Largest iovec count of one `readv`/`writev` call.
+const IOV_MAX: usize = 1024;
+
+/// Reads `/proc/sys/net/core/{r,w}mem_max`; `None` if unreadable.
+fn core_max(which: &str) -> Option<usize> {
+    std::fs::read_to_string(format!("/proc/sys/net/core/{which}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) {
+    // SAFETY: plain setsockopt with a valid pointer to an int of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::debug!(
+            "setsockopt({level}, {name}, {v}) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Requests big socket buffers when the host allows at least
+/// [`SOCKET_BUFFER`]; otherwise leaves kernel autotuning alone (a small
+/// fixed buffer would be slower than autotuning).
+pub fn set_big_buffers(fd: &impl AsRawFd) {
+    let fd = fd.as_raw_fd();
+    if core_max("wmem_max").is_some_and(|m| m >= SOCKET_BUFFER) {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, SOCKET_BUFFER as i32);
+    }
+    if core_max("rmem_max").is_some_and(|m| m >= SOCKET_BUFFER) {
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER as i32);
+    }
+}
+
+/// Prepares a connected stream: blocking with [`POLL_INTERVAL`] timeouts,
+/// TCP_NODELAY for the main connection only, big buffers for data.
+pub fn prepare_stream(s: &TcpStream, data: bool) -> Result<(), MigrationError> {
+    let e = |err| MigrationError::io("configuring a migration socket", err);
+    s.set_nonblocking(false).map_err(e)?;
+    s.set_read_timeout(Some(POLL_INTERVAL)).map_err(e)?;
+    s.set_write_timeout(Some(POLL_INTERVAL)).map_err(e)?;
+    s.set_nodelay(!data).map_err(e)?;
+    if data {
+        set_big_buffers(s);
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
+/// What [`read_start`] found at a frame boundary.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// The whole buffer was filled.
+    Full,
+    /// Nothing arrived within one [`POLL_INTERVAL`] (only when `idle_ok`).
+    Idle,
+    /// The peer closed the connection at a frame boundary.
+    Eof,
+}
+
+/// Fills `buf` from `s`. With `idle_ok`, returns [`Start::Idle`] when not a
+/// byte arrived within one poll interval, and [`Start::Eof`] on a clean close
+/// before the first byte. Once a byte arrived, reads until full: EOF is then
+/// an error, and no progress for `ctl.stall` is a stall.
+fn read_start(
+    mut s: &TcpStream,
+    buf: &mut [u8],
+    ctl: &Ctl,
+    idle_ok: bool,
+    what: &str,
+) -> Result<Start, MigrationError> {
+    let mut got = 0;
+    let mut last = Instant::now();
+    while got < buf.len() {
+        ctl.check()?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && idle_ok => return Ok(Start::Eof),
+            Ok(0) => return Err(MigrationError::PeerClosed(what.to_string())),
+            Ok(n) => {
+                got += n;
+                last = Instant::now();
+            }
+            Err(e) if is_timeout(&e) => {
+                if got == 0 && idle_ok {
+                    return Ok(Start::Idle);
+                }
+                if last.elapsed() > ctl.stall {
+                    return Err(MigrationError::Stalled(format!(
+                        "no data for {:?} {what}",
+                        ctl.stall
+                    )));
+                }
+            }
+            Err(e) => return Err(MigrationError::io(what, e)),
+        }
+    }
+    Ok(Start::Full)
+}
+
+/// Fills `buf` completely (EOF is an error).
+pub fn read_full(
+    s: &TcpStream,
+    buf: &mut [u8],
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    read_start(s, buf, ctl, false, what).map(|_| ())
+}
+
+/// Writes all of `buf`, polling abort between timeouts; fails after no
+/// progress for `ctl.stall`.
+pub fn write_full(
+    mut s: &TcpStream,
+    buf: &[u8],
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    let mut done = 0;
+    let mut last = Instant::now();
+    while done < buf.len() {
+        ctl.check()?;
+        match s.write(&buf[done..]) {
+            Ok(0) => return Err(MigrationError::PeerClosed(what.to_string())),
+            Ok(n) => {
+                done += n;
+                last = Instant::now();
+            }
+            Err(e) if is_timeout(&e) => {
+                if ctl.write_stalled(last) {
+                    return Err(MigrationError::Stalled(format!(
+                        "cannot write for {:?} {what}",
+                        ctl.stall
+                    )));
+                }
+            }
+            Err(e) => return Err(MigrationError::io(what, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Moves every byte of `v` with `writev` (`write`) or `readv`, advancing
+/// over partial transfers. Polls abort between socket timeouts, fails after
+/// no progress for the stall timeout, and treats EOF as an error.
+fn vectored<D>(
+    s: &TcpStream,
+    v: &mut IoVecs<'_, D>,
+    write: bool,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    let fd = s.as_raw_fd();
+    let mut last = Instant::now();
+    while !v.is_empty() {
+        ctl.check()?;
+        let (p, cnt) = v.pending(IOV_MAX);
+        // SAFETY: `p` points to `cnt` iovecs that, by the IoVecs invariant,
+        // describe memory valid for the list's lifetime (which outlives this
+        // call): readable for a gather list (`write`), writable for a scatter
+        // list (read).
+        let r = unsafe {
+            if write {
+                libc::writev(fd, p, cnt)
+            } else {
+                libc::readv(fd, p, cnt)
+            }
+        };
+        if r > 0 {
+            v.advance(r as usize);
+            last = Instant::now();
+            continue;
+        }
+        if r == 0 {
+            return Err(MigrationError::PeerClosed(what.to_string()));
+        }
+        let e = io::Error::last_os_error();
+        if !is_timeout(&e) {
+            return Err(MigrationError::io(what, e));
+        }
+        let stalled = if write {
+            ctl.write_stalled(last)
+        } else {
+            last.elapsed() > ctl.stall
+        };
+        if stalled {
+            return Err(MigrationError::Stalled(format!(
+                "no progress for {:?} {what}",
+                ctl.stall
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes every byte of a gather list (`writev`, zero-copy from guest
+/// memory and local buffers).
+pub fn write_vecs(
+    s: &TcpStream,
+    v: &mut IoVecs<'_, Gather>,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    vectored(s, v, true, ctl, what)
+}
+
+/// Fills every byte of a scatter list (`readv` straight into guest memory).
+pub fn read_vecs(
+    s: &TcpStream,
+    v: &mut IoVecs<'_, Scatter>,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    vectored(s, v, false, ctl, what)
+}
+
+/// Writes one frame of `session`: header plus its payload (whose length
+/// must be the frame's [`Frame::payload_len`]).
+pub fn send_frame(
+    s: &TcpStream,
+    session: u128,
+    frame: &Frame,
+    payload: &[u8],
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    if frame.payload_len() != payload.len() as u64 {
+        return Err(MigrationError::Internal(format!(
+            "{:?} frame announces {} bytes, payload has {}",
+            frame.kind(),
+            frame.payload_len(),
+            payload.len()
+        )));
+    }
+    let head = frame.encode(session);
+    if payload.is_empty() {
+        return write_full(s, &head, ctl, what);
+    }
+    let mut v = IoVecs::with_storage(Vec::with_capacity(2));
+    v.push_bytes(&head);
+    v.push_bytes(payload);
+    write_vecs(s, &mut v, ctl, what)
+}
+
+/// What [`recv_frame`] found at a frame boundary.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recv {
+    /// A validated frame header (its payload, if any, follows).
+    Frame(Envelope),
+    /// Nothing arrived within one [`POLL_INTERVAL`] (only when `idle_ok`).
+    Idle,
+    /// The peer closed the connection at a frame boundary (only when
+    /// `idle_ok`).
+    Eof,
+}
+
+/// Reads and decodes one frame header (`idle_ok` as in [`read_start`]).
+pub fn recv_frame(
+    s: &TcpStream,
+    ctl: &Ctl,
+    idle_ok: bool,
+    what: &str,
+) -> Result<Recv, MigrationError> {
+    let mut b = [0u8; HEADER_LEN];
+    Ok(match read_start(s, &mut b, ctl, idle_ok, what)? {
+        Start::Full => Recv::Frame(Frame::decode(&b)?),
+        Start::Idle => Recv::Idle,
+        Start::Eof => Recv::Eof,
+    })
+}
+
+/// Reads a payload of `len` bytes (already bounded by header validation).
+pub fn recv_payload(
+    s: &TcpStream,
+    len: u64,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<Vec<u8>, MigrationError> {
+    let mut v = vec![0u8; len as usize];
+    read_full(s, &mut v, ctl, what)?;
+    Ok(v)
+}
+
+/// Sends an ERROR (destination) or ABORT (source) frame with `msg`, best
+/// effort: one try bounded by a short stall, errors ignored. `frame` builds
+/// the frame from the message length (`|len| Frame::Error { len }`).
+pub fn send_message(s: &TcpStream, session: u128, frame: fn(u64) -> Frame, msg: &str) {
+    let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(1));
+    let msg = wire::bounded_message(msg);
+    let _ = send_frame(
+        s,
+        session,
+        &frame(msg.len() as u64),
+        msg.as_bytes(),
+        &ctl,
+        "sending an error frame",
+    );
+}

@@ -1,0 +1,386 @@
+//! The destination side: one state machine whose phases own their
+//! resources, accepting the connections, checking compatibility, running
+//! the readers and device loads, and completing (restore, start, RESUMED)
+//! or tearing down.
+//!
+//! ```text
+//! WaitMain -> Negotiate(main) -> AcceptData(VM built) -> Receive(readers, keepalive)
+//!   --STATE--> Complete (restore, READY) -> AwaitCommit --COMMIT--> Start (start, RESUMED)
+//! any phase before Start completes --error/cancel/abort/peer death--> abort
+//!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed
+//! ```
+//!
+//! The VM is started only after COMMIT arrived; from then on cancel is
+//! ignored and a failure to send RESUMED leaves the VM running (the source,
+//! which wrote COMMIT, stays paused and reports an uncertain outcome). The
+//! half-built VM is a guard ([`BuiltVm`]) that discards it when dropped.
+
+mod barrier;
+mod devices;
+mod reader;
+mod setup;
+mod switchover;
+
+use std::cell::Cell;
+use std::net::{Shutdown, TcpListener};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{CancelToken, DeviceStateMode, ReceiveParams};
+use crate::error::MigrationError;
+use crate::handshake::{Acceptor, Incoming};
+use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv, STALL_TIMEOUT};
+use crate::stats::{DeviceCounters, MigrationStats, Role, RxMeter};
+use crate::traits::{DestinationFactory, DestinationVm};
+use crate::wire::{self, Frame};
+use crate::worker::Workers;
+use devices::{Ack, DeviceInbox};
+use reader::ReaderCtx;
+
+/// Default per-device reorder buffer bound.
+pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
+
+/// What every phase of one receive shares.
+struct Ctx<'a> {
+    factory: &'a dyn DestinationFactory,
+    bound: u64,
+    stats: Arc<MigrationStats>,
+    ctl: Arc<Ctl>,
+    acceptor: Acceptor,
+    notify: Arc<Notify>,
+    /// An ERROR frame naming the failure was already sent on main.
+    error_sent: Cell<bool>,
+}
+
+impl Ctx<'_> {
+    fn refuse(&self, inc: Incoming, msg: &str) {
+        self.acceptor
+            .refuse(inc.stream, inc.session, msg.to_string());
+    }
+
+    fn next_incoming(&self, timeout: Duration) -> Option<Incoming> {
+        self.acceptor.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Refuses every newcomer waiting now.
+    fn refuse_newcomers(&self) {
+        while let Some(inc) = self.next_incoming(Duration::ZERO) {
+            self.refuse(inc, "a migration is already in progress");
+        }
+    }
+}
+
+/// The half-built destination VM: discarded when dropped, unless
+/// [`BuiltVm::into_started`] handed it over.
+struct BuiltVm {
+    vm: Arc<dyn DestinationVm>,
+    _discard: DiscardOnDrop,
+}
+
+/// Calls [`DestinationVm::discard`] when dropped, unless disarmed.
+struct DiscardOnDrop(Option<Arc<dyn DestinationVm>>);
+
+impl Drop for DiscardOnDrop {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            vm.discard();
+        }
+    }
+}
+
+impl BuiltVm {
+    fn new(vm: Arc<dyn DestinationVm>) -> BuiltVm {
+        BuiltVm {
+            _discard: DiscardOnDrop(Some(vm.clone())),
+            vm,
+        }
+    }
+
+    /// The VM was started: it belongs to the caller now.
+    fn into_started(self) -> Arc<dyn DestinationVm> {
+        let BuiltVm { vm, mut _discard } = self;
+        _discard.0 = None;
+        vm
+    }
+}
+
+/// The main connection of the session.
+struct Session {
+    main: Arc<MainConn>,
+    session: u128,
+    /// Data connections announced by the source.
+    n: usize,
+}
+
+/// SETUP accepted: the VM is built and the data path prepared.
+///
+/// Invariant: `vm`'s RAM layout and devices match what SETUP announced.
+struct Prepared {
+    s: Session,
+    inbox: Arc<DeviceInbox>,
+    ack_rx: mpsc::Receiver<Ack>,
+    rctx: Arc<ReaderCtx>,
+    counters: Vec<Arc<DeviceCounters>>,
+    mode: DeviceStateMode,
+    chunk_max: u64,
+    vm: BuiltVm,
+}
+
+/// Pages and device data arrive.
+struct Receiving {
+    keepalive: Keepalive,
+    readers: Workers,
+    p: Prepared,
+    last_main: Instant,
+    /// Last RATE round and the rate last sent per device.
+    rates: (Instant, Vec<u64>),
+    /// Live receive throughput shown as `throughput_bps` on this side.
+    rx: RxMeter,
+}
+
+/// What STATE announced.
+#[derive(Debug, Clone, Copy)]
+struct StateInfo {
+    final_pass: u64,
+    paused: bool,
+    pause_us: u64,
+}
+
+/// A received STATE frame: its arguments and payload.
+struct StateMsg {
+    info: StateInfo,
+    state: Vec<u8>,
+}
+
+/// The VM state is restored and READY sent (or about to be).
+struct Ready {
+    keepalive: Keepalive,
+    s: Session,
+    inbox: Arc<DeviceInbox>,
+    ack_rx: mpsc::Receiver<Ack>,
+    info: StateInfo,
+    vm: BuiltVm,
+}
+
+/// The phases of the receiver; each variant owns that phase's resources.
+enum Phase {
+    /// Waiting for a main connection.
+    WaitMain,
+    /// Main connection accepted; SETUP next.
+    Negotiate(Box<Session>),
+    /// VM built; the data connections are accepted next.
+    AcceptData(Box<Prepared>),
+    /// Receiving passes and device data.
+    Receive(Box<Receiving>),
+    /// STATE received: passes and devices finish, then the state is
+    /// restored and READY sent.
+    Complete(Box<Receiving>, Box<StateMsg>),
+    /// Restored and READY sent at the given time: waiting for COMMIT.
+    AwaitCommit(Box<Ready>, Instant),
+    /// COMMIT arrived: start the VM.
+    Start(Box<Ready>),
+}
+
+impl Phase {
+    /// The main connection, once there is one.
+    fn main(&self) -> Option<&Arc<MainConn>> {
+        match self {
+            Phase::WaitMain => None,
+            Phase::Negotiate(s) => Some(&s.main),
+            Phase::AcceptData(p) => Some(&p.s.main),
+            Phase::Receive(r) | Phase::Complete(r, ..) => Some(&r.p.s.main),
+            Phase::AwaitCommit(r, _) | Phase::Start(r) => Some(&r.s.main),
+        }
+    }
+}
+
+/// A step failed: the error and what the receiver held at that moment.
+struct Failed {
+    phase: Phase,
+    err: MigrationError,
+}
+
+impl Failed {
+    fn new(phase: Phase, err: MigrationError) -> Failed {
+        Failed { phase, err }
+    }
+}
+
+/// `r`'s value, or returns [`Failed`] with `phase` (evaluated only on error).
+macro_rules! or_fail {
+    ($r:expr, $phase:expr) => {
+        match $r {
+            Ok(v) => v,
+            Err(e) => return Err(crate::recv::Failed::new($phase, e)),
+        }
+    };
+}
+use or_fail;
+
+/// Receives one migration (see [`crate::receive`]).
+pub fn run(
+    listener: TcpListener,
+    factory: &dyn DestinationFactory,
+    params: &ReceiveParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
+) -> Result<Arc<dyn DestinationVm>, MigrationError> {
+    stats.begin();
+    stats.set_role(Role::Destination);
+    let bound = params
+        .device_buffer_bytes
+        .unwrap_or(DEFAULT_DEVICE_BUFFER)
+        .max(wire::MAX_DEVICE_CHUNK);
+    let ctx = Ctx {
+        factory,
+        bound,
+        stats: stats.clone(),
+        ctl: Ctl::new(cancel.clone(), STALL_TIMEOUT),
+        acceptor: Acceptor::start(listener)?,
+        notify: Arc::new(Notify::default()),
+        error_sent: Cell::new(false),
+    };
+    let r = drive(&ctx);
+    let r = match r {
+        Ok(vm) => Ok(vm),
+        Err(f) => {
+            let e = abort(&ctx, f);
+            ctx.stats.fail(&e);
+            log::error!("incoming migration failed: {e}");
+            Err(e)
+        }
+    };
+    ctx.acceptor.stop();
+    r
+}
+
+/// Runs the phases until the VM was started.
+fn drive(ctx: &Ctx) -> Result<Arc<dyn DestinationVm>, Failed> {
+    let mut phase = Phase::WaitMain;
+    loop {
+        // After COMMIT the VM is started whatever else failed meanwhile.
+        if !matches!(phase, Phase::Start(_)) {
+            or_fail!(ctx.ctl.check(), phase);
+        }
+        phase = match phase {
+            Phase::WaitMain => match or_fail!(setup::wait_main(ctx), Phase::WaitMain) {
+                Some(s) => Phase::Negotiate(Box::new(s)),
+                None => Phase::WaitMain,
+            },
+            Phase::Negotiate(s) => setup::negotiate(ctx, s)?,
+            Phase::AcceptData(p) => setup::accept_data(ctx, p)?,
+            Phase::Receive(r) => r.step(ctx)?,
+            Phase::Complete(r, msg) => r.complete(ctx, msg)?,
+            Phase::AwaitCommit(r, since) => r.await_commit(ctx, since)?,
+            Phase::Start(r) => return r.start(ctx),
+        };
+    }
+}
+
+fn is_connection_error(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::Io { .. }
+            | MigrationError::PeerClosed(_)
+            | MigrationError::Stalled(_)
+            | MigrationError::Aborted
+    )
+}
+
+/// Looks briefly for the source's ABORT message after a connection error.
+fn peer_abort_message(main: &MainConn) -> Option<String> {
+    let ctl = Ctl::new(CancelToken::default(), Duration::from_millis(500));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(500) {
+        match recv_frame(&main.stream, &ctl, true, "reading an abort") {
+            Ok(Recv::Frame(env)) => {
+                let len = env.frame.payload_len();
+                let p = recv_payload(&main.stream, len, &ctl, "reading an abort").ok()?;
+                if let Frame::Abort { .. } = env.frame {
+                    return Some(wire::message_text(&p));
+                }
+            }
+            Ok(Recv::Idle) => {}
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Shuts the main connection down (after the threads using it stopped).
+fn close_main(s: Session) {
+    let _ = s.main.stream.shutdown(Shutdown::Both);
+}
+
+/// Tears a [`Receiving`] down: keepalive, every socket, readers, device
+/// loads, main connection; the VM guard is returned to the caller.
+fn close_receiving(ctx: &Ctx, r: Receiving) -> BuiltVm {
+    let Receiving {
+        keepalive,
+        readers,
+        p,
+        ..
+    } = r;
+    drop(keepalive);
+    ctx.ctl.shutdown_all();
+    drop(readers);
+    close_prepared(p)
+}
+
+fn close_prepared(p: Prepared) -> BuiltVm {
+    let Prepared { s, inbox, vm, .. } = p;
+    inbox.join();
+    close_main(s);
+    vm
+}
+
+/// Tears a [`Ready`] down like [`close_receiving`] (its readers are gone).
+fn close_ready(ctx: &Ctx, r: Ready) -> BuiltVm {
+    let Ready {
+        keepalive,
+        s,
+        inbox,
+        vm,
+        ..
+    } = r;
+    drop(keepalive);
+    ctx.ctl.shutdown_all();
+    inbox.join();
+    close_main(s);
+    vm
+}
+
+/// Stops everything after a failure and returns the error to report: the
+/// source's ABORT message replaces a mere connection error; an ERROR frame
+/// tells the source why (unless it aborted itself or was told already);
+/// threads are joined, sockets closed, and the VM is discarded last.
+fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
+    let mut err = ctx.ctl.take_error().unwrap_or(f.err);
+    ctx.ctl.fail(MigrationError::Aborted);
+    if let Some(main) = f.phase.main() {
+        if is_connection_error(&err) {
+            if let Some(m) = peer_abort_message(main) {
+                err = MigrationError::PeerAborted(m);
+            }
+        }
+        if !matches!(err, MigrationError::PeerAborted(_)) && !ctx.error_sent.get() {
+            main.send_message(|len| Frame::Error { len }, &err.to_string());
+        }
+    }
+    let vm = match f.phase {
+        Phase::WaitMain => None,
+        Phase::Negotiate(s) => {
+            close_main(*s);
+            None
+        }
+        Phase::AcceptData(p) => {
+            ctx.ctl.shutdown_all();
+            Some(close_prepared(*p))
+        }
+        Phase::Receive(r) | Phase::Complete(r, ..) => Some(close_receiving(ctx, *r)),
+        Phase::AwaitCommit(r, _) | Phase::Start(r) => Some(close_ready(ctx, *r)),
+    };
+    drop(vm);
+    err
+}

@@ -1,0 +1,398 @@
+//! The source side: one state machine whose phases own their resources.
+//!
+//! ```text
+//! Connecting -> Connected(main) -> Linked(main link, data plane)
+//!   -> Streaming (dirty log, device streams; pass 1, 2, ...)
+//!   --(converged/forced, all acks)--> Stopped (VM paused; final pass)
+//!   -> SendState -> AwaitReady (devices stop-copied) --READY, COMMIT written--> Committed
+//!   --RESUMED--> done
+//! any phase before Committed --error/cancel/peer death--> abort: ABORT frame,
+//!   threads joined, devices RUNNING, VM resumed, dirty log off -> Failed
+//! Committed --peer death/ERROR/stall--> abort: threads joined, devices STOP,
+//!   VM LEFT PAUSED, dirty log off -> Failed(CommitUncertain)
+//! ```
+//!
+//! Each [`Phase`] variant owns exactly the resources of that phase, and the
+//! undoable ones are guards (`guards`): dirty logging ([`DirtyLog`]), the
+//! paused VM ([`PausedVm`], resumed if dropped before COMMIT), devices out of
+//! RUNNING ([`RestoreDevices`] / [`StopDevices`]), started workers
+//! ([`crate::worker::Workers`], aborted and joined if dropped). A step takes
+//! its phase by value and returns the next one, or [`Failed`] with whatever
+//! it holds at that moment, which [`abort`] tears down in order.
+//!
+//! The split-brain rule: once COMMIT has been written to the main connection
+//! (phase `Committed`), the destination may start the guest at any moment,
+//! so this side never resumes its VM again; cancel and the deadline are
+//! ignored from then on (see `Ctl::commit_point`).
+
+mod devices;
+mod dirty;
+mod guards;
+mod link;
+mod passes;
+mod pool;
+mod setup;
+mod switchover;
+mod writer;
+
+#[cfg(test)]
+pub use dirty::runs_of;
+
+use std::net::TcpStream;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::api::{CancelToken, SendParams};
+use crate::error::MigrationError;
+use crate::guest_mem::GuestMemory;
+use crate::net::{Ctl, MainConn, STALL_TIMEOUT};
+use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
+use crate::traits::{MigratableDevice, SourceVm};
+use crate::wire::Frame;
+use crate::worker::Workers;
+use guards::{DirtyLog, PausedVm, RestoreDevices, StopDevices};
+use link::{remote_cause, FromDest, Link};
+use passes::Passes;
+use pool::Pool;
+
+/// Passes after which switch-over is forced (with a warning).
+pub const MAX_PASSES: u64 = 30;
+/// Queue bound per connection (bytes of guest pages / device data).
+const CONN_QUEUE_BYTES: u64 = 8 << 20;
+/// Bound of device bytes queued and not yet written, all devices.
+const DEVICE_INFLIGHT_BYTES: u64 = 32 << 20;
+/// Poll interval while waiting for a pass to reach the wire.
+const PASS_POLL: Duration = Duration::from_millis(5);
+/// How long the destination may take to build its VM.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What every phase of one send shares (nothing in it changes with the
+/// phase).
+struct Ctx {
+    vm: Arc<dyn SourceVm>,
+    p: SendParams,
+    stats: Arc<MigrationStats>,
+    ctl: Arc<Ctl>,
+    mem: Arc<GuestMemory>,
+    devices: Vec<Arc<dyn MigratableDevice>>,
+    counters: Vec<Arc<DeviceCounters>>,
+    session: u128,
+    from_dest: Arc<FromDest>,
+    start: Instant,
+}
+
+impl Ctx {
+    /// Fails with the overall timeout once `timeout_s` has passed.
+    fn check_timeout(&self) -> Result<(), MigrationError> {
+        if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
+            return Err(MigrationError::Timeout(format!(
+                "migration took longer than {} s",
+                self.p.timeout_s
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The data connections with their queues and writer threads.
+///
+/// Invariant: dropping it aborts (if they still run) and joins the writers
+/// before the sockets close.
+struct DataPlane {
+    pool: Arc<Pool>,
+    writers: Workers,
+    _streams: Vec<TcpStream>,
+}
+
+/// The main link and the data plane: what setup builds first.
+struct Linked {
+    link: Link,
+    data: DataPlane,
+}
+
+/// Where device state streams from while the VM runs.
+enum DeviceStreams {
+    /// One save thread per device, onto the data connections.
+    Channels(devices::DeviceSavers),
+    /// Sequentially on the main connection; the pre-copy fds.
+    Main(devices::MainModeDevices),
+}
+
+/// Pages stream while the VM runs.
+struct Streaming {
+    link: Link,
+    data: DataPlane,
+    devs: DeviceStreams,
+    restore: RestoreDevices,
+    dirty: DirtyLog,
+    passes: Passes,
+}
+
+/// The VM is paused; the final pass is queued, devices still stream.
+struct Stopped {
+    link: Link,
+    data: DataPlane,
+    devs: DeviceStreams,
+    restore: RestoreDevices,
+    paused: PausedVm,
+    dirty: DirtyLog,
+    passes: Passes,
+    /// When the VM was paused (monotonic, and µs since the epoch).
+    pause_at: (Instant, u64),
+}
+
+/// Devices are stopped and copied; the VM state goes out, READY comes
+/// back, COMMIT is written.
+struct Switching {
+    link: Link,
+    data: DataPlane,
+    restore: RestoreDevices,
+    paused: PausedVm,
+    dirty: DirtyLog,
+    pass: u64,
+    pause_at: (Instant, u64),
+}
+
+/// COMMIT was written: the VM stays paused here whatever happens.
+struct Committed {
+    link: Link,
+    data: DataPlane,
+    stop: StopDevices,
+    dirty: DirtyLog,
+    pass: u64,
+    pause_at: (Instant, u64),
+    commit_at: Instant,
+}
+
+/// The phases of the sender; each variant owns that phase's resources.
+enum Phase {
+    /// Nothing acquired yet.
+    Connecting,
+    /// The main connection completed HELLO.
+    Connected(Arc<MainConn>),
+    /// SETUP accepted, data connections, main reader, keepalive and writers
+    /// up.
+    Linked(Box<Linked>),
+    /// Passes while the VM runs.
+    Streaming(Box<Streaming>),
+    /// VM paused, final pass queued: devices stop-copy next.
+    Stopped(Box<Stopped>),
+    /// Devices done: the VM state is sent next.
+    SendState(Box<Switching>),
+    /// VM state sent: waiting for READY, then COMMIT.
+    AwaitReady(Box<Switching>),
+    /// COMMIT written: waiting for RESUMED.
+    Committed(Box<Committed>),
+}
+
+/// A step failed: the error and what the sender held at that moment.
+struct Failed {
+    phase: Phase,
+    err: MigrationError,
+}
+
+impl Failed {
+    fn new(phase: Phase, err: MigrationError) -> Failed {
+        Failed { phase, err }
+    }
+}
+
+/// `r`'s value, or returns [`Failed`] with `phase` (evaluated only on error,
+/// after `r` released its borrows).
+macro_rules! or_fail {
+    ($r:expr, $phase:expr) => {
+        match $r {
+            Ok(v) => v,
+            Err(e) => return Err(crate::send::Failed::new($phase, e)),
+        }
+    };
+}
+use or_fail;
+
+/// Runs a migration on the source (see [`crate::send()`]).
+pub fn run(
+    vm: Arc<dyn SourceVm>,
+    p: &SendParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
+) -> Result<(), MigrationError> {
+    let ctl = Ctl::new(cancel.clone(), STALL_TIMEOUT);
+    let devices = vm.devices();
+    let mem = Arc::new(GuestMemory::of_source(&vm));
+    stats.begin();
+    stats.set_role(Role::Source);
+    stats.connections.store(p.connections as u64, Relaxed);
+    stats
+        .total_bytes
+        .store(mem.regions().iter().map(|r| r.size()).sum(), Relaxed);
+    let ids: Vec<String> = devices.iter().map(|d| d.id().to_string()).collect();
+    let counters = stats.set_devices(&ids);
+    let n = devices.len();
+    let ctx = Ctx {
+        vm,
+        p: p.clone(),
+        stats: stats.clone(),
+        ctl,
+        mem,
+        devices,
+        counters,
+        session: rand::random::<u128>() | 1,
+        from_dest: Arc::new(FromDest {
+            acks: Mutex::new(vec![None; n]),
+            ..Default::default()
+        }),
+        start: Instant::now(),
+    };
+    ctx.ctl.set_deadline(
+        ctx.start + Duration::from_secs(p.timeout_s),
+        format!("migration took longer than {} s", p.timeout_s),
+    );
+    match drive(&ctx) {
+        Ok(c) => {
+            c.finish();
+            Ok(())
+        }
+        Err(f) => {
+            let committed = matches!(f.phase, Phase::Committed(_));
+            let e = abort(&ctx, f);
+            ctx.stats.set_source_vm(if committed {
+                SourceVmOutcome::PausedUncertain
+            } else {
+                SourceVmOutcome::Resumed
+            });
+            ctx.stats.fail(&e);
+            log::error!("migration failed: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// Runs the phases until RESUMED arrived after COMMIT.
+fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
+    let mut phase = Phase::Connecting;
+    loop {
+        let committed = matches!(phase, Phase::Committed(_));
+        let checked = ctx.ctl.check().and_then(|()| {
+            if committed {
+                Ok(())
+            } else {
+                ctx.check_timeout()
+            }
+        });
+        or_fail!(checked, phase);
+        phase = match phase {
+            Phase::Connecting => Phase::Connected(or_fail!(setup::connect_main(ctx), phase)),
+            Phase::Connected(main) => setup::link(ctx, main)?,
+            Phase::Linked(l) => setup::start_streaming(ctx, l)?,
+            Phase::Streaming(s) => s.iterate(ctx)?,
+            Phase::Stopped(s) => s.stop_copy(ctx)?,
+            Phase::SendState(s) => s.send_state(ctx)?,
+            Phase::AwaitReady(s) => s.commit(ctx)?,
+            Phase::Committed(c) => {
+                or_fail!(c.await_resumed(ctx), Phase::Committed(c));
+                return Ok(c);
+            }
+        };
+    }
+}
+
+/// Stops everything after a failure and returns the error to report.
+/// Before the commit point the VM runs again and devices are RUNNING; after
+/// it (phase `Committed`) the VM stays paused, devices go to STOP and the
+/// error is [`MigrationError::CommitUncertain`]. The phase's resources are
+/// released in this order: main link (ABORT, reader, keepalive), writers,
+/// device streams, devices, the paused VM, dirty logging.
+fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
+    let err = ctx.ctl.take_error().unwrap_or(f.err);
+    ctx.ctl.fail(MigrationError::Aborted);
+    let fd = &*ctx.from_dest;
+    match f.phase {
+        Phase::Connecting => err,
+        Phase::Connected(main) => {
+            if !matches!(err, MigrationError::Remote(_)) {
+                main.send_message(|len| Frame::Abort { len }, &err.to_string());
+            }
+            let _ = main.stream.shutdown(std::net::Shutdown::Both);
+            remote_cause(err, fd)
+        }
+        Phase::Linked(l) => {
+            let Linked { link, data } = *l;
+            let err = link.abort(err, false, fd);
+            drop(data);
+            err
+        }
+        Phase::Streaming(s) => {
+            let Streaming {
+                link,
+                data,
+                devs,
+                restore,
+                dirty,
+                passes,
+            } = *s;
+            let err = link.abort(err, false, fd);
+            drop(data);
+            drop(devs);
+            drop(restore);
+            drop(dirty);
+            drop(passes);
+            err
+        }
+        Phase::Stopped(s) => {
+            let Stopped {
+                link,
+                data,
+                devs,
+                restore,
+                paused,
+                dirty,
+                ..
+            } = *s;
+            let err = link.abort(err, false, fd);
+            drop(data);
+            drop(devs);
+            drop(restore);
+            drop(paused);
+            drop(dirty);
+            err
+        }
+        Phase::SendState(s) | Phase::AwaitReady(s) => {
+            let Switching {
+                link,
+                data,
+                restore,
+                paused,
+                dirty,
+                ..
+            } = *s;
+            let err = link.abort(err, false, fd);
+            drop(data);
+            drop(restore);
+            drop(paused);
+            drop(dirty);
+            err
+        }
+        Phase::Committed(c) => {
+            let Committed {
+                link,
+                data,
+                stop,
+                dirty,
+                ..
+            } = *c;
+            let err = link.abort(err, true, fd);
+            drop(data);
+            drop(stop);
+            drop(dirty);
+            let err = match err {
+                e @ MigrationError::CommitUncertain { .. } => e,
+                cause => MigrationError::CommitUncertain {
+                    cause: Box::new(cause),
+                },
+            };
+            log::error!("{err}; the source VM stays paused");
+            err
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The pre-copy passes: pass 1 over populated memory, then one pass per
+//! dirty-log fetch until the convergence policy (and the devices' switch-over
+//! acks) allow the switch-over, which pauses the VM and queues the final
+//! pass.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::devices::does_precopy;
+use super::dirty::{count_dirty, merge, Packetizer};
+use super::pool::{Item, Pool};
+use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, MAX_PASSES, PASS_POLL};
+use crate::convergence::{Convergence, Decision};
+use crate::error::MigrationError;
+use crate::net::{epoch_us, lock};
+use crate::traits::{DirtyBitmap, PAGE_SIZE};
+
+/// Progress of the passes.
+///
+/// Invariant: a pass is fully on the wire once `pool.pages_done >=
+/// pages_queued` (writers count every page of a RAM item, data or zero
+/// marker, exactly once); `held` is the dirty log fetched but not yet
+/// queued.
+pub struct Passes {
+    /// Current pass (1 after the first pass was queued).
+    pub pass: u64,
+    pages_queued: u64,
+    held: Vec<DirtyBitmap>,
+    conv: Convergence,
+    last_sample: (Instant, u64, u64),
+    last_fetch: Instant,
+    forced_warned: bool,
+}
+
+impl Passes {
+    /// Before pass 1.
+    pub fn new(downtime_ms: u64) -> Passes {
+        Passes {
+            pass: 0,
+            pages_queued: 0,
+            held: Vec::new(),
+            conv: Convergence::new(Duration::from_millis(downtime_ms), MAX_PASSES),
+            last_sample: (Instant::now(), 0, 0),
+            last_fetch: Instant::now(),
+            forced_warned: false,
+        }
+    }
+
+    /// Fetches every region's dirty log into `held`; returns the dirty pages.
+    fn fetch_all(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
+        let regions = ctx.mem.regions();
+        let mut pages = 0;
+        self.held.resize(regions.len(), DirtyBitmap::default());
+        for (i, r) in regions.iter().enumerate() {
+            let bm = ctx
+                .vm
+                .fetch_dirty(i)
+                .map_err(|e| MigrationError::vm("fetching the dirty log", e))?;
+            merge(&mut self.held[i], &bm);
+            pages += count_dirty(&self.held[i], r.pages());
+        }
+        Ok(pages)
+    }
+
+    /// Queues the held dirty pages as pass `self.pass`.
+    fn send_held(&mut self, ctx: &Ctx, pool: &Pool) -> Result<u64, MigrationError> {
+        let held = std::mem::take(&mut self.held);
+        let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), self.pass);
+        for (i, bm) in held.iter().enumerate() {
+            pk.add_bitmap(i, bm)?;
+        }
+        let pages = pk.finish()?;
+        self.pages_queued += pages;
+        Ok(pages)
+    }
+
+    /// Waits until every RAM page queued so far has been written (the
+    /// previous pass is complete), polling cancel/deadline/peer failure.
+    ///
+    /// Without this wait a pass would be "done" as soon as it was queued:
+    /// with a slow link (e.g. `max_bandwidth_mbps`) the bounded queues still
+    /// hold megabytes of pass 1, the estimate counts that backlog, never
+    /// fits, and passes that find nothing dirty are counted at CPU speed
+    /// until the forced switch-over, which then has to drain the backlog
+    /// with the VM paused.
+    fn await_drained(&self, ctx: &Ctx, pool: &Pool) -> Result<(), MigrationError> {
+        loop {
+            let done = pool.pages_done.load(Relaxed);
+            ctx.stats
+                .remaining_bytes
+                .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
+            if done >= self.pages_queued {
+                return Ok(());
+            }
+            ctx.ctl.check()?;
+            ctx.check_timeout()?;
+            std::thread::sleep(PASS_POLL);
+        }
+    }
+}
+
+fn precopy_devices(ctx: &Ctx) -> Vec<usize> {
+    (0..ctx.devices.len())
+        .filter(|&i| does_precopy(&*ctx.devices[i], ctx.p.device_precopy))
+        .collect()
+}
+
+fn acks_complete(ctx: &Ctx) -> bool {
+    let acks = lock(&ctx.from_dest.acks);
+    precopy_devices(ctx)
+        .iter()
+        .all(|&i| acks.get(i).is_some_and(|a| a.is_some()))
+}
+
+fn device_estimate(ctx: &Ctx) -> (u64, Duration) {
+    let mut bytes = 0;
+    let mut load = Duration::ZERO;
+    for c in &ctx.counters {
+        let r = c.remaining.load(Relaxed);
+        bytes += r;
+        let rate = c.load_rate.load(Relaxed);
+        if rate > 0 {
+            load = load.max(Duration::from_secs_f64(r as f64 / rate as f64));
+        }
+    }
+    (bytes, load)
+}
+
+impl Streaming {
+    /// Queues pass 1: every populated page.
+    pub fn first_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        let pool = &self.data.pool;
+        let ps = &mut self.passes;
+        ps.pass = 1;
+        ctx.stats.iteration.store(1, Relaxed);
+        ps.last_fetch = Instant::now();
+        ps.last_sample = (Instant::now(), 0, 0);
+        let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), 1);
+        for i in 0..ctx.mem.regions().len() {
+            let ranges = ctx
+                .vm
+                .populated(i)
+                .map_err(|e| MigrationError::vm("listing populated memory", e))?;
+            pk.add_populated(i, &ranges)?;
+        }
+        let pages = pk.finish()?;
+        ps.pages_queued += pages;
+        pool.push_all(|| Item::Sync { pass: 1 });
+        log::info!("pass 1: {pages} populated pages queued");
+        Ok(())
+    }
+
+    /// After the previous pass drained: fetches the dirty log and decides.
+    /// Returns whether to switch over now (otherwise the next pass is
+    /// queued).
+    fn pass_done(&mut self, ctx: &Ctx) -> Result<bool, MigrationError> {
+        let pool = &self.data.pool;
+        let ps = &mut self.passes;
+        ps.await_drained(ctx, pool)?;
+        let now = Instant::now();
+        let (t0, p0, b0) = ps.last_sample;
+        let (p1, b1) = (pool.pages_done.load(Relaxed), pool.sent_bytes.load(Relaxed));
+        ps.conv
+            .record_transfer((p1 - p0) * PAGE_SIZE, b1 - b0, now - t0);
+        ps.last_sample = (now, p1, b1);
+
+        let dirty_pages = ps.fetch_all(ctx)?;
+        let dirty = dirty_pages * PAGE_SIZE;
+        ps.conv.record_dirty(dirty, ps.last_fetch.elapsed());
+        ps.last_fetch = Instant::now();
+        let (dev_bytes, dev_load) = device_estimate(ctx);
+        let est = ps
+            .conv
+            .estimate(dirty + pool.backlog() + dev_bytes, dev_load);
+        let st = &ctx.stats;
+        st.remaining_bytes.store(dirty, Relaxed);
+        st.throughput_bps.store(ps.conv.wire_rate() as u64, Relaxed);
+        st.dirty_rate_bps
+            .store(ps.conv.dirty_rate() as u64, Relaxed);
+        st.expected_downtime_ms
+            .store(est.as_millis() as u64, Relaxed);
+        let decision = ps.conv.decide(ps.pass, est);
+        let acks = acks_complete(ctx);
+        log::debug!(
+            "after pass {}: {dirty} dirty bytes, estimate {est:?}, {decision:?}, acks {acks}",
+            ps.pass
+        );
+        if decision != Decision::Continue && acks {
+            if decision == Decision::Forced {
+                log::warn!(
+                    "migration is not converging after {} passes (estimated downtime {est:?} > {} ms): forcing switch-over",
+                    ps.pass,
+                    ctx.p.downtime_ms
+                );
+            }
+            return Ok(true);
+        }
+        if decision != Decision::Continue {
+            if !ps.forced_warned {
+                log::info!(
+                    "converged; waiting for the destination to load the devices' initial data"
+                );
+                ps.forced_warned = true;
+            }
+            if dirty_pages == 0 {
+                let g = ctx.from_dest.notify.generation();
+                ctx.from_dest.notify.wait(g, Duration::from_millis(20));
+            }
+        }
+        Ok(false)
+    }
+
+    /// Queues the next pass from the held dirty log.
+    fn next_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        let ps = &mut self.passes;
+        ps.pass += 1;
+        ctx.stats.iteration.store(ps.pass, Relaxed);
+        let queued = ps.send_held(ctx, &self.data.pool)?;
+        let pass = ps.pass;
+        self.data.pool.push_all(|| Item::Sync { pass });
+        log::debug!("pass {pass}: {queued} pages queued");
+        Ok(())
+    }
+
+    /// One step of the pre-copy: either the next pass, or the switch-over
+    /// (the VM is paused and the final pass queued).
+    pub fn iterate(mut self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
+        if or_fail!(self.pass_done(ctx), Phase::Streaming(self)) {
+            return self.pause(ctx);
+        }
+        or_fail!(self.next_pass(ctx), Phase::Streaming(self));
+        Ok(Phase::Streaming(self))
+    }
+
+    /// Pauses the VM (the guard resumes it on failure) and queues the
+    /// final pass.
+    fn pause(self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
+        let paused = or_fail!(PausedVm::pause(&ctx.vm), Phase::Streaming(self));
+        let s = *self;
+        let mut st = Box::new(Stopped {
+            link: s.link,
+            data: s.data,
+            devs: s.devs,
+            restore: s.restore,
+            paused,
+            dirty: s.dirty,
+            passes: s.passes,
+            pause_at: (Instant::now(), epoch_us()),
+        });
+        or_fail!(st.final_pass(ctx), Phase::Stopped(st));
+        Ok(Phase::Stopped(st))
+    }
+}
+
+impl Stopped {
+    /// Fetches the last dirty pages and queues them as the final pass.
+    fn final_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        let ps = &mut self.passes;
+        ps.fetch_all(ctx)?;
+        ps.pass += 1;
+        ctx.stats.iteration.store(ps.pass, Relaxed);
+        let pages = ps.send_held(ctx, &self.data.pool)?;
+        log::info!(
+            "VM paused; final pass {} with {pages} pages queued",
+            ps.pass
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! Setup of a send: the main connection, SETUP, the data connections and
+//! their writers, the main link, dirty logging and the device streams, then
+//! pass 1.
+
+use std::sync::Arc;
+
+use super::devices::{DeviceSavers, MainModeDevices};
+use super::link::Link;
+use super::passes::Passes;
+use super::pool::{Pool, RateLimiter};
+use super::writer::{spawn_writers, WriterCtx};
+use super::{
+    or_fail, Ctx, DataPlane, DeviceStreams, DirtyLog, Failed, Linked, Phase, RestoreDevices,
+    Streaming, CONN_QUEUE_BYTES, DEVICE_INFLIGHT_BYTES, SETUP_TIMEOUT,
+};
+use crate::api::DeviceStateMode;
+use crate::error::MigrationError;
+use crate::handshake::{await_reply, connect, parse_url};
+use crate::net::MainConn;
+use crate::wire::{self, ConnRole, DeviceDesc, Frame, Setup};
+use crate::worker::Workers;
+
+/// Connects the main connection and completes its HELLO.
+pub fn connect_main(ctx: &Ctx) -> Result<Arc<MainConn>, MigrationError> {
+    let addrs = parse_url(&ctx.p.destination_url)?;
+    let n = ctx.p.connections;
+    let s = connect(&addrs, ctx.session, ConnRole::Main, n, &ctx.ctl)?;
+    Ok(MainConn::new(s, ctx.session))
+}
+
+/// Sends SETUP and waits for the destination to accept it.
+fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
+    let config = ctx
+        .vm
+        .config()
+        .map_err(|e| MigrationError::vm("serializing the VM configuration", e))?;
+    if config.len() as u64 > wire::MAX_CONFIG_LEN {
+        return Err(MigrationError::InvalidParams(format!(
+            "VM configuration of {} bytes is too large",
+            config.len()
+        )));
+    }
+    let setup = Setup {
+        config,
+        regions: ctx.mem.layout(),
+        devices: ctx
+            .devices
+            .iter()
+            .map(|d| DeviceDesc {
+                id: d.id().to_string(),
+                caps: d.caps(),
+            })
+            .collect(),
+        chunk_bytes: ctx.p.device_chunk_bytes,
+        device_mode: ctx.p.device_state,
+    };
+    let payload = setup.encode();
+    main.send(
+        &Frame::Setup {
+            len: payload.len() as u64,
+        },
+        &payload,
+        &ctx.ctl,
+        "sending the VM configuration",
+    )?;
+    await_reply(
+        &main.stream,
+        ctx.session,
+        &ctx.ctl,
+        SETUP_TIMEOUT,
+        "waiting for the destination to accept the configuration",
+    )
+}
+
+/// Connects the data connections and starts their writers.
+fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
+    let addrs = parse_url(&ctx.p.destination_url)?;
+    let n = ctx.p.connections;
+    let mut streams = Vec::new();
+    for i in 0..n {
+        let s = connect(
+            &addrs,
+            ctx.session,
+            ConnRole::Data { index: i },
+            n,
+            &ctx.ctl,
+        )?;
+        ctx.ctl.register(&s);
+        streams.push(s);
+    }
+    let pool = Pool::new(
+        n as usize,
+        ctx.devices.len(),
+        CONN_QUEUE_BYTES,
+        DEVICE_INFLIGHT_BYTES,
+        ctx.ctl.clone(),
+    );
+    let limiter = ctx
+        .p
+        .max_bandwidth_mbps
+        .map(|m| RateLimiter::new(m * 1024.0 * 1024.0));
+    let wctx = Arc::new(WriterCtx {
+        pool: pool.clone(),
+        mem: ctx.mem.clone(),
+        session: ctx.session,
+        stats: ctx.stats.clone(),
+        devs: ctx.counters.clone(),
+        limiter,
+        ctl: ctx.ctl.clone(),
+    });
+    let clones = streams
+        .iter()
+        .map(|s| {
+            s.try_clone()
+                .map_err(|e| MigrationError::io("cloning a data socket", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut writers = Workers::new(&ctx.ctl);
+    spawn_writers(wctx, clones, &mut writers)?;
+    Ok(DataPlane {
+        pool,
+        writers,
+        _streams: streams,
+    })
+}
+
+/// Connected → Linked: SETUP, data connections and writers, main reader
+/// and keepalive.
+pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
+    let r = (|| {
+        negotiate(ctx, &main)?;
+        let data = data_plane(ctx)?;
+        let link = Link::start(main.clone(), &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
+        Ok(Linked { link, data })
+    })();
+    let linked = or_fail!(r, Phase::Connected(main));
+    ctx.stats.mark_setup_done();
+    log::info!(
+        "migration to {} set up: {} data connections, {} devices",
+        ctx.p.destination_url,
+        ctx.p.connections,
+        ctx.devices.len()
+    );
+    Ok(Phase::Linked(Box::new(linked)))
+}
+
+/// Starts the device streams of the configured mode.
+fn start_devices(ctx: &Ctx, l: &Linked) -> Result<DeviceStreams, MigrationError> {
+    let chunk = ctx.p.device_chunk_bytes as usize;
+    Ok(match ctx.p.device_state {
+        DeviceStateMode::Channels => DeviceStreams::Channels(DeviceSavers::spawn(
+            &ctx.devices,
+            &l.data.pool,
+            &ctx.ctl,
+            &ctx.counters,
+            chunk,
+            ctx.p.device_precopy,
+        )?),
+        DeviceStateMode::Main => DeviceStreams::Main(MainModeDevices::precopy(
+            &ctx.devices,
+            &ctx.counters,
+            &l.link.main,
+            &ctx.ctl,
+            chunk,
+            ctx.p.device_precopy,
+        )?),
+    })
+}
+
+/// Linked → Streaming: dirty logging on, device streams started, pass 1
+/// queued.
+pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
+    let r = (|| {
+        let dirty = DirtyLog::start(&ctx.vm)?;
+        let restore = RestoreDevices::new(&ctx.devices);
+        let devs = start_devices(ctx, &l)?;
+        Ok((dirty, restore, devs))
+    })();
+    let (dirty, restore, devs) = or_fail!(r, Phase::Linked(l));
+    let Linked { link, data } = *l;
+    let mut s = Box::new(Streaming {
+        link,
+        data,
+        devs,
+        restore,
+        dirty,
+        passes: Passes::new(ctx.p.downtime_ms),
+    });
+    or_fail!(s.first_pass(ctx), Phase::Streaming(s));
+    Ok(Phase::Streaming(s))
+}

@@ -1,0 +1,202 @@
+//! Writer threads: one per data connection. A writer takes items from its
+//! queue, detects zero pages, builds the frame header and range table and
+//! `writev`s them together with the page data straight from guest memory
+//! (no copy into an intermediate buffer).
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+
+use super::pool::{add, Item, PageRun, Pool, RateLimiter};
+use crate::error::MigrationError;
+use crate::guest_mem::{Gather, GuestMemory, IoVecs};
+use crate::net::{write_vecs, Ctl};
+use crate::stats::{DeviceCounters, MigrationStats};
+use crate::traits::PAGE_SIZE;
+use crate::wire::{Frame, RangeEntry, HEADER_LEN, RANGE_ZERO};
+use crate::worker::Workers;
+
+/// What a writer needs; shared by all writers of one migration.
+pub struct WriterCtx {
+    /// The queues.
+    pub pool: Arc<Pool>,
+    /// Source guest RAM.
+    pub mem: Arc<GuestMemory>,
+    /// Session id stamped on every frame.
+    pub session: u128,
+    /// Statistics.
+    pub stats: Arc<MigrationStats>,
+    /// Per-device counters (index = device index).
+    pub devs: Vec<Arc<DeviceCounters>>,
+    /// Optional bandwidth cap.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// Abort control.
+    pub ctl: Arc<Ctl>,
+}
+
+/// Starts one writer per stream into `workers`. Each returns when it has
+/// sent CLOSE, or on the first error (which it also reports through
+/// `ctl.fail`).
+pub fn spawn_writers(
+    ctx: Arc<WriterCtx>,
+    streams: Vec<TcpStream>,
+    workers: &mut Workers,
+) -> Result<(), MigrationError> {
+    for (i, s) in streams.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        workers.spawn(&format!("mig-writer-{i}"), move || {
+            run_writer(i, &s, &ctx).map_err(|e| {
+                ctx.ctl.fail(e);
+                MigrationError::Aborted
+            })
+        })?;
+    }
+    Ok(())
+}
+
+fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), MigrationError> {
+    let what = format!("writing data connection {conn}");
+    let mut table: Vec<u8> = Vec::with_capacity(8192);
+    let mut data_runs: Vec<(usize, u64, u64)> = Vec::with_capacity(1030);
+    let mut storage: Vec<libc::iovec> = Vec::with_capacity(1030);
+    loop {
+        let item = ctx.pool.pop(conn)?;
+        let cost = item.cost();
+        match item {
+            Item::Ram { pass, runs } => {
+                let (wire, zero, pages) = write_ram(
+                    s,
+                    ctx,
+                    pass,
+                    &runs,
+                    &mut table,
+                    &mut data_runs,
+                    &mut storage,
+                    &what,
+                )?;
+                add(&ctx.pool.sent_bytes, wire);
+                add(&ctx.pool.pages_done, pages);
+                add(&ctx.stats.transferred_bytes, wire);
+                add(&ctx.stats.zero_pages, zero);
+                ctx.pool.done(conn, cost, 0);
+            }
+            Item::Device {
+                dev,
+                seq,
+                kind,
+                data,
+            } => {
+                let head = Frame::Device {
+                    dev,
+                    seq,
+                    item: kind,
+                    len: data.len() as u64,
+                }
+                .encode(ctx.session);
+                if let Some(l) = &ctx.limiter {
+                    l.take((HEADER_LEN + data.len()) as u64, &ctx.ctl)?;
+                }
+                let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
+                v.push_bytes(&head);
+                v.push_bytes(&data);
+                write_vecs(s, &mut v, &ctx.ctl, &what)?;
+                storage = v.into_storage();
+                add(&ctx.pool.sent_bytes, (HEADER_LEN + data.len()) as u64);
+                if let Some(d) = ctx.devs.get(dev as usize) {
+                    add(&d.transferred, data.len() as u64);
+                }
+                ctx.pool.done(conn, cost, cost);
+            }
+            Item::Sync { pass } => {
+                let head = Frame::Sync { pass }.encode(ctx.session);
+                let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
+                v.push_bytes(&head);
+                write_vecs(s, &mut v, &ctx.ctl, &what)?;
+                storage = v.into_storage();
+                add(&ctx.pool.sent_bytes, HEADER_LEN as u64);
+            }
+            Item::Close => {
+                let _ = s.shutdown(Shutdown::Write);
+                log::debug!("data connection {conn}: closed after the final pass");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends one RAM packet; returns (wire bytes, zero pages, pages).
+///
+/// Zero pages are detected here, page by page with volatile reads; runs of
+/// equal zero-ness become one range-table entry each. The header, the table
+/// and the non-zero pages go out in one `writev`, the pages straight from
+/// guest memory.
+#[allow(clippy::too_many_arguments)]
+fn write_ram(
+    s: &TcpStream,
+    ctx: &WriterCtx,
+    pass: u64,
+    runs: &[PageRun],
+    table: &mut Vec<u8>,
+    data_runs: &mut Vec<(usize, u64, u64)>,
+    storage: &mut Vec<libc::iovec>,
+    what: &str,
+) -> Result<(u64, u64, u64), MigrationError> {
+    table.clear();
+    data_runs.clear();
+    let mem = &*ctx.mem;
+    let mut count = 0u32;
+    let mut data = 0u64;
+    let mut zero = 0u64;
+    let mut pages = 0u64;
+    for run in runs {
+        let region = run.region as usize;
+        let gpa0 = mem
+            .regions()
+            .get(region)
+            .map(|r| r.gpa())
+            .ok_or_else(|| MigrationError::Internal(format!("RAM region {region} queued")))?;
+        let is_zero = |p: u64| mem.page_is_zero(region, run.first_page + p);
+        let mut p = 0;
+        while p < run.npages {
+            let z = is_zero(p)?;
+            let mut q = p + 1;
+            while q < run.npages && is_zero(q)? == z {
+                q += 1;
+            }
+            let n = q - p;
+            RangeEntry {
+                gpa: gpa0 + (run.first_page + p) * PAGE_SIZE,
+                npages: n as u32,
+                flags: if z { RANGE_ZERO } else { 0 },
+            }
+            .encode_into(table);
+            count += 1;
+            if z {
+                zero += n;
+            } else {
+                data_runs.push((region, run.first_page + p, n));
+                data += n * PAGE_SIZE;
+            }
+            pages += n;
+            p = q;
+        }
+    }
+    let frame = Frame::Ram {
+        pass,
+        ranges: count,
+        data_len: data,
+    };
+    let head = frame.encode(ctx.session);
+    let wire = HEADER_LEN as u64 + frame.payload_len();
+    if let Some(l) = &ctx.limiter {
+        l.take(wire, &ctx.ctl)?;
+    }
+    let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
+    v.push_bytes(&head);
+    v.push_bytes(table);
+    for &(region, first, n) in data_runs.iter() {
+        v.push_guest(mem, region, first, n)?;
+    }
+    write_vecs(s, &mut v, &ctx.ctl, what)?;
+    *storage = v.into_storage();
+    Ok((wire, zero, pages))
+}

@@ -1,0 +1,185 @@
+//! The raw 64-byte frame header: layout, encoding and validation.
+
+use super::{
+    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_CONNECTIONS, MAX_DEVICES,
+    MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES, MAX_SETUP_LEN, MAX_STATE_LEN,
+    RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN, VERSION,
+};
+use crate::traits::PAGE_SIZE;
+
+/// A decoded frame header. Invariant (after [`Header::decode`]): `len` and
+/// `count` are within the bounds of `kind`, reserved `flags` are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// Entries in the RAM range table (RAM only).
+    pub count: u32,
+    /// Payload bytes following the header.
+    pub len: u64,
+    /// Kind-specific argument.
+    pub a: u64,
+    /// Kind-specific argument.
+    pub b: u64,
+    /// Kind-specific argument.
+    pub c: u64,
+    /// Random session id chosen by the source (0 in refusals of strangers).
+    pub session: u128,
+}
+
+impl Header {
+    /// A header of `kind` with every other field zero.
+    pub fn new(kind: Kind, session: u128) -> Self {
+        Header {
+            kind,
+            flags: 0,
+            count: 0,
+            len: 0,
+            a: 0,
+            b: 0,
+            c: 0,
+            session,
+        }
+    }
+
+    /// Sets the three arguments.
+    pub fn args(mut self, a: u64, b: u64, c: u64) -> Self {
+        self.a = a;
+        self.b = b;
+        self.c = c;
+        self
+    }
+
+    /// Sets the payload length.
+    pub fn with_len(mut self, len: u64) -> Self {
+        self.len = len;
+        self
+    }
+
+    /// Encodes with [`MAGIC`] and [`VERSION`].
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.count.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.a.to_le_bytes());
+        b[32..40].copy_from_slice(&self.b.to_le_bytes());
+        b[40..48].copy_from_slice(&self.c.to_le_bytes());
+        b[48..64].copy_from_slice(&self.session.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates a header: magic, version, kind, reserved flags
+    /// and the length bounds of the kind.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+        let magic = u32::from_le_bytes(arr(&b[0..4]));
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes(arr(&b[4..6]));
+        if version != VERSION {
+            return Err(WireError::BadVersion(version));
+        }
+        let kind_raw = u16::from_le_bytes(arr(&b[6..8]));
+        let kind = Kind::from_u16(kind_raw).ok_or(WireError::UnknownKind(kind_raw))?;
+        let h = Header {
+            kind,
+            flags: u32::from_le_bytes(arr(&b[8..12])),
+            count: u32::from_le_bytes(arr(&b[12..16])),
+            len: u64::from_le_bytes(arr(&b[16..24])),
+            a: u64::from_le_bytes(arr(&b[24..32])),
+            b: u64::from_le_bytes(arr(&b[32..40])),
+            c: u64::from_le_bytes(arr(&b[40..48])),
+            session: u128::from_le_bytes(arr(&b[48..64])),
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    pub(crate) fn invalid(&self, what: impl Into<String>) -> WireError {
+        WireError::Invalid {
+            kind: self.kind,
+            what: what.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), WireError> {
+        if self.flags != 0 {
+            return Err(self.invalid(format!("reserved flags {:#x}", self.flags)));
+        }
+        if self.kind != Kind::Ram && self.count != 0 {
+            return Err(self.invalid("non-zero count"));
+        }
+        let max_len = match self.kind {
+            Kind::Hello
+            | Kind::Ok
+            | Kind::Sync
+            | Kind::Resumed
+            | Kind::Ack
+            | Kind::Keepalive
+            | Kind::Ready
+            | Kind::Commit
+            | Kind::Rate => 0,
+            Kind::Error | Kind::Abort => MAX_MESSAGE_LEN,
+            Kind::Setup => MAX_SETUP_LEN,
+            Kind::State => MAX_STATE_LEN,
+            Kind::Device => MAX_DEVICE_CHUNK,
+            Kind::Ram => {
+                if self.count == 0 || self.count > MAX_RANGES {
+                    return Err(self.invalid(format!("{} range entries", self.count)));
+                }
+                let table = self.count as u64 * RANGE_ENTRY_LEN as u64;
+                let data = self
+                    .len
+                    .checked_sub(table)
+                    .ok_or_else(|| self.invalid("length shorter than its range table"))?;
+                if data % PAGE_SIZE != 0 || data / PAGE_SIZE > MAX_PACKET_PAGES {
+                    return Err(self.invalid(format!("{data} data bytes")));
+                }
+                table + MAX_PACKET_PAGES * PAGE_SIZE
+            }
+        };
+        if self.len > max_len {
+            return Err(self.invalid(format!("length {} over {}", self.len, max_len)));
+        }
+        match self.kind {
+            Kind::Hello => {
+                if self.a != ROLE_MAIN && self.a != ROLE_DATA {
+                    return Err(self.invalid(format!("unknown role {}", self.a)));
+                }
+                if self.c == 0 || self.c > MAX_CONNECTIONS as u64 {
+                    return Err(self.invalid(format!("{} data connections", self.c)));
+                }
+                if self.a == ROLE_DATA && self.b >= self.c {
+                    return Err(self.invalid(format!("index {} of {}", self.b, self.c)));
+                }
+            }
+            Kind::Ack | Kind::Rate if self.a >= MAX_DEVICES as u64 => {
+                return Err(self.invalid(format!("device index {}", self.a)));
+            }
+            Kind::Device => {
+                let item = DevItemKind::from_u64(self.c)
+                    .ok_or_else(|| self.invalid(format!("unknown item kind {}", self.c)))?;
+                if item.has_data() != (self.len > 0) {
+                    return Err(self.invalid(format!("{item:?} with {} bytes", self.len)));
+                }
+                if self.a >= MAX_DEVICES as u64 {
+                    return Err(self.invalid(format!("device index {}", self.a)));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes of page data of a validated RAM header.
+    pub fn ram_data_len(&self) -> u64 {
+        self.len
+            .saturating_sub(self.count as u64 * RANGE_ENTRY_LEN as u64)
+    }
+}
