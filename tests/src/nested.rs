@@ -271,63 +271,64 @@ fn stripped(bin: &Path, dir: &Path) -> PathBuf {
     }
 }
 
-fn prepare() -> Result<Bed, Unavailable> {
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        return Err(Unavailable(format!(
-            "{QEMU} is not installed (apt-get install qemu-system-x86; .ci/run does)"
-        )));
-    }
-    let fail = |e: String| -> Unavailable { panic!("nested bed: {e}") };
+fn prepare() -> Result<Bed, String> {
     let cache = target_dir().join("nested");
-    fs::create_dir_all(&cache).map_err(|e| fail(format!("creating {}: {e}", cache.display())))?;
-    let kpkg = kernel_package().map_err(fail)?;
-    let kroot = unpacked(&cache, &kpkg).map_err(fail)?;
-    let bbroot = unpacked(&cache, "busybox-static").map_err(fail)?;
+    fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    let kpkg = kernel_package()?;
+    let kroot = unpacked(&cache, &kpkg)?;
+    let bbroot = unpacked(&cache, "busybox-static")?;
     let busybox = bbroot.join("bin/busybox");
     let release = kpkg.trim_start_matches("linux-image-");
     let kernel = kroot.join(format!("boot/vmlinuz-{release}"));
     if !kernel.is_file() {
-        return Err(fail(format!("{} is missing", kernel.display())));
+        return Err(format!("{} is missing", kernel.display()));
     }
     let modules = kroot.join(format!("lib/modules/{release}/kernel"));
 
     // L2: busybox and the witness init.
     let mut l2 = Archive::new();
     l2.dir("dev").dir("proc").dir("sys").dir("tmp");
-    l2.copy("bin/busybox", 0o755, &busybox).map_err(fail)?;
-    l2.copy("init", 0o755, &bed_source("l2-init.sh"))
-        .map_err(fail)?;
+    l2.copy("bin/busybox", 0o755, &busybox)?;
+    l2.copy("init", 0o755, &bed_source("l2-init.sh"))?;
     let l2 = l2.finish();
 
-    // L1: busybox, KVM modules, ferry, its libraries, the L2 kernel.
+    // L1: busybox, KVM modules, ferry, its libraries, the L2 kernel. The
+    // work directories of test processes that are gone are removed.
+    if let Ok(entries) = fs::read_dir(&cache) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let dir = cache.join(format!("run-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let mut l1 = Archive::new();
     l1.dir("dev").dir("proc").dir("sys").dir("tmp");
-    l1.copy("bin/busybox", 0o755, &busybox).map_err(fail)?;
-    l1.copy("init", 0o755, &bed_source("l1-init.sh"))
-        .map_err(fail)?;
-    l1.copy("lib.sh", 0o644, &bed_source("lib.sh"))
-        .map_err(fail)?;
+    l1.copy("bin/busybox", 0o755, &busybox)?;
+    l1.copy("init", 0o755, &bed_source("l1-init.sh"))?;
+    l1.copy("lib.sh", 0o644, &bed_source("lib.sh"))?;
     for m in KVM_MODULES {
         let name = Path::new(m)
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or(m);
-        l1.copy(&format!("modules/{name}"), 0o644, &modules.join(m))
-            .map_err(fail)?;
+        l1.copy(&format!("modules/{name}"), 0o644, &modules.join(m))?;
     }
     for bin in [ferry_bin(), ferry_remote_bin()] {
         let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("ferry");
         let name = name.to_string();
-        l1.copy(&format!("ferry/{name}"), 0o755, &stripped(&bin, &dir))
-            .map_err(fail)?;
+        l1.copy(&format!("ferry/{name}"), 0o755, &stripped(&bin, &dir))?;
     }
-    for (guest, host) in libraries(&ferry_bin()).map_err(fail)? {
-        l1.copy(&guest, 0o755, &host).map_err(fail)?;
+    for (guest, host) in libraries(&ferry_bin())? {
+        l1.copy(&guest, 0o755, &host)?;
     }
-    l1.copy("l2/vmlinuz", 0o644, &kernel).map_err(fail)?;
+    l1.copy("l2/vmlinuz", 0o644, &kernel)?;
     l1.file("l2/initrd", 0o644, &l2);
     Ok(Bed {
         kernel,
@@ -341,7 +342,18 @@ fn prepare() -> Result<Bed, Unavailable> {
 /// missing file) panics with the reason.
 pub fn bed() -> Result<&'static Bed, &'static Unavailable> {
     static BED: OnceLock<Result<Bed, Unavailable>> = OnceLock::new();
-    BED.get_or_init(prepare).as_ref()
+    BED.get_or_init(|| {
+        if Command::new(QEMU).arg("--version").output().is_err() {
+            return Err(Unavailable(format!(
+                "{QEMU} is not installed (apt-get install qemu-system-x86; .ci/run does)"
+            )));
+        }
+        match prepare() {
+            Ok(b) => Ok(b),
+            Err(e) => panic!("nested bed: {e}"),
+        }
+    })
+    .as_ref()
 }
 
 /// Returns the bed, or prints why it cannot run and returns `None` (the
