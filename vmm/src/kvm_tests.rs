@@ -168,6 +168,43 @@ fn user_pause_rules() {
 }
 
 #[test]
+fn vcpu_threads_follow_the_vm_phase() {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("phase");
+    let s = dir.join("s.log");
+    let v = vm(32 << 20, &s);
+    boot(&v, "region=1 passes=0");
+    assert_eq!(v.phase(), crate::vm::VmPhase::Created);
+    // Before start: the vCPU threads answer, but none runs the guest.
+    assert_eq!(v.vcpu_alive(), vec![false]);
+    let before = v.save_state().unwrap();
+    v.restore_state(&before).unwrap();
+    v.start(false).unwrap();
+    assert!(v.start(false).is_err(), "second start");
+    wait_for(&s, "pass 1 ok");
+    assert_eq!(v.vcpu_alive(), vec![true]);
+    assert!(v.save_state().is_err(), "save while running");
+    assert!(v.set_tsc_khz(1_000_000).is_err(), "TSC after start");
+    v.pause_vcpus();
+    v.pause_vcpus();
+    assert!(v.is_paused());
+    assert!(v.save_state().is_ok());
+    assert!(v.restore_state(&before).is_err(), "restore after start");
+    v.resume_vcpus();
+    wait_for(&s, "pass 2 ok");
+    // Stopping a running VM ends and joins its threads; later calls are no-ops.
+    v.stop();
+    v.stop();
+    v.pause_vcpus();
+    assert_eq!(v.vcpu_alive(), vec![false]);
+    assert!(v.save_state().is_err(), "save after stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 #[ignore = "measurement; run by hand"]
 fn pause_latency() {
     let dir = tmpdir("lat");

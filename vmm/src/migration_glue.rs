@@ -71,7 +71,7 @@ impl MigrationConfig {
             boot: vm.description().boot.clone(),
             devices: vm.devices().specs(),
             caps: vm.caps().clone(),
-            msr_count: vm.msr_list.len(),
+            msr_count: vm.spec.msr_list.len(),
         }
     }
 
@@ -283,11 +283,7 @@ impl DestinationFactory for DestFactory {
         if let Some(khz) = cfg.caps.tsc_khz {
             if vm.caps().tsc_khz != Some(khz) {
                 if vm.caps().tsc_control {
-                    for v in &vm.vcpus {
-                        v.lock().set_tsc_khz(khz).map_err(|e| {
-                            BackendError::new(format!("KVM_SET_TSC_KHZ {khz}: {e}"))
-                        })?;
-                    }
+                    vm.set_tsc_khz(khz).map_err(be)?;
                 } else {
                     warn!(
                         "source TSC runs at {khz} kHz, this host at {:?} kHz and cannot scale it; guest time may drift",

@@ -14,12 +14,24 @@ use kvm_ioctls::{KvmNestedStateBuffer, VcpuFd};
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::caps::LEGACY_XSAVE_SIZE;
+use crate::caps::{HostCaps, LEGACY_XSAVE_SIZE};
 use crate::pio::{serial_output, PioBus};
 use crate::vm::{kvm_err, Vm, VmError};
 
 /// Version of the state encoding; bumped on any layout change.
 pub const STATE_VERSION: u32 = 1;
+
+/// What saving and restoring one vCPU covers, fixed when its VM is created
+/// and shared by the VM's vCPU threads.
+///
+/// Invariant: `caps` and `msr_list` were probed on a fresh vCPU of the VM.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuStateSpec {
+    /// Optional vCPU state this host offers.
+    pub caps: HostCaps,
+    /// MSRs saved per vCPU.
+    pub msr_list: Vec<u32>,
+}
 
 /// Saved state of one vCPU.
 ///
@@ -196,7 +208,8 @@ fn nested_from(b: &[u8]) -> Result<KvmNestedStateBuffer, StateError> {
     Ok(n)
 }
 
-fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
+/// Saves one vCPU's state; runs on that vCPU's thread, which owns `fd`.
+pub(crate) fn save_vcpu(vm: &VcpuStateSpec, fd: &VcpuFd) -> Result<VcpuState, VmError> {
     let caps = &vm.caps;
     let mut msrs = Vec::new();
     if !vm.msr_list.is_empty() {
@@ -280,7 +293,13 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> 
     Ok(())
 }
 
-fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+/// Restores one vCPU's state; runs on that vCPU's thread, which owns `fd`.
+pub(crate) fn restore_vcpu(
+    vm: &VcpuStateSpec,
+    id: u8,
+    fd: &VcpuFd,
+    s: &VcpuState,
+) -> Result<(), StateError> {
     let ctx = |what: &str| format!("{what} on vCPU {id}");
     // Order matters: sregs (CR0/CR4/EFER) before regs, MSRs and XSAVE;
     // LAPIC after sregs (APIC base MSR); events and mp_state last.
@@ -333,17 +352,15 @@ fn irqchip(vm: &Vm, chip_id: u32) -> Result<kvm_irqchip, VmError> {
 impl Vm {
     /// Captures the whole VM state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        if !self.is_paused() && self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        let g = self.lock_vcpus();
+        if !g.phase.holds_still() {
             return Err(VmError::State(
                 "state can only be saved while paused".into(),
             ));
         }
         let start = std::time::Instant::now();
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            let fd = v.lock();
-            vcpus.push(save_vcpu(self, &fd)?);
-        }
+        // Each vCPU thread saves its own state, all at once.
+        let vcpus = crate::vcpu::save_all(&g.handles)?;
         let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = VmState {
             version: STATE_VERSION,
@@ -362,7 +379,8 @@ impl Vm {
 
     /// Applies a saved state to this (not yet started) VM.
     pub fn restore_state(&self, s: &VmState) -> Result<(), StateError> {
-        if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        let g = self.lock_vcpus();
+        if g.phase != crate::vm::VmPhase::Created {
             return Err(StateError::Mismatch("the VM already runs".into()));
         }
         if s.version != STATE_VERSION {
@@ -371,11 +389,11 @@ impl Vm {
                 s.version
             )));
         }
-        if s.vcpus.len() != self.vcpus.len() {
+        if s.vcpus.len() != g.handles.len() {
             return Err(StateError::Mismatch(format!(
                 "{} vCPU states for {} vCPUs",
                 s.vcpus.len(),
-                self.vcpus.len()
+                g.handles.len()
             )));
         }
         let start = std::time::Instant::now();
@@ -386,9 +404,9 @@ impl Vm {
                 .map_err(kvm_err(format!("KVM_SET_IRQCHIP {}", chip.chip_id)))?;
         }
         self.fd.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-        for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
-            let fd = v.lock();
-            restore_vcpu(self, v.id, &fd, vs)?;
+        // Each vCPU thread restores its own state.
+        for (v, vs) in g.handles.iter().zip(&s.vcpus) {
+            v.restore(vs)?;
         }
         // Devices: rebuild COM1 and the i8042 from their state (same irqfd).
         let irq = self
