@@ -3,7 +3,6 @@
 //! when /dev/kvm is absent.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,8 +28,8 @@ fn vm(size: u64, serial: &Path) -> Vm {
         prefault: false,
     })
     .unwrap();
-    let (tx, rx) = channel();
-    // Keep the receiver alive for the test's duration.
+    let (tx, rx) = crate::control::event_channel().unwrap();
+    // Keep the loop's end alive for the test's duration.
     std::mem::forget(rx);
     let desc = VmDescription {
         boot: None,

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -23,7 +22,7 @@ use crate::memory::GuestRam;
 use crate::pio::{serial_output, PioBus, PioError};
 use crate::state::VcpuStateSpec;
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
-use crate::VmmEvent;
+use crate::EventSink;
 
 /// Address KVM uses for the real-mode TSS (3 pages), inside the 32-bit gap.
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -203,7 +202,7 @@ pub(crate) fn setup_boot_regs(vfd: &VcpuFd, b: &BootRegs) -> Result<(), VmError>
 /// irqfd (`serial_irq`) is registered on GSI 4 for the VM's whole life;
 /// guest code runs only after [`Vm::start`].
 pub struct Vm {
-    /// Unique id of this VM in the process (tags [`VmmEvent`]s).
+    /// Unique id of this VM in the process (tags [`crate::VmmEvent`]s).
     pub id: u64,
     pub(crate) kvm: Kvm,
     pub(crate) fd: VmFd,
@@ -264,7 +263,7 @@ impl Vm {
         serial: SerialConfig,
         desc: VmDescription,
         devices: DeviceSet,
-        events: Sender<VmmEvent>,
+        events: EventSink,
     ) -> Result<Vm, VmError> {
         let kvm = Kvm::new()
             .map_err(|e| VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)")))?;

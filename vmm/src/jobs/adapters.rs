@@ -1,6 +1,7 @@
-//! The migration crate's traits implemented with KVM: [`SourceVm`] for a
-//! running VM, [`DestinationFactory`] / [`DestinationVm`] for a VMM that
-//! receives one.
+//! Adapters of the migration job: the migration crate's traits implemented
+//! with KVM, [`SourceVm`] for a running VM, [`DestinationFactory`] /
+//! [`DestinationVm`] for a VMM that receives one, and the VM configuration
+//! a source sends ([`MigrationConfig`]).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -275,8 +276,7 @@ impl DestinationFactory for DestFactory {
             serial: serial.clone(),
             migrated_in: true,
         };
-        let vm =
-            Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sender()).map_err(be)?;
+        let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(be)?;
         vm.caps()
             .can_restore(&cfg.caps)
             .map_err(|e| BackendError::new(format!("incompatible vCPU state: {e}")))?;
