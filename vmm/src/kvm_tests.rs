@@ -203,6 +203,86 @@ fn vcpu_threads_follow_the_vm_phase() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The life cycle moves on when a send job ends, and the control loop's
+/// exit rules follow it.
+#[test]
+fn lifecycle_follows_the_send_job() {
+    use crate::config::{Cli, VmmConfig};
+    use crate::control::requests::{Request, RequestError, Response};
+    use crate::controller::Lifecycle;
+    use crate::jobs::migration::{Direction, Job, JobResult};
+    use clap::Parser;
+
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("lifecycle");
+    let cli = Cli::parse_from(["ferry", "--api-socket", "/nonexistent/x.sock"]);
+    let vmm = crate::Vmm::new(VmmConfig::parse(&cli).unwrap()).unwrap().0;
+    let send_ended = |state: Lifecycle, result: JobResult| {
+        let mut g = vmm.lock();
+        g.state = state;
+        g.job = Some(Job::ended(Direction::Send, result));
+    };
+    let v = Arc::new(vm(32 << 20, &dir.join("s.log")));
+    boot(&v, "region=1 passes=0");
+    v.start(false).unwrap();
+
+    // A failed send leaves the VM running here.
+    send_ended(
+        Lifecycle::Sending(v.clone()),
+        JobResult::Failed {
+            error: "x".into(),
+            commit_uncertain: false,
+        },
+    );
+    assert_eq!(vmm.execute(Request::MigrationStatus).exit_after_reply, None);
+    assert!(matches!(vmm.lock().state, Lifecycle::Active(_)));
+    assert!(vmm.exit_deadline().is_none());
+
+    // After COMMIT: held paused until the user resumes it.
+    v.mark_user_paused();
+    send_ended(
+        Lifecycle::Sending(v.clone()),
+        JobResult::Failed {
+            error: "x".into(),
+            commit_uncertain: true,
+        },
+    );
+    vmm.reap_job();
+    assert!(matches!(vmm.lock().state, Lifecycle::CommitUncertain(_)));
+    let again = Request::SendMigration(
+        serde_json::from_str(r#"{"destination_url":"tcp:127.0.0.1:1"}"#).unwrap(),
+    );
+    let o = vmm.execute(again);
+    assert!(
+        matches!(&o.result, Err(RequestError::Conflict(m)) if m.contains("uncertain")),
+        "{o:?}"
+    );
+    assert_eq!(vmm.execute(Request::Resume).result, Ok(Response::Resumed));
+    assert!(matches!(vmm.lock().state, Lifecycle::Active(_)));
+
+    // Completed: "migrated", and the first status read ends the process
+    // once delivered (or the grace period does).
+    v.pause_vcpus();
+    send_ended(Lifecycle::Sending(v.clone()), JobResult::Completed);
+    let o = vmm.execute(Request::MigrationStatus);
+    assert_eq!(o.exit_after_reply, Some(0));
+    match o.result {
+        Ok(Response::MigrationStatus(s)) => assert_eq!(s["state"], "completed", "{s}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(vmm.exit_deadline().is_some());
+    match vmm.execute(Request::VmInfo).result {
+        Ok(Response::VmInfo(i)) => assert_eq!(i.state, "migrated"),
+        other => panic!("{other:?}"),
+    }
+    assert!(vmm.execute(Request::Resume).result.is_err());
+    v.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 #[ignore = "measurement; run by hand"]
 fn pause_latency() {

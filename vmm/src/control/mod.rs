@@ -308,3 +308,112 @@ pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
     // The API server (and its socket file) ends with the loop.
     control_loop(&vmm, source, signals, api)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::client::request;
+    use crate::config::Cli;
+    use clap::Parser;
+
+    fn api_only(sock: &std::path::Path) -> Arc<Vmm> {
+        let cli = Cli::parse_from(["ferry", "--api-socket", sock.to_str().unwrap()]);
+        let cfg = VmmConfig::parse(&cli).unwrap();
+        Vmm::new(cfg).unwrap().0
+    }
+
+    fn subscriber() -> EventsSubscriber {
+        let vmm = api_only(std::path::Path::new("/nonexistent/x.sock"));
+        let (sink, source) = event_channel().unwrap();
+        EventsSubscriber {
+            source,
+            sink,
+            vmm,
+            decisions: Rc::default(),
+        }
+    }
+
+    fn ask(s: &mut EventsSubscriber, request: Request) -> Answer {
+        let (tx, rx) = channel();
+        s.handle(VmmEvent::Api { request, reply: tx });
+        rx.recv().unwrap()
+    }
+
+    /// Feeds what the subscriber's own sink queued back into it.
+    fn pump(s: &mut EventsSubscriber) {
+        while let Ok(ev) = s.source.rx.try_recv() {
+            s.handle(ev);
+        }
+    }
+
+    #[test]
+    fn exit_waits_for_the_reply() {
+        let mut s = subscriber();
+        let a = ask(&mut s, Request::Ping);
+        assert!(a.delivered.is_none());
+        let a = ask(&mut s, Request::VmmShutdown);
+        assert_eq!(a.outcome.exit_after_reply, Some(0));
+        pump(&mut s);
+        assert_eq!(s.decisions.borrow().exit, None, "exit before delivery");
+        drop(a);
+        pump(&mut s);
+        assert_eq!(s.decisions.borrow().exit, Some(0));
+    }
+
+    #[test]
+    fn foreign_vm_ends_are_ignored() {
+        let mut s = subscriber();
+        s.handle(VmmEvent::VmEnded {
+            vm_id: u64::MAX,
+            end: VmEnd::Error("not ours".into()),
+        });
+        s.handle(VmmEvent::JobEnded);
+        assert_eq!(s.decisions.borrow().exit, None);
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(timeout_ms(None), -1);
+        assert_eq!(timeout_ms(Some(Instant::now())), 1);
+        let t = timeout_ms(Some(Instant::now() + Duration::from_secs(2)));
+        assert!((1..=2000).contains(&t), "{t}");
+    }
+
+    /// The whole control plane in-process: API socket, requests executed
+    /// by the loop, and an exit decided after the reply was delivered.
+    #[test]
+    fn loop_serves_the_api_and_exits_on_shutdown() {
+        let dir = PathBuf::from(format!("/tmp/ferry-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let s2 = sock.clone();
+        let (ready_tx, ready_rx) = channel();
+        let t = std::thread::spawn(move || {
+            let signals = signals::BlockedSignals::block().unwrap();
+            let cli = Cli::parse_from(["ferry", "--api-socket", s2.to_str().unwrap()]);
+            let (vmm, source) = Vmm::new(VmmConfig::parse(&cli).unwrap()).unwrap();
+            let api = crate::api::server::ApiServer::bind(&s2, vmm.event_sink()).unwrap();
+            ready_tx.send(()).unwrap();
+            control_loop(&vmm, source, signals, Some(api))
+        });
+        ready_rx.recv().unwrap();
+        let to = Duration::from_secs(10);
+        let r = request(&sock, "GET", "vmm.ping", None, to).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = request(&sock, "GET", "vm.info", None, to).unwrap();
+        assert_eq!(r.status, 409, "{}", r.body);
+        assert!(r.body.contains("not_created"), "{}", r.body);
+        let r = request(&sock, "PUT", "vm.pause", None, to).unwrap();
+        assert_eq!(r.status, 409, "{}", r.body);
+        let r = request(&sock, "GET", "vm.nope", None, to).unwrap();
+        assert_eq!(r.status, 404, "{}", r.body);
+        let r = request(&sock, "PUT", "vmm.shutdown", None, to).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(t.join().unwrap().unwrap(), 0);
+        assert!(!sock.exists(), "socket file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

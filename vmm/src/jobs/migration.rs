@@ -99,6 +99,15 @@ impl Job {
         }
     }
 
+    /// A job whose worker already ended with `result` (for tests of the
+    /// life cycle).
+    #[cfg(test)]
+    pub(crate) fn ended(direction: Direction, result: JobResult) -> Job {
+        let job = Job::new(direction);
+        *job.progress.lock().unwrap_or_else(|p| p.into_inner()) = Progress::Ended(result);
+        job
+    }
+
     /// Whether the worker still runs.
     pub fn running(&self) -> bool {
         matches!(self.progress(), Progress::Running)
