@@ -303,7 +303,7 @@ impl DestinationFactory for DestFactory {
 
 /// [`DestinationVm`] over a freshly created [`Vm`].
 ///
-/// Invariant: the VM's vCPU threads run only after `start`.
+/// Invariant: the VM runs guest code only after `start`.
 pub struct DestAdapter {
     vm: Arc<Vm>,
     vmm: Arc<Vmm>,
