@@ -1,20 +1,25 @@
-//! The VMM process: owns the VM (if any), the migration job, the API
-//! server, and the main loop that decides when the process exits.
+//! The VMM of one `ferry` process: its VM (if any), its migration job, and
+//! its life cycle ([`Lifecycle`]). Requests from the API are executed here
+//! ([`Vmm::execute`], on the control loop's thread); when the process ends
+//! is decided by the control loop ([`crate::control`]) from what this
+//! module reports.
 
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use migration::{CancelToken, MigrationStats};
 
 use crate::config::VmmConfig;
+use crate::control::{EventSink, EventSource};
 use crate::device_set::{validate_args, DeviceSet};
+use crate::jobs::migration::{Direction, Job, JobResult, Progress};
 use crate::memory::GuestRam;
 use crate::vcpu::VmEnd;
 use crate::vm::{Vm, VmDescription};
-use crate::VmmEvent;
+
+/// How long a source waits, after a completed send, for someone to read
+/// `vm.migration` before it exits anyway.
+pub const EXIT_GRACE: Duration = Duration::from_millis(1500);
 
 /// Why `ferry` could not run; decides the exit code.
 ///
@@ -40,58 +45,102 @@ impl RunError {
     }
 }
 
-/// Direction of a migration job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// This VMM sends its VM.
-    Send,
-    /// This VMM receives a VM.
-    Receive,
-}
-
-/// A migration started through the API.
+/// Where the VMM is in its life.
 ///
-/// Invariant: `outcome` is `None` exactly while the worker thread runs.
-pub struct Job {
-    /// Send or receive.
-    pub direction: Direction,
-    /// Live counters.
-    pub stats: Arc<MigrationStats>,
-    /// Cancel flag.
-    pub cancel: CancelToken,
-    /// Final result, set by the worker.
-    pub outcome: Arc<Mutex<Option<Result<(), String>>>>,
+/// Invariant: the VM named by a variant is the VMM's VM: its "VM ended"
+/// events end the process; every other VM's are ignored. A variant
+/// changes only under the VMM's lock.
+pub enum Lifecycle {
+    /// No VM: an API-only VMM waiting for requests, or after `vm.shutdown`.
+    Empty,
+    /// A receive job runs and its VM has not started yet.
+    Receiving,
+    /// The VM runs here (or is paused by the user).
+    Active(Arc<Vm>),
+    /// A send job runs.
+    Sending(Arc<Vm>),
+    /// A send failed after COMMIT: the guest may run on the destination, so
+    /// the VM is held paused here (devices in STOP) until the user resumes
+    /// it (taking responsibility that the destination did not start it) or
+    /// shuts it down. No new send is accepted.
+    CommitUncertain(Arc<Vm>),
+    /// A send completed at `since`: the VM stays paused for good and the
+    /// process exits once the completion was read or [`EXIT_GRACE`] passed.
+    MigratedOut {
+        /// The sent VM.
+        vm: Arc<Vm>,
+        /// When the job ended.
+        since: Instant,
+    },
 }
 
-impl Job {
-    /// Whether the worker still runs.
-    pub fn running(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+impl Lifecycle {
+    /// The VMM's VM, if any.
+    pub fn vm(&self) -> Option<&Arc<Vm>> {
+        match self {
+            Lifecycle::Empty | Lifecycle::Receiving => None,
+            Lifecycle::Active(vm)
+            | Lifecycle::Sending(vm)
+            | Lifecycle::CommitUncertain(vm)
+            | Lifecycle::MigratedOut { vm, .. } => Some(vm),
+        }
+    }
+
+    /// The `state` string of `vm.info` (for a VMM with a VM).
+    pub fn vm_state(&self, user_paused: bool) -> &'static str {
+        match self {
+            Lifecycle::MigratedOut { .. } => "migrated",
+            Lifecycle::Sending(_) => "migrating",
+            _ if user_paused => "paused",
+            _ => "running",
+        }
     }
 }
 
 /// Mutable VMM state.
 ///
-/// Invariant: `vm` is the VM whose events end the process; `migrated_out`
-/// is set once a send completed (the VM stays paused for good).
-#[derive(Default)]
+/// Invariant: `job` is the current or last migration; while it runs,
+/// `state` is `Sending` (a send) or `Receiving`/`Active` (a receive, before
+/// and after its VM started), unless the user shut the VM down.
 pub struct Inner {
-    /// The VM, if one exists.
-    pub vm: Option<Arc<Vm>>,
+    /// Where the VMM is in its life.
+    pub state: Lifecycle,
     /// The current or last migration.
     pub job: Option<Job>,
-    /// A send completed.
-    pub migrated_out: bool,
-    /// A completed send was reported through `vm.migration`.
-    pub completion_reported: bool,
-    /// A send failed after COMMIT: the guest may run on the destination, so
-    /// the VM is held paused here (devices in STOP) until the user resumes it
-    /// (taking responsibility that the destination did not start it) or
-    /// shuts it down. No new send is accepted while this is set.
-    pub commit_uncertain: bool,
+}
+
+impl Inner {
+    /// Moves the life cycle on once the current job has ended; does nothing
+    /// while it runs or once applied (each step leaves the state it
+    /// matches).
+    pub fn reap_job(&mut self) {
+        let Some(job) = &self.job else { return };
+        let Progress::Ended(result) = job.progress() else {
+            return;
+        };
+        let state = std::mem::replace(&mut self.state, Lifecycle::Empty);
+        self.state = match (job.direction, state, result) {
+            (Direction::Send, Lifecycle::Sending(vm), JobResult::Completed) => {
+                Lifecycle::MigratedOut {
+                    vm,
+                    since: Instant::now(),
+                }
+            }
+            (
+                Direction::Send,
+                Lifecycle::Sending(vm),
+                JobResult::Failed {
+                    commit_uncertain: true,
+                    ..
+                },
+            ) => Lifecycle::CommitUncertain(vm),
+            (Direction::Send, Lifecycle::Sending(vm), JobResult::Failed { .. }) => {
+                Lifecycle::Active(vm)
+            }
+            (Direction::Receive, Lifecycle::Receiving, _) => Lifecycle::Empty,
+            (_, other, _) => other,
+        };
+    }
 }
 
 /// RAM provisioned at start for incoming migrations, faulted in by a
@@ -146,26 +195,22 @@ impl Provisioned {
 /// The VMM of one `ferry` process.
 ///
 /// Invariant: `provisioned` is RAM faulted in at start (API-only VMM with
-/// `--memory ...,prefault=on`), shared by every VM received into it.
+/// `--memory ...,prefault=on`), shared by every VM received into it;
+/// `events` reaches this VMM's control loop.
 pub struct Vmm {
     cfg: VmmConfig,
-    events: Sender<VmmEvent>,
+    events: EventSink,
     inner: Mutex<Inner>,
     provisioned: Option<Arc<Provisioned>>,
 }
 
-static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_term(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SIGNALLED.store(num, Ordering::SeqCst);
-}
-
 impl Vmm {
-    /// A VMM without VM for `cfg`, and the receiver of its events. RAM is
-    /// pre-provisioned (in the background) for an API-only VMM started with
-    /// `--memory ...,prefault=on`.
-    pub fn new(cfg: VmmConfig) -> Result<(Arc<Vmm>, Receiver<VmmEvent>), RunError> {
-        let (tx, rx) = channel();
+    /// A VMM without VM for `cfg`, and the loop side of its event channel.
+    /// RAM is pre-provisioned (in the background) for an API-only VMM
+    /// started with `--memory ...,prefault=on`.
+    pub fn new(cfg: VmmConfig) -> Result<(Arc<Vmm>, EventSource), RunError> {
+        let (sink, source) = crate::control::event_channel()
+            .map_err(|e| RunError::Failed(format!("creating the event channel: {e}")))?;
         let provisioned = if cfg.boot.is_none() && cfg.memory_explicit && cfg.memory.prefault {
             Some(Provisioned::start(&cfg.memory)?)
         } else {
@@ -173,11 +218,14 @@ impl Vmm {
         };
         let vmm = Arc::new(Vmm {
             cfg,
-            events: tx,
-            inner: Mutex::new(Inner::default()),
+            events: sink,
+            inner: Mutex::new(Inner {
+                state: Lifecycle::Empty,
+                job: None,
+            }),
             provisioned,
         });
-        Ok((vmm, rx))
+        Ok((vmm, source))
     }
 
     /// The validated command line.
@@ -190,8 +238,8 @@ impl Vmm {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A sender for [`VmmEvent`]s.
-    pub fn event_sender(&self) -> Sender<VmmEvent> {
+    /// Where events for the control loop go.
+    pub fn event_sink(&self) -> EventSink {
         self.events.clone()
     }
 
@@ -212,24 +260,20 @@ impl Vmm {
 
     /// Makes a received VM this VMM's VM (before its vCPUs start).
     pub fn install_received_vm(&self, vm: Arc<Vm>) {
-        self.lock().vm = Some(vm);
+        self.lock().state = Lifecycle::Active(vm);
     }
 
-    /// Forgets VM `id` if it is this VMM's VM.
+    /// Forgets VM `id` if it is this VMM's VM (a received VM discarded by
+    /// its still running job).
     pub fn uninstall_vm(&self, id: u64) {
         let mut g = self.lock();
-        if g.vm.as_ref().is_some_and(|v| v.id == id) {
-            g.vm = None;
+        if g.state.vm().is_some_and(|v| v.id == id) {
+            g.state = Lifecycle::Receiving;
         }
     }
 
-    /// Asks the main loop to exit with `code`.
-    pub fn request_exit(&self, code: i32) {
-        let _ = self.events.send(VmmEvent::Exit(code));
-    }
-
-    /// Stops and forgets the VM (`vm.shutdown`). Pre-provisioned RAM is
-    /// zeroed for the next receive.
+    /// Stops and forgets the VM (`vm.shutdown`), cancelling a running job.
+    /// Pre-provisioned RAM is zeroed for the next receive.
     pub fn shutdown_vm(&self) -> Result<(), String> {
         let vm = {
             let mut g = self.lock();
@@ -238,8 +282,13 @@ impl Vmm {
                     job.cancel.cancel();
                 }
             }
-            g.vm.take()
-                .ok_or_else(|| "no VM has been created".to_string())?
+            let vm = g
+                .state
+                .vm()
+                .cloned()
+                .ok_or_else(|| "no VM has been created".to_string())?;
+            g.state = Lifecycle::Empty;
+            vm
         };
         vm.stop();
         if self.has_provisioned_ram() {
@@ -249,31 +298,51 @@ impl Vmm {
         Ok(())
     }
 
-    fn handle_event(&self, ev: VmmEvent) -> Option<i32> {
-        match ev {
-            VmmEvent::Exit(code) => Some(code),
-            VmmEvent::VmEnded { vm_id, end } => {
-                let current = self.lock().vm.as_ref().map(|v| v.id);
-                if current != Some(vm_id) {
-                    info!("ignoring the end of VM {vm_id}, not the current VM");
-                    return None;
-                }
-                match end {
-                    VmEnd::Reset(why) => {
-                        info!("guest ended the VM ({why}); exiting");
-                        Some(0)
-                    }
-                    VmEnd::Error(msg) => {
-                        eprintln!("ferry: error: {msg}");
-                        Some(1)
-                    }
-                }
+    /// What the end of VM `vm_id` means for the process: the exit code, or
+    /// `None` if that VM is not this VMM's VM.
+    pub fn vm_ended(&self, vm_id: u64, end: VmEnd) -> Option<i32> {
+        let current = self.lock().state.vm().map(|v| v.id);
+        if current != Some(vm_id) {
+            info!("ignoring the end of VM {vm_id}, not the current VM");
+            return None;
+        }
+        match end {
+            VmEnd::Reset(why) => {
+                info!("guest ended the VM ({why}); exiting");
+                Some(0)
             }
+            VmEnd::Error(msg) => {
+                eprintln!("ferry: error: {msg}");
+                Some(1)
+            }
+        }
+    }
+
+    /// Applies the end of the current job to the life cycle.
+    pub fn reap_job(&self) {
+        self.lock().reap_job();
+    }
+
+    /// When the process must exit on its own (a completed send whose
+    /// status nobody read), if it must.
+    pub fn exit_deadline(&self) -> Option<Instant> {
+        match &self.lock().state {
+            Lifecycle::MigratedOut { since, .. } => Some(*since + EXIT_GRACE),
+            _ => None,
         }
     }
 }
 
-fn build_boot_vm(vmm: &Vmm) -> Result<Option<Arc<Vm>>, RunError> {
+fn run_error(e: crate::vm::VmError) -> RunError {
+    if e.is_bad_input() {
+        RunError::BadInput(e.to_string())
+    } else {
+        RunError::Failed(e.to_string())
+    }
+}
+
+/// Creates and boots the VM of `--kernel`, if given; its vCPUs do not run.
+pub(crate) fn build_boot_vm(vmm: &Vmm) -> Result<Option<Arc<Vm>>, RunError> {
     let cfg = &vmm.cfg;
     let Some(boot) = &cfg.boot else {
         return Ok(None);
@@ -295,81 +364,10 @@ fn build_boot_vm(vmm: &Vmm) -> Result<Option<Arc<Vm>>, RunError> {
         serial: serial.clone(),
         migrated_in: false,
     };
-    let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sender()).map_err(|e| {
-        if e.is_bad_input() {
-            RunError::BadInput(e.to_string())
-        } else {
-            RunError::Failed(e.to_string())
-        }
-    })?;
-    vm.boot(boot).map_err(|e| {
-        if e.is_bad_input() {
-            RunError::BadInput(e.to_string())
-        } else {
-            RunError::Failed(e.to_string())
-        }
-    })?;
-    Ok(Some(Arc::new(vm)))
-}
-
-fn install_term_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_term) {
-            warn!("cannot handle signal {sig}: {e}");
-        }
-    }
-}
-
-fn main_loop(vmm: &Vmm, rx: &Receiver<VmmEvent>) -> i32 {
-    loop {
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        if sig != 0 {
-            info!("signal {sig} received; exiting");
-            return 128 + sig;
-        }
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(ev) => {
-                if let Some(code) = vmm.handle_event(ev) {
-                    return code;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return 1,
-        }
-    }
-}
-
-/// Runs a VMM for `cfg` until it should exit; returns the exit code.
-///
-/// Order: API socket, VM (memory, devices, kernel), vCPU threads, then the
-/// main loop. Errors before the VM runs are returned (bad input: exit 2).
-pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
-    let (vmm, rx) = Vmm::new(cfg)?;
-    install_term_handlers();
-    // The VM exists before the API answers, so that `vm.info` works as soon
-    // as `vmm.ping` does.
-    let booted = build_boot_vm(&vmm)?;
-    if let Some(vm) = &booted {
-        vmm.lock().vm = Some(vm.clone());
-    }
-    let api = match &vmm.cfg.api_socket {
-        Some(path) => Some(
-            crate::api::server::ApiServer::start(path, vmm.clone())
-                .map_err(|e| RunError::BadInput(e.to_string()))?,
-        ),
-        None => None,
-    };
-    // Everything the user gave has been accepted: only now warn about the host.
-    crate::warn_if_pvm();
-    if let Some(vm) = booted {
-        vm.start(false)
-            .map_err(|e| RunError::Failed(e.to_string()))?;
-    } else {
-        info!("no kernel given: waiting for API requests");
-    }
-    let code = main_loop(&vmm, &rx);
-    if let Some(api) = api {
-        api.shutdown();
-    }
-    Ok(code)
+    let vm =
+        Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(run_error)?;
+    vm.boot(boot).map_err(run_error)?;
+    let vm = Arc::new(vm);
+    vmm.lock().state = Lifecycle::Active(vm.clone());
+    Ok(Some(vm))
 }

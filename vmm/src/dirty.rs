@@ -127,7 +127,7 @@ impl Vm {
         info!(
             "dirty logging started on {} slot(s){}",
             self.slots.len(),
-            if self.caps.manual_protect {
+            if self.caps().manual_protect {
                 " (manual protection)"
             } else {
                 ""
@@ -161,7 +161,7 @@ impl Vm {
                 .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG slot {}", slot.slot)))?,
             pages,
         );
-        if self.caps.manual_protect {
+        if self.caps().manual_protect {
             let mut last = self.dirty.last.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(l) = last.get_mut(idx) {
                 l.clone_from(&kvm_bits);
@@ -178,7 +178,7 @@ impl Vm {
     /// Re-protects the pages of `[first_page, first_page+npages)` of region
     /// `idx` that the last fetch reported (KVM_CLEAR_DIRTY_LOG).
     pub fn clear_dirty(&self, idx: usize, first_page: u64, npages: u64) -> Result<(), VmError> {
-        if !self.caps.manual_protect || npages == 0 {
+        if !self.caps().manual_protect || npages == 0 {
             return Ok(());
         }
         let slot = self

@@ -3,7 +3,6 @@
 //! when /dev/kvm is absent.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,8 +28,8 @@ fn vm(size: u64, serial: &Path) -> Vm {
         prefault: false,
     })
     .unwrap();
-    let (tx, rx) = channel();
-    // Keep the receiver alive for the test's duration.
+    let (tx, rx) = crate::control::event_channel().unwrap();
+    // Keep the loop's end alive for the test's duration.
     std::mem::forget(rx);
     let desc = VmDescription {
         boot: None,
@@ -163,6 +162,123 @@ fn user_pause_rules() {
     assert!(v.user_paused());
     v.user_resume().unwrap();
     assert!(!v.user_paused());
+    v.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vcpu_threads_follow_the_vm_phase() {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("phase");
+    let s = dir.join("s.log");
+    let v = vm(32 << 20, &s);
+    boot(&v, "region=1 passes=0");
+    assert_eq!(v.phase(), crate::vm::VmPhase::Created);
+    // Before start: the vCPU threads answer, but none runs the guest.
+    assert_eq!(v.vcpu_alive(), vec![false]);
+    let before = v.save_state().unwrap();
+    v.restore_state(&before).unwrap();
+    v.start(false).unwrap();
+    assert!(v.start(false).is_err(), "second start");
+    wait_for(&s, "pass 1 ok");
+    assert_eq!(v.vcpu_alive(), vec![true]);
+    assert!(v.save_state().is_err(), "save while running");
+    assert!(v.set_tsc_khz(1_000_000).is_err(), "TSC after start");
+    v.pause_vcpus();
+    v.pause_vcpus();
+    assert!(v.is_paused());
+    assert!(v.save_state().is_ok());
+    assert!(v.restore_state(&before).is_err(), "restore after start");
+    v.resume_vcpus();
+    wait_for(&s, "pass 2 ok");
+    // Stopping a running VM ends and joins its threads; later calls are no-ops.
+    v.stop();
+    v.stop();
+    v.pause_vcpus();
+    assert_eq!(v.vcpu_alive(), vec![false]);
+    assert!(v.save_state().is_err(), "save after stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The life cycle moves on when a send job ends, and the control loop's
+/// exit rules follow it.
+#[test]
+fn lifecycle_follows_the_send_job() {
+    use crate::config::{Cli, VmmConfig};
+    use crate::control::requests::{Request, RequestError, Response};
+    use crate::controller::Lifecycle;
+    use crate::jobs::migration::{Direction, Job, JobResult};
+    use clap::Parser;
+
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("lifecycle");
+    let cli = Cli::parse_from(["ferry", "--api-socket", "/nonexistent/x.sock"]);
+    let vmm = crate::Vmm::new(VmmConfig::parse(&cli).unwrap()).unwrap().0;
+    let send_ended = |state: Lifecycle, result: JobResult| {
+        let mut g = vmm.lock();
+        g.state = state;
+        g.job = Some(Job::ended(Direction::Send, result));
+    };
+    let v = Arc::new(vm(32 << 20, &dir.join("s.log")));
+    boot(&v, "region=1 passes=0");
+    v.start(false).unwrap();
+
+    // A failed send leaves the VM running here.
+    send_ended(
+        Lifecycle::Sending(v.clone()),
+        JobResult::Failed {
+            error: "x".into(),
+            commit_uncertain: false,
+        },
+    );
+    assert_eq!(vmm.execute(Request::MigrationStatus).exit_after_reply, None);
+    assert!(matches!(vmm.lock().state, Lifecycle::Active(_)));
+    assert!(vmm.exit_deadline().is_none());
+
+    // After COMMIT: held paused until the user resumes it.
+    v.mark_user_paused();
+    send_ended(
+        Lifecycle::Sending(v.clone()),
+        JobResult::Failed {
+            error: "x".into(),
+            commit_uncertain: true,
+        },
+    );
+    vmm.reap_job();
+    assert!(matches!(vmm.lock().state, Lifecycle::CommitUncertain(_)));
+    let again = Request::SendMigration(
+        serde_json::from_str(r#"{"destination_url":"tcp:127.0.0.1:1"}"#).unwrap(),
+    );
+    let o = vmm.execute(again);
+    assert!(
+        matches!(&o.result, Err(RequestError::Conflict(m)) if m.contains("uncertain")),
+        "{o:?}"
+    );
+    assert_eq!(vmm.execute(Request::Resume).result, Ok(Response::Resumed));
+    assert!(matches!(vmm.lock().state, Lifecycle::Active(_)));
+
+    // Completed: "migrated", and the first status read ends the process
+    // once delivered (or the grace period does).
+    v.pause_vcpus();
+    send_ended(Lifecycle::Sending(v.clone()), JobResult::Completed);
+    let o = vmm.execute(Request::MigrationStatus);
+    assert_eq!(o.exit_after_reply, Some(0));
+    match o.result {
+        Ok(Response::MigrationStatus(s)) => assert_eq!(s["state"], "completed", "{s}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(vmm.exit_deadline().is_some());
+    match vmm.execute(Request::VmInfo).result {
+        Ok(Response::VmInfo(i)) => assert_eq!(i.state, "migrated"),
+        other => panic!("{other:?}"),
+    }
+    assert!(vmm.execute(Request::Resume).result.is_err());
     v.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

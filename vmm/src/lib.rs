@@ -1,6 +1,13 @@
 //! Ferry's VMM: KVM VMs with port-I/O devices, an HTTP API on a UNIX
 //! socket, and the glue that lets the `migration` crate move a running VM.
 //!
+//! - [`vm`], [`vcpu`], [`state`]: a KVM VM whose vCPU threads own their fds;
+//! - [`control`]: the one event loop (API socket, signals, VM events) that
+//!   executes requests and decides when the process ends;
+//! - [`controller`]: the VMM and its life cycle;
+//! - [`api`]: HTTP <-> typed requests;
+//! - [`jobs`]: the migration job and its adapters to the migration traits.
+//!
 //! The binaries (`ferry`, `ferry-remote`) are thin: `ferry` validates its
 //! command line with [`config`] and hands over to [`run`].
 #![deny(missing_docs)]
@@ -9,11 +16,12 @@ pub mod api;
 pub mod caps;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod controller;
 pub mod device_set;
 pub mod dirty;
+pub mod jobs;
 pub mod memory;
-pub mod migration_glue;
 pub mod pio;
 pub mod state;
 pub mod vcpu;
@@ -22,24 +30,8 @@ pub mod vm;
 #[cfg(test)]
 mod kvm_tests;
 
-pub use controller::{run, RunError, Vmm};
-
-/// Events delivered to the VMM's main loop.
-///
-/// Invariant: `vm_id` names the VM that produced a VM event; events of a VM
-/// that is no longer the VMM's VM are ignored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmmEvent {
-    /// A VM ended by itself (guest reset/shutdown or a KVM error).
-    VmEnded {
-        /// Which VM.
-        vm_id: u64,
-        /// Why.
-        end: vcpu::VmEnd,
-    },
-    /// The process must exit with this code.
-    Exit(i32),
-}
+pub use control::{run, EventSink, VmmEvent};
+pub use controller::{RunError, Vmm};
 
 /// Prints the host-KVM warning when this host runs KVM as PVM (nested):
 /// exactly one line on stderr. Returns whether it printed.

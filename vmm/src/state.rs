@@ -14,7 +14,7 @@ use kvm_ioctls::{KvmNestedStateBuffer, VcpuFd};
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::caps::LEGACY_XSAVE_SIZE;
+use crate::caps::{HostCaps, LEGACY_XSAVE_SIZE};
 use crate::pio::{serial_output, PioBus};
 use crate::vm::{kvm_err, Vm, VmError};
 
@@ -24,6 +24,21 @@ pub const STATE_VERSION: u32 = 2;
 /// IA32_TSC_DEADLINE. KVM drops a write of it while the LAPIC timer is not
 /// in TSC-deadline mode, so it is restored after KVM_SET_LAPIC.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// What saving and restoring one vCPU covers, fixed when its VM is created
+/// and shared by the VM's vCPU threads.
+///
+/// Invariant: `caps` and `msr_list` were probed on a fresh vCPU of the VM.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuStateSpec {
+    /// Optional vCPU state this host offers.
+    pub caps: HostCaps,
+    /// MSRs saved per vCPU.
+    pub msr_list: Vec<u32>,
+    /// The VM fd, for the kvmclock reads that place IA32_TSC on the
+    /// kvmclock time line (`None`: the TSC is saved and restored as is).
+    pub vm_fd: Option<Arc<kvm_ioctls::VmFd>>,
+}
 
 /// Saved state of one vCPU.
 ///
@@ -43,8 +58,8 @@ pub struct VcpuState {
     pub xcrs: Option<kvm_xcrs>,
     /// MSRs as (index, value).
     pub msrs: Vec<(u32, u64)>,
-    /// kvmclock (ns) read right after the MSRs: with the VM's clock it
-    /// places the saved IA32_TSC on the kvmclock time line, so that the
+    /// kvmclock (ns) when IA32_TSC was read (0: unknown). With the VM's
+    /// clock it places the saved TSC on the kvmclock time line, so that the
     /// destination restores TSC and kvmclock as one instant.
     pub clock_at_msrs: u64,
     /// Local APIC.
@@ -204,7 +219,8 @@ fn nested_from(b: &[u8]) -> Result<KvmNestedStateBuffer, StateError> {
     Ok(n)
 }
 
-fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
+/// Saves one vCPU's state; runs on that vCPU's thread, which owns `fd`.
+pub(crate) fn save_vcpu(vm: &VcpuStateSpec, fd: &VcpuFd) -> Result<VcpuState, VmError> {
     let caps = &vm.caps;
     let mut msrs = Vec::new();
     if !vm.msr_list.is_empty() {
@@ -230,10 +246,14 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
     }
     // IA32_TSC again, alone and between two clock reads, so that its place
     // on the kvmclock time line is known to a fraction of an ioctl.
-    let (tsc, clock_at_msrs) = sample_tsc(vm, fd)?;
-    for (index, value) in msrs.iter_mut() {
-        if *index == arch::msr::MSR_IA32_TSC {
-            *value = tsc;
+    let mut clock_at_msrs = 0;
+    if let Some(vm_fd) = &vm.vm_fd {
+        let (tsc, at) = sample_tsc(vm_fd, fd)?;
+        clock_at_msrs = at;
+        for (index, value) in msrs.iter_mut() {
+            if *index == arch::msr::MSR_IA32_TSC {
+                *value = tsc;
+            }
         }
     }
     Ok(VcpuState {
@@ -273,46 +293,6 @@ fn save_vcpu(vm: &Vm, fd: &VcpuFd) -> Result<VcpuState, VmError> {
     })
 }
 
-fn clock_ns(vm: &Vm) -> Result<u64, VmError> {
-    Ok(vm.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?.clock)
-}
-
-/// Reads IA32_TSC alone between two kvmclock reads: (TSC, kvmclock at the
-/// middle of the two reads).
-fn sample_tsc(vm: &Vm, fd: &VcpuFd) -> Result<(u64, u64), VmError> {
-    let mut m = Msrs::from_entries(&[kvm_msr_entry {
-        index: arch::msr::MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|e| VmError::State(format!("building the TSC MSR list: {e:?}")))?;
-    let before = clock_ns(vm)?;
-    let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS (TSC)"))?;
-    let after = clock_ns(vm)?;
-    let tsc = match m.as_slice().first() {
-        Some(e) if n == 1 => e.data,
-        _ => return Err(VmError::State("KVM_GET_MSRS did not read IA32_TSC".into())),
-    };
-    Ok((tsc, before + after.saturating_sub(before) / 2))
-}
-
-/// Writes IA32_TSC so that it keeps the distance to kvmclock it had on the
-/// source (see [`tsc_for_clock`]). The TSC is sampled about one ioctl after
-/// the clock read that precedes it: that latency is measured first.
-fn restore_tsc(vm: &Vm, id: u8, fd: &VcpuFd, tsc: u64, clock_then: u64) -> Result<(), StateError> {
-    let khz = match fd.get_tsc_khz() {
-        Ok(k) if clock_then != 0 => k,
-        other => {
-            debug!("vCPU {id}: TSC restored as saved (TSC kHz {other:?})");
-            return set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, tsc)]);
-        }
-    };
-    let a = clock_ns(vm)?;
-    let b = clock_ns(vm)?;
-    let now = clock_ns(vm)?;
-    let value = tsc_for_clock(tsc, clock_then, now + b.saturating_sub(a), khz);
-    set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, value)])
-}
-
 fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> {
     let mut rest: Vec<kvm_msr_entry> = msrs
         .iter()
@@ -337,6 +317,28 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> 
     Ok(())
 }
 
+fn clock_ns(vm_fd: &kvm_ioctls::VmFd) -> Result<u64, VmError> {
+    Ok(vm_fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?.clock)
+}
+
+/// Reads IA32_TSC alone between two kvmclock reads: (TSC, kvmclock at the
+/// middle of the two reads).
+fn sample_tsc(vm_fd: &kvm_ioctls::VmFd, fd: &VcpuFd) -> Result<(u64, u64), VmError> {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry {
+        index: arch::msr::MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| VmError::State(format!("building the TSC MSR list: {e:?}")))?;
+    let before = clock_ns(vm_fd)?;
+    let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS (TSC)"))?;
+    let after = clock_ns(vm_fd)?;
+    let tsc = match m.as_slice().first() {
+        Some(e) if n == 1 => e.data,
+        _ => return Err(VmError::State("KVM_GET_MSRS did not read IA32_TSC".into())),
+    };
+    Ok((tsc, before + after.saturating_sub(before) / 2))
+}
+
 /// The guest TSC to restore so that it keeps its distance to kvmclock: a
 /// TSC of `tsc` was saved when kvmclock read `clock_then` ns; kvmclock now
 /// reads `clock_now` ns (set from the source's clock, then running), and
@@ -349,7 +351,38 @@ pub fn tsc_for_clock(tsc: u64, clock_then: u64, clock_now: u64, khz: u32) -> u64
     tsc.saturating_add(u64::try_from(cycles).unwrap_or(u64::MAX))
 }
 
-fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+/// Writes IA32_TSC so that it keeps the distance to kvmclock it had on the
+/// source (see [`tsc_for_clock`]). The TSC is sampled about one ioctl after
+/// the clock read that precedes it: that latency is measured first.
+fn restore_tsc(
+    vm: &VcpuStateSpec,
+    id: u8,
+    fd: &VcpuFd,
+    tsc: u64,
+    clock_then: u64,
+) -> Result<(), StateError> {
+    let khz = fd.get_tsc_khz();
+    let (Some(vm_fd), Ok(khz)) = (&vm.vm_fd, khz) else {
+        debug!("vCPU {id}: TSC restored as saved (TSC kHz {khz:?})");
+        return set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, tsc)]);
+    };
+    if clock_then == 0 {
+        return set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, tsc)]);
+    }
+    let a = clock_ns(vm_fd)?;
+    let b = clock_ns(vm_fd)?;
+    let now = clock_ns(vm_fd)?;
+    let value = tsc_for_clock(tsc, clock_then, now + b.saturating_sub(a), khz);
+    set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, value)])
+}
+
+/// Restores one vCPU's state; runs on that vCPU's thread, which owns `fd`.
+pub(crate) fn restore_vcpu(
+    vm: &VcpuStateSpec,
+    id: u8,
+    fd: &VcpuFd,
+    s: &VcpuState,
+) -> Result<(), StateError> {
     let ctx = |what: &str| format!("{what} on vCPU {id}");
     // Order matters: sregs (CR0/CR4/EFER) before regs, MSRs and XSAVE;
     // LAPIC after sregs (APIC base MSR); events and mp_state last.
@@ -370,12 +403,11 @@ fn restore_vcpu(vm: &Vm, id: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), State
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(kvm_err(ctx("KVM_SET_XCRS")))?;
     }
-    // Every MSR but the TSC deadline first (IA32_TSC among them, which the
-    // deadline is relative to), then the LAPIC (its LVT timer mode), then
-    // the deadline: KVM ignores the deadline while the LAPIC is not in
+    // Every MSR but the TSC and its deadline first; then the TSC alone,
+    // after the VM clock was set (see `Vm::restore_state`), at its saved
+    // distance to kvmclock; then the LAPIC (its LVT timer mode); then the
+    // deadline: KVM ignores the deadline while the LAPIC is not in
     // TSC-deadline mode, and an armed timer would be lost.
-    // The TSC is written alone, after the VM clock was set (see
-    // `restore_state`), at its saved distance to kvmclock.
     let tsc_index = arch::msr::MSR_IA32_TSC;
     let tsc = s
         .msrs
@@ -430,17 +462,15 @@ fn irqchip(vm: &Vm, chip_id: u32) -> Result<kvm_irqchip, VmError> {
 impl Vm {
     /// Captures the whole VM state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        if !self.is_paused() && self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        let g = self.lock_vcpus();
+        if !g.phase.holds_still() {
             return Err(VmError::State(
                 "state can only be saved while paused".into(),
             ));
         }
         let start = std::time::Instant::now();
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            let fd = v.lock();
-            vcpus.push(save_vcpu(self, &fd)?);
-        }
+        // Each vCPU thread saves its own state, all at once.
+        let vcpus = crate::vcpu::save_all(&g.handles)?;
         let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = VmState {
             version: STATE_VERSION,
@@ -459,7 +489,8 @@ impl Vm {
 
     /// Applies a saved state to this (not yet started) VM.
     pub fn restore_state(&self, s: &VmState) -> Result<(), StateError> {
-        if self.started.load(std::sync::atomic::Ordering::SeqCst) {
+        let g = self.lock_vcpus();
+        if g.phase != crate::vm::VmPhase::Created {
             return Err(StateError::Mismatch("the VM already runs".into()));
         }
         if s.version != STATE_VERSION {
@@ -468,11 +499,11 @@ impl Vm {
                 s.version
             )));
         }
-        if s.vcpus.len() != self.vcpus.len() {
+        if s.vcpus.len() != g.handles.len() {
             return Err(StateError::Mismatch(format!(
                 "{} vCPU states for {} vCPUs",
                 s.vcpus.len(),
-                self.vcpus.len()
+                g.handles.len()
             )));
         }
         let start = std::time::Instant::now();
@@ -493,9 +524,9 @@ impl Vm {
         self.fd
             .set_clock(&clock)
             .map_err(kvm_err("KVM_SET_CLOCK"))?;
-        for (v, vs) in self.vcpus.iter().zip(&s.vcpus) {
-            let fd = v.lock();
-            restore_vcpu(self, v.id, &fd, vs)?;
+        // Each vCPU thread restores its own state.
+        for (v, vs) in g.handles.iter().zip(&s.vcpus) {
+            v.restore(vs)?;
         }
         // Devices: rebuild COM1 and the i8042 from their state (same irqfds).
         let irqs = self.irqs.try_clone().map_err(VmError::from)?;
@@ -524,7 +555,7 @@ pub fn decode(b: &[u8]) -> Result<VmState, StateError> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tsc_tests {
     use super::tsc_for_clock;
 
     #[test]

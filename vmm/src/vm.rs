@@ -3,8 +3,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -13,14 +12,16 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
 
 use crate::caps::HostCaps;
 use crate::config::{BootConfig, SerialConfig};
 use crate::device_set::DeviceSet;
 use crate::memory::GuestRam;
 use crate::pio::{serial_output, LegacyIrqs, PioBus, PioError};
-use crate::vcpu::{self, RunControl, Vcpu, VcpuContext};
-use crate::VmmEvent;
+use crate::state::VcpuStateSpec;
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::EventSink;
 
 /// Address KVM uses for the real-mode TSS (3 pages), inside the 32-bit gap.
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -138,33 +139,88 @@ impl Slot {
     }
 }
 
+/// Where a VM is in its life.
+///
+/// Invariant: guest code runs only in `Running`; `Stopped` is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPhase {
+    /// vCPU threads exist and accept registers and state; no guest code ran.
+    Created,
+    /// The vCPUs run guest code.
+    Running,
+    /// Started, and no vCPU runs guest code.
+    Paused,
+    /// The vCPU threads have ended.
+    Stopped,
+}
+
+impl VmPhase {
+    /// Whether no guest code runs and the vCPU state can be read.
+    pub fn holds_still(self) -> bool {
+        matches!(self, VmPhase::Created | VmPhase::Paused)
+    }
+}
+
+/// The vCPU threads of a VM and the VM's phase, changed together.
+///
+/// Invariant: `handles[i]` is vCPU `i`; the lock around this is held for
+/// the whole of any exchange with the threads (one requester at a time).
+#[derive(Debug)]
+pub(crate) struct Vcpus {
+    pub(crate) handles: Vec<VcpuHandle>,
+    pub(crate) phase: VmPhase,
+}
+
+/// Boot registers of the boot vCPU, set on its own thread.
+///
+/// Invariant: `entry` and `boot_info` come from loading a kernel into `ram`
+/// with `protocol`.
+pub struct BootRegs {
+    /// The VM's RAM (the boot GDT and IDT are written there).
+    pub ram: GuestRam,
+    /// Boot protocol of the kernel.
+    pub protocol: arch::BootProtocol,
+    /// Kernel entry point.
+    pub entry: GuestAddress,
+    /// Boot information (zero page or PVH start info).
+    pub boot_info: GuestAddress,
+}
+
+/// Sets the boot registers on `fd` (called on the vCPU's thread).
+pub(crate) fn setup_boot_regs(vfd: &VcpuFd, b: &BootRegs) -> Result<(), VmError> {
+    let mut sregs = vfd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    arch::regs::setup_sregs(b.ram.mem(), b.protocol, &mut sregs)?;
+    vfd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let regs = arch::regs::setup_regs(b.protocol, b.entry, b.boot_info);
+    vfd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(())
+}
+
 /// A KVM VM with its RAM, vCPUs and devices.
 ///
-/// Invariant: `vcpus[i].id == i`; `slots[i]` maps `ram.regions()[i]`; the
-/// legacy irqfds (`irqs`: COM1 on GSI 4, i8042 on GSI 1) are registered for the VM's whole
-/// life; vCPU threads exist only after [`Vm::start`].
+/// Invariant: `vcpus` holds `cpus` threads, vCPU `i` at index `i`, each
+/// owning its `VcpuFd`; `slots[i]` maps `ram.regions()[i]`; the serial
+/// legacy irqfds (`irqs`: COM1 on GSI 4, the i8042 on GSI 1) are
+/// registered for the VM's whole life;
+/// guest code runs only after [`Vm::start`].
 pub struct Vm {
-    /// Unique id of this VM in the process (tags [`VmmEvent`]s).
+    /// Unique id of this VM in the process (tags [`crate::VmmEvent`]s).
     pub id: u64,
     pub(crate) kvm: Kvm,
-    pub(crate) fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
     pub(crate) ram: GuestRam,
     pub(crate) slots: Vec<Slot>,
-    pub(crate) vcpus: Vec<Arc<Vcpu>>,
+    pub(crate) cpus: u8,
+    vcpus: Mutex<Vcpus>,
     pub(crate) pio: Mutex<Arc<PioBus>>,
     pub(crate) irqs: LegacyIrqs,
     pub(crate) serial_cfg: SerialConfig,
-    pub(crate) ctl: Arc<RunControl>,
-    pub(crate) caps: HostCaps,
-    pub(crate) msr_list: Vec<u32>,
+    pub(crate) spec: Arc<VcpuStateSpec>,
     pub(crate) devices: DeviceSet,
     pub(crate) desc: VmDescription,
     pub(crate) user_paused: AtomicBool,
     pub(crate) dirty_logging: AtomicBool,
     pub(crate) dirty: crate::dirty::DirtyTracker,
-    pub(crate) started: AtomicBool,
-    pub(crate) stopped: AtomicBool,
-    events: Sender<VmmEvent>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -172,7 +228,7 @@ impl std::fmt::Debug for Vm {
         f.debug_struct("Vm")
             .field("id", &self.id)
             .field("ram", &self.ram)
-            .field("vcpus", &self.vcpus.len())
+            .field("vcpus", &self.cpus)
             .finish()
     }
 }
@@ -209,7 +265,7 @@ impl Vm {
         serial: SerialConfig,
         desc: VmDescription,
         devices: DeviceSet,
-        events: Sender<VmmEvent>,
+        events: EventSink,
     ) -> Result<Vm, VmError> {
         let kvm = Kvm::new()
             .map_err(|e| VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)")))?;
@@ -220,7 +276,7 @@ impl Vm {
                 kvm_bindings::KVM_API_VERSION
             )));
         }
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -259,7 +315,7 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(cpus as usize);
+        let mut fds = Vec::with_capacity(cpus as usize);
         for id in 0..cpus {
             let vfd = fd
                 .create_vcpu(u64::from(id))
@@ -282,22 +338,42 @@ impl Vm {
             vfd.set_fpu(&arch::regs::setup_fpu())
                 .map_err(kvm_err(format!("KVM_SET_FPU on vCPU {id}")))?;
             setup_lint(&vfd)?;
-            vcpus.push(Arc::new(Vcpu::new(id, vfd)));
+            fds.push(vfd);
         }
-        let (caps, msr_list) = {
-            let first = vcpus
+        // The fds are configured and probed here, before any thread exists;
+        // from then on each is owned by its vCPU thread.
+        let spec = {
+            let first = fds
                 .first()
                 .ok_or_else(|| VmError::State("a VM needs at least one vCPU".into()))?;
-            let vfd = first.lock();
-            let mut caps = HostCaps::probe(&kvm, &vfd);
+            let mut caps = HostCaps::probe(&kvm, first);
             caps.manual_protect = manual_protect;
-            let msr_list = crate::caps::probe_msrs(&kvm, &vfd);
-            (caps, msr_list)
+            let msr_list = crate::caps::probe_msrs(&kvm, first);
+            Arc::new(VcpuStateSpec {
+                caps,
+                msr_list,
+                vm_fd: Some(fd.clone()),
+            })
         };
-        debug!("host capabilities: {caps:?}; {} MSRs saved", msr_list.len());
+        debug!(
+            "host capabilities: {:?}; {} MSRs saved",
+            spec.caps,
+            spec.msr_list.len()
+        );
         vcpu::install_kick_handler()
             .map_err(|e| VmError::Host(format!("installing the vCPU kick signal handler: {e}")))?;
         let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
+        let mut handles = Vec::with_capacity(fds.len());
+        for (i, vfd) in fds.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                id: i as u8,
+                vm_id: id,
+                spec: spec.clone(),
+                events: events.clone(),
+            };
+            // On failure, the handles spawned so far end their threads on drop.
+            handles.push(VcpuHandle::spawn(vfd, ctx).map_err(VmError::Thread)?);
+        }
         info!(
             "VM {id} created: {cpus} vCPU(s), {} MiB RAM ({}), in-kernel irqchip and PIT",
             ram.size() >> 20,
@@ -309,21 +385,20 @@ impl Vm {
             fd,
             ram,
             slots,
-            vcpus,
+            cpus,
+            vcpus: Mutex::new(Vcpus {
+                handles,
+                phase: VmPhase::Created,
+            }),
             pio: Mutex::new(Arc::new(pio)),
             irqs,
             serial_cfg: serial,
-            ctl: Arc::new(RunControl::default()),
-            caps,
-            msr_list,
+            spec,
             devices,
             desc,
             user_paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
             dirty: crate::dirty::DirtyTracker::default(),
-            started: AtomicBool::new(false),
-            stopped: AtomicBool::new(false),
-            events,
         })
     }
 
@@ -363,7 +438,7 @@ impl Vm {
                 protocol: kl.protocol,
                 cmdline: &boot.cmdline,
                 initrd,
-                num_cpus: self.vcpus.len() as u8,
+                num_cpus: self.cpus,
                 mem_size: self.ram.size(),
             },
         )?;
@@ -371,61 +446,94 @@ impl Vm {
             "boot info at {:#x}, cmdline {:?}",
             boot_info.0, boot.cmdline
         );
-        let bsp = self
-            .vcpus
+        let g = self.lock_vcpus();
+        if g.phase != VmPhase::Created {
+            return Err(VmError::State("the VM already runs".into()));
+        }
+        let bsp = g
+            .handles
             .first()
             .ok_or_else(|| VmError::State("no boot vCPU".into()))?;
-        let vfd = bsp.lock();
-        let mut sregs = vfd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        arch::regs::setup_sregs(mem, kl.protocol, &mut sregs)?;
-        vfd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        let regs = arch::regs::setup_regs(kl.protocol, kl.entry, boot_info);
-        vfd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        // The boot vCPU's thread sets its own registers.
+        bsp.boot(BootRegs {
+            ram: self.ram.clone(),
+            protocol: kl.protocol,
+            entry: kl.entry,
+            boot_info,
+        })
+    }
+
+    /// Locks the vCPU threads and the VM's phase.
+    pub(crate) fn lock_vcpus(&self) -> MutexGuard<'_, Vcpus> {
+        self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VM's phase.
+    pub fn phase(&self) -> VmPhase {
+        self.lock_vcpus().phase
+    }
+
+    /// Sets the guest TSC frequency of every vCPU (before the VM starts).
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), VmError> {
+        let g = self.lock_vcpus();
+        if g.phase != VmPhase::Created {
+            return Err(VmError::State("the VM already runs".into()));
+        }
+        for v in &g.handles {
+            v.set_tsc_khz(khz)?;
+        }
         Ok(())
     }
 
-    /// Starts one thread per vCPU; with `paused`, they park before running.
+    /// Starts the vCPUs; with `paused`, they stay paused until resumed.
     pub fn start(&self, paused: bool) -> Result<(), VmError> {
-        if self.started.swap(true, Ordering::SeqCst) {
+        let mut g = self.lock_vcpus();
+        if g.phase != VmPhase::Created {
             return Err(VmError::State("VM already started".into()));
         }
-        self.ctl.set_paused(paused);
         self.user_paused.store(paused, Ordering::SeqCst);
         let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for v in &self.vcpus {
-            let ctx = VcpuContext {
-                vm_id: self.id,
-                ctl: self.ctl.clone(),
-                pio: pio.clone(),
-                events: self.events.clone(),
-            };
-            if let Err(e) = vcpu::spawn(v.clone(), ctx) {
-                self.stop();
-                return Err(VmError::Thread(e));
-            }
+        if let Err(e) = vcpu::start_all(&g.handles, &pio) {
+            drop(g);
+            self.stop();
+            return Err(e);
+        }
+        g.phase = VmPhase::Paused;
+        if !paused {
+            vcpu::resume_all(&g.handles);
+            g.phase = VmPhase::Running;
         }
         info!(
             "VM {}: {} vCPU thread(s) started{}",
             self.id,
-            self.vcpus.len(),
+            g.handles.len(),
             if paused { " (paused)" } else { "" }
         );
         Ok(())
     }
 
-    /// Pauses all vCPUs (no-op if paused); returns once none runs guest code.
+    /// Pauses all vCPUs (no-op unless running); returns once none runs
+    /// guest code.
     pub fn pause_vcpus(&self) {
-        self.ctl.pause(&self.vcpus);
+        let mut g = self.lock_vcpus();
+        if g.phase == VmPhase::Running {
+            vcpu::pause_all(&g.handles);
+            g.phase = VmPhase::Paused;
+        }
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the vCPUs run again (no-op unless paused).
     pub fn resume_vcpus(&self) {
-        self.ctl.resume();
+        let mut g = self.lock_vcpus();
+        if g.phase == VmPhase::Paused {
+            vcpu::resume_all(&g.handles);
+            g.phase = VmPhase::Running;
+        }
     }
 
-    /// Whether the vCPUs are (being) held paused.
+    /// Whether the vCPUs are held paused.
     pub fn is_paused(&self) -> bool {
-        self.ctl.is_paused()
+        self.phase() == VmPhase::Paused
     }
 
     /// User pause (`vm.pause`): fails if already paused by the user.
@@ -462,10 +570,12 @@ impl Vm {
 
     /// Stops and joins every vCPU thread. The VM cannot run again.
     pub fn stop(&self) {
-        if self.stopped.swap(true, Ordering::SeqCst) {
+        let mut g = self.lock_vcpus();
+        if g.phase == VmPhase::Stopped {
             return;
         }
-        self.ctl.stop(&self.vcpus);
+        vcpu::exit_all(&mut g.handles);
+        g.phase = VmPhase::Stopped;
         debug!("VM {} stopped", self.id);
     }
 
@@ -476,7 +586,7 @@ impl Vm {
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        usize::from(self.cpus)
     }
 
     /// The migratable devices.
@@ -491,7 +601,7 @@ impl Vm {
 
     /// Optional vCPU state this host offers, as chosen at creation.
     pub fn caps(&self) -> &HostCaps {
-        &self.caps
+        &self.spec.caps
     }
 
     /// Memslot flags currently in effect.
@@ -503,9 +613,12 @@ impl Vm {
         }
     }
 
-    /// Vcpu thread liveness, for `vm.info`.
+    /// Whether each vCPU thread runs the guest (started, paused or not,
+    /// and not ended), for `vm.info`.
     pub fn vcpu_alive(&self) -> Vec<bool> {
-        self.vcpus.iter().map(|v| v.is_alive()).collect()
+        let g = self.lock_vcpus();
+        let started = matches!(g.phase, VmPhase::Running | VmPhase::Paused);
+        g.handles.iter().map(|v| started && v.is_alive()).collect()
     }
 
     /// Whether KVM offers the capability (helper for probes).

@@ -43,16 +43,7 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("vm.migration-cancel", "PUT", Route::MigrationCancel),
 ];
 
-/// What to do after the reply has been written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum After {
-    /// Nothing.
-    Nothing,
-    /// End the process with this exit code.
-    Exit(i32),
-}
-
-/// A reply: status, JSON body (`None` for 204) and a follow-up action.
+/// A reply: status and JSON body (`None` for 204).
 ///
 /// Invariant: error replies (status >= 400) carry `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,8 +52,6 @@ pub struct Reply {
     pub status: u16,
     /// JSON body.
     pub body: Option<Value>,
-    /// Follow-up action.
-    pub after: After,
 }
 
 impl Reply {
@@ -71,7 +60,6 @@ impl Reply {
         Reply {
             status: 200,
             body: Some(body),
-            after: After::Nothing,
         }
     }
 
@@ -80,14 +68,7 @@ impl Reply {
         Reply {
             status,
             body: Some(json!({ "error": msg.into() })),
-            after: After::Nothing,
         }
-    }
-
-    /// Adds a follow-up action.
-    pub fn then(mut self, after: After) -> Reply {
-        self.after = after;
-        self
     }
 }
 

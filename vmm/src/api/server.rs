@@ -1,23 +1,35 @@
-//! The API server: a UNIX socket (mode 0600), an accept thread, and one
-//! short-lived thread per connection (bounded), one request each.
+//! The API server: a UNIX socket (mode 0600) watched by the control loop,
+//! and one short-lived thread per connection (bounded), one request each.
+//!
+//! A connection thread reads the request, translates it
+//! ([`super::handlers::translate`]), hands the typed request to the control
+//! loop, and writes the loop's answer back as HTTP. It never changes the
+//! VMM itself.
 
+use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, error, info, warn};
+use vmm_sys_util::epoll::EventSet;
 
-use super::handlers::handle;
+use super::handlers::{reply_for, translate};
 use super::http::{read_request, write_response};
-use super::routes::{allowed_method, route, After, Reply};
-use crate::Vmm;
+use super::routes::{allowed_method, route, Reply};
+use crate::control::{EventSink, VmmEvent};
 
 /// Most connections served at once. A further connection waits up to
 /// [`SLOT_WAIT`] for a slot, then is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most connections waiting for a slot; beyond that they are answered 503
+/// at once.
+pub const MAX_WAITING: usize = 64;
 /// How long a connection beyond [`MAX_CONNECTIONS`] waits for a slot.
 pub const SLOT_WAIT: Duration = Duration::from_secs(2);
 /// Time a client has to send its request.
@@ -39,19 +51,58 @@ pub enum ApiError {
     },
 }
 
-/// A running API server; the socket file is removed by [`ApiServer::shutdown`]
-/// or on drop.
+/// Connection slots: a counting semaphore.
 ///
-/// Invariant: `path` is the socket this server bound.
+/// Invariant: `busy <= MAX_CONNECTIONS`.
+#[derive(Default)]
+struct Slots {
+    busy: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while *b >= MAX_CONNECTIONS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            b = self
+                .cv
+                .wait_timeout(b, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *b += 1;
+        true
+    }
+
+    fn release(&self) {
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        *b = b.saturating_sub(1);
+        self.cv.notify_one();
+    }
+}
+
+/// The API socket, a subscriber of the control loop; the socket file is
+/// removed on drop.
+///
+/// Invariant: `path` is the socket `listener` bound (non-blocking);
+/// `threads` counts live connection threads (serving or waiting).
 pub struct ApiServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    listener: UnixListener,
+    events: EventSink,
+    slots: Arc<Slots>,
+    threads: Arc<AtomicUsize>,
 }
 
 impl ApiServer {
     /// Binds `path` (which must not exist; see
-    /// [`crate::config::check_api_socket`]) and serves `vmm` on a thread.
-    pub fn start(path: &Path, vmm: Arc<Vmm>) -> Result<ApiServer, ApiError> {
+    /// [`crate::config::check_api_socket`]); requests go to `events`.
+    pub fn bind(path: &Path, events: EventSink) -> Result<ApiServer, ApiError> {
         let serr = |source| ApiError::Socket {
             path: path.display().to_string(),
             source,
@@ -59,73 +110,93 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(serr)?;
         let server = ApiServer {
             path: path.to_path_buf(),
-            stop: Arc::new(AtomicBool::new(false)),
+            listener,
+            events,
+            slots: Arc::new(Slots::default()),
+            threads: Arc::new(AtomicUsize::new(0)),
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(serr)?;
-        let stop = server.stop.clone();
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || accept_loop(listener, vmm, stop))
-            .map_err(serr)?;
+        server.listener.set_nonblocking(true).map_err(serr)?;
         info!("API listening on {}", path.display());
         Ok(server)
     }
 
-    /// Stops accepting and removes the socket file.
-    pub fn shutdown(&self) {
-        if !self.stop.swap(true, Ordering::SeqCst) {
-            let _ = std::fs::remove_file(&self.path);
+    fn accept_all(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // E.g. out of fds: the connection stays queued and the
+                    // listener readable; the next round retries.
+                    warn!("API accept failed: {e}");
+                    return;
+                }
+            };
+            self.dispatch(stream);
+        }
+    }
+
+    fn dispatch(&self, mut stream: UnixStream) {
+        if self.threads.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS + MAX_WAITING {
+            self.threads.fetch_sub(1, Ordering::SeqCst);
+            // Never block the loop: a client that does not read loses it.
+            let _ = stream.set_nonblocking(true);
+            busy(&mut stream);
+            return;
+        }
+        let (events, slots, threads) = (
+            self.events.clone(),
+            self.slots.clone(),
+            self.threads.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                if slots.acquire(SLOT_WAIT) {
+                    serve(stream, &events);
+                    slots.release();
+                } else {
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    busy(&mut stream);
+                }
+                threads.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.threads.fetch_sub(1, Ordering::SeqCst);
+            warn!("API: cannot spawn a connection thread: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            self.accept_all();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            error!("control loop: cannot watch the API socket: {e}");
         }
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.shutdown();
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn accept_loop(listener: UnixListener, vmm: Arc<Vmm>, stop: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let mut stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("API accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        let t0 = std::time::Instant::now();
-        while active.load(Ordering::SeqCst) >= MAX_CONNECTIONS && t0.elapsed() < SLOT_WAIT {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let body = Reply::error(503, "too many API connections").body;
-            let _ = write_response(&mut stream, 503, body.as_ref(), &[]);
-            continue;
-        }
-        let vmm = vmm.clone();
-        let act = active.clone();
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
-            .spawn(move || {
-                serve(stream, &vmm);
-                act.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
-            warn!("API: cannot spawn a connection thread: {e}");
-        }
-    }
+fn busy(stream: &mut UnixStream) {
+    let body = Reply::error(503, "too many API connections").body;
+    let _ = write_response(stream, 503, body.as_ref(), &[]);
 }
 
-fn serve(mut stream: UnixStream, vmm: &Arc<Vmm>) {
+/// Reads one request, has the control loop execute it, writes the answer.
+fn serve(mut stream: UnixStream, events: &EventSink) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let req = match read_request(&mut stream) {
@@ -140,8 +211,19 @@ fn serve(mut stream: UnixStream, vmm: &Arc<Vmm>) {
         }
     };
     debug!("API: {} {}", req.method, req.path);
-    let reply = match route(&req.method, &req.path) {
-        Ok(r) => handle(vmm, r, &req.body),
+    let mut delivered = None;
+    let reply = match route(&req.method, &req.path).and_then(|r| translate(r, &req.body)) {
+        Ok(request) => {
+            let (tx, rx) = channel();
+            events.send(VmmEvent::Api { request, reply: tx });
+            match rx.recv() {
+                Ok(answer) => {
+                    delivered = answer.delivered;
+                    reply_for(answer.outcome.result)
+                }
+                Err(_) => Reply::error(503, "the VMM is shutting down"),
+            }
+        }
         Err(reply) => reply,
     };
     let allow = if reply.status == 405 {
@@ -154,7 +236,6 @@ fn serve(mut stream: UnixStream, vmm: &Arc<Vmm>) {
         debug!("API: writing the response failed: {e}");
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    if let After::Exit(code) = reply.after {
-        vmm.request_exit(code);
-    }
+    // Only now may the loop act on the reply having left (e.g. exit).
+    drop(delivered);
 }

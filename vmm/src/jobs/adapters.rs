@@ -1,6 +1,7 @@
-//! The migration crate's traits implemented with KVM: [`SourceVm`] for a
-//! running VM, [`DestinationFactory`] / [`DestinationVm`] for a VMM that
-//! receives one.
+//! Adapters of the migration job: the migration crate's traits implemented
+//! with KVM, [`SourceVm`] for a running VM, [`DestinationFactory`] /
+//! [`DestinationVm`] for a VMM that receives one, and the VM configuration
+//! a source sends ([`MigrationConfig`]).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,7 @@ impl MigrationConfig {
             boot: vm.description().boot.clone(),
             devices: vm.devices().specs(),
             caps: vm.caps().clone(),
-            msr_count: vm.msr_list.len(),
+            msr_count: vm.spec.msr_list.len(),
         }
     }
 
@@ -275,19 +276,14 @@ impl DestinationFactory for DestFactory {
             serial: serial.clone(),
             migrated_in: true,
         };
-        let vm =
-            Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sender()).map_err(be)?;
+        let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(be)?;
         vm.caps()
             .can_restore(&cfg.caps)
             .map_err(|e| BackendError::new(format!("incompatible vCPU state: {e}")))?;
         if let Some(khz) = cfg.caps.tsc_khz {
             if vm.caps().tsc_khz != Some(khz) {
                 if vm.caps().tsc_control {
-                    for v in &vm.vcpus {
-                        v.lock().set_tsc_khz(khz).map_err(|e| {
-                            BackendError::new(format!("KVM_SET_TSC_KHZ {khz}: {e}"))
-                        })?;
-                    }
+                    vm.set_tsc_khz(khz).map_err(be)?;
                 } else {
                     warn!(
                         "source TSC runs at {khz} kHz, this host at {:?} kHz and cannot scale it; guest time may drift",
@@ -307,7 +303,7 @@ impl DestinationFactory for DestFactory {
 
 /// [`DestinationVm`] over a freshly created [`Vm`].
 ///
-/// Invariant: the VM's vCPU threads run only after `start`.
+/// Invariant: the VM runs guest code only after `start`.
 pub struct DestAdapter {
     vm: Arc<Vm>,
     vmm: Arc<Vmm>,

@@ -1,0 +1,252 @@
+//! The migration job: a worker thread that sends this VMM's VM or receives
+//! one, its live counters, its result, and the recovery a failed send needs
+//! on the VM itself.
+//!
+//! The job never changes the VMM's life cycle: when it ends it records its
+//! result and tells the control loop ([`VmmEvent::JobEnded`]), which moves
+//! the VMM on (see [`crate::controller::Lifecycle`]).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use migration::{CancelToken, MigrationStats, ReceiveParams, SendParams};
+use serde_json::{json, Value};
+
+use super::adapters::{DestFactory, SourceAdapter};
+use crate::control::{EventSink, VmmEvent};
+use crate::vm::Vm;
+use crate::Vmm;
+
+/// Direction of a migration job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// This VMM sends its VM.
+    Send,
+    /// This VMM receives a VM.
+    Receive,
+}
+
+/// How a job ended.
+///
+/// Invariant: `commit_uncertain` is only set for a send that failed after
+/// COMMIT (the guest may run on the destination).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobResult {
+    /// The migration completed.
+    Completed,
+    /// The migration failed or was cancelled.
+    Failed {
+        /// Why.
+        error: String,
+        /// The guest may run on the destination: the VM is held paused.
+        commit_uncertain: bool,
+    },
+}
+
+/// Progress of a job's worker.
+///
+/// Invariant: `Ended` is set once, by the worker (or by the starter when
+/// the worker could not be spawned), and never changes after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The worker runs.
+    Running,
+    /// The worker has ended.
+    Ended(JobResult),
+}
+
+/// A migration started through the API.
+///
+/// Invariant: `progress` is `Running` exactly while the worker thread runs.
+pub struct Job {
+    /// Send or receive.
+    pub direction: Direction,
+    /// Live counters.
+    pub stats: Arc<MigrationStats>,
+    /// Cancel flag.
+    pub cancel: CancelToken,
+    progress: Arc<Mutex<Progress>>,
+}
+
+/// Why a job could not start.
+///
+/// Invariant: `Bind` is caused by the user's address (HTTP 400), `Spawn` by
+/// the host (HTTP 500).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The receive address cannot be listened on.
+    #[error("cannot listen on {url}: {source}")]
+    Bind {
+        /// The receiver URL as given.
+        url: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker thread could not be spawned.
+    #[error("spawning the migration thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+impl Job {
+    fn new(direction: Direction) -> Job {
+        Job {
+            direction,
+            stats: Arc::new(MigrationStats::default()),
+            cancel: CancelToken::default(),
+            progress: Arc::new(Mutex::new(Progress::Running)),
+        }
+    }
+
+    /// A job whose worker already ended with `result` (for tests of the
+    /// life cycle).
+    #[cfg(test)]
+    pub(crate) fn ended(direction: Direction, result: JobResult) -> Job {
+        let job = Job::new(direction);
+        *job.progress.lock().unwrap_or_else(|p| p.into_inner()) = Progress::Ended(result);
+        job
+    }
+
+    /// Whether the worker still runs.
+    pub fn running(&self) -> bool {
+        matches!(self.progress(), Progress::Running)
+    }
+
+    /// The worker's progress.
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Status JSON of the job, with the worker's final result overlaid
+    /// (the result wins over counters that were not updated).
+    pub fn status(&self) -> Value {
+        let mut v = serde_json::to_value(self.stats.snapshot()).unwrap_or_else(|_| json!({}));
+        if let Value::Object(m) = &mut v {
+            let state = m
+                .get("state")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string();
+            match self.progress() {
+                Progress::Running if state == "none" => {
+                    m.insert("state".into(), json!("active"));
+                }
+                Progress::Running => {}
+                Progress::Ended(JobResult::Completed) => {
+                    m.insert("state".into(), json!("completed"));
+                }
+                Progress::Ended(JobResult::Failed { error, .. }) => {
+                    if state != "failed" && state != "cancelled" {
+                        let s = if self.cancel.is_cancelled() {
+                            "cancelled"
+                        } else {
+                            "failed"
+                        };
+                        m.insert("state".into(), json!(s));
+                    }
+                    if m.get("error").is_none_or(Value::is_null) {
+                        m.insert("error".into(), json!(error));
+                    }
+                }
+            }
+            m.insert(
+                "direction".into(),
+                json!(match self.direction {
+                    Direction::Send => "send",
+                    Direction::Receive => "receive",
+                }),
+            );
+        }
+        v
+    }
+}
+
+/// Records the end of a job and wakes the control loop.
+fn finish(progress: &Mutex<Progress>, events: &EventSink, r: JobResult) {
+    *progress.lock().unwrap_or_else(|p| p.into_inner()) = Progress::Ended(r);
+    events.send(VmmEvent::JobEnded);
+}
+
+/// Starts sending `vm` with `params` (validated) on a worker thread.
+pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job, StartError> {
+    let job = Job::new(Direction::Send);
+    let (stats, cancel, progress) = (job.stats.clone(), job.cancel.clone(), job.progress.clone());
+    let events = vmm.event_sink();
+    info!(
+        "sending the VM to {} over {} connection(s)",
+        params.destination_url, params.connections
+    );
+    std::thread::Builder::new()
+        .name("migration-send".into())
+        .spawn(move || {
+            let src = Arc::new(SourceAdapter::new(vm.clone()));
+            let r = match migration::send(src, &params, &stats, &cancel) {
+                Ok(()) => {
+                    info!("migration completed; the VM now runs on the destination");
+                    JobResult::Completed
+                }
+                Err(e) if e.is_commit_uncertain() => {
+                    // Recovery: the guest may run on the destination, so it
+                    // stays paused here; the user decides (vm.resume or
+                    // vm.shutdown).
+                    vm.mark_user_paused();
+                    log::error!("{e}");
+                    JobResult::Failed {
+                        error: e.to_string(),
+                        commit_uncertain: true,
+                    }
+                }
+                Err(e) => {
+                    warn!("migration failed: {e}; the VM keeps running here");
+                    JobResult::Failed {
+                        error: e.to_string(),
+                        commit_uncertain: false,
+                    }
+                }
+            };
+            finish(&progress, &events, r);
+        })
+        .map_err(StartError::Spawn)?;
+    Ok(job)
+}
+
+/// Binds `addr` and starts receiving a VM into `vmm` on a worker thread.
+pub fn start_receive(
+    vmm: &Arc<Vmm>,
+    addr: SocketAddr,
+    params: ReceiveParams,
+) -> Result<Job, StartError> {
+    let listener = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+        url: params.receiver_url.clone(),
+        source,
+    })?;
+    let job = Job::new(Direction::Receive);
+    let (stats, cancel, progress) = (job.stats.clone(), job.cancel.clone(), job.progress.clone());
+    let events = vmm.event_sink();
+    let factory = DestFactory::new(vmm.clone());
+    info!("waiting for a migration on {addr}");
+    std::thread::Builder::new()
+        .name("migration-recv".into())
+        .spawn(move || {
+            let r = match migration::receive(listener, &factory, &params, &stats, &cancel) {
+                Ok(_) => {
+                    info!("migration received; the VM runs here now");
+                    JobResult::Completed
+                }
+                Err(e) => {
+                    warn!("receiving a migration failed: {e}");
+                    JobResult::Failed {
+                        error: e.to_string(),
+                        commit_uncertain: false,
+                    }
+                }
+            };
+            finish(&progress, &events, r);
+        })
+        .map_err(StartError::Spawn)?;
+    Ok(job)
+}

@@ -1,0 +1,290 @@
+//! The body of a vCPU thread: it owns its `VcpuFd`, serves events while
+//! not running guest code, and runs the KVM_RUN loop with exit handling.
+
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, error, info, warn};
+
+use super::kick::{eat_kicks, setup_kick_mask, KickTarget};
+use super::{VcpuContext, VcpuEvent, VcpuResponse, VmEnd};
+use crate::pio::{PioAction, PioBus};
+use crate::state::{restore_vcpu, save_vcpu};
+use crate::VmmEvent;
+
+/// Phase of a vCPU thread; each variant owns what that phase needs.
+enum Phase {
+    /// Created: registers and state can be set; no devices yet.
+    Created,
+    /// Started and paused.
+    Paused(Arc<PioBus>),
+    /// Running guest code.
+    Running(Arc<PioBus>),
+    /// The thread ends.
+    Done,
+}
+
+struct VcpuThread {
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    events: Receiver<VcpuEvent>,
+    responses: Sender<VcpuResponse>,
+}
+
+pub(super) fn thread_main(
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    events: Receiver<VcpuEvent>,
+    responses: Sender<VcpuResponse>,
+    target: &KickTarget,
+) {
+    if let Err(e) = setup_kick_mask(&fd) {
+        // Without the mask a kick could be lost; the handle re-kicks, so
+        // the vCPU still pauses, only later.
+        warn!("vCPU {}: KVM_SET_SIGNAL_MASK failed: {e}", ctx.id);
+    }
+    // SAFETY: pthread_self has no preconditions.
+    target.set(Some(unsafe { libc::pthread_self() }));
+    let mut t = VcpuThread {
+        fd,
+        ctx,
+        events,
+        responses,
+    };
+    let mut phase = Phase::Created;
+    loop {
+        phase = match phase {
+            Phase::Running(pio) => t.run(pio),
+            Phase::Done => break,
+            other => t.wait(other),
+        };
+    }
+    // After this no kick is sent to this thread; the fd closes after it.
+    target.set(None);
+}
+
+impl VcpuThread {
+    fn answer(&self, r: VcpuResponse) {
+        // The handle may be gone when the VM is being dropped.
+        let _ = self.responses.send(r);
+    }
+
+    /// Not running guest code: serve events until the phase changes.
+    fn wait(&mut self, mut phase: Phase) -> Phase {
+        loop {
+            let Ok(ev) = self.events.recv() else {
+                return Phase::Done;
+            };
+            phase = match (ev, phase) {
+                (VcpuEvent::Exit, _) => {
+                    self.answer(VcpuResponse::Exited);
+                    return Phase::Done;
+                }
+                (VcpuEvent::Resume, Phase::Paused(pio)) => {
+                    self.answer(VcpuResponse::Resumed);
+                    return Phase::Running(pio);
+                }
+                (VcpuEvent::Resume, p) => {
+                    self.answer(VcpuResponse::Refused("not started"));
+                    p
+                }
+                (VcpuEvent::Pause, p) => {
+                    self.answer(VcpuResponse::Paused);
+                    p
+                }
+                (VcpuEvent::Start(pio), Phase::Created) => {
+                    self.answer(VcpuResponse::Started);
+                    Phase::Paused(pio)
+                }
+                (VcpuEvent::Start(_), p) => {
+                    self.answer(VcpuResponse::Refused("already started"));
+                    p
+                }
+                (VcpuEvent::SaveState, p) => {
+                    let r = save_vcpu(&self.ctx.spec, &self.fd).map(Box::new);
+                    self.answer(VcpuResponse::Saved(r));
+                    p
+                }
+                (VcpuEvent::RestoreState(s), Phase::Created) => {
+                    let r = restore_vcpu(&self.ctx.spec, self.ctx.id, &self.fd, &s);
+                    self.answer(VcpuResponse::Restored(r));
+                    Phase::Created
+                }
+                (VcpuEvent::Boot(b), Phase::Created) => {
+                    let r = crate::vm::setup_boot_regs(&self.fd, &b);
+                    self.answer(VcpuResponse::Booted(r));
+                    Phase::Created
+                }
+                (VcpuEvent::SetTscKhz(khz), Phase::Created) => {
+                    let r = self
+                        .fd
+                        .set_tsc_khz(khz)
+                        .map_err(crate::vm::kvm_err(format!("KVM_SET_TSC_KHZ {khz}")));
+                    self.answer(VcpuResponse::TscSet(r));
+                    Phase::Created
+                }
+                (VcpuEvent::RestoreState(_) | VcpuEvent::Boot(_) | VcpuEvent::SetTscKhz(_), p) => {
+                    self.answer(VcpuResponse::Refused("the vCPU has already started"));
+                    p
+                }
+            };
+        }
+    }
+
+    /// Runs guest code until an event or the end of the VM.
+    fn run(&mut self, pio: Arc<PioBus>) -> Phase {
+        // Kicks left pending from while the vCPU was paused are stale.
+        eat_kicks();
+        let mut pending = false;
+        loop {
+            match self.events.try_recv() {
+                Ok(VcpuEvent::Pause) => {
+                    if let Some(end) = self.complete_pending(pending, &pio) {
+                        self.report_end(end);
+                        self.answer(VcpuResponse::Paused);
+                        return Phase::Done;
+                    }
+                    self.answer(VcpuResponse::Paused);
+                    return Phase::Paused(pio);
+                }
+                Ok(VcpuEvent::Exit) | Err(TryRecvError::Disconnected) => {
+                    self.answer(VcpuResponse::Exited);
+                    return Phase::Done;
+                }
+                Ok(VcpuEvent::Resume) => self.answer(VcpuResponse::Resumed),
+                Ok(_) => self.answer(VcpuResponse::Refused("the vCPU is running")),
+                Err(TryRecvError::Empty) => {}
+            }
+            match self.fd.run() {
+                Ok(exit) => match handle_exit(exit, &pio) {
+                    Handled::Continue(p) => pending = p,
+                    Handled::End(end) => {
+                        self.report_end(end);
+                        return Phase::Done;
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    pending = false;
+                    eat_kicks();
+                }
+                Err(e) => {
+                    let msg =
+                        describe_error(&mut self.fd, self.ctx.id, &format!("KVM_RUN failed: {e}"));
+                    self.report_end(VmEnd::Error(msg));
+                    return Phase::Done;
+                }
+            }
+        }
+    }
+
+    /// Completes a pending I/O or MMIO access without running further guest
+    /// instructions, so that a saved state is consistent. Returns the end
+    /// of the VM if the access ended it.
+    fn complete_pending(&mut self, mut pending: bool, pio: &PioBus) -> Option<VmEnd> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut rounds = 0;
+        let mut end = None;
+        while pending && rounds < 64 {
+            rounds += 1;
+            pending = match self.fd.run() {
+                Ok(exit) => match handle_exit(exit, pio) {
+                    Handled::Continue(p) => p,
+                    Handled::End(e) => {
+                        end = Some(e);
+                        break;
+                    }
+                },
+                Err(_) => false,
+            };
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        eat_kicks();
+        end
+    }
+
+    fn report_end(&mut self, end: VmEnd) {
+        let id = self.ctx.id;
+        let end = match end {
+            VmEnd::Error(msg) if !msg.starts_with("vCPU ") => {
+                VmEnd::Error(describe_error(&mut self.fd, id, &msg))
+            }
+            e => e,
+        };
+        match &end {
+            VmEnd::Reset(why) => info!("vCPU {id}: guest ended the VM: {why}"),
+            VmEnd::Error(msg) => error!("{msg}"),
+        }
+        self.ctx.events.send(VmmEvent::VmEnded {
+            vm_id: self.ctx.vm_id,
+            end,
+        });
+    }
+}
+
+enum Handled {
+    /// Keep running; `true` if KVM must be re-entered to complete an access.
+    Continue(bool),
+    End(VmEnd),
+}
+
+fn handle_exit(exit: VcpuExit<'_>, pio: &PioBus) -> Handled {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            pio.io_in(port, data);
+            Handled::Continue(true)
+        }
+        VcpuExit::IoOut(port, data) => match pio.io_out(port, data) {
+            PioAction::Continue => Handled::Continue(true),
+            PioAction::End(why) => Handled::End(VmEnd::Reset(why.into())),
+        },
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0);
+            Handled::Continue(true)
+        }
+        VcpuExit::MmioWrite(..) => Handled::Continue(true),
+        VcpuExit::Hlt => Handled::Continue(false),
+        VcpuExit::Shutdown => Handled::End(VmEnd::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                Handled::End(VmEnd::Reset("system event: shutdown".into()))
+            }
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                Handled::End(VmEnd::Reset("system event: reset".into()))
+            }
+            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => {
+                Handled::End(VmEnd::Error("guest crashed (system event)".into()))
+            }
+            other => {
+                debug!("ignoring system event {other}");
+                Handled::Continue(false)
+            }
+        },
+        VcpuExit::InternalError => Handled::End(VmEnd::Error("KVM internal error".into())),
+        VcpuExit::FailEntry(reason, cpu) => Handled::End(VmEnd::Error(format!(
+            "KVM entry failure (hardware reason {reason:#x} on host cpu {cpu})"
+        ))),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => Handled::Continue(false),
+        other => Handled::End(VmEnd::Error(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+fn describe_error(fd: &mut VcpuFd, vcpu: u8, what: &str) -> String {
+    let suberror = {
+        let run = fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: exit_reason says the `internal` union member is valid.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            match internal.suberror {
+                kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => " (emulation failure)".to_string(),
+                s => format!(" (suberror {s})"),
+            }
+        } else {
+            String::new()
+        }
+    };
+    match fd.get_regs() {
+        Ok(r) => format!("vCPU {vcpu}: {what}{suberror} at RIP {:#x}", r.rip),
+        Err(e) => format!("vCPU {vcpu}: {what}{suberror} (RIP unavailable: {e})"),
+    }
+}
