@@ -145,6 +145,52 @@ fn pause_dirty_log_and_state_round_trip() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An armed TSC-deadline timer survives save and restore: KVM drops a
+/// deadline written while the LAPIC timer is not in TSC-deadline mode, so
+/// the restore must write it after the LAPIC. (Written before it, the
+/// deadline read back here is 0 and a Linux guest stops ticking.)
+#[test]
+fn armed_tsc_deadline_survives_a_restore() {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    const LVTT: usize = 0x320;
+    const DEADLINE: u32 = crate::state::MSR_IA32_TSC_DEADLINE;
+    let dir = tmpdir("deadline");
+    let a = vm(64 << 20, &dir.join("a.log"));
+    let mut state = a.save_state().unwrap();
+    let v = &mut state.vcpus[0];
+    // LVT timer: vector 0xec, TSC-deadline mode (bits 17-18 = 2), unmasked.
+    let lvtt: u32 = 0xec | (2 << 17);
+    for (i, b) in lvtt.to_le_bytes().iter().enumerate() {
+        v.lapic.regs[LVTT + i] = *b as libc::c_char;
+    }
+    let tsc = v
+        .msrs
+        .iter()
+        .find(|(i, _)| *i == arch::msr::MSR_IA32_TSC)
+        .map(|(_, t)| *t)
+        .expect("IA32_TSC is saved");
+    let armed = tsc + (1 << 50);
+    match v.msrs.iter_mut().find(|(i, _)| *i == DEADLINE) {
+        Some(e) => e.1 = armed,
+        None => panic!("IA32_TSC_DEADLINE is not in the saved MSRs: {:x?}", v.msrs),
+    }
+    let b = vm(64 << 20, &dir.join("b.log"));
+    b.restore_state(&state).unwrap();
+    let back = b.save_state().unwrap();
+    let got = back.vcpus[0]
+        .msrs
+        .iter()
+        .find(|(i, _)| *i == DEADLINE)
+        .map(|(_, d)| *d);
+    assert_eq!(got, Some(armed), "the armed deadline was lost on restore");
+    a.stop();
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn user_pause_rules() {
     if !kvm() {
