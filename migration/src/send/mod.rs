@@ -306,8 +306,30 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
 fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
     let err = ctx.ctl.take_error().unwrap_or(f.err);
     ctx.ctl.fail(MigrationError::Aborted);
+    let err = release(ctx, f.phase, err);
+    // A worker that panicked records its error only once its unwinding
+    // reached `worker::spawn`, which can be after a consequence of the panic
+    // (a peer that saw the stream end) was taken above. The teardown joined
+    // every worker, so a panic is known now, and it is the cause to report.
+    match ctx.ctl.take_error() {
+        Some(panic @ MigrationError::Internal(_))
+            if !matches!(
+                err,
+                MigrationError::Internal(_) | MigrationError::CommitUncertain { .. }
+            ) =>
+        {
+            log::warn!("reporting the panic rather than its consequence ({err})");
+            panic
+        }
+        _ => err,
+    }
+}
+
+/// Releases the resources of `phase` in the order [`abort`] documents and
+/// returns the error to report.
+fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
     let fd = &*ctx.from_dest;
-    match f.phase {
+    match phase {
         Phase::Connecting => err,
         Phase::Connected(main) => {
             if !matches!(err, MigrationError::Remote(_)) {

@@ -42,8 +42,14 @@ fn panicking_worker_fails_the_migration_with_its_message() {
     let s = stats.snapshot();
     assert_eq!(s.state, MigrationState::Failed);
     assert_eq!(s.source_vm, Some(SourceVmOutcome::Resumed));
+    // The destination fails too. Its message is the source's ABORT reason
+    // (the panic) or, when the data connections' shutdown reaches it before
+    // the ABORT frame, its own view of that shutdown: both are failures.
     let re = rerr(dest.handle.join().unwrap()).to_string();
-    assert!(re.contains("fake device exploded"), "{re}");
+    assert!(
+        re.contains("fake device exploded") || re.contains("ended before pass"),
+        "{re}"
+    );
     assert!(dest.factory.last().discarded.load(SeqCst));
 }
 
