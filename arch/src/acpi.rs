@@ -44,8 +44,10 @@ pub const FADT_F_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// FADT flag: the reset register is supported.
 pub const FADT_F_RESET_REG_SUP: u32 = 1 << 10;
 /// I/O port of the VMM's ACPI power device: the FADT's reset register and
-/// its sleep control and status registers are this one byte.
-pub const ACPI_POWER_PORT: u16 = 0x3c0;
+/// its sleep control and status registers are this one byte. It is outside
+/// every legacy ISA range (0x3c0 would be VGA's attribute controller, which
+/// a guest may program with the reset value).
+pub const ACPI_POWER_PORT: u16 = 0x600;
 /// Value the guest writes to the reset register ([`ACPI_POWER_PORT`]).
 pub const ACPI_RESET_VALUE: u8 = 0x01;
 /// Sleep type of S5 (soft off), as `_S5_` declares it.

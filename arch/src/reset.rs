@@ -55,9 +55,11 @@ mod tests {
     #[test]
     fn stub_writes_the_reset_register_then_halts() {
         let s = reset_stub();
+        let [lo, hi] = ACPI_POWER_PORT.to_le_bytes();
+        assert_eq!((lo, hi), (0x00, 0x06));
         assert_eq!(
             &s[..10],
-            &[0xB0, 0x01, 0xBA, 0xC0, 0x03, 0xEE, 0xFA, 0xF4, 0xEB, 0xFC]
+            &[0xB0, 0x01, 0xBA, lo, hi, 0xEE, 0xFA, 0xF4, 0xEB, 0xFC]
         );
         // The jump lands on `cli` (offset 6): 10 + (-4) = 6.
         assert_eq!(10 + (s[9] as i8) as isize, 6);

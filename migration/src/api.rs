@@ -40,7 +40,8 @@ pub struct SendParams {
     /// Optional throughput cap in MiB/s (> 0), shared by all connections.
     #[serde(default)]
     pub max_bandwidth_mbps: Option<f64>,
-    /// Give up after this many seconds (≥ 1); the source then resumes.
+    /// Give up after this many seconds (1..=[`MAX_TIMEOUT_S`]); the source
+    /// then resumes.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Where device state travels.
@@ -53,6 +54,10 @@ pub struct SendParams {
     #[serde(default = "default_chunk")]
     pub device_chunk_bytes: u64,
 }
+
+/// Largest `timeout_s` accepted: one week. The deadline is an `Instant`,
+/// which cannot hold an arbitrary number of seconds.
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 
 fn default_connections() -> u32 {
     4
@@ -119,8 +124,11 @@ impl SendParams {
                 ));
             }
         }
-        if self.timeout_s == 0 {
-            return bad("timeout_s must be at least 1".into());
+        if self.timeout_s == 0 || self.timeout_s > MAX_TIMEOUT_S {
+            return bad(format!(
+                "timeout_s must be 1..={MAX_TIMEOUT_S} (one week), got {}",
+                self.timeout_s
+            ));
         }
         if self.device_chunk_bytes < 4096 || self.device_chunk_bytes > MAX_DEVICE_CHUNK {
             return bad(format!(

@@ -251,6 +251,25 @@ fn api_errors() {
         assert_eq!(st, 400, "send-migration body {:?} -> {} {}", body, st, resp);
         assert!(resp["error"].is_string(), "error body {}", resp);
     }
+    // 400 naming the field: a timeout no deadline can hold (it used to
+    // panic the send thread and wedge the API).
+    let (st, resp) = try_api_raw(
+        &vm.sock,
+        "PUT",
+        "vm.send-migration",
+        Some(r#"{"destination_url":"tcp:127.0.0.1:1","timeout_s":18446744073709551615}"#),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(st, 400, "huge timeout_s -> {st} {resp}");
+    assert!(
+        resp["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timeout_s")),
+        "{resp}"
+    );
+    // The next request is served.
+    assert_eq!(vm.state(), "running");
     // The VM is unharmed.
     assert_eq!(vm.state(), "running");
     vm.wait_more_passes(1);

@@ -169,25 +169,31 @@ pub fn get_xsave(vcpu: &VcpuFd, size: usize) -> Result<Vec<u32>, VmError> {
     Ok(v)
 }
 
-fn set_xsave(vcpu: &VcpuFd, words: &[u32]) -> Result<(), StateError> {
+/// Writes a saved XSAVE area. KVM reads this host's whole XSAVE size
+/// (`host_size`, from KVM_CAP_XSAVE2), whatever size the source had, so the
+/// buffer is that large and zero past the saved words (components that the
+/// source did not save start in their initial state).
+fn set_xsave(vcpu: &VcpuFd, words: &[u32], host_size: usize) -> Result<(), StateError> {
     let legacy = LEGACY_XSAVE_SIZE / 4;
-    if words.len() <= legacy {
+    let total = words.len().max(host_size.div_ceil(4)).max(legacy);
+    let head = words.len().min(legacy);
+    if total <= legacy {
         let mut x = kvm_xsave::default();
-        x.region[..words.len()].copy_from_slice(words);
-        // SAFETY: a legacy kvm_xsave of 4096 bytes; KVM reads no more.
+        x.region[..head].copy_from_slice(&words[..head]);
+        // SAFETY: a legacy kvm_xsave of 4096 bytes, and this host's XSAVE
+        // size is at most that (`total <= legacy`), so KVM reads no more.
         unsafe { vcpu.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         return Ok(());
     }
-    let mut xs = Xsave::new(words.len() - legacy)
+    let mut xs = Xsave::new(total - legacy)
         .map_err(|e| StateError::Mismatch(format!("XSAVE2 buffer: {e:?}")))?;
     // SAFETY: only the fixed part is written; the FAM length is untouched.
-    unsafe { xs.as_mut_fam_struct() }
-        .xsave
-        .region
-        .copy_from_slice(&words[..legacy]);
-    xs.as_mut_slice().copy_from_slice(&words[legacy..]);
-    // SAFETY: the buffer holds the whole area the source's KVM produced,
-    // which the destination accepted as fitting its own XSAVE2 size.
+    unsafe { xs.as_mut_fam_struct() }.xsave.region[..head].copy_from_slice(&words[..head]);
+    if words.len() > legacy {
+        xs.as_mut_slice()[..words.len() - legacy].copy_from_slice(&words[legacy..]);
+    }
+    // SAFETY: the buffer holds `total` words, at least this host's XSAVE
+    // size, which is what KVM_SET_XSAVE2 reads.
     unsafe { vcpu.set_xsave2(&xs) }.map_err(kvm_err("KVM_SET_XSAVE2"))?;
     Ok(())
 }
@@ -398,7 +404,7 @@ pub(crate) fn restore_vcpu(
                 x.len() * 4
             )));
         }
-        set_xsave(fd, x)?;
+        set_xsave(fd, x, vm.caps.xsave_size)?;
     }
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(kvm_err(ctx("KVM_SET_XCRS")))?;

@@ -201,6 +201,8 @@ fn params_are_validated() {
         |p| p.max_bandwidth_mbps = Some(-1.0),
         |p| p.device_chunk_bytes = 1,
         |p| p.timeout_s = 0,
+        |p| p.timeout_s = u64::MAX,
+        |p| p.timeout_s = crate::api::MAX_TIMEOUT_S + 1,
     ] {
         let mut p = params(1, 4);
         mutate(&mut p);

@@ -154,19 +154,31 @@ impl ApiServer {
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
+                // Released on every way out, a panic included.
+                let _thread = OnDrop(|| {
+                    threads.fetch_sub(1, Ordering::SeqCst);
+                });
                 if slots.acquire(SLOT_WAIT) {
+                    let _slot = OnDrop(|| slots.release());
                     serve(stream, &events);
-                    slots.release();
                 } else {
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     busy(&mut stream);
                 }
-                threads.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             self.threads.fetch_sub(1, Ordering::SeqCst);
             warn!("API: cannot spawn a connection thread: {e}");
         }
+    }
+}
+
+/// Runs its closure when dropped (also while a panic unwinds).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 

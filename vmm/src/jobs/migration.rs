@@ -165,6 +165,32 @@ impl Job {
     }
 }
 
+/// Runs a job's body. A panic becomes a failed result carrying its
+/// message, so the life cycle always moves on: the send's guards already
+/// resumed the VM while the panic unwound, unless it was past COMMIT, where
+/// the VM stays paused and the outcome is treated as uncertain.
+fn guarded(vm: Option<&Vm>, f: impl FnOnce() -> JobResult) -> JobResult {
+    let p = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => return r,
+        Err(p) => p,
+    };
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    let error = format!("migration thread panicked: {msg}");
+    log::error!("{error}");
+    let commit_uncertain = vm.is_some_and(|vm| vm.is_paused() && !vm.user_paused());
+    if let Some(vm) = vm.filter(|_| commit_uncertain) {
+        vm.mark_user_paused();
+    }
+    JobResult::Failed {
+        error,
+        commit_uncertain,
+    }
+}
+
 /// Records the end of a job and wakes the control loop.
 fn finish(progress: &Mutex<Progress>, events: &EventSink, r: JobResult) {
     *progress.lock().unwrap_or_else(|p| p.into_inner()) = Progress::Ended(r);
@@ -184,30 +210,32 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
         .name("migration-send".into())
         .spawn(move || {
             let src = Arc::new(SourceAdapter::new(vm.clone()));
-            let r = match migration::send(src, &params, &stats, &cancel) {
-                Ok(()) => {
-                    info!("migration completed; the VM now runs on the destination");
-                    JobResult::Completed
-                }
-                Err(e) if e.is_commit_uncertain() => {
-                    // Recovery: the guest may run on the destination, so it
-                    // stays paused here; the user decides (vm.resume or
-                    // vm.shutdown).
-                    vm.mark_user_paused();
-                    log::error!("{e}");
-                    JobResult::Failed {
-                        error: e.to_string(),
-                        commit_uncertain: true,
+            let r = guarded(Some(&vm), || {
+                match migration::send(src, &params, &stats, &cancel) {
+                    Ok(()) => {
+                        info!("migration completed; the VM now runs on the destination");
+                        JobResult::Completed
+                    }
+                    Err(e) if e.is_commit_uncertain() => {
+                        // Recovery: the guest may run on the destination, so it
+                        // stays paused here; the user decides (vm.resume or
+                        // vm.shutdown).
+                        vm.mark_user_paused();
+                        log::error!("{e}");
+                        JobResult::Failed {
+                            error: e.to_string(),
+                            commit_uncertain: true,
+                        }
+                    }
+                    Err(e) => {
+                        warn!("migration failed: {e}; the VM keeps running here");
+                        JobResult::Failed {
+                            error: e.to_string(),
+                            commit_uncertain: false,
+                        }
                     }
                 }
-                Err(e) => {
-                    warn!("migration failed: {e}; the VM keeps running here");
-                    JobResult::Failed {
-                        error: e.to_string(),
-                        commit_uncertain: false,
-                    }
-                }
-            };
+            });
             finish(&progress, &events, r);
         })
         .map_err(StartError::Spawn)?;
@@ -232,21 +260,47 @@ pub fn start_receive(
     std::thread::Builder::new()
         .name("migration-recv".into())
         .spawn(move || {
-            let r = match migration::receive(listener, &factory, &params, &stats, &cancel) {
-                Ok(_) => {
-                    info!("migration received; the VM runs here now");
-                    JobResult::Completed
-                }
-                Err(e) => {
-                    warn!("receiving a migration failed: {e}");
-                    JobResult::Failed {
-                        error: e.to_string(),
-                        commit_uncertain: false,
+            let r = guarded(None, || {
+                match migration::receive(listener, &factory, &params, &stats, &cancel) {
+                    Ok(_) => {
+                        info!("migration received; the VM runs here now");
+                        JobResult::Completed
+                    }
+                    Err(e) => {
+                        warn!("receiving a migration failed: {e}");
+                        JobResult::Failed {
+                            error: e.to_string(),
+                            commit_uncertain: false,
+                        }
                     }
                 }
-            };
+            });
             finish(&progress, &events, r);
         })
         .map_err(StartError::Spawn)?;
     Ok(job)
+}
+
+#[cfg(test)]
+mod guarded_tests {
+    use super::{guarded, JobResult};
+
+    #[test]
+    fn a_panicking_job_fails_with_its_message() {
+        let r = guarded(None, || panic!("backend exploded"));
+        match r {
+            JobResult::Failed {
+                error,
+                commit_uncertain,
+            } => {
+                assert!(error.contains("backend exploded"), "{error}");
+                assert!(!commit_uncertain);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            guarded(None, || JobResult::Completed),
+            JobResult::Completed
+        ));
+    }
 }

@@ -46,6 +46,14 @@ pub(super) fn thread_main(
     }
     // SAFETY: pthread_self has no preconditions.
     target.set(Some(unsafe { libc::pthread_self() }));
+    // Clears the kick target on every way out; after a panic it also
+    // reports the VM as ended, so the VMM does not go on with a dead vCPU.
+    let _end = ThreadEnd {
+        target,
+        events: ctx.events.clone(),
+        vm_id: ctx.vm_id,
+        id: ctx.id,
+    };
     let mut t = VcpuThread {
         fd,
         ctx,
@@ -60,8 +68,30 @@ pub(super) fn thread_main(
             other => t.wait(other),
         };
     }
-    // After this no kick is sent to this thread; the fd closes after it.
-    target.set(None);
+    // `_end` drops here: after it no kick is sent to this thread; the fd
+    // closes after it.
+}
+
+/// See `thread_main`.
+struct ThreadEnd<'a> {
+    target: &'a KickTarget,
+    events: crate::control::EventSink,
+    vm_id: u64,
+    id: u8,
+}
+
+impl Drop for ThreadEnd<'_> {
+    fn drop(&mut self) {
+        self.target.set(None);
+        if std::thread::panicking() {
+            let msg = format!("vCPU {}: its thread panicked", self.id);
+            error!("{msg}");
+            self.events.send(VmmEvent::VmEnded {
+                vm_id: self.vm_id,
+                end: VmEnd::Error(msg),
+            });
+        }
+    }
 }
 
 impl VcpuThread {
