@@ -64,7 +64,8 @@ migrate() {
     remote "$2" receive-migration tcp:127.0.0.1:$3 >/dev/null || fail "receive-migration on $2"
     out=$(remote "$1" send-migration tcp:127.0.0.1:$3 --connections $4 --wait 2>&1)
     rc=$?
-    say "migration $1 -> $2 over $4 connection(s): rc=$rc $(echo "$out" | tail -n1)"
+    st=$(echo "$out" | grep -oE '"state": *"[a-z]+"' | tail -n1)
+    say "migration $1 -> $2 over $4 connection(s): rc=$rc ${st:-$(echo "$out" | tail -n1)}"
     return $rc
 }
 
