@@ -31,6 +31,7 @@ pub mod error;
 mod guest_mem;
 mod handshake;
 mod net;
+mod phase;
 mod recv;
 mod send;
 pub mod stats;

@@ -151,13 +151,14 @@ dump po
     assert!(po.contains("power off"), "{po}");
 }
 
-/// Boots `src`, moves it to `dst` over `conns` connections and waits for
-/// ticks there.
-fn migrate_script(conns: u32) -> String {
+/// Boots `src` (with the ferry arguments `boot_args` besides the memory,
+/// waiting up to `boot_wait_s` for its third tick), moves it to `dst` over
+/// `conns` connections, waits for ticks there and for the source to exit.
+fn migrate_script(conns: u32, boot_args: &str, boot_wait_s: u32) -> String {
     format!(
         r#"
-boot_vm src "" {L2_MEM}
-wait_tick src 3 180 || fail "boot"
+boot_vm src "" {L2_MEM} {boot_args}
+wait_tick src 3 {boot_wait_s} || fail "boot"
 start_vm dst
 migrate src dst 6000 {conns} || fail "migration"
 t=$(last_tick src)
@@ -171,7 +172,7 @@ dump dst
 
 #[test]
 fn linux_live_migration_one_connection() {
-    let Some(run) = run_ok(Scenario::new("migrate1", &migrate_script(1))) else {
+    let Some(run) = run_ok(Scenario::new("migrate1", &migrate_script(1, "", 180))) else {
         return;
     };
     assert!(run.said("src exited code=0"), "{}", run.transcript());
@@ -207,21 +208,7 @@ dump c
 
 #[test]
 fn linux_two_vcpus_boot_and_migrate() {
-    let mut sc = Scenario::new(
-        "smp2",
-        &format!(
-            r#"
-boot_vm src "" {L2_MEM} --cpus boot=2
-wait_tick src 3 240 || fail "boot"
-start_vm dst
-migrate src dst 6000 4 || fail "migration"
-t=$(last_tick src)
-wait_tick dst $((t + 4)) 60 || fail "no ticks on dst"
-dump src
-dump dst
-"#
-        ),
-    );
+    let mut sc = Scenario::new("smp2", &migrate_script(4, "--cpus boot=2", 240));
     sc.smp = 2;
     let Some(run) = run_ok(sc) else { return };
     let ready = run

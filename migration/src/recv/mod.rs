@@ -195,28 +195,9 @@ impl Phase {
     }
 }
 
-/// A step failed: the error and what the receiver held at that moment.
-struct Failed {
-    phase: Phase,
-    err: MigrationError,
-}
-
-impl Failed {
-    fn new(phase: Phase, err: MigrationError) -> Failed {
-        Failed { phase, err }
-    }
-}
-
-/// `r`'s value, or returns [`Failed`] with `phase` (evaluated only on error).
-macro_rules! or_fail {
-    ($r:expr, $phase:expr) => {
-        match $r {
-            Ok(v) => v,
-            Err(e) => return Err(crate::recv::Failed::new($phase, e)),
-        }
-    };
-}
-use or_fail;
+/// A failed step of this state machine (see [`crate::phase::Failed`]).
+type Failed = crate::phase::Failed<Phase>;
+use crate::phase::or_fail;
 
 /// Receives one migration (see [`crate::receive`]).
 pub fn run(

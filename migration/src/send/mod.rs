@@ -186,29 +186,9 @@ enum Phase {
     Committed(Box<Committed>),
 }
 
-/// A step failed: the error and what the sender held at that moment.
-struct Failed {
-    phase: Phase,
-    err: MigrationError,
-}
-
-impl Failed {
-    fn new(phase: Phase, err: MigrationError) -> Failed {
-        Failed { phase, err }
-    }
-}
-
-/// `r`'s value, or returns [`Failed`] with `phase` (evaluated only on error,
-/// after `r` released its borrows).
-macro_rules! or_fail {
-    ($r:expr, $phase:expr) => {
-        match $r {
-            Ok(v) => v,
-            Err(e) => return Err(crate::send::Failed::new($phase, e)),
-        }
-    };
-}
-use or_fail;
+/// A failed step of this state machine (see [`crate::phase::Failed`]).
+type Failed = crate::phase::Failed<Phase>;
+use crate::phase::or_fail;
 
 /// Runs a migration on the source (see [`crate::send()`]).
 pub fn run(

@@ -9,21 +9,6 @@ use super::*;
 use crate::api::*;
 use crate::wire::{Header, Kind, HEADER_LEN};
 
-fn factory_for(src: &FakeSource) -> FakeFactory {
-    let f = FakeFactory::new(src.layout());
-    *f.devices.lock().unwrap() = vec![Arc::new(FakeDevice::new("dev0", true, vec![], vec![]))];
-    f
-}
-
-fn assert_source_running(src: &FakeSource) {
-    assert!(!src.paused.load(SeqCst), "source VM paused");
-    assert_eq!(src.pauses.load(SeqCst), src.resumes.load(SeqCst));
-    assert!(!src.logging.load(SeqCst), "dirty logging still on");
-    for d in &src.devices {
-        assert_eq!(d.cur(), MigState::Running, "device {}", d.id);
-    }
-}
-
 #[test]
 fn destination_refuses_config() {
     let src = source_with_device();

@@ -167,6 +167,25 @@ pub fn source_with_device() -> Arc<FakeSource> {
     Arc::new(s)
 }
 
+/// A destination factory for [`source_with_device`]'s layout that declares
+/// its device `dev0`.
+pub fn factory_for(src: &FakeSource) -> FakeFactory {
+    let f = FakeFactory::new(src.layout());
+    *f.devices.lock().unwrap() = vec![Arc::new(FakeDevice::new("dev0", true, vec![], vec![]))];
+    f
+}
+
+/// After a failed migration: the source VM runs, was resumed as often as it
+/// was paused, logs no dirty pages and its devices are RUNNING.
+pub fn assert_source_running(src: &FakeSource) {
+    assert!(!src.paused.load(SeqCst), "source VM paused");
+    assert_eq!(src.pauses.load(SeqCst), src.resumes.load(SeqCst));
+    assert!(!src.logging.load(SeqCst), "dirty logging still on");
+    for d in &src.devices {
+        assert_eq!(d.cur(), MigState::Running, "device {}", d.id);
+    }
+}
+
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
