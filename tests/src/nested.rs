@@ -485,6 +485,12 @@ impl Bed {
     /// Runs `sc` in a fresh L1 machine and returns its console output once
     /// L1 powered off or the time-out passed. QEMU never outlives this call.
     pub fn run(&self, sc: &Scenario) -> L1Run {
+        // One L1 machine at a time: two TCG machines on this 2-core host
+        // preempt each other's vCPU threads for milliseconds, and the guests'
+        // clocks then see that jitter (a TSC/kvmclock skew the witness
+        // reports) instead of what ferry did.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let mut scenario = Archive::new();
         scenario.file(
             "scenario.sh",

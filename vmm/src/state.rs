@@ -25,6 +25,33 @@ pub const STATE_VERSION: u32 = 2;
 /// in TSC-deadline mode, so it is restored after KVM_SET_LAPIC.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
+/// MSR_KVM_SYSTEM_TIME_NEW: guest-physical address of the vCPU's pvclock
+/// page, bit 0 = enabled.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// Size of `struct pvclock_vcpu_time_info`.
+pub const PVCLOCK_SIZE: usize = 32;
+
+/// kvmclock (ns) as a guest computes it from its pvclock page `page` at TSC
+/// `tsc`: `system_time + ((tsc - tsc_timestamp) << shift) * mul >> 32`.
+/// `None` while the page is being updated (odd version).
+pub fn pvclock_read(page: &[u8; PVCLOCK_SIZE], tsc: u64) -> Option<u64> {
+    let u32_at = |o: usize| u32::from_le_bytes([page[o], page[o + 1], page[o + 2], page[o + 3]]);
+    let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+    if u32_at(0) & 1 != 0 {
+        return None;
+    }
+    let (tsc_timestamp, system_time, mul, shift) =
+        (u64_at(8), u64_at(16), u32_at(24), page[28] as i8);
+    let mut delta = tsc.wrapping_sub(tsc_timestamp);
+    if shift < 0 {
+        delta >>= u32::from(shift.unsigned_abs()).min(63);
+    } else {
+        delta <<= u32::from(shift.unsigned_abs()).min(63);
+    }
+    let ns = (u128::from(delta) * u128::from(mul)) >> 32;
+    Some(system_time.wrapping_add(u64::try_from(ns).unwrap_or(u64::MAX)))
+}
+
 /// What saving and restoring one vCPU covers, fixed when its VM is created
 /// and shared by the VM's vCPU threads.
 ///
@@ -327,22 +354,37 @@ fn clock_ns(vm_fd: &kvm_ioctls::VmFd) -> Result<u64, VmError> {
     Ok(vm_fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?.clock)
 }
 
-/// Reads IA32_TSC alone between two kvmclock reads: (TSC, kvmclock at the
-/// middle of the two reads).
+/// Attempts at a tight TSC sample or write. A sample whose clock reads are
+/// far apart (the thread was preempted, which happens on a loaded host)
+/// places the TSC badly: the tightest of these attempts is used.
+const TSC_ATTEMPTS: usize = 8;
+
+/// Reads IA32_TSC alone between two kvmclock reads, [`TSC_ATTEMPTS`] times:
+/// (TSC, kvmclock at the middle of the two reads) of the tightest attempt.
 fn sample_tsc(vm_fd: &kvm_ioctls::VmFd, fd: &VcpuFd) -> Result<(u64, u64), VmError> {
     let mut m = Msrs::from_entries(&[kvm_msr_entry {
         index: arch::msr::MSR_IA32_TSC,
         ..Default::default()
     }])
     .map_err(|e| VmError::State(format!("building the TSC MSR list: {e:?}")))?;
-    let before = clock_ns(vm_fd)?;
-    let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS (TSC)"))?;
-    let after = clock_ns(vm_fd)?;
-    let tsc = match m.as_slice().first() {
-        Some(e) if n == 1 => e.data,
-        _ => return Err(VmError::State("KVM_GET_MSRS did not read IA32_TSC".into())),
-    };
-    Ok((tsc, before + after.saturating_sub(before) / 2))
+    let mut best: Option<(u64, u64, u64)> = None; // (window, tsc, clock)
+    for _ in 0..TSC_ATTEMPTS {
+        let before = clock_ns(vm_fd)?;
+        let n = fd.get_msrs(&mut m).map_err(kvm_err("KVM_GET_MSRS (TSC)"))?;
+        let after = clock_ns(vm_fd)?;
+        let tsc = match m.as_slice().first() {
+            Some(e) if n == 1 => e.data,
+            _ => return Err(VmError::State("KVM_GET_MSRS did not read IA32_TSC".into())),
+        };
+        let window = after.saturating_sub(before);
+        if best.is_none_or(|(w, _, _)| window < w) {
+            best = Some((window, tsc, before + window / 2));
+        }
+    }
+    let (window, tsc, clock) =
+        best.ok_or_else(|| VmError::State("no TSC sample was taken".into()))?;
+    debug!("TSC sampled within {window} ns of kvmclock");
+    Ok((tsc, clock))
 }
 
 /// The guest TSC to restore so that it keeps its distance to kvmclock: a
@@ -375,10 +417,27 @@ fn restore_tsc(
     if clock_then == 0 {
         return set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, tsc)]);
     }
-    let a = clock_ns(vm_fd)?;
-    let b = clock_ns(vm_fd)?;
-    let now = clock_ns(vm_fd)?;
-    let value = tsc_for_clock(tsc, clock_then, now + b.saturating_sub(a), khz);
+    // The latency of one clock read, at its quietest: the TSC write that
+    // follows a clock read samples about that much later.
+    let mut latency = u64::MAX;
+    for _ in 0..TSC_ATTEMPTS {
+        let a = clock_ns(vm_fd)?;
+        let b = clock_ns(vm_fd)?;
+        latency = latency.min(b.saturating_sub(a));
+    }
+    // KVM takes only the first host write of IA32_TSC as it is (a later one
+    // close to it counts as a resynchronization), so the write happens once,
+    // right after a clock read pair that was as quick as the quietest.
+    let mut now = clock_ns(vm_fd)?;
+    for _ in 0..TSC_ATTEMPTS {
+        let next = clock_ns(vm_fd)?;
+        let quick = next.saturating_sub(now) <= latency.saturating_mul(2);
+        now = next;
+        if quick {
+            break;
+        }
+    }
+    let value = tsc_for_clock(tsc, clock_then, now + latency, khz);
     set_msrs(fd, id, &[(arch::msr::MSR_IA32_TSC, value)])
 }
 
@@ -476,7 +535,9 @@ impl Vm {
         }
         let start = std::time::Instant::now();
         // Each vCPU thread saves its own state, all at once.
-        let vcpus = crate::vcpu::save_all(&g.handles)?;
+        let mut vcpus = crate::vcpu::save_all(&g.handles)?;
+        let mut clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        self.to_guest_time_line(&mut vcpus, &mut clock);
         let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = VmState {
             version: STATE_VERSION,
@@ -485,12 +546,61 @@ impl Vm {
             pic_slave: irqchip(self, KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(self, KVM_IRQCHIP_IOAPIC)?,
             pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            clock,
             serial: pio.serial_state(),
             i8042: pio.i8042_state(),
         };
         debug!("VM state saved in {:?}", start.elapsed());
         Ok(state)
+    }
+
+    /// Moves the saved clocks onto the time line the guest itself reads.
+    ///
+    /// The guest computes kvmclock from its pvclock page and its TSC; what
+    /// KVM_GET_CLOCK returns can differ from that by the drift accumulated
+    /// since KVM last refreshed the page (a millisecond or more after some
+    /// seconds on a host whose TSC rate is not exact). The destination
+    /// restarts kvmclock from the saved value and refreshes the page, so it
+    /// must restart from the guest's own reading, or the guest sees its
+    /// kvmclock jump against its TSC. When a vCPU's pvclock page cannot be
+    /// read, its values are kept as KVM gave them.
+    fn to_guest_time_line(&self, vcpus: &mut [VcpuState], clock: &mut kvm_clock_data) {
+        for (i, v) in vcpus.iter_mut().enumerate() {
+            let Some(guest_ns) = self.guest_kvmclock(v) else {
+                continue;
+            };
+            let drift = guest_ns.wrapping_sub(v.clock_at_msrs) as i64;
+            if i == 0 {
+                clock.clock = clock.clock.wrapping_add(drift as u64);
+                debug!("kvmclock as the guest reads it differs by {drift} ns from KVM's");
+            }
+            v.clock_at_msrs = guest_ns;
+        }
+    }
+
+    /// kvmclock as vCPU `v`'s guest reads it at its saved TSC, from its
+    /// pvclock page (MSR_KVM_SYSTEM_TIME_NEW), if it enabled one.
+    fn guest_kvmclock(&self, v: &VcpuState) -> Option<u64> {
+        use vm_memory::{Bytes, GuestAddress};
+        let tsc = v
+            .msrs
+            .iter()
+            .find(|(i, _)| *i == arch::msr::MSR_IA32_TSC)?
+            .1;
+        let msr = v
+            .msrs
+            .iter()
+            .find(|(i, _)| *i == MSR_KVM_SYSTEM_TIME_NEW)?
+            .1;
+        if v.clock_at_msrs == 0 || msr & 1 == 0 {
+            return None;
+        }
+        let mut page = [0u8; PVCLOCK_SIZE];
+        self.ram
+            .mem()
+            .read_slice(&mut page, GuestAddress(msr & !1))
+            .ok()?;
+        pvclock_read(&page, tsc)
     }
 
     /// Applies a saved state to this (not yet started) VM.
@@ -562,7 +672,22 @@ pub fn decode(b: &[u8]) -> Result<VmState, StateError> {
 
 #[cfg(test)]
 mod tsc_tests {
-    use super::tsc_for_clock;
+    use super::{pvclock_read, tsc_for_clock, PVCLOCK_SIZE};
+
+    #[test]
+    fn pvclock_as_the_guest_reads_it() {
+        let mut p = [0u8; PVCLOCK_SIZE];
+        p[0..4].copy_from_slice(&2u32.to_le_bytes()); // version (even)
+        p[8..16].copy_from_slice(&1_000u64.to_le_bytes()); // tsc_timestamp
+        p[16..24].copy_from_slice(&5_000_000u64.to_le_bytes()); // system_time
+        p[24..28].copy_from_slice(&(1u32 << 31).to_le_bytes()); // mul = 0.5
+        p[28] = 1; // shift: << 1, so 1 ns per cycle
+        assert_eq!(pvclock_read(&p, 1_000 + 7_000), Some(5_007_000));
+        p[28] = (-1i8) as u8; // >> 1 then * 0.5: 0.25 ns per cycle
+        assert_eq!(pvclock_read(&p, 1_000 + 8_000), Some(5_002_000));
+        p[0] = 3; // an update in progress
+        assert_eq!(pvclock_read(&p, 0), None);
+    }
 
     #[test]
     fn tsc_follows_the_clock() {
