@@ -10,6 +10,7 @@ pub use crate::error::MigrationError;
 pub use crate::stats::{
     DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
 };
+use crate::tls::{ClientTls, ServerTls};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
 use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
 
@@ -53,6 +54,14 @@ pub struct SendParams {
     /// Device chunk size in bytes, 4096..=16 MiB.
     #[serde(default = "default_chunk")]
     pub device_chunk_bytes: u64,
+    /// Directory with `ca.pem`, `cert.pem` and `key.pem` (see
+    /// [`crate::tls`]): every connection runs mutual TLS 1.3.
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    /// `false` (explicitly) for plain TCP without `tls_dir`; TLS is
+    /// required otherwise.
+    #[serde(default)]
+    pub tls: Option<bool>,
 }
 
 /// Largest `timeout_s` accepted: one week. The deadline is an `Instant`,
@@ -86,6 +95,40 @@ pub struct ReceiveParams {
     /// chunk the device's load thread needs next.
     #[serde(default)]
     pub device_buffer_bytes: Option<u64>,
+    /// Directory with `ca.pem`, `cert.pem` and `key.pem` (see
+    /// [`crate::tls`]): only sources with a certificate from that CA are
+    /// accepted.
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    /// `false` (explicitly) for plain TCP without `tls_dir`; TLS is
+    /// required otherwise.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// When not empty, a source certificate must name one of these (common
+    /// name or DNS subject alternative name); at most
+    /// [`crate::tls::MAX_ALLOWED_SUBJECTS`] entries.
+    #[serde(default)]
+    pub tls_allowed_subjects: Vec<String>,
+}
+
+/// Which transport a request chose: the TLS directory, or `None` for plain
+/// TCP (only with an explicit `"tls": false`).
+fn tls_choice<'a>(
+    tls_dir: &'a Option<String>,
+    tls: Option<bool>,
+) -> Result<Option<&'a str>, MigrationError> {
+    match (tls_dir.as_deref(), tls) {
+        (Some(d), None | Some(true)) if !d.is_empty() => Ok(Some(d)),
+        (Some(_), Some(false)) => Err(MigrationError::InvalidParams(
+            "tls_dir is given but \"tls\" is false: choose one".into(),
+        )),
+        (None, Some(false)) => Ok(None),
+        _ => Err(MigrationError::InvalidParams(
+            "TLS is required: give tls_dir (a directory holding ca.pem, cert.pem and key.pem), \
+             or \"tls\": false for plain TCP"
+                .into(),
+        )),
+    }
 }
 
 /// Shared cancel flag; cloning shares it.
@@ -136,7 +179,16 @@ impl SendParams {
                 self.device_chunk_bytes
             ));
         }
+        self.client_tls()?;
         Ok(())
+    }
+
+    /// The TLS configuration this request asks for (`None`: plain TCP),
+    /// loaded from `tls_dir`.
+    pub fn client_tls(&self) -> Result<Option<ClientTls>, MigrationError> {
+        tls_choice(&self.tls_dir, self.tls)?
+            .map(ClientTls::load)
+            .transpose()
     }
 }
 
@@ -150,7 +202,21 @@ impl ReceiveParams {
                 )));
             }
         }
+        self.server_tls()?;
         Ok(())
+    }
+
+    /// The TLS configuration this request asks for (`None`: plain TCP),
+    /// loaded from `tls_dir` with the allowed subjects.
+    pub fn server_tls(&self) -> Result<Option<ServerTls>, MigrationError> {
+        let dir = tls_choice(&self.tls_dir, self.tls)?;
+        if dir.is_none() && !self.tls_allowed_subjects.is_empty() {
+            return Err(MigrationError::InvalidParams(
+                "tls_allowed_subjects needs TLS (a tls_dir)".into(),
+            ));
+        }
+        dir.map(|d| ServerTls::load(d, &self.tls_allowed_subjects))
+            .transpose()
     }
 
     /// The listen address of `receiver_url` (`tcp:HOST:PORT`).

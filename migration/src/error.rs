@@ -24,6 +24,11 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// TLS setup or authentication failed: a certificate file could not be
+    /// used, or a peer was refused (or refused us). The text says who
+    /// refused whom and why.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The peer sent something that violates the protocol (hostile or broken
     /// input). Nothing of it was applied.
     #[error("protocol error: {0}")]

@@ -329,6 +329,40 @@ impl<D> IoVecs<'_, D> {
             }
         }
     }
+    /// Bytes still pending in the list.
+    pub fn pending_len(&self) -> usize {
+        self.iovs[self.start..].iter().map(|v| v.iov_len).sum()
+    }
+}
+
+impl<'a> IoVecs<'a, Gather> {
+    /// Copies the next pending bytes into `dst` (as many as fit) and
+    /// advances past them; returns how many were copied. Used where the
+    /// bytes must pass through a transform (TLS) instead of `writev`.
+    pub fn copy_out(&mut self, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        for v in &self.iovs[self.start..] {
+            if done == dst.len() {
+                break;
+            }
+            let n = v.iov_len.min(dst.len() - done);
+            // SAFETY: by the IoVecs invariant the entry describes `iov_len`
+            // readable bytes valid for the list's lifetime; `n <= iov_len`
+            // and `dst[done..done + n]` is in bounds. Guest memory may change
+            // under the copy (the guest runs): a byte copy with no
+            // reference into it is what the volatile contract allows.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base as *const u8,
+                    dst[done..].as_mut_ptr(),
+                    n,
+                )
+            };
+            done += n;
+        }
+        self.advance(done);
+        done
+    }
 }
 
 impl<'a> IoVecs<'a, Gather> {
@@ -350,6 +384,28 @@ impl<'a> IoVecs<'a, Gather> {
 }
 
 impl<'a> IoVecs<'a, Scatter> {
+    /// Copies `src` into the next pending bytes (as far as the list
+    /// reaches) and advances past them; returns how many were copied.
+    pub fn copy_in(&mut self, src: &[u8]) -> usize {
+        let mut done = 0;
+        for v in &self.iovs[self.start..] {
+            if done == src.len() {
+                break;
+            }
+            let n = v.iov_len.min(src.len() - done);
+            // SAFETY: by the IoVecs invariant a scatter entry describes
+            // `iov_len` writable bytes valid for the list's lifetime that no
+            // Rust reference aliases; `n <= iov_len` and `src[done..done + n]`
+            // is in bounds.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src[done..].as_ptr(), v.iov_base as *mut u8, n)
+            };
+            done += n;
+        }
+        self.advance(done);
+        done
+    }
+
     /// Appends guest pages `[first, first + n)` of `region` (bounds-checked)
     /// to be read into.
     pub fn push_guest_mut(

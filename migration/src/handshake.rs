@@ -1,24 +1,71 @@
-//! Connection setup: the sender's connect + HELLO, the receiver's acceptor
-//! (which reads and validates each newcomer's HELLO on its own short-lived
-//! thread) and refusals with an ERROR frame the sender can show.
+//! Connection setup: the sender's connect (+ TLS) + HELLO, the receiver's
+//! acceptor (which runs each newcomer's TLS handshake and reads its HELLO
+//! on its own short-lived thread, under one deadline) and refusals with an
+//! ERROR frame the sender can show.
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::api::CancelToken;
 use crate::error::MigrationError;
-use crate::net::{self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Ctl, Recv};
-use crate::wire::{self, ConnRole, Frame};
+use crate::net::{
+    self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Channel, Ctl, Recv,
+    TlsFailure,
+};
+use crate::tls::{ClientTls, ServerTls};
+use crate::wire::{self, ConnRole, Frame, HEADER_LEN};
 
-/// Time a newcomer has to send its HELLO.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound of connections whose HELLO is being read at once (flood guard).
-const MAX_PENDING: usize = 128;
+/// Time a newcomer has for its whole handshake: TLS and HELLO together.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of connections whose handshake runs at once (flood guard); more
+/// are closed at once.
+pub const MAX_PENDING: usize = 128;
+/// Bound of connections that completed their handshake and wait for the
+/// receiver to claim them; more are refused.
+pub const MAX_UNCLAIMED: usize = 16;
 /// Time to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The host part of a `tcp:HOST:PORT` URL (brackets of an IPv6 literal
+/// removed): the name the destination's certificate must carry.
+pub fn url_host(url: &str) -> Result<String, MigrationError> {
+    let rest = url.strip_prefix("tcp:").unwrap_or(url);
+    let host = match rest.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => {
+            return Err(MigrationError::InvalidParams(format!(
+                "no port in URL {url:?} (expected tcp:HOST:PORT)"
+            )))
+        }
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(MigrationError::InvalidParams(format!(
+            "no host in URL {url:?}"
+        )));
+    }
+    Ok(host.to_string())
+}
+
+/// How the source reaches the destination.
+///
+/// Invariant: `addrs` is not empty; with `tls`, every connection runs a
+/// mutual-TLS handshake that must verify the destination as the host name.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// Resolved addresses, tried in order.
+    pub addrs: Vec<SocketAddr>,
+    /// TLS configuration and the destination's expected name.
+    pub tls: Option<(ClientTls, String)>,
+}
 
 /// Parses `tcp:HOST:PORT` into socket addresses.
 pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, MigrationError> {
@@ -40,7 +87,7 @@ pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, MigrationError> {
 /// Waits up to `timeout` for the reply to a request: OK → `Ok(())`, ERROR →
 /// [`MigrationError::Remote`] with the destination's message.
 pub fn await_reply(
-    s: &TcpStream,
+    s: &Channel,
     session: u128,
     ctl: &Ctl,
     timeout: Duration,
@@ -75,21 +122,22 @@ pub fn await_reply(
     }
 }
 
-/// Connects one connection of the session and completes its HELLO.
+/// Connects one connection of the session, runs TLS if configured, and
+/// completes its HELLO.
 pub fn connect(
-    addrs: &[SocketAddr],
+    dial: &Dial,
     session: u128,
     role: ConnRole,
     connections: u32,
     ctl: &Ctl,
-) -> Result<TcpStream, MigrationError> {
+) -> Result<Channel, MigrationError> {
     let what = match role {
         ConnRole::Main => "on the main connection".to_string(),
         ConnRole::Data { index } => format!("on data connection {index}"),
     };
     let mut last = None;
     let mut stream = None;
-    for a in addrs {
+    for a in &dial.addrs {
         match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 stream = Some(s);
@@ -109,6 +157,18 @@ pub fn connect(
         }
     };
     prepare_stream(&s, role != ConnRole::Main)?;
+    let s = match &dial.tls {
+        None => Channel::plain(s),
+        Some((tls, host)) => {
+            let conn = tls.connect(host)?;
+            let deadline = Instant::now() + ctl.stall.min(CONNECT_TIMEOUT);
+            match Channel::handshake(s, conn.into(), deadline, &CancelToken::default(), true) {
+                Ok(c) => c,
+                Err(TlsFailure::NotTls(first)) => return Err(plain_answer(&first, &what)),
+                Err(f) => return Err(MigrationError::tls_failure(f, &what)),
+            }
+        }
+    };
     let hello = Frame::Hello { role, connections };
     send_frame(
         &s,
@@ -128,10 +188,29 @@ pub fn connect(
     Ok(s)
 }
 
+/// The error for a destination that answered our TLS handshake in plain
+/// TCP: its ERROR frame's text when it sent one.
+fn plain_answer(first: &[u8], what: &str) -> MigrationError {
+    let msg = first
+        .get(..HEADER_LEN)
+        .and_then(|h| <&[u8; HEADER_LEN]>::try_from(h).ok())
+        .and_then(|h| Frame::decode(h).ok())
+        .and_then(|env| match env.frame {
+            Frame::Error { len } => first
+                .get(HEADER_LEN..HEADER_LEN + len as usize)
+                .map(wire::message_text),
+            _ => None,
+        });
+    MigrationError::Tls(match msg {
+        Some(m) => format!("the destination does not use TLS and refused the connection {what}: {m}"),
+        None => format!("the destination does not speak TLS {what} (is it receiving with \"tls\": false?)"),
+    })
+}
+
 /// A connection that presented a well-formed HELLO.
 pub struct Incoming {
-    /// The connection (blocking, with poll timeouts).
-    pub stream: TcpStream,
+    /// The connection (blocking, with poll timeouts; TLS done if required).
+    pub stream: Channel,
     /// The session its HELLO names.
     pub session: u128,
     /// Its role.
@@ -154,19 +233,20 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Starts accepting on `listener`.
-    pub fn start(listener: TcpListener) -> Result<Acceptor, MigrationError> {
+    /// Starts accepting on `listener`; with `tls`, every newcomer must
+    /// complete a mutual-TLS handshake (and pass the subject check) first.
+    pub fn start(listener: TcpListener, tls: Option<ServerTls>) -> Result<Acceptor, MigrationError> {
         listener
             .set_nonblocking(true)
             .map_err(|e| MigrationError::io("configuring the migration listener", e))?;
         net::set_big_buffers(&listener);
         let stop = CancelToken::default();
         let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(MAX_UNCLAIMED);
         let (st, th) = (stop.clone(), threads.clone());
         let main = std::thread::Builder::new()
             .name("mig-acceptor".into())
-            .spawn(move || accept_loop(listener, st, th, tx))
+            .spawn(move || accept_loop(listener, st, th, tx, tls))
             .map_err(|e| MigrationError::io("spawning the acceptor", e))?;
         Ok(Acceptor {
             stop,
@@ -177,7 +257,7 @@ impl Acceptor {
     }
 
     /// Refuses `s` with `msg` on a background thread (the sender shows it).
-    pub fn refuse(&self, s: TcpStream, session: u128, msg: String) {
+    pub fn refuse(&self, s: Channel, session: u128, msg: String) {
         spawn_refusal(&self.threads, self.stop.clone(), s, session, msg);
     }
 
@@ -206,7 +286,7 @@ impl Drop for Acceptor {
 fn spawn_refusal(
     threads: &Mutex<Vec<JoinHandle<()>>>,
     stop: CancelToken,
-    s: TcpStream,
+    s: Channel,
     session: u128,
     msg: String,
 ) {
@@ -223,14 +303,14 @@ fn spawn_refusal(
 
 /// Sends ERROR(msg), closes the write side, and drains what the peer still
 /// sends for a moment so that the close does not reset the error away.
-pub fn refuse_now(s: &TcpStream, session: u128, msg: &str, stop: &CancelToken) {
+pub fn refuse_now(s: &Channel, session: u128, msg: &str, stop: &CancelToken) {
     net::send_message(s, session, |len| Frame::Error { len }, msg);
-    let _ = s.shutdown(Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    s.close_write();
+    let _ = s.tcp().set_read_timeout(Some(Duration::from_millis(50)));
     let start = Instant::now();
     let mut buf = [0u8; 4096];
     while start.elapsed() < Duration::from_secs(1) && !stop.is_cancelled() {
-        match std::io::Read::read(&mut &*s, &mut buf) {
+        match s.read(&mut buf) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e)
@@ -247,7 +327,8 @@ fn accept_loop(
     listener: TcpListener,
     stop: CancelToken,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    tx: Sender<Incoming>,
+    tx: SyncSender<Incoming>,
+    tls: Option<ServerTls>,
 ) {
     while !stop.is_cancelled() {
         match listener.accept() {
@@ -264,10 +345,13 @@ fn accept_loop(
                     continue;
                 }
                 log::debug!("migration connection from {peer}");
-                let (st, tx) = (stop.clone(), tx.clone());
+                let (st, tx, tls) = (stop.clone(), tx.clone(), tls.clone());
                 let h = std::thread::Builder::new()
                     .name("mig-hello".into())
-                    .spawn(move || read_hello(s, st, tx));
+                    .spawn(move || {
+                        let th = Handshake { stop: st, tx, tls };
+                        th.run(s, peer)
+                    });
                 if let Ok(h) = h {
                     let mut t = lock(&threads);
                     t.retain(|h| !h.is_finished());
@@ -285,34 +369,128 @@ fn accept_loop(
     }
 }
 
-fn read_hello(s: TcpStream, stop: CancelToken, tx: Sender<Incoming>) {
-    if prepare_stream(&s, true).is_err() {
-        return;
+/// One newcomer's handshake: optional TLS, then HELLO, all before one
+/// deadline ([`HELLO_TIMEOUT`]).
+struct Handshake {
+    stop: CancelToken,
+    tx: SyncSender<Incoming>,
+    tls: Option<ServerTls>,
+}
+
+/// Waits for the first byte of `s` (without consuming it) until `deadline`.
+fn peek_first(s: &TcpStream, deadline: Instant, stop: &CancelToken) -> Option<u8> {
+    let mut b = [0u8; 1];
+    while Instant::now() < deadline && !stop.is_cancelled() {
+        match s.peek(&mut b) {
+            Ok(0) => return None,
+            Ok(_) => return Some(b[0]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return None,
+        }
     }
-    let ctl = Ctl::new(stop.clone(), HELLO_TIMEOUT);
-    let start = Instant::now();
-    let res = loop {
-        match recv_frame(&s, &ctl, true, "reading HELLO") {
-            Ok(Recv::Idle) if start.elapsed() < HELLO_TIMEOUT => continue,
-            Ok(Recv::Idle) => break Err("no HELLO within 5 s".to_string()),
-            Ok(Recv::Eof) => return,
-            Ok(Recv::Frame(env)) => match env.frame {
-                Frame::Hello { role, connections } => break Ok((env.session, role, connections)),
-                f => break Err(format!("expected HELLO, got {:?}", f.kind())),
-            },
-            Err(MigrationError::Aborted) => return,
-            Err(e) => break Err(e.to_string()),
+    None
+}
+
+impl Handshake {
+    fn run(self, s: TcpStream, peer: SocketAddr) {
+        if prepare_stream(&s, true).is_err() {
+            return;
         }
-    };
-    match res {
-        Ok((session, role, connections)) => {
-            let _ = tx.send(Incoming {
-                stream: s,
-                session,
-                role,
-                connections,
-            });
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        let Some(first) = peek_first(&s, deadline, &self.stop) else {
+            log::debug!("migration connection from {peer}: closed or silent before its handshake");
+            return;
+        };
+        let tls_hello = first == TLS_HANDSHAKE_RECORD;
+        let ch = match (&self.tls, tls_hello) {
+            (None, false) => Channel::plain(s),
+            (None, true) => {
+                let msg = "connection refused: this destination receives in plain TCP (\"tls\": false), \
+                           but the source started TLS";
+                log::warn!("migration connection from {peer}: {msg}");
+                return refuse_now(&Channel::plain(s), 0, msg, &self.stop);
+            }
+            (Some(_), false) => {
+                let msg = "connection refused: this destination requires TLS; \
+                           give the source a tls_dir (or receive with \"tls\": false)";
+                log::warn!("migration connection from {peer}: {msg}");
+                return refuse_now(&Channel::plain(s), 0, msg, &self.stop);
+            }
+            (Some(tls), true) => {
+                let conn = match tls.accept() {
+                    Ok(c) => c,
+                    Err(e) => return log::warn!("TLS session for {peer}: {e}"),
+                };
+                match Channel::handshake(s, conn.into(), deadline, &self.stop, false) {
+                    Ok(ch) => {
+                        if let Err(msg) = tls.check_subject(ch.peer_leaf().as_deref()) {
+                            log::warn!("migration connection from {peer} refused: {msg}");
+                            let msg = format!("connection refused: {msg}");
+                            return refuse_now(&ch, 0, &msg, &self.stop);
+                        }
+                        ch
+                    }
+                    Err(f) => {
+                        let e = MigrationError::tls_failure(f, &format!("from {peer}"));
+                        return log::warn!("migration connection refused: {e}");
+                    }
+                }
+            }
+        };
+        self.read_hello(ch, deadline, peer)
+    }
+
+    fn read_hello(self, s: Channel, deadline: Instant, peer: SocketAddr) {
+        let ctl = Ctl::new(self.stop.clone(), HELLO_TIMEOUT);
+        ctl.set_deadline(deadline, format!("no HELLO within {HELLO_TIMEOUT:?}"));
+        let res = loop {
+            match recv_frame(&s, &ctl, true, "reading HELLO") {
+                Ok(Recv::Idle) if Instant::now() < deadline => continue,
+                Ok(Recv::Idle) => break Err(format!("no HELLO within {HELLO_TIMEOUT:?}")),
+                Ok(Recv::Eof) => return,
+                Ok(Recv::Frame(env)) => match env.frame {
+                    Frame::Hello { role, connections } => {
+                        break Ok((env.session, role, connections))
+                    }
+                    f => break Err(format!("expected HELLO, got {:?}", f.kind())),
+                },
+                Err(MigrationError::Aborted) => match ctl.take_error() {
+                    Some(MigrationError::Timeout(m)) => break Err(m),
+                    _ => return,
+                },
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match res {
+            Ok((session, role, connections)) => {
+                let inc = Incoming {
+                    stream: s,
+                    session,
+                    role,
+                    connections,
+                };
+                match self.tx.try_send(inc) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(inc)) => {
+                        let msg = format!(
+                            "connection refused: {MAX_UNCLAIMED} connections already wait to be claimed"
+                        );
+                        log::warn!("migration connection from {peer}: {msg}");
+                        refuse_now(&inc.stream, session, &msg, &self.stop);
+                    }
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
+            }
+            Err(msg) => {
+                log::warn!("migration connection from {peer} refused: {msg}");
+                refuse_now(&s, 0, &format!("connection refused: {msg}"), &self.stop)
+            }
         }
-        Err(msg) => refuse_now(&s, 0, &format!("connection refused: {msg}"), &stop),
     }
 }

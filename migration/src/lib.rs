@@ -21,6 +21,7 @@
 //! * [`wire`] (frame layout: typed [`wire::Frame`], range tables, SETUP) and
 //!   `guest_mem` (the one audited module that touches guest memory through
 //!   host addresses: [`RamRegion`], volatile zero scan, iovecs);
+//! * [`tls`] (mutual-TLS configuration from a `tls_dir`, subject checks);
 //! * `testhook` (switch-over fault injection for tests).
 
 #![warn(missing_docs)]
@@ -36,6 +37,7 @@ mod recv;
 mod send;
 pub mod stats;
 mod testhook;
+pub mod tls;
 pub mod traits;
 pub mod wire;
 mod worker;

@@ -113,6 +113,11 @@ pub struct MigrationStatus {
     pub source_vm: Option<SourceVmOutcome>,
     /// "source" or "destination" (None before anything started).
     pub role: Option<String>,
+    /// How the connections are carried: "tls" (mutual TLS 1.3) or "tcp"
+    /// (plain, only with an explicit `"tls": false`); None before the
+    /// parameters were accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// Current (or last) RAM pass, starting at 1.
     pub iteration: u64,
     /// Data connections.
@@ -187,6 +192,7 @@ fn set_opt(a: &AtomicU64, v: u64) {
 pub struct MigrationStats {
     state: AtomicU8,
     role: AtomicU8,
+    transport: AtomicU8,
     source_vm: AtomicU8,
     error: Mutex<Option<String>>,
     started: Mutex<Option<Instant>>,
@@ -262,6 +268,7 @@ impl MigrationStats {
     pub fn reset_for_new(&self) {
         self.state.store(0, Relaxed);
         self.role.store(0, Relaxed);
+        self.transport.store(0, Relaxed);
         self.source_vm.store(0, Relaxed);
         *lock(&self.error) = None;
         *lock(&self.started) = None;
@@ -310,6 +317,11 @@ impl MigrationStats {
 
     pub(crate) fn set_role(&self, r: Role) {
         self.role.store(r as u8, Relaxed);
+    }
+
+    /// Records the transport in use (`tls`: mutual TLS, else plain TCP).
+    pub(crate) fn set_transport(&self, tls: bool) {
+        self.transport.store(if tls { 2 } else { 1 }, Relaxed);
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -397,6 +409,11 @@ impl MigrationStats {
             error: lock(&self.error).clone(),
             source_vm: self.source_vm(),
             role,
+            transport: match self.transport.load(Relaxed) {
+                1 => Some("tcp".to_string()),
+                2 => Some("tls".to_string()),
+                _ => None,
+            },
             iteration: self.iteration.load(Relaxed),
             connections: self.connections.load(Relaxed) as u32,
             total_bytes: self.total_bytes.load(Relaxed),

@@ -1,11 +1,10 @@
 //! The main (control) connection and its keepalive thread.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{io, lock, Ctl, KEEPALIVE_INTERVAL};
+use super::{io, lock, Channel, Ctl, KEEPALIVE_INTERVAL};
 use crate::error::MigrationError;
 use crate::wire::Frame;
 use crate::worker::Worker;
@@ -17,8 +16,8 @@ use crate::worker::Worker;
 /// `wlock`; reads happen on one thread only.
 #[derive(Debug)]
 pub struct MainConn {
-    /// The stream (poll timeouts set).
-    pub stream: TcpStream,
+    /// The connection (poll timeouts set).
+    pub stream: Channel,
     wlock: Mutex<()>,
     /// Session id stamped on frames.
     pub session: u128,
@@ -26,7 +25,7 @@ pub struct MainConn {
 
 impl MainConn {
     /// Wraps a connected main stream.
-    pub fn new(stream: TcpStream, session: u128) -> Arc<MainConn> {
+    pub fn new(stream: Channel, session: u128) -> Arc<MainConn> {
         Arc::new(MainConn {
             stream,
             wlock: Mutex::new(()),

@@ -2,12 +2,12 @@
 //! zero-copy vectored transfers. No call blocks longer than
 //! [`POLL_INTERVAL`] without checking abort, cancel and stalls.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::{Ctl, POLL_INTERVAL, SOCKET_BUFFER};
+use super::{Channel, Ctl, POLL_INTERVAL, SOCKET_BUFFER};
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs, Scatter};
@@ -94,7 +94,7 @@ enum Start {
 /// before the first byte. Once a byte arrived, reads until full: EOF is then
 /// an error, and no progress for `ctl.stall` is a stall.
 fn read_start(
-    mut s: &TcpStream,
+    s: &Channel,
     buf: &mut [u8],
     ctl: &Ctl,
     idle_ok: bool,
@@ -130,7 +130,7 @@ fn read_start(
 
 /// Fills `buf` completely (EOF is an error).
 pub fn read_full(
-    s: &TcpStream,
+    s: &Channel,
     buf: &mut [u8],
     ctl: &Ctl,
     what: &str,
@@ -138,49 +138,113 @@ pub fn read_full(
     read_start(s, buf, ctl, false, what).map(|_| ())
 }
 
-/// Writes all of `buf`, polling abort between timeouts; fails after no
-/// progress for `ctl.stall`.
-pub fn write_full(
-    mut s: &TcpStream,
-    buf: &[u8],
-    ctl: &Ctl,
-    what: &str,
-) -> Result<(), MigrationError> {
+/// Writes all of `buf` (and, with TLS, pushes it out of the session's
+/// buffer), polling abort between timeouts; fails after no progress for
+/// `ctl.stall`.
+pub fn write_full(s: &Channel, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
     let mut done = 0;
     let mut last = Instant::now();
+    let stalled = |last: Instant| {
+        if ctl.write_stalled(last) {
+            Err(MigrationError::Stalled(format!(
+                "cannot write for {:?} {what}",
+                ctl.stall
+            )))
+        } else {
+            Ok(())
+        }
+    };
     while done < buf.len() {
         ctl.check()?;
-        match s.write(&buf[done..]) {
-            Ok(0) => return Err(MigrationError::PeerClosed(what.to_string())),
+        match s.write_some(&buf[done..]) {
             Ok(n) => {
                 done += n;
                 last = Instant::now();
             }
-            Err(e) if is_timeout(&e) => {
-                if ctl.write_stalled(last) {
-                    return Err(MigrationError::Stalled(format!(
-                        "cannot write for {:?} {what}",
-                        ctl.stall
-                    )));
-                }
+            Err(e) if is_timeout(&e) => stalled(last)?,
+            Err(e) if e.kind() == ErrorKind::WriteZero => {
+                return Err(MigrationError::PeerClosed(what.to_string()))
             }
             Err(e) => return Err(MigrationError::io(what, e)),
         }
     }
+    if s.is_tls() {
+        loop {
+            ctl.check()?;
+            match s.flush_some() {
+                Ok(true) => break,
+                Ok(false) => stalled(last)?,
+                Err(e) if is_timeout(&e) => stalled(last)?,
+                Err(e) => return Err(MigrationError::io(what, e)),
+            }
+        }
+    }
     Ok(())
+}
+
+/// Size of the per-thread buffer that vectored transfers pass through when
+/// TLS is on (the cipher needs the bytes in one place).
+const TLS_BOUNCE: usize = 256 << 10;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's bounce buffer of [`TLS_BOUNCE`] bytes.
+fn with_bounce<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < TLS_BOUNCE {
+            b.resize(TLS_BOUNCE, 0);
+        }
+        f(&mut b[..])
+    })
+}
+
+/// [`write_vecs`] over TLS: the cipher reads a bounce buffer.
+fn write_vecs_tls(
+    s: &Channel,
+    v: &mut IoVecs<'_, Gather>,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    with_bounce(|b| {
+        while !v.is_empty() {
+            let n = v.copy_out(b);
+            write_full(s, &b[..n], ctl, what)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`read_vecs`] over TLS: plaintext lands in a bounce buffer first.
+fn read_vecs_tls(
+    s: &Channel,
+    v: &mut IoVecs<'_, Scatter>,
+    ctl: &Ctl,
+    what: &str,
+) -> Result<(), MigrationError> {
+    with_bounce(|b| {
+        while !v.is_empty() {
+            let n = v.pending_len().min(b.len());
+            read_full(s, &mut b[..n], ctl, what)?;
+            v.copy_in(&b[..n]);
+        }
+        Ok(())
+    })
 }
 
 /// Moves every byte of `v` with `writev` (`write`) or `readv`, advancing
 /// over partial transfers. Polls abort between socket timeouts, fails after
 /// no progress for the stall timeout, and treats EOF as an error.
 fn vectored<D>(
-    s: &TcpStream,
+    s: &Channel,
     v: &mut IoVecs<'_, D>,
     write: bool,
     ctl: &Ctl,
     what: &str,
 ) -> Result<(), MigrationError> {
-    let fd = s.as_raw_fd();
+    let fd = s.tcp().as_raw_fd();
     let mut last = Instant::now();
     while !v.is_empty() {
         ctl.check()?;
@@ -226,28 +290,34 @@ fn vectored<D>(
 /// Writes every byte of a gather list (`writev`, zero-copy from guest
 /// memory and local buffers).
 pub fn write_vecs(
-    s: &TcpStream,
+    s: &Channel,
     v: &mut IoVecs<'_, Gather>,
     ctl: &Ctl,
     what: &str,
 ) -> Result<(), MigrationError> {
+    if s.is_tls() {
+        return write_vecs_tls(s, v, ctl, what);
+    }
     vectored(s, v, true, ctl, what)
 }
 
 /// Fills every byte of a scatter list (`readv` straight into guest memory).
 pub fn read_vecs(
-    s: &TcpStream,
+    s: &Channel,
     v: &mut IoVecs<'_, Scatter>,
     ctl: &Ctl,
     what: &str,
 ) -> Result<(), MigrationError> {
+    if s.is_tls() {
+        return read_vecs_tls(s, v, ctl, what);
+    }
     vectored(s, v, false, ctl, what)
 }
 
 /// Writes one frame of `session`: header plus its payload (whose length
 /// must be the frame's [`Frame::payload_len`]).
 pub fn send_frame(
-    s: &TcpStream,
+    s: &Channel,
     session: u128,
     frame: &Frame,
     payload: &[u8],
@@ -286,7 +356,7 @@ pub enum Recv {
 
 /// Reads and decodes one frame header (`idle_ok` as in [`read_start`]).
 pub fn recv_frame(
-    s: &TcpStream,
+    s: &Channel,
     ctl: &Ctl,
     idle_ok: bool,
     what: &str,
@@ -301,7 +371,7 @@ pub fn recv_frame(
 
 /// Reads a payload of `len` bytes (already bounded by header validation).
 pub fn recv_payload(
-    s: &TcpStream,
+    s: &Channel,
     len: u64,
     ctl: &Ctl,
     what: &str,
@@ -314,7 +384,7 @@ pub fn recv_payload(
 /// Sends an ERROR (destination) or ABORT (source) frame with `msg`, best
 /// effort: one try bounded by a short stall, errors ignored. `frame` builds
 /// the frame from the message length (`|len| Frame::Error { len }`).
-pub fn send_message(s: &TcpStream, session: u128, frame: fn(u64) -> Frame, msg: &str) {
+pub fn send_message(s: &Channel, session: u128, frame: fn(u64) -> Frame, msg: &str) {
     let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(1));
     let msg = wire::bounded_message(msg);
     let _ = send_frame(

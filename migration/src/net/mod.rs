@@ -6,12 +6,15 @@
 //!   frames, zero-copy `writev`/`readv` over [`crate::guest_mem::IoVecs`])
 //!   that never block longer than [`POLL_INTERVAL`] without checking for
 //!   abort, cancel and stalls;
+//! * `channel`: one connection, plain TCP or mutual TLS ([`Channel`]);
 //! * `conn`: the main connection ([`MainConn`]) and its keepalive thread.
 
+mod channel;
 mod conn;
 mod ctl;
 mod io;
 
+pub use channel::{Channel, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
 pub use io::{

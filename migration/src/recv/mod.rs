@@ -213,12 +213,14 @@ pub fn run(
         .device_buffer_bytes
         .unwrap_or(DEFAULT_DEVICE_BUFFER)
         .max(wire::MAX_DEVICE_CHUNK);
+    let tls = params.server_tls()?;
+    stats.set_transport(tls.is_some());
     let ctx = Ctx {
         factory,
         bound,
         stats: stats.clone(),
         ctl: Ctl::new(cancel.clone(), STALL_TIMEOUT),
-        acceptor: Acceptor::start(listener)?,
+        acceptor: Acceptor::start(listener, tls)?,
         notify: Arc::new(Notify::default()),
         error_sent: Cell::new(false),
     };
@@ -291,7 +293,7 @@ fn peer_abort_message(main: &MainConn) -> Option<String> {
 
 /// Shuts the main connection down (after the threads using it stopped).
 fn close_main(s: Session) {
-    let _ = s.main.stream.shutdown(Shutdown::Both);
+    let _ = s.main.stream.tcp().shutdown(Shutdown::Both);
 }
 
 /// Tears a [`Receiving`] down: keepalive, every socket, readers, device

@@ -6,7 +6,6 @@
 //! [`crate::DestinationVm::ram`] (destination RAM reads as zero until
 //! written).
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use super::barrier::PassBarrier;
 use super::devices::DeviceInbox;
 use crate::error::MigrationError;
 use crate::guest_mem::{GuestMemory, IoVecs, Scatter};
-use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Ctl, Notify, Recv};
+use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Channel, Ctl, Notify, Recv};
 use crate::stats::MigrationStats;
 use crate::wire::{decode_ranges, Frame, ResolvedRange, HEADER_LEN, RANGE_ENTRY_LEN};
 use crate::worker::Workers;
@@ -105,7 +104,7 @@ pub struct ReaderCtx {
 /// `workers`.
 pub fn spawn_readers(
     ctx: &Arc<ReaderCtx>,
-    streams: Vec<TcpStream>,
+    streams: Vec<Channel>,
     workers: &mut Workers,
 ) -> Result<(), MigrationError> {
     for (i, s) in streams.into_iter().enumerate() {
@@ -128,7 +127,7 @@ pub fn spawn_readers(
 
 fn run_reader(
     idx: usize,
-    s: &TcpStream,
+    s: &Channel,
     ctx: &ReaderCtx,
     passes: &mut u64,
 ) -> Result<(), MigrationError> {

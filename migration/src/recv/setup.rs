@@ -1,7 +1,6 @@
 //! Setup of a receive: the main connection, SETUP (compatibility, the VM is
 //! built), the data connections and their readers.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
@@ -14,7 +13,9 @@ use super::{or_fail, BuiltVm, Ctx, Failed, Phase, Prepared, Receiving, Session};
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
 use crate::guest_mem::GuestMemory;
-use crate::net::{self, recv_frame, recv_payload, Keepalive, MainConn, Recv, POLL_INTERVAL};
+use crate::net::{
+    self, recv_frame, recv_payload, Channel, Keepalive, MainConn, Recv, POLL_INTERVAL,
+};
 use crate::stats::RxMeter;
 use crate::wire::{ConnRole, Frame, Setup};
 use crate::worker::Workers;
@@ -33,7 +34,7 @@ pub fn wait_main(ctx: &Ctx) -> Result<Option<Session>, MigrationError> {
         return Ok(None);
     }
     let s = inc.stream;
-    net::prepare_stream(&s, false)?;
+    net::prepare_stream(s.tcp(), false)?;
     let main = MainConn::new(s, inc.session);
     main.send(&Frame::Ok, &[], &ctx.ctl, "accepting the main connection")?;
     log::info!(
@@ -166,9 +167,9 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
 }
 
 /// Accepts the session's data connections (refusing strangers).
-fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<TcpStream>, MigrationError> {
+fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<Channel>, MigrationError> {
     let n = p.s.n;
-    let mut data: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut data: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
     let start = Instant::now();
     while data.iter().any(|d| d.is_none()) {
         ctx.ctl.check()?;
@@ -197,7 +198,7 @@ fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<TcpStream>, MigrationError>
                 &ctx.ctl,
                 "accepting a data connection",
             )?;
-            ctx.ctl.register(&inc.stream);
+            ctx.ctl.register(inc.stream.tcp());
             *slot = Some(inc.stream);
         } else {
             let i = idx.unwrap_or_default();
@@ -216,6 +217,7 @@ pub fn accept_data(ctx: &Ctx, p: Box<Prepared>) -> Result<Phase, Failed> {
         spawn_readers(&p.rctx, streams, &mut readers)?;
         p.s.main
             .stream
+            .tcp()
             .set_read_timeout(Some(MAIN_POLL))
             .map_err(|e| MigrationError::io("configuring the main connection", e))?;
         Ok(readers)

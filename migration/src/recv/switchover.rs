@@ -312,7 +312,7 @@ impl Ready {
             Phase::Start(self)
         );
         let resume_us = epoch_us();
-        testhook::fire(Point::BeforeResumed, &self.s.main.stream);
+        testhook::fire(Point::BeforeResumed, self.s.main.stream.tcp());
         // A private control block: an abort seen by another thread (e.g. a
         // failed keepalive) must not suppress RESUMED.
         let ctl = Ctl::new(CancelToken::default(), ctx.ctl.stall);

@@ -116,7 +116,7 @@ impl Link {
         while Instant::now() < until && self.reader.is_running() {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.main.stream.shutdown(Shutdown::Both);
+        let _ = self.main.stream.tcp().shutdown(Shutdown::Both);
         let Link {
             main,
             keepalive,

@@ -38,7 +38,6 @@ mod writer;
 #[cfg(test)]
 pub use dirty::runs_of;
 
-use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +45,8 @@ use std::time::{Duration, Instant};
 use crate::api::{CancelToken, SendParams};
 use crate::error::MigrationError;
 use crate::guest_mem::GuestMemory;
-use crate::net::{Ctl, MainConn, STALL_TIMEOUT};
+use crate::handshake::{parse_url, url_host, Dial};
+use crate::net::{Channel, Ctl, MainConn, STALL_TIMEOUT};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
 use crate::wire::Frame;
@@ -80,6 +80,8 @@ struct Ctx {
     session: u128,
     from_dest: Arc<FromDest>,
     start: Instant,
+    /// How to reach the destination (addresses, TLS).
+    dial: Dial,
 }
 
 impl Ctx {
@@ -102,7 +104,7 @@ impl Ctx {
 struct DataPlane {
     pool: Arc<Pool>,
     writers: Workers,
-    _streams: Vec<TcpStream>,
+    _streams: Vec<Arc<Channel>>,
 }
 
 /// The main link and the data plane: what setup builds first.
@@ -190,6 +192,16 @@ enum Phase {
 type Failed = crate::phase::Failed<Phase>;
 use crate::phase::or_fail;
 
+/// Resolves the destination URL and loads the TLS configuration.
+fn dial_for(p: &SendParams) -> Result<Dial, MigrationError> {
+    let addrs = parse_url(&p.destination_url)?;
+    let tls = match p.client_tls()? {
+        Some(t) => Some((t, url_host(&p.destination_url)?)),
+        None => None,
+    };
+    Ok(Dial { addrs, tls })
+}
+
 /// Runs a migration on the source (see [`crate::send()`]).
 pub fn run(
     vm: Arc<dyn SourceVm>,
@@ -198,10 +210,19 @@ pub fn run(
     cancel: &CancelToken,
 ) -> Result<(), MigrationError> {
     let ctl = Ctl::new(cancel.clone(), STALL_TIMEOUT);
+    let dial = match dial_for(p) {
+        Ok(d) => d,
+        Err(e) => {
+            stats.begin();
+            stats.fail(&e);
+            return Err(e);
+        }
+    };
     let devices = vm.devices();
     let mem = Arc::new(GuestMemory::of_source(&vm));
     stats.begin();
     stats.set_role(Role::Source);
+    stats.set_transport(dial.tls.is_some());
     stats.connections.store(p.connections as u64, Relaxed);
     stats
         .total_bytes
@@ -223,6 +244,7 @@ pub fn run(
             ..Default::default()
         }),
         start: Instant::now(),
+        dial,
     };
     ctx.ctl.set_deadline(
         ctx.start + Duration::from_secs(p.timeout_s),
@@ -315,7 +337,7 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             if !matches!(err, MigrationError::Remote(_)) {
                 main.send_message(|len| Frame::Abort { len }, &err.to_string());
             }
-            let _ = main.stream.shutdown(std::net::Shutdown::Both);
+            let _ = main.stream.tcp().shutdown(std::net::Shutdown::Both);
             remote_cause(err, fd)
         }
         Phase::Linked(l) => {

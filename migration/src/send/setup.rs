@@ -15,16 +15,15 @@ use super::{
 };
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
-use crate::handshake::{await_reply, connect, parse_url};
+use crate::handshake::{await_reply, connect};
 use crate::net::MainConn;
 use crate::wire::{self, ConnRole, DeviceDesc, Frame, Setup};
 use crate::worker::Workers;
 
 /// Connects the main connection and completes its HELLO.
 pub fn connect_main(ctx: &Ctx) -> Result<Arc<MainConn>, MigrationError> {
-    let addrs = parse_url(&ctx.p.destination_url)?;
     let n = ctx.p.connections;
-    let s = connect(&addrs, ctx.session, ConnRole::Main, n, &ctx.ctl)?;
+    let s = connect(&ctx.dial, ctx.session, ConnRole::Main, n, &ctx.ctl)?;
     Ok(MainConn::new(s, ctx.session))
 }
 
@@ -74,19 +73,18 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
 
 /// Connects the data connections and starts their writers.
 fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
-    let addrs = parse_url(&ctx.p.destination_url)?;
     let n = ctx.p.connections;
     let mut streams = Vec::new();
     for i in 0..n {
         let s = connect(
-            &addrs,
+            &ctx.dial,
             ctx.session,
             ConnRole::Data { index: i },
             n,
             &ctx.ctl,
         )?;
-        ctx.ctl.register(&s);
-        streams.push(s);
+        ctx.ctl.register(s.tcp());
+        streams.push(Arc::new(s));
     }
     let pool = Pool::new(
         n as usize,
@@ -108,13 +106,7 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         limiter,
         ctl: ctx.ctl.clone(),
     });
-    let clones = streams
-        .iter()
-        .map(|s| {
-            s.try_clone()
-                .map_err(|e| MigrationError::io("cloning a data socket", e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let clones = streams.clone();
     let mut writers = Workers::new(&ctx.ctl);
     spawn_writers(wctx, clones, &mut writers)?;
     Ok(DataPlane {

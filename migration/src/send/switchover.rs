@@ -130,7 +130,7 @@ impl Switching {
     /// cannot have started the guest.
     pub fn commit(self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
         or_fail!(self.await_ready(ctx), Phase::AwaitReady(self));
-        testhook::fire(Point::BeforeCommit, &self.link.main.stream);
+        testhook::fire(Point::BeforeCommit, self.link.main.stream.tcp());
         // Cancel and the deadline are honoured up to here and ignored after.
         or_fail!(ctx.ctl.commit_point(), Phase::AwaitReady(self));
         ctx.from_dest.commit_sent.store(true, SeqCst);
@@ -160,7 +160,7 @@ impl Switching {
             commit_at: Instant::now(),
         });
         log::info!("switch-over committed; waiting for the destination to start the VM");
-        testhook::fire(Point::AfterCommit, &c.link.main.stream);
+        testhook::fire(Point::AfterCommit, c.link.main.stream.tcp());
         Ok(Phase::Committed(c))
     }
 }

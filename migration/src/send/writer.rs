@@ -3,13 +3,12 @@
 //! `writev`s them together with the page data straight from guest memory
 //! (no copy into an intermediate buffer).
 
-use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, GuestMemory, IoVecs};
-use crate::net::{write_vecs, Ctl};
+use crate::net::{write_vecs, Channel, Ctl};
 use crate::stats::{DeviceCounters, MigrationStats};
 use crate::traits::PAGE_SIZE;
 use crate::wire::{Frame, RangeEntry, HEADER_LEN, RANGE_ZERO};
@@ -38,7 +37,7 @@ pub struct WriterCtx {
 /// `ctl.fail`).
 pub fn spawn_writers(
     ctx: Arc<WriterCtx>,
-    streams: Vec<TcpStream>,
+    streams: Vec<Arc<Channel>>,
     workers: &mut Workers,
 ) -> Result<(), MigrationError> {
     for (i, s) in streams.into_iter().enumerate() {
@@ -53,7 +52,7 @@ pub fn spawn_writers(
     Ok(())
 }
 
-fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), MigrationError> {
+fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), MigrationError> {
     let what = format!("writing data connection {conn}");
     let mut table: Vec<u8> = Vec::with_capacity(8192);
     let mut data_runs: Vec<(usize, u64, u64)> = Vec::with_capacity(1030);
@@ -115,7 +114,7 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
                 add(&ctx.pool.sent_bytes, HEADER_LEN as u64);
             }
             Item::Close => {
-                let _ = s.shutdown(Shutdown::Write);
+                s.close_write();
                 log::debug!("data connection {conn}: closed after the final pass");
                 return Ok(());
             }
@@ -131,7 +130,7 @@ fn run_writer(conn: usize, s: &TcpStream, ctx: &WriterCtx) -> Result<(), Migrati
 /// guest memory.
 #[allow(clippy::too_many_arguments)]
 fn write_ram(
-    s: &TcpStream,
+    s: &Channel,
     ctx: &WriterCtx,
     pass: u64,
     runs: &[PageRun],
