@@ -141,11 +141,14 @@ fn main() {
         let p = ReceiveParams {
             receiver_url: format!("tcp:127.0.0.1:{port}"),
             device_buffer_bytes: None,
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
         };
         receive(l, &Factory(len), &p, &rs, &CancelToken::default()).map(|_| ())
     });
     let p: SendParams = serde_json::from_str(&format!(
-        r#"{{"destination_url":"tcp:127.0.0.1:{port}","connections":{conns}}}"#
+        r#"{{"destination_url":"tcp:127.0.0.1:{port}","connections":{conns},"tls":false}}"#
     ))
     .unwrap();
     let stats = Arc::new(MigrationStats::default());

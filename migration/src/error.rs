@@ -100,6 +100,12 @@ pub enum MigrationError {
 impl MigrationError {
     /// Builds an [`MigrationError::Io`] with a context.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        if let Some(t) = source
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<crate::net::TlsError>())
+        {
+            return MigrationError::Tls(format!("{t} ({})", context.into()));
+        }
         MigrationError::Io {
             context: context.into(),
             source,

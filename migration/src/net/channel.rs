@@ -29,7 +29,23 @@ pub struct Channel {
     tls: Option<Tls>,
 }
 
+/// A TLS failure after the handshake (an alert from the peer, a bad
+/// record), carried inside an `io::Error`; the text is already explained
+/// (see [`tls::describe`]).
+#[derive(Debug)]
+pub struct TlsError(pub String);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
 struct Tls {
+    /// This side is the source (for error texts).
+    client: bool,
     conn: Mutex<rustls::Connection>,
     /// Ciphertext read from the socket and not yet handed to rustls.
     rx: Mutex<RxBuf>,
@@ -154,6 +170,7 @@ impl Channel {
         Ok(Channel {
             tcp,
             tls: Some(Tls {
+                client,
                 conn: Mutex::new(conn),
                 rx: Mutex::new(RxBuf::default()),
             }),
@@ -200,8 +217,12 @@ impl Channel {
                     }
                     let used = before - rd.len();
                     rx.start += used;
-                    c.process_new_packets()
-                        .map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
+                    c.process_new_packets().map_err(|e| {
+                        io::Error::new(
+                            ErrorKind::InvalidData,
+                            TlsError(tls::describe(&e, t.client)),
+                        )
+                    })?;
                     if used == 0 {
                         break;
                     }

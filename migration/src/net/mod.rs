@@ -14,7 +14,7 @@ mod conn;
 mod ctl;
 mod io;
 
-pub use channel::{Channel, TlsFailure};
+pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
 pub use io::{

@@ -82,6 +82,9 @@ fn small_reorder_buffer_does_not_deadlock() {
         ReceiveParams {
             receiver_url: "tcp:127.0.0.1:0".into(),
             device_buffer_bytes: Some(16 << 20),
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
         },
     );
     let mut p = params(dest.port, 8);

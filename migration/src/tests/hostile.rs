@@ -486,6 +486,9 @@ fn truncated_stream_and_source_death() {
         let p = ReceiveParams {
             receiver_url: format!("tcp:127.0.0.1:{port}"),
             device_buffer_bytes: None,
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
         };
         receive(l, &*f2, &p, &st, &CancelToken::default()).is_ok()
     });

@@ -10,6 +10,7 @@ mod fuzz;
 mod guest_mem;
 mod hostile;
 mod switchover;
+mod tls;
 mod unwind;
 
 use std::fs::File;
@@ -553,6 +554,8 @@ pub fn params(port: u16, connections: u32) -> SendParams {
         device_state: DeviceStateMode::Channels,
         device_precopy: true,
         device_chunk_bytes: 1 << 20,
+        tls_dir: None,
+        tls: Some(false),
     }
 }
 
@@ -573,6 +576,9 @@ pub fn start_dest(factory: FakeFactory) -> Dest {
         ReceiveParams {
             receiver_url: "tcp:127.0.0.1:0".into(),
             device_buffer_bytes: None,
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
         },
     )
 }

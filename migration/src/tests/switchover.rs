@@ -34,6 +34,9 @@ fn start_dest_hooked(f: FakeFactory, hook: impl Fn(Point, &TcpStream) + Send + '
         let p = ReceiveParams {
             receiver_url: "tcp:127.0.0.1:0".into(),
             device_buffer_bytes: None,
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
         };
         receive(l, &*f, &p, &s, &c)
     });
