@@ -7,8 +7,8 @@ grep -E '^l2: (ready|tick)' /tmp/src.log | sed 's/^/l1:    source serial | /'
 say "== destination: an empty VMM waiting on tcp:127.0.0.1:6000"
 start_vm dst
 say "== migrating with 4 connections"
-remote dst receive-migration tcp:127.0.0.1:6000 >/dev/null || fail "receive-migration"
-remote src send-migration tcp:127.0.0.1:6000 --connections 4 --wait 2>&1 | sed 's/^/l1:    /'
+remote dst receive-migration tcp:127.0.0.1:6000 --no-tls >/dev/null || fail "receive-migration"
+remote src send-migration tcp:127.0.0.1:6000 --no-tls --connections 4 --wait 2>&1 | sed 's/^/l1:    /'
 remote dst migration-status | grep -E '"(state|total_time_ms|downtime_ms|transferred_bytes|zero_pages)"' | sed 's/^/l1:    /'
 t=$(last_tick src)
 say "== the source's last tick was $t; the guest goes on ticking on the destination:"

@@ -61,8 +61,8 @@ remote() { name=$1; shift; ferry-remote --api-socket /tmp/$name.sock "$@"; }
 
 # migrate SRC DST PORT CONNECTIONS: arms DST, sends from SRC and waits.
 migrate() {
-    remote "$2" receive-migration tcp:127.0.0.1:$3 >/dev/null || fail "receive-migration on $2"
-    out=$(remote "$1" send-migration tcp:127.0.0.1:$3 --connections $4 --wait 2>&1)
+    remote "$2" receive-migration tcp:127.0.0.1:$3 --no-tls >/dev/null || fail "receive-migration on $2"
+    out=$(remote "$1" send-migration tcp:127.0.0.1:$3 --no-tls --connections $4 --wait 2>&1)
     rc=$?
     st=$(echo "$out" | grep -oE '"state": *"[a-z]+"' | tail -n1)
     say "migration $1 -> $2 over $4 connection(s): rc=$rc ${st:-$(echo "$out" | tail -n1)}"

@@ -29,12 +29,14 @@ pub mod guest;
 pub mod migrate;
 pub mod nested;
 pub mod proc;
+pub mod tls;
 pub mod util;
 
 pub use api::*;
 pub use guest::*;
 pub use migrate::*;
 pub use proc::*;
+pub use tls::Pki;
 pub use util::*;
 
 /// Generous bound for anything that should happen "soon" (a line, an exit).

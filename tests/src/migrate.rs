@@ -17,17 +17,27 @@ pub fn tcp_url(port: u16) -> String {
     format!("tcp:127.0.0.1:{}", port)
 }
 
-/// Asks `dst` to receive a migration on `port` and returns once it listens.
-/// The request runs on a thread (in case the API answers only when the
-/// migration ends); its handle is returned.
+/// Asks `dst` to receive a migration on `port` over plain TCP and returns
+/// once it listens. The request runs on a thread (in case the API answers
+/// only when the migration ends); its handle is returned.
 pub fn start_receive(dst: &Vmm, port: u16) -> thread::JoinHandle<Result<ApiResponse, String>> {
+    start_receive_with(dst, port, json!({ "tls": false }))
+}
+
+/// [`start_receive`] with more request fields (`receiver_url` is added).
+pub fn start_receive_with(
+    dst: &Vmm,
+    port: u16,
+    mut body: Value,
+) -> thread::JoinHandle<Result<ApiResponse, String>> {
+    body["receiver_url"] = json!(tcp_url(port));
     let sock = dst.sock.clone();
     let h = thread::spawn(move || {
         try_api_raw(
             &sock,
             "PUT",
             "vm.receive-migration",
-            Some(&json!({ "receiver_url": tcp_url(port) }).to_string()),
+            Some(&body.to_string()),
             MIGRATION_TIMEOUT,
         )
     });
@@ -77,6 +87,7 @@ pub fn send_params(port: u16, connections: u32) -> Value {
         "timeout_s": 3600,
         "device_state": "channels",
         "device_precopy": true,
+        "tls": false,
     })
 }
 

@@ -262,8 +262,8 @@ fn linux_cancelled_migration_leaves_the_guest_on_the_source() {
 boot_vm src "l2.data=64" {L2_MEM}
 wait_tick src 2 180 || fail "boot"
 start_vm dst
-remote dst receive-migration tcp:127.0.0.1:6000 >/dev/null || fail "receive"
-remote src send-migration tcp:127.0.0.1:6000 --connections 2 --max-bandwidth-mbps 4 >/dev/null || fail "send"
+remote dst receive-migration tcp:127.0.0.1:6000 --no-tls >/dev/null || fail "receive"
+remote src send-migration tcp:127.0.0.1:6000 --no-tls --connections 2 --max-bandwidth-mbps 4 >/dev/null || fail "send"
 i=0
 until remote src migration-status | grep -q '"transferred_bytes": *[1-9]'; do
     i=$((i + 1)); [ $i -gt 300 ] && fail "no transfer"

@@ -84,7 +84,7 @@ fn migrate_with_ferry_remote() {
     let (mut src, dst) = start_pair(GUEST, &[], 2);
     let port = free_tcp_port();
     let url = tcp_url(port);
-    let out = dst.remote(&["receive-migration", &url]);
+    let out = dst.remote(&["receive-migration", &url, "--no-tls"]);
     assert!(
         out.status.success(),
         "ferry-remote receive-migration: {}",
@@ -103,6 +103,7 @@ fn migrate_with_ferry_remote() {
         "300",
         "--device-state",
         "channels",
+        "--no-tls",
         "--wait",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -517,6 +517,21 @@ pub fn clap_error_line(err: &clap::Error) -> String {
         .unwrap_or("invalid command line");
     let first = first.strip_prefix("error: ").unwrap_or(first);
     let mut line = first.to_string();
+    // "the following required arguments were not provided:" lists the
+    // names on the next lines: keep them on this one.
+    if line.ends_with(':') {
+        let names: Vec<&str> = rendered
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| !l.ends_with(':'))
+            .skip(1)
+            .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+            .collect();
+        if !names.is_empty() {
+            line.push(' ');
+            line.push_str(&names.join(", "));
+        }
+    }
     // Add clap's "tip" when it names a close match, still on the same line.
     if let Some(tip) = rendered
         .lines()

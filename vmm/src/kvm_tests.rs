@@ -299,7 +299,7 @@ fn lifecycle_follows_the_send_job() {
     vmm.reap_job();
     assert!(matches!(vmm.lock().state, Lifecycle::CommitUncertain(_)));
     let again = Request::SendMigration(
-        serde_json::from_str(r#"{"destination_url":"tcp:127.0.0.1:1"}"#).unwrap(),
+        serde_json::from_str(r#"{"destination_url":"tcp:127.0.0.1:1","tls":false}"#).unwrap(),
     );
     let o = vmm.execute(again);
     assert!(

@@ -129,7 +129,7 @@ mod tests {
         let r = handle(
             &v,
             Route::SendMigration,
-            br#"{"destination_url":"tcp:127.0.0.1:1"}"#,
+            br#"{"destination_url":"tcp:127.0.0.1:1","tls":false}"#,
         );
         assert_eq!(r.status, 409);
     }
@@ -178,7 +178,7 @@ mod tests {
         let v = vmm();
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = taken.local_addr().unwrap().port();
-        let body = format!(r#"{{"receiver_url":"tcp:127.0.0.1:{port}"}}"#);
+        let body = format!(r#"{{"receiver_url":"tcp:127.0.0.1:{port}","tls":false}}"#);
         let r = handle(&v, Route::ReceiveMigration, body.as_bytes());
         assert_eq!(r.status, 400, "{:?}", r.body);
         drop(taken);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use vmm::client::{request, ApiResponse};
 
@@ -27,6 +27,28 @@ struct Args {
     api_socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How the migration connections are carried: one of the two is required,
+/// so that plain TCP is always an explicit choice.
+#[derive(ClapArgs, Debug)]
+#[group(required = true, multiple = false)]
+struct Transport {
+    /// Mutual TLS 1.3: a directory holding ca.pem, cert.pem and key.pem.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<String>,
+    /// Plain TCP, unauthenticated and unencrypted (trusted networks only).
+    #[arg(long)]
+    no_tls: bool,
+}
+
+impl Transport {
+    fn apply(&self, body: &mut Value) {
+        match &self.tls_dir {
+            Some(d) => body["tls_dir"] = json!(d),
+            None => body["tls"] = json!(false),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -56,6 +78,12 @@ enum Cmd {
         /// Per-device reorder buffer bound in bytes.
         #[arg(long)]
         device_buffer_bytes: Option<u64>,
+        #[command(flatten)]
+        transport: Transport,
+        /// Accept only a source certificate naming this subject (common
+        /// name or DNS name); repeatable.
+        #[arg(long, value_name = "NAME", requires = "tls_dir")]
+        tls_allow_subject: Vec<String>,
     },
     /// PUT vm.send-migration: migrate the VM to a receiving ferry.
     SendMigration {
@@ -82,6 +110,8 @@ enum Cmd {
         /// Device chunk size in bytes.
         #[arg(long)]
         device_chunk_bytes: Option<u64>,
+        #[command(flatten)]
+        transport: Transport,
         /// Wait for the end of the migration, showing progress; exit 0 only
         /// if it completed.
         #[arg(long)]
@@ -220,8 +250,14 @@ fn run(args: &Args) -> Result<()> {
         Cmd::ReceiveMigration {
             url,
             device_buffer_bytes,
+            transport,
+            tls_allow_subject,
         } => {
             let mut body = json!({ "receiver_url": url });
+            transport.apply(&mut body);
+            if !tls_allow_subject.is_empty() {
+                body["tls_allowed_subjects"] = json!(tls_allow_subject);
+            }
             if let Some(b) = device_buffer_bytes {
                 body["device_buffer_bytes"] = json!(b);
             }
@@ -238,9 +274,11 @@ fn run(args: &Args) -> Result<()> {
             device_state,
             no_device_precopy,
             device_chunk_bytes,
+            transport,
             wait,
         } => {
             let mut body = json!({ "destination_url": url });
+            transport.apply(&mut body);
             if let Some(c) = connections {
                 body["connections"] = json!(c);
             }

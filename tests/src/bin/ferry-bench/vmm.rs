@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{mig_state, start_receive, tcp_url, try_api, Vmm};
+use ferry_tests::{mig_state, start_receive_with, tcp_url, try_api, Vmm};
 use serde_json::{json, Value};
 
 use crate::procfs::{self, Mem, Peaks, Sampler};
@@ -147,6 +147,8 @@ pub struct MigrateSpec {
     pub device_state: Option<String>,
     pub device_precopy: Option<bool>,
     pub timeout: Duration,
+    /// Mutual TLS: (source tls_dir, destination tls_dir); None: plain TCP.
+    pub tls: Option<(String, String)>,
 }
 
 impl MigrateSpec {
@@ -157,6 +159,7 @@ impl MigrateSpec {
             device_state: None,
             device_precopy: None,
             timeout: Duration::from_secs(600),
+            tls: None,
         }
     }
 }
@@ -260,7 +263,13 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
         loadavg: loadavg(),
     };
     // The receive request may answer only at the end: the harness runs it on a thread.
-    let recv = match guarded("vm.receive-migration", || start_receive(dst, port)) {
+    let recv_body = match &spec.tls {
+        Some((_, d)) => json!({ "tls_dir": d }),
+        None => json!({ "tls": false }),
+    };
+    let recv = match guarded("vm.receive-migration", || {
+        start_receive_with(dst, port, recv_body)
+    }) {
         Ok(h) => h,
         Err(e) => {
             res.error = Some(e);
@@ -280,6 +289,10 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     }
     if let Some(p) = spec.device_precopy {
         body["device_precopy"] = p.into();
+    }
+    match &spec.tls {
+        Some((s, _)) => body["tls_dir"] = json!(s),
+        None => body["tls"] = json!(false),
     }
 
     let (spid, dpid) = (src.pid(), dst.pid());
