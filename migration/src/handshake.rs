@@ -123,8 +123,47 @@ pub fn await_reply(
 }
 
 /// Connects one connection of the session, runs TLS if configured, and
-/// completes its HELLO.
+/// completes its HELLO. A destination that closes or resets the connection
+/// before answering (its bound of pending handshakes is full: a flood) is
+/// tried again, with backoff, for up to [`CONNECT_TIMEOUT`]; a refusal
+/// with a reason, a TLS failure or a refused connect fail at once.
 pub fn connect(
+    dial: &Dial,
+    session: u128,
+    role: ConnRole,
+    connections: u32,
+    ctl: &Ctl,
+) -> Result<Channel, MigrationError> {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match connect_once(dial, session, role, connections, ctl) {
+            Err(e) if dropped_unanswered(&e) && start.elapsed() + wait < CONNECT_TIMEOUT => {
+                log::info!("destination dropped the connection unanswered ({e}); trying again");
+                std::thread::sleep(wait);
+                ctl.check()?;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether `e` says the destination dropped the connection without a word.
+fn dropped_unanswered(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::PeerClosed(_) => true,
+        MigrationError::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+fn connect_once(
     dial: &Dial,
     session: u128,
     role: ConnRole,
@@ -330,6 +369,7 @@ fn accept_loop(
     tx: SyncSender<Incoming>,
     tls: Option<ServerTls>,
 ) {
+    let mut dropped: u64 = 0;
     while !stop.is_cancelled() {
         match listener.accept() {
             Ok((s, peer)) => {
@@ -339,9 +379,13 @@ fn accept_loop(
                     t.len() >= MAX_PENDING
                 };
                 if busy {
-                    log::warn!(
-                        "dropping migration connection from {peer}: too many pending handshakes"
-                    );
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        log::warn!(
+                            "dropping migration connection from {peer}: {MAX_PENDING} handshakes \
+                             pending ({dropped} dropped so far)"
+                        );
+                    }
                     continue;
                 }
                 log::debug!("migration connection from {peer}");
