@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ferry's main job: boot the stamping test guest on one VMM, live-migrate it
-# with 4 connections to a second VMM on loopback, and show it passing there.
+# with 4 connections to a second VMM on loopback, over mutual TLS (a test CA
+# made on the fly with resources/tls/make-test-ca.sh), and show it passing
+# there.
 #
 # Usage: bash resources/demo.sh            (builds in release mode first)
 #        bash resources/demo.sh --linux    (the same with a Debian Linux guest,
@@ -50,6 +52,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+echo "== a throw-away test CA and a tls_dir for each host"
+resources/tls/make-test-ca.sh "$WORK/pki" src.demo dst.demo | sed 's/^/   /'
+
 wait_for() { # file pattern timeout_s
     local i
     for ((i = 0; i < $3 * 10; i++)); do
@@ -71,11 +76,12 @@ echo "== destination: an empty VMM waiting for a migration on tcp:127.0.0.1:$POR
 "$FERRY" --api-socket "$DST_SOCK" --serial "file=$DST_LOG" &
 DST_PID=$!
 for _ in $(seq 50); do [[ -S $DST_SOCK ]] && break; sleep 0.1; done
-"$REMOTE" --api-socket "$DST_SOCK" receive-migration "tcp:127.0.0.1:$PORT"
+"$REMOTE" --api-socket "$DST_SOCK" receive-migration "tcp:127.0.0.1:$PORT" \
+    --tls-dir "$WORK/pki/dst.demo" --tls-allow-subject src.demo
 
-echo "== migrating with $CONNECTIONS connections"
+echo "== migrating with $CONNECTIONS connections over mutual TLS"
 "$REMOTE" --api-socket "$SRC_SOCK" send-migration "tcp:127.0.0.1:$PORT" \
-    --connections "$CONNECTIONS" --wait
+    --tls-dir "$WORK/pki/src.demo" --connections "$CONNECTIONS" --wait
 
 echo "== final statistics (destination)"
 "$REMOTE" --api-socket "$DST_SOCK" migration-status
