@@ -31,6 +31,8 @@ mod report;
 mod suites;
 #[path = "ferry-bench/svg.rs"]
 mod svg;
+#[path = "ferry-bench/tls.rs"]
+mod tls;
 #[path = "ferry-bench/vmm.rs"]
 mod vmm;
 
@@ -58,7 +60,7 @@ pub struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|limits|all> [--runs N] [--out FILE.md]\n\
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|limits|all> [--runs N] [--out FILE.md]\n\
          \x20      [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [-v]"
     );
@@ -112,8 +114,8 @@ fn main() {
         );
     }
     let parts: Vec<&str> = match opts.part.as_str() {
-        "all" => vec!["ram", "idle", "downtime", "devices"],
-        "ram" | "idle" | "downtime" | "devices" | "limits" => vec![opts.part.as_str()],
+        "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
+        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" => vec![opts.part.as_str()],
         _ => usage(),
     };
     // Never two benchmarks at once: hold an exclusive lock for the whole run.
@@ -145,6 +147,7 @@ fn main() {
             "idle" => suites::idle(&env, &opts),
             "downtime" => suites::downtime(&env, &opts),
             "devices" => suites::devices(&env, &opts),
+            "tls" => tls::tls(&env, &opts),
             _ => unreachable!(),
         };
         let path = report::write_json(

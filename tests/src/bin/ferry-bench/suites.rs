@@ -21,7 +21,7 @@ pub struct Section {
     pub failed_runs: usize,
 }
 
-fn header(title: &str) -> String {
+pub(crate) fn header(title: &str) -> String {
     let (date, time, _) = report::now();
     format!(
         "### {title}\n\nMeasured {date} {time} UTC on {} (1-min load average at start: {:.2}; \
@@ -33,7 +33,7 @@ fn header(title: &str) -> String {
 
 /// Boots a source, starts a destination, migrates; the result plus the
 /// destination's serial log (to look for MISMATCH lines).
-fn one_run(
+pub(crate) fn one_run(
     env: &Env,
     src: &SourceSpec,
     dst_mem: Option<&str>,
@@ -82,19 +82,19 @@ fn one_run(
     r
 }
 
-fn total_s(r: &RunResult) -> Option<f64> {
+pub(crate) fn total_s(r: &RunResult) -> Option<f64> {
     r.stat("total_time_ms").map(|ms| ms / 1000.0)
 }
 
-fn col(runs: &[&RunResult], g: impl Fn(&RunResult) -> Option<f64>) -> Vec<f64> {
+pub(crate) fn col(runs: &[&RunResult], g: impl Fn(&RunResult) -> Option<f64>) -> Vec<f64> {
     runs.iter().filter(|r| r.ok).filter_map(|r| g(r)).collect()
 }
 
-fn med(runs: &[&RunResult], g: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+pub(crate) fn med(runs: &[&RunResult], g: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
     median(&col(runs, g))
 }
 
-fn fails(runs: &[&RunResult]) -> String {
+pub(crate) fn fails(runs: &[&RunResult]) -> String {
     let n = runs.iter().filter(|r| !r.ok).count();
     if n == 0 {
         format!("{}", runs.len())
@@ -103,7 +103,7 @@ fn fails(runs: &[&RunResult]) -> String {
     }
 }
 
-fn first_error(runs: &[&RunResult]) -> Option<String> {
+pub(crate) fn first_error(runs: &[&RunResult]) -> Option<String> {
     runs.iter().find_map(|r| r.error.clone())
 }
 
