@@ -113,10 +113,7 @@ pub struct ReceiveParams {
 
 /// Which transport a request chose: the TLS directory, or `None` for plain
 /// TCP (only with an explicit `"tls": false`).
-fn tls_choice<'a>(
-    tls_dir: &'a Option<String>,
-    tls: Option<bool>,
-) -> Result<Option<&'a str>, MigrationError> {
+fn tls_choice(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<&str>, MigrationError> {
     match (tls_dir.as_deref(), tls) {
         (Some(d), None | Some(true)) if !d.is_empty() => Ok(Some(d)),
         (Some(_), Some(false)) => Err(MigrationError::InvalidParams(

@@ -352,11 +352,7 @@ impl<'a> IoVecs<'a, Gather> {
             // under the copy (the guest runs): a byte copy with no
             // reference into it is what the volatile contract allows.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base as *const u8,
-                    dst[done..].as_mut_ptr(),
-                    n,
-                )
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[done..].as_mut_ptr(), n)
             };
             done += n;
         }

@@ -241,8 +241,12 @@ fn plain_answer(first: &[u8], what: &str) -> MigrationError {
             _ => None,
         });
     MigrationError::Tls(match msg {
-        Some(m) => format!("the destination does not use TLS and refused the connection {what}: {m}"),
-        None => format!("the destination does not speak TLS {what} (is it receiving with \"tls\": false?)"),
+        Some(m) => {
+            format!("the destination does not use TLS and refused the connection {what}: {m}")
+        }
+        None => format!(
+            "the destination does not speak TLS {what} (is it receiving with \"tls\": false?)"
+        ),
     })
 }
 
@@ -274,7 +278,10 @@ pub struct Acceptor {
 impl Acceptor {
     /// Starts accepting on `listener`; with `tls`, every newcomer must
     /// complete a mutual-TLS handshake (and pass the subject check) first.
-    pub fn start(listener: TcpListener, tls: Option<ServerTls>) -> Result<Acceptor, MigrationError> {
+    pub fn start(
+        listener: TcpListener,
+        tls: Option<ServerTls>,
+    ) -> Result<Acceptor, MigrationError> {
         listener
             .set_nonblocking(true)
             .map_err(|e| MigrationError::io("configuring the migration listener", e))?;
@@ -455,7 +462,8 @@ impl Handshake {
         let ch = match (&self.tls, tls_hello) {
             (None, false) => Channel::plain(s),
             (None, true) => {
-                let msg = "connection refused: this destination receives in plain TCP (\"tls\": false), \
+                let msg =
+                    "connection refused: this destination receives in plain TCP (\"tls\": false), \
                            but the source started TLS";
                 log::warn!("migration connection from {peer}: {msg}");
                 return refuse_now(&Channel::plain(s), 0, msg, &self.stop);

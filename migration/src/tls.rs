@@ -56,7 +56,12 @@ fn certs(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, Migrati
     let (path, bytes) = read_pem(dir, name)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| tls_err(format!("{}: not a PEM certificate file: {e}", path.display())))?;
+        .map_err(|e| {
+            tls_err(format!(
+                "{}: not a PEM certificate file: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
         return Err(tls_err(format!("{} holds no certificate", path.display())));
     }
@@ -201,8 +206,8 @@ impl ServerTls {
 
     /// A fresh server connection.
     pub(crate) fn accept(&self) -> Result<rustls::ServerConnection, MigrationError> {
-        let mut c =
-            rustls::ServerConnection::new(self.config.clone()).map_err(|e| tls_err(e.to_string()))?;
+        let mut c = rustls::ServerConnection::new(self.config.clone())
+            .map_err(|e| tls_err(e.to_string()))?;
         c.set_buffer_limit(Some(TLS_BUFFER));
         Ok(c)
     }

@@ -257,7 +257,9 @@ fn api_errors() {
         &vm.sock,
         "PUT",
         "vm.send-migration",
-        Some(r#"{"destination_url":"tcp:127.0.0.1:1","timeout_s":18446744073709551615,"tls":false}"#),
+        Some(
+            r#"{"destination_url":"tcp:127.0.0.1:1","timeout_s":18446744073709551615,"tls":false}"#,
+        ),
         Duration::from_secs(30),
     )
     .unwrap();

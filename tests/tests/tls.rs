@@ -63,7 +63,10 @@ fn migrate_over_mutual_tls_refusing_strangers() {
     assert_eq!(s["transport"], "tls", "{s}");
 
     let e = error_of(&refused_send(&src, body(Some(&intruder))));
-    assert!(e.contains("intruder.ferry.test") && e.contains("not among"), "{e}");
+    assert!(
+        e.contains("intruder.ferry.test") && e.contains("not among"),
+        "{e}"
+    );
 
     let s = refused_send(&src, body(None));
     let e = error_of(&s);
@@ -74,11 +77,17 @@ fn migrate_over_mutual_tls_refusing_strangers() {
     let out = src.remote(&["send-migration", &tcp_url(port)]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--tls-dir") && err.contains("--no-tls"), "{err}");
+    assert!(
+        err.contains("--tls-dir") && err.contains("--no-tls"),
+        "{err}"
+    );
 
     // The armed receive is still waiting: the right peer migrates, through
     // ferry-remote.
-    assert_eq!(mig_state(&dst.migration_status().unwrap_or_default()), "active");
+    assert_eq!(
+        mig_state(&dst.migration_status().unwrap_or_default()),
+        "active"
+    );
     let out = src.remote(&[
         "send-migration",
         &tcp_url(port),

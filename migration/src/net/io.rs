@@ -129,12 +129,7 @@ fn read_start(
 }
 
 /// Fills `buf` completely (EOF is an error).
-pub fn read_full(
-    s: &Channel,
-    buf: &mut [u8],
-    ctl: &Ctl,
-    what: &str,
-) -> Result<(), MigrationError> {
+pub fn read_full(s: &Channel, buf: &mut [u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
     read_start(s, buf, ctl, false, what).map(|_| ())
 }
 

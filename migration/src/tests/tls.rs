@@ -6,9 +6,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 use super::*;
 use crate::api::*;
@@ -145,9 +143,15 @@ fn refused_peers_never_abort_the_receive() {
     let e = refused(&src, &tls_send(dest.port, Some(&stranger)));
     assert!(e.contains("not signed by the source's CA"), "{e}");
     let e = refused(&src, &tls_send(dest.port, Some(&stranger_trusting_us)));
-    assert!(e.contains("destination refused the source's certificate"), "{e}");
+    assert!(
+        e.contains("destination refused the source's certificate"),
+        "{e}"
+    );
     let e = refused(&src, &tls_send(dest.port, Some(&wrong_subject)));
-    assert!(e.contains("intruder.test") && e.contains("not among"), "{e}");
+    assert!(
+        e.contains("intruder.test") && e.contains("not among"),
+        "{e}"
+    );
     let e = refused(&src, &tls_send(dest.port, None));
     assert!(e.contains("requires TLS"), "{e}");
     // A raw stranger that sends garbage and one that sends nothing.
@@ -176,7 +180,10 @@ fn tls_source_on_a_plain_destination_is_told_why() {
     let src = Arc::new(FakeSource::new(&[(0, 4 * MIB)]));
     let dest = start_dest(FakeFactory::new(src.layout()));
     let e = refused(&src, &tls_send(dest.port, Some(&src_dir)));
-    assert!(e.contains("does not use TLS") && e.contains("plain TCP"), "{e}");
+    assert!(
+        e.contains("does not use TLS") && e.contains("plain TCP"),
+        "{e}"
+    );
     dest.cancel.cancel();
     let _ = dest.handle.join().unwrap();
 }
@@ -186,7 +193,10 @@ fn transport_must_be_chosen_explicitly() {
     let mut p = params(1, 1);
     p.tls = None;
     let e = p.validate().unwrap_err().to_string();
-    assert!(e.contains("TLS is required") && e.contains("tls_dir"), "{e}");
+    assert!(
+        e.contains("TLS is required") && e.contains("tls_dir"),
+        "{e}"
+    );
     p.tls_dir = Some("/nonexistent-ferry-dir".into());
     let e = p.validate().unwrap_err().to_string();
     assert!(e.contains("not a directory"), "{e}");
