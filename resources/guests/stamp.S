@@ -8,7 +8,15 @@
  *
  * Constraints (nested "PVM" KVM emulates every instruction): plain integer
  * instructions, port I/O and memory accesses only.  No SSE, no string ops,
- * no interrupts (IF stays 0, no IDT), no cmov.
+ * no cmov, no int n.  IF stays 0 and there is no IDT unless `timer=1`.
+ *
+ * Optional checks (command line, see README.md):
+ *   timer=1       IDT + LAPIC timer in TSC-deadline mode, re-armed by its
+ *                 interrupt handler; "stamp: ticks <n>" every TICKS_PER_LINE
+ *                 ticks.  With region=0 the guest idles in hlt between ticks.
+ *   zero-check=1  after each pass, sample every RAM page the guest never
+ *                 writes; "stamp: NONZERO page=<pfn> found=<hex>" (then halt)
+ *                 or "stamp: zero-check <n> ok".
  *
  * See README.md next to this file for line formats and memory layout.
  *
@@ -58,6 +66,28 @@
 
         /* Stamp mixing constant (odd => multiplication is a bijection). */
         .set STAMP_K,         0x9e3779b97f4a7c15
+
+        /* timer=1: LAPIC timer in TSC-deadline mode. */
+        .set MSR_APIC_BASE,   0x1b
+        .set APIC_BASE_EN,    0x800
+        .set MSR_TSC_DEADLINE, 0x6e0
+        .set APIC_TPR,        0x80
+        .set APIC_EOI,        0xb0
+        .set APIC_SVR,        0xf0
+        .set APIC_LVT_TIMER,  0x320
+        .set LVT_TSC_DEADLINE, 2 << 17
+        .set TIMER_VEC,       0x40
+        .set SPURIOUS_VEC,    0xff
+        /* ~3.8 ms at 2.6 GHz: ~260 ticks/s, a ticks line about every second. */
+        .set TICK_TSC,        10000000
+        .set TICKS_PER_LINE,  256
+        .set IDT_ENTRIES,     256
+
+        /* zero-check=1: sampled qwords of each page (OR-ed together). */
+        .set ZC_OFF1,         1032
+        .set ZC_OFF2,         2056
+        .set ZC_OFF3,         3080
+        .set ZC_OFF4,         4088
 
 #ifdef SELFTEST_CORRUPT
 #ifndef SELFTEST_CORRUPT_OFF
@@ -248,9 +278,11 @@ long_entry:
         call    newline
 81:
 #endif
-        /* ---- command line: region=MiB passes=N ---- */
+        /* ---- command line: region=MiB passes=N timer=0|1 zero-check=0|1 ---- */
         mov     qword ptr [region_mib], DEFAULT_REGION
         mov     qword ptr [passes], 0
+        mov     qword ptr [timer_on], 0
+        mov     qword ptr [zero_check], 0
         mov     rsi, [rbx + SI_CMDLINE]
         test    rsi, rsi
         jz      cmdline_done
@@ -275,11 +307,29 @@ cmd_token:
 9:      lea     rdi, [str_passes_eq]
         call    match_prefix
         test    eax, eax
-        jz      cmd_skip
+        jz      91f
         call    parse_dec
         test    rdx, rdx
         jz      cmd_skip
         mov     [passes], rax
+        jmp     cmd_skip
+91:     lea     rdi, [str_timer_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      92f
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [timer_on], rax
+        jmp     cmd_skip
+92:     lea     rdi, [str_zero_check_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      cmd_skip
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [zero_check], rax
 cmd_skip:                               /* skip the rest of the token */
         movzx   eax, byte ptr [rsi]
         test    al, al
@@ -331,6 +381,14 @@ cmdline_done:
         cmp     rax, r10
         ja      err_region
 
+        /* ---- optional checks ---- */
+        cmp     qword ptr [timer_on], 0
+        je      16f
+        call    timer_setup
+16:     cmp     qword ptr [zero_check], 0
+        je      17f
+        call    zero_sweep              /* before the first pass too */
+17:
 /* ------------------------------------------------------------------------ */
 /* Workload                                                                  */
 /*   v(i,p)  = (p << 24) | i        (i < 2^24 pages, p >= 1)                 */
@@ -343,6 +401,10 @@ cmdline_done:
         mov     r13, [passes]           /* r13 = passes (0 = forever) */
         mov     r14d, 1                 /* r14 = current pass p */
         mov     r15, STAMP_K            /* r15 = K */
+        test    r12, r12
+        jnz     pass_loop
+        cmp     qword ptr [timer_on], 0
+        jne     idle_loop               /* region=0 timer=1: tick only */
 
 pass_loop:
 #ifdef SELFTEST_CORRUPT
@@ -411,8 +473,13 @@ pass_done:
         call    print_dec
         lea     rsi, [str_ok]
         call    puts
-
-
+        cmp     qword ptr [zero_check], 0
+        je      18f
+        call    zero_sweep
+18:     cmp     qword ptr [timer_on], 0
+        je      19f
+        call    tick_report
+19:
         test    r13, r13
         jz      15f
         cmp     r14, r13
@@ -472,6 +539,207 @@ halt_forever:
 /* ------------------------------------------------------------------------ */
 /* Helpers (clobber only what is stated)                                     */
 /* ------------------------------------------------------------------------ */
+
+/* ------------------------------------------------------------------------ */
+/* timer=1: IDT, LAPIC timer in TSC-deadline mode, tick reports              */
+/* ------------------------------------------------------------------------ */
+
+/* idle_loop: region=0 with timer=1: sleep until the next interrupt, report. */
+idle_loop:
+        hlt
+        call    tick_report
+        jmp     idle_loop
+
+/* timer_setup: fills the IDT (every vector -> unexpected_isr but the timer
+ * and spurious vectors), software-enables the xAPIC, puts its timer in
+ * TSC-deadline mode, arms the first deadline and sets IF.
+ * Clobbers rax, rcx, rdx, rdi. */
+timer_setup:
+        lea     rdi, [idt]
+        xor     ecx, ecx
+1:      lea     rax, [unexpected_isr]
+        cmp     ecx, TIMER_VEC
+        jne     2f
+        lea     rax, [timer_isr]
+2:      cmp     ecx, SPURIOUS_VEC
+        jne     3f
+        lea     rax, [spurious_isr]
+3:      mov     [rdi], ax                       /* offset 15:0 */
+        mov     word ptr [rdi + 2], SEL_CODE64
+        mov     word ptr [rdi + 4], 0x8e00      /* present, DPL 0, interrupt gate */
+        shr     rax, 16
+        mov     [rdi + 6], ax                   /* offset 31:16 */
+        shr     rax, 16
+        mov     [rdi + 8], eax                  /* offset 63:32 */
+        mov     dword ptr [rdi + 12], 0
+        add     rdi, 16
+        inc     ecx
+        cmp     ecx, IDT_ENTRIES
+        jne     1b
+        lidt    [idt_desc]
+
+        mov     ecx, MSR_APIC_BASE
+        rdmsr
+        or      eax, APIC_BASE_EN
+        wrmsr
+        and     eax, 0xfffff000                 /* zero-extends: base < 4 GiB */
+        mov     [lapic_base], rax
+        mov     rdi, rax
+        mov     dword ptr [rdi + APIC_TPR], 0
+        mov     dword ptr [rdi + APIC_SVR], 0x100 | SPURIOUS_VEC
+        mov     dword ptr [rdi + APIC_LVT_TIMER], TIMER_VEC | LVT_TSC_DEADLINE
+        call    arm_timer
+        sti
+        ret
+
+/* arm_timer: IA32_TSC_DEADLINE = TSC + TICK_TSC.  Clobbers rax, rcx, rdx. */
+arm_timer:
+        rdtsc
+        shl     rdx, 32
+        or      rax, rdx
+        add     rax, TICK_TSC
+        mov     rdx, rax
+        shr     rdx, 32
+        mov     ecx, MSR_TSC_DEADLINE
+        wrmsr
+        ret
+
+/* The timer interrupt: count, re-arm, EOI.  Preserves everything. */
+timer_isr:
+        push    rax
+        push    rcx
+        push    rdx
+        inc     qword ptr [ticks]
+        call    arm_timer
+        mov     rax, [lapic_base]
+        mov     dword ptr [rax + APIC_EOI], 0
+        pop     rdx
+        pop     rcx
+        pop     rax
+        iretq
+
+/* Spurious LAPIC interrupt: no EOI. */
+spurious_isr:
+        iretq
+
+/* Any other vector (an exception, or a stray interrupt): report and stop. */
+unexpected_isr:
+        lea     rsi, [str_err_vector]
+        call    puts
+        jmp     halt_forever
+
+/* tick_report: once `ticks` reached `next_report`, prints
+ * "stamp: ticks <n>" (n = the count read) and moves `next_report` to the
+ * next multiple of TICKS_PER_LINE.  Clobbers rax, rcx, rdx, rdi, rsi, r11. */
+tick_report:
+        mov     r11, [ticks]
+        cmp     r11, [next_report]
+        jb      1f
+        mov     rax, r11
+        xor     edx, edx
+        mov     ecx, TICKS_PER_LINE
+        div     rcx
+        inc     rax
+        imul    rax, rax, TICKS_PER_LINE
+        mov     [next_report], rax
+        lea     rsi, [str_ticks]
+        call    puts
+        mov     rax, r11
+        call    print_dec
+        call    newline
+1:      ret
+
+/* ------------------------------------------------------------------------ */
+/* zero-check=1: pages the guest never writes must read zero                 */
+/* ------------------------------------------------------------------------ */
+
+/* zero_sweep: for every RAM entry of the memmap (clipped to the identity
+ * map), checks the parts outside the image and the stamp region:
+ * [__image_end, REGION_BASE) and [region end, ...).  Prints
+ * "stamp: zero-check <n> ok" after a clean sweep; a NONZERO page is
+ * reported by zero_range, which halts.
+ * Clobbers rax, rcx, rdx, rsi, rdi, r8, r10, r11. */
+zero_sweep:
+        push    rbx
+        push    rbp
+        mov     ebx, [start_info_ptr]
+        mov     r8, [rbx + SI_MEMMAP]           /* r8 = entry */
+        mov     ebp, [rbx + SI_MEMMAP_N]        /* rbp = entries left */
+1:      cmp     dword ptr [r8 + MM_TYPE], E820_RAM
+        jne     4f
+        mov     rsi, [r8 + MM_ADDR]
+        mov     rbx, [r8 + MM_SIZE]
+        add     rbx, rsi                        /* rbx = entry end */
+        add     rsi, 4095
+        and     rsi, -4096                      /* rsi = first whole page */
+        and     rbx, -4096
+        mov     rax, MAX_PDS << 30
+        cmp     rbx, rax
+        jbe     2f
+        mov     rbx, rax
+2:      /* part 1: [max(rsi, image end), min(rbx, REGION_BASE)) */
+        mov     edi, offset __image_end
+        add     rdi, 4095
+        and     rdi, -4096
+        cmp     rdi, rsi
+        jae     3f
+        mov     rdi, rsi
+3:      mov     r11d, REGION_BASE
+        cmp     r11, rbx
+        jbe     31f
+        mov     r11, rbx
+31:     call    zero_range
+        /* part 2: [max(rsi, region end), rbx) */
+        mov     rdi, [region_mib]
+        shl     rdi, 20
+        add     rdi, REGION_BASE
+        cmp     rdi, rsi
+        jae     32f
+        mov     rdi, rsi
+32:     mov     r11, rbx
+        call    zero_range
+4:      add     r8, MM_ENTRY_SIZE
+        dec     ebp
+        jnz     1b
+        inc     qword ptr [zero_sweeps]
+        lea     rsi, [str_zero_ok1]
+        call    puts
+        mov     rax, [zero_sweeps]
+        call    print_dec
+        lea     rsi, [str_ok]
+        call    puts
+        pop     rbp
+        pop     rbx
+        ret
+
+/* zero_range: pages [rdi, r11) (page-aligned; empty if rdi >= r11) must
+ * read zero at the sampled offsets; else prints NONZERO and halts.
+ * Clobbers rax, rdi. */
+zero_range:
+1:      cmp     rdi, r11
+        jae     2f
+        mov     rax, [rdi]
+        or      rax, [rdi + ZC_OFF1]
+        or      rax, [rdi + ZC_OFF2]
+        or      rax, [rdi + ZC_OFF3]
+        or      rax, [rdi + ZC_OFF4]
+        jnz     3f
+        add     rdi, 4096
+        jmp     1b
+2:      ret
+3:      mov     rbx, rdi
+        mov     rbp, rax
+        lea     rsi, [str_nonzero]
+        call    puts
+        mov     rax, rbx
+        shr     rax, 12
+        call    print_dec
+        lea     rsi, [str_found]
+        call    puts
+        mov     rax, rbp
+        call    print_hex
+        call    newline
+        jmp     halt_forever
 
 /* match_prefix: rsi = cursor, rdi = NUL-terminated prefix.
  * On match: eax = 1, rsi advanced past prefix.  Else eax = 0, rsi unchanged.
@@ -587,6 +855,12 @@ print_hex:
 hex_digits:        .ascii "0123456789abcdef"
 str_region_eq:     .asciz "region="
 str_passes_eq:     .asciz "passes="
+str_timer_eq:      .asciz "timer="
+str_zero_check_eq: .asciz "zero-check="
+str_ticks:         .asciz "stamp: ticks "
+str_zero_ok1:      .asciz "stamp: zero-check "
+str_nonzero:       .asciz "stamp: NONZERO page="
+str_err_vector:    .asciz "stamp: ERROR unexpected interrupt or exception\n"
 str_boot:          .asciz "stamp: boot mem="
 str_region_out:    .asciz " region="
 str_pass:          .asciz "stamp: pass "
@@ -621,6 +895,16 @@ start_info_ptr:    .quad 0
 ram_total:         .quad 0
 region_mib:        .quad 0
 passes:            .quad 0
+timer_on:          .quad 0
+zero_check:        .quad 0
+lapic_base:        .quad 0
+ticks:             .quad 0
+next_report:       .quad TICKS_PER_LINE
+zero_sweeps:       .quad 0
+idt_desc_pad:      .word 0, 0, 0
+idt_desc:
+        .word   IDT_ENTRIES * 16 - 1
+        .quad   idt
 
 /* ------------------------------------------------------------------------ */
 /* BSS: page tables and stack (page aligned; see stamp.ld)                  */
@@ -630,5 +914,6 @@ passes:            .quad 0
 pml4:   .skip   4096
 pdpt:   .skip   4096                    /* must follow pml4 (zeroed together) */
 pds:    .skip   MAX_PDS * 4096          /* 64 PDs: identity map up to 64 GiB */
+idt:    .skip   IDT_ENTRIES * 16            /* timer=1 only */
 stack:  .skip   16384
 stack_top:
