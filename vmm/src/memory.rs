@@ -335,13 +335,13 @@ impl GuestRam {
         let mut how = "";
         for (idx, r) in self.regions.iter().enumerate() {
             how = match (&self.fd, r.file_offset) {
-                (Some(fd), Some(off)) => punch_hole(fd, off, r.size).map_err(|source| {
-                    MemoryError::Zero {
+                (Some(fd), Some(off)) => {
+                    punch_hole(fd, off, r.size).map_err(|source| MemoryError::Zero {
                         region: idx,
                         how: "punching a hole",
                         source,
-                    }
-                })?,
+                    })?
+                }
                 _ => {
                     // SAFETY: the range is this region's live private
                     // anonymous mapping (type invariant); MADV_DONTNEED makes
@@ -659,7 +659,8 @@ mod tests {
         ram.regions().iter().all(|r| {
             // SAFETY: `r` is a live mapping of `r.size` bytes owned by
             // `ram`, which outlives this borrow; no other thread touches it.
-            let s = unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
+            let s =
+                unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
             s.iter().all(|b| *b == 0)
         })
     }
