@@ -322,7 +322,7 @@ impl GuestRam {
         };
         self.clean.store(false, Ordering::SeqCst);
         info!(
-            "{} MiB of reused guest RAM zeroed ({how}) in {:?}",
+            "{} MiB of guest RAM zeroed for an incoming VM ({how}) in {:?}",
             self.size >> 20,
             start.elapsed()
         );
