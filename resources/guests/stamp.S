@@ -8,7 +8,15 @@
  *
  * Constraints (nested "PVM" KVM emulates every instruction): plain integer
  * instructions, port I/O and memory accesses only.  No SSE, no string ops,
- * no interrupts (IF stays 0, no IDT), no cmov.
+ * no cmov, no int n.  IF stays 0 and there is no IDT unless `timer=1`.
+ *
+ * Optional checks (command line, see README.md):
+ *   timer=1       IDT + LAPIC timer in TSC-deadline mode, re-armed by its
+ *                 interrupt handler; "stamp: ticks <n>" every TICKS_PER_LINE
+ *                 ticks.  With region=0 the guest idles in hlt between ticks.
+ *   zero-check=1  after each pass, sample every RAM page the guest never
+ *                 writes; "stamp: NONZERO page=<pfn> found=<hex>" (then halt)
+ *                 or "stamp: zero-check <n> ok".
  *
  * See README.md next to this file for line formats and memory layout.
  *
@@ -58,6 +66,28 @@
 
         /* Stamp mixing constant (odd => multiplication is a bijection). */
         .set STAMP_K,         0x9e3779b97f4a7c15
+
+        /* timer=1: LAPIC timer in TSC-deadline mode. */
+        .set MSR_APIC_BASE,   0x1b
+        .set APIC_BASE_EN,    0x800
+        .set MSR_TSC_DEADLINE, 0x6e0
+        .set APIC_TPR,        0x80
+        .set APIC_EOI,        0xb0
+        .set APIC_SVR,        0xf0
+        .set APIC_LVT_TIMER,  0x320
+        .set LVT_TSC_DEADLINE, 2 << 17
+        .set TIMER_VEC,       0x40
+        .set SPURIOUS_VEC,    0xff
+        /* ~3.8 ms at 2.6 GHz: ~260 ticks/s, a ticks line about every second. */
+        .set TICK_TSC,        10000000
+        .set TICKS_PER_LINE,  256
+        .set IDT_ENTRIES,     256
+
+        /* zero-check=1: sampled qwords of each page (OR-ed together). */
+        .set ZC_OFF1,         1032
+        .set ZC_OFF2,         2056
+        .set ZC_OFF3,         3080
+        .set ZC_OFF4,         4088
 
 #ifdef SELFTEST_CORRUPT
 #ifndef SELFTEST_CORRUPT_OFF
@@ -248,9 +278,11 @@ long_entry:
         call    newline
 81:
 #endif
-        /* ---- command line: region=MiB passes=N ---- */
+        /* ---- command line: region=MiB passes=N timer=0|1 zero-check=0|1 ---- */
         mov     qword ptr [region_mib], DEFAULT_REGION
         mov     qword ptr [passes], 0
+        mov     qword ptr [timer_on], 0
+        mov     qword ptr [zero_check], 0
         mov     rsi, [rbx + SI_CMDLINE]
         test    rsi, rsi
         jz      cmdline_done
@@ -275,11 +307,29 @@ cmd_token:
 9:      lea     rdi, [str_passes_eq]
         call    match_prefix
         test    eax, eax
-        jz      cmd_skip
+        jz      91f
         call    parse_dec
         test    rdx, rdx
         jz      cmd_skip
         mov     [passes], rax
+        jmp     cmd_skip
+91:     lea     rdi, [str_timer_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      92f
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [timer_on], rax
+        jmp     cmd_skip
+92:     lea     rdi, [str_zero_check_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      cmd_skip
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [zero_check], rax
 cmd_skip:                               /* skip the rest of the token */
         movzx   eax, byte ptr [rsi]
         test    al, al
@@ -331,6 +381,14 @@ cmdline_done:
         cmp     rax, r10
         ja      err_region
 
+        /* ---- optional checks ---- */
+        cmp     qword ptr [timer_on], 0
+        je      16f
+        call    timer_setup
+16:     cmp     qword ptr [zero_check], 0
+        je      17f
+        call    zero_sweep              /* before the first pass too */
+17:
 /* ------------------------------------------------------------------------ */
 /* Workload                                                                  */
 /*   v(i,p)  = (p << 24) | i        (i < 2^24 pages, p >= 1)                 */
@@ -343,6 +401,10 @@ cmdline_done:
         mov     r13, [passes]           /* r13 = passes (0 = forever) */
         mov     r14d, 1                 /* r14 = current pass p */
         mov     r15, STAMP_K            /* r15 = K */
+        test    r12, r12
+        jnz     pass_loop
+        cmp     qword ptr [timer_on], 0
+        jne     idle_loop               /* region=0 timer=1: tick only */
 
 pass_loop:
 #ifdef SELFTEST_CORRUPT
@@ -411,8 +473,13 @@ pass_done:
         call    print_dec
         lea     rsi, [str_ok]
         call    puts
-
-
+        cmp     qword ptr [zero_check], 0
+        je      18f
+        call    zero_sweep
+18:     cmp     qword ptr [timer_on], 0
+        je      19f
+        call    tick_report
+19:
         test    r13, r13
         jz      15f
         cmp     r14, r13
@@ -472,6 +539,8 @@ halt_forever:
 /* ------------------------------------------------------------------------ */
 /* Helpers (clobber only what is stated)                                     */
 /* ------------------------------------------------------------------------ */
+
+#include "checks.S"
 
 /* match_prefix: rsi = cursor, rdi = NUL-terminated prefix.
  * On match: eax = 1, rsi advanced past prefix.  Else eax = 0, rsi unchanged.
@@ -587,6 +656,12 @@ print_hex:
 hex_digits:        .ascii "0123456789abcdef"
 str_region_eq:     .asciz "region="
 str_passes_eq:     .asciz "passes="
+str_timer_eq:      .asciz "timer="
+str_zero_check_eq: .asciz "zero-check="
+str_ticks:         .asciz "stamp: ticks "
+str_zero_ok1:      .asciz "stamp: zero-check "
+str_nonzero:       .asciz "stamp: NONZERO page="
+str_err_vector:    .asciz "stamp: ERROR unexpected interrupt or exception\n"
 str_boot:          .asciz "stamp: boot mem="
 str_region_out:    .asciz " region="
 str_pass:          .asciz "stamp: pass "
@@ -621,6 +696,16 @@ start_info_ptr:    .quad 0
 ram_total:         .quad 0
 region_mib:        .quad 0
 passes:            .quad 0
+timer_on:          .quad 0
+zero_check:        .quad 0
+lapic_base:        .quad 0
+ticks:             .quad 0
+next_report:       .quad TICKS_PER_LINE
+zero_sweeps:       .quad 0
+idt_desc_pad:      .word 0, 0, 0
+idt_desc:
+        .word   IDT_ENTRIES * 16 - 1
+        .quad   idt
 
 /* ------------------------------------------------------------------------ */
 /* BSS: page tables and stack (page aligned; see stamp.ld)                  */
@@ -630,5 +715,6 @@ passes:            .quad 0
 pml4:   .skip   4096
 pdpt:   .skip   4096                    /* must follow pml4 (zeroed together) */
 pds:    .skip   MAX_PDS * 4096          /* 64 PDs: identity map up to 64 GiB */
+idt:    .skip   IDT_ENTRIES * 16            /* timer=1 only */
 stack:  .skip   16384
 stack_top:

@@ -55,6 +55,24 @@ impl SerialLog {
             .find(|l| l.contains("MISMATCH"))
             .map(str::to_string)
     }
+    /// The first `stamp: NONZERO` line (zero-check=1), if any.
+    pub fn nonzero(&self) -> Option<String> {
+        self.text()
+            .lines()
+            .find(|l| l.contains("NONZERO"))
+            .map(str::to_string)
+    }
+    /// Values of the `stamp: ticks <n>` lines (timer=1), in order.
+    pub fn ticks(&self) -> Vec<u64> {
+        self.lines().iter().filter_map(|l| parse_ticks(l)).collect()
+    }
+    /// Numbers of the `stamp: zero-check <n> ok` lines (zero-check=1), in order.
+    pub fn zero_checks(&self) -> Vec<u64> {
+        self.lines()
+            .iter()
+            .filter_map(|l| parse_zero_check(l))
+            .collect()
+    }
     /// The `stamp: boot mem=<MiB> region=<MiB>` line parsed as (mem, region).
     pub fn boot(&self) -> Option<(u64, u64)> {
         self.lines().iter().find_map(|l| parse_boot(l))
@@ -84,6 +102,17 @@ pub fn parse_pass(line: &str) -> Option<u64> {
     n.parse().ok()
 }
 
+/// Parses `stamp: ticks <n>`.
+pub fn parse_ticks(line: &str) -> Option<u64> {
+    line.trim().strip_prefix("stamp: ticks ")?.parse().ok()
+}
+
+/// Parses `stamp: zero-check <n> ok`.
+pub fn parse_zero_check(line: &str) -> Option<u64> {
+    let rest = line.trim().strip_prefix("stamp: zero-check ")?;
+    rest.strip_suffix(" ok")?.parse().ok()
+}
+
 /// Parses `stamp: boot mem=<MiB> region=<MiB>` into (mem, region).
 pub fn parse_boot(line: &str) -> Option<(u64, u64)> {
     let rest = line.trim().strip_prefix("stamp: boot ")?;
@@ -105,9 +134,10 @@ pub fn pass_numbers(lines: &[String]) -> Vec<u64> {
 }
 
 /// Checks that the concatenated serial output of the hosts a guest ran on
-/// (in order) is one clean stream: no MISMATCH, no garbage line, passes
-/// numbered 1, 2, 3, ... without gap or repeat. A line split across two hosts
-/// at switch-over joins up again in the concatenation. Returns the passes.
+/// (in order) is one clean stream: no MISMATCH or NONZERO, no garbage line,
+/// passes and zero-check sweeps each numbered 1, 2, 3, ... without gap or
+/// repeat, tick counts strictly increasing. A line split across two hosts at
+/// switch-over joins up again in the concatenation. Returns the passes.
 pub fn check_stream(logs: &[&SerialLog]) -> Vec<u64> {
     let text: String = logs.iter().map(|l| l.text()).collect();
     let describe = || {
@@ -120,6 +150,11 @@ pub fn check_stream(logs: &[&SerialLog]) -> Vec<u64> {
     assert!(
         !text.contains("MISMATCH"),
         "guest saw a MISMATCH:\n{}",
+        describe()
+    );
+    assert!(
+        !text.contains("NONZERO"),
+        "guest saw a page it never wrote holding data (NONZERO):\n{}",
         describe()
     );
     let lines = complete_lines(&text);
@@ -145,6 +180,20 @@ pub fn check_stream(logs: &[&SerialLog]) -> Vec<u64> {
             describe()
         );
     }
+    let sweeps: Vec<u64> = lines.iter().filter_map(|l| parse_zero_check(l)).collect();
+    assert!(
+        sweeps.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+        "zero-check sweeps not consecutive ({:?}):\n{}",
+        sweeps,
+        describe()
+    );
+    let ticks: Vec<u64> = lines.iter().filter_map(|l| parse_ticks(l)).collect();
+    assert!(
+        ticks.windows(2).all(|w| w[0] < w[1]),
+        "tick counts not increasing ({:?}):\n{}",
+        ticks,
+        describe()
+    );
     passes
 }
 
@@ -161,6 +210,10 @@ mod tests {
         assert_eq!(parse_pass("ss 12 ok"), None);
         assert_eq!(parse_boot("stamp: boot mem=512 region=16"), Some((512, 16)));
         assert_eq!(parse_boot("stamp: boot mem=512"), None);
+        assert_eq!(parse_ticks("stamp: ticks 256\r"), Some(256));
+        assert_eq!(parse_ticks("stamp: ticks"), None);
+        assert_eq!(parse_zero_check("stamp: zero-check 3 ok"), Some(3));
+        assert_eq!(parse_zero_check("stamp: zero-check 3"), None);
         assert_eq!(complete_lines("a\nb\nc"), vec!["a", "b"]);
         assert_eq!(complete_lines(""), Vec::<String>::new());
     }
@@ -187,6 +240,37 @@ mod tests {
         let dir = TempDir::new("harness");
         let a = dir.join("a.log");
         fs::write(&a, "stamp: pass 1 ok\nstamp: pass 3 ok\n").unwrap();
+        check_stream(&[&SerialLog::new(a)]);
+    }
+
+    #[test]
+    fn stream_checks_ticks_and_sweeps() {
+        let dir = TempDir::new("harness");
+        let a = dir.join("a.log");
+        let b = dir.join("b.log");
+        fs::write(&a, "stamp: zero-check 1 ok\nstamp: ticks 256\nstamp: tic").unwrap();
+        fs::write(&b, "ks 512\nstamp: zero-check 2 ok\n").unwrap();
+        let (a, b) = (SerialLog::new(a), SerialLog::new(b));
+        check_stream(&[&a, &b]);
+        assert_eq!(b.ticks(), Vec::<u64>::new());
+        assert_eq!(b.zero_checks(), vec![2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "tick counts not increasing")]
+    fn stream_detects_ticks_going_back() {
+        let dir = TempDir::new("harness");
+        let a = dir.join("a.log");
+        fs::write(&a, "stamp: ticks 512\nstamp: ticks 256\n").unwrap();
+        check_stream(&[&SerialLog::new(a)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "NONZERO")]
+    fn stream_detects_nonzero() {
+        let dir = TempDir::new("harness");
+        let a = dir.join("a.log");
+        fs::write(&a, "stamp: NONZERO page=400 found=a5\n").unwrap();
         check_stream(&[&SerialLog::new(a)]);
     }
 

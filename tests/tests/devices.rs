@@ -209,6 +209,26 @@ fn devices_without_precopy() {
     check_digests(&DEVICES, &before, &after);
 }
 
+/// After a migration the destination's devices run again (VFIO RUNNING,
+/// out of the STOP that loading their state left them in), and a device
+/// that ran there migrates on with its state.
+#[test]
+fn devices_run_again_on_the_destination() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let (mut a, mut b) = start_pair("region=16 passes=0", &["--sim-vfio", DEVICES[2].0], 1);
+    let id = dev_id(DEVICES[2].0);
+    let mig_state = |vm: &Vmm| devices_of(&vm.info())[id]["mig_state"].clone();
+    assert_eq!(mig_state(&a), json!("running"), "source device before");
+    let before = devices_of(&a.info());
+    migrate_and_check(&mut a, &b, send_params(0, 2), &[]);
+    assert_eq!(mig_state(&b), json!("running"), "device on the destination");
+    let c = Vmm::destination("c", &[]);
+    migrate_and_check(&mut b, &c, send_params(0, 2), &[&a.serial]);
+    assert_eq!(mig_state(&c), json!("running"), "device after a second hop");
+    check_digests(&DEVICES[2..3], &before, &devices_of(&c.info()));
+}
+
 /// A device fault makes the migration fail: the source runs on with its
 /// devices, the error names the faulty device, the destination stays usable.
 fn device_fault(faulty: &str, mode: &str) {

@@ -120,6 +120,26 @@ pub fn validate_args(sim: &[String], vfio: &[String]) -> Result<Vec<DeviceSpec>,
     Ok(specs)
 }
 
+/// The `vm.info` entry of a sim-vfio device, without `mig_state`.
+fn sim_info(spec: &DeviceSpec, d: &SimVfioDevice) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": spec.id(),
+        "kind": "sim-vfio",
+        "state_size": d.state_size(),
+        "digest": hex_digest(d.digest()),
+    });
+    // Destination: the source's digest at switch-over, as received (equal to
+    // `digest` after a good load).
+    if let Some(sd) = d.source_digest() {
+        v["source_digest"] = hex_digest(sd).into();
+    }
+    // Source: the digest it sent at switch-over.
+    if let Some(sw) = d.switchover_digest() {
+        v["switchover_digest"] = hex_digest(sw).into();
+    }
+    v
+}
+
 /// Formats a state digest for `vm.info`: 16 lowercase hex digits, no prefix.
 fn hex_digest(d: u64) -> String {
     format!("{d:016x}")
@@ -189,37 +209,33 @@ impl DeviceSet {
             .collect()
     }
 
-    /// `vm.info` entries: id, kind, state size and, for sim-vfio, `digest`
-    /// (current state), `source_digest` (destination, once a load stream's
-    /// end marker was read) and `switchover_digest` (source, once a save
-    /// session entered STOP_COPY), all as 16 lowercase hex digits.
+    /// `vm.info` entries: id, kind, state size, `mig_state` (the VFIO
+    /// migration state in snake case, e.g. `running`; null if the device
+    /// cannot tell) and, for sim-vfio, `digest` (current state),
+    /// `source_digest` (destination, once a load stream's end marker was
+    /// read) and `switchover_digest` (source, once a save session entered
+    /// STOP_COPY), all as 16 lowercase hex digits.
     pub fn info(&self) -> Vec<serde_json::Value> {
         self.entries
             .iter()
-            .map(|(spec, h)| match h {
-                Handle::Sim(d) => {
-                    let mut v = serde_json::json!({
-                        "id": spec.id(),
-                        "kind": "sim-vfio",
-                        "state_size": d.state_size(),
-                        "digest": hex_digest(d.digest()),
-                    });
-                    // Destination: the source's digest at switch-over, as
-                    // received (equal to `digest` after a good load).
-                    if let Some(sd) = d.source_digest() {
-                        v["source_digest"] = hex_digest(sd).into();
-                    }
-                    // Source: the digest it sent at switch-over.
-                    if let Some(sw) = d.switchover_digest() {
-                        v["switchover_digest"] = hex_digest(sw).into();
-                    }
-                    v
-                }
-                Handle::Vfio(d) => serde_json::json!({
-                    "id": spec.id(),
-                    "kind": "vfio",
-                    "state_size": d.stop_copy_size().ok(),
-                }),
+            .map(|(spec, h)| {
+                let (mut v, dev): (_, &dyn MigratableDevice) = match h {
+                    Handle::Sim(d) => (sim_info(spec, d), &**d),
+                    Handle::Vfio(d) => (
+                        serde_json::json!({
+                            "id": spec.id(),
+                            "kind": "vfio",
+                            "state_size": d.stop_copy_size().ok(),
+                        }),
+                        &**d,
+                    ),
+                };
+                v["mig_state"] = dev
+                    .state()
+                    .ok()
+                    .and_then(|s| serde_json::to_value(s).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                v
             })
             .collect()
     }

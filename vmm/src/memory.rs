@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, info};
@@ -55,6 +56,17 @@ pub enum MemoryError {
     /// Prefaulting failed.
     #[error("prefaulting guest memory: {0}")]
     Prefault(#[source] std::io::Error),
+    /// Zeroing guest RAM for a received VM failed.
+    #[error("zeroing guest RAM region {region} ({how}): {source}")]
+    Zero {
+        /// Region index.
+        region: usize,
+        /// The method that failed.
+        how: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A population query failed.
     #[error("querying resident pages of region {region}: {source}")]
     Populated {
@@ -86,7 +98,10 @@ pub struct RegionInfo {
 ///
 /// Invariant: `regions` mirrors `mem`'s regions in guest address order; the
 /// mappings live as long as any clone of `mem`; `fd` is the backing file of
-/// every region when the kind is shared or file.
+/// every region when the kind is shared or file. `clean` (shared by all
+/// clones) is true only while every byte reads as zero and no VM was handed
+/// the memory since ([`GuestRam::claim_zeroed`]); `resident` is true once
+/// [`GuestRam::prefault`] succeeded (zeroing then keeps pages faulted in).
 #[derive(Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
@@ -94,6 +109,8 @@ pub struct GuestRam {
     backing: MemoryBacking,
     fd: Option<Arc<File>>,
     size: u64,
+    clean: Arc<AtomicBool>,
+    resident: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -187,12 +204,17 @@ impl GuestRam {
                 r.host_addr
             );
         }
+        // Fresh anonymous memory and a fresh memfd read as zero; a file may
+        // hold anything.
+        let clean = !matches!(cfg.backing, MemoryBacking::File(_));
         Ok(GuestRam {
             mem,
             regions,
             backing: cfg.backing.clone(),
             fd,
             size: cfg.size,
+            clean: Arc::new(AtomicBool::new(clean)),
+            resident: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -256,6 +278,7 @@ impl GuestRam {
             Ok(())
         });
         result.map_err(MemoryError::Prefault)?;
+        self.resident.store(true, Ordering::SeqCst);
         info!(
             "prefaulted {} MiB of guest RAM in {:?}",
             self.size >> 20,
@@ -264,14 +287,89 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Zeroes all guest RAM (used to reuse pre-provisioned memory after a
-    /// failed migration). Pages stay faulted in.
+    /// Zeroes all guest RAM by writing zeroes (used to reuse pre-provisioned
+    /// memory after a failed migration). Pages stay faulted in. The caller
+    /// guarantees that no vCPU or migration thread uses the memory.
     pub fn zero(&self) {
         for r in &self.regions {
             // SAFETY: the mapping is live and writable for `size` bytes (type
-            // invariant); nothing else runs guest code on it at this point.
+            // invariant); the caller guarantees nothing else accesses it now.
             unsafe { std::ptr::write_bytes(r.host_addr as *mut u8, 0, r.size as usize) };
         }
+        self.clean.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every byte read as zero before a received VM is built on this
+    /// memory (the receiver contract: pages the source never sends must read
+    /// zero), then marks the memory as in use. Free when the memory is known
+    /// to be clean (fresh anonymous or memfd memory, or zeroed since its last
+    /// use). Otherwise, cheaply by backing: resident (prefaulted) memory is
+    /// overwritten in place, so that it stays faulted in; anonymous memory
+    /// is dropped (`MADV_DONTNEED`); memfd and file ranges get their holes
+    /// punched (`FALLOC_FL_PUNCH_HOLE`, size kept), with writing zeroes as
+    /// the fallback where the file system cannot punch holes. The caller
+    /// guarantees that no vCPU or migration thread uses the memory.
+    pub fn claim_zeroed(&self) -> Result<(), MemoryError> {
+        if self.clean.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let start = std::time::Instant::now();
+        let how = if self.resident.load(Ordering::SeqCst) {
+            self.zero();
+            "written"
+        } else {
+            self.drop_contents()?
+        };
+        self.clean.store(false, Ordering::SeqCst);
+        info!(
+            "{} MiB of guest RAM zeroed for an incoming VM ({how}) in {:?}",
+            self.size >> 20,
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Drops the contents of every region without faulting pages in;
+    /// returns how.
+    fn drop_contents(&self) -> Result<&'static str, MemoryError> {
+        let mut how = "";
+        for (idx, r) in self.regions.iter().enumerate() {
+            how = match (&self.fd, r.file_offset) {
+                (Some(fd), Some(off)) => {
+                    punch_hole(fd, off, r.size).map_err(|source| MemoryError::Zero {
+                        region: idx,
+                        how: "punching a hole",
+                        source,
+                    })?
+                }
+                _ => {
+                    // SAFETY: the range is this region's live private
+                    // anonymous mapping (type invariant); MADV_DONTNEED makes
+                    // it read as zero-fill-on-demand memory, and the caller
+                    // guarantees nothing else accesses it now.
+                    let rc = unsafe {
+                        libc::madvise(
+                            r.host_addr as *mut libc::c_void,
+                            r.size as usize,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    if rc != 0 {
+                        return Err(MemoryError::Zero {
+                            region: idx,
+                            how: "MADV_DONTNEED",
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                    "dropped"
+                }
+            };
+            if how == "written" {
+                // SAFETY: as in `zero`: live, writable, unused mapping.
+                unsafe { std::ptr::write_bytes(r.host_addr as *mut u8, 0, r.size as usize) };
+            }
+        }
+        Ok(how)
     }
 
     /// Byte ranges of region `idx` that may hold non-zero data, page-aligned,
@@ -311,6 +409,31 @@ impl GuestRam {
         for region in self.mem.iter() {
             (**region).bitmap().reset();
         }
+    }
+}
+
+/// Punches a hole over `[offset, offset+len)` of `fd` (size kept): the range
+/// then reads as zero, through mappings too. `Ok("written")` when the file
+/// system cannot punch holes (the caller then writes zeroes), else
+/// `Ok("holes punched")`.
+fn punch_hole(fd: &File, offset: u64, len: u64) -> Result<&'static str, std::io::Error> {
+    // SAFETY: fallocate on a valid fd owned by `fd`; it changes only the
+    // file's contents in the given range.
+    let rc = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok("holes punched");
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok("written"),
+        _ => Err(e),
     }
 }
 
@@ -529,6 +652,70 @@ mod tests {
         ram.zero();
         // SAFETY: as above.
         assert_eq!(unsafe { *((r.host_addr + 8) as *const u8) }, 0);
+    }
+
+    /// Every byte of every region of `ram`, checked for zero.
+    fn all_zero(ram: &GuestRam) -> bool {
+        ram.regions().iter().all(|r| {
+            // SAFETY: `r` is a live mapping of `r.size` bytes owned by
+            // `ram`, which outlives this borrow; no other thread touches it.
+            let s =
+                unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.size as usize) };
+            s.iter().all(|b| *b == 0)
+        })
+    }
+
+    /// Writes `v` at a few offsets of every region of `ram`.
+    fn scribble(ram: &GuestRam, v: u8) {
+        for r in ram.regions() {
+            for off in [0, PAGE + 9, r.size / 2, r.size - 1] {
+                // SAFETY: `off` < `r.size`, inside the live mapping owned by
+                // `ram`; no other thread touches it.
+                unsafe { *((r.host_addr + off) as *mut u8) = v };
+            }
+        }
+    }
+
+    #[test]
+    fn claim_zeroed_clears_each_backing() {
+        let dir = std::env::temp_dir().join(format!("ferry-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram");
+        // A file full of old bytes, a page longer than the guest RAM.
+        std::fs::write(&path, vec![0xa5u8; (8 << 20) + PAGE as usize]).unwrap();
+        for backing in [
+            MemoryBacking::Anonymous,
+            MemoryBacking::Shared,
+            MemoryBacking::File(path.clone()),
+        ] {
+            let ram = GuestRam::new(&cfg(8 << 20, backing.clone())).unwrap();
+            // First use: a fresh mapping is free, an old file is cleared.
+            ram.claim_zeroed().unwrap();
+            assert!(all_zero(&ram), "{backing:?}: first claim");
+            // Reuse after the memory was written.
+            scribble(&ram, 3);
+            ram.claim_zeroed().unwrap();
+            assert!(all_zero(&ram), "{backing:?}: reused");
+            // Resident memory stays resident.
+            scribble(&ram, 4);
+            ram.prefault().unwrap();
+            ram.claim_zeroed().unwrap();
+            assert!(all_zero(&ram), "{backing:?}: prefaulted");
+            if !host_has_swap() && backing == MemoryBacking::Anonymous {
+                assert_eq!(ram.populated(0).unwrap(), vec![0..8 << 20]);
+            }
+            // zero() marks it clean: the next claim is free and keeps zeroes.
+            scribble(&ram, 5);
+            ram.zero();
+            ram.claim_zeroed().unwrap();
+            assert!(all_zero(&ram), "{backing:?}: after zero()");
+        }
+        // The file kept its size and the bytes past the guest RAM.
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), (8 << 20) + PAGE as usize);
+        assert!(bytes[..8 << 20].iter().all(|b| *b == 0));
+        assert!(bytes[8 << 20..].iter().all(|b| *b == 0xa5));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::api::{CancelToken, DeviceStateMode};
 use crate::error::MigrationError;
 use crate::net::{epoch_us, recv_frame, recv_payload, Ctl, MainConn, Recv, POLL_INTERVAL};
 use crate::testhook::{self, Point};
-use crate::traits::DestinationVm;
+use crate::traits::{DestinationVm, MigState};
 use crate::wire::{self, Frame};
 
 /// Interval of RATE frames (device load rates) while receiving.
@@ -251,6 +251,18 @@ impl Receiving {
     }
 }
 
+/// Puts every device back in RUNNING (from STOP, where loading its state
+/// left it) before the vCPUs start, so that the guest finds its devices
+/// running. Also when the VM arrives paused: as on the source, a user pause
+/// stops the vCPUs only.
+fn run_devices(vm: &dyn DestinationVm) -> Result<(), MigrationError> {
+    for d in vm.devices() {
+        d.set_state(MigState::Running)
+            .map_err(|e| MigrationError::device(d.id(), format!("returning to RUNNING: {e}")))?;
+    }
+    Ok(())
+}
+
 impl Ready {
     /// Waits for COMMIT on the main connection, bounded by the stall timeout
     /// since READY; cancel, ABORT, EOF and errors fail (the VM is discarded
@@ -299,11 +311,12 @@ impl Ready {
         Ok(Phase::AwaitCommit(self, since))
     }
 
-    /// After COMMIT: starts the VM and sends RESUMED, then closes
-    /// everything and hands the VM over. A failure to send RESUMED does not
-    /// undo the start (the source stays paused).
+    /// After COMMIT: puts the devices in RUNNING, starts the VM and sends
+    /// RESUMED, then closes everything and hands the VM over. A failure to
+    /// send RESUMED does not undo the start (the source stays paused).
     pub fn start(self: Box<Self>, ctx: &Ctx) -> Result<std::sync::Arc<dyn DestinationVm>, Failed> {
         let info = self.info;
+        or_fail!(run_devices(&*self.vm.vm), Phase::Start(self));
         or_fail!(
             self.vm
                 .vm

@@ -32,7 +32,16 @@ fn check_devices(src: &FakeSource, d: &FakeDest) {
         let loaded = t.loaded.lock().unwrap().clone().expect("device loaded");
         assert_eq!(produced.len(), loaded.len(), "device {}", s.id);
         assert!(produced == loaded, "device {} state differs", s.id);
-        assert_eq!(t.cur(), MigState::Stop);
+        // Loaded (RESUMING -> STOP), then RUNNING when the VM started.
+        assert_eq!(t.cur(), MigState::Running, "device {}", t.id);
+        let tr = t.transitions.lock().unwrap().clone();
+        assert_eq!(
+            tr[tr.len() - 2..],
+            [MigState::Stop, MigState::Running],
+            "device {}: {:?}",
+            t.id,
+            tr
+        );
     }
 }
 

@@ -269,6 +269,9 @@ impl DestinationFactory for DestFactory {
                 .map_err(be)?
             }
         };
+        // Receiver contract: pages the source never sends read as zero, so
+        // a memory file with old contents or reused RAM is cleared first.
+        ram.claim_zeroed().map_err(be)?;
         let devices = DeviceSet::create(&cfg.devices, false).map_err(be)?;
         let serial = vmm.config().serial.clone().unwrap_or(cfg.serial.clone());
         let desc = VmDescription {
