@@ -329,10 +329,6 @@ impl<D> IoVecs<'_, D> {
             }
         }
     }
-    /// Bytes still pending in the list.
-    pub fn pending_len(&self) -> usize {
-        self.iovs[self.start..].iter().map(|v| v.iov_len).sum()
-    }
 }
 
 impl<'a> IoVecs<'a, Gather> {

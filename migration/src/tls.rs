@@ -29,8 +29,6 @@ pub const KEY_FILE: &str = "key.pem";
 pub const MAX_ALLOWED_SUBJECTS: usize = 64;
 /// Longest accepted certificate or key file (a bound before reading).
 const MAX_PEM_FILE: u64 = 1 << 20;
-/// Send buffer of a TLS connection (plaintext accepted before it blocks).
-pub(crate) const TLS_BUFFER: usize = 1 << 20;
 
 fn tls_err(msg: impl Into<String>) -> MigrationError {
     MigrationError::Tls(msg.into())
@@ -134,6 +132,8 @@ impl ClientTls {
             .with_client_auth_cert(id.chain, id.key)
             .map_err(|e| tls_err(format!("{dir}: certificate and key do not fit: {e}")))?;
         config.resumption = rustls::client::Resumption::disabled();
+        // The record layer after the handshake is ours (net/record.rs).
+        config.enable_secret_extraction = true;
         Ok(ClientTls {
             config: Arc::new(config),
         })
@@ -144,10 +144,7 @@ impl ClientTls {
     pub(crate) fn connect(&self, host: &str) -> Result<rustls::ClientConnection, MigrationError> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| tls_err(format!("{host:?} is not a valid TLS server name: {e}")))?;
-        let mut c = rustls::ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| tls_err(e.to_string()))?;
-        c.set_buffer_limit(Some(TLS_BUFFER));
-        Ok(c)
+        rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| tls_err(e.to_string()))
     }
 }
 
@@ -197,6 +194,7 @@ impl ServerTls {
             .with_single_cert(id.chain, id.key)
             .map_err(|e| tls_err(format!("{dir}: certificate and key do not fit: {e}")))?;
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(ServerTls {
             config: Arc::new(config),
@@ -206,10 +204,7 @@ impl ServerTls {
 
     /// A fresh server connection.
     pub(crate) fn accept(&self) -> Result<rustls::ServerConnection, MigrationError> {
-        let mut c = rustls::ServerConnection::new(self.config.clone())
-            .map_err(|e| tls_err(e.to_string()))?;
-        c.set_buffer_limit(Some(TLS_BUFFER));
-        Ok(c)
+        rustls::ServerConnection::new(self.config.clone()).map_err(|e| tls_err(e.to_string()))
     }
 
     /// Checks the verified client leaf certificate against the allowed

@@ -1,29 +1,38 @@
 //! A migration connection: plain TCP, or TCP carrying a mutual-TLS session.
 //!
+//! rustls runs the TLS 1.3 handshake; the records after it are sealed and
+//! opened by [`super::record`] in this channel's own buffers (kTLS style).
 //! Both kinds offer the same small surface to the I/O loops in `io`: a
-//! `read` that times out after the socket's poll interval, a `write_some`
-//! that accepts part of a buffer, and a `flush_some` that pushes buffered
-//! ciphertext out. The loops add abort checks and stall detection.
+//! `read` (or `read_with`, which lends the plaintext in place) that times
+//! out after the socket's poll interval, a `write_some` that accepts part
+//! of a buffer, and a `flush_some` that pushes sealed records out. The
+//! loops add abort checks and stall detection.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use super::lock;
+use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::tls;
 
-/// Raw bytes read from the socket per call while TLS is on.
-const RX_CHUNK: usize = 256 << 10;
+/// Receive buffer of a TLS channel (whole records are opened in it).
+const RX_BUFFER: usize = 256 << 10;
+/// Sealed bytes a TLS channel queues before `write_some` stops accepting.
+const TX_HIGH: usize = 256 << 10;
+/// Largest handshake record accepted (TLS allows 2^14 + 2048 of payload).
+const MAX_HANDSHAKE_RECORD: usize = HEADER + (1 << 14) + 2048;
 
 /// One migration connection.
 ///
-/// Invariant: with TLS, the rustls session is only touched under its mutex,
-/// and socket reads (which may block for a poll interval) happen without
-/// holding it, so a writer on another thread (the keepalive) never waits
-/// for a read. At most one thread reads a channel at a time.
+/// Invariant: with TLS, the send and receive directions each own their key
+/// and buffer behind their own mutex, so a writer (the keepalive) never
+/// waits for a reader blocked on the socket. At most one thread reads a
+/// channel at a time.
 pub struct Channel {
     tcp: TcpStream,
     tls: Option<Tls>,
@@ -43,25 +52,45 @@ impl std::fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
+fn tls_io(msg: String) -> io::Error {
+    io::Error::new(ErrorKind::InvalidData, TlsError(msg))
+}
+
+impl From<RecordError> for io::Error {
+    fn from(e: RecordError) -> io::Error {
+        tls_io(e.to_string())
+    }
+}
+
 struct Tls {
     /// This side is the source (for error texts).
     client: bool,
-    conn: Mutex<rustls::Connection>,
-    /// Ciphertext read from the socket and not yet handed to rustls.
-    rx: Mutex<RxBuf>,
+    /// The peer's verified leaf certificate (DER).
+    leaf: Option<Vec<u8>>,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
 }
 
-#[derive(Default)]
-struct RxBuf {
+/// The send direction: sealed records waiting for the socket.
+struct Tx {
+    keys: Keys,
+    buf: Vec<u8>,
+    off: usize,
+}
+
+/// The receive direction.
+///
+/// Invariant: `buf[start..end]` are received bytes not yet opened;
+/// `plain` is the unread plaintext of the last opened record (inside
+/// `buf[..start]`).
+struct Rx {
+    keys: Keys,
     buf: Vec<u8>,
     start: usize,
+    end: usize,
+    plain: Range<usize>,
     eof: bool,
-}
-
-impl RxBuf {
-    fn pending(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
+    closed: bool,
 }
 
 impl std::fmt::Debug for Channel {
@@ -93,6 +122,53 @@ pub enum TlsFailure {
     Io(io::Error),
 }
 
+/// Reads from `tcp` until `pending` holds at least `want` bytes.
+fn fill(
+    tcp: &TcpStream,
+    pending: &mut Vec<u8>,
+    want: usize,
+    deadline: Instant,
+    stop: &CancelToken,
+) -> Result<(), TlsFailure> {
+    let mut buf = [0u8; 16 << 10];
+    while pending.len() < want {
+        if stop.is_cancelled() {
+            return Err(TlsFailure::Io(io::Error::other("stopped")));
+        }
+        if Instant::now() >= deadline {
+            return Err(TlsFailure::Timeout);
+        }
+        match (&*tcp).read(&mut buf) {
+            Ok(0) => {
+                return Err(TlsFailure::Io(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                )))
+            }
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(TlsFailure::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+fn flush_handshake(
+    conn: &mut rustls::Connection,
+    tcp: &TcpStream,
+    deadline: Instant,
+) -> Result<(), TlsFailure> {
+    while conn.wants_write() {
+        match conn.write_tls(&mut &*tcp) {
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) && Instant::now() < deadline => {}
+            Err(e) if is_timeout(&e) => return Err(TlsFailure::Timeout),
+            Err(e) => return Err(TlsFailure::Io(e)),
+        }
+    }
+    Ok(())
+}
+
 impl Channel {
     /// A plain TCP channel.
     pub fn plain(tcp: TcpStream) -> Channel {
@@ -100,8 +176,10 @@ impl Channel {
     }
 
     /// Runs the TLS handshake of `conn` over `tcp` (blocking with poll
-    /// timeouts) until done, `deadline`, or `stop`. `client`: this side
-    /// is the source (for error texts).
+    /// timeouts) until done, `deadline`, or `stop`, then takes over the
+    /// record layer with the session's keys. `client`: this side is the
+    /// source (for error texts). Records are handed to rustls one at a
+    /// time, so no byte after the handshake is consumed by it.
     pub fn handshake(
         tcp: TcpStream,
         mut conn: rustls::Connection,
@@ -109,45 +187,27 @@ impl Channel {
         stop: &CancelToken,
         client: bool,
     ) -> Result<Channel, TlsFailure> {
+        let mut pending: Vec<u8> = Vec::new();
         let mut first = true;
         while conn.is_handshaking() {
-            if stop.is_cancelled() {
-                return Err(TlsFailure::Io(io::Error::other("stopped")));
-            }
-            if Instant::now() >= deadline {
-                return Err(TlsFailure::Timeout);
-            }
-            while conn.wants_write() {
-                match conn.write_tls(&mut &tcp) {
-                    Ok(_) => {}
-                    Err(e) if is_timeout(&e) => break,
-                    Err(e) => return Err(TlsFailure::Io(e)),
-                }
-            }
+            flush_handshake(&mut conn, &tcp, deadline)?;
             if !conn.is_handshaking() {
                 break;
             }
-            if !conn.wants_read() {
-                continue;
-            }
-            let mut buf = [0u8; 16 << 10];
-            let n = match (&tcp).read(&mut buf) {
-                Ok(0) => {
-                    return Err(TlsFailure::Io(io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the TLS handshake",
-                    )))
-                }
-                Ok(n) => n,
-                Err(e) if is_timeout(&e) => continue,
-                Err(e) => return Err(TlsFailure::Io(e)),
-            };
+            fill(&tcp, &mut pending, HEADER, deadline, stop)?;
             // A TLS record starts with its content type (20..=23).
-            if first && !(20..=23).contains(&buf[0]) {
-                return Err(TlsFailure::NotTls(buf[..n].to_vec()));
+            if first && !(20..=23).contains(&pending[0]) {
+                return Err(TlsFailure::NotTls(pending));
             }
             first = false;
-            let mut rd = &buf[..n];
+            let len = HEADER + u16::from_be_bytes([pending[3], pending[4]]) as usize;
+            if len > MAX_HANDSHAKE_RECORD {
+                return Err(TlsFailure::Refused(format!(
+                    "TLS handshake record of {len} bytes is too large"
+                )));
+            }
+            fill(&tcp, &mut pending, len, deadline, stop)?;
+            let mut rd = &pending[..len];
             while !rd.is_empty() {
                 if let Err(e) = conn.read_tls(&mut rd) {
                     return Err(TlsFailure::Io(e));
@@ -158,21 +218,41 @@ impl Channel {
                     return Err(TlsFailure::Refused(tls::describe(&e, client)));
                 }
             }
+            pending.drain(..len);
         }
-        // Flush the last handshake flight (the client's Finished).
-        while conn.wants_write() {
-            match conn.write_tls(&mut &tcp) {
-                Ok(_) => {}
-                Err(e) if is_timeout(&e) && Instant::now() < deadline => {}
-                Err(e) => return Err(TlsFailure::Io(e)),
-            }
-        }
+        flush_handshake(&mut conn, &tcp, deadline)?;
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec());
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(|e| TlsFailure::Refused(format!("taking over the TLS session: {e}")))?;
+        let keys = |(seq, s)| {
+            Keys::new(seq, s).map_err(|e| TlsFailure::Refused(e.to_string()))
+        };
+        let (tx, rx) = (keys(secrets.tx)?, keys(secrets.rx)?);
+        let end = pending.len();
+        pending.resize(RX_BUFFER.max(end), 0);
         Ok(Channel {
             tcp,
             tls: Some(Tls {
                 client,
-                conn: Mutex::new(conn),
-                rx: Mutex::new(RxBuf::default()),
+                leaf,
+                tx: Mutex::new(Tx {
+                    keys: tx,
+                    buf: Vec::with_capacity(TX_HIGH + record::MAX_RECORD),
+                    off: 0,
+                }),
+                rx: Mutex::new(Rx {
+                    keys: rx,
+                    buf: pending,
+                    start: 0,
+                    end,
+                    plain: 0..0,
+                    eof: false,
+                    closed: false,
+                }),
             }),
         })
     }
@@ -189,91 +269,107 @@ impl Channel {
 
     /// The DER of the peer's verified leaf certificate (TLS only).
     pub fn peer_leaf(&self) -> Option<Vec<u8>> {
-        let t = self.tls.as_ref()?;
-        let c = lock(&t.conn);
-        c.peer_certificates()
-            .and_then(|certs| certs.first())
-            .map(|c| c.as_ref().to_vec())
+        self.tls.as_ref()?.leaf.clone()
     }
 
     /// Reads up to `buf.len()` bytes: `Ok(0)` at end of stream, a timeout
     /// error after one poll interval without data.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(t) = &self.tls else {
+        if self.tls.is_none() {
             return (&self.tcp).read(buf);
+        }
+        self.read_with(|p| {
+            let n = p.len().min(buf.len());
+            buf[..n].copy_from_slice(&p[..n]);
+            n
+        })
+    }
+
+    /// TLS only: lends the next plaintext bytes to `take`, which returns
+    /// how many it consumed. `Ok(0)` at end of stream, a timeout error
+    /// after one poll interval without data. (On a plain channel it reads
+    /// nothing: use [`Channel::read`] or `readv`.)
+    pub fn read_with(&self, take: impl FnOnce(&[u8]) -> usize) -> io::Result<usize> {
+        let Some(t) = &self.tls else {
+            return Ok(0);
         };
         let mut rx = lock(&t.rx);
+        let rx = &mut *rx;
         loop {
-            {
-                let mut c = lock(&t.conn);
-                // Hand buffered ciphertext to rustls while it takes it.
-                while !rx.pending().is_empty() {
-                    let mut rd = rx.pending();
-                    let before = rd.len();
-                    match c.read_tls(&mut rd) {
-                        Ok(_) => {}
-                        // Its plaintext buffer is full: drain it first.
-                        Err(_) => break,
+            if !rx.plain.is_empty() {
+                let n = take(&rx.buf[rx.plain.clone()]).min(rx.plain.len());
+                rx.plain.start += n;
+                return Ok(n);
+            }
+            if rx.closed {
+                return Ok(0);
+            }
+            let have = rx.end - rx.start;
+            if have >= HEADER {
+                let hdr: [u8; HEADER] = rx.buf[rx.start..rx.start + HEADER]
+                    .try_into()
+                    .map_err(|_| io::Error::other("record header"))?;
+                let len = record::record_len(&hdr)?;
+                if have >= len {
+                    let at = rx.start;
+                    let (ct, r) = rx.keys.open(&mut rx.buf[at..at + len])?;
+                    rx.start += len;
+                    let r = at + r.start..at + r.end;
+                    match ct {
+                        APPLICATION_DATA => rx.plain = r,
+                        ALERT => {
+                            let a = &rx.buf[r];
+                            if a.get(1) == Some(&0) {
+                                rx.closed = true; // close_notify
+                                return Ok(0);
+                            }
+                            let d = rustls::AlertDescription::from(a.get(1).copied().unwrap_or(0));
+                            return Err(tls_io(tls::describe(
+                                &rustls::Error::AlertReceived(d),
+                                t.client,
+                            )));
+                        }
+                        HANDSHAKE => {
+                            return Err(tls_io(
+                                "the peer sent a TLS handshake message after the handshake \
+                                 (key updates and tickets are not used)"
+                                    .into(),
+                            ))
+                        }
+                        other => {
+                            return Err(tls_io(format!("unexpected TLS content type {other}")))
+                        }
                     }
-                    let used = before - rd.len();
-                    rx.start += used;
-                    c.process_new_packets().map_err(|e| {
-                        io::Error::new(
-                            ErrorKind::InvalidData,
-                            TlsError(tls::describe(&e, t.client)),
-                        )
-                    })?;
-                    if used == 0 {
-                        break;
-                    }
-                }
-                if rx.eof && rx.pending().is_empty() {
-                    let mut empty: &[u8] = &[];
-                    let _ = c.read_tls(&mut empty);
-                }
-                match c.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    // No close_notify before the TCP close: treat it as the
-                    // end of the stream, as on a plain connection (frames
-                    // are length-delimited, and a cut stream fails there).
-                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
-                    Err(e) => return Err(e),
-                }
-                if c.wants_write() {
-                    let _ = c.write_tls(&mut &self.tcp);
+                    continue;
                 }
             }
             if rx.eof {
-                return Ok(0);
+                return if have == 0 {
+                    Ok(0)
+                } else {
+                    Err(tls_io("the connection ended inside a TLS record".into()))
+                };
             }
-            // Need more ciphertext: read without holding the session.
-            rx.buf.resize(RX_CHUNK, 0);
-            rx.start = RX_CHUNK;
-            let r = (&self.tcp).read(&mut rx.buf);
-            match r {
-                Ok(0) => {
-                    rx.buf.clear();
-                    rx.start = 0;
-                    rx.eof = true;
-                }
-                Ok(n) => {
-                    rx.buf.truncate(n);
-                    rx.start = 0;
-                }
-                Err(e) => {
-                    rx.buf.clear();
-                    rx.start = 0;
-                    return Err(e);
-                }
+            // Need more bytes: keep the partial record at the front.
+            if rx.start > 0 {
+                rx.buf.copy_within(rx.start..rx.end, 0);
+                rx.end -= rx.start;
+                rx.start = 0;
+                rx.plain = 0..0;
+            }
+            let end = rx.end;
+            match (&self.tcp).read(&mut rx.buf[end..]) {
+                Ok(0) => rx.eof = true,
+                Ok(n) => rx.end += n,
+                Err(e) => return Err(e),
             }
         }
     }
 
     /// Accepts some of `buf` for sending: plain TCP writes it (a timeout
-    /// error when nothing moved in one poll interval); TLS encrypts as much
-    /// as its buffer takes and pushes ciphertext out. `Ok(0)` only for an
-    /// empty `buf`.
+    /// error when nothing moved in one poll interval); TLS seals as much as
+    /// its queue takes into records and pushes them out. `Ok(0)` only for
+    /// an empty `buf`.
     pub fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
         let Some(t) = &self.tls else {
             return match (&self.tcp).write(buf) {
@@ -281,41 +377,52 @@ impl Channel {
                 r => r,
             };
         };
-        let mut c = lock(&t.conn);
-        let n = c.writer().write(buf)?;
-        // Push out what is queued; a full socket ends this round.
-        let pushed = Self::push(&mut c, &self.tcp);
-        match (n, pushed) {
-            (0, Err(e)) if !buf.is_empty() => Err(e),
-            (0, Ok(())) if !buf.is_empty() => Err(ErrorKind::WouldBlock.into()),
-            (_, Err(e)) if !is_timeout(&e) => Err(e),
-            (n, _) => Ok(n),
+        let mut tx = lock(&t.tx);
+        let mut n = 0;
+        while n < buf.len() && tx.buf.len() - tx.off < TX_HIGH {
+            let take = (buf.len() - n).min(record::MAX_PLAINTEXT);
+            let start = tx.buf.len();
+            tx.buf.resize(start + HEADER, 0);
+            tx.buf.extend_from_slice(&buf[n..n + take]);
+            let Tx { keys, buf: out, .. } = &mut *tx;
+            keys.seal(out, start, APPLICATION_DATA)?;
+            n += take;
         }
+        match Self::push(&mut tx, &self.tcp) {
+            Ok(()) => {}
+            Err(e) if is_timeout(&e) && n > 0 => {}
+            Err(e) => return Err(e),
+        }
+        if n == 0 && !buf.is_empty() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
     }
 
-    /// Pushes buffered ciphertext out: `Ok(true)` when nothing is left
-    /// (always for plain TCP), `Ok(false)` or a timeout error when the
-    /// socket is full.
+    /// Pushes sealed records out: `Ok(true)` when nothing is left (always
+    /// for plain TCP), `Ok(false)` when the socket is full.
     pub fn flush_some(&self) -> io::Result<bool> {
         let Some(t) = &self.tls else {
             return Ok(true);
         };
-        let mut c = lock(&t.conn);
-        match Self::push(&mut c, &self.tcp) {
-            Ok(()) => Ok(!c.wants_write()),
+        let mut tx = lock(&t.tx);
+        match Self::push(&mut tx, &self.tcp) {
+            Ok(()) => Ok(true),
             Err(e) if is_timeout(&e) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    fn push(c: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> {
-        while c.wants_write() {
-            match c.write_tls(&mut &*tcp) {
+    fn push(tx: &mut Tx, tcp: &TcpStream) -> io::Result<()> {
+        while tx.off < tx.buf.len() {
+            match (&*tcp).write(&tx.buf[tx.off..]) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(_) => {}
+                Ok(n) => tx.off += n,
                 Err(e) => return Err(e),
             }
         }
+        tx.buf.clear();
+        tx.off = 0;
         Ok(())
     }
 
@@ -323,9 +430,14 @@ impl Channel {
     /// effort) and shuts down the TCP write side.
     pub fn close_write(&self) {
         if let Some(t) = &self.tls {
-            let mut c = lock(&t.conn);
-            c.send_close_notify();
-            let _ = Self::push(&mut c, &self.tcp);
+            let mut tx = lock(&t.tx);
+            let start = tx.buf.len();
+            tx.buf.resize(start + HEADER, 0);
+            tx.buf.extend_from_slice(&[1, 0]); // warning, close_notify
+            let Tx { keys, buf: out, .. } = &mut *tx;
+            if keys.seal(out, start, ALERT).is_ok() {
+                let _ = Self::push(&mut tx, &self.tcp);
+            }
         }
         let _ = self.tcp.shutdown(std::net::Shutdown::Write);
     }

@@ -212,21 +212,32 @@ fn write_vecs_tls(
     })
 }
 
-/// [`read_vecs`] over TLS: plaintext lands in a bounce buffer first.
+/// [`read_vecs`] over TLS: each record's plaintext is copied from where
+/// it was opened straight into the scatter list.
 fn read_vecs_tls(
     s: &Channel,
     v: &mut IoVecs<'_, Scatter>,
     ctl: &Ctl,
     what: &str,
 ) -> Result<(), MigrationError> {
-    with_bounce(|b| {
-        while !v.is_empty() {
-            let n = v.pending_len().min(b.len());
-            read_full(s, &mut b[..n], ctl, what)?;
-            v.copy_in(&b[..n]);
+    let mut last = Instant::now();
+    while !v.is_empty() {
+        ctl.check()?;
+        match s.read_with(|p| v.copy_in(p)) {
+            Ok(0) => return Err(MigrationError::PeerClosed(what.to_string())),
+            Ok(_) => last = Instant::now(),
+            Err(e) if is_timeout(&e) => {
+                if last.elapsed() > ctl.stall {
+                    return Err(MigrationError::Stalled(format!(
+                        "no progress for {:?} {what}",
+                        ctl.stall
+                    )));
+                }
+            }
+            Err(e) => return Err(MigrationError::io(what, e)),
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// Moves every byte of `v` with `writev` (`write`) or `readv`, advancing

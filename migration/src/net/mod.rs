@@ -10,6 +10,7 @@
 //! * `conn`: the main connection ([`MainConn`]) and its keepalive thread.
 
 mod channel;
+mod record;
 mod conn;
 mod ctl;
 mod io;
