@@ -18,6 +18,7 @@ use super::lock;
 use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
 use crate::api::CancelToken;
 use crate::error::MigrationError;
+use crate::guest_mem::{Gather, IoVecs};
 use crate::tls;
 
 /// Receive buffer of a TLS channel (whole records are opened in it).
@@ -228,9 +229,7 @@ impl Channel {
         let secrets = conn
             .dangerous_extract_secrets()
             .map_err(|e| TlsFailure::Refused(format!("taking over the TLS session: {e}")))?;
-        let keys = |(seq, s)| {
-            Keys::new(seq, s).map_err(|e| TlsFailure::Refused(e.to_string()))
-        };
+        let keys = |(seq, s)| Keys::new(seq, s).map_err(|e| TlsFailure::Refused(e.to_string()));
         let (tx, rx) = (keys(secrets.tx)?, keys(secrets.rx)?);
         let end = pending.len();
         pending.resize(RX_BUFFER.max(end), 0);
@@ -394,6 +393,38 @@ impl Channel {
             Err(e) => return Err(e),
         }
         if n == 0 && !buf.is_empty() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// TLS only: seals the next bytes of the gather list `v` into records,
+    /// copying them from their place (guest memory) straight into the send
+    /// queue, as far as the queue takes them, and pushes records out.
+    /// Returns the bytes taken from `v`; a timeout error when none could
+    /// be taken in one poll interval. (On a plain channel it takes
+    /// nothing: use `writev`.)
+    pub fn write_vecs_some(&self, v: &mut IoVecs<'_, Gather>) -> io::Result<usize> {
+        let Some(t) = &self.tls else {
+            return Ok(0);
+        };
+        let mut tx = lock(&t.tx);
+        let mut n = 0;
+        while !v.is_empty() && tx.buf.len() - tx.off < TX_HIGH {
+            let start = tx.buf.len();
+            tx.buf.resize(start + HEADER + record::MAX_PLAINTEXT, 0);
+            let got = v.copy_out(&mut tx.buf[start + HEADER..]);
+            tx.buf.truncate(start + HEADER + got);
+            let Tx { keys, buf: out, .. } = &mut *tx;
+            keys.seal(out, start, APPLICATION_DATA)?;
+            n += got;
+        }
+        match Self::push(&mut tx, &self.tcp) {
+            Ok(()) => {}
+            Err(e) if is_timeout(&e) && n > 0 => {}
+            Err(e) => return Err(e),
+        }
+        if n == 0 && !v.is_empty() {
             return Err(ErrorKind::WouldBlock.into());
         }
         Ok(n)

@@ -177,39 +177,45 @@ pub fn write_full(s: &Channel, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), 
     Ok(())
 }
 
-/// Size of the per-thread buffer that vectored transfers pass through when
-/// TLS is on (the cipher needs the bytes in one place).
-const TLS_BOUNCE: usize = 256 << 10;
-
-thread_local! {
-    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's bounce buffer of [`TLS_BOUNCE`] bytes.
-fn with_bounce<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    BOUNCE.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < TLS_BOUNCE {
-            b.resize(TLS_BOUNCE, 0);
-        }
-        f(&mut b[..])
-    })
-}
-
-/// [`write_vecs`] over TLS: the cipher reads a bounce buffer.
+/// [`write_vecs`] over TLS: the bytes are sealed from where they lie into
+/// the channel's send queue, then flushed.
 fn write_vecs_tls(
     s: &Channel,
     v: &mut IoVecs<'_, Gather>,
     ctl: &Ctl,
     what: &str,
 ) -> Result<(), MigrationError> {
-    with_bounce(|b| {
-        while !v.is_empty() {
-            let n = v.copy_out(b);
-            write_full(s, &b[..n], ctl, what)?;
+    let mut last = Instant::now();
+    let stalled = |last: Instant| {
+        if ctl.write_stalled(last) {
+            Err(MigrationError::Stalled(format!(
+                "cannot write for {:?} {what}",
+                ctl.stall
+            )))
+        } else {
+            Ok(())
         }
-        Ok(())
-    })
+    };
+    while !v.is_empty() {
+        ctl.check()?;
+        match s.write_vecs_some(v) {
+            Ok(_) => last = Instant::now(),
+            Err(e) if is_timeout(&e) => stalled(last)?,
+            Err(e) if e.kind() == ErrorKind::WriteZero => {
+                return Err(MigrationError::PeerClosed(what.to_string()))
+            }
+            Err(e) => return Err(MigrationError::io(what, e)),
+        }
+    }
+    loop {
+        ctl.check()?;
+        match s.flush_some() {
+            Ok(true) => return Ok(()),
+            Ok(false) => stalled(last)?,
+            Err(e) if is_timeout(&e) => stalled(last)?,
+            Err(e) => return Err(MigrationError::io(what, e)),
+        }
+    }
 }
 
 /// [`read_vecs`] over TLS: each record's plaintext is copied from where

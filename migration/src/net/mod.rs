@@ -10,10 +10,10 @@
 //! * `conn`: the main connection ([`MainConn`]) and its keepalive thread.
 
 mod channel;
-mod record;
 mod conn;
 mod ctl;
 mod io;
+mod record;
 
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};

@@ -54,7 +54,9 @@ pub enum RecordError {
     #[error("malformed TLS record: {0}")]
     Malformed(String),
     /// The confidentiality limit of the key was reached.
-    #[error("TLS key used for {MAX_RECORDS} records, its confidentiality limit: use more connections")]
+    #[error(
+        "TLS key used for {MAX_RECORDS} records, its confidentiality limit: use more connections"
+    )]
     Exhausted,
 }
 
@@ -194,13 +196,19 @@ mod tests {
         let mut rec = vec![0u8; HEADER];
         rec.extend_from_slice(b"ferry migrates");
         tx.seal(&mut rec, 0, APPLICATION_DATA).unwrap();
-        assert_eq!(record_len(rec[..HEADER].try_into().unwrap()).unwrap(), rec.len());
+        assert_eq!(
+            record_len(rec[..HEADER].try_into().unwrap()).unwrap(),
+            rec.len()
+        );
         let mut copy = rec.clone();
         let (ct, r) = rx.open(&mut copy).unwrap();
         assert_eq!(ct, APPLICATION_DATA);
         assert_eq!(&copy[r], b"ferry migrates");
         // The next record uses the next nonce: replaying the first fails.
-        assert!(matches!(rx.open(&mut rec.clone()), Err(RecordError::BadRecord)));
+        assert!(matches!(
+            rx.open(&mut rec.clone()),
+            Err(RecordError::BadRecord)
+        ));
         let (mut tx, mut rx) = pair();
         let mut rec = vec![0u8; HEADER];
         rec.extend_from_slice(b"abc");
