@@ -176,6 +176,8 @@ impl DestinationFactory for DestFactory {
             migrated_in: true,
         };
         let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(be)?;
+        cfg.check_msrs(&vm.spec.msr_list)
+            .map_err(BackendError::new)?;
         vm.caps()
             .can_restore(&cfg.caps)
             .map_err(|e| BackendError::new(format!("incompatible vCPU state: {e}")))?;

@@ -29,6 +29,8 @@ pub const CONFIG_VERSION: u32 = 2;
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 /// Most CPUID entries accepted from a source (KVM lists at most 80 today).
 pub const MAX_CPUID_ENTRIES: usize = 256;
+/// Most MSR indices accepted from a source.
+pub const MAX_MSRS: usize = 4096;
 /// Most devices accepted from a source (also the SETUP bound).
 pub const MAX_DEVICES: usize = 256;
 
@@ -109,6 +111,8 @@ pub struct MigrationConfig {
     pub devices: Vec<GuestDevice>,
     /// Optional vCPU state included in the saved state.
     pub caps: HostCaps,
+    /// The MSRs the saved state holds for each vCPU.
+    pub msrs: Vec<u32>,
 }
 
 /// How much guest memory a destination accepts.
@@ -204,6 +208,7 @@ impl MigrationConfig {
             cpuid: vm.cpuid().iter().map(CpuidEntry::from).collect(),
             devices: vm.devices().guest_devices(),
             caps: vm.caps().clone(),
+            msrs: vm.spec.msr_list.clone(),
         }
     }
 
@@ -262,6 +267,9 @@ impl MigrationConfig {
                 cfg.cpuid.len()
             ));
         }
+        if cfg.msrs.len() > MAX_MSRS {
+            return Err(format!("{} MSRs (at most {MAX_MSRS})", cfg.msrs.len()));
+        }
         if cfg.devices.len() > MAX_DEVICES {
             return Err(format!(
                 "{} devices (at most {MAX_DEVICES})",
@@ -270,6 +278,33 @@ impl MigrationConfig {
         }
         let devices = match_declared(&cfg.devices, &policy.devices)?;
         Ok(Accepted { cfg, devices })
+    }
+
+    /// Checks that this host can restore every MSR the guest's state holds:
+    /// each is one this host saves too (`restorable`, probed on a fresh
+    /// vCPU) or on the ignore list (`crate::state::MSR_RESTORE_IGNORE`).
+    /// Run before any RAM moves; the restore itself still fails on any
+    /// MSR that KVM refuses.
+    pub fn check_msrs(&self, restorable: &[u32]) -> Result<(), String> {
+        let ignored = |i: u32| {
+            crate::state::MSR_RESTORE_IGNORE
+                .iter()
+                .any(|(x, _)| *x == i)
+        };
+        let missing: Vec<String> = self
+            .msrs
+            .iter()
+            .filter(|&&i| !restorable.contains(&i) && !ignored(i))
+            .take(16)
+            .map(|i| format!("{i:#x}"))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the guest's state holds MSRs this host cannot restore: {}",
+            missing.join(", ")
+        ))
     }
 
     /// Checks that `host` (the CPUID this host gives vCPU 0, see
@@ -307,6 +342,7 @@ mod tests {
             cpuid: vec![],
             devices: vec![],
             caps: HostCaps::default(),
+            msrs: vec![0x10, 0x8b],
         }
     }
 
@@ -468,6 +504,15 @@ mod tests {
         let mut d = c.clone();
         d.devices[0].id = "../../etc/passwd".into();
         assert!(check(&d, &p).unwrap_err().contains("invalid device id"));
+    }
+
+    #[test]
+    fn msrs_this_host_cannot_restore_refuse() {
+        let c = cfg(512 << 20);
+        // 0x8b is on the ignore list.
+        assert!(c.check_msrs(&[0x10]).is_ok());
+        let e = c.check_msrs(&[0x8b]).unwrap_err();
+        assert!(e.contains("0x10"), "{e}");
     }
 
     #[test]
