@@ -98,12 +98,14 @@ pub(crate) fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error)
     move |source| VmError::Kvm { what, source }
 }
 
-/// Boot information kept for `vm.info` (and carried by migrations).
+/// Boot information kept for `vm.info`.
 ///
-/// Invariant: descriptive only; never used to re-boot a migrated VM.
+/// Invariant: descriptive only; never used to re-boot a migrated VM, and
+/// never sent to another host (a migration carries the guest, not its
+/// host's files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDescription {
-    /// What was booted (on the original source).
+    /// What this VMM booted; `None` for a VM it received.
     pub boot: Option<BootConfig>,
     /// Serial console setting in effect.
     pub serial: SerialConfig,
