@@ -143,7 +143,9 @@ fn crafted_configurations_touching_host_resources_are_refused() {
     let _g = serial_guard();
     let mut src = Vmm::boot("src", GUEST, &["--sim-vfio", "id=mine,state=1M"]);
     src.wait_pass(1);
-    let dst = Vmm::destination("dst", &["--sim-vfio", "id=mine,state=1M"]);
+    // Started without --serial: the peer used to choose the serial file.
+    let dst = Vmm::spawn_serial_default("dst", &["--sim-vfio", "id=mine,state=1M"]);
+    dst.wait_api();
     let port = free_tcp_port();
     let recv = start_receive(&dst, port);
     let evil = TempDir::new("evil");
@@ -291,7 +293,8 @@ fn crafted_configurations_touching_host_resources_are_refused() {
     }
 
     // The armed receive then takes the real migration; the guest writes to
-    // the destination's own serial file.
+    // the destination's own serial output (its default, stdout), not to
+    // the source's file.
     start_send(&src, send_params(port, 2));
     finish_migration(&mut src, &dst, Some(recv)).check_completed();
     check_guest_moved(&[&src.serial], &dst);
