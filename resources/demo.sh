@@ -72,8 +72,8 @@ SRC_PID=$!
 wait_for "$SRC_LOG" "stamp: pass 2 ok" 120
 tail -n 3 "$SRC_LOG" | sed 's/^/   source serial | /'
 
-echo "== destination: an empty VMM waiting for a migration on tcp:127.0.0.1:$PORT"
-"$FERRY" --api-socket "$DST_SOCK" --serial "file=$DST_LOG" &
+echo "== destination: an empty VMM (its own 512 MiB of RAM and serial log) waiting for a migration on tcp:127.0.0.1:$PORT"
+"$FERRY" --api-socket "$DST_SOCK" --serial "file=$DST_LOG" --memory size=512M &
 DST_PID=$!
 for _ in $(seq 50); do [[ -S $DST_SOCK ]] && break; sleep 0.1; done
 "$REMOTE" --api-socket "$DST_SOCK" receive-migration "tcp:127.0.0.1:$PORT" \

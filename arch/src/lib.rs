@@ -12,6 +12,9 @@
 //! 3. [`configure_system`] (returns the boot-info address);
 //! 4. per vCPU: [`cpuid::filter_cpuid`], [`msr::boot_msr_entries`],
 //!    [`regs::setup_fpu`], [`regs::setup_regs`], [`regs::setup_sregs`].
+//!
+//! A migration destination first checks the incoming guest's CPUID against
+//! its own with [`cpuid_compat::missing_features`].
 #![cfg(target_arch = "x86_64")]
 #![deny(missing_docs)]
 
@@ -19,6 +22,7 @@ pub mod acpi;
 mod boot;
 mod bytes;
 pub mod cpuid;
+pub mod cpuid_compat;
 pub mod e820;
 pub mod gdt;
 pub mod layout;

@@ -4,8 +4,8 @@ say "== source: booting Debian Linux under ferry (256 MiB, 1 vCPU)"
 boot_vm src "" --memory size=256M
 wait_tick src 3 180 || fail "the guest did not boot"
 grep -E '^l2: (ready|tick)' /tmp/src.log | sed 's/^/l1:    source serial | /'
-say "== destination: an empty VMM waiting on tcp:127.0.0.1:6000"
-start_vm dst
+say "== destination: an empty VMM (its own 256 MiB of RAM and serial log) waiting on tcp:127.0.0.1:6000"
+start_vm dst --memory size=256M
 say "== migrating with 4 connections"
 remote dst receive-migration tcp:127.0.0.1:6000 --no-tls >/dev/null || fail "receive-migration"
 remote src send-migration tcp:127.0.0.1:6000 --no-tls --connections 4 --wait 2>&1 | sed 's/^/l1:    /'

@@ -222,13 +222,24 @@ pub fn finish_migration(
 }
 
 /// Boots the stamp guest with `cmdline` and `src_args` on a source VMM
-/// named `src`, waits until it completed pass `passes`, and starts an empty
-/// destination VMM named `dst`: the start of most migration tests.
+/// named `src`, waits until it completed pass `passes`, and starts a
+/// destination VMM named `dst` without a VM that declares the source's
+/// devices ([`device_args`]): the start of most migration tests.
 pub fn start_pair(cmdline: &str, src_args: &[&str], passes: u64) -> (Vmm, Vmm) {
     let src = Vmm::boot("src", cmdline, src_args);
     src.wait_pass(passes);
-    let dst = Vmm::destination("dst", &[]);
+    let dst = Vmm::destination("dst", &device_args(src_args));
     (src, dst)
+}
+
+/// The device declarations among `args` (each `--sim-vfio X` and
+/// `--vfio X` pair): what a destination must declare to receive a VM
+/// started with `args`, since it accepts only the devices it declares.
+pub fn device_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == "--sim-vfio" || w[0] == "--vfio")
+        .flat_map(|w| [w[0], w[1]])
+        .collect()
 }
 
 impl Migration {

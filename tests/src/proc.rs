@@ -95,15 +95,28 @@ impl Vmm {
     /// Spawns `ferry` with `args`, adding `--api-socket <dir>/api.sock` and
     /// `--serial file=<dir>/serial.log` unless `args` has them. Does not wait.
     pub fn spawn(name: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_inner(name, args, true)
+    }
+
+    /// Like [`Vmm::spawn`] without adding `--serial`: the guest's serial
+    /// output is ferry's default, its stdout (`stdout.log`, which
+    /// [`Vmm::serial`] then reads).
+    pub fn spawn_serial_default(name: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_inner(name, args, false)
+    }
+
+    fn spawn_inner(name: &str, args: &[&str], add_serial: bool) -> Vmm {
         let dir = TempDir::new(name);
         let sock = dir.join("api.sock");
-        let serial = dir.join("serial.log");
+        let mut serial = dir.join("serial.log");
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if !args.contains(&"--api-socket") {
             full.push("--api-socket".into());
             full.push(sock.display().to_string());
         }
-        if !args.contains(&"--serial") {
+        if !add_serial {
+            serial = dir.join("stdout.log");
+        } else if !args.contains(&"--serial") {
             full.push("--serial".into());
             full.push(format!("file={}", serial.display()));
         }

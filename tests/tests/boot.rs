@@ -618,6 +618,22 @@ bad_input!(
         "S"
     ]
 );
+// A destination's declared devices are checked at start too.
+bad_input!(
+    bad_declared_sim_vfio,
+    ["--sim-vfio", "id=d0,state=lots", "--api-socket", "S"]
+);
+bad_input!(
+    duplicate_declared_device,
+    [
+        "--sim-vfio",
+        "id=d0,state=1M",
+        "--sim-vfio",
+        "id=d0,state=2M",
+        "--api-socket",
+        "S"
+    ]
+);
 
 #[test]
 fn bad_memory_file_missing() {

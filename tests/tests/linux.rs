@@ -159,7 +159,7 @@ fn migrate_script(conns: u32, boot_args: &str, boot_wait_s: u32) -> String {
         r#"
 boot_vm src "" {L2_MEM} {boot_args}
 wait_tick src 3 {boot_wait_s} || fail "boot"
-start_vm dst
+start_vm dst {L2_MEM}
 migrate src dst 6000 {conns} || fail "migration"
 t=$(last_tick src)
 wait_tick dst $((t + 4)) 60 || fail "no ticks on dst"
@@ -187,11 +187,11 @@ fn linux_live_migration_back_and_forth_four_connections() {
             r#"
 boot_vm a "" {L2_MEM}
 wait_tick a 3 180 || fail "boot"
-start_vm b
+start_vm b {L2_MEM}
 migrate a b 6000 4 || fail "a -> b"
 t=$(last_tick a)
 wait_tick b $((t + 3)) 60 || fail "no ticks on b"
-start_vm c
+start_vm c {L2_MEM}
 migrate b c 6001 4 || fail "b -> c"
 t=$(last_tick b)
 wait_tick c $((t + 3)) 60 || fail "no ticks on c"
@@ -232,7 +232,7 @@ boot_vm src "" {L2_MEM}
 wait_tick src 3 180 || fail "boot"
 remote src pause >/dev/null || fail "pause"
 t=$(last_tick src)
-start_vm dst
+start_vm dst {L2_MEM}
 migrate src dst 6000 4 || fail "migration"
 say "dst state $(vm_state dst)"
 sleep 4
@@ -261,7 +261,7 @@ fn linux_cancelled_migration_leaves_the_guest_on_the_source() {
             r#"
 boot_vm src "l2.data=64" {L2_MEM}
 wait_tick src 2 180 || fail "boot"
-start_vm dst
+start_vm dst {L2_MEM}
 remote dst receive-migration tcp:127.0.0.1:6000 --no-tls >/dev/null || fail "receive"
 remote src send-migration tcp:127.0.0.1:6000 --no-tls --connections 2 --max-bandwidth-mbps 4 >/dev/null || fail "send"
 i=0

@@ -15,6 +15,7 @@ pub const LEGACY_XSAVE_SIZE: usize = 4096;
 /// Invariant: a field is true (or `Some`) only if the matching KVM call
 /// succeeded on a fresh vCPU of this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostCaps {
     /// KVM_GET/SET_XSAVE; `xsave_size` bytes (> 4096 means KVM_GET_XSAVE2).
     pub xsave: bool,

@@ -47,6 +47,7 @@ pub struct Cli {
     #[arg(long, value_name = "boot=N")]
     pub cpus: Option<String>,
     /// Guest memory: `size=SIZE[,shared=on][,file=PATH][,prefault=on]` (default 512M).
+    /// Without --kernel: the size and backing of an incoming VM's memory.
     #[arg(long, value_name = "size=SIZE[,..]")]
     pub memory: Option<String>,
     /// Serial console (COM1): `tty`, `off` or `file=PATH` (default tty).
@@ -55,10 +56,11 @@ pub struct Cli {
     /// UNIX socket of the HTTP API.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Simulated VFIO device with migratable state (repeatable).
+    /// Simulated VFIO device with migratable state (repeatable). Without
+    /// --kernel: a device this VMM accepts from an incoming migration.
     #[arg(long, value_name = "id=..,state=..")]
     pub sim_vfio: Vec<String>,
-    /// Kernel VFIO device (repeatable).
+    /// Kernel VFIO device (repeatable; like --sim-vfio without --kernel).
     #[arg(long, value_name = "path=..")]
     pub vfio: Vec<String>,
 }
@@ -185,16 +187,18 @@ pub struct VmmConfig {
     pub cpus: u8,
     /// Guest memory.
     pub memory: MemoryConfig,
-    /// Whether `--memory` was given (a destination then checks the received size).
+    /// Whether `--memory` was given (a destination then accepts only a
+    /// guest of exactly that size, in that backing).
     pub memory_explicit: bool,
-    /// Serial console; `None` when not given (tty for a booted VM, the
-    /// source's choice for a received one).
+    /// Serial console; `None` when not given (tty, for a booted or a
+    /// received VM alike).
     pub serial: Option<SerialConfig>,
     /// API socket path.
     pub api_socket: Option<PathBuf>,
-    /// Raw `--sim-vfio` arguments, in order.
+    /// Raw `--sim-vfio` arguments, in order: the VM's devices, or on a
+    /// VMM without `--kernel` the devices it accepts from an incoming VM.
     pub sim_vfio: Vec<String>,
-    /// Raw `--vfio` arguments, in order.
+    /// Raw `--vfio` arguments, in order (like `sim_vfio`).
     pub vfio: Vec<String>,
 }
 
@@ -462,12 +466,6 @@ impl VmmConfig {
                 if cli.cpus.is_some() {
                     extra.push("--cpus");
                 }
-                if !cli.sim_vfio.is_empty() {
-                    extra.push("--sim-vfio");
-                }
-                if !cli.vfio.is_empty() {
-                    extra.push("--vfio");
-                }
                 if !extra.is_empty() {
                     return Err(ConfigError::Conflict(format!(
                         "{} requires --kernel",
@@ -663,6 +661,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.sim_vfio, vec!["id=a", "id=b"]);
+        // A destination declares the devices it accepts, without --kernel.
+        let c = VmmConfig::parse(
+            &cli(&[
+                "--api-socket",
+                "s",
+                "--sim-vfio",
+                "id=a,state=1M",
+                "--vfio",
+                "path=/sys/bus/pci/devices/0000:00:01.0",
+                "--serial",
+                "off",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(c.boot.is_none());
+        assert_eq!((c.sim_vfio.len(), c.vfio.len()), (1, 1));
+        assert!(VmmConfig::parse(&cli(&["--sim-vfio", "id=a,state=1M"]).unwrap()).is_err());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Devices with migratable (VFIO-v2-shaped) state: `--sim-vfio` and
-//! `--vfio`, in command-line order (sim-vfio first, then vfio).
+//! `--vfio`, in command-line order (sim-vfio first, then vfio) on a source;
+//! on a migration destination, the devices it declared, paired by id with
+//! those of the incoming VM ([`match_declared`]).
 
 use std::sync::Arc;
 
 use devices::sim_vfio::{parse_sim_vfio_arg, SimVfioDevice};
-use devices::vfio::{parse_vfio_arg, KernelVfioDevice};
+use devices::vfio::{parse_vfio_arg, validate_id, KernelVfioDevice};
 use migration::MigratableDevice;
 use serde::{Deserialize, Serialize};
 
@@ -30,12 +32,12 @@ pub enum DeviceError {
     Create(#[source] devices::Error),
 }
 
-/// How a device was configured (carried in the migration config so that the
-/// destination builds the same devices).
+/// How a device was configured on this host's command line.
 ///
-/// Invariant: `arg` parsed successfully on the side that produced it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// Invariant: `arg` parsed successfully; it names host resources (paths,
+/// sizes, rates, fault injection) and never leaves this host: a migration
+/// carries only [`DeviceSpec::guest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// `--sim-vfio ARG`.
     SimVfio {
@@ -55,6 +57,45 @@ pub enum DeviceSpec {
     },
 }
 
+/// The kind of a migratable device, as the migration stream names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// A simulated VFIO device (`--sim-vfio`).
+    SimVfio,
+    /// A kernel VFIO device (`--vfio`).
+    Vfio,
+}
+
+impl DeviceKind {
+    /// The command-line flag that declares a device of this kind.
+    pub fn flag(self) -> &'static str {
+        match self {
+            DeviceKind::SimVfio => "--sim-vfio",
+            DeviceKind::Vfio => "--vfio",
+        }
+    }
+}
+
+/// A device as the migration stream describes it: what the guest sees,
+/// nothing about the host that backs it.
+///
+/// Invariant: `state_size` is `Some` exactly for [`DeviceKind::SimVfio`]
+/// (the bytes of state its stream carries), when produced by
+/// [`DeviceSpec::guest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestDevice {
+    /// Device id, unique in the VM.
+    pub id: String,
+    /// Its kind.
+    pub kind: DeviceKind,
+    /// Bytes of device state (sim-vfio), compared with the destination's
+    /// own declaration before anything is allocated.
+    #[serde(default)]
+    pub state_size: Option<u64>,
+}
+
 impl DeviceSpec {
     /// The device id.
     pub fn id(&self) -> &str {
@@ -62,6 +103,89 @@ impl DeviceSpec {
             DeviceSpec::SimVfio { id, .. } | DeviceSpec::Vfio { id, .. } => id,
         }
     }
+
+    /// The device's kind.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            DeviceSpec::SimVfio { .. } => DeviceKind::SimVfio,
+            DeviceSpec::Vfio { .. } => DeviceKind::Vfio,
+        }
+    }
+
+    /// What the migration stream says about this device.
+    pub fn guest(&self) -> GuestDevice {
+        GuestDevice {
+            id: self.id().to_string(),
+            kind: self.kind(),
+            state_size: match self {
+                DeviceSpec::SimVfio { state_size, .. } => Some(*state_size),
+                DeviceSpec::Vfio { .. } => None,
+            },
+        }
+    }
+}
+
+/// Pairs the devices an incoming VM has (`incoming`, in migration order)
+/// with the devices this destination declared on its command line
+/// (`declared`): same ids, same kinds, same state sizes, no device missing
+/// on either side. Returns the declared specs in `incoming`'s order.
+/// Nothing is created or opened here.
+pub fn match_declared(
+    incoming: &[GuestDevice],
+    declared: &[DeviceSpec],
+) -> Result<Vec<DeviceSpec>, String> {
+    let mut out: Vec<DeviceSpec> = Vec::with_capacity(incoming.len());
+    for g in incoming {
+        if validate_id(&g.id, &g.id).is_err() {
+            let shown: String = g.id.chars().take(64).collect();
+            return Err(format!(
+                "the incoming VM has an invalid device id {shown:?}"
+            ));
+        }
+        if out.iter().any(|s| s.id() == g.id) {
+            return Err(format!("the incoming VM lists device '{}' twice", g.id));
+        }
+        let Some(spec) = declared.iter().find(|s| s.id() == g.id) else {
+            return Err(format!(
+                "the incoming VM has device '{}' ({}), which this destination did not declare \
+                 (start it with {} id={},...)",
+                g.id,
+                g.kind.flag(),
+                g.kind.flag(),
+                g.id
+            ));
+        };
+        if spec.kind() != g.kind {
+            return Err(format!(
+                "device '{}' is a {} device in the incoming VM but was declared here with {}",
+                g.id,
+                g.kind.flag(),
+                spec.kind().flag()
+            ));
+        }
+        let mine = spec.guest().state_size;
+        if g.state_size != mine {
+            let show = |s: Option<u64>| s.map_or("none".to_string(), |b| format!("{b} bytes"));
+            return Err(format!(
+                "device '{}': the incoming device has {} of state, this destination declared {}",
+                g.id,
+                show(g.state_size),
+                show(mine)
+            ));
+        }
+        out.push(spec.clone());
+    }
+    if let Some(extra) = declared
+        .iter()
+        .find(|s| !incoming.iter().any(|g| g.id == s.id()))
+    {
+        return Err(format!(
+            "device '{}' was declared on this destination ({}) but the incoming VM has no such device",
+            extra.id(),
+            extra.kind().flag()
+        ));
+    }
+    Ok(out)
 }
 
 enum Handle {
@@ -191,9 +315,9 @@ impl DeviceSet {
         Ok(DeviceSet { entries })
     }
 
-    /// The specs, in order.
-    pub fn specs(&self) -> Vec<DeviceSpec> {
-        self.entries.iter().map(|(s, _)| s.clone()).collect()
+    /// The devices as the migration stream describes them, in order.
+    pub fn guest_devices(&self) -> Vec<GuestDevice> {
+        self.entries.iter().map(|(s, _)| s.guest()).collect()
     }
 
     /// The devices as the migration crate sees them, in order.

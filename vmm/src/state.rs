@@ -146,6 +146,48 @@ pub enum StateError {
     /// A KVM call failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// `KVM_SET_MSRS` refused an MSR that is not on [`MSR_RESTORE_IGNORE`].
+    #[error(
+        "this host's KVM refused to restore MSR {index:#x} (value {data:#x}) on vCPU {vcpu}: \
+         the guest would run on with it reset (not on the MSR ignore list, see MSR_RESTORE_IGNORE)"
+    )]
+    MsrRefused {
+        /// vCPU index.
+        vcpu: u8,
+        /// MSR index.
+        index: u32,
+        /// The value that was refused.
+        data: u64,
+    },
+}
+
+/// MSRs that may be lost on restore: when `KVM_SET_MSRS` refuses one of
+/// these, it is skipped with a warning. Any other refused MSR fails the
+/// restore, and so the migration, naming the MSR ([`StateError::MsrRefused`]).
+/// Each entry describes the host rather than the guest, so the
+/// destination's own value is as true for the guest as the source's.
+pub const MSR_RESTORE_IGNORE: &[(u32, &str)] = &[
+    (
+        0x8b,
+        "IA32_UCODE_REV: the microcode revision of the host the guest runs on",
+    ),
+    (
+        0x34,
+        "MSR_SMI_COUNT: how many SMIs the host took, a statistic",
+    ),
+];
+
+/// What a refusal of MSR `index` (value `data`) by `KVM_SET_MSRS` on vCPU
+/// `vcpu` means: `Ok` (skip it, warned) for an MSR on
+/// [`MSR_RESTORE_IGNORE`], an error for any other.
+pub fn msr_refused(vcpu: u8, index: u32, data: u64) -> Result<(), StateError> {
+    match MSR_RESTORE_IGNORE.iter().find(|(i, _)| *i == index) {
+        Some((_, why)) => {
+            warn!("vCPU {vcpu}: KVM refused MSR {index:#x}; skipped (ignore list: {why})");
+            Ok(())
+        }
+        None => Err(StateError::MsrRefused { vcpu, index, data }),
+    }
 }
 
 fn fpu_bytes(f: &kvm_fpu) -> FpuBytes {
@@ -326,6 +368,8 @@ pub(crate) fn save_vcpu(vm: &VcpuStateSpec, fd: &VcpuFd) -> Result<VcpuState, Vm
     })
 }
 
+/// Writes `msrs` on vCPU `id`; an MSR that KVM refuses fails the write
+/// unless it is on [`MSR_RESTORE_IGNORE`] ([`msr_refused`]).
 fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> {
     let mut rest: Vec<kvm_msr_entry> = msrs
         .iter()
@@ -341,10 +385,10 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[(u32, u64)]) -> Result<(), StateError> 
         let n = fd
             .set_msrs(&m)
             .map_err(kvm_err(format!("KVM_SET_MSRS on vCPU {id}")))?;
-        if n >= rest.len() {
+        let Some(refused) = rest.get(n) else {
             break;
-        }
-        warn!("vCPU {id}: KVM refused MSR {:#x}; skipped", rest[n].index);
+        };
+        msr_refused(id, refused.index, refused.data)?;
         rest.drain(..=n);
     }
     Ok(())

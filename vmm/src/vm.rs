@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
@@ -98,12 +98,14 @@ pub(crate) fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error)
     move |source| VmError::Kvm { what, source }
 }
 
-/// Boot information kept for `vm.info` (and carried by migrations).
+/// Boot information kept for `vm.info`.
 ///
-/// Invariant: descriptive only; never used to re-boot a migrated VM.
+/// Invariant: descriptive only; never used to re-boot a migrated VM, and
+/// never sent to another host (a migration carries the guest, not its
+/// host's files).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDescription {
-    /// What was booted (on the original source).
+    /// What this VMM booted; `None` for a VM it received.
     pub boot: Option<BootConfig>,
     /// Serial console setting in effect.
     pub serial: SerialConfig,
@@ -218,6 +220,8 @@ pub struct Vm {
     pub(crate) spec: Arc<VcpuStateSpec>,
     pub(crate) devices: DeviceSet,
     pub(crate) desc: VmDescription,
+    /// The CPUID given to vCPU 0 (what a migration carries).
+    pub(crate) cpuid: Vec<kvm_cpuid_entry2>,
     pub(crate) user_paused: AtomicBool,
     pub(crate) dirty_logging: AtomicBool,
     pub(crate) dirty: crate::dirty::DirtyTracker,
@@ -253,6 +257,22 @@ fn setup_lint(fd: &VcpuFd) -> Result<(), VmError> {
         }
     }
     fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// The CPUID this host gives vCPU 0 of a VM with `cpus` vCPUs (what
+/// [`Vm::create`] sets), without creating a VM: a migration destination
+/// compares it with the incoming guest's.
+pub fn host_guest_cpuid(cpus: u8) -> Result<Vec<kvm_cpuid_entry2>, VmError> {
+    let kvm = Kvm::new()
+        .map_err(|e| VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)")))?;
+    let mut cpuid = supported_cpuid(&kvm)?;
+    arch::cpuid::filter_cpuid(&mut cpuid, 0, cpus);
+    Ok(cpuid.as_slice().to_vec())
 }
 
 impl Vm {
@@ -312,16 +332,18 @@ impl Vm {
             .map_err(kvm_err("KVM_IRQFD for the i8042"))?;
         let pio = PioBus::new(irqs.try_clone()?, serial_output(&serial)?)?;
 
-        let base_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let base_cpuid = supported_cpuid(&kvm)?;
         let mut fds = Vec::with_capacity(cpus as usize);
+        let mut cpuid0 = Vec::new();
         for id in 0..cpus {
             let vfd = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
             let mut cpuid = base_cpuid.clone();
             arch::cpuid::filter_cpuid(&mut cpuid, id, cpus);
+            if id == 0 {
+                cpuid0 = cpuid.as_slice().to_vec();
+            }
             vfd.set_cpuid2(&cpuid)
                 .map_err(kvm_err(format!("KVM_SET_CPUID2 on vCPU {id}")))?;
             let msrs = Msrs::from_entries(&arch::msr::boot_msr_entries())
@@ -396,6 +418,7 @@ impl Vm {
             spec,
             devices,
             desc,
+            cpuid: cpuid0,
             user_paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
             dirty: crate::dirty::DirtyTracker::default(),
@@ -597,6 +620,11 @@ impl Vm {
     /// Descriptive configuration.
     pub fn description(&self) -> &VmDescription {
         &self.desc
+    }
+
+    /// The CPUID vCPU 0 was given.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
     }
 
     /// Optional vCPU state this host offers, as chosen at creation.

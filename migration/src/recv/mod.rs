@@ -6,6 +6,7 @@
 //! ```text
 //! WaitMain -> Negotiate(main) -> AcceptData(VM built) -> Receive(readers, keepalive)
 //!   --STATE--> Complete (restore, READY) -> AwaitCommit --COMMIT--> Start (start, RESUMED)
+//! Negotiate --SETUP refused or peer lost--> (ERROR frame, main closed) WaitMain
 //! any phase before Start completes --error/cancel/abort/peer death--> abort
 //!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed
 //! ```
@@ -251,7 +252,10 @@ fn drive(ctx: &Ctx) -> Result<Arc<dyn DestinationVm>, Failed> {
                 Some(s) => Phase::Negotiate(Box::new(s)),
                 None => Phase::WaitMain,
             },
-            Phase::Negotiate(s) => setup::negotiate(ctx, s)?,
+            Phase::Negotiate(s) => match setup::negotiate(ctx, s) {
+                Ok(p) => p,
+                Err(f) => wait_again(ctx, f)?,
+            },
             Phase::AcceptData(p) => setup::accept_data(ctx, p)?,
             Phase::Receive(r) => r.step(ctx)?,
             Phase::Complete(r, msg) => r.complete(ctx, msg)?,
@@ -259,6 +263,30 @@ fn drive(ctx: &Ctx) -> Result<Arc<dyn DestinationVm>, Failed> {
             Phase::Start(r) => return r.start(ctx),
         };
     }
+}
+
+/// A source refused at SETUP (its configuration did not fit this
+/// destination) or lost before SETUP was accepted leaves nothing behind:
+/// no VM was kept, no data connection accepted. The peer was told why (an
+/// ERROR frame), its connection is closed, and the receive goes back to
+/// waiting for a main connection, so whoever connects first cannot end
+/// it. A cancel or an expired deadline still ends the receive.
+fn wait_again(ctx: &Ctx, f: Failed) -> Result<Phase, Failed> {
+    if ctx.ctl.check().is_err() {
+        return Err(f);
+    }
+    let Failed { phase, err } = f;
+    let Phase::Negotiate(s) = phase else {
+        return Err(Failed::new(phase, err));
+    };
+    if !ctx.error_sent.get() && !is_connection_error(&err) {
+        s.main
+            .send_message(|len| Frame::Error { len }, &err.to_string());
+    }
+    ctx.error_sent.set(false);
+    close_main(*s);
+    log::warn!("incoming migration refused before it started: {err}; waiting for another source");
+    Ok(Phase::WaitMain)
 }
 
 fn is_connection_error(e: &MigrationError) -> bool {

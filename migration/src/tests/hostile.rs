@@ -504,3 +504,74 @@ fn truncated_stream_and_source_death() {
     assert!(h.join().unwrap());
     assert_same_ram(&src, &f.last());
 }
+
+/// Sources refused at SETUP (another layout, other devices, a SETUP that
+/// does not decode, a peer that leaves before SETUP) get an ERROR naming
+/// the reason, and the receive goes on waiting: a real migration then
+/// succeeds on the same `receive` call.
+#[test]
+fn refused_setups_leave_the_receive_armed() {
+    let dest = dest_with_devices(&["d0"]);
+    let refused = |session: u128, setup: Vec<u8>| -> String {
+        let (main, r) = hello(dest.port, session, ROLE_MAIN, 0, 1);
+        r.unwrap();
+        raw_send(&main, Header::new(Kind::Setup, session), &setup);
+        raw_reply(&main).unwrap_err()
+    };
+    let good = Setup {
+        config: b"fake-config-v1".to_vec(),
+        regions: layout(),
+        devices: vec![DeviceDesc {
+            id: "d0".into(),
+            caps: MigCaps {
+                stop_copy: true,
+                p2p: false,
+                pre_copy: true,
+            },
+        }],
+        chunk_bytes: 4096,
+        device_mode: DeviceStateMode::Channels,
+    };
+    let mut other_layout = good.clone();
+    other_layout.regions = vec![(0, 4 * MIB)];
+    let e = refused(1, other_layout.encode());
+    assert!(e.contains("RAM layout differs"), "{e}");
+    let mut other_devices = good.clone();
+    other_devices.devices[0].id = "intruder".into();
+    let e = refused(2, other_devices.encode());
+    assert!(
+        e.contains("devices differ") && e.contains("intruder"),
+        "{e}"
+    );
+    let e = refused(3, vec![0xa5; 16]);
+    assert!(e.contains("protocol error"), "{e}");
+    let (gone, r) = hello(dest.port, 4, ROLE_MAIN, 0, 1);
+    r.unwrap();
+    drop(gone);
+    assert!(
+        !dest.handle.is_finished(),
+        "a refused source ended the receive"
+    );
+    for d in dest.factory.created.lock().unwrap().iter() {
+        assert!(d.discarded.load(SeqCst), "a refused VM was kept");
+    }
+
+    let mut src = FakeSource::new(&layout());
+    src.devices = vec![Arc::new(FakeDevice::new(
+        "d0",
+        true,
+        pattern(3, 3000),
+        pattern(4, 2000),
+    ))];
+    let src = Arc::new(src);
+    fill(&src, 0, 5, 1);
+    send(
+        src.clone(),
+        &params(dest.port, 2),
+        &Arc::new(MigrationStats::default()),
+        &CancelToken::default(),
+    )
+    .unwrap();
+    assert!(dest.handle.join().unwrap().is_ok());
+    assert_same_ram(&src, &dest.factory.last());
+}

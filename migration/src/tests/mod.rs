@@ -666,6 +666,39 @@ pub fn migrate_with(
     )
 }
 
+/// Like [`migrate_with`] for a source the destination refuses at SETUP:
+/// the send fails, and the receive goes on waiting (it is still active
+/// once the send has returned) until it is cancelled here.
+pub fn migrate_refused(
+    src: Arc<FakeSource>,
+    f: FakeFactory,
+    p: &mut SendParams,
+) -> (Result<(), MigrationError>, Finished, Arc<MigrationStats>) {
+    let dest = start_dest(f);
+    p.destination_url = format!("tcp:127.0.0.1:{}", dest.port);
+    let stats = Arc::new(MigrationStats::default());
+    let r = send(src, p, &stats, &CancelToken::default());
+    assert!(
+        !dest.handle.is_finished(),
+        "a refusal at SETUP ended the receive"
+    );
+    assert_eq!(
+        dest.stats.snapshot().state,
+        crate::api::MigrationState::Active
+    );
+    dest.cancel.cancel();
+    let e = rerr(dest.handle.join().unwrap());
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    (
+        r,
+        Finished {
+            factory: dest.factory,
+            stats: dest.stats,
+        },
+        stats,
+    )
+}
+
 /// The error of a receive result (DestinationVm is not Debug).
 pub fn rerr(r: RecvResult) -> MigrationError {
     match r {

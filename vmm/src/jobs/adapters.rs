@@ -1,7 +1,8 @@
 //! Adapters of the migration job: the migration crate's traits implemented
 //! with KVM, [`SourceVm`] for a running VM, [`DestinationFactory`] /
-//! [`DestinationVm`] for a VMM that receives one, and the VM configuration
-//! a source sends ([`MigrationConfig`]).
+//! [`DestinationVm`] for a VMM that receives one. What a source sends about
+//! its guest, and what a destination accepts, is in
+//! [`super::guest_config`].
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -11,123 +12,13 @@ use migration::{
     BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap, MigratableDevice,
     RamRegion, SourceVm,
 };
-use serde::{Deserialize, Serialize};
 
-use crate::caps::HostCaps;
-use crate::config::{BootConfig, MemoryBacking, MemoryConfig, SerialConfig};
-use crate::device_set::{DeviceSet, DeviceSpec};
+use super::guest_config::{Accepted, DestPolicy, MigrationConfig};
+use crate::config::{MemoryBacking, MemoryConfig, SerialConfig};
+use crate::device_set::DeviceSet;
 use crate::memory::GuestRam;
 use crate::vm::{Vm, VmDescription};
 use crate::Vmm;
-
-/// Format name of [`MigrationConfig`].
-pub const CONFIG_FORMAT: &str = "ferry-vm-config";
-/// Version of [`MigrationConfig`].
-pub const CONFIG_VERSION: u32 = 1;
-/// Largest configuration accepted from a source.
-pub const MAX_CONFIG_BYTES: usize = 1 << 20;
-
-/// The VM configuration a source sends (JSON).
-///
-/// Invariant: describes the VM that produced it: RAM regions as
-/// `arch::layout::ram_regions(memory_size)`, devices in migration order,
-/// and the optional vCPU state its saved state contains (`caps`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationConfig {
-    /// [`CONFIG_FORMAT`].
-    pub format: String,
-    /// [`CONFIG_VERSION`].
-    pub version: u32,
-    /// vCPU count.
-    pub cpus: u8,
-    /// Total RAM bytes.
-    pub memory_size: u64,
-    /// Backing kind on the source (informational).
-    pub memory_kind: String,
-    /// RAM regions as (gpa, size).
-    pub regions: Vec<(u64, u64)>,
-    /// Serial setting of the source.
-    pub serial: SerialConfig,
-    /// What the source booted (informational).
-    pub boot: Option<BootConfig>,
-    /// Devices, in order.
-    pub devices: Vec<DeviceSpec>,
-    /// Optional vCPU state included in the saved state.
-    pub caps: HostCaps,
-    /// Number of MSRs saved per vCPU.
-    pub msr_count: usize,
-}
-
-impl MigrationConfig {
-    /// Describes `vm`.
-    pub fn of(vm: &Vm) -> MigrationConfig {
-        MigrationConfig {
-            format: CONFIG_FORMAT.into(),
-            version: CONFIG_VERSION,
-            cpus: vm.vcpu_count() as u8,
-            memory_size: vm.ram().size(),
-            memory_kind: vm.ram().backing().kind().into(),
-            regions: vm.ram().regions().iter().map(|r| (r.gpa, r.size)).collect(),
-            serial: vm.serial_cfg.clone(),
-            boot: vm.description().boot.clone(),
-            devices: vm.devices().specs(),
-            caps: vm.caps().clone(),
-            msr_count: vm.spec.msr_list.len(),
-        }
-    }
-
-    /// Parses and checks a received configuration against this VMM:
-    /// format, version, vCPU count, memory layout and, when the destination
-    /// has a fixed memory size (`expected_size`), that size.
-    pub fn parse_and_check(
-        bytes: &[u8],
-        expected_size: Option<u64>,
-    ) -> Result<MigrationConfig, String> {
-        if bytes.len() > MAX_CONFIG_BYTES {
-            return Err(format!(
-                "VM configuration is {} bytes (at most {MAX_CONFIG_BYTES})",
-                bytes.len()
-            ));
-        }
-        let cfg: MigrationConfig = serde_json::from_slice(bytes)
-            .map_err(|e| format!("unreadable VM configuration: {e}"))?;
-        if cfg.format != CONFIG_FORMAT || cfg.version != CONFIG_VERSION {
-            return Err(format!(
-                "VM configuration format {} v{} is not supported (this VMM reads {CONFIG_FORMAT} v{CONFIG_VERSION})",
-                cfg.format, cfg.version
-            ));
-        }
-        if cfg.cpus == 0 || cfg.cpus > crate::config::MAX_CPUS {
-            return Err(format!("invalid vCPU count {}", cfg.cpus));
-        }
-        if cfg.memory_size < crate::config::MIN_MEMORY
-            || cfg.memory_size > crate::config::MAX_MEMORY
-            || !cfg.memory_size.is_multiple_of(crate::memory::PAGE)
-        {
-            return Err(format!("invalid memory size {:#x}", cfg.memory_size));
-        }
-        let layout: Vec<(u64, u64)> = arch::layout::ram_regions(cfg.memory_size)
-            .into_iter()
-            .map(|(g, s)| (g.0, s as u64))
-            .collect();
-        if layout != cfg.regions {
-            return Err(format!(
-                "memory layout differs: source {:x?}, this VMM would use {:x?}",
-                cfg.regions, layout
-            ));
-        }
-        if let Some(size) = expected_size {
-            if size != cfg.memory_size {
-                return Err(format!(
-                    "memory size mismatch: the source VM has {} MiB, this VMM was started with --memory size={} MiB",
-                    cfg.memory_size >> 20,
-                    size >> 20
-                ));
-            }
-        }
-        Ok(cfg)
-    }
-}
 
 fn be<E: std::fmt::Display>(e: E) -> BackendError {
     BackendError::new(e.to_string())
@@ -239,20 +130,27 @@ impl DestFactory {
 }
 
 impl DestinationFactory for DestFactory {
+    /// Builds the VM that will receive the incoming guest, after every
+    /// check passed: what the guest is (its configuration) against what
+    /// this destination allows (its own command line: memory, declared
+    /// devices) and offers (CPUID). Only then are RAM, devices and vCPUs
+    /// allocated, all from this destination's own configuration.
     fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>> {
         let vmm = &self.vmm;
-        let provisioned = vmm.provisioned_ram();
-        let expected = vmm
-            .config()
-            .memory_explicit
-            .then_some(vmm.config().memory.size);
-        let cfg = MigrationConfig::parse_and_check(config, expected).map_err(BackendError::new)?;
+        let policy = DestPolicy::of(vmm.config()).map_err(BackendError::new)?;
+        let Accepted {
+            cfg,
+            devices: specs,
+        } = MigrationConfig::parse_and_check(config, &policy).map_err(BackendError::new)?;
+        let host_cpuid = crate::vm::host_guest_cpuid(cfg.cpus).map_err(be)?;
+        cfg.check_cpuid(&host_cpuid).map_err(BackendError::new)?;
         info!(
             "incoming VM: {} vCPU(s), {} MiB RAM, {} device(s)",
             cfg.cpus,
             cfg.memory_size >> 20,
             cfg.devices.len()
         );
+        let provisioned = vmm.provisioned_ram();
         let ram = match &provisioned {
             Some(r) => r.clone(),
             None => {
@@ -272,14 +170,17 @@ impl DestinationFactory for DestFactory {
         // Receiver contract: pages the source never sends read as zero, so
         // a memory file with old contents or reused RAM is cleared first.
         ram.claim_zeroed().map_err(be)?;
-        let devices = DeviceSet::create(&cfg.devices, false).map_err(be)?;
-        let serial = vmm.config().serial.clone().unwrap_or(cfg.serial.clone());
+        let devices = DeviceSet::create(&specs, false).map_err(be)?;
+        // This destination's serial setting; tty by default, as for a VM it boots.
+        let serial = vmm.config().serial.clone().unwrap_or(SerialConfig::Tty);
         let desc = VmDescription {
-            boot: cfg.boot.clone(),
+            boot: None,
             serial: serial.clone(),
             migrated_in: true,
         };
         let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(be)?;
+        cfg.check_msrs(&vm.spec.msr_list)
+            .map_err(BackendError::new)?;
         vm.caps()
             .can_restore(&cfg.caps)
             .map_err(|e| BackendError::new(format!("incompatible vCPU state: {e}")))?;
@@ -357,69 +258,5 @@ impl DestinationVm for DestAdapter {
             self.vm.ram().zero();
         }
         info!("half-received VM {} discarded", self.vm.id);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(size: u64) -> MigrationConfig {
-        MigrationConfig {
-            format: CONFIG_FORMAT.into(),
-            version: CONFIG_VERSION,
-            cpus: 1,
-            memory_size: size,
-            memory_kind: "anonymous".into(),
-            regions: arch::layout::ram_regions(size)
-                .into_iter()
-                .map(|(g, s)| (g.0, s as u64))
-                .collect(),
-            serial: SerialConfig::Off,
-            boot: None,
-            devices: vec![],
-            caps: HostCaps::default(),
-            msr_count: 0,
-        }
-    }
-
-    fn bytes(c: &MigrationConfig) -> Vec<u8> {
-        serde_json::to_vec(c).unwrap()
-    }
-
-    #[test]
-    fn compatible_configs() {
-        let c = cfg(512 << 20);
-        assert_eq!(
-            MigrationConfig::parse_and_check(&bytes(&c), None).unwrap(),
-            c
-        );
-        assert!(MigrationConfig::parse_and_check(&bytes(&c), Some(512 << 20)).is_ok());
-        let big = cfg(6 << 30);
-        assert_eq!(big.regions.len(), 2);
-        assert!(MigrationConfig::parse_and_check(&bytes(&big), None).is_ok());
-    }
-
-    #[test]
-    fn incompatible_configs() {
-        let c = cfg(512 << 20);
-        let e = MigrationConfig::parse_and_check(&bytes(&c), Some(1 << 30)).unwrap_err();
-        assert!(e.contains("mismatch"), "{e}");
-        let mut v = c.clone();
-        v.version = 99;
-        assert!(MigrationConfig::parse_and_check(&bytes(&v), None).is_err());
-        let mut v = c.clone();
-        v.regions = vec![(0, 256 << 20)];
-        assert!(MigrationConfig::parse_and_check(&bytes(&v), None)
-            .unwrap_err()
-            .contains("layout"));
-        let mut v = c.clone();
-        v.cpus = 0;
-        assert!(MigrationConfig::parse_and_check(&bytes(&v), None).is_err());
-        let mut v = c.clone();
-        v.memory_size = 12345;
-        assert!(MigrationConfig::parse_and_check(&bytes(&v), None).is_err());
-        assert!(MigrationConfig::parse_and_check(b"{not json", None).is_err());
-        assert!(MigrationConfig::parse_and_check(&vec![b' '; MAX_CONFIG_BYTES + 1], None).is_err());
     }
 }

@@ -62,7 +62,7 @@ pub(crate) fn one_run(
         Ok(s) => s,
         Err(e) => return fail(format!("source: {e}")),
     };
-    let mut d = match vmm::start_destination(env, dst_mem, prefault) {
+    let mut d = match vmm::start_destination(env, dst_mem, &src.extra, prefault) {
         Ok(d) => d,
         Err(e) => return fail(format!("destination: {e}")),
     };

@@ -59,7 +59,7 @@ pub struct SourceSpec {
     pub memory: String,
     /// Guest command line, e.g. `region=1 passes=0`.
     pub cmdline: String,
-    /// Extra arguments (`--sim-vfio ...`).
+    /// Extra arguments (`--sim-vfio ...`; the destination declares the same devices).
     pub extra: Vec<String>,
     /// Pause the guest right after its boot line.
     pub pause: bool,
@@ -98,13 +98,17 @@ pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
     Ok(vm)
 }
 
-/// Starts a destination VMM. With `prefault_bytes`, waits until that much is resident.
+/// Starts a destination VMM declaring the devices of `devices` (the
+/// source's `--sim-vfio ...` arguments: a destination accepts only the
+/// devices it declares). With `prefault_bytes`, waits until that much is
+/// resident.
 pub fn start_destination(
     env: &Env,
     memory: Option<&str>,
+    devices: &[String],
     prefault_bytes: Option<u64>,
 ) -> Result<Vmm, String> {
-    let mut args = Vec::new();
+    let mut args: Vec<&str> = devices.iter().map(String::as_str).collect();
     if let Some(m) = memory {
         args.push("--memory");
         args.push(m);
