@@ -223,7 +223,7 @@ fn devices_run_again_on_the_destination() {
     let before = devices_of(&a.info());
     migrate_and_check(&mut a, &b, send_params(0, 2), &[]);
     assert_eq!(mig_state(&b), json!("running"), "device on the destination");
-    let c = Vmm::destination("c", &[]);
+    let c = Vmm::destination("c", &["--sim-vfio", DEVICES[2].0]);
     migrate_and_check(&mut b, &c, send_params(0, 2), &[&a.serial]);
     assert_eq!(mig_state(&c), json!("running"), "device after a second hop");
     check_digests(&DEVICES[2..3], &before, &devices_of(&c.info()));
