@@ -27,7 +27,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{CancelToken, DeviceStateMode, ReceiveParams};
+use crate::api::{CancelToken, DeviceStateMode, ReceiveParams, DEFAULT_DEVICE_BUFFER};
 use crate::error::MigrationError;
 use crate::handshake::{Acceptor, Incoming};
 use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv, STALL_TIMEOUT};
@@ -37,9 +37,6 @@ use crate::wire::{self, Frame};
 use crate::worker::Workers;
 use devices::{Ack, DeviceInbox};
 use reader::ReaderCtx;
-
-/// Default per-device reorder buffer bound.
-pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
 
 /// What every phase of one receive shares.
 struct Ctx<'a> {
