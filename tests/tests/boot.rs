@@ -451,6 +451,42 @@ fn idle_connection_does_not_block_the_api() {
     drop((idle, idle2));
 }
 
+#[test]
+fn trickling_client_gets_408_and_the_api_stays_usable() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let vm = Vmm::boot("trickle", "region=4 passes=0", &[]);
+    // A client that sends a byte every 100 ms and never ends its request:
+    // no single read waits long, but the whole request has a deadline.
+    let s = UnixStream::connect(&vm.sock).unwrap();
+    let mut r = s.try_clone().unwrap();
+    let trickler = thread::spawn(move || {
+        let mut w = &s;
+        let _ = w.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Slow: ");
+        // Until the VMM cuts it off, or far beyond the documented 10 s.
+        for _ in 0..1200 {
+            if w.write_all(b"a").is_err() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    r.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
+    let mut answer = String::new();
+    let _ = r.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "answer: {answer:?}");
+    assert!(answer.contains("whole request"), "{answer}");
+    drop(r);
+    assert!(
+        trickler.join().unwrap(),
+        "the trickling client was never cut off"
+    );
+    let (st, _) = vm.api("GET", "vmm.ping", None);
+    assert_eq!(st, 200);
+    assert_eq!(vm.state(), "running");
+}
+
 // ---------------------------------------------------------------------------
 // Bad input: exit code 2, one line on stderr, nothing started
 // ---------------------------------------------------------------------------
