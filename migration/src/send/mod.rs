@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use crate::api::{CancelToken, SendParams};
 use crate::error::MigrationError;
 use crate::guest_mem::GuestMemory;
-use crate::net::{Ctl, MainConn, STALL_TIMEOUT};
+use crate::net::{Ctl, MainConn};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
 use crate::wire::Frame;
@@ -197,7 +197,7 @@ pub fn run(
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
 ) -> Result<(), MigrationError> {
-    let ctl = Ctl::new(cancel.clone(), STALL_TIMEOUT);
+    let ctl = Ctl::new(cancel.clone(), crate::testhook::stall_timeout());
     let devices = vm.devices();
     let mem = Arc::new(GuestMemory::of_source(&vm));
     stats.begin();
@@ -234,9 +234,8 @@ pub fn run(
             Ok(())
         }
         Err(f) => {
-            let committed = matches!(f.phase, Phase::Committed(_));
             let e = abort(&ctx, f);
-            ctx.stats.set_source_vm(if committed {
+            ctx.stats.set_source_vm(if e.is_commit_uncertain() {
                 SourceVmOutcome::PausedUncertain
             } else {
                 SourceVmOutcome::Resumed
@@ -280,7 +279,10 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
 /// Stops everything after a failure and returns the error to report.
 /// Before the commit point the VM runs again and devices are RUNNING; after
 /// it (phase `Committed`) the VM stays paused, devices go to STOP and the
-/// error is [`MigrationError::CommitUncertain`]. The phase's resources are
+/// error is [`MigrationError::CommitUncertain`], unless the destination
+/// reported that it discarded its VM without starting the guest
+/// ([`Frame::Discarded`]): then the VM runs again as before the commit
+/// point, and the error is the destination's. The phase's resources are
 /// released in this order: main link (ABORT, reader, keepalive), writers,
 /// device streams, devices, the paused VM, dirty logging.
 fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
@@ -385,6 +387,15 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             } = *c;
             let err = link.abort(err, true, fd);
             drop(data);
+            // The reader was joined: whether the destination reported a
+            // discarded, never started VM is final now.
+            if fd.discarded.load(std::sync::atomic::Ordering::SeqCst) {
+                log::warn!("the destination discarded its VM without starting it; resuming here");
+                drop(stop.reclaim());
+                drop(PausedVm::reclaim(&ctx.vm));
+                drop(dirty);
+                return err;
+            }
             drop(stop);
             drop(dirty);
             let err = match err {
