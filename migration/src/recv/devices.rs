@@ -235,12 +235,28 @@ impl DeviceInbox {
     /// path (`device_state = main`) calls this after each chunk, so devices
     /// load one chunk at a time, strictly one after another, as in QEMU's
     /// single-channel path.
+    ///
+    /// A device that applies nothing for the stall timeout fails the
+    /// migration, as a full reorder buffer that does not drain does in
+    /// channels mode.
     pub fn wait_applied(&self, dev: usize) -> Result<(), MigrationError> {
         self.check_index(dev as u64)?;
         let slot = &self.slots[dev];
         let mut st = lock(&slot.st);
+        let mut since = (Instant::now(), st.applied);
         while !(st.buf.is_empty() && st.applied == st.next) {
             self.ctl.check()?;
+            if st.applied != since.1 {
+                since = (Instant::now(), st.applied);
+            } else if since.0.elapsed() > self.ctl.stall {
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    format!(
+                        "state not loading: the device took no data for the stall timeout ({:?})",
+                        self.ctl.stall
+                    ),
+                ));
+            }
             st = slot
                 .cv
                 .wait_timeout(st, POLL_INTERVAL)

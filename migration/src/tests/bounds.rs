@@ -7,6 +7,7 @@
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -214,4 +215,244 @@ fn destination_failing_after_ready_resumes_the_source() {
         "started without COMMIT"
     );
     assert!(d.discarded.load(SeqCst));
+}
+
+/// A device that misbehaves in one of two ways: `mute` reports initial
+/// pre-copy data but never hands any out (its fd is empty); `deaf` takes
+/// its state through a pipe that nobody reads, so loading blocks once the
+/// pipe is full (until the test lets go of the reading end).
+struct StuckDevice {
+    id: String,
+    mute: bool,
+    state: Mutex<MigState>,
+    pipe_reader: Mutex<Option<std::fs::File>>,
+}
+
+impl StuckDevice {
+    fn new(mute: bool) -> Arc<StuckDevice> {
+        Arc::new(StuckDevice {
+            id: "stuck0".into(),
+            mute,
+            state: Mutex::new(MigState::Running),
+            pipe_reader: Mutex::new(None),
+        })
+    }
+}
+
+impl MigratableDevice for StuckDevice {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn caps(&self) -> MigCaps {
+        MigCaps {
+            stop_copy: true,
+            p2p: false,
+            pre_copy: true,
+        }
+    }
+    fn state(&self) -> BackendResult<MigState> {
+        Ok(*self.state.lock().unwrap())
+    }
+    fn set_state(&self, new: MigState) -> BackendResult<Option<std::fs::File>> {
+        *self.state.lock().unwrap() = new;
+        match new {
+            MigState::PreCopy | MigState::StopCopy => Ok(Some(memfd(&[]))),
+            MigState::Resuming => {
+                let mut fds = [0; 2];
+                // SAFETY: a plain syscall filling the array.
+                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                // SAFETY: fresh fds owned by nobody else.
+                let (r, w) = unsafe {
+                    (
+                        std::fs::File::from_raw_fd(fds[0]),
+                        std::fs::File::from_raw_fd(fds[1]),
+                    )
+                };
+                *self.pipe_reader.lock().unwrap() = Some(r);
+                Ok(Some(w))
+            }
+            _ => Ok(None),
+        }
+    }
+    fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
+        Ok(PrecopyInfo {
+            initial_bytes: if self.mute { 4096 } else { 0 },
+            dirty_bytes: 0,
+        })
+    }
+    fn stop_copy_size(&self) -> BackendResult<u64> {
+        Ok(0)
+    }
+}
+
+/// A source whose device `stuck0` reports initial pre-copy data it never
+/// hands out: in `device_state = main` the send fails after the stall
+/// timeout, naming the device, and the source runs on (before the fix it
+/// polled the device until `timeout_s`).
+#[test]
+fn main_mode_device_producing_nothing_fails_after_the_stall_timeout() {
+    for mode in [DeviceStateMode::Main, DeviceStateMode::Channels] {
+        let dev = StuckDevice::new(true);
+        let src = Arc::new(FakeSource::new(&[(0, MIB)]));
+        let f = FakeFactory::new(vec![(0, MIB)]);
+        *f.devices.lock().unwrap() =
+            vec![Arc::new(FakeDevice::new("stuck0", true, vec![], vec![]))];
+        let dest = start_dest(f);
+        let mut p = params(dest.port, 2);
+        p.device_state = mode;
+        let stats = Arc::new(MigrationStats::default());
+        let st = stats.clone();
+        let src2 = StuckSource(src.clone(), dev.clone());
+        let r = std::thread::spawn(move || {
+            crate::testhook::set_stall(std::time::Duration::from_secs(2));
+            send(Arc::new(src2), &p, &st, &CancelToken::default())
+        })
+        .join()
+        .unwrap();
+        let e = r.unwrap_err();
+        assert!(
+            matches!(&e, MigrationError::Device { id, msg } if id == "stuck0" && msg.contains("stall")),
+            "{mode:?}: {e}"
+        );
+        assert_source_running(&src);
+        assert_eq!(dev.state().unwrap(), MigState::Running, "{mode:?}");
+        assert_eq!(stats.snapshot().source_vm, Some(SourceVmOutcome::Resumed));
+        let _ = dest.handle.join().unwrap();
+    }
+}
+
+/// A destination device that stops taking its state in `device_state =
+/// main`: the receiver fails after the stall timeout naming the device (it
+/// used to wait for the device forever), the source learns why and runs
+/// on.
+#[test]
+fn main_mode_device_consuming_nothing_fails_after_the_stall_timeout() {
+    let dev = StuckDevice::new(false);
+    let src = source_with_device_id("stuck0");
+    let f = FakeFactory::new(src.layout());
+    let factory = Arc::new(f);
+    let dd: Arc<dyn MigratableDevice> = dev.clone();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (f2, dstats) = (factory.clone(), Arc::new(MigrationStats::default()));
+    let ds = dstats.clone();
+    let dest = std::thread::spawn(move || {
+        crate::testhook::set_stall(std::time::Duration::from_secs(2));
+        let p = ReceiveParams {
+            receiver_url: "tcp:127.0.0.1:0".into(),
+            device_buffer_bytes: None,
+        };
+        let factory = WithDevice(f2, dd);
+        receive(l, &factory, &p, &ds, &CancelToken::default()).map(|_| ())
+    });
+    let mut p = params(port, 2);
+    p.device_state = DeviceStateMode::Main;
+    p.device_chunk_bytes = 64 << 10;
+    let stats = Arc::new(MigrationStats::default());
+    let e = send(src.clone(), &p, &stats, &CancelToken::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("stuck0") && e.to_string().contains("not loading"),
+        "{e}"
+    );
+    assert_source_running(&src);
+    // The load thread is blocked in its write: let go of the pipe so that it
+    // ends, then the receiver returns.
+    drop(dev.pipe_reader.lock().unwrap().take());
+    let re = dest.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&re, MigrationError::Device { id, msg } if id == "stuck0" && msg.contains("not loading")),
+        "{re}"
+    );
+    assert!(factory.last().discarded.load(SeqCst));
+}
+
+/// A source with one pre-copy device `id` holding 1 MiB of initial state.
+fn source_with_device_id(id: &str) -> Arc<FakeSource> {
+    let mut s = FakeSource::new(&[(0, MIB)]);
+    s.devices = vec![Arc::new(FakeDevice::new(
+        id,
+        true,
+        pattern(1, MIB as usize),
+        pattern(2, 5000),
+    ))];
+    fill(&s, 0, 3, 2);
+    Arc::new(s)
+}
+
+/// A [`FakeSource`] whose only device is `.1`.
+struct StuckSource(Arc<FakeSource>, Arc<StuckDevice>);
+
+impl SourceVm for StuckSource {
+    fn config(&self) -> BackendResult<Vec<u8>> {
+        self.0.config()
+    }
+    fn ram(&self) -> Vec<RamRegion> {
+        self.0.ram()
+    }
+    fn populated(&self, region: usize) -> BackendResult<Vec<std::ops::Range<u64>>> {
+        self.0.populated(region)
+    }
+    fn start_dirty_log(&self) -> BackendResult<()> {
+        self.0.start_dirty_log()
+    }
+    fn stop_dirty_log(&self) -> BackendResult<()> {
+        self.0.stop_dirty_log()
+    }
+    fn fetch_dirty(&self, region: usize) -> BackendResult<DirtyBitmap> {
+        self.0.fetch_dirty(region)
+    }
+    fn manual_protect(&self) -> bool {
+        false
+    }
+    fn clear_dirty(&self, region: usize, first: u64, n: u64) -> BackendResult<()> {
+        self.0.clear_dirty(region, first, n)
+    }
+    fn pause(&self) -> BackendResult<()> {
+        self.0.pause()
+    }
+    fn resume(&self) -> BackendResult<()> {
+        self.0.resume()
+    }
+    fn user_paused(&self) -> bool {
+        false
+    }
+    fn save_state(&self) -> BackendResult<Vec<u8>> {
+        self.0.save_state()
+    }
+    fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
+        vec![self.1.clone()]
+    }
+}
+
+/// A [`FakeFactory`] whose VMs get the device `.1` (created VMs are still
+/// recorded in the factory).
+struct WithDevice(Arc<FakeFactory>, Arc<dyn MigratableDevice>);
+
+impl DestinationFactory for WithDevice {
+    fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>> {
+        self.0.create(config)?;
+        let d = self.0.last();
+        Ok(Arc::new(DestWith(d, self.1.clone())))
+    }
+}
+
+/// A [`FakeDest`] whose devices are replaced by `.1`.
+struct DestWith(Arc<FakeDest>, Arc<dyn MigratableDevice>);
+
+impl DestinationVm for DestWith {
+    fn ram(&self) -> Vec<RamRegion> {
+        self.0.ram()
+    }
+    fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
+        vec![self.1.clone()]
+    }
+    fn restore_state(&self, state: &[u8]) -> BackendResult<()> {
+        self.0.restore_state(state)
+    }
+    fn start(&self, paused: bool) -> BackendResult<()> {
+        self.0.start(paused)
+    }
+    fn discard(&self) {
+        self.0.discard()
+    }
 }
