@@ -121,9 +121,11 @@ impl Receiving {
                     )));
                 }
                 let inbox = &self.p.inbox;
-                inbox.check_index(dev as u64)?;
+                // One device after another, in order: anything else is a
+                // protocol error here.
+                let t = inbox.admit(dev as usize, seq, item, len, true)?;
                 let data = recv_payload(&main.stream, len, &ctx.ctl, what)?;
-                inbox.deliver(dev as usize, seq, item, data)?;
+                inbox.deliver(t, data)?;
                 // The single-channel path is sequential end to end: the next
                 // frame is read only once this chunk is in the device.
                 inbox.wait_applied(dev as usize)?;

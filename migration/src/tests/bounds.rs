@@ -456,3 +456,92 @@ impl DestinationVm for DestWith {
         self.0.discard()
     }
 }
+
+/// A hostile source that floods a device with chunks the device cannot
+/// apply (its chunk 0 never comes), 40 MiB of them on two connections,
+/// against a 32 MiB budget: the receiver stops reading once the budget is
+/// spent, then fails with a protocol error naming the budget, and
+/// discards its VM (before, each device had its own 64 MiB and the chunks
+/// in the readers' hands came on top).
+#[test]
+fn hostile_flood_of_device_chunks_hits_the_one_budget() {
+    let f = FakeFactory::new(vec![(0, MIB)]);
+    *f.devices.lock().unwrap() = vec![Arc::new(FakeDevice::new("d0", true, vec![], vec![]))];
+    let factory = Arc::new(f);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let f2 = factory.clone();
+    let dest = std::thread::spawn(move || {
+        crate::testhook::set_stall(std::time::Duration::from_secs(2));
+        let p: ReceiveParams = serde_json::from_value(serde_json::json!({
+            "receiver_url": "tcp:127.0.0.1:0",
+            "device_buffer_bytes": 32 * MIB,
+        }))
+        .unwrap();
+        receive(
+            l,
+            &*f2,
+            &p,
+            &Arc::new(MigrationStats::default()),
+            &CancelToken::default(),
+        )
+        .map(|_| ())
+    });
+    let rs = super::hostile::RawSource::start(
+        port,
+        2,
+        &[(0, MIB)],
+        &["d0"],
+        DeviceStateMode::Channels,
+        MIB,
+    );
+    // The writes block once the receiver stops reading: write from threads
+    // that give up when the receiver closes.
+    let writers: Vec<_> = rs
+        .data
+        .iter()
+        .enumerate()
+        .map(|(c, s)| {
+            let s = s.try_clone().unwrap();
+            let session = rs.session;
+            std::thread::spawn(move || {
+                for seq in (1..=40u64).filter(|q| q % 2 == c as u64) {
+                    let h = Header::new(Kind::Device, session)
+                        .args(0, seq, crate::wire::DevItemKind::PrecopyData as u64)
+                        .with_len(MIB);
+                    let mut w = &s;
+                    let payload = pattern(seq as u8, MIB as usize);
+                    if std::io::Write::write_all(&mut w, &h.encode()).is_err()
+                        || std::io::Write::write_all(&mut w, &payload).is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    // Keepalives on main, so that only the budget can fail the receiver.
+    let main = rs.main.try_clone().unwrap();
+    let session = rs.session;
+    let keepalive = std::thread::spawn(move || {
+        let mut w = &main;
+        while std::io::Write::write_all(&mut w, &Header::new(Kind::Keepalive, session).encode())
+            .is_ok()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
+    let e = dest.join().unwrap().unwrap_err();
+    let m = e.to_string();
+    assert!(
+        matches!(e, MigrationError::Protocol(_)) && m.contains("budget of 33554432 bytes"),
+        "{m}"
+    );
+    assert!(rs.main_error().contains("budget"));
+    assert!(factory.last().discarded.load(SeqCst));
+    drop(rs);
+    for w in writers {
+        w.join().unwrap();
+    }
+    keepalive.join().unwrap();
+}
