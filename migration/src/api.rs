@@ -272,9 +272,10 @@ impl ReceiveParams {
 /// `docs/migration-protocol.md`, "The switch-over commit"):
 ///
 /// * any error except [`MigrationError::CommitUncertain`]: the failure came
-///   before the switch-over was committed; the VM runs again (unless the
-///   user had paused it), devices are RUNNING, `stats` shows
-///   `source_vm = resumed`;
+///   before the switch-over was committed, or after it with the
+///   destination reporting that it discarded its VM without starting the
+///   guest; the VM runs again (unless the user had paused it), devices are
+///   RUNNING, `stats` shows `source_vm = resumed`;
 /// * [`MigrationError::CommitUncertain`]: COMMIT was written but RESUMED never
 ///   arrived, so the destination may run the guest. The VM was **left
 ///   paused** (devices STOP) and must be kept, not exited with success nor

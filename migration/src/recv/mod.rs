@@ -7,7 +7,9 @@
 //! WaitMain -> Negotiate(main) -> AcceptData(VM built) -> Receive(readers, keepalive)
 //!   --STATE--> Complete (restore, READY) -> AwaitCommit --COMMIT--> Start (start, RESUMED)
 //! any phase before Start completes --error/cancel/abort/peer death--> abort
-//!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed
+//!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed;
+//!   from Receive up to Start the ERROR is flagged "discarded" (the guest
+//!   never started here), so that the source may resume even after COMMIT
 //! ```
 //!
 //! The VM is started only after COMMIT arrived; from then on cancel is

@@ -10,6 +10,8 @@
 //!   threads joined, devices RUNNING, VM resumed, dirty log off -> Failed
 //! Committed --peer death/ERROR/stall--> abort: threads joined, devices STOP,
 //!   VM LEFT PAUSED, dirty log off -> Failed(CommitUncertain)
+//! Committed --ERROR flagged "discarded" (the destination never started the
+//!   guest)--> abort as before COMMIT (no ABORT frame) -> Failed
 //! ```
 //!
 //! Each [`Phase`] variant owns exactly the resources of that phase, and the
