@@ -87,6 +87,9 @@ struct SlotState {
     /// Items whose effect on the device is complete (written, or for END
     /// the device left RESUMING). Invariant: `applied <= next`.
     applied: u64,
+    /// Since when the load thread has been applying its current item
+    /// (`Some` exactly while `applied < next`).
+    busy_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -225,16 +228,16 @@ impl DeviceInbox {
     /// anywhere) a peer that filled the budget with items that cannot be
     /// applied yet.
     fn budget_stalled(&self, dev: usize, seq: u64, next: u64) -> MigrationError {
-        let busy = self.slots.iter().any(|s| {
+        let busy = self.slots.iter().position(|s| {
             let st = lock(&s.st);
             st.applied < st.next || st.buf.contains_key(&st.next)
         });
-        if busy {
+        if let Some(stuck) = busy {
             return MigrationError::device(
-                self.id(dev),
+                self.id(stuck),
                 format!(
                     "device state budget of {} bytes full and not draining for the stall \
-                     timeout: a device is not loading its state",
+                     timeout: the device is not loading its state",
                     self.bound
                 ),
             );
@@ -406,8 +409,32 @@ impl DeviceInbox {
 
     fn mark_applied(&self, dev: usize) {
         let slot = &self.slots[dev];
-        lock(&slot.st).applied += 1;
+        let mut st = lock(&slot.st);
+        st.applied += 1;
+        st.busy_since = None;
+        drop(st);
         slot.cv.notify_all();
+    }
+
+    /// Fails for a device whose load thread has been applying one item for
+    /// longer than the stall timeout (a device that stopped taking its
+    /// data), in every device-state mode and phase.
+    pub fn check_loading(&self) -> Result<(), MigrationError> {
+        for (i, s) in self.slots.iter().enumerate() {
+            if lock(&s.st)
+                .busy_since
+                .is_some_and(|t| t.elapsed() > self.ctl.stall)
+            {
+                return Err(MigrationError::device(
+                    self.id(i),
+                    format!(
+                        "state not loading: the device took no data for the stall timeout ({:?})",
+                        self.ctl.stall
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Items applied so far, all devices (a progress measure).
@@ -443,6 +470,7 @@ impl DeviceInbox {
             if let Some(item) = st.buf.remove(&next) {
                 st.next += 1;
                 st.progress += 1;
+                st.busy_since = Some(Instant::now());
                 drop(st);
                 slot.cv.notify_all();
                 return Ok(item);

@@ -87,6 +87,7 @@ impl Receiving {
     /// Handles what arrived on main; `Some` once STATE arrived.
     fn receive(&mut self, ctx: &Ctx) -> Result<Option<StateMsg>, MigrationError> {
         pump(ctx, &self.p.s.main, &self.p.ack_rx)?;
+        self.p.inbox.check_loading()?;
         self.send_rates(ctx)?;
         self.rx.tick(&ctx.stats);
         let main = &self.p.s.main;

@@ -321,49 +321,50 @@ fn main_mode_device_producing_nothing_fails_after_the_stall_timeout() {
     }
 }
 
-/// A destination device that stops taking its state in `device_state =
-/// main`: the receiver fails after the stall timeout naming the device (it
-/// used to wait for the device forever), the source learns why and runs
-/// on.
+/// A destination device that stops taking its state, in `device_state =
+/// main` (the receiver used to wait for it forever) and in channels mode
+/// during pre-copy (the source used to wait for its switch-over ack until
+/// `timeout_s`): the receiver fails after the stall timeout naming the
+/// device, the source learns why and runs on.
 #[test]
-fn main_mode_device_consuming_nothing_fails_after_the_stall_timeout() {
-    let dev = StuckDevice::new(false);
-    let src = source_with_device_id("stuck0");
-    let f = FakeFactory::new(src.layout());
-    let factory = Arc::new(f);
-    let dd: Arc<dyn MigratableDevice> = dev.clone();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (f2, dstats) = (factory.clone(), Arc::new(MigrationStats::default()));
-    let ds = dstats.clone();
-    let dest = std::thread::spawn(move || {
-        crate::testhook::set_stall(std::time::Duration::from_secs(2));
-        let p = ReceiveParams {
-            receiver_url: "tcp:127.0.0.1:0".into(),
-            device_buffer_bytes: None,
-        };
-        let factory = WithDevice(f2, dd);
-        receive(l, &factory, &p, &ds, &CancelToken::default()).map(|_| ())
-    });
-    let mut p = params(port, 2);
-    p.device_state = DeviceStateMode::Main;
-    p.device_chunk_bytes = 64 << 10;
-    let stats = Arc::new(MigrationStats::default());
-    let e = send(src.clone(), &p, &stats, &CancelToken::default()).unwrap_err();
-    assert!(
-        e.to_string().contains("stuck0") && e.to_string().contains("not loading"),
-        "{e}"
-    );
-    assert_source_running(&src);
-    // The load thread is blocked in its write: let go of the pipe so that it
-    // ends, then the receiver returns.
-    drop(dev.pipe_reader.lock().unwrap().take());
-    let re = dest.join().unwrap().unwrap_err();
-    assert!(
-        matches!(&re, MigrationError::Device { id, msg } if id == "stuck0" && msg.contains("not loading")),
-        "{re}"
-    );
-    assert!(factory.last().discarded.load(SeqCst));
+fn device_consuming_nothing_fails_after_the_stall_timeout() {
+    for mode in [DeviceStateMode::Main, DeviceStateMode::Channels] {
+        let dev = StuckDevice::new(false);
+        let src = source_with_device_id("stuck0");
+        let factory = Arc::new(FakeFactory::new(src.layout()));
+        let dd: Arc<dyn MigratableDevice> = dev.clone();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let f2 = factory.clone();
+        let dest = std::thread::spawn(move || {
+            crate::testhook::set_stall(std::time::Duration::from_secs(2));
+            let p: ReceiveParams =
+                serde_json::from_value(serde_json::json!({"receiver_url": "tcp:127.0.0.1:0"}))
+                    .unwrap();
+            let factory = WithDevice(f2, dd);
+            let stats = Arc::new(MigrationStats::default());
+            receive(l, &factory, &p, &stats, &CancelToken::default()).map(|_| ())
+        });
+        let mut p = params(port, 2);
+        p.device_state = mode;
+        p.device_chunk_bytes = 64 << 10;
+        let stats = Arc::new(MigrationStats::default());
+        let e = send(src.clone(), &p, &stats, &CancelToken::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("stuck0") && e.to_string().contains("not loading"),
+            "{mode:?}: {e}"
+        );
+        assert_source_running(&src);
+        // The load thread is blocked in its write: let go of the pipe so
+        // that it ends, then the receiver returns.
+        drop(dev.pipe_reader.lock().unwrap().take());
+        let re = dest.join().unwrap().unwrap_err();
+        assert!(
+            matches!(&re, MigrationError::Device { id, msg } if id == "stuck0" && msg.contains("not loading")),
+            "{mode:?}: {re}"
+        );
+        assert!(factory.last().discarded.load(SeqCst));
+    }
 }
 
 /// A source with one pre-copy device `id` holding 1 MiB of initial state.
