@@ -265,9 +265,37 @@ fn api_errors() {
     assert!(
         resp["error"]
             .as_str()
-            .is_some_and(|e| e.contains("timeout_s")),
+            .is_some_and(|e| e.contains("timeout_s must be in 1..=604800")),
         "{resp}"
     );
+    // Every other number too: the 400 names the field and its range.
+    for (body, want) in [
+        (
+            r#"{"destination_url":"tcp:127.0.0.1:1","connections":-1}"#,
+            "connections must be in 1..=64",
+        ),
+        (
+            r#"{"destination_url":"tcp:127.0.0.1:1","max_bandwidth_mbps":1e300}"#,
+            "max_bandwidth_mbps must be in 0.1..=1048576",
+        ),
+        (
+            r#"{"receiver_url":"tcp:127.0.0.1:1","device_buffer_bytes":5}"#,
+            "device_buffer_bytes must be in 16777216..=4294967296",
+        ),
+    ] {
+        let path = if body.contains("receiver_url") {
+            "vm.receive-migration"
+        } else {
+            "vm.send-migration"
+        };
+        let (st, resp) =
+            try_api_raw(&vm.sock, "PUT", path, Some(body), Duration::from_secs(30)).unwrap();
+        assert_eq!(st, 400, "{body} -> {st} {resp}");
+        assert!(
+            resp["error"].as_str().is_some_and(|e| e.contains(want)),
+            "{body}: {resp}"
+        );
+    }
     // The next request is served.
     assert_eq!(vm.state(), "running");
     // The VM is unharmed.
