@@ -123,6 +123,14 @@ fn ready_before_state_is_a_protocol_error() {
     // connection before the source's reader starts.
     let (port, dest) = raw_dest(Some(Frame::Ready), |_, _| {});
     let src = small_source();
+    // Give the source's reader ample time to see it before STATE could go
+    // out (a witness, not a timing assertion: a late reader would only
+    // make the test fail, never pass wrongly).
+    src.set_hook(|_, n| {
+        if n == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    });
     let (r, s) = send_to(&src, port);
     let e = r.unwrap_err();
     assert!(
