@@ -90,9 +90,12 @@ fn default_chunk() -> u64 {
 pub struct ReceiveParams {
     /// `tcp:HOST:PORT` to listen on.
     pub receiver_url: String,
-    /// Per-device reorder buffer bound in bytes (default 64 MiB, at least
-    /// 16 MiB). A reader waits when a device's buffer is full, except for the
-    /// chunk the device's load thread needs next.
+    /// The one budget, in bytes, for device state held in memory on the
+    /// destination: every device's reorder buffer and every chunk being
+    /// read, all connections together ([`MIN_DEVICE_BUFFER`] to
+    /// [`MAX_DEVICE_BUFFER`], default [`DEFAULT_DEVICE_BUFFER`]). A reader
+    /// waits while it is spent; the last [`MAX_DEVICE_CHUNK`] of it is kept
+    /// for chunks that a device's load thread needs next.
     #[serde(default)]
     pub device_buffer_bytes: Option<u64>,
     /// Directory with `ca.pem`, `cert.pem` and `key.pem` (see
@@ -128,6 +131,15 @@ fn tls_choice(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<&str
     }
 }
 
+/// Default of `device_buffer_bytes`: the destination's budget for device
+/// state held in memory, all devices and connections together.
+pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
+/// Smallest `device_buffer_bytes`: one chunk of the largest size, which is
+/// also the headroom kept for the chunk a device needs next.
+pub const MIN_DEVICE_BUFFER: u64 = MAX_DEVICE_CHUNK;
+/// Largest `device_buffer_bytes`.
+pub const MAX_DEVICE_BUFFER: u64 = 4 << 30;
+
 /// Shared cancel flag; cloning shares it.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
@@ -143,39 +155,136 @@ impl CancelToken {
     }
 }
 
+/// Accepted range of one numeric API field (inclusive at both ends).
+///
+/// Invariant: `min <= max`; the error of every check names `field` and the
+/// range, as in `connections must be in 1..=64, got 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    /// The JSON field name.
+    pub field: &'static str,
+    /// The range.
+    pub range: Range,
+}
+
+/// The kinds of numeric ranges of [`Limit`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    /// An integer field.
+    Int(u64, u64),
+    /// A (finite) floating-point field.
+    Float(f64, f64),
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Range::Int(a, b) => write!(f, "{a}..={b}"),
+            Range::Float(a, b) => write!(f, "{a}..={b}"),
+        }
+    }
+}
+
+impl Limit {
+    fn refuse(&self, got: impl std::fmt::Display) -> MigrationError {
+        MigrationError::InvalidParams(format!(
+            "{} must be in {}, got {got}",
+            self.field, self.range
+        ))
+    }
+
+    /// Checks an integer value of the field.
+    pub fn check_int(&self, v: u64) -> Result<(), MigrationError> {
+        match self.range {
+            Range::Int(a, b) if (a..=b).contains(&v) => Ok(()),
+            Range::Float(a, b) if (a..=b).contains(&(v as f64)) => Ok(()),
+            _ => Err(self.refuse(v)),
+        }
+    }
+
+    /// Checks a floating-point value of the field (NaN and infinities are
+    /// out of every range).
+    pub fn check_float(&self, v: f64) -> Result<(), MigrationError> {
+        match self.range {
+            Range::Float(a, b) if v.is_finite() && (a..=b).contains(&v) => Ok(()),
+            _ => Err(self.refuse(v)),
+        }
+    }
+
+    /// Checks a value of the field before it is typed (e.g. a JSON
+    /// number), so that a negative, fractional, huge or non-numeric value is
+    /// refused with the field and its range named (serde's own message names
+    /// neither): `int` is the value if it is a non-negative integer that
+    /// fits a u64, `float` if it is a number at all, `shown` how to print it.
+    pub fn check_untyped(
+        &self,
+        int: Option<u64>,
+        float: Option<f64>,
+        shown: &dyn std::fmt::Display,
+    ) -> Result<(), MigrationError> {
+        match (self.range, int, float) {
+            (Range::Int(..), Some(i), _) => self.check_int(i),
+            (Range::Float(..), _, Some(f)) => self.check_float(f),
+            _ => Err(self.refuse(shown)),
+        }
+    }
+}
+
+/// `connections`: data connections.
+pub const LIMIT_CONNECTIONS: Limit = Limit {
+    field: "connections",
+    range: Range::Int(1, MAX_CONNECTIONS as u64),
+};
+/// `downtime_ms`: at most one hour.
+pub const LIMIT_DOWNTIME_MS: Limit = Limit {
+    field: "downtime_ms",
+    range: Range::Int(0, 3_600_000),
+};
+/// `max_bandwidth_mbps` in MiB/s: 0.1 (a packet then takes seconds) up to
+/// 1 TiB/s (more than any link).
+pub const LIMIT_MAX_BANDWIDTH_MBPS: Limit = Limit {
+    field: "max_bandwidth_mbps",
+    range: Range::Float(0.1, 1_048_576.0),
+};
+/// `timeout_s`: one second to one week.
+pub const LIMIT_TIMEOUT_S: Limit = Limit {
+    field: "timeout_s",
+    range: Range::Int(1, MAX_TIMEOUT_S),
+};
+/// `device_chunk_bytes`: one page to [`MAX_DEVICE_CHUNK`].
+pub const LIMIT_DEVICE_CHUNK_BYTES: Limit = Limit {
+    field: "device_chunk_bytes",
+    range: Range::Int(4096, MAX_DEVICE_CHUNK),
+};
+/// `device_buffer_bytes`: the destination's one budget for device state
+/// held in memory ([`MIN_DEVICE_BUFFER`] to [`MAX_DEVICE_BUFFER`]).
+pub const LIMIT_DEVICE_BUFFER_BYTES: Limit = Limit {
+    field: "device_buffer_bytes",
+    range: Range::Int(MIN_DEVICE_BUFFER, MAX_DEVICE_BUFFER),
+};
+
+/// The numeric fields of [`SendParams`].
+pub const SEND_LIMITS: &[Limit] = &[
+    LIMIT_CONNECTIONS,
+    LIMIT_DOWNTIME_MS,
+    LIMIT_MAX_BANDWIDTH_MBPS,
+    LIMIT_TIMEOUT_S,
+    LIMIT_DEVICE_CHUNK_BYTES,
+];
+/// The numeric fields of [`ReceiveParams`].
+pub const RECEIVE_LIMITS: &[Limit] = &[LIMIT_DEVICE_BUFFER_BYTES];
+
 impl SendParams {
-    /// Checks every field; the error names the offending one.
+    /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
-        let bad = |m: String| Err(MigrationError::InvalidParams(m));
         crate::handshake::parse_url(&self.destination_url)?;
-        if self.connections == 0 || self.connections > MAX_CONNECTIONS {
-            return bad(format!(
-                "connections must be 1..={MAX_CONNECTIONS}, got {}",
-                self.connections
-            ));
-        }
-        if self.downtime_ms > 3_600_000 {
-            return bad(format!("downtime_ms {} is over one hour", self.downtime_ms));
-        }
+        LIMIT_CONNECTIONS.check_int(self.connections as u64)?;
+        LIMIT_DOWNTIME_MS.check_int(self.downtime_ms)?;
         if let Some(b) = self.max_bandwidth_mbps {
-            if !b.is_finite() || b <= 0.0 {
-                return bad(format!(
-                    "max_bandwidth_mbps must be a positive number, got {b}"
-                ));
-            }
+            LIMIT_MAX_BANDWIDTH_MBPS.check_float(b)?;
         }
-        if self.timeout_s == 0 || self.timeout_s > MAX_TIMEOUT_S {
-            return bad(format!(
-                "timeout_s must be 1..={MAX_TIMEOUT_S} (one week), got {}",
-                self.timeout_s
-            ));
-        }
-        if self.device_chunk_bytes < 4096 || self.device_chunk_bytes > MAX_DEVICE_CHUNK {
-            return bad(format!(
-                "device_chunk_bytes must be 4096..={MAX_DEVICE_CHUNK}, got {}",
-                self.device_chunk_bytes
-            ));
-        }
+        LIMIT_TIMEOUT_S.check_int(self.timeout_s)?;
+        LIMIT_DEVICE_CHUNK_BYTES.check_int(self.device_chunk_bytes)?;
         self.client_tls()?;
         Ok(())
     }
@@ -190,14 +299,10 @@ impl SendParams {
 }
 
 impl ReceiveParams {
-    /// Checks every field; the error names the offending one.
+    /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
         if let Some(b) = self.device_buffer_bytes {
-            if b < MAX_DEVICE_CHUNK {
-                return Err(MigrationError::InvalidParams(format!(
-                    "device_buffer_bytes must be at least {MAX_DEVICE_CHUNK}, got {b}"
-                )));
-            }
+            LIMIT_DEVICE_BUFFER_BYTES.check_int(b)?;
         }
         self.server_tls()?;
         Ok(())
@@ -230,9 +335,10 @@ impl ReceiveParams {
 /// `docs/migration-protocol.md`, "The switch-over commit"):
 ///
 /// * any error except [`MigrationError::CommitUncertain`]: the failure came
-///   before the switch-over was committed; the VM runs again (unless the
-///   user had paused it), devices are RUNNING, `stats` shows
-///   `source_vm = resumed`;
+///   before the switch-over was committed, or after it with the
+///   destination reporting that it discarded its VM without starting the
+///   guest; the VM runs again (unless the user had paused it), devices are
+///   RUNNING, `stats` shows `source_vm = resumed`;
 /// * [`MigrationError::CommitUncertain`]: COMMIT was written but RESUMED never
 ///   arrived, so the destination may run the guest. The VM was **left
 ///   paused** (devices STOP) and must be kept, not exited with success nor
@@ -274,4 +380,140 @@ pub fn receive(
         return Err(e);
     }
     crate::recv::run(listener, factory, params, stats, cancel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limit's boundaries pass; one past them, NaN, infinities and
+    /// untyped values of the wrong kind are refused with the field and the
+    /// range named.
+    fn check_limit(l: &Limit) {
+        let want = format!("{} must be in {}", l.field, l.range);
+        let refused = |r: Result<(), MigrationError>, what: &str| {
+            let e = r.expect_err(&format!("{} = {what} accepted", l.field));
+            assert!(
+                matches!(e, MigrationError::InvalidParams(_)) && e.to_string().contains(&want),
+                "{} = {what}: {e}",
+                l.field
+            );
+        };
+        match l.range {
+            Range::Int(a, b) => {
+                l.check_int(a).unwrap();
+                l.check_int(b).unwrap();
+                refused(l.check_int(b + 1), "max + 1");
+                refused(l.check_int(u64::MAX), "u64::MAX");
+                if a > 0 {
+                    refused(l.check_int(a - 1), "min - 1");
+                }
+                l.check_untyped(Some(a), Some(a as f64), &a).unwrap();
+                refused(l.check_untyped(None, Some(-1.0), &-1), "-1");
+                refused(l.check_untyped(None, Some(1.5), &1.5), "1.5");
+                refused(l.check_untyped(None, None, &"\"x\""), "a string");
+            }
+            Range::Float(a, b) => {
+                l.check_float(a).unwrap();
+                l.check_float(b).unwrap();
+                for v in [a / 2.0, b * 2.0, -1.0, 0.0, f64::NAN, f64::INFINITY] {
+                    refused(l.check_float(v), &v.to_string());
+                }
+                l.check_untyped(Some(1), Some(1.0), &1).unwrap();
+                refused(l.check_untyped(None, None, &"true"), "true");
+            }
+        }
+    }
+
+    #[test]
+    fn every_numeric_field_has_a_named_range() {
+        for l in SEND_LIMITS.iter().chain(RECEIVE_LIMITS) {
+            check_limit(l);
+        }
+        let names: Vec<&str> = SEND_LIMITS.iter().map(|l| l.field).collect();
+        assert_eq!(
+            names,
+            [
+                "connections",
+                "downtime_ms",
+                "max_bandwidth_mbps",
+                "timeout_s",
+                "device_chunk_bytes"
+            ]
+        );
+        assert_eq!(RECEIVE_LIMITS[0].field, "device_buffer_bytes");
+    }
+
+    #[test]
+    fn validate_checks_every_number() {
+        let p = SendParams {
+            destination_url: "tcp:127.0.0.1:1".into(),
+            connections: 4,
+            downtime_ms: 300,
+            max_bandwidth_mbps: None,
+            timeout_s: 60,
+            device_state: DeviceStateMode::Channels,
+            device_precopy: true,
+            device_chunk_bytes: 1 << 20,
+            tls_dir: None,
+            tls: Some(false),
+        };
+        p.validate().unwrap();
+        let bad = |q: SendParams, want: &str| {
+            let e = q.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(
+            SendParams {
+                connections: 65,
+                ..p.clone()
+            },
+            "connections must be in 1..=64, got 65",
+        );
+        bad(
+            SendParams {
+                downtime_ms: u64::MAX,
+                ..p.clone()
+            },
+            "downtime_ms must be in 0..=3600000",
+        );
+        bad(
+            SendParams {
+                max_bandwidth_mbps: Some(f64::NAN),
+                ..p.clone()
+            },
+            "max_bandwidth_mbps must be in 0.1..=1048576, got NaN",
+        );
+        bad(
+            SendParams {
+                timeout_s: u64::MAX,
+                ..p.clone()
+            },
+            "timeout_s must be in 1..=604800",
+        );
+        bad(
+            SendParams {
+                device_chunk_bytes: 1,
+                ..p
+            },
+            "device_chunk_bytes must be in 4096..=16777216, got 1",
+        );
+        let r = |b| ReceiveParams {
+            receiver_url: "tcp:127.0.0.1:1".into(),
+            device_buffer_bytes: b,
+            tls_dir: None,
+            tls: Some(false),
+            tls_allowed_subjects: Vec::new(),
+        };
+        r(None).validate().unwrap();
+        r(Some(MIN_DEVICE_BUFFER)).validate().unwrap();
+        let e = r(Some(MAX_DEVICE_BUFFER + 1))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device_buffer_bytes must be in 16777216..=4294967296"),
+            "{e}"
+        );
+    }
 }

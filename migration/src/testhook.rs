@@ -5,8 +5,15 @@
 //! connection, so that the test can cut it (or cancel) at an exact moment.
 //! In non-test builds [`fire`] is an empty inline function and no hook
 //! storage exists.
+//!
+//! A test may also shorten the stall timeout of the migrations it runs on
+//! the current thread ([`set_stall`]), so that a stall is reached in
+//! seconds; [`stall_timeout`] is [`STALL_TIMEOUT`] everywhere else.
 
 use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::net::STALL_TIMEOUT;
 
 /// Where the hook is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,3 +54,28 @@ pub fn fire(p: Point, s: &TcpStream) {
 #[cfg(not(test))]
 #[inline(always)]
 pub fn fire(_p: Point, _s: &TcpStream) {}
+
+#[cfg(test)]
+thread_local! {
+    static STALL: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the stall timeout of migrations run on the current thread (tests
+/// only).
+#[cfg(test)]
+pub fn set_stall(d: Duration) {
+    STALL.with(|s| s.set(Some(d)));
+}
+
+/// The stall timeout of a migration started on the current thread.
+#[cfg(test)]
+pub fn stall_timeout() -> Duration {
+    STALL.with(|s| s.get()).unwrap_or(STALL_TIMEOUT)
+}
+
+/// The stall timeout of a migration: [`STALL_TIMEOUT`].
+#[cfg(not(test))]
+#[inline(always)]
+pub fn stall_timeout() -> Duration {
+    STALL_TIMEOUT
+}

@@ -267,9 +267,37 @@ fn api_errors() {
     assert!(
         resp["error"]
             .as_str()
-            .is_some_and(|e| e.contains("timeout_s")),
+            .is_some_and(|e| e.contains("timeout_s must be in 1..=604800")),
         "{resp}"
     );
+    // Every other number too: the 400 names the field and its range.
+    for (body, want) in [
+        (
+            r#"{"destination_url":"tcp:127.0.0.1:1","connections":-1}"#,
+            "connections must be in 1..=64",
+        ),
+        (
+            r#"{"destination_url":"tcp:127.0.0.1:1","max_bandwidth_mbps":1e300}"#,
+            "max_bandwidth_mbps must be in 0.1..=1048576",
+        ),
+        (
+            r#"{"receiver_url":"tcp:127.0.0.1:1","device_buffer_bytes":5}"#,
+            "device_buffer_bytes must be in 16777216..=4294967296",
+        ),
+    ] {
+        let path = if body.contains("receiver_url") {
+            "vm.receive-migration"
+        } else {
+            "vm.send-migration"
+        };
+        let (st, resp) =
+            try_api_raw(&vm.sock, "PUT", path, Some(body), Duration::from_secs(30)).unwrap();
+        assert_eq!(st, 400, "{body} -> {st} {resp}");
+        assert!(
+            resp["error"].as_str().is_some_and(|e| e.contains(want)),
+            "{body}: {resp}"
+        );
+    }
     // The next request is served.
     assert_eq!(vm.state(), "running");
     // The VM is unharmed.
@@ -451,6 +479,42 @@ fn idle_connection_does_not_block_the_api() {
         r
     );
     drop((idle, idle2));
+}
+
+#[test]
+fn trickling_client_gets_408_and_the_api_stays_usable() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let vm = Vmm::boot("trickle", "region=4 passes=0", &[]);
+    // A client that sends a byte every 100 ms and never ends its request:
+    // no single read waits long, but the whole request has a deadline.
+    let s = UnixStream::connect(&vm.sock).unwrap();
+    let mut r = s.try_clone().unwrap();
+    let trickler = thread::spawn(move || {
+        let mut w = &s;
+        let _ = w.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Slow: ");
+        // Until the VMM cuts it off, or far beyond the documented 10 s.
+        for _ in 0..1200 {
+            if w.write_all(b"a").is_err() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    r.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
+    let mut answer = String::new();
+    let _ = r.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "answer: {answer:?}");
+    assert!(answer.contains("whole request"), "{answer}");
+    drop(r);
+    assert!(
+        trickler.join().unwrap(),
+        "the trickling client was never cut off"
+    );
+    let (st, _) = vm.api("GET", "vmm.ping", None);
+    assert_eq!(st, 200);
+    assert_eq!(vm.state(), "running");
 }
 
 // ---------------------------------------------------------------------------

@@ -1,7 +1,15 @@
-//! Device state on the destination: a bounded reorder buffer per device in
-//! front of one load thread per device. The load thread starts on the
-//! device's first item, sets RESUMING and writes the data strictly in
-//! sequence order; at END it drops the fd and sets STOP.
+//! Device state on the destination: a reorder buffer per device in front of
+//! one load thread per device, all under one byte budget. The load thread
+//! starts on the device's first item, sets RESUMING and writes the data
+//! strictly in sequence order; at END it drops the fd and sets STOP.
+//!
+//! The budget (`ReceiveParams::device_buffer_bytes`) counts every item from
+//! the moment a reader is admitted to read its payload until the load
+//! thread has applied it: every reorder buffer, every chunk being read from
+//! any connection and every chunk being written to a device. Readers wait
+//! for budget before they allocate anything. The last [`HEADROOM`] bytes
+//! of it are kept for items that their device's load thread needs next, so
+//! the buffers cannot deadlock (see `docs/migration-protocol.md`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,11 +23,14 @@ use crate::error::MigrationError;
 use crate::net::{lock, Ctl, Notify, POLL_INTERVAL};
 use crate::stats::DeviceCounters;
 use crate::traits::{MigState, MigratableDevice};
-use crate::wire::DevItemKind;
+use crate::wire::{DevItemKind, MAX_DEVICE_CHUNK};
 use crate::worker::{self, Worker};
 
 /// Buffer cost of a marker item, so that markers are bounded too.
 const MARKER_COST: u64 = 4096;
+/// Part of the budget only items that their device needs next may use:
+/// one chunk of the largest size.
+pub const HEADROOM: u64 = MAX_DEVICE_CHUNK;
 
 /// A switch-over ack to send: (device index, bytes loaded, load µs).
 pub type Ack = (usize, u64, u64);
@@ -30,20 +41,45 @@ enum DevItem {
     End,
 }
 
-impl DevItem {
-    fn cost(&self) -> u64 {
-        match self {
-            DevItem::Data(d) => d.len() as u64,
-            _ => MARKER_COST,
-        }
+/// Budget cost of an item of `kind` with `len` payload bytes.
+fn cost_of(kind: DevItemKind, len: u64) -> u64 {
+    if kind.has_data() {
+        len
+    } else {
+        MARKER_COST
+    }
+}
+
+/// The budget shared by all devices and readers.
+///
+/// Invariant: `used <= bound` at all times; `peak` is the highest `used`.
+#[derive(Debug, Default)]
+struct Budget {
+    used: u64,
+    peak: u64,
+}
+
+/// Budget reserved for one item whose payload a reader is about to read
+/// ([`DeviceInbox::admit`]); handed to [`DeviceInbox::deliver`] with the
+/// payload. Dropped undelivered (a failed read), it gives the budget back.
+pub struct Admitted<'a> {
+    inbox: &'a DeviceInbox,
+    dev: usize,
+    seq: u64,
+    kind: DevItemKind,
+    cost: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.inbox.release(self.cost);
     }
 }
 
 #[derive(Default)]
 struct SlotState {
     next: u64,
-    buf: BTreeMap<u64, DevItem>,
-    bytes: u64,
+    buf: BTreeMap<u64, (DevItem, u64)>,
     end_seq: Option<u64>,
     started: bool,
     done: bool,
@@ -51,6 +87,9 @@ struct SlotState {
     /// Items whose effect on the device is complete (written, or for END
     /// the device left RESUMING). Invariant: `applied <= next`.
     applied: u64,
+    /// Since when the load thread has been applying its current item
+    /// (`Some` exactly while `applied < next`).
+    busy_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -62,14 +101,17 @@ struct Slot {
 /// The reorder buffers and load threads of all devices.
 ///
 /// Invariants: items are applied in sequence order, each sequence number at
-/// most once; a device's buffered bytes stay ≤ `bound` except for the item
-/// whose sequence number is the next expected one, which is always admitted
-/// (so the buffer can never deadlock against its own load thread).
+/// most once; the bytes admitted and not yet applied, all devices and
+/// readers together, stay ≤ `bound`; beyond `bound - HEADROOM` only an item
+/// whose sequence number is its device's next expected one is admitted (so
+/// the buffers can never deadlock against their own load threads).
 pub struct DeviceInbox {
     slots: Vec<Slot>,
     devices: Vec<Arc<dyn MigratableDevice>>,
     counters: Vec<Arc<DeviceCounters>>,
     bound: u64,
+    budget: Mutex<Budget>,
+    budget_cv: Condvar,
     ctl: Arc<Ctl>,
     acks: Mutex<Sender<Ack>>,
     notify: Arc<Notify>,
@@ -77,7 +119,8 @@ pub struct DeviceInbox {
 }
 
 impl DeviceInbox {
-    /// Buffers for `devices`, each bounded by `bound` bytes.
+    /// Buffers for `devices`, all together bounded by `bound` bytes
+    /// (at least [`HEADROOM`]: smaller values are raised to it).
     pub fn new(
         devices: Vec<Arc<dyn MigratableDevice>>,
         counters: Vec<Arc<DeviceCounters>>,
@@ -90,7 +133,9 @@ impl DeviceInbox {
             slots: devices.iter().map(|_| Slot::default()).collect(),
             devices,
             counters,
-            bound,
+            bound: bound.max(HEADROOM),
+            budget: Mutex::new(Budget::default()),
+            budget_cv: Condvar::new(),
             ctl,
             acks: Mutex::new(acks),
             notify,
@@ -113,70 +158,166 @@ impl DeviceInbox {
         self.devices[dev].id()
     }
 
-    /// Hands an item to device `dev`'s buffer, waiting while the buffer is
-    /// full (unless `seq` is the next expected). Duplicates, items after the
-    /// end of the stream and a stalled buffer are errors.
-    pub fn deliver(
-        self: &Arc<Self>,
+    /// Checks item `seq` of `kind` (`len` payload bytes) for device `dev`
+    /// against its stream (duplicates, items after the end, an END before
+    /// buffered items, and with `in_order` anything but the next expected
+    /// item are errors), then waits until the budget admits it: always
+    /// within `bound - HEADROOM`, and within `bound` if it is the next item
+    /// its device needs. Nothing is allocated before this returns. Waiting
+    /// with no item applied anywhere for the stall timeout is an error.
+    pub fn admit(
+        &self,
         dev: usize,
         seq: u64,
         kind: DevItemKind,
+        len: u64,
+        in_order: bool,
+    ) -> Result<Admitted<'_>, MigrationError> {
+        self.check_index(dev as u64)?;
+        let cost = cost_of(kind, len);
+        let mut since = (Instant::now(), self.progress());
+        loop {
+            let next = {
+                let st = lock(&self.slots[dev].st);
+                self.check_item(dev, &st, seq, kind)?;
+                if in_order && seq != st.next {
+                    return Err(MigrationError::proto(format!(
+                        "device {}: state chunk {seq} out of order on the main connection \
+                         (expected {})",
+                        self.id(dev),
+                        st.next
+                    )));
+                }
+                st.next
+            };
+            {
+                let mut b = lock(&self.budget);
+                let limit = if seq == next {
+                    self.bound
+                } else {
+                    self.bound - HEADROOM
+                };
+                if b.used + cost <= limit {
+                    b.used += cost;
+                    b.peak = b.peak.max(b.used);
+                    return Ok(Admitted {
+                        inbox: self,
+                        dev,
+                        seq,
+                        kind,
+                        cost,
+                    });
+                }
+                let now = self.progress();
+                if now != since.1 {
+                    since = (Instant::now(), now);
+                } else if since.0.elapsed() > self.ctl.stall {
+                    return Err(self.budget_stalled(dev, seq, next));
+                }
+                let _ = self
+                    .budget_cv
+                    .wait_timeout(b, POLL_INTERVAL)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            self.ctl.check()?;
+        }
+    }
+
+    /// The error of an item that waited for budget for the stall timeout:
+    /// a device that does not take its data, or (nothing being applied
+    /// anywhere) a peer that filled the budget with items that cannot be
+    /// applied yet.
+    fn budget_stalled(&self, dev: usize, seq: u64, next: u64) -> MigrationError {
+        let busy = self.slots.iter().position(|s| {
+            let st = lock(&s.st);
+            st.applied < st.next || st.buf.contains_key(&st.next)
+        });
+        if let Some(stuck) = busy {
+            return MigrationError::device(
+                self.id(stuck),
+                format!(
+                    "device state budget of {} bytes full and not draining for the stall \
+                     timeout: the device is not loading its state",
+                    self.bound
+                ),
+            );
+        }
+        MigrationError::proto(format!(
+            "device state budget of {} bytes (device_buffer_bytes) exhausted by chunks that \
+             cannot be applied: device {} chunk {seq} waits while the device needs chunk {next}",
+            self.bound,
+            self.id(dev)
+        ))
+    }
+
+    /// Stream checks of item `seq` of `kind` against device `dev`'s state.
+    fn check_item(
+        &self,
+        dev: usize,
+        st: &SlotState,
+        seq: u64,
+        kind: DevItemKind,
+    ) -> Result<(), MigrationError> {
+        if seq < st.next || st.buf.contains_key(&seq) {
+            return Err(MigrationError::device(
+                self.id(dev),
+                format!("duplicate state chunk {seq}"),
+            ));
+        }
+        if let Some(e) = st.end_seq {
+            if seq > e || kind == DevItemKind::End {
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    format!("chunk {seq} after the end of its stream ({e})"),
+                ));
+            }
+        }
+        if kind == DevItemKind::End && st.buf.keys().next_back().is_some_and(|&k| k > seq) {
+            return Err(MigrationError::device(
+                self.id(dev),
+                format!("end of stream at {seq} before buffered chunks"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives `cost` bytes of budget back.
+    fn release(&self, cost: u64) {
+        let mut b = lock(&self.budget);
+        b.used = b.used.saturating_sub(cost);
+        drop(b);
+        self.budget_cv.notify_all();
+    }
+
+    /// Highest budget use so far, in bytes (at most the bound).
+    pub fn peak_bytes(&self) -> u64 {
+        lock(&self.budget).peak
+    }
+
+    /// Hands the payload of an admitted item to its device's buffer (the
+    /// budget it holds stays taken until the item was applied). The stream
+    /// checks run again: another reader may have delivered the same
+    /// sequence number meanwhile.
+    pub fn deliver(
+        self: &Arc<Self>,
+        mut t: Admitted<'_>,
         data: Vec<u8>,
     ) -> Result<(), MigrationError> {
-        self.check_index(dev as u64)?;
+        let (dev, seq, kind, cost) = (t.dev, t.seq, t.kind, t.cost);
         let item = match kind {
             DevItemKind::PrecopyData | DevItemKind::StopCopyData => DevItem::Data(data),
             DevItemKind::InitialDone => DevItem::InitialDone,
             DevItemKind::End => DevItem::End,
         };
-        let cost = item.cost();
         let slot = &self.slots[dev];
         let mut st = lock(&slot.st);
-        let mut since = (Instant::now(), st.progress);
-        loop {
-            if seq < st.next || st.buf.contains_key(&seq) {
-                return Err(MigrationError::device(
-                    self.id(dev),
-                    format!("duplicate state chunk {seq}"),
-                ));
-            }
-            if let Some(e) = st.end_seq {
-                if seq > e || matches!(item, DevItem::End) {
-                    return Err(MigrationError::device(
-                        self.id(dev),
-                        format!("chunk {seq} after the end of its stream ({e})"),
-                    ));
-                }
-            }
-            if matches!(item, DevItem::End) && st.buf.keys().next_back().is_some_and(|&k| k > seq) {
-                return Err(MigrationError::device(
-                    self.id(dev),
-                    format!("end of stream at {seq} before buffered chunks"),
-                ));
-            }
-            if seq == st.next || st.bytes + cost <= self.bound {
-                break;
-            }
-            self.ctl.check()?;
-            if st.progress != since.1 {
-                since = (Instant::now(), st.progress);
-            } else if since.0.elapsed() > self.ctl.stall {
-                return Err(MigrationError::device(
-                    self.id(dev),
-                    "state reorder buffer full and not draining",
-                ));
-            }
-            st = slot
-                .cv
-                .wait_timeout(st, POLL_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.check_item(dev, &st, seq, kind)?;
         if matches!(item, DevItem::End) {
             st.end_seq = Some(seq);
         }
-        st.buf.insert(seq, item);
-        st.bytes += cost;
+        // The buffer owns the budget now; the load thread releases it.
+        t.cost = 0;
+        st.buf.insert(seq, (item, cost));
         let start = !st.started;
         st.started = true;
         drop(st);
@@ -235,12 +376,28 @@ impl DeviceInbox {
     /// path (`device_state = main`) calls this after each chunk, so devices
     /// load one chunk at a time, strictly one after another, as in QEMU's
     /// single-channel path.
+    ///
+    /// A device that applies nothing for the stall timeout fails the
+    /// migration, as a full reorder buffer that does not drain does in
+    /// channels mode.
     pub fn wait_applied(&self, dev: usize) -> Result<(), MigrationError> {
         self.check_index(dev as u64)?;
         let slot = &self.slots[dev];
         let mut st = lock(&slot.st);
+        let mut since = (Instant::now(), st.applied);
         while !(st.buf.is_empty() && st.applied == st.next) {
             self.ctl.check()?;
+            if st.applied != since.1 {
+                since = (Instant::now(), st.applied);
+            } else if since.0.elapsed() > self.ctl.stall {
+                return Err(MigrationError::device(
+                    self.id(dev),
+                    format!(
+                        "state not loading: the device took no data for the stall timeout ({:?})",
+                        self.ctl.stall
+                    ),
+                ));
+            }
             st = slot
                 .cv
                 .wait_timeout(st, POLL_INTERVAL)
@@ -252,8 +409,32 @@ impl DeviceInbox {
 
     fn mark_applied(&self, dev: usize) {
         let slot = &self.slots[dev];
-        lock(&slot.st).applied += 1;
+        let mut st = lock(&slot.st);
+        st.applied += 1;
+        st.busy_since = None;
+        drop(st);
         slot.cv.notify_all();
+    }
+
+    /// Fails for a device whose load thread has been applying one item for
+    /// longer than the stall timeout (a device that stopped taking its
+    /// data), in every device-state mode and phase.
+    pub fn check_loading(&self) -> Result<(), MigrationError> {
+        for (i, s) in self.slots.iter().enumerate() {
+            if lock(&s.st)
+                .busy_since
+                .is_some_and(|t| t.elapsed() > self.ctl.stall)
+            {
+                return Err(MigrationError::device(
+                    self.id(i),
+                    format!(
+                        "state not loading: the device took no data for the stall timeout ({:?})",
+                        self.ctl.stall
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Items applied so far, all devices (a progress measure).
@@ -272,17 +453,24 @@ impl DeviceInbox {
         for h in hs {
             let _ = worker::join(h);
         }
+        log::debug!(
+            "device state held in memory peaked at {} of {} bytes",
+            self.peak_bytes(),
+            self.bound
+        );
     }
 
-    fn next_item(&self, dev: usize) -> Result<DevItem, MigrationError> {
+    /// The next item of device `dev` in sequence order and its budget cost
+    /// (released by the caller once the item was applied).
+    fn next_item(&self, dev: usize) -> Result<(DevItem, u64), MigrationError> {
         let slot = &self.slots[dev];
         let mut st = lock(&slot.st);
         loop {
             let next = st.next;
             if let Some(item) = st.buf.remove(&next) {
                 st.next += 1;
-                st.bytes -= item.cost();
                 st.progress += 1;
+                st.busy_since = Some(Instant::now());
                 drop(st);
                 slot.cv.notify_all();
                 return Ok(item);
@@ -296,6 +484,7 @@ impl DeviceInbox {
         }
     }
 
+    /// The load thread of device `dev`.
     fn load(&self, dev: usize) -> Result<(), MigrationError> {
         let d = self.devices[dev].clone();
         let id = d.id().to_string();
@@ -307,7 +496,11 @@ impl DeviceInbox {
         );
         let (mut loaded, mut busy) = (0u64, Duration::ZERO);
         loop {
-            match self.next_item(dev)? {
+            let (item, cost) = self.next_item(dev)?;
+            // The budget of the item comes back once it was applied (also
+            // if applying it fails).
+            let _applied = Released(self, cost);
+            match item {
                 DevItem::Data(data) => {
                     let t = Instant::now();
                     if let Some(f) = f.as_mut() {
@@ -344,5 +537,150 @@ impl DeviceInbox {
                 }
             }
         }
+    }
+}
+
+/// Gives an item's budget back when dropped.
+struct Released<'a>(&'a DeviceInbox, u64);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+    use crate::api::CancelToken;
+    use crate::tests::{pattern, FakeDevice};
+
+    const MIB: u64 = 1 << 20;
+
+    fn inbox(n: usize, bound: u64) -> (Arc<DeviceInbox>, Vec<Arc<FakeDevice>>) {
+        let devs: Vec<Arc<FakeDevice>> = (0..n)
+            .map(|i| Arc::new(FakeDevice::new(&format!("d{i}"), true, vec![], vec![])))
+            .collect();
+        let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(2));
+        let (tx, _) = channel();
+        let inbox = DeviceInbox::new(
+            devs.iter()
+                .map(|d| d.clone() as Arc<dyn MigratableDevice>)
+                .collect(),
+            (0..n)
+                .map(|_| Arc::new(DeviceCounters::default()))
+                .collect(),
+            bound,
+            ctl,
+            tx,
+            Arc::new(Notify::default()),
+        );
+        (inbox, devs)
+    }
+
+    fn put(inbox: &Arc<DeviceInbox>, dev: usize, seq: u64, kind: DevItemKind, data: Vec<u8>) {
+        let t = inbox
+            .admit(dev, seq, kind, data.len() as u64, false)
+            .unwrap();
+        inbox.deliver(t, data).unwrap();
+    }
+
+    /// Two devices' streams of 1 MiB chunks from four "connections" (each
+    /// in its own order, like the source's per-connection FIFOs) under a
+    /// 32 MiB budget: everything loads, in order, and the memory held never
+    /// exceeded the budget.
+    #[test]
+    fn one_budget_for_all_devices_and_readers() {
+        let (inbox, devs) = inbox(2, 32 * MIB);
+        let chunks = 48u64;
+        let readers: Vec<_> = (0..4u64)
+            .map(|r| {
+                let inbox = inbox.clone();
+                std::thread::spawn(move || {
+                    for seq in (0..chunks).filter(|s| s % 4 == r) {
+                        for dev in 0..2 {
+                            let data = pattern((seq + dev as u64) as u8, MIB as usize);
+                            put(&inbox, dev, seq, DevItemKind::PrecopyData, data);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        for dev in 0..2 {
+            put(&inbox, dev, chunks, DevItemKind::End, vec![]);
+        }
+        while !inbox.all_done() {
+            inbox.ctl.check().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        inbox.join();
+        for (dev, d) in devs.iter().enumerate() {
+            let want: Vec<u8> = (0..chunks)
+                .flat_map(|seq| pattern((seq + dev as u64) as u8, MIB as usize))
+                .collect();
+            assert!(*d.loaded.lock().unwrap() == Some(want), "device {dev}");
+        }
+        let peak = inbox.peak_bytes();
+        assert!(peak > 0 && peak <= 32 * MIB, "peak {peak}");
+        assert_eq!(lock(&inbox.budget).used, 0, "budget given back");
+    }
+
+    /// A peer that sends only chunks a device cannot apply yet (its chunk 0
+    /// never comes) fills the budget's ordinary part and then gets a
+    /// protocol error naming the budget; nothing beyond it was taken.
+    #[test]
+    fn chunks_that_cannot_be_applied_exhaust_the_budget_with_a_clear_error() {
+        let (inbox, _devs) = inbox(1, 32 * MIB);
+        let mut err = None;
+        for seq in 1..=40 {
+            match inbox.admit(0, seq, DevItemKind::PrecopyData, MIB, false) {
+                Ok(t) => inbox.deliver(t, vec![7; MIB as usize]).unwrap(),
+                Err(e) => {
+                    err = Some((seq, e));
+                    break;
+                }
+            }
+        }
+        let (seq, e) = err.expect("the budget never ran out");
+        assert_eq!(seq, 17, "16 MiB admitted (32 MiB less the headroom)");
+        let m = e.to_string();
+        assert!(
+            matches!(e, MigrationError::Protocol(_))
+                && m.contains("budget of 33554432 bytes")
+                && m.contains("d0")
+                && m.contains("needs chunk 0"),
+            "{m}"
+        );
+        assert_eq!(inbox.peak_bytes(), 16 * MIB);
+        // The item the device needs next is still admitted (headroom).
+        let t = inbox
+            .admit(0, 0, DevItemKind::PrecopyData, MIB, false)
+            .unwrap();
+        drop(t);
+        assert_eq!(
+            lock(&inbox.budget).used,
+            16 * MIB,
+            "an unused admission is given back"
+        );
+        inbox.ctl.fail(MigrationError::Aborted);
+        inbox.join();
+    }
+
+    /// On the main connection (`device_state = main`) items come in order.
+    #[test]
+    fn main_connection_items_must_be_in_order() {
+        let (inbox, _devs) = inbox(1, 32 * MIB);
+        let e = inbox
+            .admit(0, 3, DevItemKind::PrecopyData, 10, true)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("out of order"), "{e}");
+        inbox.ctl.fail(MigrationError::Aborted);
+        inbox.join();
     }
 }

@@ -8,7 +8,9 @@
 //!   --STATE--> Complete (restore, READY) -> AwaitCommit --COMMIT--> Start (start, RESUMED)
 //! Negotiate --SETUP refused or peer lost--> (ERROR frame, main closed) WaitMain
 //! any phase before Start completes --error/cancel/abort/peer death--> abort
-//!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed
+//!   (ERROR frame, threads joined, sockets closed, vm.discard()) -> Failed;
+//!   from Receive up to Start the ERROR is flagged "discarded" (the guest
+//!   never started here), so that the source may resume even after COMMIT
 //! ```
 //!
 //! The VM is started only after COMMIT arrived; from then on cancel is
@@ -28,19 +30,16 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{CancelToken, DeviceStateMode, ReceiveParams};
+use crate::api::{CancelToken, DeviceStateMode, ReceiveParams, DEFAULT_DEVICE_BUFFER};
 use crate::error::MigrationError;
 use crate::handshake::{Acceptor, Incoming};
-use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv, STALL_TIMEOUT};
+use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv};
 use crate::stats::{DeviceCounters, MigrationStats, Role, RxMeter};
 use crate::traits::{DestinationFactory, DestinationVm};
 use crate::wire::{self, Frame};
 use crate::worker::Workers;
 use devices::{Ack, DeviceInbox};
 use reader::ReaderCtx;
-
-/// Default per-device reorder buffer bound.
-pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
 
 /// What every phase of one receive shares.
 struct Ctx<'a> {
@@ -220,7 +219,7 @@ pub fn run(
         factory,
         bound,
         stats: stats.clone(),
-        ctl: Ctl::new(cancel.clone(), STALL_TIMEOUT),
+        ctl: Ctl::new(cancel.clone(), crate::testhook::stall_timeout()),
         acceptor: Acceptor::start(listener, tls)?,
         notify: Arc::new(Notify::default()),
         error_sent: Cell::new(false),
@@ -376,7 +375,20 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
             }
         }
         if !matches!(err, MigrationError::PeerAborted(_)) && !ctx.error_sent.get() {
-            main.send_message(|len| Frame::Error { len }, &err.to_string());
+            // Once the source's main reader listens (data flows), tell it
+            // whether the guest can have started here: only `start` itself
+            // may have run it; before, the VM is discarded unstarted and the
+            // source may resume even if it already wrote COMMIT.
+            let unstarted = matches!(
+                f.phase,
+                Phase::Receive(_) | Phase::Complete(..) | Phase::AwaitCommit(..)
+            );
+            let frame: fn(u64) -> Frame = if unstarted {
+                |len| Frame::Discarded { len }
+            } else {
+                |len| Frame::Error { len }
+            };
+            main.send_message(frame, &err.to_string());
         }
     }
     let vm = match f.phase {

@@ -226,9 +226,10 @@ fn run_reader(
                         ctx.chunk_max
                     )));
                 }
-                inbox.check_index(dev as u64)?;
+                // Budget first (waiting while it is spent), then the payload.
+                let t = inbox.admit(dev as usize, seq, item, len, false)?;
                 let data = recv_payload(s, len, &ctx.ctl, &what)?;
-                inbox.deliver(dev as usize, seq, item, data)?;
+                inbox.deliver(t, data)?;
             }
             Frame::Abort { len } => {
                 let m = recv_payload(s, len, &ctx.ctl, &what)?;

@@ -87,6 +87,7 @@ impl Receiving {
     /// Handles what arrived on main; `Some` once STATE arrived.
     fn receive(&mut self, ctx: &Ctx) -> Result<Option<StateMsg>, MigrationError> {
         pump(ctx, &self.p.s.main, &self.p.ack_rx)?;
+        self.p.inbox.check_loading()?;
         self.send_rates(ctx)?;
         self.rx.tick(&ctx.stats);
         let main = &self.p.s.main;
@@ -121,9 +122,11 @@ impl Receiving {
                     )));
                 }
                 let inbox = &self.p.inbox;
-                inbox.check_index(dev as u64)?;
+                // One device after another, in order: anything else is a
+                // protocol error here.
+                let t = inbox.admit(dev as usize, seq, item, len, true)?;
                 let data = recv_payload(&main.stream, len, &ctx.ctl, what)?;
-                inbox.deliver(dev as usize, seq, item, data)?;
+                inbox.deliver(t, data)?;
                 // The single-channel path is sequential end to end: the next
                 // frame is read only once this chunk is in the device.
                 inbox.wait_applied(dev as usize)?;

@@ -21,6 +21,41 @@ use crate::worker::Workers;
 /// Pause between `precopy_info` polls when a device has nothing to hand out.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
+/// Fails a device that reports initial pre-copy data but hands none out for
+/// the stall timeout: the same limit as a data fd that stays unreadable
+/// ([`read_chunk`]), for both device-state modes.
+struct InitialStall {
+    last: Instant,
+}
+
+impl InitialStall {
+    fn new() -> Self {
+        InitialStall {
+            last: Instant::now(),
+        }
+    }
+
+    /// Data came out of the device.
+    fn progress(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Nothing came out although `initial` bytes are reported.
+    fn idle(&self, ctl: &Ctl, id: &str, initial: u64) -> Result<(), MigrationError> {
+        if self.last.elapsed() > ctl.stall {
+            return Err(MigrationError::device(
+                id,
+                format!(
+                    "reports {initial} bytes of initial pre-copy data but handed out none \
+                     for the stall timeout ({:?})",
+                    ctl.stall
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a device pre-copies in this migration.
 pub fn does_precopy(dev: &dyn MigratableDevice, enabled: bool) -> bool {
     enabled && dev.caps().pre_copy
@@ -180,6 +215,7 @@ fn save_thread(
                 .ok_or_else(|| MigrationError::device(&id, "PRE_COPY returned no data fd"))?,
         );
         let mut announced = false;
+        let mut stall = InitialStall::new();
         while *lock(&ph.0) == Phase::PreCopy {
             ctl.check()?;
             let info = dev
@@ -207,9 +243,13 @@ fn save_thread(
                 Vec::new()
             };
             if buf.is_empty() {
+                if !announced {
+                    stall.idle(ctl, &id, info.initial_bytes)?;
+                }
                 wait_phase(ph, IDLE_POLL);
                 continue;
             }
+            stall.progress();
             pool.push_device(idx, DevItemKind::PrecopyData, buf)?;
         }
     } else {
@@ -304,6 +344,7 @@ impl MainModeDevices {
                 .set_state(MigState::PreCopy)
                 .map_err(|e| berr(&id, "entering PRE_COPY", e))?
                 .ok_or_else(|| MigrationError::device(&id, "PRE_COPY returned no data fd"))?;
+            let mut stall = InitialStall::new();
             loop {
                 ctl.check()?;
                 let info = d.precopy_info().map_err(|e| berr(&id, "precopy_info", e))?;
@@ -312,9 +353,11 @@ impl MainModeDevices {
                 }
                 let buf = read_chunk(&f, (info.initial_bytes as usize).min(chunk), ctl, &id)?;
                 if buf.is_empty() {
+                    stall.idle(ctl, &id, info.initial_bytes)?;
                     std::thread::sleep(IDLE_POLL);
                     continue;
                 }
+                stall.progress();
                 me.send(main, ctl, i, DevItemKind::PrecopyData, &buf)?;
                 counters[i].transferred.fetch_add(buf.len() as u64, Relaxed);
             }

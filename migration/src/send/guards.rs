@@ -52,6 +52,15 @@ impl PausedVm {
     pub fn keep_paused(mut self) {
         self.vm = None;
     }
+
+    /// Re-arms the guard of a VM kept paused at COMMIT, for the one case in
+    /// which it may run again: the destination reported that it discarded
+    /// its VM without starting the guest ([`crate::wire::Frame::Discarded`]).
+    pub fn reclaim(vm: &Arc<dyn SourceVm>) -> PausedVm {
+        PausedVm {
+            vm: Some(vm.clone()),
+        }
+    }
 }
 
 impl Drop for PausedVm {
@@ -111,6 +120,15 @@ pub struct StopDevices {
 }
 
 impl StopDevices {
+    /// The destination discarded its VM without starting the guest (see
+    /// [`PausedVm::reclaim`]): the devices run here again, so the guard
+    /// becomes a [`RestoreDevices`].
+    pub fn reclaim(mut self) -> RestoreDevices {
+        RestoreDevices {
+            devices: std::mem::take(&mut self.devices),
+        }
+    }
+
     /// The migration completed: every device goes to STOP.
     pub fn migrated(mut self) {
         for d in std::mem::take(&mut self.devices) {

@@ -10,19 +10,22 @@ use std::time::{Duration, Instant};
 
 use crate::api::CancelToken;
 use crate::error::MigrationError;
-use crate::net::{lock, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv, STALL_TIMEOUT};
+use crate::net::{lock, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv};
 use crate::stats::DeviceCounters;
 use crate::wire::{self, Frame};
 use crate::worker::{self, Worker};
 
 /// What the main-connection reader learned from the destination.
 ///
-/// Invariants: `ready` and `resumed` are set at most once; `resumed` only
-/// after `commit_sent`.
+/// Invariants: `ready` and `resumed` are set at most once; `ready` only
+/// after `state_sent`, `resumed` only after `commit_sent`; `discarded` only
+/// with `remote_error`.
 #[derive(Debug, Default)]
 pub struct FromDest {
     /// Per device: (bytes loaded, load µs) once its initial data was loaded.
     pub acks: Mutex<Vec<Option<(u64, u64)>>>,
+    /// Set just before STATE is written; READY before it is a violation.
+    pub state_sent: AtomicBool,
     /// READY arrived: the destination restored the state and waits for COMMIT.
     pub ready: AtomicBool,
     /// Set just before COMMIT is written; RESUMED before it is a violation.
@@ -31,6 +34,10 @@ pub struct FromDest {
     pub resumed: Mutex<Option<u64>>,
     /// The text of an ERROR frame from the destination.
     pub remote_error: Mutex<Option<String>>,
+    /// That ERROR said the destination discarded its VM without starting
+    /// the guest ([`Frame::Discarded`]): the source may resume even after
+    /// COMMIT.
+    pub discarded: AtomicBool,
     /// Notified on every frame and on failure.
     pub notify: Notify,
 }
@@ -78,7 +85,7 @@ impl Link {
         counters: &[Arc<DeviceCounters>],
     ) -> Result<Link, MigrationError> {
         let stop = CancelToken::default();
-        let rctl = Ctl::new(stop.clone(), STALL_TIMEOUT);
+        let rctl = Ctl::new(stop.clone(), ctl.stall);
         let (m, c, fd, cnt) = (
             main.clone(),
             ctl.clone(),
@@ -148,7 +155,7 @@ pub fn remote_cause(err: MigrationError, fd: &FromDest) -> MigrationError {
 
 /// Reads the destination's frames on the main connection until RESUMED,
 /// ERROR, EOF or stop; reports problems through `ctl`. READY is accepted
-/// once, RESUMED only after COMMIT was sent; RATE updates a device's load
+/// once and only after STATE was sent, RESUMED only after COMMIT was sent; RATE updates a device's load
 /// rate (the convergence estimate reads it).
 fn main_reader(
     main: &MainConn,
@@ -229,6 +236,11 @@ fn main_reader(
                     Ok(false)
                 }
                 Frame::Ready => {
+                    if !fd.state_sent.load(SeqCst) {
+                        return Err(MigrationError::proto(
+                            "READY from the destination before STATE was sent",
+                        ));
+                    }
                     if fd.ready.swap(true, SeqCst) {
                         return Err(MigrationError::proto(
                             "duplicate READY from the destination",
@@ -247,6 +259,13 @@ fn main_reader(
                 Frame::Error { len } => {
                     let m = wire::message_text(&recv_payload(&main.stream, len, rctl, what)?);
                     *lock(&fd.remote_error) = Some(m.clone());
+                    ctl.fail(MigrationError::Remote(m));
+                    Ok(true)
+                }
+                Frame::Discarded { len } => {
+                    let m = wire::message_text(&recv_payload(&main.stream, len, rctl, what)?);
+                    *lock(&fd.remote_error) = Some(m.clone());
+                    fd.discarded.store(true, SeqCst);
                     ctl.fail(MigrationError::Remote(m));
                     Ok(true)
                 }

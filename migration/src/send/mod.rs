@@ -10,6 +10,8 @@
 //!   threads joined, devices RUNNING, VM resumed, dirty log off -> Failed
 //! Committed --peer death/ERROR/stall--> abort: threads joined, devices STOP,
 //!   VM LEFT PAUSED, dirty log off -> Failed(CommitUncertain)
+//! Committed --ERROR flagged "discarded" (the destination never started the
+//!   guest)--> abort as before COMMIT (no ABORT frame) -> Failed
 //! ```
 //!
 //! Each [`Phase`] variant owns exactly the resources of that phase, and the
@@ -46,7 +48,7 @@ use crate::api::{CancelToken, SendParams};
 use crate::error::MigrationError;
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{parse_url, url_host, Dial};
-use crate::net::{Channel, Ctl, MainConn, STALL_TIMEOUT};
+use crate::net::{Channel, Ctl, MainConn};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
 use crate::wire::Frame;
@@ -209,7 +211,7 @@ pub fn run(
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
 ) -> Result<(), MigrationError> {
-    let ctl = Ctl::new(cancel.clone(), STALL_TIMEOUT);
+    let ctl = Ctl::new(cancel.clone(), crate::testhook::stall_timeout());
     let dial = match dial_for(p) {
         Ok(d) => d,
         Err(e) => {
@@ -256,9 +258,8 @@ pub fn run(
             Ok(())
         }
         Err(f) => {
-            let committed = matches!(f.phase, Phase::Committed(_));
             let e = abort(&ctx, f);
-            ctx.stats.set_source_vm(if committed {
+            ctx.stats.set_source_vm(if e.is_commit_uncertain() {
                 SourceVmOutcome::PausedUncertain
             } else {
                 SourceVmOutcome::Resumed
@@ -302,7 +303,10 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
 /// Stops everything after a failure and returns the error to report.
 /// Before the commit point the VM runs again and devices are RUNNING; after
 /// it (phase `Committed`) the VM stays paused, devices go to STOP and the
-/// error is [`MigrationError::CommitUncertain`]. The phase's resources are
+/// error is [`MigrationError::CommitUncertain`], unless the destination
+/// reported that it discarded its VM without starting the guest
+/// ([`Frame::Discarded`]): then the VM runs again as before the commit
+/// point, and the error is the destination's. The phase's resources are
 /// released in this order: main link (ABORT, reader, keepalive), writers,
 /// device streams, devices, the paused VM, dirty logging.
 fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
@@ -407,6 +411,15 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             } = *c;
             let err = link.abort(err, true, fd);
             drop(data);
+            // The reader was joined: whether the destination reported a
+            // discarded, never started VM is final now.
+            if fd.discarded.load(std::sync::atomic::Ordering::SeqCst) {
+                log::warn!("the destination discarded its VM without starting it; resuming here");
+                drop(stop.reclaim());
+                drop(PausedVm::reclaim(&ctx.vm));
+                drop(dirty);
+                return err;
+            }
             drop(stop);
             drop(dirty);
             let err = match err {

@@ -103,6 +103,8 @@ impl Switching {
             pause_us: self.pause_at.1,
             len: state.len() as u64,
         };
+        // Before the write: READY can come back before `send` returns.
+        ctx.from_dest.state_sent.store(true, SeqCst);
         self.link
             .main
             .send(&frame, &state, &ctx.ctl, "sending the VM state")

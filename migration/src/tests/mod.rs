@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod bounds;
 mod devices;
 mod e2e;
 mod failures;

@@ -21,6 +21,10 @@ pub enum ConnRole {
     },
 }
 
+/// `a` of an ERROR frame whose sender discarded its VM unstarted
+/// ([`Frame::Discarded`]); a plain ERROR has 0.
+pub const ERROR_DISCARDED: u64 = 1;
+
 /// One frame as the state machines see it: the kind with its typed
 /// arguments. Payload lengths (`len`) are bounded as [`Header::decode`]
 /// checks; the payload itself follows the header on the wire.
@@ -41,6 +45,14 @@ pub enum Frame {
     Ok,
     /// Refusal or failure; a UTF-8 message of `len` bytes follows.
     Error {
+        /// Message bytes.
+        len: u64,
+    },
+    /// ERROR with `a` = [`ERROR_DISCARDED`]: the destination failed and
+    /// discarded its VM without ever starting the guest, and never will; a
+    /// UTF-8 message of `len` bytes follows. Unlike a plain ERROR it lets the
+    /// source resume its VM even after COMMIT.
+    Discarded {
         /// Message bytes.
         len: u64,
     },
@@ -136,7 +148,7 @@ impl Frame {
         match self {
             Frame::Hello { .. } => Kind::Hello,
             Frame::Ok => Kind::Ok,
-            Frame::Error { .. } => Kind::Error,
+            Frame::Error { .. } | Frame::Discarded { .. } => Kind::Error,
             Frame::Setup { .. } => Kind::Setup,
             Frame::Ram { .. } => Kind::Ram,
             Frame::Sync { .. } => Kind::Sync,
@@ -156,6 +168,7 @@ impl Frame {
     pub fn payload_len(&self) -> u64 {
         match *self {
             Frame::Error { len }
+            | Frame::Discarded { len }
             | Frame::Setup { len }
             | Frame::Abort { len }
             | Frame::Device { len, .. }
@@ -184,6 +197,7 @@ impl Frame {
                 h
             }
             Frame::Sync { pass } => h.args(pass, 0, 0),
+            Frame::Discarded { .. } => h.args(ERROR_DISCARDED, 0, 0),
             Frame::Device { dev, seq, item, .. } => h.args(dev as u64, seq, item as u64),
             Frame::State {
                 final_pass,
@@ -244,6 +258,8 @@ impl Frame {
                 Frame::Hello { role, connections }
             }
             Kind::Ok => Frame::Ok,
+            // `Header::decode` allows only 0 and ERROR_DISCARDED.
+            Kind::Error if h.a == ERROR_DISCARDED => Frame::Discarded { len: h.len },
             Kind::Error => Frame::Error { len: h.len },
             Kind::Setup => Frame::Setup { len: h.len },
             Kind::Ram => Frame::Ram {
@@ -301,6 +317,7 @@ mod tests {
             },
             Frame::Ok,
             Frame::Error { len: 12 },
+            Frame::Discarded { len: 7 },
             Frame::Setup { len: 300 },
             Frame::Ram {
                 pass: 2,
@@ -436,5 +453,11 @@ mod tests {
             Frame::Error { len: 3 },
             Header::new(Kind::Error, s).with_len(3),
         );
+        eq(
+            Frame::Discarded { len: 3 },
+            Header::new(Kind::Error, s).args(1, 0, 0).with_len(3),
+        );
+        let bad = Header::new(Kind::Error, s).args(2, 0, 0).with_len(3);
+        assert!(Frame::decode(&bad.encode()).is_err());
     }
 }

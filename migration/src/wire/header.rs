@@ -159,6 +159,10 @@ impl Header {
                     return Err(self.invalid(format!("index {} of {}", self.b, self.c)));
                 }
             }
+            // 0: plain ERROR; 1: the VM was discarded unstarted.
+            Kind::Error if self.a > super::ERROR_DISCARDED => {
+                return Err(self.invalid(format!("unknown ERROR flavour {}", self.a)));
+            }
             Kind::Ack | Kind::Rate if self.a >= MAX_DEVICES as u64 => {
                 return Err(self.invalid(format!("device index {}", self.a)));
             }

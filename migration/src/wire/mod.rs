@@ -18,7 +18,7 @@ mod header;
 mod ranges;
 mod setup;
 
-pub use frame::{ConnRole, Envelope, Frame};
+pub use frame::{ConnRole, Envelope, Frame, ERROR_DISCARDED};
 pub use header::Header;
 pub use ranges::{decode_ranges, resolve, RangeEntry, ResolvedRange};
 pub use setup::{DeviceDesc, Setup};

@@ -2,6 +2,7 @@
 //! [`Request`] ([`translate`]), and an outcome becomes a [`Reply`]
 //! ([`reply_for`]). Nothing here looks at or changes the VMM.
 
+use migration::api::{Limit, RECEIVE_LIMITS, SEND_LIMITS};
 use migration::{ReceiveParams, SendParams};
 use serde_json::{json, Value};
 
@@ -15,6 +16,26 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("invalid JSON body: {e}")))
 }
 
+/// A JSON object body typed as `T`, its numeric fields first checked
+/// against `limits` on the untyped JSON, so that a value serde would refuse
+/// (negative, fractional, too large for the type, not a number) still gets
+/// a 400 naming the field and its range.
+fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> Result<T, Reply> {
+    let v: Value = parse_body(body)?;
+    let Some(obj) = v.as_object() else {
+        return Err(Reply::error(400, "the body must be a JSON object"));
+    };
+    for l in limits {
+        match obj.get(l.field) {
+            None | Some(Value::Null) => {}
+            Some(n) => l
+                .check_untyped(n.as_u64(), n.as_f64(), n)
+                .map_err(|e| Reply::error(400, e.to_string()))?,
+        }
+    }
+    serde_json::from_value(v).map_err(|e| Reply::error(400, format!("invalid JSON body: {e}")))
+}
+
 /// The request of `route` with `body`; a 400 reply for an invalid body or
 /// invalid parameters.
 pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
@@ -26,14 +47,14 @@ pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
         Route::VmResume => Request::Resume,
         Route::VmShutdown => Request::VmShutdown,
         Route::SendMigration => {
-            let params: SendParams = parse_body(body)?;
+            let params: SendParams = typed_body(body, SEND_LIMITS)?;
             params
                 .validate()
                 .map_err(|e| Reply::error(400, e.to_string()))?;
             Request::SendMigration(params)
         }
         Route::ReceiveMigration => {
-            let params: ReceiveParams = parse_body(body)?;
+            let params: ReceiveParams = typed_body(body, RECEIVE_LIMITS)?;
             params
                 .validate()
                 .map_err(|e| Reply::error(400, e.to_string()))?;
@@ -170,6 +191,72 @@ mod tests {
         ] {
             let r = handle(&v, Route::SendMigration, body);
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    /// Every numeric field out of its range is a 400 that names the field
+    /// and the range, whether it is too small, too large or not a number
+    /// of the right kind (a huge timeout_s once panicked the send thread).
+    #[test]
+    fn numbers_out_of_range_are_400_naming_field_and_range() {
+        let v = vmm();
+        let send = |field: &str, val: &str, want: &str| {
+            let body = format!(r#"{{"destination_url":"tcp:127.0.0.1:1","{field}":{val}}}"#);
+            let r = handle(&v, Route::SendMigration, body.as_bytes());
+            assert_eq!(r.status, 400, "{body}");
+            let m = r.body.unwrap()["error"].as_str().unwrap().to_string();
+            assert!(m.contains(want), "{body}: {m}");
+        };
+        send("connections", "0", "connections must be in 1..=64, got 0");
+        send("connections", "65", "connections must be in 1..=64");
+        send("connections", "-3", "connections must be in 1..=64, got -3");
+        send("connections", "4294967297", "connections must be in 1..=64");
+        send(
+            "downtime_ms",
+            "3600001",
+            "downtime_ms must be in 0..=3600000",
+        );
+        send("downtime_ms", "1.5", "downtime_ms must be in 0..=3600000");
+        send(
+            "max_bandwidth_mbps",
+            "0",
+            "max_bandwidth_mbps must be in 0.1..=1048576",
+        );
+        send(
+            "max_bandwidth_mbps",
+            "1e308",
+            "max_bandwidth_mbps must be in",
+        );
+        send(
+            "max_bandwidth_mbps",
+            "\"fast\"",
+            "max_bandwidth_mbps must be in",
+        );
+        send(
+            "timeout_s",
+            "18446744073709551615",
+            "timeout_s must be in 1..=604800",
+        );
+        send("timeout_s", "0", "timeout_s must be in 1..=604800");
+        send(
+            "device_chunk_bytes",
+            "16777217",
+            "device_chunk_bytes must be in 4096..=16777216",
+        );
+        for (val, want) in [
+            (
+                "1",
+                "device_buffer_bytes must be in 16777216..=4294967296, got 1",
+            ),
+            ("4294967297", "device_buffer_bytes must be in"),
+            ("-1", "device_buffer_bytes must be in"),
+        ] {
+            let body =
+                format!(r#"{{"receiver_url":"tcp:127.0.0.1:1","device_buffer_bytes":{val}}}"#);
+            let r = handle(&v, Route::ReceiveMigration, body.as_bytes());
+            assert_eq!(r.status, 400, "{body}");
+            let m = r.body.unwrap()["error"].as_str().unwrap().to_string();
+            assert!(m.contains(want), "{body}: {m}");
         }
     }
 

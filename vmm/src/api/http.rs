@@ -2,9 +2,13 @@
 //!
 //! One request per connection (`Connection: close`). Headers are limited to
 //! [`MAX_HEADER_BYTES`], bodies to [`MAX_BODY_BYTES`]; chunked bodies are
-//! refused. Nothing here panics on any input.
+//! refused. The whole request must arrive by one deadline
+//! ([`DeadlineReader`]), so a client that trickles bytes cannot hold a
+//! connection slot for longer than that. Nothing here panics on any input.
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 /// Largest request head (request line + headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -109,7 +113,40 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
     })
 }
 
-/// Reads one request from `stream` (which should have a read timeout).
+/// A UNIX stream read against one deadline for all reads together: each
+/// read waits at most until the deadline, and once it has passed every read
+/// fails with [`std::io::ErrorKind::TimedOut`] (which [`read_request`]
+/// answers with 408), however the client spaces its bytes.
+///
+/// Invariant: no read returns after `deadline` plus one scheduling delay.
+pub struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl<'a> DeadlineReader<'a> {
+    /// Reads of `stream` that must all be done within `limit` from now.
+    pub fn new(stream: &'a UnixStream, limit: Duration) -> Self {
+        DeadlineReader {
+            stream,
+            deadline: Instant::now() + limit,
+        }
+    }
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
+/// Reads one request from `stream` (a [`DeadlineReader`] bounds the whole
+/// request; a plain stream should at least have a read timeout).
 pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -299,6 +336,35 @@ mod tests {
         }
         many.extend(b"\r\n");
         assert_eq!(read(&many).unwrap_err().status, 400);
+    }
+
+    /// A client that sends one byte at a time, never finishing its request,
+    /// gets 408 once the deadline of the whole request has passed, although
+    /// no single read ever waits long.
+    #[test]
+    fn trickled_request_times_out_as_a_whole() {
+        let (server, client) = UnixStream::pair().unwrap();
+        let trickler = std::thread::spawn(move || {
+            let mut c = &client;
+            let _ = c.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Slow: ");
+            // Until the server gives up (the write then fails) or a bound far
+            // beyond the deadline (then the test fails below).
+            for _ in 0..600 {
+                if c.write_all(b"a").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        let e = read_request(&mut DeadlineReader::new(
+            &server,
+            Duration::from_millis(500),
+        ))
+        .unwrap_err();
+        assert_eq!(e.status, 408, "{e:?}");
+        drop(server);
+        assert!(trickler.join().unwrap(), "the trickler was never cut off");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use log::{debug, error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use super::handlers::{reply_for, translate};
-use super::http::{read_request, write_response};
+use super::http::{read_request, write_response, DeadlineReader};
 use super::routes::{allowed_method, route, Reply};
 use crate::control::{EventSink, VmmEvent};
 
@@ -32,7 +32,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_WAITING: usize = 64;
 /// How long a connection beyond [`MAX_CONNECTIONS`] waits for a slot.
 pub const SLOT_WAIT: Duration = Duration::from_secs(2);
-/// Time a client has to send its request.
+/// Time a client has to send its whole request (one deadline for all its
+/// bytes, not a limit per read: a client trickling bytes gets 408 after
+/// it); also the limit of each write of the answer.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors starting the server.
@@ -208,15 +210,28 @@ fn busy(stream: &mut UnixStream) {
 }
 
 /// Reads one request, has the control loop execute it, writes the answer.
-fn serve(mut stream: UnixStream, events: &EventSink) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+fn serve(stream: UnixStream, events: &EventSink) {
+    serve_within(stream, events, READ_TIMEOUT)
+}
+
+/// [`serve`] with `limit` for the whole request.
+fn serve_within(mut stream: UnixStream, events: &EventSink, limit: Duration) {
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let req = match read_request(&mut stream) {
+    let req = match read_request(&mut DeadlineReader::new(&stream, limit)) {
         Ok(r) => r,
         Err(e) => {
             debug!("API: bad request: {} ({})", e.message, e.status);
             if e.status != 0 {
-                let body = Reply::error(e.status, e.message).body;
+                let msg = if e.status == 408 {
+                    format!(
+                        "{}: the whole request must arrive within {} s",
+                        e.message,
+                        limit.as_secs_f64()
+                    )
+                } else {
+                    e.message
+                };
+                let body = Reply::error(e.status, msg).body;
                 let _ = write_response(&mut stream, e.status, body.as_ref(), &[]);
             }
             return;
@@ -250,4 +265,47 @@ fn serve(mut stream: UnixStream, events: &EventSink) {
     let _ = stream.shutdown(std::net::Shutdown::Both);
     // Only now may the loop act on the reply having left (e.g. exit).
     drop(delivered);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A trickling client is answered 408 and closed once the whole-request
+    /// deadline passed.
+    #[test]
+    fn trickling_client_gets_408_and_is_closed() {
+        let (sink, source) = crate::control::event_channel().unwrap();
+        let (server, client) = UnixStream::pair().unwrap();
+        let mut reader = client.try_clone().unwrap();
+        let trickler = std::thread::spawn(move || {
+            let mut c = &client;
+            let _ = c.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 60000\r\n\r\n{");
+            // Until the server cuts it off, or a bound far beyond the
+            // deadline (then the test fails below).
+            for _ in 0..600 {
+                if c.write_all(b" ").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        serve_within(server, &sink, Duration::from_millis(500));
+        let mut answer = String::new();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        reader.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(
+            answer.contains("whole request must arrive within"),
+            "{answer}"
+        );
+        drop(reader);
+        assert!(trickler.join().unwrap(), "the trickler was never cut off");
+        drop(source);
+    }
 }

@@ -75,7 +75,8 @@ enum Cmd {
     ReceiveMigration {
         /// tcp:HOST:PORT to listen on.
         url: String,
-        /// Per-device reorder buffer bound in bytes.
+        /// The destination's one budget for device state in memory, in
+        /// bytes (all devices and connections; 16 MiB to 4 GiB).
         #[arg(long)]
         device_buffer_bytes: Option<u64>,
         #[command(flatten)]
