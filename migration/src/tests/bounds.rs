@@ -347,7 +347,7 @@ fn device_consuming_nothing_fails_after_the_stall_timeout() {
         let dest = std::thread::spawn(move || {
             crate::testhook::set_stall(std::time::Duration::from_secs(2));
             let p: ReceiveParams =
-                serde_json::from_value(serde_json::json!({"receiver_url": "tcp:127.0.0.1:0"}))
+                serde_json::from_value(serde_json::json!({"receiver_url": "tcp:127.0.0.1:0", "tls": false}))
                     .unwrap();
             let factory = WithDevice(f2, dd);
             let stats = Arc::new(MigrationStats::default());
@@ -485,6 +485,7 @@ fn hostile_flood_of_device_chunks_hits_the_one_budget() {
         let p: ReceiveParams = serde_json::from_value(serde_json::json!({
             "receiver_url": "tcp:127.0.0.1:0",
             "device_buffer_bytes": 32 * MIB,
+            "tls": false,
         }))
         .unwrap();
         receive(
