@@ -119,6 +119,9 @@ pub struct ReceiveParams {
 fn tls_choice(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<&str>, MigrationError> {
     match (tls_dir.as_deref(), tls) {
         (Some(d), None | Some(true)) if !d.is_empty() => Ok(Some(d)),
+        (Some(""), _) => Err(MigrationError::InvalidParams(
+            "tls_dir is empty: give the directory holding ca.pem, cert.pem and key.pem".into(),
+        )),
         (Some(_), Some(false)) => Err(MigrationError::InvalidParams(
             "tls_dir is given but \"tls\" is false: choose one".into(),
         )),

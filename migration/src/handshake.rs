@@ -201,7 +201,7 @@ fn connect_once(
         Some((tls, host)) => {
             let conn = tls.connect(host)?;
             let deadline = Instant::now() + ctl.stall.min(CONNECT_TIMEOUT);
-            match Channel::handshake(s, conn.into(), deadline, &CancelToken::default(), true) {
+            match Channel::handshake(s, conn.into(), deadline, &|| ctl.stopped(), true) {
                 Ok(c) => c,
                 Err(TlsFailure::NotTls(first)) => return Err(plain_answer(&first, &what)),
                 Err(f) => return Err(MigrationError::tls_failure(f, &what)),
@@ -479,7 +479,8 @@ impl Handshake {
                     Ok(c) => c,
                     Err(e) => return log::warn!("TLS session for {peer}: {e}"),
                 };
-                match Channel::handshake(s, conn.into(), deadline, &self.stop, false) {
+                let stop = self.stop.clone();
+                match Channel::handshake(s, conn.into(), deadline, &|| stop.is_cancelled(), false) {
                     Ok(ch) => {
                         if let Err(msg) = tls.check_subject(ch.peer_leaf().as_deref()) {
                             log::warn!("migration connection from {peer} refused: {msg}");

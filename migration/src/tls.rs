@@ -35,18 +35,23 @@ fn tls_err(msg: impl Into<String>) -> MigrationError {
 }
 
 fn read_pem(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), MigrationError> {
+    use std::io::Read;
     let path = dir.join(name);
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| tls_err(format!("cannot read {}: {e}", path.display())))?;
-    if meta.len() > MAX_PEM_FILE {
+    let cannot = |e: std::io::Error| tls_err(format!("cannot read {}: {e}", path.display()));
+    let meta = std::fs::metadata(&path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(tls_err(format!("{} is not a regular file", path.display())));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
         return Err(tls_err(format!(
-            "{} is {} bytes, more than the {MAX_PEM_FILE} a PEM file may have",
-            path.display(),
-            meta.len()
+            "{} is larger than the {MAX_PEM_FILE} bytes a PEM file may have",
+            path.display()
         )));
     }
-    let bytes = std::fs::read(&path)
-        .map_err(|e| tls_err(format!("cannot read {}: {e}", path.display())))?;
     Ok((path, bytes))
 }
 
@@ -218,7 +223,10 @@ impl ServerTls {
     }
 
     /// Checks the verified client leaf certificate against the allowed
-    /// subjects. `Err` carries the refusal text sent to the peer.
+    /// subjects (names compare without regard to ASCII case, as DNS names
+    /// do). `Err` carries the refusal text sent to the peer; it names the
+    /// peer's own certificate names, not the allow-list (which is logged
+    /// here only).
     pub(crate) fn check_subject(&self, leaf: Option<&[u8]>) -> Result<(), String> {
         if self.allowed.is_empty() {
             return Ok(());
@@ -227,19 +235,24 @@ impl ServerTls {
             Some(der) => cert_names(der),
             None => Vec::new(),
         };
-        if names.iter().any(|n| self.allowed.iter().any(|a| a == n)) {
-            Ok(())
-        } else {
-            Err(format!(
-                "the source's certificate ({}) is not among the subjects this destination allows ({})",
-                if names.is_empty() {
-                    "no name".to_string()
-                } else {
-                    names.join(", ")
-                },
-                self.allowed.join(", ")
-            ))
+        if names
+            .iter()
+            .any(|n| self.allowed.iter().any(|a| a.eq_ignore_ascii_case(n)))
+        {
+            return Ok(());
         }
+        let names = if names.is_empty() {
+            "no name".to_string()
+        } else {
+            names.join(", ")
+        };
+        log::warn!(
+            "source certificate ({names}) not in tls_allowed_subjects ({})",
+            self.allowed.join(", ")
+        );
+        Err(format!(
+            "the source's certificate ({names}) is not among the subjects this destination allows"
+        ))
     }
 }
 
@@ -264,6 +277,21 @@ pub(crate) fn cert_names(der: &[u8]) -> Vec<String> {
     names
 }
 
+/// Explains an alert the peer sent after the handshake (`client`: this
+/// side is the source).
+pub(crate) fn describe_alert(a: rustls::AlertDescription, client: bool) -> String {
+    use rustls::AlertDescription as A;
+    match a {
+        A::UnknownCA | A::BadCertificate | A::CertificateRequired => {
+            describe(&rustls::Error::AlertReceived(a), client)
+        }
+        a => format!(
+            "the {} sent a TLS alert ({a:?}) and ended the connection",
+            if client { "destination" } else { "source" }
+        ),
+    }
+}
+
 /// Explains a TLS failure of the handshake. `client`: this side is the
 /// source. The text names who refused whom.
 pub(crate) fn describe(e: &rustls::Error, client: bool) -> String {
@@ -274,9 +302,13 @@ pub(crate) fn describe(e: &rustls::Error, client: bool) -> String {
         ("destination", "source")
     };
     match e {
-        E::InvalidCertificate(C::UnknownIssuer) | E::InvalidCertificate(C::BadSignature) => {
+        E::InvalidCertificate(C::UnknownIssuer) => {
             format!("the {me} refused the {peer}'s certificate: it is not signed by the {me}'s CA")
         }
+        E::InvalidCertificate(C::BadSignature) => format!(
+            "the {me} refused the {peer}'s certificate: a signature does not verify \
+             (not signed by the {me}'s CA, or the {peer}'s key does not match its certificate)"
+        ),
         E::InvalidCertificate(C::NotValidForName)
         | E::InvalidCertificate(C::NotValidForNameContext { .. }) => format!(
             "the {me} refused the {peer}'s certificate: it does not name the host of the destination URL"
@@ -288,9 +320,13 @@ pub(crate) fn describe(e: &rustls::Error, client: bool) -> String {
         E::NoCertificatesPresented => {
             format!("the {me} refused the {peer}: it presented no certificate")
         }
-        E::AlertReceived(A::UnknownCA) | E::AlertReceived(A::BadCertificate) => {
+        E::AlertReceived(A::UnknownCA) => {
             format!("the {peer} refused the {me}'s certificate: it is not signed by the {peer}'s CA")
         }
+        E::AlertReceived(A::BadCertificate) => format!(
+            "the {peer} refused the {me}'s certificate (bad certificate: not valid for the {peer}, \
+             e.g. not from its CA or not naming this host)"
+        ),
         E::AlertReceived(A::CertificateRequired) => {
             format!("the {peer} requires a certificate from the {me}")
         }

@@ -14,9 +14,8 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::lock;
 use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
-use crate::api::CancelToken;
+use super::{lock, POLL_INTERVAL};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs};
 use crate::tls;
@@ -73,10 +72,40 @@ struct Tls {
 }
 
 /// The send direction: sealed records waiting for the socket.
+///
+/// Invariant: `buf[off..]` are sealed bytes not yet written; the queue is
+/// compacted before records are added, so it never holds more than
+/// [`TX_HIGH`] plus one record.
 struct Tx {
     keys: Keys,
     buf: Vec<u8>,
     off: usize,
+}
+
+impl Tx {
+    fn compact(&mut self) {
+        if self.off > 0 {
+            self.buf.drain(..self.off);
+            self.off = 0;
+        }
+    }
+}
+
+/// After a failed handshake: sends rustls' alert, closes our write side and
+/// drains briefly, so that the peer reads the alert instead of a reset.
+fn send_alert_and_close(conn: &mut rustls::Connection, tcp: &TcpStream) {
+    let _ = conn.write_tls(&mut &*tcp);
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + std::time::Duration::from_millis(500);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        match (&*tcp).read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// The receive direction.
@@ -129,11 +158,11 @@ fn fill(
     pending: &mut Vec<u8>,
     want: usize,
     deadline: Instant,
-    stop: &CancelToken,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<(), TlsFailure> {
     let mut buf = [0u8; 16 << 10];
     while pending.len() < want {
-        if stop.is_cancelled() {
+        if stopped() {
             return Err(TlsFailure::Io(io::Error::other("stopped")));
         }
         if Instant::now() >= deadline {
@@ -177,7 +206,7 @@ impl Channel {
     }
 
     /// Runs the TLS handshake of `conn` over `tcp` (blocking with poll
-    /// timeouts) until done, `deadline`, or `stop`, then takes over the
+    /// timeouts) until done, `deadline`, or `stopped()`, then takes over the
     /// record layer with the session's keys. `client`: this side is the
     /// source (for error texts). Records are handed to rustls one at a
     /// time, so no byte after the handshake is consumed by it.
@@ -185,7 +214,7 @@ impl Channel {
         tcp: TcpStream,
         mut conn: rustls::Connection,
         deadline: Instant,
-        stop: &CancelToken,
+        stopped: &dyn Fn() -> bool,
         client: bool,
     ) -> Result<Channel, TlsFailure> {
         let mut pending: Vec<u8> = Vec::new();
@@ -195,7 +224,7 @@ impl Channel {
             if !conn.is_handshaking() {
                 break;
             }
-            fill(&tcp, &mut pending, HEADER, deadline, stop)?;
+            fill(&tcp, &mut pending, HEADER, deadline, stopped)?;
             // A TLS record starts with its content type (20..=23).
             if first && !(20..=23).contains(&pending[0]) {
                 return Err(TlsFailure::NotTls(pending));
@@ -207,15 +236,14 @@ impl Channel {
                     "TLS handshake record of {len} bytes is too large"
                 )));
             }
-            fill(&tcp, &mut pending, len, deadline, stop)?;
+            fill(&tcp, &mut pending, len, deadline, stopped)?;
             let mut rd = &pending[..len];
             while !rd.is_empty() {
                 if let Err(e) = conn.read_tls(&mut rd) {
                     return Err(TlsFailure::Io(e));
                 }
                 if let Err(e) = conn.process_new_packets() {
-                    // Let the peer see our alert before we close.
-                    let _ = conn.write_tls(&mut &tcp);
+                    send_alert_and_close(&mut conn, &tcp);
                     return Err(TlsFailure::Refused(tls::describe(&e, client)));
                 }
             }
@@ -294,6 +322,7 @@ impl Channel {
         };
         let mut rx = lock(&t.rx);
         let rx = &mut *rx;
+        let started = Instant::now();
         loop {
             if !rx.plain.is_empty() {
                 let n = take(&rx.buf[rx.plain.clone()]).min(rx.plain.len());
@@ -318,15 +347,18 @@ impl Channel {
                         APPLICATION_DATA => rx.plain = r,
                         ALERT => {
                             let a = &rx.buf[r];
-                            if a.get(1) == Some(&0) {
+                            if a.len() != 2 {
+                                return Err(tls_io(format!(
+                                    "malformed TLS alert of {} bytes",
+                                    a.len()
+                                )));
+                            }
+                            if a[1] == 0 {
                                 rx.closed = true; // close_notify
                                 return Ok(0);
                             }
-                            let d = rustls::AlertDescription::from(a.get(1).copied().unwrap_or(0));
-                            return Err(tls_io(tls::describe(
-                                &rustls::Error::AlertReceived(d),
-                                t.client,
-                            )));
+                            let d = rustls::AlertDescription::from(a[1]);
+                            return Err(tls_io(tls::describe_alert(d, t.client)));
                         }
                         HANDSHAKE => {
                             return Err(tls_io(
@@ -343,11 +375,22 @@ impl Channel {
                 }
             }
             if rx.eof {
-                return if have == 0 {
-                    Ok(0)
-                } else {
-                    Err(tls_io("the connection ended inside a TLS record".into()))
-                };
+                // Only close_notify ends a TLS stream: a bare TCP close
+                // may be a truncation (RFC 8446 §6.1).
+                return Err(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    if have == 0 {
+                        "the peer closed the connection without a TLS close_notify"
+                    } else {
+                        "the connection ended inside a TLS record"
+                    },
+                ));
+            }
+            // A peer that trickles a record must not keep us here: report
+            // no progress after one poll interval (the caller checks abort
+            // and its stall timer).
+            if started.elapsed() >= POLL_INTERVAL {
+                return Err(ErrorKind::WouldBlock.into());
             }
             // Need more bytes: keep the partial record at the front.
             if rx.start > 0 {
@@ -367,8 +410,9 @@ impl Channel {
 
     /// Accepts some of `buf` for sending: plain TCP writes it (a timeout
     /// error when nothing moved in one poll interval); TLS seals as much as
-    /// its queue takes into records and pushes them out. `Ok(0)` only for
-    /// an empty `buf`.
+    /// its queue takes into records and pushes them out. `Ok(0)` from TLS
+    /// means queued records moved but nothing more was accepted; a timeout
+    /// error means nothing moved at all.
     pub fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
         let Some(t) = &self.tls else {
             return match (&self.tcp).write(buf) {
@@ -377,8 +421,9 @@ impl Channel {
             };
         };
         let mut tx = lock(&t.tx);
+        tx.compact();
         let mut n = 0;
-        while n < buf.len() && tx.buf.len() - tx.off < TX_HIGH {
+        while n < buf.len() && tx.buf.len() < TX_HIGH {
             let take = (buf.len() - n).min(record::MAX_PLAINTEXT);
             let start = tx.buf.len();
             tx.buf.resize(start + HEADER, 0);
@@ -387,12 +432,8 @@ impl Channel {
             keys.seal(out, start, APPLICATION_DATA)?;
             n += take;
         }
-        match Self::push(&mut tx, &self.tcp) {
-            Ok(()) => {}
-            Err(e) if is_timeout(&e) && n > 0 => {}
-            Err(e) => return Err(e),
-        }
-        if n == 0 && !buf.is_empty() {
+        let pushed = Self::push(&mut tx, &self.tcp)?;
+        if n == 0 && pushed == 0 && !buf.is_empty() {
             return Err(ErrorKind::WouldBlock.into());
         }
         Ok(n)
@@ -409,8 +450,9 @@ impl Channel {
             return Ok(0);
         };
         let mut tx = lock(&t.tx);
+        tx.compact();
         let mut n = 0;
-        while !v.is_empty() && tx.buf.len() - tx.off < TX_HIGH {
+        while !v.is_empty() && tx.buf.len() < TX_HIGH {
             let start = tx.buf.len();
             tx.buf.resize(start + HEADER + record::MAX_PLAINTEXT, 0);
             let got = v.copy_out(&mut tx.buf[start + HEADER..]);
@@ -419,42 +461,52 @@ impl Channel {
             keys.seal(out, start, APPLICATION_DATA)?;
             n += got;
         }
-        match Self::push(&mut tx, &self.tcp) {
-            Ok(()) => {}
-            Err(e) if is_timeout(&e) && n > 0 => {}
-            Err(e) => return Err(e),
-        }
-        if n == 0 && !v.is_empty() {
+        let pushed = Self::push(&mut tx, &self.tcp)?;
+        if n == 0 && pushed == 0 && !v.is_empty() {
             return Err(ErrorKind::WouldBlock.into());
         }
         Ok(n)
     }
 
     /// Pushes sealed records out: `Ok(true)` when nothing is left (always
-    /// for plain TCP), `Ok(false)` when the socket is full.
+    /// for plain TCP), `Ok(false)` when some moved and some are left, a
+    /// timeout error when nothing moved in one poll interval.
     pub fn flush_some(&self) -> io::Result<bool> {
         let Some(t) = &self.tls else {
             return Ok(true);
         };
         let mut tx = lock(&t.tx);
-        match Self::push(&mut tx, &self.tcp) {
-            Ok(()) => Ok(true),
-            Err(e) if is_timeout(&e) => Ok(false),
-            Err(e) => Err(e),
+        let pushed = Self::push(&mut tx, &self.tcp)?;
+        if tx.off == tx.buf.len() {
+            return Ok(true);
         }
+        if pushed == 0 {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(false)
     }
 
-    fn push(tx: &mut Tx, tcp: &TcpStream) -> io::Result<()> {
-        while tx.off < tx.buf.len() {
+    /// Writes queued records for at most about one poll interval; returns
+    /// the bytes written (a full socket is not an error).
+    fn push(tx: &mut Tx, tcp: &TcpStream) -> io::Result<usize> {
+        let started = Instant::now();
+        let mut pushed = 0;
+        while tx.off < tx.buf.len() && started.elapsed() < POLL_INTERVAL {
             match (&*tcp).write(&tx.buf[tx.off..]) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => tx.off += n,
+                Ok(n) => {
+                    tx.off += n;
+                    pushed += n;
+                }
+                Err(e) if is_timeout(&e) => break,
                 Err(e) => return Err(e),
             }
         }
-        tx.buf.clear();
-        tx.off = 0;
-        Ok(())
+        if tx.off == tx.buf.len() {
+            tx.buf.clear();
+            tx.off = 0;
+        }
+        Ok(pushed)
     }
 
     /// Announces the end of what this side sends (TLS close_notify, best

@@ -168,7 +168,7 @@ pub fn write_full(s: &Channel, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), 
             ctl.check()?;
             match s.flush_some() {
                 Ok(true) => break,
-                Ok(false) => stalled(last)?,
+                Ok(false) => last = Instant::now(),
                 Err(e) if is_timeout(&e) => stalled(last)?,
                 Err(e) => return Err(MigrationError::io(what, e)),
             }
@@ -211,7 +211,7 @@ fn write_vecs_tls(
         ctl.check()?;
         match s.flush_some() {
             Ok(true) => return Ok(()),
-            Ok(false) => stalled(last)?,
+            Ok(false) => last = Instant::now(),
             Err(e) if is_timeout(&e) => stalled(last)?,
             Err(e) => return Err(MigrationError::io(what, e)),
         }

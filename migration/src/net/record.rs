@@ -117,17 +117,32 @@ impl Keys {
         start: usize,
         content_type: u8,
     ) -> Result<(), RecordError> {
+        // On any failure the record is removed again, so that plaintext
+        // never stays in a buffer that goes to the wire.
+        let r = self.seal_inner(out, start, content_type);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    fn seal_inner(
+        &mut self,
+        out: &mut Vec<u8>,
+        start: usize,
+        content_type: u8,
+    ) -> Result<(), RecordError> {
         let plain = out.len() - start - HEADER;
         if plain > MAX_PLAINTEXT {
             return Err(RecordError::Malformed(format!(
                 "record plaintext of {plain} bytes"
             )));
         }
+        let nonce = self.nonce()?;
         out.push(content_type);
         let len = (plain + 1 + TAG) as u16;
         let hdr = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
         out[start..start + HEADER].copy_from_slice(&hdr);
-        let nonce = self.nonce()?;
         let tag = self
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut out[start + HEADER..])
@@ -153,6 +168,11 @@ impl Keys {
             .iter()
             .rposition(|&b| b != 0)
             .ok_or_else(|| RecordError::Malformed("record without a content type".into()))?;
+        if end > MAX_PLAINTEXT {
+            return Err(RecordError::Malformed(format!(
+                "record plaintext of {end} bytes (record_overflow)"
+            )));
+        }
         Ok((plain[end], HEADER..HEADER + end))
     }
 }
@@ -229,5 +249,6 @@ mod tests {
             tx.seal(&mut rec, 0, APPLICATION_DATA),
             Err(RecordError::Exhausted)
         ));
+        assert!(rec.is_empty(), "a failed seal leaves no plaintext behind");
     }
 }

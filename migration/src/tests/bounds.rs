@@ -346,9 +346,10 @@ fn device_consuming_nothing_fails_after_the_stall_timeout() {
         let f2 = factory.clone();
         let dest = std::thread::spawn(move || {
             crate::testhook::set_stall(std::time::Duration::from_secs(2));
-            let p: ReceiveParams =
-                serde_json::from_value(serde_json::json!({"receiver_url": "tcp:127.0.0.1:0", "tls": false}))
-                    .unwrap();
+            let p: ReceiveParams = serde_json::from_value(
+                serde_json::json!({"receiver_url": "tcp:127.0.0.1:0", "tls": false}),
+            )
+            .unwrap();
             let factory = WithDevice(f2, dd);
             let stats = Arc::new(MigrationStats::default());
             receive(l, &factory, &p, &stats, &CancelToken::default()).map(|_| ())
