@@ -332,26 +332,38 @@ impl<D> IoVecs<'_, D> {
 }
 
 impl<'a> IoVecs<'a, Gather> {
-    /// Copies the next pending bytes into `dst` (as many as fit) and
-    /// advances past them; returns how many were copied. Used where the
-    /// bytes must pass through a transform (TLS) instead of `writev`.
-    pub fn copy_out(&mut self, dst: &mut [u8]) -> usize {
+    /// Appends up to `max` of the next pending bytes to `dst` and advances
+    /// past them; returns how many were appended. Used where the bytes must
+    /// pass through a transform (TLS) instead of `writev`.
+    pub fn append_to(&mut self, dst: &mut Vec<u8>, max: usize) -> usize {
+        dst.reserve(max);
+        let base = dst.len();
         let mut done = 0;
         for v in &self.iovs[self.start..] {
-            if done == dst.len() {
+            if done == max {
                 break;
             }
-            let n = v.iov_len.min(dst.len() - done);
-            // SAFETY: by the IoVecs invariant the entry describes `iov_len`
-            // readable bytes valid for the list's lifetime; `n <= iov_len`
-            // and `dst[done..done + n]` is in bounds. Guest memory may change
-            // under the copy (the guest runs): a byte copy with no
-            // reference into it is what the volatile contract allows.
+            let n = v.iov_len.min(max - done);
+            // SAFETY: the source entry describes `iov_len` readable bytes
+            // valid for the list's lifetime (IoVecs invariant) and
+            // `n <= iov_len`; the destination is `dst`'s spare capacity,
+            // which `reserve(max)` made at least `max >= done + n` bytes
+            // long past `base`. The regions cannot overlap (one is owned
+            // by `dst`). Guest memory may change under the copy (the
+            // guest runs): a byte copy with no reference into it is what
+            // the volatile contract allows.
             unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst[done..].as_mut_ptr(), n)
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base as *const u8,
+                    dst.as_mut_ptr().add(base + done),
+                    n,
+                )
             };
             done += n;
         }
+        // SAFETY: the `done` bytes past `base` were just initialized above,
+        // inside the reserved capacity.
+        unsafe { dst.set_len(base + done) };
         self.advance(done);
         done
     }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Ferry's live-migration benchmarks (issues #3 and #4).
+# Ferry's live-migration benchmarks (issues #3, #4 and #9).
 #
 # Usage: bash resources/bench/run.sh [PART] [ferry-bench options...]
-#   PART: all (default) | ram | idle | downtime | devices | limits
+#   PART: all (default) | ram | idle | downtime | devices | tls | limits
 #   e.g.  bash resources/bench/run.sh devices --runs 7
 #
 # Installs iperf3 (and the guest's assembler) if missing, builds the workspace

@@ -454,9 +454,8 @@ impl Channel {
         let mut n = 0;
         while !v.is_empty() && tx.buf.len() < TX_HIGH {
             let start = tx.buf.len();
-            tx.buf.resize(start + HEADER + record::MAX_PLAINTEXT, 0);
-            let got = v.copy_out(&mut tx.buf[start + HEADER..]);
-            tx.buf.truncate(start + HEADER + got);
+            tx.buf.extend_from_slice(&[0; HEADER]);
+            let got = v.append_to(&mut tx.buf, record::MAX_PLAINTEXT);
             let Tx { keys, buf: out, .. } = &mut *tx;
             keys.seal(out, start, APPLICATION_DATA)?;
             n += got;
