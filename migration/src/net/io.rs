@@ -138,43 +138,9 @@ pub fn read_full(s: &Channel, buf: &mut [u8], ctl: &Ctl, what: &str) -> Result<(
 /// `ctl.stall`.
 pub fn write_full(s: &Channel, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
     let mut done = 0;
-    let mut last = Instant::now();
-    let stalled = |last: Instant| {
-        if ctl.write_stalled(last) {
-            Err(MigrationError::Stalled(format!(
-                "cannot write for {:?} {what}",
-                ctl.stall
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    while done < buf.len() {
-        ctl.check()?;
-        match s.write_some(&buf[done..]) {
-            Ok(n) => {
-                done += n;
-                last = Instant::now();
-            }
-            Err(e) if is_timeout(&e) => stalled(last)?,
-            Err(e) if e.kind() == ErrorKind::WriteZero => {
-                return Err(MigrationError::PeerClosed(what.to_string()))
-            }
-            Err(e) => return Err(MigrationError::io(what, e)),
-        }
-    }
-    if s.is_tls() {
-        loop {
-            ctl.check()?;
-            match s.flush_some() {
-                Ok(true) => break,
-                Ok(false) => last = Instant::now(),
-                Err(e) if is_timeout(&e) => stalled(last)?,
-                Err(e) => return Err(MigrationError::io(what, e)),
-            }
-        }
-    }
-    Ok(())
+    write_loop(s, ctl, what, || {
+        (done < buf.len()).then(|| s.write_some(&buf[done..]).inspect(|n| done += n))
+    })
 }
 
 /// [`write_vecs`] over TLS: the bytes are sealed from where they lie into
@@ -184,6 +150,21 @@ fn write_vecs_tls(
     v: &mut IoVecs<'_, Gather>,
     ctl: &Ctl,
     what: &str,
+) -> Result<(), MigrationError> {
+    write_loop(s, ctl, what, || {
+        (!v.is_empty()).then(|| s.write_vecs_some(v))
+    })
+}
+
+/// Calls `step` (one bounded attempt to move bytes; `None` once all were
+/// taken) until done, then flushes a TLS channel's queue. Polls abort
+/// between attempts; a timeout error from an attempt means no progress,
+/// and no progress for `ctl.stall` (see [`Ctl::write_stalled`]) fails.
+fn write_loop(
+    s: &Channel,
+    ctl: &Ctl,
+    what: &str,
+    mut step: impl FnMut() -> Option<io::Result<usize>>,
 ) -> Result<(), MigrationError> {
     let mut last = Instant::now();
     let stalled = |last: Instant| {
@@ -196,16 +177,20 @@ fn write_vecs_tls(
             Ok(())
         }
     };
-    while !v.is_empty() {
+    loop {
         ctl.check()?;
-        match s.write_vecs_some(v) {
-            Ok(_) => last = Instant::now(),
-            Err(e) if is_timeout(&e) => stalled(last)?,
-            Err(e) if e.kind() == ErrorKind::WriteZero => {
+        match step() {
+            None => break,
+            Some(Ok(_)) => last = Instant::now(),
+            Some(Err(e)) if is_timeout(&e) => stalled(last)?,
+            Some(Err(e)) if e.kind() == ErrorKind::WriteZero => {
                 return Err(MigrationError::PeerClosed(what.to_string()))
             }
-            Err(e) => return Err(MigrationError::io(what, e)),
+            Some(Err(e)) => return Err(MigrationError::io(what, e)),
         }
+    }
+    if !s.is_tls() {
+        return Ok(());
     }
     loop {
         ctl.check()?;
