@@ -353,20 +353,7 @@ pub fn refuse_now(s: &Channel, session: u128, msg: &str, stop: &CancelToken) {
     net::send_message(s, session, |len| Frame::Error { len }, msg);
     s.close_write();
     let _ = s.tcp().set_read_timeout(Some(Duration::from_millis(50)));
-    let start = Instant::now();
-    let mut buf = [0u8; 4096];
-    while start.elapsed() < Duration::from_secs(1) && !stop.is_cancelled() {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
+    net::drain(s.tcp(), Duration::from_secs(1), &|| stop.is_cancelled());
 }
 
 fn accept_loop(
@@ -435,13 +422,7 @@ fn peek_first(s: &TcpStream, deadline: Instant, stop: &CancelToken) -> Option<u8
         match s.peek(&mut b) {
             Ok(0) => return None,
             Ok(_) => return Some(b[0]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if net::is_timeout(&e) => {}
             Err(_) => return None,
         }
     }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
-use super::{lock, POLL_INTERVAL};
+use super::{drain, is_timeout, lock, POLL_INTERVAL};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs};
 use crate::tls;
@@ -96,16 +96,7 @@ impl Tx {
 fn send_alert_and_close(conn: &mut rustls::Connection, tcp: &TcpStream) {
     let _ = conn.write_tls(&mut &*tcp);
     let _ = tcp.shutdown(std::net::Shutdown::Write);
-    let until = Instant::now() + std::time::Duration::from_millis(500);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < until {
-        match (&*tcp).read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if is_timeout(&e) => {}
-            Err(_) => break,
-        }
-    }
+    drain(tcp, std::time::Duration::from_millis(500), &|| false);
 }
 
 /// The receive direction.
@@ -130,13 +121,6 @@ impl std::fmt::Debug for Channel {
             .field("tls", &self.tls.is_some())
             .finish()
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-    )
 }
 
 /// Why a TLS handshake did not complete.
@@ -420,23 +404,9 @@ impl Channel {
                 r => r,
             };
         };
-        let mut tx = lock(&t.tx);
-        tx.compact();
-        let mut n = 0;
-        while n < buf.len() && tx.buf.len() < TX_HIGH {
-            let take = (buf.len() - n).min(record::MAX_PLAINTEXT);
-            let start = tx.buf.len();
-            tx.buf.resize(start + HEADER, 0);
-            tx.buf.extend_from_slice(&buf[n..n + take]);
-            let Tx { keys, buf: out, .. } = &mut *tx;
-            keys.seal(out, start, APPLICATION_DATA)?;
-            n += take;
-        }
-        let pushed = Self::push(&mut tx, &self.tcp)?;
-        if n == 0 && pushed == 0 && !buf.is_empty() {
-            return Err(ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
+        let mut v = IoVecs::with_storage(Vec::with_capacity(1));
+        v.push_bytes(buf);
+        self.seal_some(t, &mut v)
     }
 
     /// TLS only: seals the next bytes of the gather list `v` into records,
@@ -446,9 +416,15 @@ impl Channel {
     /// be taken in one poll interval. (On a plain channel it takes
     /// nothing: use `writev`.)
     pub fn write_vecs_some(&self, v: &mut IoVecs<'_, Gather>) -> io::Result<usize> {
-        let Some(t) = &self.tls else {
-            return Ok(0);
-        };
+        match &self.tls {
+            Some(t) => self.seal_some(t, v),
+            None => Ok(0),
+        }
+    }
+
+    /// The TLS send step of [`Channel::write_some`] and
+    /// [`Channel::write_vecs_some`].
+    fn seal_some(&self, t: &Tls, v: &mut IoVecs<'_, Gather>) -> io::Result<usize> {
         let mut tx = lock(&t.tx);
         tx.compact();
         let mut n = 0;

@@ -2,7 +2,7 @@
 //! zero-copy vectored transfers. No call blocks longer than
 //! [`POLL_INTERVAL`] without checking abort, cancel and stalls.
 
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -71,11 +71,30 @@ pub fn prepare_stream(s: &TcpStream, data: bool) -> Result<(), MigrationError> {
     Ok(())
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+/// Whether `e` only says that nothing happened within a socket timeout
+/// (or the call was interrupted): try again after checking abort.
+pub fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
     )
+}
+
+/// Reads and discards what the peer still sends, for up to `limit` or
+/// until it closes or `stopped()`: after our last words (an ERROR frame, a
+/// TLS alert) and our write shutdown, so that closing with unread input
+/// does not turn into a reset that loses them.
+pub fn drain(tcp: &TcpStream, limit: Duration, stopped: &dyn Fn() -> bool) {
+    let until = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until && !stopped() {
+        match (&*tcp).read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// What [`read_start`] found at a frame boundary.

@@ -19,8 +19,8 @@ pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
 pub use io::{
-    prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame, send_message,
-    set_big_buffers, write_vecs, Recv,
+    drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
+    send_message, set_big_buffers, write_vecs, Recv,
 };
 
 use std::sync::{Mutex, MutexGuard};
