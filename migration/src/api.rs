@@ -7,6 +7,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::MigrationError;
+pub use crate::events::{EventBatch, EventLog};
+pub use crate::live::{
+    LiveParams, MigrationParameters, ParametersUpdate, Policy, SwitchoverReason, Technique,
+};
 pub use crate::stats::{
     DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
 };
@@ -34,13 +38,43 @@ pub struct SendParams {
     /// Data connections, 1..=64.
     #[serde(default = "default_connections")]
     pub connections: u32,
-    /// Switch-over target in milliseconds (0: only when nothing is left, or
-    /// forced after 30 passes).
-    #[serde(default = "default_downtime_ms")]
-    pub downtime_ms: u64,
-    /// Optional throughput cap in MiB/s (> 0), shared by all connections.
+    /// Allowed downtime in milliseconds (0: switch over only when nothing
+    /// is left). `None` keeps the current parameter
+    /// ([`crate::live::MigrationParameters::downtime_ms`], 300 by default).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Deprecated name of `max_bandwidth_mib_s` (the unit was always MiB/s);
+    /// accepted for one release.
     #[serde(default)]
     pub max_bandwidth_mbps: Option<f64>,
+    /// Throughput cap in MiB/s shared by all connections (0: no cap).
+    #[serde(default)]
+    pub max_bandwidth_mib_s: Option<f64>,
+    /// Convergence policy (see [`crate::live::Policy`]).
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// Throttle the vCPUs when the migration stalls.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+    /// First throttle in percent (1..=99).
+    #[serde(default)]
+    pub throttle_initial_percent: Option<u32>,
+    /// Throttle added at each further stall (1..=99).
+    #[serde(default)]
+    pub throttle_increment_percent: Option<u32>,
+    /// Highest throttle (1..=99).
+    #[serde(default)]
+    pub throttle_max_percent: Option<u32>,
+    /// Seconds without progress that count as a stall.
+    #[serde(default)]
+    pub stall_limit_s: Option<u64>,
+    /// Seconds without progress after which the migration is cancelled (0:
+    /// never).
+    #[serde(default)]
+    pub progress_timeout_s: Option<u64>,
+    /// `pre-copy` or `post-copy` (post-copy from the first pass boundary).
+    #[serde(default)]
+    pub technique: Option<Technique>,
     /// Give up after this many seconds (1..=[`MAX_TIMEOUT_S`]); the source
     /// then resumes.
     #[serde(default = "default_timeout_s")]
@@ -64,15 +98,40 @@ pub struct SendParams {
     pub tls: Option<bool>,
 }
 
+impl SendParams {
+    /// A request to `destination_url` with every other field at its default
+    /// (plain TCP only if `tls` is then set to `Some(false)`).
+    pub fn to(destination_url: impl Into<String>) -> SendParams {
+        SendParams {
+            destination_url: destination_url.into(),
+            connections: default_connections(),
+            downtime_ms: None,
+            max_bandwidth_mbps: None,
+            max_bandwidth_mib_s: None,
+            policy: None,
+            auto_converge: None,
+            throttle_initial_percent: None,
+            throttle_increment_percent: None,
+            throttle_max_percent: None,
+            stall_limit_s: None,
+            progress_timeout_s: None,
+            technique: None,
+            timeout_s: default_timeout_s(),
+            device_state: DeviceStateMode::default(),
+            device_precopy: true,
+            device_chunk_bytes: default_chunk(),
+            tls_dir: None,
+            tls: None,
+        }
+    }
+}
+
 /// Largest `timeout_s` accepted: one week. The deadline is an `Instant`,
 /// which cannot hold an arbitrary number of seconds.
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 
 fn default_connections() -> u32 {
     4
-}
-fn default_downtime_ms() -> u64 {
-    300
 }
 fn default_timeout_s() -> u64 {
     3600
@@ -238,11 +297,7 @@ pub const LIMIT_CONNECTIONS: Limit = Limit {
     field: "connections",
     range: Range::Int(1, MAX_CONNECTIONS as u64),
 };
-/// `downtime_ms`: at most one hour.
-pub const LIMIT_DOWNTIME_MS: Limit = Limit {
-    field: "downtime_ms",
-    range: Range::Int(0, 3_600_000),
-};
+pub use crate::live::{LIMIT_DOWNTIME_MS, PARAM_LIMITS};
 /// `max_bandwidth_mbps` in MiB/s: 0.1 (a packet then takes seconds) up to
 /// 1 TiB/s (more than any link).
 pub const LIMIT_MAX_BANDWIDTH_MBPS: Limit = Limit {
@@ -282,14 +337,41 @@ impl SendParams {
     pub fn validate(&self) -> Result<(), MigrationError> {
         crate::handshake::parse_url(&self.destination_url)?;
         LIMIT_CONNECTIONS.check_int(self.connections as u64)?;
-        LIMIT_DOWNTIME_MS.check_int(self.downtime_ms)?;
         if let Some(b) = self.max_bandwidth_mbps {
             LIMIT_MAX_BANDWIDTH_MBPS.check_float(b)?;
         }
+        self.parameters_update()?.validate()?;
         LIMIT_TIMEOUT_S.check_int(self.timeout_s)?;
         LIMIT_DEVICE_CHUNK_BYTES.check_int(self.device_chunk_bytes)?;
         self.client_tls()?;
         Ok(())
+    }
+
+    /// The parameter fields this request names, as a change of the live
+    /// parameters (applied when the send starts). Refuses the deprecated
+    /// `max_bandwidth_mbps` together with a different `max_bandwidth_mib_s`.
+    pub fn parameters_update(&self) -> Result<ParametersUpdate, MigrationError> {
+        let bw =
+            match (self.max_bandwidth_mib_s, self.max_bandwidth_mbps) {
+                (Some(a), Some(b)) if a != b => return Err(MigrationError::InvalidParams(
+                    "max_bandwidth_mbps (deprecated) and max_bandwidth_mib_s differ: give only \
+                     max_bandwidth_mib_s"
+                        .into(),
+                )),
+                (a, b) => a.or(b),
+            };
+        Ok(ParametersUpdate {
+            policy: self.policy,
+            downtime_ms: self.downtime_ms,
+            max_bandwidth_mib_s: bw,
+            auto_converge: self.auto_converge,
+            throttle_initial_percent: self.throttle_initial_percent,
+            throttle_increment_percent: self.throttle_increment_percent,
+            throttle_max_percent: self.throttle_max_percent,
+            stall_limit_s: self.stall_limit_s,
+            progress_timeout_s: self.progress_timeout_s,
+            technique: self.technique,
+        })
     }
 
     /// The TLS configuration this request asks for (`None`: plain TCP),
@@ -357,12 +439,40 @@ pub fn send(
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
 ) -> Result<(), MigrationError> {
-    if let Err(e) = params.validate() {
+    send_with(vm, params, stats, cancel, &Hooks::default())
+}
+
+/// What a VMM shares with a running migration beyond its statistics: the
+/// live parameters (defaults between migrations) and the event log.
+/// `Hooks::default()` gives a migration its own of each.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// Parameters read at every decision; changed by the API meanwhile.
+    pub live: Arc<LiveParams>,
+    /// Where the migration reports its events.
+    pub events: Arc<EventLog>,
+}
+
+/// [`send`] with the VMM's live parameters and event log. The parameter
+/// fields `params` names are applied to `hooks.live` first (as
+/// `vm.migration-set-parameters` would), so they persist as defaults.
+pub fn send_with(
+    vm: Arc<dyn SourceVm>,
+    params: &SendParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
+    hooks: &Hooks,
+) -> Result<(), MigrationError> {
+    let applied = params
+        .validate()
+        .and_then(|()| params.parameters_update())
+        .and_then(|u| hooks.live.update(&u));
+    if let Err(e) = applied {
         stats.begin();
         stats.fail(&e);
         return Err(e);
     }
-    crate::send::run(vm, params, stats, cancel)
+    crate::send::run(vm, params, stats, cancel, hooks)
 }
 
 /// Receives one migration on `listener`. On success the VM has been started
@@ -377,12 +487,24 @@ pub fn receive(
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
 ) -> Result<Arc<dyn DestinationVm>, MigrationError> {
+    receive_with(listener, factory, params, stats, cancel, &Hooks::default())
+}
+
+/// [`receive`] reporting its events to `hooks.events`.
+pub fn receive_with(
+    listener: TcpListener,
+    factory: &dyn DestinationFactory,
+    params: &ReceiveParams,
+    stats: &Arc<MigrationStats>,
+    cancel: &CancelToken,
+    hooks: &Hooks,
+) -> Result<Arc<dyn DestinationVm>, MigrationError> {
     if let Err(e) = params.validate() {
         stats.begin();
         stats.fail(&e);
         return Err(e);
     }
-    crate::recv::run(listener, factory, params, stats, cancel)
+    crate::recv::run(listener, factory, params, stats, cancel, hooks)
 }
 
 #[cfg(test)]
@@ -450,16 +572,10 @@ mod tests {
     #[test]
     fn validate_checks_every_number() {
         let p = SendParams {
-            destination_url: "tcp:127.0.0.1:1".into(),
-            connections: 4,
-            downtime_ms: 300,
-            max_bandwidth_mbps: None,
+            downtime_ms: Some(300),
             timeout_s: 60,
-            device_state: DeviceStateMode::Channels,
-            device_precopy: true,
-            device_chunk_bytes: 1 << 20,
-            tls_dir: None,
             tls: Some(false),
+            ..SendParams::to("tcp:127.0.0.1:1")
         };
         p.validate().unwrap();
         let bad = |q: SendParams, want: &str| {
@@ -475,7 +591,7 @@ mod tests {
         );
         bad(
             SendParams {
-                downtime_ms: u64::MAX,
+                downtime_ms: Some(u64::MAX),
                 ..p.clone()
             },
             "downtime_ms must be in 0..=3600000",

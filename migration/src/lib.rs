@@ -29,8 +29,10 @@
 pub mod api;
 mod convergence;
 pub mod error;
+pub mod events;
 mod guest_mem;
 mod handshake;
+pub mod live;
 mod net;
 mod phase;
 mod recv;
@@ -46,7 +48,8 @@ mod worker;
 mod tests;
 
 pub use api::{
-    receive, send, CancelToken, DeviceStateMode, DeviceStatus, MigrationError, MigrationState,
-    MigrationStats, MigrationStatus, ReceiveParams, SendParams, SourceVmOutcome,
+    receive, receive_with, send, send_with, CancelToken, DeviceStateMode, DeviceStatus, Hooks,
+    MigrationError, MigrationState, MigrationStats, MigrationStatus, ReceiveParams, SendParams,
+    SourceVmOutcome,
 };
 pub use traits::*;

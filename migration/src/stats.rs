@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::live::{LiveParams, MigrationParameters, SwitchoverReason};
 use crate::net::lock;
 
 /// Overall state of a migration.
@@ -160,6 +161,24 @@ pub struct MigrationStatus {
     pub pause_time_us: Option<u64>,
     /// Destination resume time, µs since the Unix epoch.
     pub resume_time_us: Option<u64>,
+    /// Source only: the parameters in force (changed live by
+    /// `vm.migration-set-parameters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<MigrationParameters>,
+    /// Source only: the downtime the policy allows now, in ms (grows with
+    /// the `minimal-downtime` schedule).
+    #[serde(default)]
+    pub allowed_downtime_ms: u64,
+    /// Source only: percent of vCPU time taken away by auto-converge now
+    /// (0 once the migration ended, however it ended).
+    #[serde(default)]
+    pub cpu_throttle_percent: u64,
+    /// Source only: stalls seen (each `stall_limit_s` without progress).
+    #[serde(default)]
+    pub stalls: u64,
+    /// Why the source switched over, once it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_reason: Option<SwitchoverReason>,
 }
 
 /// Counters of one device. Updated by its save/load thread and the writers.
@@ -212,6 +231,11 @@ pub struct MigrationStats {
     pause_to_ack_ms: AtomicU64,
     pause_time_us: AtomicU64,
     resume_time_us: AtomicU64,
+    live: Mutex<Option<Arc<LiveParams>>>,
+    pub(crate) allowed_downtime_ms: AtomicU64,
+    pub(crate) cpu_throttle_percent: AtomicU64,
+    pub(crate) stalls: AtomicU64,
+    switchover_reason: Mutex<Option<SwitchoverReason>>,
 }
 
 /// Live receive throughput on the destination: samples
@@ -272,6 +296,8 @@ impl MigrationStats {
         self.source_vm.store(0, Relaxed);
         *lock(&self.error) = None;
         *lock(&self.started) = None;
+        *lock(&self.live) = None;
+        *lock(&self.switchover_reason) = None;
         for a in [
             &self.iteration,
             &self.connections,
@@ -282,6 +308,9 @@ impl MigrationStats {
             &self.throughput_bps,
             &self.dirty_rate_bps,
             &self.expected_downtime_ms,
+            &self.allowed_downtime_ms,
+            &self.cpu_throttle_percent,
+            &self.stalls,
         ] {
             a.store(0, Relaxed);
         }
@@ -313,6 +342,21 @@ impl MigrationStats {
     /// Current state.
     pub fn state(&self) -> MigrationState {
         MigrationState::from_u8(self.state.load(Relaxed))
+    }
+
+    /// Shows `live`'s values as `parameters` from now on.
+    pub(crate) fn set_live(&self, live: &Arc<LiveParams>) {
+        *lock(&self.live) = Some(live.clone());
+    }
+
+    /// Records why the source switched over.
+    pub(crate) fn set_switchover_reason(&self, r: SwitchoverReason) {
+        *lock(&self.switchover_reason) = Some(r);
+    }
+
+    /// Why the source switched over, once it did.
+    pub fn switchover_reason(&self) -> Option<SwitchoverReason> {
+        *lock(&self.switchover_reason)
     }
 
     pub(crate) fn set_role(&self, r: Role) {
@@ -441,6 +485,11 @@ impl MigrationStats {
             pause_to_ack_ms: opt(&self.pause_to_ack_ms),
             pause_time_us: opt(&self.pause_time_us),
             resume_time_us: opt(&self.resume_time_us),
+            parameters: lock(&self.live).as_ref().map(|l| l.get()),
+            allowed_downtime_ms: self.allowed_downtime_ms.load(Relaxed),
+            cpu_throttle_percent: self.cpu_throttle_percent.load(Relaxed),
+            stalls: self.stalls.load(Relaxed),
+            switchover_reason: self.switchover_reason(),
         }
     }
 }

@@ -100,6 +100,18 @@ pub trait SourceVm: Send + Sync {
 
     /// Devices with migratable (VFIO-v2-shaped) state, in a stable order.
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>>;
+
+    /// Throttles the vCPUs: each gets `percent` (0..=99) of its time taken
+    /// away while the VM runs, until set back to 0. Returns once the new
+    /// throttle is in force. The sender sets it back to 0 when the
+    /// migration ends however it ends. A VMM that cannot throttle refuses.
+    fn set_throttle(&self, percent: u32) -> BackendResult<()> {
+        if percent == 0 {
+            Ok(())
+        } else {
+            Err(BackendError::new("this VMM cannot throttle vCPUs"))
+        }
+    }
 }
 
 /// Builds the destination VM from a received configuration.

@@ -30,8 +30,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api::{CancelToken, DeviceStateMode, ReceiveParams, DEFAULT_DEVICE_BUFFER};
+use crate::api::{CancelToken, DeviceStateMode, Hooks, ReceiveParams, DEFAULT_DEVICE_BUFFER};
 use crate::error::MigrationError;
+use crate::events::EventLog;
 use crate::handshake::{Acceptor, Incoming};
 use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv};
 use crate::stats::{DeviceCounters, MigrationStats, Role, RxMeter};
@@ -51,6 +52,9 @@ struct Ctx<'a> {
     notify: Arc<Notify>,
     /// An ERROR frame naming the failure was already sent on main.
     error_sent: Cell<bool>,
+    /// Where events are reported.
+    #[allow(dead_code)]
+    events: Arc<EventLog>,
 }
 
 impl Ctx<'_> {
@@ -206,6 +210,7 @@ pub fn run(
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
+    hooks: &Hooks,
 ) -> Result<Arc<dyn DestinationVm>, MigrationError> {
     stats.begin();
     stats.set_role(Role::Destination);
@@ -223,6 +228,7 @@ pub fn run(
         acceptor: Acceptor::start(listener, tls)?,
         notify: Arc::new(Notify::default()),
         error_sent: Cell::new(false),
+        events: hooks.events.clone(),
     };
     let r = drive(&ctx);
     let r = match r {

@@ -33,6 +33,7 @@ mod guards;
 mod link;
 mod passes;
 mod pool;
+mod postcopy;
 mod setup;
 mod switchover;
 mod writer;
@@ -44,10 +45,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::{CancelToken, SendParams};
+use crate::api::{CancelToken, Hooks, SendParams};
 use crate::error::MigrationError;
+use crate::events::EventLog;
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{parse_url, url_host, Dial};
+use crate::live::LiveParams;
 use crate::net::{Channel, Ctl, MainConn};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
@@ -84,6 +87,10 @@ struct Ctx {
     start: Instant,
     /// How to reach the destination (addresses, TLS).
     dial: Dial,
+    /// The parameters, read at each decision (the API changes them).
+    live: Arc<LiveParams>,
+    /// Where events are reported.
+    events: Arc<EventLog>,
 }
 
 impl Ctx {
@@ -105,6 +112,8 @@ impl Ctx {
 /// before the sockets close.
 struct DataPlane {
     pool: Arc<Pool>,
+    /// The writers' shared bandwidth bucket (changed live).
+    limiter: Arc<pool::RateLimiter>,
     writers: Workers,
     _streams: Vec<Arc<Channel>>,
 }
@@ -210,6 +219,7 @@ pub fn run(
     p: &SendParams,
     stats: &Arc<MigrationStats>,
     cancel: &CancelToken,
+    hooks: &Hooks,
 ) -> Result<(), MigrationError> {
     let ctl = Ctl::new(cancel.clone(), crate::testhook::stall_timeout());
     let dial = match dial_for(p) {
@@ -247,7 +257,19 @@ pub fn run(
         }),
         start: Instant::now(),
         dial,
+        live: hooks.live.clone(),
+        events: hooks.events.clone(),
     };
+    ctx.stats.set_live(&ctx.live);
+    ctx.events.emit(
+        "migration-started",
+        serde_json::json!({
+            "role": "source",
+            "destination_url": p.destination_url,
+            "connections": p.connections,
+            "parameters": ctx.live.get(),
+        }),
+    );
     ctx.ctl.set_deadline(
         ctx.start + Duration::from_secs(p.timeout_s),
         format!("migration took longer than {} s", p.timeout_s),

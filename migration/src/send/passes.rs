@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use super::devices::does_precopy;
 use super::dirty::{count_dirty, merge, Packetizer};
-use super::pool::{Item, Pool};
+use super::pool::{Item, Pool, RateLimiter};
 use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, MAX_PASSES, PASS_POLL};
 use crate::convergence::{Convergence, Decision};
 use crate::error::MigrationError;
+use crate::live::{SwitchoverReason, Technique};
 use crate::net::{epoch_us, lock};
 use crate::traits::{DirtyBitmap, PAGE_SIZE};
 
@@ -83,8 +84,19 @@ impl Passes {
     /// fits, and passes that find nothing dirty are counted at CPU speed
     /// until the forced switch-over, which then has to drain the backlog
     /// with the VM paused.
-    fn await_drained(&self, ctx: &Ctx, pool: &Pool) -> Result<(), MigrationError> {
+    fn await_drained(
+        &self,
+        ctx: &Ctx,
+        pool: &Pool,
+        limiter: &RateLimiter,
+    ) -> Result<(), MigrationError> {
         loop {
+            limiter.set_user(
+                ctx.live
+                    .get()
+                    .max_bandwidth_mib_s
+                    .map(|m| m * 1024.0 * 1024.0),
+            );
             let done = pool.pages_done.load(Relaxed);
             ctx.stats
                 .remaining_bytes
@@ -97,6 +109,17 @@ impl Passes {
             std::thread::sleep(PASS_POLL);
         }
     }
+}
+
+/// What follows a completed pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Another live pass.
+    Continue,
+    /// Pause the VM and copy the rest (pre-copy's stop-copy).
+    SwitchOver(SwitchoverReason),
+    /// Switch to post-copy.
+    PostCopy(SwitchoverReason),
 }
 
 fn precopy_devices(ctx: &Ctx) -> Vec<usize> {
@@ -150,13 +173,12 @@ impl Streaming {
         Ok(())
     }
 
-    /// After the previous pass drained: fetches the dirty log and decides.
-    /// Returns whether to switch over now (otherwise the next pass is
-    /// queued).
-    fn pass_done(&mut self, ctx: &Ctx) -> Result<bool, MigrationError> {
+    /// After the previous pass drained: fetches the dirty log and decides
+    /// what comes next.
+    fn pass_done(&mut self, ctx: &Ctx) -> Result<Step, MigrationError> {
         let pool = &self.data.pool;
         let ps = &mut self.passes;
-        ps.await_drained(ctx, pool)?;
+        ps.await_drained(ctx, pool, &self.data.limiter)?;
         let now = Instant::now();
         let (t0, p0, b0) = ps.last_sample;
         let (p1, b1) = (pool.pages_done.load(Relaxed), pool.sent_bytes.load(Relaxed));
@@ -185,15 +207,18 @@ impl Streaming {
             "after pass {}: {dirty} dirty bytes, estimate {est:?}, {decision:?}, acks {acks}",
             ps.pass
         );
+        if ctx.live.get().technique == Technique::PostCopy {
+            return Ok(Step::PostCopy(SwitchoverReason::User));
+        }
         if decision != Decision::Continue && acks {
             if decision == Decision::Forced {
                 log::warn!(
-                    "migration is not converging after {} passes (estimated downtime {est:?} > {} ms): forcing switch-over",
+                    "migration is not converging after {} passes (estimated downtime {est:?}): forcing switch-over",
                     ps.pass,
-                    ctx.p.downtime_ms
                 );
+                return Ok(Step::SwitchOver(SwitchoverReason::ForcedByPolicy));
             }
-            return Ok(true);
+            return Ok(Step::SwitchOver(SwitchoverReason::Converged));
         }
         if decision != Decision::Continue {
             if !ps.forced_warned {
@@ -207,7 +232,7 @@ impl Streaming {
                 ctx.from_dest.notify.wait(g, Duration::from_millis(20));
             }
         }
-        Ok(false)
+        Ok(Step::Continue)
     }
 
     /// Queues the next pass from the held dirty log.
@@ -225,8 +250,16 @@ impl Streaming {
     /// One step of the pre-copy: either the next pass, or the switch-over
     /// (the VM is paused and the final pass queued).
     pub fn iterate(mut self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
-        if or_fail!(self.pass_done(ctx), Phase::Streaming(self)) {
-            return self.pause(ctx);
+        match or_fail!(self.pass_done(ctx), Phase::Streaming(self)) {
+            Step::Continue => {}
+            Step::SwitchOver(reason) => {
+                ctx.stats.set_switchover_reason(reason);
+                return self.pause(ctx);
+            }
+            Step::PostCopy(reason) => {
+                ctx.stats.set_switchover_reason(reason);
+                return self.postcopy(ctx, reason);
+            }
         }
         or_fail!(self.next_pass(ctx), Phase::Streaming(self));
         Ok(Phase::Streaming(self))

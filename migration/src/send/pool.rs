@@ -235,26 +235,82 @@ impl Pool {
     }
 }
 
-/// Token bucket shared by all writers (`max_bandwidth_mbps`).
+/// Token bucket shared by all writers: the operator's cap
+/// (`max_bandwidth_mib_s`, live) and the host's share (concurrent
+/// migrations), whichever is lower; no limit while neither is set.
 ///
-/// Invariant: over any interval the bytes granted are at most
-/// `rate × interval + burst`.
-#[derive(Debug)]
+/// Invariant: over any interval in which the rate did not change, the bytes
+/// granted are at most `rate × interval + burst`.
+#[derive(Debug, Default)]
 pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    st: Mutex<(f64, Instant)>,
+    st: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// The operator's cap in bytes/s.
+    user: Option<f64>,
+    /// The host's share in bytes/s.
+    share: Option<f64>,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            user: None,
+            share: None,
+            tokens: 0.0,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl Bucket {
+    fn rate(&self) -> Option<f64> {
+        match (self.user, self.share) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+    fn burst(rate: f64) -> f64 {
+        (rate * 0.05).max(256.0 * 1024.0)
+    }
 }
 
 impl RateLimiter {
-    /// A bucket of `rate` bytes/s.
-    pub fn new(rate: f64) -> Arc<RateLimiter> {
-        let burst = (rate * 0.05).max(256.0 * 1024.0);
-        Arc::new(RateLimiter {
-            rate,
-            burst,
-            st: Mutex::new((burst, Instant::now())),
-        })
+    /// A bucket with the operator's cap `rate` bytes/s (`None`: no cap).
+    pub fn new(rate: Option<f64>) -> Arc<RateLimiter> {
+        let l = Arc::new(RateLimiter::default());
+        l.set_user(rate);
+        l
+    }
+
+    /// Sets the operator's cap in bytes/s (`None`: no cap); takes effect
+    /// for the next bytes taken.
+    pub fn set_user(&self, rate: Option<f64>) {
+        let mut st = lock(&self.st);
+        st.user = rate.filter(|r| r.is_finite() && *r > 0.0);
+        if let Some(r) = st.rate() {
+            st.tokens = st.tokens.min(Bucket::burst(r));
+        }
+    }
+
+    /// Sets the host's share in bytes/s (`None`: no share limit).
+    #[allow(dead_code)] // the host-share registry sets it
+    pub fn set_share(&self, rate: Option<f64>) {
+        let mut st = lock(&self.st);
+        st.share = rate.filter(|r| r.is_finite() && *r > 0.0);
+        if let Some(r) = st.rate() {
+            st.tokens = st.tokens.min(Bucket::burst(r));
+        }
+    }
+
+    /// The rate in force, bytes/s (`None`: unlimited).
+    #[allow(dead_code)] // the host-share registry reads it
+    pub fn rate(&self) -> Option<f64> {
+        lock(&self.st).rate()
     }
 
     /// Takes `n` bytes, sleeping (in slices that poll abort) while in debt.
@@ -262,11 +318,16 @@ impl RateLimiter {
         let wait = {
             let mut st = lock(&self.st);
             let now = Instant::now();
-            let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
-            st.0 = (st.0 + refill).min(self.burst) - n as f64;
-            st.1 = now;
-            if st.0 < 0.0 {
-                -st.0 / self.rate
+            let Some(rate) = st.rate() else {
+                st.tokens = 0.0;
+                st.at = now;
+                return Ok(());
+            };
+            let refill = now.duration_since(st.at).as_secs_f64() * rate;
+            st.tokens = (st.tokens + refill).min(Bucket::burst(rate)) - n as f64;
+            st.at = now;
+            if st.tokens < 0.0 {
+                -st.tokens / rate
             } else {
                 0.0
             }

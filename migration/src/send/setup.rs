@@ -93,17 +93,19 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         DEVICE_INFLIGHT_BYTES,
         ctx.ctl.clone(),
     );
-    let limiter = ctx
-        .p
-        .max_bandwidth_mbps
-        .map(|m| RateLimiter::new(m * 1024.0 * 1024.0));
+    let limiter = RateLimiter::new(
+        ctx.live
+            .get()
+            .max_bandwidth_mib_s
+            .map(|m| m * 1024.0 * 1024.0),
+    );
     let wctx = Arc::new(WriterCtx {
         pool: pool.clone(),
         mem: ctx.mem.clone(),
         session: ctx.session,
         stats: ctx.stats.clone(),
         devs: ctx.counters.clone(),
-        limiter,
+        limiter: limiter.clone(),
         ctl: ctx.ctl.clone(),
     });
     let clones = streams.clone();
@@ -111,6 +113,7 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
     spawn_writers(wctx, clones, &mut writers)?;
     Ok(DataPlane {
         pool,
+        limiter,
         writers,
         _streams: streams,
     })
@@ -176,7 +179,7 @@ pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
         devs,
         restore,
         dirty,
-        passes: Passes::new(ctx.p.downtime_ms),
+        passes: Passes::new(ctx.live.get().downtime_ms),
     });
     or_fail!(s.first_pass(ctx), Phase::Streaming(s));
     Ok(Phase::Streaming(s))

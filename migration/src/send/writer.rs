@@ -26,8 +26,8 @@ pub struct WriterCtx {
     pub stats: Arc<MigrationStats>,
     /// Per-device counters (index = device index).
     pub devs: Vec<Arc<DeviceCounters>>,
-    /// Optional bandwidth cap.
-    pub limiter: Option<Arc<RateLimiter>>,
+    /// The bandwidth cap (live; unlimited while unset).
+    pub limiter: Arc<RateLimiter>,
     /// Abort control.
     pub ctl: Arc<Ctl>,
 }
@@ -91,9 +91,8 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     len: data.len() as u64,
                 }
                 .encode(ctx.session);
-                if let Some(l) = &ctx.limiter {
-                    l.take((HEADER_LEN + data.len()) as u64, &ctx.ctl)?;
-                }
+                ctx.limiter
+                    .take((HEADER_LEN + data.len()) as u64, &ctx.ctl)?;
                 let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
                 v.push_bytes(&head);
                 v.push_bytes(&data);
@@ -186,9 +185,7 @@ fn write_ram(
     };
     let head = frame.encode(ctx.session);
     let wire = HEADER_LEN as u64 + frame.payload_len();
-    if let Some(l) = &ctx.limiter {
-        l.take(wire, &ctx.ctl)?;
-    }
+    ctx.limiter.take(wire, &ctx.ctl)?;
     let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
     v.push_bytes(&head);
     v.push_bytes(table);

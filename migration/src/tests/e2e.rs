@@ -89,7 +89,7 @@ fn multi_pass_last_writer_wins() {
             }
         });
         let mut p = params(0, 8);
-        p.downtime_ms = 0; // only converge once nothing is dirty
+        p.downtime_ms = Some(0); // only converge once nothing is dirty
         let (r, rr, dest, stats) = migrate(src.clone(), &mut p);
         r.unwrap();
         rr.unwrap();
@@ -111,7 +111,7 @@ fn forced_switchover_when_not_converging() {
     fill(&src, 0, 3, 1);
     src.set_hook(|s, n| s.write(0, (n % 1024) * 4096, &pattern(n as u8, 4096)));
     let mut p = params(0, 2);
-    p.downtime_ms = 0;
+    p.downtime_ms = Some(0);
     let (r, rr, dest, stats) = migrate(src.clone(), &mut p);
     r.unwrap();
     rr.unwrap();
@@ -133,7 +133,7 @@ fn paused_vm_with_bandwidth_cap_converges_after_first_pass() {
     fill(&src, 0, 9, 1);
     let mut p = params(0, 1);
     p.max_bandwidth_mbps = Some(10.0);
-    p.downtime_ms = 300;
+    p.downtime_ms = Some(300);
     let (r, rr, dest, stats) = migrate(src.clone(), &mut p);
     r.unwrap();
     rr.unwrap();
@@ -142,7 +142,7 @@ fn paused_vm_with_bandwidth_cap_converges_after_first_pass() {
     // Pass 1 (all memory), then the final pass (nothing dirty).
     assert!(st.iteration <= 3, "took {} passes", st.iteration);
     assert!(
-        st.expected_downtime_ms <= p.downtime_ms,
+        st.expected_downtime_ms <= p.downtime_ms.unwrap_or(300),
         "switch-over was forced (estimate {} ms)",
         st.expected_downtime_ms
     );
@@ -218,7 +218,7 @@ fn params_are_validated() {
             j.timeout_s,
             j.device_chunk_bytes
         ),
-        (4, 300, 3600, 1 << 20)
+        (4, None, 3600, 1 << 20)
     );
     assert!(serde_json::from_str::<SendParams>(r#"{"destination_url":"x","bogus":1}"#).is_err());
 }

@@ -49,7 +49,7 @@ fn cancel_on_the_source() {
         });
         let dest = start_dest(factory_for(&src));
         let mut p = params(dest.port, 4);
-        p.downtime_ms = if paused_phase { 100_000 } else { 0 };
+        p.downtime_ms = Some(if paused_phase { 100_000 } else { 0 });
         let stats = Arc::new(MigrationStats::default());
         let e = send(src.clone(), &p, &stats, &cancel).unwrap_err();
         assert!(matches!(e, MigrationError::Cancelled), "{e}");
@@ -73,7 +73,7 @@ fn cancel_on_the_destination() {
         }
     });
     let mut p = params(dest.port, 4);
-    p.downtime_ms = 0;
+    p.downtime_ms = Some(0);
     let e = send(
         src.clone(),
         &p,
@@ -119,7 +119,7 @@ fn destination_dies_mid_way() {
     let src = source_with_device();
     src.set_hook(|s, n| s.write(0, (n % 100) * 4096, &[n as u8; 64]));
     let mut p = params(port, 3);
-    p.downtime_ms = 0;
+    p.downtime_ms = Some(0);
     let stats = Arc::new(MigrationStats::default());
     let e = send(src.clone(), &p, &stats, &CancelToken::default()).unwrap_err();
     assert!(

@@ -225,7 +225,7 @@ fn strangers_during_a_migration_are_refused() {
         }
     });
     let mut p = params(port, 4);
-    p.downtime_ms = 0;
+    p.downtime_ms = Some(0);
     send(
         src.clone(),
         &p,

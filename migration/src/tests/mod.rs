@@ -547,16 +547,11 @@ impl DestinationFactory for FakeFactory {
 
 pub fn params(port: u16, connections: u32) -> SendParams {
     SendParams {
-        destination_url: format!("tcp:127.0.0.1:{port}"),
         connections,
-        downtime_ms: 300,
-        max_bandwidth_mbps: None,
         timeout_s: 60,
         device_state: DeviceStateMode::Channels,
-        device_precopy: true,
-        device_chunk_bytes: 1 << 20,
-        tls_dir: None,
         tls: Some(false),
+        ..SendParams::to(format!("tcp:127.0.0.1:{port}"))
     }
 }
 
