@@ -11,24 +11,12 @@ const ALPHA: f64 = 0.5;
 /// samples.
 const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 
-/// What to do after a pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Another live pass.
-    Continue,
-    /// The estimate fits in the target: stop the VM.
-    SwitchOver,
-    /// Too many passes without converging: stop the VM anyway (logged).
-    Forced,
-}
-
-/// Moving averages of the rates (bytes/s) and the decision rule.
+/// Moving averages of the rates (bytes/s) and the downtime estimate (the
+/// decisions are the policy's, `send/policy.rs`).
 ///
 /// Invariant: rates are finite and positive once set.
 #[derive(Debug, Clone)]
 pub struct Convergence {
-    target: Duration,
-    max_passes: u64,
     rate: Option<f64>,
     wire_rate: Option<f64>,
     dirty_rate: Option<f64>,
@@ -45,11 +33,9 @@ fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
 }
 
 impl Convergence {
-    /// A policy for `target` downtime, forcing after `max_passes`.
-    pub fn new(target: Duration, max_passes: u64) -> Self {
+    /// No measurement yet.
+    pub fn new() -> Self {
         Convergence {
-            target,
-            max_passes,
             rate: None,
             wire_rate: None,
             dirty_rate: None,
@@ -100,17 +86,6 @@ impl Convergence {
         let net = Duration::from_secs_f64(bytes as f64 / self.rate());
         net.max(device_load)
     }
-
-    /// The decision after pass `pass` with predicted downtime `est`.
-    pub fn decide(&self, pass: u64, est: Duration) -> Decision {
-        if est <= self.target {
-            Decision::SwitchOver
-        } else if pass >= self.max_passes {
-            Decision::Forced
-        } else {
-            Decision::Continue
-        }
-    }
 }
 
 #[cfg(test)]
@@ -118,24 +93,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decides() {
-        let mut c = Convergence::new(Duration::from_millis(300), 30);
+    fn estimates() {
+        let mut c = Convergence::new();
         c.record_transfer(1 << 30, 1 << 30, Duration::from_secs(1));
         assert_eq!(
-            c.decide(2, c.estimate(100 << 20, Duration::ZERO)),
-            Decision::SwitchOver
+            c.estimate(100 << 20, Duration::ZERO),
+            Duration::from_secs_f64(100.0 / 1024.0)
         );
         assert_eq!(
-            c.decide(2, c.estimate(900 << 20, Duration::ZERO)),
-            Decision::Continue
-        );
-        assert_eq!(
-            c.decide(30, c.estimate(900 << 20, Duration::ZERO)),
-            Decision::Forced
-        );
-        assert_eq!(
-            c.decide(2, c.estimate(1, Duration::from_secs(1))),
-            Decision::Continue
+            c.estimate(1, Duration::from_secs(1)),
+            Duration::from_secs(1)
         );
         c.record_transfer(10, 10, Duration::from_secs(1)); // too small: ignored
         assert!((c.rate() - (1u64 << 30) as f64).abs() < 1.0);

@@ -62,6 +62,10 @@ pub enum MigrationError {
     /// The overall timeout (`timeout_s`) or a setup timeout expired.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// `progress_timeout_s` passed without progress; the migration was
+    /// cancelled and the source runs on.
+    #[error("{0}")]
+    NoProgress(String),
     /// No progress on a connection for the stall timeout.
     #[error("stalled: {0}")]
     Stalled(String),

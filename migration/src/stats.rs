@@ -419,7 +419,10 @@ impl MigrationStats {
     /// Records the final error (cancelled or failed).
     pub(crate) fn fail(&self, e: &crate::error::MigrationError) {
         *lock(&self.error) = Some(e.to_string());
-        let st = if matches!(e, crate::error::MigrationError::Cancelled) {
+        let st = if matches!(
+            e,
+            crate::error::MigrationError::Cancelled | crate::error::MigrationError::NoProgress(_)
+        ) {
             MigrationState::Cancelled
         } else {
             MigrationState::Failed

@@ -32,6 +32,7 @@ mod dirty;
 mod guards;
 mod link;
 mod passes;
+mod policy;
 mod pool;
 mod postcopy;
 mod setup;
@@ -61,8 +62,6 @@ use link::{remote_cause, FromDest, Link};
 use passes::Passes;
 use pool::Pool;
 
-/// Passes after which switch-over is forced (with a warning).
-pub const MAX_PASSES: u64 = 30;
 /// Queue bound per connection (bytes of guest pages / device data).
 const CONN_QUEUE_BYTES: u64 = 8 << 20;
 /// Bound of device bytes queued and not yet written, all devices.
@@ -94,6 +93,24 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Throttles the vCPUs to `pct` percent, records it and reports it; a
+    /// VMM that cannot throttle is logged once and the migration goes on.
+    fn set_throttle(&self, pct: u32) {
+        let old = self.stats.cpu_throttle_percent.load(Relaxed);
+        if old == pct as u64 {
+            return;
+        }
+        match self.vm.set_throttle(pct) {
+            Ok(()) => {
+                self.stats.cpu_throttle_percent.store(pct as u64, Relaxed);
+                log::info!("vCPU throttle {old}% -> {pct}%");
+                self.events
+                    .emit("throttle-changed", serde_json::json!({ "percent": pct }));
+            }
+            Err(e) => log::warn!("cannot throttle the vCPUs to {pct}%: {e}"),
+        }
+    }
+
     /// Fails with the overall timeout once `timeout_s` has passed.
     fn check_timeout(&self) -> Result<(), MigrationError> {
         if self.start.elapsed() > Duration::from_secs(self.p.timeout_s) {
@@ -274,13 +291,33 @@ pub fn run(
         ctx.start + Duration::from_secs(p.timeout_s),
         format!("migration took longer than {} s", p.timeout_s),
     );
-    match drive(&ctx) {
+    let r = drive(&ctx);
+    // The guest never stays slowed, however the migration ended.
+    ctx.set_throttle(0);
+    // Post-copy is a one-time switch, not a default for the next migration.
+    let _ = ctx.live.update(&crate::live::ParametersUpdate {
+        technique: Some(crate::live::Technique::PreCopy),
+        ..Default::default()
+    });
+    match r {
         Ok(c) => {
             c.finish();
+            ctx.events.emit(
+                "completed",
+                serde_json::json!({ "role": "source", "total_time_ms": ctx.start.elapsed().as_millis() as u64 }),
+            );
             Ok(())
         }
         Err(f) => {
             let e = abort(&ctx, f);
+            ctx.events.emit(
+                if matches!(e, MigrationError::Cancelled | MigrationError::NoProgress(_)) {
+                    "cancelled"
+                } else {
+                    "failed"
+                },
+                serde_json::json!({ "role": "source", "error": e.to_string() }),
+            );
             ctx.stats.set_source_vm(if e.is_commit_uncertain() {
                 SourceVmOutcome::PausedUncertain
             } else {

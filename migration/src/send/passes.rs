@@ -6,13 +6,16 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use super::devices::does_precopy;
 use super::dirty::{count_dirty, merge, Packetizer};
+use super::policy::{Effects, Governor, PassReport, Verdict};
 use super::pool::{Item, Pool, RateLimiter};
-use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, MAX_PASSES, PASS_POLL};
-use crate::convergence::{Convergence, Decision};
+use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, PASS_POLL};
+use crate::convergence::Convergence;
 use crate::error::MigrationError;
-use crate::live::{SwitchoverReason, Technique};
+use crate::live::SwitchoverReason;
 use crate::net::{epoch_us, lock};
 use crate::traits::{DirtyBitmap, PAGE_SIZE};
 
@@ -30,20 +33,28 @@ pub struct Passes {
     conv: Convergence,
     last_sample: (Instant, u64, u64),
     last_fetch: Instant,
-    forced_warned: bool,
+    /// Pages written when the current pass began (pages moved by a pass).
+    pass_start_done: u64,
+    /// Pages written at the last progress check (pass 1 progress).
+    seen_done: u64,
+    waiting_warned: bool,
+    gov: Governor,
 }
 
 impl Passes {
     /// Before pass 1.
-    pub fn new(downtime_ms: u64) -> Passes {
+    pub fn new() -> Passes {
         Passes {
             pass: 0,
             pages_queued: 0,
             held: Vec::new(),
-            conv: Convergence::new(Duration::from_millis(downtime_ms), MAX_PASSES),
+            conv: Convergence::new(),
             last_sample: (Instant::now(), 0, 0),
             last_fetch: Instant::now(),
-            forced_warned: false,
+            pass_start_done: 0,
+            seen_done: 0,
+            waiting_warned: false,
+            gov: Governor::new(Instant::now()),
         }
     }
 
@@ -84,20 +95,25 @@ impl Passes {
     /// fits, and passes that find nothing dirty are counted at CPU speed
     /// until the forced switch-over, which then has to drain the backlog
     /// with the VM paused.
+    ///
+    /// Meanwhile it applies a changed bandwidth cap at once, counts pass 1's
+    /// writes as progress, and enforces `progress_timeout_s`.
     fn await_drained(
-        &self,
+        &mut self,
         ctx: &Ctx,
         pool: &Pool,
         limiter: &RateLimiter,
     ) -> Result<(), MigrationError> {
         loop {
-            limiter.set_user(
-                ctx.live
-                    .get()
-                    .max_bandwidth_mib_s
-                    .map(|m| m * 1024.0 * 1024.0),
-            );
+            let params = ctx.live.get();
+            limiter.set_user(params.max_bandwidth_mib_s.map(|m| m * 1024.0 * 1024.0));
             let done = pool.pages_done.load(Relaxed);
+            let now = Instant::now();
+            if self.pass == 1 && done > self.seen_done {
+                self.gov.first_pass_progress(now);
+            }
+            self.seen_done = done;
+            self.gov.check_progress(&params, now)?;
             ctx.stats
                 .remaining_bytes
                 .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
@@ -120,6 +136,19 @@ pub(super) enum Step {
     SwitchOver(SwitchoverReason),
     /// Switch to post-copy.
     PostCopy(SwitchoverReason),
+}
+
+/// Carries out what the policy asked for: the throttle and the events.
+fn apply(ctx: &Ctx, fx: Effects) {
+    for (name, fields) in fx.events {
+        if name == "stalled" {
+            log::info!("migration stalled: {fields}");
+        }
+        ctx.events.emit(name, fields);
+    }
+    if let Some(pct) = fx.throttle {
+        ctx.set_throttle(pct);
+    }
 }
 
 fn precopy_devices(ctx: &Ctx) -> Vec<usize> {
@@ -185,15 +214,26 @@ impl Streaming {
         ps.conv
             .record_transfer((p1 - p0) * PAGE_SIZE, b1 - b0, now - t0);
         ps.last_sample = (now, p1, b1);
+        let moved = p1.saturating_sub(ps.pass_start_done) * PAGE_SIZE;
 
         let dirty_pages = ps.fetch_all(ctx)?;
         let dirty = dirty_pages * PAGE_SIZE;
         ps.conv.record_dirty(dirty, ps.last_fetch.elapsed());
         ps.last_fetch = Instant::now();
         let (dev_bytes, dev_load) = device_estimate(ctx);
-        let est = ps
-            .conv
-            .estimate(dirty + pool.backlog() + dev_bytes, dev_load);
+        let remaining = dirty + pool.backlog() + dev_bytes;
+        let est = ps.conv.estimate(remaining, dev_load);
+        let params = ctx.live.get();
+        let report = PassReport {
+            pass: ps.pass,
+            remaining,
+            dirty,
+            moved,
+            estimate: est,
+            acks: acks_complete(ctx),
+        };
+        let (verdict, fx) = ps.gov.after_pass(&params, &report, now);
+        let allowed = ps.gov.allowed_downtime(&params);
         let st = &ctx.stats;
         st.remaining_bytes.store(dirty, Relaxed);
         st.throughput_bps.store(ps.conv.wire_rate() as u64, Relaxed);
@@ -201,31 +241,49 @@ impl Streaming {
             .store(ps.conv.dirty_rate() as u64, Relaxed);
         st.expected_downtime_ms
             .store(est.as_millis() as u64, Relaxed);
-        let decision = ps.conv.decide(ps.pass, est);
-        let acks = acks_complete(ctx);
-        log::debug!(
-            "after pass {}: {dirty} dirty bytes, estimate {est:?}, {decision:?}, acks {acks}",
-            ps.pass
+        st.allowed_downtime_ms
+            .store(allowed.as_millis() as u64, Relaxed);
+        st.stalls.store(ps.gov.stalls, Relaxed);
+        ctx.events.emit(
+            "pass-completed",
+            json!({
+                "pass": ps.pass,
+                "bytes": moved,
+                "dirty_bytes": dirty,
+                "dirty_rate_bytes_per_s": ps.conv.dirty_rate() as u64,
+                "remaining_bytes": remaining,
+                "expected_downtime_ms": est.as_millis() as u64,
+                "allowed_downtime_ms": allowed.as_millis() as u64,
+            }),
         );
-        if ctx.live.get().technique == Technique::PostCopy {
-            return Ok(Step::PostCopy(SwitchoverReason::User));
-        }
-        if decision != Decision::Continue && acks {
-            if decision == Decision::Forced {
-                log::warn!(
-                    "migration is not converging after {} passes (estimated downtime {est:?}): forcing switch-over",
-                    ps.pass,
-                );
-                return Ok(Step::SwitchOver(SwitchoverReason::ForcedByPolicy));
+        apply(ctx, fx);
+        log::debug!(
+            "after pass {}: {dirty} dirty bytes, estimate {est:?}, allowed {allowed:?}, {verdict:?}, acks {}",
+            ps.pass,
+            report.acks
+        );
+        match verdict {
+            Verdict::SwitchOver(r) => {
+                if r == SwitchoverReason::ForcedByPolicy {
+                    log::warn!(
+                        "switching over with an estimated downtime of {est:?} after {} stall(s): \
+                         the {:?} policy allows {allowed:?} now ({} ms asked)",
+                        ps.gov.stalls,
+                        params.policy,
+                        params.downtime_ms
+                    );
+                }
+                return Ok(Step::SwitchOver(r));
             }
-            return Ok(Step::SwitchOver(SwitchoverReason::Converged));
+            Verdict::PostCopy(r) => return Ok(Step::PostCopy(r)),
+            Verdict::Continue => {}
         }
-        if decision != Decision::Continue {
-            if !ps.forced_warned {
+        if est <= allowed && !report.acks {
+            if !ps.waiting_warned {
                 log::info!(
                     "converged; waiting for the destination to load the devices' initial data"
                 );
-                ps.forced_warned = true;
+                ps.waiting_warned = true;
             }
             if dirty_pages == 0 {
                 let g = ctx.from_dest.notify.generation();
@@ -239,6 +297,7 @@ impl Streaming {
     fn next_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
         let ps = &mut self.passes;
         ps.pass += 1;
+        ps.pass_start_done = self.data.pool.pages_done.load(Relaxed);
         ctx.stats.iteration.store(ps.pass, Relaxed);
         let queued = ps.send_held(ctx, &self.data.pool)?;
         let pass = ps.pass;
@@ -254,10 +313,20 @@ impl Streaming {
             Step::Continue => {}
             Step::SwitchOver(reason) => {
                 ctx.stats.set_switchover_reason(reason);
+                ctx.events.emit(
+                    "switchover",
+                    json!({ "reason": reason, "pass": self.passes.pass }),
+                );
+                ctx.set_throttle(0);
                 return self.pause(ctx);
             }
             Step::PostCopy(reason) => {
                 ctx.stats.set_switchover_reason(reason);
+                ctx.events.emit(
+                    "switchover",
+                    json!({ "reason": reason, "pass": self.passes.pass, "technique": "post-copy" }),
+                );
+                ctx.set_throttle(0);
                 return self.postcopy(ctx, reason);
             }
         }

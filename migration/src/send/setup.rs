@@ -179,7 +179,7 @@ pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
         devs,
         restore,
         dirty,
-        passes: Passes::new(ctx.live.get().downtime_ms),
+        passes: Passes::new(),
     });
     or_fail!(s.first_pass(ctx), Phase::Streaming(s));
     Ok(Phase::Streaming(s))
