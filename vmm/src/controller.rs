@@ -200,11 +200,19 @@ impl Provisioned {
 pub struct Vmm {
     cfg: VmmConfig,
     events: EventSink,
+    /// Migration parameters (defaults between migrations, live during one)
+    /// and the event log of `vm.events`; they live as long as the VMM.
+    hooks: migration::Hooks,
     inner: Mutex<Inner>,
     provisioned: Option<Arc<Provisioned>>,
 }
 
 impl Vmm {
+    /// The live migration parameters and the event log.
+    pub fn hooks(&self) -> &migration::Hooks {
+        &self.hooks
+    }
+
     /// A VMM without VM for `cfg`, and the loop side of its event channel.
     /// RAM is pre-provisioned (in the background) for an API-only VMM
     /// started with `--memory ...,prefault=on`.
@@ -219,6 +227,7 @@ impl Vmm {
         let vmm = Arc::new(Vmm {
             cfg,
             events: sink,
+            hooks: migration::Hooks::default(),
             inner: Mutex::new(Inner {
                 state: Lifecycle::Empty,
                 job: None,

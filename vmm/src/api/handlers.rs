@@ -3,6 +3,7 @@
 //! ([`reply_for`]). Nothing here looks at or changes the VMM.
 
 use migration::api::{Limit, RECEIVE_LIMITS, SEND_LIMITS};
+use migration::live::{self, ParametersUpdate};
 use migration::{ReceiveParams, SendParams};
 use serde_json::{json, Value};
 
@@ -36,6 +37,17 @@ fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> 
     serde_json::from_value(v).map_err(|e| Reply::error(400, format!("invalid JSON body: {e}")))
 }
 
+/// The limits of `vm.migration-set-parameters` checked on the untyped
+/// JSON: those that take no 0 ([`ParametersUpdate::validate`] checks the
+/// rest, where 0 means "none").
+const PARAM_LIMITS_UNTYPED: &[Limit] = &[
+    live::LIMIT_DOWNTIME_MS,
+    live::LIMIT_THROTTLE_INITIAL,
+    live::LIMIT_THROTTLE_INCREMENT,
+    live::LIMIT_THROTTLE_MAX,
+    live::LIMIT_STALL_LIMIT_S,
+];
+
 /// The request of `route` with `body`; a 400 reply for an invalid body or
 /// invalid parameters.
 pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
@@ -65,6 +77,14 @@ pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
         }
         Route::MigrationStatus => Request::MigrationStatus,
         Route::MigrationCancel => Request::MigrationCancel,
+        Route::SetParameters => {
+            let u: ParametersUpdate = typed_body(body, PARAM_LIMITS_UNTYPED)?;
+            u.validate().map_err(|e| Reply::error(400, e.to_string()))?;
+            Request::SetParameters(u)
+        }
+        Route::GetParameters => Request::GetParameters,
+        // Served by the connection thread itself (it streams).
+        Route::Events => return Err(Reply::error(500, "vm.events is not a request")),
     })
 }
 
@@ -84,6 +104,13 @@ pub fn reply_for(result: Result<Response, RequestError>) -> Reply {
             }
             Response::MigrationStatus(v) => v,
             Response::Cancelling => json!({"state": "cancelling"}),
+            Response::Parameters { params, running } => {
+                let mut v = serde_json::to_value(&params).unwrap_or_else(|_| json!({}));
+                if let Value::Object(m) = &mut v {
+                    m.insert("running".into(), json!(running));
+                }
+                v
+            }
         }),
         Err(RequestError::BadRequest(m)) => Reply::error(400, m),
         Err(RequestError::Conflict(m)) => Reply::error(409, m),

@@ -26,6 +26,8 @@ pub struct Request {
     pub method: String,
     /// Path without query string.
     pub path: String,
+    /// The query string (after `?`, before `#`; empty if none).
+    pub query: String,
     /// Body bytes.
     pub body: Vec<u8>,
 }
@@ -60,6 +62,8 @@ pub enum Head {
         method: String,
         /// Path without query.
         path: String,
+        /// Query string, empty if none.
+        query: String,
         /// Content-Length (0 if absent).
         content_length: usize,
         /// Bytes of the head, including the blank line.
@@ -80,7 +84,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
     };
     let method = req.method.unwrap_or("").to_string();
     let raw_path = req.path.unwrap_or("");
-    let path = raw_path.split(['?', '#']).next().unwrap_or("").to_string();
+    let no_frag = raw_path.split('#').next().unwrap_or("");
+    let (path, query) = match no_frag.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (no_frag.to_string(), String::new()),
+    };
     let mut content_length = 0usize;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -108,6 +116,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
     Ok(Head::Complete {
         method,
         path,
+        query,
         content_length,
         head_len,
     })
@@ -179,6 +188,7 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
             Head::Complete {
                 method,
                 path,
+                query,
                 content_length,
                 head_len,
             } => {
@@ -206,7 +216,12 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                         Err(_) => return Err(err(0, "connection error")),
                     }
                 }
-                return Ok(Request { method, path, body });
+                return Ok(Request {
+                    method,
+                    path,
+                    query,
+                    body,
+                });
             }
         }
     }

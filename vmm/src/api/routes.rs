@@ -28,6 +28,12 @@ pub enum Route {
     MigrationStatus,
     /// `PUT vm.migration-cancel`
     MigrationCancel,
+    /// `PUT vm.migration-set-parameters`
+    SetParameters,
+    /// `GET vm.migration-parameters`
+    GetParameters,
+    /// `GET vm.events` (streamed by the connection thread)
+    Events,
 }
 
 const TABLE: &[(&str, &str, Route)] = &[
@@ -41,6 +47,9 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("vm.receive-migration", "PUT", Route::ReceiveMigration),
     ("vm.migration", "GET", Route::MigrationStatus),
     ("vm.migration-cancel", "PUT", Route::MigrationCancel),
+    ("vm.migration-set-parameters", "PUT", Route::SetParameters),
+    ("vm.migration-parameters", "GET", Route::GetParameters),
+    ("vm.events", "GET", Route::Events),
 ];
 
 /// A reply: status and JSON body (`None` for 204).

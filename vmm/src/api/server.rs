@@ -19,10 +19,12 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
+use super::events::{self as vm_events, Followers};
 use super::handlers::{reply_for, translate};
 use super::http::{read_request, write_response, DeadlineReader};
-use super::routes::{allowed_method, route, Reply};
+use super::routes::{allowed_method, route, Reply, Route};
 use crate::control::{EventSink, VmmEvent};
+use migration::api::EventLog;
 
 /// Most connections served at once. A further connection waits up to
 /// [`SLOT_WAIT`] for a slot, then is answered 503 and closed.
@@ -88,6 +90,14 @@ impl Slots {
     }
 }
 
+/// What `vm.events` serves from: the VMM's event log and its followers.
+///
+/// Invariant: one per server; `followers` counts streaming readers of `log`.
+pub struct EventFeed {
+    log: Arc<EventLog>,
+    followers: Followers,
+}
+
 /// The API socket, a subscriber of the control loop; the socket file is
 /// removed on drop.
 ///
@@ -97,14 +107,16 @@ pub struct ApiServer {
     path: PathBuf,
     listener: UnixListener,
     events: EventSink,
+    feed: Arc<EventFeed>,
     slots: Arc<Slots>,
     threads: Arc<AtomicUsize>,
 }
 
 impl ApiServer {
     /// Binds `path` (which must not exist; see
-    /// [`crate::config::check_api_socket`]); requests go to `events`.
-    pub fn bind(path: &Path, events: EventSink) -> Result<ApiServer, ApiError> {
+    /// [`crate::config::check_api_socket`]); requests go to `events`,
+    /// `vm.events` reads `log`.
+    pub fn bind(path: &Path, events: EventSink, log: Arc<EventLog>) -> Result<ApiServer, ApiError> {
         let serr = |source| ApiError::Socket {
             path: path.display().to_string(),
             source,
@@ -114,6 +126,10 @@ impl ApiServer {
             path: path.to_path_buf(),
             listener,
             events,
+            feed: Arc::new(EventFeed {
+                log,
+                followers: Followers::default(),
+            }),
             slots: Arc::new(Slots::default()),
             threads: Arc::new(AtomicUsize::new(0)),
         };
@@ -148,8 +164,9 @@ impl ApiServer {
             busy(&mut stream);
             return;
         }
-        let (events, slots, threads) = (
+        let (events, feed, slots, threads) = (
             self.events.clone(),
+            self.feed.clone(),
             self.slots.clone(),
             self.threads.clone(),
         );
@@ -162,7 +179,7 @@ impl ApiServer {
                 });
                 if slots.acquire(SLOT_WAIT) {
                     let _slot = OnDrop(|| slots.release());
-                    serve(stream, &events);
+                    serve(stream, &events, &feed);
                 } else {
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     busy(&mut stream);
@@ -210,12 +227,12 @@ fn busy(stream: &mut UnixStream) {
 }
 
 /// Reads one request, has the control loop execute it, writes the answer.
-fn serve(stream: UnixStream, events: &EventSink) {
-    serve_within(stream, events, READ_TIMEOUT)
+fn serve(stream: UnixStream, events: &EventSink, feed: &EventFeed) {
+    serve_within(stream, events, feed, READ_TIMEOUT)
 }
 
 /// [`serve`] with `limit` for the whole request.
-fn serve_within(mut stream: UnixStream, events: &EventSink, limit: Duration) {
+fn serve_within(mut stream: UnixStream, events: &EventSink, feed: &EventFeed, limit: Duration) {
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let req = match read_request(&mut DeadlineReader::new(&stream, limit)) {
         Ok(r) => r,
@@ -238,6 +255,16 @@ fn serve_within(mut stream: UnixStream, events: &EventSink, limit: Duration) {
         }
     };
     debug!("API: {} {}", req.method, req.path);
+    if route(&req.method, &req.path) == Ok(Route::Events) {
+        match vm_events::parse_query(&req.query) {
+            Ok(q) => vm_events::serve(&mut stream, &feed.log, &feed.followers, q),
+            Err(reply) => {
+                let _ = write_response(&mut stream, reply.status, reply.body.as_ref(), &[]);
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     let mut delivered = None;
     let reply = match route(&req.method, &req.path).and_then(|r| translate(r, &req.body)) {
         Ok(request) => {
@@ -293,7 +320,11 @@ mod tests {
             }
             false
         });
-        serve_within(server, &sink, Duration::from_millis(500));
+        let feed = EventFeed {
+            log: Arc::new(EventLog::new()),
+            followers: Followers::default(),
+        };
+        serve_within(server, &sink, &feed, Duration::from_millis(500));
         let mut answer = String::new();
         reader
             .set_read_timeout(Some(Duration::from_secs(30)))

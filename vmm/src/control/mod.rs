@@ -262,7 +262,17 @@ fn control_loop(
     if let Some(api) = api {
         em.add_subscriber(Box::new(api));
     }
+    let mut last_state = vmm.state_name();
     loop {
+        let state = vmm.state_name();
+        if state != last_state {
+            info!("VM state: {last_state} -> {state}");
+            vmm.hooks().events.emit(
+                "vm-state-changed",
+                serde_json::json!({"from": last_state, "to": state}),
+            );
+            last_state = state;
+        }
         if let Some(code) = decisions.borrow().exit {
             return Ok(code);
         }
@@ -292,7 +302,7 @@ pub fn run(cfg: VmmConfig) -> Result<i32, RunError> {
     let booted = build_boot_vm(&vmm)?;
     let api = match &vmm.config().api_socket {
         Some(path) => Some(
-            crate::api::server::ApiServer::bind(path, vmm.event_sink())
+            crate::api::server::ApiServer::bind(path, vmm.event_sink(), vmm.hooks().events.clone())
                 .map_err(|e| RunError::BadInput(e.to_string()))?,
         ),
         None => None,
@@ -395,7 +405,12 @@ mod tests {
             let signals = signals::BlockedSignals::block().unwrap();
             let cli = Cli::parse_from(["ferry", "--api-socket", s2.to_str().unwrap()]);
             let (vmm, source) = Vmm::new(VmmConfig::parse(&cli).unwrap()).unwrap();
-            let api = crate::api::server::ApiServer::bind(&s2, vmm.event_sink()).unwrap();
+            let api = crate::api::server::ApiServer::bind(
+                &s2,
+                vmm.event_sink(),
+                vmm.hooks().events.clone(),
+            )
+            .unwrap();
             ready_tx.send(()).unwrap();
             control_loop(&vmm, source, signals, Some(api))
         });

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use log::{info, warn};
+use migration::live::{MigrationParameters, ParametersUpdate};
 use migration::{MigrationStatus, ReceiveParams, SendParams};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -49,6 +50,10 @@ pub enum Request {
     MigrationStatus,
     /// `vm.migration-cancel`
     MigrationCancel,
+    /// `vm.migration-set-parameters`: change the live parameters.
+    SetParameters(ParametersUpdate),
+    /// `vm.migration-parameters`: the parameters in force.
+    GetParameters,
 }
 
 /// A successful answer.
@@ -84,6 +89,14 @@ pub enum Response {
     MigrationStatus(Value),
     /// Cancel requested.
     Cancelling,
+    /// The parameters in force (after a change: the new ones); `running`
+    /// says whether a migration runs on them now.
+    Parameters {
+        /// The values.
+        params: MigrationParameters,
+        /// Whether a send runs on them now.
+        running: bool,
+    },
 }
 
 /// Why a request failed.
@@ -303,6 +316,11 @@ impl Vmm {
                 Outcome::of(self.receive_migration(params, addr))
             }
             Request::MigrationStatus => self.migration_status(),
+            Request::SetParameters(u) => Outcome::of(self.set_parameters(&u)),
+            Request::GetParameters => Outcome::of(Ok(Response::Parameters {
+                params: self.hooks().live.get(),
+                running: self.sending(),
+            })),
             Request::MigrationCancel => {
                 let g = self.lock();
                 Outcome::of(match &g.job {
@@ -314,6 +332,22 @@ impl Vmm {
                     _ => Err(conflict("no migration is running")),
                 })
             }
+        }
+    }
+
+    /// The VM's state as `vm-state-changed` events name it: `vm.info`'s
+    /// state, or `not_created`/`receiving` without a VM, or
+    /// `commit-uncertain`.
+    pub(crate) fn state_name(&self) -> &'static str {
+        let g = self.lock();
+        match &g.state {
+            Lifecycle::Empty => "not_created",
+            Lifecycle::Receiving => "receiving",
+            Lifecycle::CommitUncertain(_) => "commit-uncertain",
+            other => match other.vm() {
+                Some(vm) => other.vm_state(vm.user_paused()),
+                None => "not_created",
+            },
         }
     }
 
@@ -387,7 +421,7 @@ impl Vmm {
             Lifecycle::MigratedOut { .. } => {
                 return Err(conflict("the VM has already been migrated"))
             }
-            _ if g.job.as_ref().is_some_and(|j| j.running()) => {
+            _ if g.job.as_ref().is_some_and(|j| j.busy()) => {
                 return Err(conflict("a migration is already running"))
             }
             Lifecycle::CommitUncertain(_) => return Err(conflict(
@@ -410,13 +444,46 @@ impl Vmm {
         if g.state.vm().is_some() {
             return Err(conflict("this VMM already has a VM"));
         }
-        if g.job.as_ref().is_some_and(|j| j.running()) {
+        if g.job.as_ref().is_some_and(|j| j.busy()) {
             return Err(conflict("a migration is already running"));
         }
         let job = start_receive(self, addr, params).map_err(start_error)?;
         g.job = Some(job);
         g.state = Lifecycle::Receiving;
         Ok(Response::Receiving { listening: addr })
+    }
+
+    /// Whether a send runs now.
+    fn sending(&self) -> bool {
+        matches!(self.lock().state, Lifecycle::Sending(_))
+    }
+
+    /// Applies `u` to the live parameters (a running send picks them up at
+    /// its next decision; the bandwidth cap at once) and reports the change
+    /// as a `parameters-changed` event.
+    fn set_parameters(&self, u: &ParametersUpdate) -> Result<Response, RequestError> {
+        if u.is_empty() {
+            return Err(RequestError::BadRequest(
+                "no parameter given: name at least one of the fields of vm.migration-parameters"
+                    .into(),
+            ));
+        }
+        let params = self
+            .hooks()
+            .live
+            .update(u)
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
+        let running = self.sending();
+        info!(
+            "migration parameters changed{}: {}",
+            if running { " while sending" } else { "" },
+            serde_json::to_string(u).unwrap_or_default()
+        );
+        self.hooks().events.emit(
+            "parameters-changed",
+            json!({ "changed": u, "parameters": params, "running": running }),
+        );
+        Ok(Response::Parameters { params, running })
     }
 
     fn migration_status(&self) -> Outcome {

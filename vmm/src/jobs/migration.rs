@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
-use migration::{CancelToken, MigrationStats, ReceiveParams, SendParams};
+use migration::{CancelToken, MigrationState, MigrationStats, ReceiveParams, SendParams};
 use serde_json::{json, Value};
 
 use super::adapters::{DestFactory, SourceAdapter};
@@ -58,6 +58,10 @@ pub enum Progress {
 
 /// A migration started through the API.
 ///
+/// How long a new request waits for a worker that has reported its end
+/// but still tears down.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Invariant: `progress` is `Running` exactly while the worker thread runs.
 pub struct Job {
     /// Send or receive.
@@ -111,6 +115,32 @@ impl Job {
     /// Whether the worker still runs.
     pub fn running(&self) -> bool {
         matches!(self.progress(), Progress::Running)
+    }
+
+    /// Whether the worker still holds the migration slot. A worker whose
+    /// status already reads failed, cancelled or completed is only tearing
+    /// down (closing sockets, dropping memory); this waits up to
+    /// `SETTLE_TIMEOUT` for it to end, so a client that saw the terminal
+    /// state and starts the next migration is not refused by a race.
+    pub fn busy(&self) -> bool {
+        if !self.running() {
+            return false;
+        }
+        if matches!(
+            self.stats.state(),
+            MigrationState::None | MigrationState::Active
+        ) {
+            return true;
+        }
+        let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            if !self.running() {
+                return false;
+            }
+        }
+        log::warn!("the last migration reads ended but its worker has not finished tearing down");
+        true
     }
 
     /// The worker's progress.
@@ -202,6 +232,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
     let job = Job::new(Direction::Send);
     let (stats, cancel, progress) = (job.stats.clone(), job.cancel.clone(), job.progress.clone());
     let events = vmm.event_sink();
+    let hooks = vmm.hooks().clone();
     info!(
         "sending the VM to {} over {} connection(s)",
         params.destination_url, params.connections
@@ -211,7 +242,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
         .spawn(move || {
             let src = Arc::new(SourceAdapter::new(vm.clone()));
             let r = guarded(Some(&vm), || {
-                match migration::send(src, &params, &stats, &cancel) {
+                match migration::send_with(src, &params, &stats, &cancel, &hooks) {
                     Ok(()) => {
                         info!("migration completed; the VM now runs on the destination");
                         JobResult::Completed
@@ -256,12 +287,14 @@ pub fn start_receive(
     let (stats, cancel, progress) = (job.stats.clone(), job.cancel.clone(), job.progress.clone());
     let events = vmm.event_sink();
     let factory = DestFactory::new(vmm.clone());
+    let hooks = vmm.hooks().clone();
     info!("waiting for a migration on {addr}");
     std::thread::Builder::new()
         .name("migration-recv".into())
         .spawn(move || {
             let r = guarded(None, || {
-                match migration::receive(listener, &factory, &params, &stats, &cancel) {
+                match migration::receive_with(listener, &factory, &params, &stats, &cancel, &hooks)
+                {
                     Ok(_) => {
                         info!("migration received; the VM runs here now");
                         JobResult::Completed
