@@ -148,6 +148,33 @@ impl Vmm {
             _ => None,
         }
     }
+
+    /// The events kept by the VMM (`GET vm.events`, one long poll of up to
+    /// 1 s), oldest first; empty when the API cannot be reached.
+    pub fn events(&self) -> Vec<Value> {
+        let Ok(r) = vmm::client::request_target(
+            &self.sock,
+            "GET",
+            "/api/v1/vm.events?since=1&wait_s=1",
+            None,
+            Duration::from_secs(10),
+        ) else {
+            return Vec::new();
+        };
+        r.body
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits up to `timeout` for an event named `name`; returns it.
+    pub fn wait_event(&self, name: &str, timeout: Duration) -> Option<Value> {
+        crate::util::poll(timeout, || {
+            self.events()
+                .into_iter()
+                .find(|e| e["event"].as_str() == Some(name))
+        })
+    }
 }
 
 #[cfg(test)]

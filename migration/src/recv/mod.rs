@@ -230,13 +230,31 @@ pub fn run(
         error_sent: Cell::new(false),
         events: hooks.events.clone(),
     };
+    ctx.events.emit(
+        "migration-started",
+        serde_json::json!({ "role": "destination", "receiver_url": params.receiver_url }),
+    );
     let r = drive(&ctx);
     let r = match r {
-        Ok(vm) => Ok(vm),
+        Ok(vm) => {
+            ctx.events.emit(
+                "migration-completed",
+                serde_json::json!({ "role": "destination" }),
+            );
+            Ok(vm)
+        }
         Err(f) => {
             let e = abort(&ctx, f);
             ctx.stats.fail(&e);
             log::error!("incoming migration failed: {e}");
+            ctx.events.emit(
+                if cancel.is_cancelled() {
+                    "migration-cancelled"
+                } else {
+                    "migration-failed"
+                },
+                serde_json::json!({ "role": "destination", "error": e.to_string() }),
+            );
             Err(e)
         }
     };

@@ -303,7 +303,7 @@ pub fn run(
         Ok(c) => {
             c.finish();
             ctx.events.emit(
-                "completed",
+                "migration-completed",
                 serde_json::json!({ "role": "source", "total_time_ms": ctx.start.elapsed().as_millis() as u64 }),
             );
             Ok(())
@@ -312,9 +312,9 @@ pub fn run(
             let e = abort(&ctx, f);
             ctx.events.emit(
                 if matches!(e, MigrationError::Cancelled | MigrationError::NoProgress(_)) {
-                    "cancelled"
+                    "migration-cancelled"
                 } else {
-                    "failed"
+                    "migration-failed"
                 },
                 serde_json::json!({ "role": "source", "error": e.to_string() }),
             );

@@ -37,6 +37,8 @@ pub struct Passes {
     pass_start_done: u64,
     /// Pages written at the last progress check (pass 1 progress).
     seen_done: u64,
+    /// When `seen_done` last grew (a page was written).
+    moved_at: Instant,
     waiting_warned: bool,
     gov: Governor,
 }
@@ -53,6 +55,7 @@ impl Passes {
             last_fetch: Instant::now(),
             pass_start_done: 0,
             seen_done: 0,
+            moved_at: Instant::now(),
             waiting_warned: false,
             gov: Governor::new(Instant::now()),
         }
@@ -109,11 +112,14 @@ impl Passes {
             limiter.set_user(params.max_bandwidth_mib_s.map(|m| m * 1024.0 * 1024.0));
             let done = pool.pages_done.load(Relaxed);
             let now = Instant::now();
-            if self.pass == 1 && done > self.seen_done {
-                self.gov.first_pass_progress(now);
+            if done > self.seen_done {
+                self.moved_at = now;
+                if self.pass == 1 {
+                    self.gov.first_pass_progress(now);
+                }
             }
             self.seen_done = done;
-            self.gov.check_progress(&params, now)?;
+            self.gov.check_progress(&params, now, Some(self.moved_at))?;
             ctx.stats
                 .remaining_bytes
                 .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
@@ -257,6 +263,7 @@ impl Streaming {
             }),
         );
         apply(ctx, fx);
+        ps.gov.check_progress(&params, now, None)?;
         log::debug!(
             "after pass {}: {dirty} dirty bytes, estimate {est:?}, allowed {allowed:?}, {verdict:?}, acks {}",
             ps.pass,

@@ -140,13 +140,20 @@ impl Governor {
     }
 
     /// Fails when `progress_timeout_s` passed without progress.
+    ///
+    /// Progress is judged at pass ends (a new low of the remaining bytes);
+    /// within a pass, whose end cannot be judged yet, `moved_at` (when the
+    /// last page was written) also counts, so only a pass that moves
+    /// nothing at all for the timeout ends the migration early.
     pub fn check_progress(
         &self,
         p: &MigrationParameters,
         now: Instant,
+        moved_at: Option<Instant>,
     ) -> Result<(), MigrationError> {
         if let Some(t) = p.progress_timeout_s {
-            let idle = now.saturating_duration_since(self.low_at);
+            let since = moved_at.map_or(self.low_at, |m| m.max(self.low_at));
+            let idle = now.saturating_duration_since(since);
             if idle >= Duration::from_secs(t) {
                 return Err(MigrationError::NoProgress(format!(
                     "no progress for {} s (progress_timeout_s = {t}); the migration was cancelled \
@@ -388,14 +395,22 @@ mod tests {
             ..Default::default()
         };
         g.after_pass(&p, &report(1, 1000, 900, 1000, 5000), t0);
-        g.check_progress(&p, t0 + Duration::from_secs(2)).unwrap();
+        g.check_progress(&p, t0 + Duration::from_secs(2), None)
+            .unwrap();
         let e = g
-            .check_progress(&p, t0 + Duration::from_secs(3))
+            .check_progress(&p, t0 + Duration::from_secs(3), None)
             .unwrap_err();
         assert!(e.to_string().contains("no progress for 3 s"), "{e}");
+        // Within a pass that still writes pages, only a halt counts.
+        let t5 = t0 + Duration::from_secs(5);
+        g.check_progress(&p, t5, Some(t5 - Duration::from_secs(1)))
+            .unwrap();
+        g.check_progress(&p, t5, Some(t5 - Duration::from_secs(3)))
+            .unwrap_err();
         g.check_progress(
             &MigrationParameters::default(),
             t0 + Duration::from_secs(99),
+            None,
         )
         .unwrap();
     }

@@ -34,7 +34,16 @@ fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> 
                 .map_err(|e| Reply::error(400, e.to_string()))?,
         }
     }
-    serde_json::from_value(v).map_err(|e| Reply::error(400, format!("invalid JSON body: {e}")))
+    // The path names the field at fault ("technique: unknown variant ...").
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            Reply::error(400, format!("invalid JSON body: {inner}"))
+        } else {
+            Reply::error(400, format!("invalid JSON body: {path}: {inner}"))
+        }
+    })
 }
 
 /// The limits of `vm.migration-set-parameters` checked on the untyped

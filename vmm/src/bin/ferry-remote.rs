@@ -52,6 +52,109 @@ impl Transport {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum PolicyArg {
+    /// Pre-copy with a fixed downtime.
+    Legacy,
+    /// Pre-copy; the allowed downtime grows in steps at each stall.
+    MinimalDowntime,
+    /// The downtime schedule, then auto-converge.
+    SuspendWorkloadIfNeeded,
+    /// Pre-copy until the first stall, then post-copy.
+    PostCopy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TechniqueArg {
+    /// Iterate while the guest runs, then stop and copy the rest.
+    PreCopy,
+    /// Start the guest on the destination now; pull the missing pages.
+    PostCopy,
+}
+
+/// The parameters that can also change while a migration runs
+/// (`vm.migration-set-parameters`); each is sent only when given.
+#[derive(ClapArgs, Debug, Default)]
+struct LiveArgs {
+    /// Convergence policy.
+    #[arg(long, value_enum)]
+    policy: Option<PolicyArg>,
+    /// Allowed downtime in milliseconds.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Bandwidth cap in MiB/s (0: no cap).
+    #[arg(long, value_name = "MIB_S")]
+    max_bandwidth_mib_s: Option<f64>,
+    /// Throttle the vCPUs when passes make no progress (true/false).
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    auto_converge: Option<bool>,
+    /// First throttle step, percent of vCPU time taken away.
+    #[arg(long, value_name = "PERCENT")]
+    throttle_initial_percent: Option<u32>,
+    /// Throttle increase per further busy pass, percent.
+    #[arg(long, value_name = "PERCENT")]
+    throttle_increment_percent: Option<u32>,
+    /// Highest throttle, percent.
+    #[arg(long, value_name = "PERCENT")]
+    throttle_max_percent: Option<u32>,
+    /// Seconds without progress that count as one stall.
+    #[arg(long, value_name = "S")]
+    stall_limit_s: Option<u64>,
+    /// Cancel the migration after this many seconds without progress
+    /// (0: never).
+    #[arg(long, value_name = "S")]
+    progress_timeout_s: Option<u64>,
+    /// pre-copy, or post-copy (while running: switch to post-copy now).
+    #[arg(long, value_enum)]
+    technique: Option<TechniqueArg>,
+}
+
+impl LiveArgs {
+    /// Adds the given fields to `body`.
+    fn apply(&self, body: &mut Value) {
+        if let Some(p) = self.policy {
+            body["policy"] = json!(match p {
+                PolicyArg::Legacy => "legacy",
+                PolicyArg::MinimalDowntime => "minimal-downtime",
+                PolicyArg::SuspendWorkloadIfNeeded => "suspend-workload-if-needed",
+                PolicyArg::PostCopy => "post-copy",
+            });
+        }
+        if let Some(t) = self.technique {
+            body["technique"] = json!(match t {
+                TechniqueArg::PreCopy => "pre-copy",
+                TechniqueArg::PostCopy => "post-copy",
+            });
+        }
+        let mut set = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        };
+        set("downtime_ms", self.downtime_ms.map(|v| json!(v)));
+        set(
+            "max_bandwidth_mib_s",
+            self.max_bandwidth_mib_s.map(|v| json!(v)),
+        );
+        set("auto_converge", self.auto_converge.map(|v| json!(v)));
+        for (k, v) in [
+            ("throttle_initial_percent", self.throttle_initial_percent),
+            (
+                "throttle_increment_percent",
+                self.throttle_increment_percent,
+            ),
+            ("throttle_max_percent", self.throttle_max_percent),
+        ] {
+            set(k, v.map(|v| json!(v)));
+        }
+        set("stall_limit_s", self.stall_limit_s.map(|v| json!(v)));
+        set(
+            "progress_timeout_s",
+            self.progress_timeout_s.map(|v| json!(v)),
+        );
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DeviceState {
     Channels,
     Main,
@@ -93,11 +196,10 @@ enum Cmd {
         /// Data connections (1..=64).
         #[arg(long)]
         connections: Option<u32>,
-        /// Target downtime in milliseconds.
-        #[arg(long)]
-        downtime_ms: Option<u64>,
-        /// Throughput cap in MiB/s.
-        #[arg(long)]
+        #[command(flatten)]
+        live: LiveArgs,
+        /// Deprecated alias of --max-bandwidth-mib-s (the value is MiB/s).
+        #[arg(long, hide = true, conflicts_with = "max_bandwidth_mib_s")]
         max_bandwidth_mbps: Option<f64>,
         /// Give up after this many seconds.
         #[arg(long)]
@@ -122,6 +224,64 @@ enum Cmd {
     MigrationStatus,
     /// PUT vm.migration-cancel.
     MigrationCancel,
+    /// PUT vm.migration-set-parameters: change the running migration (or
+    /// the defaults of the next one).
+    MigrationSet {
+        #[command(flatten)]
+        live: LiveArgs,
+    },
+    /// GET vm.migration-parameters: the effective parameters.
+    MigrationParameters,
+    /// GET vm.events: print the VMM's events as JSON lines, following new
+    /// ones until interrupted.
+    Events {
+        /// Start at this event number (default: the oldest kept).
+        #[arg(long, conflicts_with = "now")]
+        since: Option<u64>,
+        /// Only events from now on.
+        #[arg(long)]
+        now: bool,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+/// One long poll of `vm.events` lasts at most this long.
+const EVENTS_POLL_S: u64 = 30;
+
+/// Prints events from `since` (or `now`), following with long polls.
+fn follow_events(args: &Args, since: Option<u64>, now: bool, once: bool) -> Result<()> {
+    let mut from = match (since, now) {
+        (Some(n), _) => n.to_string(),
+        (None, true) => "now".to_string(),
+        (None, false) => "1".to_string(),
+    };
+    let wait = if once { 1 } else { EVENTS_POLL_S };
+    let mut out = std::io::stdout();
+    loop {
+        let target = format!("/api/v1/vm.events?since={from}&wait_s={wait}");
+        let r = vmm::client::request_target(
+            &args.api_socket,
+            "GET",
+            &target,
+            None,
+            Duration::from_secs(wait + 10),
+        )
+        .map_err(|e| anyhow!(e))?;
+        let r = checked(r)?;
+        for line in r.body.lines().filter(|l| !l.trim().is_empty()) {
+            writeln!(out, "{line}")?;
+            let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+            if let Some(seq) = v.get("seq").and_then(Value::as_u64) {
+                from = (seq + 1).to_string();
+            }
+        }
+        out.flush()?;
+        if once {
+            return Ok(());
+        }
+    }
 }
 
 fn call(args: &Args, method: &str, endpoint: &str, body: Option<&Value>) -> Result<ApiResponse> {
@@ -248,6 +408,23 @@ fn run(args: &Args) -> Result<()> {
         Cmd::ShutdownVmm => simple("PUT", "vmm.shutdown"),
         Cmd::MigrationStatus => simple("GET", "vm.migration"),
         Cmd::MigrationCancel => simple("PUT", "vm.migration-cancel"),
+        Cmd::MigrationParameters => simple("GET", "vm.migration-parameters"),
+        Cmd::MigrationSet { live } => {
+            let mut body = json!({});
+            live.apply(&mut body);
+            if body.as_object().is_some_and(|m| m.is_empty()) {
+                bail!("migration-set needs at least one parameter (see --help)");
+            }
+            let r = checked(call(
+                args,
+                "PUT",
+                "vm.migration-set-parameters",
+                Some(&body),
+            )?)?;
+            print_body(&r);
+            Ok(())
+        }
+        Cmd::Events { since, now, once } => follow_events(args, *since, *now, *once),
         Cmd::ReceiveMigration {
             url,
             device_buffer_bytes,
@@ -269,7 +446,7 @@ fn run(args: &Args) -> Result<()> {
         Cmd::SendMigration {
             url,
             connections,
-            downtime_ms,
+            live,
             max_bandwidth_mbps,
             timeout_s,
             device_state,
@@ -283,11 +460,9 @@ fn run(args: &Args) -> Result<()> {
             if let Some(c) = connections {
                 body["connections"] = json!(c);
             }
-            if let Some(d) = downtime_ms {
-                body["downtime_ms"] = json!(d);
-            }
+            live.apply(&mut body);
             if let Some(b) = max_bandwidth_mbps {
-                body["max_bandwidth_mbps"] = json!(b);
+                body["max_bandwidth_mib_s"] = json!(b);
             }
             if let Some(t) = timeout_s {
                 body["timeout_s"] = json!(t);
