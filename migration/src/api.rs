@@ -453,9 +453,9 @@ pub struct Hooks {
     pub events: Arc<EventLog>,
 }
 
-/// [`send`] with the VMM's live parameters and event log. The parameter
-/// fields `params` names are applied to `hooks.live` first (as
-/// `vm.migration-set-parameters` would), so they persist as defaults.
+/// [`send`] with the VMM's live parameters and event log. The migration
+/// runs on `hooks.live`'s defaults with the parameter fields of `params`
+/// laid over them, for this migration only ([`crate::live::LiveParams::begin`]).
 pub fn send_with(
     vm: Arc<dyn SourceVm>,
     params: &SendParams,
@@ -466,13 +466,15 @@ pub fn send_with(
     let applied = params
         .validate()
         .and_then(|()| params.parameters_update())
-        .and_then(|u| hooks.live.update(&u));
+        .and_then(|u| hooks.live.begin(&u));
     if let Err(e) = applied {
         stats.begin();
         stats.fail(&e);
         return Err(e);
     }
-    crate::send::run(vm, params, stats, cancel, hooks)
+    let r = crate::send::run(vm, params, stats, cancel, hooks);
+    hooks.live.end();
+    r
 }
 
 /// Receives one migration on `listener`. On success the VM has been started

@@ -281,27 +281,50 @@ impl MigrationParameters {
 
 /// The parameters shared by the API and a running sender.
 ///
+/// Two sets: the defaults (changed only by `vm.migration-set-parameters`)
+/// and the current values (what a running migration uses). A send starts
+/// from the defaults with its request's own fields laid over them
+/// ([`LiveParams::begin`]); those fields apply to that migration only. A
+/// change through the API applies to both sets. When the send ends
+/// ([`LiveParams::end`]) the current values fall back to the defaults, and
+/// a technique of post-copy (a one-time switch) falls back to pre-copy.
+///
 /// Invariant: `generation` grows by one with every accepted change, so a
-/// reader that remembers it sees every change.
+/// reader that remembers it sees every change; while no migration runs,
+/// the current values equal the defaults.
 #[derive(Debug, Default)]
 pub struct LiveParams {
-    params: Mutex<MigrationParameters>,
+    sets: Mutex<Sets>,
     generation: AtomicU64,
     running: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct Sets {
+    defaults: MigrationParameters,
+    current: MigrationParameters,
+}
+
 impl LiveParams {
-    /// Parameters starting from `p`.
+    /// Parameters starting from `p` (as defaults and current values).
     pub fn new(p: MigrationParameters) -> LiveParams {
         LiveParams {
-            params: Mutex::new(p),
+            sets: Mutex::new(Sets {
+                defaults: p.clone(),
+                current: p,
+            }),
             ..Default::default()
         }
     }
 
     /// The current values.
     pub fn get(&self) -> MigrationParameters {
-        lock(&self.params).clone()
+        lock(&self.sets).current.clone()
+    }
+
+    /// The defaults of the next migration.
+    pub fn defaults(&self) -> MigrationParameters {
+        lock(&self.sets).defaults.clone()
     }
 
     /// Number of accepted changes so far.
@@ -309,19 +332,39 @@ impl LiveParams {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Applies `u` and returns the new values; refuses an out-of-range
-    /// update, leaving the values as they were.
+    /// Applies `u` to the defaults and the current values and returns the
+    /// new current values; refuses an out-of-range update, leaving both as
+    /// they were.
     pub fn update(&self, u: &ParametersUpdate) -> Result<MigrationParameters, MigrationError> {
-        let mut g = lock(&self.params);
-        let p = g.overlay(u)?;
-        *g = p.clone();
+        let mut g = lock(&self.sets);
+        let d = g.defaults.overlay(u)?;
+        let c = g.current.overlay(u)?;
+        g.defaults = d;
+        g.current = c.clone();
         self.generation.fetch_add(1, Ordering::SeqCst);
-        Ok(p)
+        Ok(c)
     }
 
-    /// Marks a migration as running on these parameters (or not).
-    pub fn set_running(&self, running: bool) {
-        self.running.store(running, Ordering::SeqCst)
+    /// Starts a migration: the current values become the defaults with
+    /// `request` laid over them (the defaults stay). Refused, changing
+    /// nothing, if `request` is out of range.
+    pub fn begin(&self, request: &ParametersUpdate) -> Result<MigrationParameters, MigrationError> {
+        let mut g = lock(&self.sets);
+        let c = g.defaults.overlay(request)?;
+        g.current = c.clone();
+        self.running.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(c)
+    }
+
+    /// Ends a migration: the current values fall back to the defaults;
+    /// post-copy, a one-time switch, falls back to pre-copy in both.
+    pub fn end(&self) {
+        let mut g = lock(&self.sets);
+        g.defaults.technique = Technique::PreCopy;
+        g.current = g.defaults.clone();
+        self.running.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether a migration runs on these parameters now.
@@ -382,5 +425,45 @@ mod tests {
 
     fn serde_json_from(s: &str) -> ParametersUpdate {
         serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn request_fields_apply_to_one_migration_only() {
+        let l = LiveParams::default();
+        l.update(&ParametersUpdate {
+            downtime_ms: Some(100),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = l
+            .begin(&ParametersUpdate {
+                max_bandwidth_mib_s: Some(4.0),
+                technique: Some(Technique::PostCopy),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((c.downtime_ms, c.max_bandwidth_mib_s), (100, Some(4.0)));
+        assert!(l.running());
+        // A change while running reaches both sets.
+        l.update(&ParametersUpdate {
+            stall_limit_s: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(l.get().stall_limit_s, 2);
+        assert_eq!(l.get().max_bandwidth_mib_s, Some(4.0));
+        l.end();
+        let d = l.get();
+        assert!(!l.running());
+        assert_eq!((d.downtime_ms, d.stall_limit_s), (100, 2));
+        assert_eq!(d.max_bandwidth_mib_s, None, "the request's cap must not persist");
+        assert_eq!(d.technique, Technique::PreCopy);
+        assert!(l
+            .begin(&ParametersUpdate {
+                throttle_max_percent: Some(100),
+                ..Default::default()
+            })
+            .is_err());
+        assert_eq!(l.get(), d);
     }
 }

@@ -294,11 +294,6 @@ pub fn run(
     let r = drive(&ctx);
     // The guest never stays slowed, however the migration ended.
     ctx.set_throttle(0);
-    // Post-copy is a one-time switch, not a default for the next migration.
-    let _ = ctx.live.update(&crate::live::ParametersUpdate {
-        technique: Some(crate::live::Technique::PreCopy),
-        ..Default::default()
-    });
     match r {
         Ok(c) => {
             c.finish();
