@@ -547,7 +547,7 @@ impl DestinationFactory for FakeFactory {
 
 pub fn params(port: u16, connections: u32) -> SendParams {
     SendParams {
-        connections,
+        connections: connections.into(),
         timeout_s: 60,
         device_state: DeviceStateMode::Channels,
         tls: Some(false),
