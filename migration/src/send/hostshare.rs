@@ -1,6 +1,7 @@
 //! The source and its host: `connections: "auto"` resolved once at the
 //! start, and the share of the host's migration bandwidth, recomputed every
-//! [`SHARE_INTERVAL`] while the data connections run ([`ShareTicker`]).
+//! [`SHARE_INTERVAL`] while the data connections run ([`ShareTicker`],
+//! which also keeps the operator's live cap current in the bucket).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use crate::error::MigrationError;
 use crate::events::EventLog;
 use crate::handshake::Dial;
 use crate::host::{self, Direction, HostSlot, SHARE_INTERVAL};
+use crate::live::LiveParams;
 use crate::net::Ctl;
 use crate::stats::MigrationStats;
 use crate::traits::SourceVm;
@@ -74,12 +76,17 @@ pub(super) struct ShareInputs {
     pub stats: Arc<MigrationStats>,
     /// Where a changed share is reported.
     pub events: Arc<EventLog>,
+    /// The live parameters: the operator's cap is refreshed with the share
+    /// (also while a pass is being queued, when nothing else reads it).
+    pub live: Arc<LiveParams>,
 }
 
 impl ShareInputs {
     /// Counts the migrations of both hosts and applies the share; reports
     /// a change of more than 1 %.
     fn apply(&self) {
+        let cap = self.live.get().max_bandwidth_mib_s;
+        self.limiter.set_user(cap.map(|m| m * 1024.0 * 1024.0));
         let own = match &self.slot {
             Some(s) => s.count().unwrap_or_else(|e| {
                 log::debug!("counting this host's migrations: {e}");
@@ -111,7 +118,8 @@ impl ShareInputs {
     }
 }
 
-/// The thread that recomputes the share every [`SHARE_INTERVAL`].
+/// The thread that recomputes the share (and re-reads the operator's cap)
+/// every [`SHARE_INTERVAL`].
 ///
 /// Invariant: the share was applied once before [`ShareTicker::start`]
 /// returned; dropping the ticker stops and joins its thread.

@@ -135,8 +135,8 @@ impl Ctx {
 /// Invariant: dropping it aborts (if they still run) and joins the writers
 /// before the sockets close.
 struct DataPlane {
-    /// Keeps the host's share applied to `limiter` (stopped first).
-    _share: Option<hostshare::ShareTicker>,
+    /// Keeps the host's share and the operator's cap applied to `limiter`.
+    _share: hostshare::ShareTicker,
     pool: Arc<Pool>,
     /// The writers' shared bandwidth bucket (changed live).
     limiter: Arc<pool::RateLimiter>,

@@ -101,21 +101,18 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
             .map(|m| m * 1024.0 * 1024.0),
     );
     // The host's share is in force before the first byte is written.
-    let share = if ctx.host_slot.is_some() || ctx.host_max.is_some() {
-        Some(ShareTicker::start(
-            ShareInputs {
-                slot: ctx.host_slot.clone(),
-                host_max: ctx.host_max,
-                from_dest: ctx.from_dest.clone(),
-                limiter: limiter.clone(),
-                stats: ctx.stats.clone(),
-                events: ctx.events.clone(),
-            },
-            &ctx.ctl,
-        )?)
-    } else {
-        None
-    };
+    let share = ShareTicker::start(
+        ShareInputs {
+            slot: ctx.host_slot.clone(),
+            host_max: ctx.host_max,
+            from_dest: ctx.from_dest.clone(),
+            limiter: limiter.clone(),
+            stats: ctx.stats.clone(),
+            events: ctx.events.clone(),
+            live: ctx.live.clone(),
+        },
+        &ctx.ctl,
+    )?;
     let wctx = Arc::new(WriterCtx {
         pool: pool.clone(),
         mem: ctx.mem.clone(),
