@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::MigrationError;
 pub use crate::events::{EventBatch, EventLog};
+pub use crate::host::{Direction, Host, HostMigrations, HostSlot, LinkSpeed};
 pub use crate::live::{
     LiveParams, MigrationParameters, ParametersUpdate, Policy, SwitchoverReason, Technique,
 };
 pub use crate::stats::{
     DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
 };
-pub use crate::host::{Direction, Host, HostMigrations, HostSlot, LinkSpeed};
 use crate::tls::{ClientTls, ServerTls};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
 use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
@@ -196,7 +196,9 @@ impl<'de> Deserialize<'de> for Connections {
                 if v == "auto" {
                     Ok(Connections::Auto)
                 } else {
-                    Err(E::custom(format!("connections \"{v}\" (a number or \"auto\")")))
+                    Err(E::custom(format!(
+                        "connections \"{v}\" (a number or \"auto\")"
+                    )))
                 }
             }
         }
@@ -682,7 +684,10 @@ mod tests {
             Connections::Auto
         );
         for bad in ["\"many\"", "-1", "1.5", "4294967296", "true"] {
-            assert!(c(&format!("{base},\"connections\":{bad}}}")).is_err(), "{bad}");
+            assert!(
+                c(&format!("{base},\"connections\":{bad}}}")).is_err(),
+                "{bad}"
+            );
         }
         let q = SendParams {
             connections: Connections::Auto,

@@ -135,9 +135,7 @@ pub fn auto_connections(link: &LinkSpeed, vcpus: Option<u32>) -> (u32, String) {
     };
     let (n, rule) = match raw {
         None => (1, "nothing known: 1".to_string()),
-        Some(r) if r < AUTO_MIN_CONNECTIONS => {
-            (1, format!("min {r} < {AUTO_MIN_CONNECTIONS}: 1"))
-        }
+        Some(r) if r < AUTO_MIN_CONNECTIONS => (1, format!("min {r} < {AUTO_MIN_CONNECTIONS}: 1")),
         Some(r) if r > AUTO_MAX_CONNECTIONS => (
             AUTO_MAX_CONNECTIONS,
             format!("min {r} capped at {AUTO_MAX_CONNECTIONS}"),
@@ -160,7 +158,11 @@ mod tests {
         assert_eq!(share_mib_s(64.0, 0, 0), 64.0, "unknown counts count as 1");
         assert_eq!(share_mib_s(64.0, 16, 1), SHARE_FLOOR_MIB_S, "floor");
         assert_eq!(share_mib_s(64.0, 1000, 3), SHARE_FLOOR_MIB_S);
-        assert_eq!(share_mib_s(4.0, 3, 1), 4.0, "the floor never exceeds host_max");
+        assert_eq!(
+            share_mib_s(4.0, 3, 1),
+            4.0,
+            "the floor never exceeds host_max"
+        );
         assert_eq!(share_bytes_s(1.0, 1, 1), MIB);
     }
 

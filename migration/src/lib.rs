@@ -51,8 +51,8 @@ mod worker;
 mod tests;
 
 pub use api::{
-    receive, receive_with, send, send_with, CancelToken, Connections, DeviceStateMode, DeviceStatus, Hooks,
-    MigrationError, MigrationState, MigrationStats, MigrationStatus, ReceiveParams, SendParams,
-    SourceVmOutcome,
+    receive, receive_with, send, send_with, CancelToken, Connections, DeviceStateMode,
+    DeviceStatus, Hooks, MigrationError, MigrationState, MigrationStats, MigrationStatus,
+    ReceiveParams, SendParams, SourceVmOutcome,
 };
 pub use traits::*;

@@ -91,8 +91,7 @@ fn remove_stale() {
             continue;
         };
         let pid = rest.split('-').next().unwrap_or("");
-        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             eprintln!("netns: removing {name} left by process {pid}");
             let _ = run(&["ip", "netns", "del", name]);
         }
@@ -128,20 +127,53 @@ impl NetPair {
         // From here on, drop removes whatever was created.
         run(&["ip", "netns", "add", &pair.dst_ns])?;
         run(&[
-            "ip", "link", "add", &va, "netns", &pair.src_ns, "type", "veth", "peer", "name", &vb,
-            "netns", &pair.dst_ns,
+            "ip",
+            "link",
+            "add",
+            &va,
+            "netns",
+            &pair.src_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vb,
+            "netns",
+            &pair.dst_ns,
         ])?;
         for (ns, dev, ip) in [
             (&pair.src_ns, &va, &pair.src_ip),
             (&pair.dst_ns, &vb, &pair.dst_ip),
         ] {
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/30"), "dev", dev])?;
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                dev,
+            ])?;
             run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
         run(&[
-            "tc", "-n", &pair.src_ns, "qdisc", "add", "dev", &va, "root", "tbf", "rate", rate,
-            "burst", "512kb", "latency", "50ms",
+            "tc",
+            "-n",
+            &pair.src_ns,
+            "qdisc",
+            "add",
+            "dev",
+            &va,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "512kb",
+            "latency",
+            "50ms",
         ])?;
         eprintln!(
             "netns: {} ({}) -> {} ({}), {} shaped to {rate}",
@@ -179,7 +211,10 @@ mod tests {
             let p = NetPair::new("100mbit").unwrap();
             let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
             let list = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(list.contains(&p.src_ns) && list.contains(&p.dst_ns), "{list}");
+            assert!(
+                list.contains(&p.src_ns) && list.contains(&p.dst_ns),
+                "{list}"
+            );
             (p.src_ns.clone(), p.dst_ns.clone())
         };
         let out = Command::new("ip").args(["netns", "list"]).output().unwrap();

@@ -186,12 +186,7 @@ impl Vmm {
 
     /// Like [`Vmm::boot_no_wait`], in network namespace `netns` =
     /// (name, address) when given.
-    pub fn boot_in(
-        name: &str,
-        netns: Option<(&str, &str)>,
-        cmdline: &str,
-        extra: &[&str],
-    ) -> Vmm {
+    pub fn boot_in(name: &str, netns: Option<(&str, &str)>, cmdline: &str, extra: &[&str]) -> Vmm {
         let guest = stamp_guest();
         let guest = guest.to_str().unwrap().to_string();
         let mut args = vec!["--kernel", &guest, "--cmdline", cmdline];

@@ -107,16 +107,18 @@ pub fn tcp_listening_of(pid: u32, port: u16) -> bool {
 
 fn tcp_listening_in(net: &str, port: u16) -> bool {
     let needle = format!(":{:04X}", port);
-    [format!("{net}/tcp"), format!("{net}/tcp6")].iter().any(|f| {
-        fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
-            })
-    })
+    [format!("{net}/tcp"), format!("{net}/tcp6")]
+        .iter()
+        .any(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
+                })
+        })
 }
 
 /// Mode bits of a file (`& 0o777`).

@@ -181,10 +181,7 @@ fn migration_over_a_shaped_link_between_namespaces() {
     }
     eprintln!(
         "migrated {} -> {} over {}: {}",
-        net.src_ip,
-        net.dst_ip,
-        net.rate,
-        m.dest_status["throughput_bps"]
+        net.src_ip, net.dst_ip, net.rate, m.dest_status["throughput_bps"]
     );
     drop(dst);
     drop(src);

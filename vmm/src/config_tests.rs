@@ -161,12 +161,7 @@ fn host_sharing_options() {
     assert_eq!(c.host_migration_bandwidth_mib_s, Some(64.0));
     assert_eq!(c.migration_registry, PathBuf::from("/tmp/r"));
     for bad in ["0", "-1", "NaN", "inf", "1e9"] {
-        let r = cli(&[
-            "--api-socket",
-            "s",
-            "--host-migration-bandwidth-mib-s",
-            bad,
-        ]);
+        let r = cli(&["--api-socket", "s", "--host-migration-bandwidth-mib-s", bad]);
         let refused = match r {
             Err(_) => true,
             Ok(c) => VmmConfig::parse(&c)

@@ -89,7 +89,10 @@ impl Receiving {
     /// incoming migrations on this host, for the source's share of the host
     /// bandwidth. Nothing without a registration.
     fn send_host_load(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
-        if self.host_load_at.is_some_and(|t| t.elapsed() < SHARE_INTERVAL) {
+        if self
+            .host_load_at
+            .is_some_and(|t| t.elapsed() < SHARE_INTERVAL)
+        {
             return Ok(());
         }
         self.host_load_at = Some(Instant::now());

@@ -482,7 +482,10 @@ mod tests {
             assert!(Frame::decode(&bad.encode()).is_err(), "{a} migrations");
         }
         let bad = Header::new(Kind::HostLoad, s).args(1, 0, 0).with_len(1);
-        assert!(Frame::decode(&bad.encode()).is_err(), "HOST_LOAD with a payload");
+        assert!(
+            Frame::decode(&bad.encode()).is_err(),
+            "HOST_LOAD with a payload"
+        );
         // Kinds 17..=24 (post-copy) are unknown to this build.
         let mut raw = Header::new(Kind::HostLoad, s).args(1, 0, 0).encode();
         raw[6..8].copy_from_slice(&17u16.to_le_bytes());

@@ -234,9 +234,17 @@ mod tests {
             let m = r.body.unwrap()["error"].as_str().unwrap().to_string();
             assert!(m.contains(want), "{body}: {m}");
         };
-        send("connections", "0", "connections must be in 1..=64 or \"auto\", got 0");
+        send(
+            "connections",
+            "0",
+            "connections must be in 1..=64 or \"auto\", got 0",
+        );
         send("connections", "65", "connections must be in 1..=64");
-        send("connections", "-3", "connections must be in 1..=64 or \"auto\", got -3");
+        send(
+            "connections",
+            "-3",
+            "connections must be in 1..=64 or \"auto\", got -3",
+        );
         send("connections", "4294967297", "connections must be in 1..=64");
         send(
             "downtime_ms",

@@ -79,7 +79,10 @@ pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
             extra.join(" ")
         ));
     }
-    let ns = env.net.as_ref().map(|n| (n.src_ns.as_str(), n.src_ip.as_str()));
+    let ns = env
+        .net
+        .as_ref()
+        .map(|n| (n.src_ns.as_str(), n.src_ip.as_str()));
     let vm = Vmm::boot_in("bench-src", ns, &spec.cmdline, &extra);
     guarded("source API", || vm.wait_api())?;
     vm.serial
