@@ -9,6 +9,7 @@ mod e2e;
 mod failures;
 mod fuzz;
 mod guest_mem;
+mod host;
 mod hostile;
 mod switchover;
 mod tls;
