@@ -109,9 +109,15 @@ fn the_share_follows_the_destination_host_load() {
         .filter(|l| l.contains("bandwidth-share-changed"))
         .collect();
     assert!(shares.len() >= 2, "{:?}", ev.lines);
-    assert!(shares[0].contains("\"bandwidth_share_mib_s\":32"), "{shares:?}");
     assert!(
-        shares.last().unwrap().contains("\"bandwidth_share_mib_s\":16"),
+        shares[0].contains("\"bandwidth_share_mib_s\":32"),
+        "{shares:?}"
+    );
+    assert!(
+        shares
+            .last()
+            .unwrap()
+            .contains("\"bandwidth_share_mib_s\":16"),
         "{shares:?}"
     );
 }
