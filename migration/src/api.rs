@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::MigrationError;
 pub use crate::events::{EventBatch, EventLog};
+pub use crate::host::{Direction, Host, HostMigrations, HostSlot, LinkSpeed};
 pub use crate::live::{
     LiveParams, MigrationParameters, ParametersUpdate, Policy, SwitchoverReason, Technique,
 };
@@ -35,9 +36,10 @@ pub enum DeviceStateMode {
 pub struct SendParams {
     /// `tcp:HOST:PORT`.
     pub destination_url: String,
-    /// Data connections, 1..=64.
-    #[serde(default = "default_connections")]
-    pub connections: u32,
+    /// Data connections, 1..=64, or `"auto"` (chosen from the outgoing
+    /// link's speed and the vCPUs, see [`crate::host::auto_connections`]).
+    #[serde(default)]
+    pub connections: Connections,
     /// Allowed downtime in milliseconds (0: switch over only when nothing
     /// is left). `None` keeps the current parameter
     /// ([`crate::live::MigrationParameters::downtime_ms`], 300 by default).
@@ -104,7 +106,7 @@ impl SendParams {
     pub fn to(destination_url: impl Into<String>) -> SendParams {
         SendParams {
             destination_url: destination_url.into(),
-            connections: default_connections(),
+            connections: Connections::default(),
             downtime_ms: None,
             max_bandwidth_mbps: None,
             max_bandwidth_mib_s: None,
@@ -130,8 +132,78 @@ impl SendParams {
 /// which cannot hold an arbitrary number of seconds.
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 
-fn default_connections() -> u32 {
-    4
+/// `connections` of a send request: a number, or `"auto"`.
+///
+/// Invariant: none beyond the type; [`SendParams::validate`] checks that a
+/// count is within [`LIMIT_CONNECTIONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// Exactly this many data connections.
+    Count(u32),
+    /// Chosen when the send starts ([`crate::host::auto_connections`]).
+    Auto,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections::Count(4)
+    }
+}
+
+impl From<u32> for Connections {
+    fn from(n: u32) -> Self {
+        Connections::Count(n)
+    }
+}
+
+impl std::fmt::Display for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connections::Count(n) => write!(f, "{n}"),
+            Connections::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for Connections {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Connections::Count(n) => s.serialize_u32(*n),
+            Connections::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Connections {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Connections;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of connections or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Connections, E> {
+                u32::try_from(v)
+                    .map(Connections::Count)
+                    .map_err(|_| E::custom(format!("{v} connections")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Connections, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} connections")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Connections, E> {
+                if v == "auto" {
+                    Ok(Connections::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "connections \"{v}\" (a number or \"auto\")"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 fn default_timeout_s() -> u64 {
     3600
@@ -236,6 +308,8 @@ pub enum Range {
     Int(u64, u64),
     /// A (finite) floating-point field.
     Float(f64, f64),
+    /// An integer field that also takes the string `"auto"`.
+    IntOrAuto(u64, u64),
 }
 
 impl std::fmt::Display for Range {
@@ -243,6 +317,7 @@ impl std::fmt::Display for Range {
         match self {
             Range::Int(a, b) => write!(f, "{a}..={b}"),
             Range::Float(a, b) => write!(f, "{a}..={b}"),
+            Range::IntOrAuto(a, b) => write!(f, "{a}..={b} or \"auto\""),
         }
     }
 }
@@ -258,7 +333,7 @@ impl Limit {
     /// Checks an integer value of the field.
     pub fn check_int(&self, v: u64) -> Result<(), MigrationError> {
         match self.range {
-            Range::Int(a, b) if (a..=b).contains(&v) => Ok(()),
+            Range::Int(a, b) | Range::IntOrAuto(a, b) if (a..=b).contains(&v) => Ok(()),
             Range::Float(a, b) if (a..=b).contains(&(v as f64)) => Ok(()),
             _ => Err(self.refuse(v)),
         }
@@ -285,17 +360,26 @@ impl Limit {
         shown: &dyn std::fmt::Display,
     ) -> Result<(), MigrationError> {
         match (self.range, int, float) {
-            (Range::Int(..), Some(i), _) => self.check_int(i),
+            (Range::Int(..) | Range::IntOrAuto(..), Some(i), _) => self.check_int(i),
             (Range::Float(..), _, Some(f)) => self.check_float(f),
             _ => Err(self.refuse(shown)),
         }
     }
+
+    /// [`Limit::check_untyped`] on a JSON value, which may also be the
+    /// string `"auto"` where the range allows it.
+    pub fn check_json(&self, v: &serde_json::Value) -> Result<(), MigrationError> {
+        if matches!(self.range, Range::IntOrAuto(..)) && v.as_str() == Some("auto") {
+            return Ok(());
+        }
+        self.check_untyped(v.as_u64(), v.as_f64(), v)
+    }
 }
 
-/// `connections`: data connections.
+/// `connections`: data connections, or `"auto"`.
 pub const LIMIT_CONNECTIONS: Limit = Limit {
     field: "connections",
-    range: Range::Int(1, MAX_CONNECTIONS as u64),
+    range: Range::IntOrAuto(1, MAX_CONNECTIONS as u64),
 };
 pub use crate::live::{LIMIT_DOWNTIME_MS, PARAM_LIMITS};
 /// `max_bandwidth_mbps` in MiB/s: 0.1 (a packet then takes seconds) up to
@@ -336,7 +420,9 @@ impl SendParams {
     /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
         crate::handshake::parse_url(&self.destination_url)?;
-        LIMIT_CONNECTIONS.check_int(self.connections as u64)?;
+        if let Connections::Count(n) = self.connections {
+            LIMIT_CONNECTIONS.check_int(n as u64)?;
+        }
         if let Some(b) = self.max_bandwidth_mbps {
             LIMIT_MAX_BANDWIDTH_MBPS.check_float(b)?;
         }
@@ -443,14 +529,21 @@ pub fn send(
 }
 
 /// What a VMM shares with a running migration beyond its statistics: the
-/// live parameters (defaults between migrations) and the event log.
-/// `Hooks::default()` gives a migration its own of each.
+/// live parameters (defaults between migrations), the event log and the
+/// host. `Hooks::default()` gives a migration its own parameters and log,
+/// no host and no sharing.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
     /// Parameters read at every decision; changed by the API meanwhile.
     pub live: Arc<LiveParams>,
     /// Where the migration reports its events.
     pub events: Arc<EventLog>,
+    /// The host: its registry of running migrations and its links
+    /// (`None`: the migration counts itself alone, link speeds are unknown).
+    pub host: Option<Arc<dyn Host>>,
+    /// The bandwidth, in MiB/s, that all migrations of this host share
+    /// ([`crate::host::share_mib_s`]); `None`: no sharing.
+    pub host_max_mib_s: Option<f64>,
 }
 
 /// [`send`] with the VMM's live parameters and event log. The migration
@@ -527,7 +620,7 @@ mod tests {
             );
         };
         match l.range {
-            Range::Int(a, b) => {
+            Range::Int(a, b) | Range::IntOrAuto(a, b) => {
                 l.check_int(a).unwrap();
                 l.check_int(b).unwrap();
                 refused(l.check_int(b + 1), "max + 1");
@@ -539,6 +632,13 @@ mod tests {
                 refused(l.check_untyped(None, Some(-1.0), &-1), "-1");
                 refused(l.check_untyped(None, Some(1.5), &1.5), "1.5");
                 refused(l.check_untyped(None, None, &"\"x\""), "a string");
+                refused(l.check_json(&serde_json::json!("x")), "a string");
+                let auto = l.check_json(&serde_json::json!("auto"));
+                if matches!(l.range, Range::IntOrAuto(..)) {
+                    auto.unwrap();
+                } else {
+                    refused(auto, "\"auto\"");
+                }
             }
             Range::Float(a, b) => {
                 l.check_float(a).unwrap();
@@ -572,6 +672,38 @@ mod tests {
     }
 
     #[test]
+    fn connections_take_a_number_or_auto() {
+        let p = |j: &str| serde_json::from_str::<SendParams>(j);
+        let c = |j: &str| p(j).map(|p| p.connections);
+        let base = r#"{"destination_url":"tcp:127.0.0.1:1""#;
+        assert_eq!(c(&format!("{base}}}")).unwrap(), Connections::Count(4));
+        assert_eq!(
+            c(&format!("{base},\"connections\":8}}")).unwrap(),
+            Connections::Count(8)
+        );
+        assert_eq!(
+            c(&format!("{base},\"connections\":\"auto\"}}")).unwrap(),
+            Connections::Auto
+        );
+        for bad in ["\"many\"", "-1", "1.5", "4294967296", "true"] {
+            assert!(
+                c(&format!("{base},\"connections\":{bad}}}")).is_err(),
+                "{bad}"
+            );
+        }
+        let q = SendParams {
+            connections: Connections::Auto,
+            tls: Some(false),
+            ..SendParams::to("tcp:127.0.0.1:1")
+        };
+        q.validate().unwrap();
+        let v = serde_json::to_value(&q).unwrap();
+        assert_eq!(v["connections"], "auto");
+        assert_eq!(serde_json::from_value::<SendParams>(v).unwrap(), q);
+        assert_eq!(Connections::from(3).to_string(), "3");
+    }
+
+    #[test]
     fn validate_checks_every_number() {
         let p = SendParams {
             downtime_ms: Some(300),
@@ -586,10 +718,10 @@ mod tests {
         };
         bad(
             SendParams {
-                connections: 65,
+                connections: Connections::Count(65),
                 ..p.clone()
             },
-            "connections must be in 1..=64, got 65",
+            "connections must be in 1..=64 or \"auto\", got 65",
         );
         bad(
             SendParams {

@@ -22,6 +22,8 @@
 //!   `guest_mem` (the one audited module that touches guest memory through
 //!   host addresses: [`RamRegion`], volatile zero scan, iovecs);
 //! * [`tls`] (mutual-TLS configuration from a `tls_dir`, subject checks);
+//! * [`host`] (the host's bandwidth shared between its migrations, the
+//!   `connections: "auto"` rule; the host itself is the VMM's [`host::Host`]);
 //! * `testhook` (switch-over fault injection for tests).
 
 #![warn(missing_docs)]
@@ -32,6 +34,7 @@ pub mod error;
 pub mod events;
 mod guest_mem;
 mod handshake;
+pub mod host;
 pub mod live;
 mod net;
 mod phase;
@@ -48,8 +51,8 @@ mod worker;
 mod tests;
 
 pub use api::{
-    receive, receive_with, send, send_with, CancelToken, DeviceStateMode, DeviceStatus, Hooks,
-    MigrationError, MigrationState, MigrationStats, MigrationStatus, ReceiveParams, SendParams,
-    SourceVmOutcome,
+    receive, receive_with, send, send_with, CancelToken, Connections, DeviceStateMode,
+    DeviceStatus, Hooks, MigrationError, MigrationState, MigrationStats, MigrationStatus,
+    ReceiveParams, SendParams, SourceVmOutcome,
 };
 pub use traits::*;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::host::HostMigrations;
 use crate::live::{LiveParams, MigrationParameters, SwitchoverReason};
 use crate::net::lock;
 
@@ -179,6 +180,19 @@ pub struct MigrationStatus {
     /// Why the source switched over, once it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_reason: Option<SwitchoverReason>,
+    /// Source only: how `connections` was chosen (`requested`, or the
+    /// `auto` rule with the link speed and vCPUs it saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_reason: Option<String>,
+    /// Source only, with a host budget (`--host-migration-bandwidth-mib-s`):
+    /// this migration's share of it now, in MiB/s (the operator's
+    /// `max_bandwidth_mib_s` still applies when lower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_share_mib_s: Option<f64>,
+    /// Migrations running now on the source host (outgoing) and on the
+    /// destination host (incoming), as far as this side knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_migrations: Option<HostMigrations>,
 }
 
 /// Counters of one device. Updated by its save/load thread and the writers.
@@ -236,6 +250,12 @@ pub struct MigrationStats {
     pub(crate) cpu_throttle_percent: AtomicU64,
     pub(crate) stalls: AtomicU64,
     switchover_reason: Mutex<Option<SwitchoverReason>>,
+    connections_reason: Mutex<Option<String>>,
+    share_mib_s: Mutex<Option<f64>>,
+    /// Outgoing migrations on the source host (0: unknown).
+    host_source: AtomicU64,
+    /// Incoming migrations on the destination host (0: unknown).
+    host_destination: AtomicU64,
 }
 
 /// Live receive throughput on the destination: samples
@@ -298,7 +318,11 @@ impl MigrationStats {
         *lock(&self.started) = None;
         *lock(&self.live) = None;
         *lock(&self.switchover_reason) = None;
+        *lock(&self.connections_reason) = None;
+        *lock(&self.share_mib_s) = None;
         for a in [
+            &self.host_source,
+            &self.host_destination,
             &self.iteration,
             &self.connections,
             &self.total_bytes,
@@ -357,6 +381,41 @@ impl MigrationStats {
     /// Why the source switched over, once it did.
     pub fn switchover_reason(&self) -> Option<SwitchoverReason> {
         *lock(&self.switchover_reason)
+    }
+
+    /// Records how the number of connections was chosen.
+    pub(crate) fn set_connections_reason(&self, why: String) {
+        *lock(&self.connections_reason) = Some(why);
+    }
+
+    /// Records this migration's share of the host bandwidth (MiB/s).
+    pub(crate) fn set_share(&self, mib_s: Option<f64>) {
+        *lock(&self.share_mib_s) = mib_s;
+    }
+
+    /// The share of the host bandwidth last recorded (MiB/s).
+    pub fn share_mib_s(&self) -> Option<f64> {
+        *lock(&self.share_mib_s)
+    }
+
+    /// Records the migrations counted on the source host (outgoing) or the
+    /// destination host (incoming); 0 leaves a count unknown.
+    pub(crate) fn set_host_migrations(&self, source: u32, destination: u32) {
+        if source > 0 {
+            self.host_source.store(source as u64, Relaxed);
+        }
+        if destination > 0 {
+            self.host_destination.store(destination as u64, Relaxed);
+        }
+    }
+
+    fn host_migrations(&self) -> Option<HostMigrations> {
+        let get = |a: &AtomicU64| u32::try_from(a.load(Relaxed)).ok().filter(|n| *n > 0);
+        let h = HostMigrations {
+            source: get(&self.host_source),
+            destination: get(&self.host_destination),
+        };
+        (h != HostMigrations::default()).then_some(h)
     }
 
     pub(crate) fn set_role(&self, r: Role) {
@@ -493,6 +552,9 @@ impl MigrationStats {
             cpu_throttle_percent: self.cpu_throttle_percent.load(Relaxed),
             stalls: self.stalls.load(Relaxed),
             switchover_reason: self.switchover_reason(),
+            connections_reason: lock(&self.connections_reason).clone(),
+            bandwidth_share_mib_s: self.share_mib_s(),
+            host_migrations: self.host_migrations(),
         }
     }
 }

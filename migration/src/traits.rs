@@ -101,6 +101,11 @@ pub trait SourceVm: Send + Sync {
     /// Devices with migratable (VFIO-v2-shaped) state, in a stable order.
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>>;
 
+    /// The VM's vCPU count, for `connections: "auto"` (`None`: unknown).
+    fn vcpus(&self) -> Option<u32> {
+        None
+    }
+
     /// Throttles the vCPUs: each gets `percent` (0..=99) of its time taken
     /// away while the VM runs, until set back to 0. Returns once the new
     /// throttle is in force. The sender sets it back to 0 when the

@@ -16,7 +16,9 @@
 //! - [`migrate`](mod@migrate): [`start_pair`], [`migrate_and_check`], [`start_receive`],
 //!   [`Migration`], ...;
 //! - [`util`]: [`TempDir`], [`poll`], [`free_tcp_port`], ...
-//! - [`nested`]: the nested Linux test bed (QEMU TCG with emulated SVM, ferry inside).
+//! - [`nested`]: the nested Linux test bed (QEMU TCG with emulated SVM, ferry inside);
+//! - [`netns`]: [`NetPair`], two network namespaces joined by a veth pair shaped
+//!   with tc tbf (two "hosts" on one machine), removed on drop.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -28,6 +30,7 @@ pub mod api;
 pub mod guest;
 pub mod migrate;
 pub mod nested;
+pub mod netns;
 pub mod proc;
 pub mod tls;
 pub mod util;
@@ -35,6 +38,7 @@ pub mod util;
 pub use api::*;
 pub use guest::*;
 pub use migrate::*;
+pub use netns::{netns_unavailable, skip_unless_netns, NetPair};
 pub use proc::*;
 pub use tls::Pki;
 pub use util::*;

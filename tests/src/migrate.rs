@@ -10,11 +10,18 @@ use serde_json::{json, Value};
 use crate::api::{ok, try_api_raw, ApiResponse};
 use crate::guest::{check_stream, SerialLog};
 use crate::proc::Vmm;
-use crate::util::{free_tcp_port, poll, tcp_listening};
+use crate::util::{free_tcp_port, poll, tcp_listening_of};
 use crate::{LONG, MIGRATION_TIMEOUT};
 
+/// `tcp:127.0.0.1:PORT`.
 pub fn tcp_url(port: u16) -> String {
     format!("tcp:127.0.0.1:{}", port)
+}
+
+/// `tcp:HOST:PORT` for a migration to `dst` (its address, which is not
+/// loopback inside a [`crate::NetPair`]).
+pub fn tcp_url_of(dst: &Vmm, port: u16) -> String {
+    format!("tcp:{}:{}", dst.host, port)
 }
 
 /// Asks `dst` to receive a migration on `port` over plain TCP and returns
@@ -30,8 +37,9 @@ pub fn start_receive_with(
     port: u16,
     mut body: Value,
 ) -> thread::JoinHandle<Result<ApiResponse, String>> {
-    body["receiver_url"] = json!(tcp_url(port));
+    body["receiver_url"] = json!(tcp_url_of(dst, port));
     let sock = dst.sock.clone();
+    let pid = dst.pid();
     let h = thread::spawn(move || {
         try_api_raw(
             &sock,
@@ -42,7 +50,7 @@ pub fn start_receive_with(
         )
     });
     let listening = poll(LONG, || {
-        if tcp_listening(port) || h.is_finished() {
+        if tcp_listening_of(pid, port) || h.is_finished() {
             Some(())
         } else {
             None
@@ -67,7 +75,7 @@ pub fn start_receive_with(
             ),
         }
         assert!(
-            poll(LONG, || tcp_listening(port).then_some(())).is_some(),
+            poll(LONG, || tcp_listening_of(pid, port).then_some(())).is_some(),
             "[{}] receive-migration answered but nothing listens on {}",
             dst.name,
             port
@@ -145,7 +153,7 @@ pub struct Migration {
 /// `completed`, the source exits 0. Panics on failure.
 pub fn migrate(src: &mut Vmm, dst: &Vmm, mut params: Value) -> Migration {
     let port = free_tcp_port();
-    params["destination_url"] = json!(tcp_url(port));
+    params["destination_url"] = json!(tcp_url_of(dst, port));
     let recv = start_receive(dst, port);
     start_send(src, params);
     finish_migration(src, dst, Some(recv))

@@ -89,23 +89,39 @@ pub struct Vmm {
     pub serial: SerialLog,
     /// A name for messages.
     pub name: String,
+    /// The address its migrations listen on and are sent to
+    /// (`127.0.0.1`, or its address inside a [`crate::NetPair`]).
+    pub host: String,
+    /// The network namespace it runs in, if not the test's own.
+    pub netns: Option<String>,
 }
 
 impl Vmm {
     /// Spawns `ferry` with `args`, adding `--api-socket <dir>/api.sock` and
     /// `--serial file=<dir>/serial.log` unless `args` has them. Does not wait.
     pub fn spawn(name: &str, args: &[&str]) -> Vmm {
-        Vmm::spawn_inner(name, args, true)
+        Vmm::spawn_inner(name, args, true, None)
+    }
+
+    /// Like [`Vmm::spawn`], in network namespace `netns` (`ip netns exec`)
+    /// where its address is `host`.
+    pub fn spawn_netns(name: &str, netns: &str, host: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_inner(name, args, true, Some((netns, host)))
     }
 
     /// Like [`Vmm::spawn`] without adding `--serial`: the guest's serial
     /// output is ferry's default, its stdout (`stdout.log`, which
     /// [`Vmm::serial`] then reads).
     pub fn spawn_serial_default(name: &str, args: &[&str]) -> Vmm {
-        Vmm::spawn_inner(name, args, false)
+        Vmm::spawn_inner(name, args, false, None)
     }
 
-    fn spawn_inner(name: &str, args: &[&str], add_serial: bool) -> Vmm {
+    fn spawn_inner(
+        name: &str,
+        args: &[&str],
+        add_serial: bool,
+        netns: Option<(&str, &str)>,
+    ) -> Vmm {
         let dir = TempDir::new(name);
         let sock = dir.join("api.sock");
         let mut serial = dir.join("serial.log");
@@ -122,14 +138,27 @@ impl Vmm {
         }
         let stdout = fs::File::create(dir.join("stdout.log")).unwrap();
         let stderr = fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = Command::new(ferry_bin())
+        // `ip netns exec` execs ferry itself (no fork): the child's pid is
+        // ferry's.
+        let mut cmd = match netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = cmd
             .args(&full)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("spawn ferry");
-        eprintln!("[{}] ferry {}", name, full.join(" "));
+        match netns {
+            Some((ns, _)) => eprintln!("[{}] ip netns exec {ns} ferry {}", name, full.join(" ")),
+            None => eprintln!("[{}] ferry {}", name, full.join(" ")),
+        }
         Vmm {
             child,
             status: None,
@@ -137,6 +166,8 @@ impl Vmm {
             sock,
             serial: SerialLog::new(serial),
             name: name.to_string(),
+            host: netns.map_or("127.0.0.1", |(_, h)| h).to_string(),
+            netns: netns.map(|(ns, _)| ns.to_string()),
         }
     }
 
@@ -150,11 +181,17 @@ impl Vmm {
 
     /// Like [`Vmm::boot`] without waiting for the API.
     pub fn boot_no_wait(name: &str, cmdline: &str, extra: &[&str]) -> Vmm {
+        Vmm::boot_in(name, None, cmdline, extra)
+    }
+
+    /// Like [`Vmm::boot_no_wait`], in network namespace `netns` =
+    /// (name, address) when given.
+    pub fn boot_in(name: &str, netns: Option<(&str, &str)>, cmdline: &str, extra: &[&str]) -> Vmm {
         let guest = stamp_guest();
         let guest = guest.to_str().unwrap().to_string();
         let mut args = vec!["--kernel", &guest, "--cmdline", cmdline];
         args.extend_from_slice(extra);
-        Vmm::spawn(name, &args)
+        Vmm::spawn_inner(name, &args, true, netns)
     }
 
     /// Starts a VM-less `ferry` (to receive a migration) and waits for its API.

@@ -96,17 +96,29 @@ pub fn free_tcp_port() -> u16 {
 /// Whether something listens on TCP `port` (read from /proc/net/tcp{,6},
 /// without connecting: a probe connection would disturb a receiver).
 pub fn tcp_listening(port: u16) -> bool {
+    tcp_listening_in("/proc/net", port)
+}
+
+/// Whether something listens on TCP `port` in the network namespace of
+/// process `pid` (its `/proc/PID/net`).
+pub fn tcp_listening_of(pid: u32, port: u16) -> bool {
+    tcp_listening_in(&format!("/proc/{pid}/net"), port)
+}
+
+fn tcp_listening_in(net: &str, port: u16) -> bool {
     let needle = format!(":{:04X}", port);
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
-            })
-    })
+    [format!("{net}/tcp"), format!("{net}/tcp6")]
+        .iter()
+        .any(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
+                })
+        })
 }
 
 /// Mode bits of a file (`& 0o777`).

@@ -224,10 +224,17 @@ impl Vmm {
         } else {
             None
         };
+        let hooks = migration::Hooks {
+            host: Some(Arc::new(crate::host::HostResources::new(
+                cfg.migration_registry.clone(),
+            ))),
+            host_max_mib_s: cfg.host_migration_bandwidth_mib_s,
+            ..Default::default()
+        };
         let vmm = Arc::new(Vmm {
             cfg,
+            hooks,
             events: sink,
-            hooks: migration::Hooks::default(),
             inner: Mutex::new(Inner {
                 state: Lifecycle::Empty,
                 job: None,

@@ -6,7 +6,8 @@
 //!   executes requests and decides when the process ends;
 //! - [`controller`]: the VMM and its life cycle;
 //! - [`api`]: HTTP <-> typed requests;
-//! - [`jobs`]: the migration job and its adapters to the migration traits.
+//! - [`jobs`]: the migration job and its adapters to the migration traits;
+//! - [`host`]: the registry of this host's running migrations and its link speeds.
 //!
 //! The binaries (`ferry`, `ferry-remote`) are thin: `ferry` validates its
 //! command line with [`config`] and hands over to [`run`].
@@ -20,6 +21,7 @@ pub mod control;
 pub mod controller;
 pub mod device_set;
 pub mod dirty;
+pub mod host;
 pub mod jobs;
 pub mod memory;
 pub mod pio;

@@ -158,7 +158,12 @@ pub fn read_full(s: &Channel, buf: &mut [u8], ctl: &Ctl, what: &str) -> Result<(
 pub fn write_full(s: &Channel, buf: &[u8], ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
     let mut done = 0;
     write_loop(s, ctl, what, || {
-        (done < buf.len()).then(|| s.write_some(&buf[done..]).inspect(|n| done += n))
+        (done < buf.len()).then(|| {
+            s.write_some(&buf[done..]).map(|n| {
+                done += n;
+                done >= buf.len()
+            })
+        })
     })
 }
 
@@ -171,19 +176,23 @@ fn write_vecs_tls(
     what: &str,
 ) -> Result<(), MigrationError> {
     write_loop(s, ctl, what, || {
-        (!v.is_empty()).then(|| s.write_vecs_some(v))
+        (!v.is_empty()).then(|| s.write_vecs_some(v).map(|_| v.is_empty()))
     })
 }
 
-/// Calls `step` (one bounded attempt to move bytes; `None` once all were
-/// taken) until done, then flushes a TLS channel's queue. Polls abort
-/// between attempts; a timeout error from an attempt means no progress,
-/// and no progress for `ctl.stall` (see [`Ctl::write_stalled`]) fails.
+/// Calls `step` (one bounded attempt to move bytes, `Ok(true)` once that
+/// attempt took the last of them; `None` when nothing was left) until
+/// done, then flushes a TLS channel's queue. Polls abort before attempts,
+/// never after the last byte was taken: a frame that is on the wire is
+/// reported written, even if the peer's answer to it already failed the
+/// migration (a COMMIT must never read as unsent once it was sent). A
+/// timeout error from an attempt means no progress, and no progress for
+/// `ctl.stall` (see [`Ctl::write_stalled`]) fails.
 fn write_loop(
     s: &Channel,
     ctl: &Ctl,
     what: &str,
-    mut step: impl FnMut() -> Option<io::Result<usize>>,
+    mut step: impl FnMut() -> Option<io::Result<bool>>,
 ) -> Result<(), MigrationError> {
     let mut last = Instant::now();
     let stalled = |last: Instant| {
@@ -199,8 +208,8 @@ fn write_loop(
     loop {
         ctl.check()?;
         match step() {
-            None => break,
-            Some(Ok(_)) => last = Instant::now(),
+            None | Some(Ok(true)) => break,
+            Some(Ok(false)) => last = Instant::now(),
             Some(Err(e)) if is_timeout(&e) => stalled(last)?,
             Some(Err(e)) if e.kind() == ErrorKind::WriteZero => {
                 return Err(MigrationError::PeerClosed(what.to_string()))

@@ -55,6 +55,10 @@ struct Ctx<'a> {
     /// Where events are reported.
     #[allow(dead_code)]
     events: Arc<EventLog>,
+    /// The host's registry of migrations, if any.
+    host: Option<Arc<dyn crate::host::Host>>,
+    /// This receive's registration, from SETUP accepted to the end.
+    host_slot: std::cell::RefCell<Option<Box<dyn crate::host::HostSlot>>>,
 }
 
 impl Ctx<'_> {
@@ -141,6 +145,8 @@ struct Receiving {
     rates: (Instant, Vec<u64>),
     /// Live receive throughput shown as `throughput_bps` on this side.
     rx: RxMeter,
+    /// When HOST_LOAD was last sent (`None`: not yet).
+    host_load_at: Option<Instant>,
 }
 
 /// What STATE announced.
@@ -229,6 +235,8 @@ pub fn run(
         notify: Arc::new(Notify::default()),
         error_sent: Cell::new(false),
         events: hooks.events.clone(),
+        host: hooks.host.clone(),
+        host_slot: std::cell::RefCell::new(None),
     };
     ctx.events.emit(
         "migration-started",

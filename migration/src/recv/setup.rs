@@ -116,10 +116,21 @@ fn read_setup(ctx: &Ctx, s: &Session) -> Result<(Setup, BuiltVm), MigrationError
     Ok((setup, vm))
 }
 
+/// Registers this receive on the host, once its SETUP was accepted (a
+/// registry that refuses is logged; the migration then goes uncounted).
+fn register(ctx: &Ctx) {
+    let Some(h) = &ctx.host else { return };
+    match h.register(crate::host::Direction::Incoming) {
+        Ok(slot) => *ctx.host_slot.borrow_mut() = Some(slot),
+        Err(e) => log::warn!("cannot register this migration on the host ({e})"),
+    }
+}
+
 /// Negotiate → AcceptData: SETUP read and checked, VM built, data path
 /// prepared, OK sent.
 pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
     let (setup, vm) = or_fail!(read_setup(ctx, &s), Phase::Negotiate(s));
+    register(ctx);
     let mem = GuestMemory::of_destination(&vm.vm);
     let devices = vm.vm.devices();
     let ids: Vec<String> = devices.iter().map(|d| d.id().to_string()).collect();
@@ -232,5 +243,6 @@ pub fn accept_data(ctx: &Ctx, p: Box<Prepared>) -> Result<Phase, Failed> {
         last_main: Instant::now(),
         rates: (Instant::now(), Vec::new()),
         rx: RxMeter::new(),
+        host_load_at: None,
     })))
 }

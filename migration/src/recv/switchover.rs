@@ -11,6 +11,7 @@ use super::reader::ReaderCtx;
 use super::{close_ready, or_fail, Ctx, Failed, Phase, Ready, Receiving, StateInfo, StateMsg};
 use crate::api::{CancelToken, DeviceStateMode};
 use crate::error::MigrationError;
+use crate::host::{MAX_HOST_MIGRATIONS, SHARE_INTERVAL};
 use crate::net::{epoch_us, recv_frame, recv_payload, Ctl, MainConn, Recv, POLL_INTERVAL};
 use crate::testhook::{self, Point};
 use crate::traits::{DestinationVm, MigState};
@@ -84,11 +85,40 @@ impl Receiving {
         Ok(())
     }
 
+    /// Every [`SHARE_INTERVAL`] (first at once): sends HOST_LOAD with the
+    /// incoming migrations on this host, for the source's share of the host
+    /// bandwidth. Nothing without a registration.
+    fn send_host_load(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        if self
+            .host_load_at
+            .is_some_and(|t| t.elapsed() < SHARE_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.host_load_at = Some(Instant::now());
+        let n = match ctx.host_slot.borrow().as_ref().map(|s| s.count()) {
+            None => return Ok(()),
+            Some(Ok(n)) => n.clamp(1, MAX_HOST_MIGRATIONS as u32),
+            Some(Err(e)) => {
+                log::debug!("counting this host's migrations: {e}");
+                return Ok(());
+            }
+        };
+        ctx.stats.set_host_migrations(0, n);
+        self.p.s.main.send(
+            &Frame::HostLoad { migrations: n },
+            &[],
+            &ctx.ctl,
+            "sending the host load",
+        )
+    }
+
     /// Handles what arrived on main; `Some` once STATE arrived.
     fn receive(&mut self, ctx: &Ctx) -> Result<Option<StateMsg>, MigrationError> {
         pump(ctx, &self.p.s.main, &self.p.ack_rx)?;
         self.p.inbox.check_loading()?;
         self.send_rates(ctx)?;
+        self.send_host_load(ctx)?;
         self.rx.tick(&ctx.stats);
         let main = &self.p.s.main;
         let what = "reading the main connection";

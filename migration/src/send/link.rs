@@ -4,7 +4,7 @@
 //! thread, owned together by [`Link`].
 
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ pub struct FromDest {
     /// the guest ([`Frame::Discarded`]): the source may resume even after
     /// COMMIT.
     pub discarded: AtomicBool,
+    /// Incoming migrations on the destination host, from its last
+    /// HOST_LOAD (0: none arrived).
+    pub host_load: AtomicU64,
     /// Notified on every frame and on failure.
     pub notify: Notify,
 }
@@ -233,6 +236,10 @@ fn main_reader(
                     if rate_bps > 0 {
                         c.load_rate.store(rate_bps, Relaxed);
                     }
+                    Ok(false)
+                }
+                Frame::HostLoad { migrations } => {
+                    fd.host_load.store(migrations as u64, Relaxed);
                     Ok(false)
                 }
                 Frame::Ready => {

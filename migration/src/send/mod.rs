@@ -30,6 +30,7 @@
 mod devices;
 mod dirty;
 mod guards;
+mod hostshare;
 mod link;
 mod passes;
 mod policy;
@@ -90,6 +91,12 @@ struct Ctx {
     live: Arc<LiveParams>,
     /// Where events are reported.
     events: Arc<EventLog>,
+    /// Data connections of this send (`p.connections` resolved).
+    conns: u32,
+    /// This send's registration on the host, if any.
+    host_slot: Option<Arc<dyn crate::host::HostSlot>>,
+    /// The host's migration budget in MiB/s (`None`: no sharing).
+    host_max: Option<f64>,
 }
 
 impl Ctx {
@@ -128,6 +135,8 @@ impl Ctx {
 /// Invariant: dropping it aborts (if they still run) and joins the writers
 /// before the sockets close.
 struct DataPlane {
+    /// Keeps the host's share and the operator's cap applied to `limiter`.
+    _share: hostshare::ShareTicker,
     pool: Arc<Pool>,
     /// The writers' shared bandwidth bucket (changed live).
     limiter: Arc<pool::RateLimiter>,
@@ -252,7 +261,10 @@ pub fn run(
     stats.begin();
     stats.set_role(Role::Source);
     stats.set_transport(dial.tls.is_some());
-    stats.connections.store(p.connections as u64, Relaxed);
+    let (conns, why) = hostshare::choose_connections(p, &*vm, &dial, hooks);
+    stats.connections.store(conns as u64, Relaxed);
+    stats.set_connections_reason(why.clone());
+    let host_slot = hostshare::register(hooks);
     stats
         .total_bytes
         .store(mem.regions().iter().map(|r| r.size()).sum(), Relaxed);
@@ -276,6 +288,9 @@ pub fn run(
         dial,
         live: hooks.live.clone(),
         events: hooks.events.clone(),
+        conns,
+        host_slot,
+        host_max: hooks.host_max_mib_s,
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(
@@ -283,7 +298,8 @@ pub fn run(
         serde_json::json!({
             "role": "source",
             "destination_url": p.destination_url,
-            "connections": p.connections,
+            "connections": conns,
+            "connections_reason": why,
             "parameters": ctx.live.get(),
         }),
     );

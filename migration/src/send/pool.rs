@@ -298,7 +298,6 @@ impl RateLimiter {
     }
 
     /// Sets the host's share in bytes/s (`None`: no share limit).
-    #[allow(dead_code)] // the host-share registry sets it
     pub fn set_share(&self, rate: Option<f64>) {
         let mut st = lock(&self.st);
         st.share = rate.filter(|r| r.is_finite() && *r > 0.0);
@@ -308,7 +307,7 @@ impl RateLimiter {
     }
 
     /// The rate in force, bytes/s (`None`: unlimited).
-    #[allow(dead_code)] // the host-share registry reads it
+    #[allow(dead_code)] // for tests and diagnostics
     pub fn rate(&self) -> Option<f64> {
         lock(&self.st).rate()
     }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::devices::{DeviceSavers, MainModeDevices};
+use super::hostshare::{ShareInputs, ShareTicker};
 use super::link::Link;
 use super::passes::Passes;
 use super::pool::{Pool, RateLimiter};
@@ -22,7 +23,7 @@ use crate::worker::Workers;
 
 /// Connects the main connection and completes its HELLO.
 pub fn connect_main(ctx: &Ctx) -> Result<Arc<MainConn>, MigrationError> {
-    let n = ctx.p.connections;
+    let n = ctx.conns;
     let s = connect(&ctx.dial, ctx.session, ConnRole::Main, n, &ctx.ctl)?;
     Ok(MainConn::new(s, ctx.session))
 }
@@ -73,7 +74,7 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
 
 /// Connects the data connections and starts their writers.
 fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
-    let n = ctx.p.connections;
+    let n = ctx.conns;
     let mut streams = Vec::new();
     for i in 0..n {
         let s = connect(
@@ -99,6 +100,19 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
             .max_bandwidth_mib_s
             .map(|m| m * 1024.0 * 1024.0),
     );
+    // The host's share is in force before the first byte is written.
+    let share = ShareTicker::start(
+        ShareInputs {
+            slot: ctx.host_slot.clone(),
+            host_max: ctx.host_max,
+            from_dest: ctx.from_dest.clone(),
+            limiter: limiter.clone(),
+            stats: ctx.stats.clone(),
+            events: ctx.events.clone(),
+            live: ctx.live.clone(),
+        },
+        &ctx.ctl,
+    )?;
     let wctx = Arc::new(WriterCtx {
         pool: pool.clone(),
         mem: ctx.mem.clone(),
@@ -112,6 +126,7 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
     let mut writers = Workers::new(&ctx.ctl);
     spawn_writers(wctx, clones, &mut writers)?;
     Ok(DataPlane {
+        _share: share,
         pool,
         limiter,
         writers,
@@ -133,7 +148,7 @@ pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
     log::info!(
         "migration to {} set up: {} data connections, {} devices",
         ctx.p.destination_url,
-        ctx.p.connections,
+        ctx.conns,
         ctx.devices.len()
     );
     Ok(Phase::Linked(Box::new(linked)))

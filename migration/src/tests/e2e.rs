@@ -201,8 +201,8 @@ fn params_are_validated() {
     let stats = Arc::new(MigrationStats::default());
     let c = CancelToken::default();
     for mutate in [
-        (|p: &mut SendParams| p.connections = 0) as fn(&mut SendParams),
-        |p| p.connections = 65,
+        (|p: &mut SendParams| p.connections = 0.into()) as fn(&mut SendParams),
+        |p| p.connections = 65.into(),
         |p| p.destination_url = "unix:/tmp/x".into(),
         |p| p.max_bandwidth_mbps = Some(-1.0),
         |p| p.device_chunk_bytes = 1,
@@ -224,7 +224,7 @@ fn params_are_validated() {
             j.timeout_s,
             j.device_chunk_bytes
         ),
-        (4, None, 3600, 1 << 20)
+        (4.into(), None, 3600, 1 << 20)
     );
     assert!(serde_json::from_str::<SendParams>(r#"{"destination_url":"x","bogus":1}"#).is_err());
 }

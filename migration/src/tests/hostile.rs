@@ -39,11 +39,12 @@ pub fn raw_reply(mut s: &TcpStream) -> Result<Header, String> {
     Ok(h)
 }
 
-/// Skips keepalives and load rates and returns the first other frame's result.
+/// Skips keepalives, load rates and host loads and returns the first other
+/// frame's result.
 pub fn raw_reply_skip(s: &TcpStream) -> Result<Header, String> {
     loop {
         match raw_reply(s) {
-            Ok(h) if h.kind == Kind::Keepalive || h.kind == Kind::Rate => continue,
+            Ok(h) if matches!(h.kind, Kind::Keepalive | Kind::Rate | Kind::HostLoad) => continue,
             r => return r,
         }
     }

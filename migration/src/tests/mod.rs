@@ -9,6 +9,7 @@ mod e2e;
 mod failures;
 mod fuzz;
 mod guest_mem;
+mod host;
 mod hostile;
 mod switchover;
 mod tls;
@@ -547,7 +548,7 @@ impl DestinationFactory for FakeFactory {
 
 pub fn params(port: u16, connections: u32) -> SendParams {
     SendParams {
-        connections,
+        connections: connections.into(),
         timeout_s: 60,
         device_state: DeviceStateMode::Channels,
         tls: Some(false),

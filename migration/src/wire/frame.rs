@@ -131,6 +131,12 @@ pub enum Frame {
         /// Bytes loaded so far.
         loaded: u64,
     },
+    /// Incoming migrations running on the destination host now (its own
+    /// included), for the source's share of the host bandwidth.
+    HostLoad {
+        /// Migrations, 1..=[`crate::host::MAX_HOST_MIGRATIONS`].
+        migrations: u32,
+    },
 }
 
 /// A decoded header: the session it carries and its typed frame.
@@ -161,6 +167,7 @@ impl Frame {
             Frame::Ready => Kind::Ready,
             Frame::Commit => Kind::Commit,
             Frame::Rate { .. } => Kind::Rate,
+            Frame::HostLoad { .. } => Kind::HostLoad,
         }
     }
 
@@ -216,6 +223,7 @@ impl Frame {
                 rate_bps,
                 loaded,
             } => h.args(dev as u64, rate_bps, loaded),
+            Frame::HostLoad { migrations } => h.args(migrations as u64, 0, 0),
             Frame::Ok
             | Frame::Error { .. }
             | Frame::Setup { .. }
@@ -296,6 +304,11 @@ impl Frame {
                 rate_bps: h.b,
                 loaded: h.c,
             },
+            // `Header::decode` bounds `a` by MAX_HOST_MIGRATIONS.
+            Kind::HostLoad => Frame::HostLoad {
+                migrations: u32::try_from(h.a)
+                    .map_err(|_| h.invalid(format!("{} migrations", h.a)))?,
+            },
         })
     }
 }
@@ -358,6 +371,7 @@ mod tests {
                 rate_bps: 1 << 30,
                 loaded: 77,
             },
+            Frame::HostLoad { migrations: 3 },
         ]
     }
 
@@ -459,5 +473,22 @@ mod tests {
         );
         let bad = Header::new(Kind::Error, s).args(2, 0, 0).with_len(3);
         assert!(Frame::decode(&bad.encode()).is_err());
+        eq(
+            Frame::HostLoad { migrations: 2 },
+            Header::new(Kind::HostLoad, s).args(2, 0, 0),
+        );
+        for a in [0, crate::host::MAX_HOST_MIGRATIONS + 1, u64::MAX] {
+            let bad = Header::new(Kind::HostLoad, s).args(a, 0, 0);
+            assert!(Frame::decode(&bad.encode()).is_err(), "{a} migrations");
+        }
+        let bad = Header::new(Kind::HostLoad, s).args(1, 0, 0).with_len(1);
+        assert!(
+            Frame::decode(&bad.encode()).is_err(),
+            "HOST_LOAD with a payload"
+        );
+        // Kinds 17..=24 (post-copy) are unknown to this build.
+        let mut raw = Header::new(Kind::HostLoad, s).args(1, 0, 0).encode();
+        raw[6..8].copy_from_slice(&17u16.to_le_bytes());
+        assert!(Frame::decode(&raw).is_err());
     }
 }

@@ -124,7 +124,8 @@ impl Header {
             | Kind::Keepalive
             | Kind::Ready
             | Kind::Commit
-            | Kind::Rate => 0,
+            | Kind::Rate
+            | Kind::HostLoad => 0,
             Kind::Error | Kind::Abort => MAX_MESSAGE_LEN,
             Kind::Setup => MAX_SETUP_LEN,
             Kind::State => MAX_STATE_LEN,
@@ -165,6 +166,9 @@ impl Header {
             }
             Kind::Ack | Kind::Rate if self.a >= MAX_DEVICES as u64 => {
                 return Err(self.invalid(format!("device index {}", self.a)));
+            }
+            Kind::HostLoad if self.a == 0 || self.a > crate::host::MAX_HOST_MIGRATIONS => {
+                return Err(self.invalid(format!("{} migrations on the host", self.a)));
             }
             Kind::Device => {
                 let item = DevItemKind::from_u64(self.c)

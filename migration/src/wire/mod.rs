@@ -100,6 +100,10 @@ pub enum Kind {
     Commit = 14,
     /// Device load rate: `a` device index, `b` bytes/s, `c` bytes loaded.
     Rate = 15,
+    /// Destination → source on main, periodically: `a` incoming migrations
+    /// on the destination host (1..=`MAX_HOST_MIGRATIONS`), for the share of
+    /// the host's bandwidth. Kinds 17..=24 are reserved for post-copy.
+    HostLoad = 16,
 }
 
 impl Kind {
@@ -120,6 +124,7 @@ impl Kind {
             13 => Kind::Ready,
             14 => Kind::Commit,
             15 => Kind::Rate,
+            16 => Kind::HostLoad,
             _ => return None,
         })
     }

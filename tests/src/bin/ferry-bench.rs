@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! ferry-bench <ram|idle|downtime|devices|limits|all> [--runs N] [--out docs/benchmarks.md]
-//!             [--settle S] [--conns 1,2,4,8] [--keep-file] [-v]
+//!             [--settle S] [--conns 1,2,4,8] [--keep-file] [--netns-rate 1gbit] [-v]
 //! ```
+//!
+//! `--netns-rate RATE` runs every source and destination in two network
+//! namespaces joined by a veth pair whose source side is shaped to RATE with
+//! `tc ... tbf` (root and iproute2 needed; see `ferry_tests::NetPair`).
 //!
 //! `ferry`, `first-touch` and the stamp guest are taken from the same target
 //! directory as this binary (the ferry-tests harness locates them;
@@ -62,7 +66,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ferry-bench <ram|idle|downtime|devices|tls|limits|all> [--runs N] [--out FILE.md]\n\
          \x20      [--settle SECONDS] [--first-touch PATH]\n\
-         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [-v]"
+         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit] [-v]"
     );
     std::process::exit(2)
 }
@@ -73,6 +77,7 @@ fn main() {
         first_touch: ferry_tests::profile_dir().join("first-touch"),
         settle_s: 6.0,
         verbose: false,
+        net: None,
     };
     let mut opts = Opts {
         part: String::new(),
@@ -82,6 +87,7 @@ fn main() {
         conns: vec![1, 2, 4, 8],
         keep_file: false,
     };
+    let mut netns_rate: Option<String> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
@@ -98,6 +104,7 @@ fn main() {
                     .collect()
             }
             "--keep-file" => opts.keep_file = true,
+            "--netns-rate" => netns_rate = Some(val()),
             "-v" | "--verbose" => env.verbose = true,
             "-h" | "--help" => usage(),
             p if !p.starts_with('-') && opts.part.is_empty() => opts.part = p.to_string(),
@@ -131,6 +138,15 @@ fn main() {
             ferry.display()
         );
         std::process::exit(2);
+    }
+    if let Some(rate) = &netns_rate {
+        match ferry_tests::NetPair::new(rate) {
+            Ok(n) => env.net = Some(std::sync::Arc::new(n)),
+            Err(e) => {
+                eprintln!("ferry-bench: --netns-rate {rate}: {e}");
+                std::process::exit(2);
+            }
+        }
     }
     if !env.first_touch.is_file() {
         eprintln!(
@@ -173,6 +189,8 @@ fn main() {
         }
         failed |= section.failed_runs > 0;
     }
+    // exit() runs no destructors: remove the namespaces first.
+    drop(env.net.take());
     if failed {
         eprintln!("ferry-bench: some runs failed (see the tables and JSON)");
         std::process::exit(1);

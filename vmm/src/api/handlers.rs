@@ -30,7 +30,7 @@ fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> 
         match obj.get(l.field) {
             None | Some(Value::Null) => {}
             Some(n) => l
-                .check_untyped(n.as_u64(), n.as_f64(), n)
+                .check_json(n)
                 .map_err(|e| Reply::error(400, e.to_string()))?,
         }
     }
@@ -243,9 +243,17 @@ mod tests {
             let m = r.body.unwrap()["error"].as_str().unwrap().to_string();
             assert!(m.contains(want), "{body}: {m}");
         };
-        send("connections", "0", "connections must be in 1..=64, got 0");
+        send(
+            "connections",
+            "0",
+            "connections must be in 1..=64 or \"auto\", got 0",
+        );
         send("connections", "65", "connections must be in 1..=64");
-        send("connections", "-3", "connections must be in 1..=64, got -3");
+        send(
+            "connections",
+            "-3",
+            "connections must be in 1..=64 or \"auto\", got -3",
+        );
         send("connections", "4294967297", "connections must be in 1..=64");
         send(
             "downtime_ms",

@@ -112,6 +112,10 @@ impl SourceVm for SourceAdapter {
     fn devices(&self) -> Vec<Arc<dyn MigratableDevice>> {
         self.vm.devices().migratable()
     }
+
+    fn vcpus(&self) -> Option<u32> {
+        Some(self.vm.cpus as u32)
+    }
 }
 
 /// Builds destination VMs for `migration::receive`.

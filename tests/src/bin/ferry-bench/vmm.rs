@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{mig_state, start_receive_with, tcp_url, try_api, Vmm};
+use ferry_tests::{mig_state, start_receive_with, tcp_url_of, try_api, Vmm};
 use serde_json::{json, Value};
 
 use crate::procfs::{self, Mem, Peaks, Sampler};
@@ -17,6 +17,9 @@ pub struct Env {
     /// Seconds to wait before every timed run (host reclaims freed memory).
     pub settle_s: f64,
     pub verbose: bool,
+    /// `--netns-rate`: source and destination run in two network
+    /// namespaces joined by a veth pair shaped to that rate.
+    pub net: Option<std::sync::Arc<ferry_tests::NetPair>>,
 }
 
 impl Env {
@@ -76,7 +79,11 @@ pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
             extra.join(" ")
         ));
     }
-    let vm = Vmm::boot_no_wait("bench-src", &spec.cmdline, &extra);
+    let ns = env
+        .net
+        .as_ref()
+        .map(|n| (n.src_ns.as_str(), n.src_ip.as_str()));
+    let vm = Vmm::boot_in("bench-src", ns, &spec.cmdline, &extra);
     guarded("source API", || vm.wait_api())?;
     vm.serial
         .wait_for_line(Duration::from_secs(120), |l| {
@@ -113,7 +120,10 @@ pub fn start_destination(
         args.push("--memory");
         args.push(m);
     }
-    let vm = Vmm::spawn("bench-dst", &args);
+    let vm = match &env.net {
+        Some(n) => Vmm::spawn_netns("bench-dst", &n.dst_ns, &n.dst_ip, &args),
+        None => Vmm::spawn("bench-dst", &args),
+    };
     guarded("destination API", || vm.wait_api())?;
     if let Some(b) = prefault_bytes {
         let t = Instant::now();
@@ -284,7 +294,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     res.loadavg = loadavg();
 
     let mut body = json!({
-        "destination_url": tcp_url(port),
+        "destination_url": tcp_url_of(dst, port),
         "connections": spec.connections,
         "downtime_ms": spec.downtime_ms,
     });
