@@ -35,6 +35,7 @@ mod passes;
 mod policy;
 mod pool;
 mod postcopy;
+mod push;
 mod setup;
 mod switchover;
 mod writer;
@@ -131,6 +132,8 @@ struct DataPlane {
     pool: Arc<Pool>,
     /// The writers' shared bandwidth bucket (changed live).
     limiter: Arc<pool::RateLimiter>,
+    /// What the writers share (post-copy installs its push set there).
+    wctx: Arc<writer::WriterCtx>,
     writers: Workers,
     _streams: Vec<Arc<Channel>>,
 }
@@ -170,6 +173,8 @@ struct Stopped {
     passes: Passes,
     /// When the VM was paused (monotonic, and µs since the epoch).
     pause_at: (Instant, u64),
+    /// Post-copy follows instead of the final pass.
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// Devices are stopped and copied; the VM state goes out, READY comes
@@ -182,6 +187,7 @@ struct Switching {
     dirty: DirtyLog,
     pass: u64,
     pause_at: (Instant, u64),
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// COMMIT was written: the VM stays paused here whatever happens.
@@ -193,6 +199,7 @@ struct Committed {
     pass: u64,
     pause_at: (Instant, u64),
     commit_at: Instant,
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// The phases of the sender; each variant owns that phase's resources.
@@ -214,6 +221,9 @@ enum Phase {
     AwaitReady(Box<Switching>),
     /// COMMIT written: waiting for RESUMED.
     Committed(Box<Committed>),
+    /// Post-copy: the guest runs on the destination, which pulls the
+    /// missing pages; waiting for POSTCOPY_DONE.
+    Postcopy(Box<Committed>),
 }
 
 /// A failed step of this state machine (see [`crate::phase::Failed`]).
@@ -318,10 +328,10 @@ pub fn run(
                 },
                 serde_json::json!({ "role": "source", "error": e.to_string() }),
             );
-            ctx.stats.set_source_vm(if e.is_commit_uncertain() {
-                SourceVmOutcome::PausedUncertain
-            } else {
-                SourceVmOutcome::Resumed
+            ctx.stats.set_source_vm(match e {
+                MigrationError::CommitUncertain { .. } => SourceVmOutcome::PausedUncertain,
+                MigrationError::PostcopyPaused { .. } => SourceVmOutcome::PostcopyPaused,
+                _ => SourceVmOutcome::Resumed,
             });
             ctx.stats.fail(&e);
             log::error!("migration failed: {e}");
@@ -334,7 +344,7 @@ pub fn run(
 fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
     let mut phase = Phase::Connecting;
     loop {
-        let committed = matches!(phase, Phase::Committed(_));
+        let committed = matches!(phase, Phase::Committed(_) | Phase::Postcopy(_));
         let checked = ctx.ctl.check().and_then(|()| {
             if committed {
                 Ok(())
@@ -353,6 +363,13 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
             Phase::AwaitReady(s) => s.commit(ctx)?,
             Phase::Committed(c) => {
                 or_fail!(c.await_resumed(ctx), Phase::Committed(c));
+                if c.post.is_none() {
+                    return Ok(c);
+                }
+                Phase::Postcopy(c)
+            }
+            Phase::Postcopy(c) => {
+                or_fail!(c.await_done(ctx), Phase::Postcopy(c));
                 return Ok(c);
             }
         };
@@ -380,7 +397,9 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
         Some(panic @ MigrationError::Internal(_))
             if !matches!(
                 err,
-                MigrationError::Internal(_) | MigrationError::CommitUncertain { .. }
+                MigrationError::Internal(_)
+                    | MigrationError::CommitUncertain { .. }
+                    | MigrationError::PostcopyPaused { .. }
             ) =>
         {
             log::warn!("reporting the panic rather than its consequence ({err})");
@@ -488,6 +507,28 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
                 },
             };
             log::error!("{err}; the source VM stays paused");
+            err
+        }
+        Phase::Postcopy(c) => {
+            let Committed {
+                link,
+                data,
+                stop,
+                dirty,
+                ..
+            } = *c;
+            let err = link.abort(err, true, fd);
+            drop(data);
+            drop(stop);
+            drop(dirty);
+            let err = match err {
+                e @ MigrationError::PostcopyPaused { .. } => e,
+                cause => MigrationError::PostcopyPaused {
+                    cause: Box::new(cause),
+                },
+            };
+            ctx.stats.set_postcopy(crate::stats::PostcopyPhase::Paused);
+            log::error!("{err}");
             err
         }
     }

@@ -1,22 +1,249 @@
 //! Post-copy on the source: the switch from pre-copy, page requests served
-//! ahead of the background push over all data connections, and recovery.
+//! ahead of the background push over all data connections, and the end.
+//!
+//! The switch (`Streaming::postcopy`): no more pre-copy RAM is queued (what
+//! is queued and not taken yet is dropped), the VM is paused, the RAM in
+//! flight reaches the wire, and the last dirty log is fetched. The missing
+//! set is that dirty log, plus the whole pass that was interrupted (if the
+//! switch came in the middle of one). Then, as in pre-copy's stop-copy: the
+//! devices' stop-copy data and the final SYNC on the data connections
+//! (which stay open), POSTCOPY (the missing set) and STATE on main, READY,
+//! COMMIT. From READY on, page requests are served on the main connection
+//! (`push::PageServer`); after COMMIT every writer pushes missing pages
+//! until none is left. POSTCOPY_DONE ends it.
 
-use super::{Ctx, Failed, Phase, Streaming};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::dirty::merge;
+use super::push::{PageServer, PushSet};
+use super::{or_fail, Committed, Ctx, DataPlane, Failed, PausedVm, Phase, Stopped, Streaming};
 use crate::error::MigrationError;
 use crate::live::SwitchoverReason;
+use crate::net::{epoch_us, lock, MainConn};
+use crate::stats::{PostcopyPhase, SourceVmOutcome};
+use crate::traits::{DirtyBitmap, PAGE_SIZE};
+use crate::wire::{encode_bitmap, Frame};
+
+/// What post-copy carries through the switch-over phases.
+///
+/// Invariant: `push` holds exactly the pages of `maps` not yet claimed;
+/// `missing` is the number of pages in `maps`.
+pub struct Plan {
+    /// Pages still to send.
+    pub push: Arc<PushSet>,
+    maps: Vec<Vec<u64>>,
+    missing: u64,
+    reason: SwitchoverReason,
+    /// RESUMED's time and pause → RESUMED in ms, once known.
+    resumed: Mutex<Option<(u64, u64)>>,
+}
+
+impl Plan {
+    /// Sends POSTCOPY (the missing set) on main, before STATE.
+    pub fn send_missing(
+        &self,
+        ctx: &Ctx,
+        main: &MainConn,
+        final_pass: u64,
+    ) -> Result<(), MigrationError> {
+        let layout = ctx.mem.layout();
+        let bitmap = encode_bitmap(&layout, &self.maps);
+        ctx.from_dest.postcopy.store(true, SeqCst);
+        main.send(
+            &Frame::Postcopy {
+                final_pass,
+                missing: self.missing,
+                len: bitmap.len() as u64,
+            },
+            &bitmap,
+            &ctx.ctl,
+            "sending the post-copy page set",
+        )
+    }
+
+    /// READY arrived: the destination resolves faults now. Installs the push
+    /// set for the writers and the page server for the main reader.
+    pub fn arm(&self, ctx: &Ctx, main: &Arc<MainConn>, data: &DataPlane) {
+        let _ = data.wctx.postcopy.set(self.push.clone());
+        let _ = ctx.from_dest.server.set(Arc::new(PageServer {
+            push: self.push.clone(),
+            mem: ctx.mem.clone(),
+            layout: ctx.mem.layout(),
+            main: main.clone(),
+            limiter: data.limiter.clone(),
+            stats: ctx.stats.clone(),
+            ctl: ctx.ctl.clone(),
+        }));
+    }
+
+    /// RESUMED arrived: the guest runs on the destination.
+    pub fn started(&self, ctx: &Ctx, pause_at: (Instant, u64), resume_us: u64) {
+        let ack_ms = pause_at.0.elapsed().as_millis() as u64;
+        *lock(&self.resumed) = Some((resume_us, ack_ms));
+        ctx.stats.set_postcopy(PostcopyPhase::Active);
+        let downtime = resume_us.saturating_sub(pause_at.1) / 1000;
+        log::info!(
+            "post-copy started: the guest runs on the destination after {downtime} ms of \
+             downtime; {} pages to pull",
+            self.missing
+        );
+        ctx.events.emit(
+            "postcopy-started",
+            json!({
+                "reason": self.reason,
+                "missing_pages": self.missing,
+                "downtime_ms": downtime,
+            }),
+        );
+    }
+}
 
 impl Streaming {
-    /// Switches the running pre-copy to post-copy for `reason`.
+    /// Switches the running pre-copy to post-copy for `reason`: pauses the
+    /// VM and computes the missing set (see the module documentation); the
+    /// device stop-copy and the switch-over handshake follow as in
+    /// pre-copy (`Stopped::stop_copy`).
     pub(super) fn postcopy(
         self: Box<Self>,
-        _ctx: &Ctx,
+        ctx: &Ctx,
         reason: SwitchoverReason,
     ) -> Result<Phase, Failed> {
-        Err(Failed {
-            err: MigrationError::InvalidParams(format!(
-                "post-copy ({reason:?}) is not implemented yet"
-            )),
-            phase: Phase::Streaming(self),
+        let pool = self.data.pool.clone();
+        pool.request_switch();
+        let drained = pool.drain_ram();
+        let paused = or_fail!(PausedVm::pause(&ctx.vm), Phase::Streaming(self));
+        let s = *self;
+        let mut st = Box::new(Stopped {
+            link: s.link,
+            data: s.data,
+            devs: s.devs,
+            restore: s.restore,
+            paused,
+            dirty: s.dirty,
+            passes: s.passes,
+            pause_at: (Instant::now(), epoch_us()),
+            post: None,
+        });
+        match st.plan(ctx, reason, drained) {
+            Ok(plan) => {
+                st.post = Some(Box::new(plan));
+                Ok(Phase::Stopped(st))
+            }
+            Err(e) => Err(Failed::new(Phase::Stopped(st), e)),
+        }
+    }
+}
+
+impl Stopped {
+    /// Waits for the RAM in flight, fetches the last dirty log and builds
+    /// the missing set.
+    fn plan(
+        &mut self,
+        ctx: &Ctx,
+        reason: SwitchoverReason,
+        drained: u64,
+    ) -> Result<Plan, MigrationError> {
+        let pool = &self.data.pool;
+        let ps = &mut self.passes;
+        let since = Instant::now();
+        // Everything taken by a writer reaches the wire before the final SYNC.
+        while pool.pages_done.load(Relaxed) + pool.pages_dropped.load(SeqCst) < ps.pages_queued()
+        {
+            ctx.ctl.check()?;
+            if since.elapsed() > ctx.ctl.stall {
+                return Err(MigrationError::Stalled(
+                    "RAM in flight did not reach the wire at the switch to post-copy".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ps.fetch_all(ctx)?;
+        let interrupted = pool.pages_dropped.load(SeqCst) > 0;
+        let mut held = std::mem::take(ps.held_mut());
+        if interrupted {
+            for (i, cur) in ps.current.iter().enumerate() {
+                if held.len() <= i {
+                    held.resize(i + 1, DirtyBitmap::default());
+                }
+                merge(&mut held[i], cur);
+            }
+        }
+        let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
+        let maps: Vec<Vec<u64>> = held.into_iter().map(|b| b.words).collect();
+        let push = Arc::new(PushSet::new(&maps, &pages));
+        let missing = push.remaining();
+        // The final "pass" carries only the devices' END and its SYNC.
+        ps.pass += 1;
+        ctx.stats.iteration.store(ps.pass, Relaxed);
+        ctx.stats
+            .postcopy_missing_pages
+            .store(missing, Relaxed);
+        ctx.stats
+            .remaining_bytes
+            .store(missing * PAGE_SIZE, Relaxed);
+        log::info!(
+            "VM paused for post-copy ({reason:?}): {missing} pages missing on the destination{}",
+            if interrupted {
+                format!(" (pass interrupted, {drained} queued pages dropped)")
+            } else {
+                String::new()
+            }
+        );
+        Ok(Plan {
+            push,
+            maps,
+            missing,
+            reason,
+            resumed: Mutex::new(None),
         })
+    }
+}
+
+impl Committed {
+    /// Post-copy runs: waits for POSTCOPY_DONE. Cancel and the deadline are
+    /// ignored (the guest runs on the destination); a failure of the
+    /// connections ends in [`MigrationError::PostcopyPaused`].
+    pub fn await_done(&self, ctx: &Ctx) -> Result<(), MigrationError> {
+        let fd = &ctx.from_dest;
+        let Some(post) = &self.post else {
+            return Ok(());
+        };
+        loop {
+            if let Some((requests, p50, p99)) = *lock(&fd.done) {
+                let (resume_us, ack_ms) = lock(&post.resumed).unwrap_or((epoch_us(), 0));
+                ctx.stats.set_remote_latency(p50, p99);
+                ctx.stats.set_postcopy(PostcopyPhase::Completed);
+                ctx.stats.set_source_vm(SourceVmOutcome::Migrated);
+                ctx.stats.complete(self.pause_at.1, resume_us, Some(ack_ms));
+                log::info!(
+                    "post-copy completed: {} requests served here ({requests} sent), fault \
+                     latency p50 {p50} µs, p99 {p99} µs, {} bytes after the switch",
+                    ctx.stats.postcopy_requests.load(Relaxed),
+                    ctx.stats.postcopy_bytes.load(Relaxed)
+                );
+                ctx.events.emit(
+                    "postcopy-completed",
+                    json!({
+                        "requests": requests,
+                        "fault_latency_us_p50": p50,
+                        "fault_latency_us_p99": p99,
+                        "bytes": ctx.stats.postcopy_bytes.load(Relaxed),
+                    }),
+                );
+                return Ok(());
+            }
+            ctx.ctl.check()?;
+            ctx.stats
+                .remaining_bytes
+                .store(post.push.remaining() * PAGE_SIZE, Relaxed);
+            let g = fd.notify.generation();
+            if lock(&fd.done).is_none() {
+                fd.notify.wait(g, Duration::from_millis(50));
+            }
+        }
     }
 }

@@ -107,13 +107,19 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         devs: ctx.counters.clone(),
         limiter: limiter.clone(),
         ctl: ctx.ctl.clone(),
+        postcopy: std::sync::OnceLock::new(),
     });
+    let live = ctx.live.clone();
+    pool.set_interrupt(Box::new(move || {
+        live.get().technique == crate::live::Technique::PostCopy
+    }));
     let clones = streams.clone();
     let mut writers = Workers::new(&ctx.ctl);
-    spawn_writers(wctx, clones, &mut writers)?;
+    spawn_writers(wctx.clone(), clones, &mut writers)?;
     Ok(DataPlane {
         pool,
         limiter,
+        wctx,
         writers,
         _streams: streams,
     })

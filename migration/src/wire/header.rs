@@ -1,9 +1,10 @@
 //! The raw 64-byte frame header: layout, encoding and validation.
 
 use super::{
-    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_CONNECTIONS, MAX_DEVICES,
-    MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES, MAX_SETUP_LEN, MAX_STATE_LEN,
-    RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN, VERSION,
+    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_BITMAP_LEN, MAX_CONNECTIONS,
+    MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
+    MAX_REQUEST_PAGES, MAX_SETUP_LEN, MAX_STATE_LEN, RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN,
+    VERSION,
 };
 use crate::traits::PAGE_SIZE;
 
@@ -112,7 +113,8 @@ impl Header {
         if self.flags != 0 {
             return Err(self.invalid(format!("reserved flags {:#x}", self.flags)));
         }
-        if self.kind != Kind::Ram && self.count != 0 {
+        let ram_like = matches!(self.kind, Kind::Ram | Kind::Pages);
+        if !ram_like && self.count != 0 {
             return Err(self.invalid("non-zero count"));
         }
         let max_len = match self.kind {
@@ -124,12 +126,16 @@ impl Header {
             | Kind::Keepalive
             | Kind::Ready
             | Kind::Commit
-            | Kind::Rate => 0,
+            | Kind::Rate
+            | Kind::PageRequest
+            | Kind::PostcopyDone
+            | Kind::Resume => 0,
+            Kind::Postcopy | Kind::ResumeAck => MAX_BITMAP_LEN,
             Kind::Error | Kind::Abort => MAX_MESSAGE_LEN,
             Kind::Setup => MAX_SETUP_LEN,
             Kind::State => MAX_STATE_LEN,
             Kind::Device => MAX_DEVICE_CHUNK,
-            Kind::Ram => {
+            Kind::Ram | Kind::Pages => {
                 if self.count == 0 || self.count > MAX_RANGES {
                     return Err(self.invalid(format!("{} range entries", self.count)));
                 }
@@ -166,6 +172,18 @@ impl Header {
             Kind::Ack | Kind::Rate if self.a >= MAX_DEVICES as u64 => {
                 return Err(self.invalid(format!("device index {}", self.a)));
             }
+            Kind::Pages if self.a > 1 || self.b != 0 || self.c != 0 => {
+                return Err(self.invalid(format!("arguments {} {} {}", self.a, self.b, self.c)));
+            }
+            Kind::PageRequest => {
+                if self.a % PAGE_SIZE != 0 {
+                    return Err(self.invalid(format!("unaligned address {:#x}", self.a)));
+                }
+                if self.b == 0 || self.b > MAX_REQUEST_PAGES {
+                    return Err(self.invalid(format!("{} pages", self.b)));
+                }
+            }
+            Kind::Resume if self.a == 0 => return Err(self.invalid("epoch 0")),
             Kind::Device => {
                 let item = DevItemKind::from_u64(self.c)
                     .ok_or_else(|| self.invalid(format!("unknown item kind {}", self.c)))?;
