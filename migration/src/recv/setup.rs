@@ -147,6 +147,7 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
         chunk_max: setup.chunk_bytes,
         notify: ctx.notify.clone(),
         sealed: AtomicBool::new(false),
+        postcopy: std::sync::OnceLock::new(),
     });
     let p = Box::new(Prepared {
         s: *s,
@@ -232,5 +233,6 @@ pub fn accept_data(ctx: &Ctx, p: Box<Prepared>) -> Result<Phase, Failed> {
         last_main: Instant::now(),
         rates: (Instant::now(), Vec::new()),
         rx: RxMeter::new(),
+        post: None,
     })))
 }

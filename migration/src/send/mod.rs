@@ -40,7 +40,6 @@ mod setup;
 mod switchover;
 mod writer;
 
-#[cfg(test)]
 pub use dirty::runs_of;
 
 use std::sync::atomic::Ordering::Relaxed;

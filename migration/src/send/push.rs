@@ -148,8 +148,12 @@ impl PushSet {
                 break;
             };
             let start = if step == 0 { (p0 / 64) as usize } else { 0 };
-            for w in start..words.len() {
-                let v = words[w].load(Relaxed);
+            for (w, word) in words.iter().enumerate().skip(start) {
+                let mut v = word.load(Relaxed);
+                if step == 0 && w == start {
+                    // Pages before the cursor wait for the wrap-around.
+                    v &= u64::MAX << (p0 % 64);
+                }
                 if v == 0 {
                     continue;
                 }
@@ -236,9 +240,10 @@ impl PageServer {
             npages,
         }];
         let after = first + npages;
+        let mut ahead = Vec::new();
         self.push
-            .claim_range(region, after, READAHEAD_PAGES, &mut claimed);
-        runs.extend(claimed.into_iter().filter(|r| r.first_page >= after));
+            .claim_range(region, after, READAHEAD_PAGES, &mut ahead);
+        runs.extend(ahead);
         self.push.reposition(region, after + READAHEAD_PAGES);
         let mut table = Vec::new();
         let mut data_runs = Vec::new();

@@ -10,6 +10,8 @@ mod failures;
 mod fuzz;
 mod guest_mem;
 mod hostile;
+mod pcfake;
+mod postcopy;
 mod switchover;
 mod tls;
 mod unwind;
@@ -472,6 +474,8 @@ pub struct FakeDest {
     pub restored: Mutex<Option<Vec<u8>>>,
     pub started: Mutex<Option<bool>>,
     pub discarded: AtomicBool,
+    /// The post-copy backend, once asked for.
+    pub pc: Mutex<Option<Arc<pcfake::FakePostcopy>>>,
 }
 
 impl DestinationVm for FakeDest {
@@ -498,6 +502,13 @@ impl DestinationVm for FakeDest {
     }
     fn discard(&self) {
         self.discarded.store(true, SeqCst);
+    }
+    fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
+        let pc = Arc::new(pcfake::FakePostcopy::new(
+            self.regions.iter().map(|r| (r.1.addr(), r.2)).collect(),
+        ));
+        *self.pc.lock().unwrap() = Some(pc.clone());
+        Ok(pc)
     }
 }
 
@@ -539,6 +550,7 @@ impl DestinationFactory for FakeFactory {
             restored: Mutex::new(None),
             started: Mutex::new(None),
             discarded: AtomicBool::new(false),
+            pc: Mutex::new(None),
         });
         self.created.lock().unwrap().push(d.clone());
         Ok(d)

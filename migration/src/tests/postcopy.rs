@@ -1,0 +1,257 @@
+//! Post-copy end to end over loopback with the fakes: the switch (from the
+//! start, by the policy, in the middle of a pass), a fake vCPU faulting on
+//! missing pages while the background push runs, first copy wins.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::api::*;
+use crate::recv::postcopy::PcDest;
+
+const MIB: u64 = 1 << 20;
+
+/// A fake vCPU on the destination: once the VM started, reads `pages`
+/// (region, page) in order through the post-copy backend and returns what
+/// it read.
+fn guest(f: Arc<FakeFactory>, pages: Vec<(usize, u64)>) -> JoinHandle<Vec<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let d = loop {
+            let d = f.created.lock().unwrap().last().cloned();
+            if let Some(d) = d {
+                if d.started.lock().unwrap().is_some() {
+                    break d;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "VM never started");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let pc = d.pc.lock().unwrap().clone().expect("post-copy backend");
+        pages
+            .iter()
+            .map(|&(r, p)| pc.guest_read(r, p).expect("page never arrived"))
+            .collect()
+    })
+}
+
+struct Run {
+    send: Result<(), MigrationError>,
+    recv: RecvResult,
+    src_stats: Arc<MigrationStats>,
+    dst_stats: Arc<MigrationStats>,
+    factory: Arc<FakeFactory>,
+    read: Vec<Vec<u8>>,
+    events: Arc<EventLog>,
+}
+
+fn run(src: Arc<FakeSource>, mut p: SendParams, pages: Vec<(usize, u64)>, hooks: Hooks) -> Run {
+    let dest = start_dest(factory_for_layout(&src));
+    p.destination_url = format!("tcp:127.0.0.1:{}", dest.port);
+    let g = guest(dest.factory.clone(), pages);
+    let stats = Arc::new(MigrationStats::default());
+    let send = send_with(src, &p, &stats, &CancelToken::default(), &hooks);
+    let recv = dest.handle.join().unwrap();
+    let read = g.join().unwrap();
+    Run {
+        send,
+        recv,
+        src_stats: stats,
+        dst_stats: dest.stats,
+        factory: dest.factory,
+        read,
+        events: hooks.events,
+    }
+}
+
+fn factory_for_layout(src: &FakeSource) -> FakeFactory {
+    let f = FakeFactory::new(src.layout());
+    *f.devices.lock().unwrap() = src
+        .devices
+        .iter()
+        .map(|d| Arc::new(FakeDevice::new(&d.id, d.caps.pre_copy, vec![], vec![])))
+        .collect();
+    f
+}
+
+/// Every page the fake vCPU read equals the source's final copy.
+fn check_read(src: &FakeSource, pages: &[(usize, u64)], read: &[Vec<u8>]) {
+    for (&(r, p), got) in pages.iter().zip(read) {
+        let want = src.regions[r].1.read((p * 4096) as usize, 4096);
+        assert!(&want == got, "page {p} of region {r} differs from the source's");
+    }
+}
+
+fn check_completed(r: &Run, reason: SwitchoverReason) {
+    if let Err(e) = &r.send {
+        panic!("send failed: {e}");
+    }
+    if let Err(e) = &r.recv {
+        panic!("receive failed: {e}");
+    }
+    let s = r.src_stats.snapshot();
+    assert_eq!(s.state, MigrationState::Completed, "{s:?}");
+    assert_eq!(s.switchover_reason, Some(reason));
+    assert_eq!(s.postcopy.as_deref(), Some("completed"));
+    assert_eq!(s.source_vm, Some(SourceVmOutcome::Migrated));
+    assert!(s.downtime_ms.is_some());
+    let d = r.dst_stats.snapshot();
+    assert_eq!(d.state, MigrationState::Completed, "{d:?}");
+    assert_eq!(d.postcopy.as_deref(), Some("completed"));
+    assert!(d.postcopy_bytes > 0, "{d:?}");
+    let dst = r.factory.last();
+    assert!(!dst.discarded.load(SeqCst));
+    let pc = dst.pc.lock().unwrap().clone().unwrap();
+    assert!(pc.ended.load(SeqCst), "RAM not unregistered at the end");
+    let ev = r.events.read_after(0, Duration::ZERO);
+    assert!(
+        ev.lines.iter().any(|l| l.contains("\"postcopy-started\"")),
+        "{:?}",
+        ev.lines
+    );
+}
+
+fn every_page(src: &FakeSource, step: u64) -> Vec<(usize, u64)> {
+    let mut v = Vec::new();
+    for (r, reg) in src.regions.iter().enumerate() {
+        let n = reg.2 / 4096;
+        // From the middle on, then the start: not the push's order.
+        for p in (n / 2..n).chain(0..n / 2).step_by(step as usize) {
+            v.push((r, p));
+        }
+    }
+    v
+}
+
+#[test]
+fn postcopy_from_the_start() {
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB), (4 << 30, 4 * MIB)]));
+    fill(&src, 0, 3, 2);
+    fill(&src, 1, 5, 3);
+    let mut p = params(0, 4);
+    p.technique = Some(Technique::PostCopy);
+    let pages = every_page(&src, 1);
+    let r = run(src.clone(), p, pages.clone(), Hooks::default());
+    check_completed(&r, SwitchoverReason::User);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+    let d = r.dst_stats.snapshot();
+    // Nothing was pre-copied: every populated page was missing.
+    assert!(d.postcopy_missing_pages >= 16 * 256 / 2, "{d:?}");
+    assert!(d.postcopy_requests > 0, "{d:?}");
+    assert!(d.postcopy_fault_latency_us_p50.is_some(), "{d:?}");
+    assert!(d.postcopy_fault_latency_us_p99 >= d.postcopy_fault_latency_us_p50);
+    let s = r.src_stats.snapshot();
+    assert!(s.postcopy_fault_latency_us_p99.is_some(), "{s:?}");
+    assert_eq!(s.iteration, 2, "pass 1 interrupted, then the final pass");
+}
+
+#[test]
+fn postcopy_policy_after_a_stall_with_stale_precopied_pages() {
+    let src = Arc::new(FakeSource::new(&[(0, 8 * MIB)]));
+    fill(&src, 0, 1, 1);
+    // Keep rewriting a third of the pages: no progress, a stall, post-copy.
+    src.set_hook(|s, n| {
+        for p in (0..2048u64).step_by(3) {
+            s.write(0, p * 4096, &pattern(n as u8, 4096));
+        }
+        s.write(0, 7 * 4096, &[0u8; 4096]);
+    });
+    let mut p = params(0, 2);
+    p.policy = Some(Policy::PostCopy);
+    p.stall_limit_s = Some(1);
+    p.downtime_ms = Some(0);
+    let pages = every_page(&src, 5);
+    let r = run(src.clone(), p, pages.clone(), Hooks::default());
+    check_completed(&r, SwitchoverReason::PostCopy);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+    let s = r.src_stats.snapshot();
+    assert!(s.stalls >= 1 && s.iteration >= 3, "{s:?}");
+    // Only the rewritten third was missing.
+    let d = r.dst_stats.snapshot();
+    assert!(d.postcopy_missing_pages <= 2048 / 3 + 2, "{d:?}");
+}
+
+#[test]
+fn postcopy_switch_in_the_middle_of_a_slow_pass_with_a_device() {
+    let mut s = FakeSource::new(&[(0, 24 * MIB)]);
+    s.devices = vec![Arc::new(FakeDevice::new(
+        "dev0",
+        true,
+        pattern(1, 10_000),
+        pattern(2, 5_000),
+    ))];
+    let src = Arc::new(s);
+    fill(&src, 0, 9, 1);
+    let hooks = Hooks::default();
+    let live = hooks.live.clone();
+    let mut p = params(0, 2);
+    p.max_bandwidth_mib_s = Some(8.0); // pass 1 would take 3 s
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        live.update(&ParametersUpdate {
+            technique: Some(Technique::PostCopy),
+            ..Default::default()
+        })
+        .unwrap();
+    });
+    let pages = every_page(&src, 7);
+    let t0 = Instant::now();
+    let r = run(src.clone(), p, pages.clone(), hooks);
+    check_completed(&r, SwitchoverReason::User);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+    let dst = r.factory.last();
+    assert_eq!(
+        dst.devices[0].loaded.lock().unwrap().as_deref(),
+        Some(&src.devices[0].produced.lock().unwrap()[..])
+    );
+    eprintln!("mid-pass post-copy took {:?}", t0.elapsed());
+}
+
+#[test]
+fn main_mode_devices_and_post_copy() {
+    let src = source_with_device();
+    let mut p = params(0, 1);
+    p.device_state = DeviceStateMode::Main;
+    p.technique = Some(Technique::PostCopy);
+    let pages = every_page(&src, 3);
+    let r = run(src.clone(), p, pages.clone(), Hooks::default());
+    check_completed(&r, SwitchoverReason::User);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+}
+
+/// The first copy of a page wins: a page placed twice is counted once, and
+/// the second copy is dropped.
+#[test]
+fn a_page_placed_twice_is_dropped_the_second_time() {
+    let mem = AnonMem::new(1 << 20);
+    let pc = Arc::new(pcfake::FakePostcopy::new(vec![(mem.addr(), 1 << 20)]));
+    pc.register().unwrap();
+    let stats = Arc::new(MigrationStats::default());
+    let pcd = PcDest::new(
+        pc.clone(),
+        vec![(0, 1 << 20)],
+        vec![vec![u64::MAX, 0, 0, 0]],
+        stats,
+        Arc::new(crate::net::Notify::default()),
+    );
+    let r = |first, n, zero| crate::wire::ResolvedRange {
+        region: 0,
+        first_page: first,
+        npages: n,
+        zero,
+    };
+    pcd.accept_all(&[r(0, 2, false)], &pattern(1, 8192)).unwrap();
+    assert!(!pcd.complete());
+    // Pages 1..3: page 1 again (dropped), 2 fresh.
+    pcd.accept_all(&[r(1, 2, false)], &pattern(2, 8192)).unwrap();
+    assert_eq!(pc.duplicates.load(SeqCst), 1);
+    assert_eq!(mem.read(4096, 4096), pattern(1, 8192)[4096..].to_vec());
+    pcd.accept_all(&[r(3, 61, true)], &[]).unwrap();
+    assert!(pcd.complete());
+}
