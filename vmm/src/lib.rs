@@ -6,7 +6,9 @@
 //!   executes requests and decides when the process ends;
 //! - [`controller`]: the VMM and its life cycle;
 //! - [`api`]: HTTP <-> typed requests;
-//! - [`jobs`]: the migration job and its adapters to the migration traits.
+//! - [`jobs`]: the migration job and its adapters to the migration traits;
+//! - [`uffd`], [`postcopy`]: userfaultfd and the post-copy backend of a
+//!   received VM's RAM.
 //!
 //! The binaries (`ferry`, `ferry-remote`) are thin: `ferry` validates its
 //! command line with [`config`] and hands over to [`run`].
@@ -23,7 +25,9 @@ pub mod dirty;
 pub mod jobs;
 pub mod memory;
 pub mod pio;
+pub mod postcopy;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

@@ -175,7 +175,13 @@ impl Header {
             Kind::Pages if self.a > 1 || self.b != 0 || self.c != 0 => {
                 return Err(self.invalid(format!("arguments {} {} {}", self.a, self.b, self.c)));
             }
+            Kind::Postcopy | Kind::ResumeAck if self.c != 0 => {
+                return Err(self.invalid("non-zero c"));
+            }
             Kind::PageRequest => {
+                if self.c != 0 {
+                    return Err(self.invalid("non-zero c"));
+                }
                 if self.a % PAGE_SIZE != 0 {
                     return Err(self.invalid(format!("unaligned address {:#x}", self.a)));
                 }
@@ -183,7 +189,9 @@ impl Header {
                     return Err(self.invalid(format!("{} pages", self.b)));
                 }
             }
-            Kind::Resume if self.a == 0 => return Err(self.invalid("epoch 0")),
+            Kind::Resume if self.a == 0 || self.b != 0 || self.c != 0 => {
+                return Err(self.invalid(format!("epoch {} (b {}, c {})", self.a, self.b, self.c)));
+            }
             Kind::Device => {
                 let item = DevItemKind::from_u64(self.c)
                     .ok_or_else(|| self.invalid(format!("unknown item kind {}", self.c)))?;

@@ -247,7 +247,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
                         info!("migration completed; the VM now runs on the destination");
                         JobResult::Completed
                     }
-                    Err(e) if e.is_commit_uncertain() => {
+                    Err(e) if e.keeps_vm_paused() => {
                         // Recovery: the guest may run on the destination, so it
                         // stays paused here; the user decides (vm.resume or
                         // vm.shutdown).
