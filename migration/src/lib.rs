@@ -49,7 +49,7 @@ mod tests;
 
 pub use api::{
     receive, receive_with, send, send_with, CancelToken, DeviceStateMode, DeviceStatus, Hooks,
-    MigrationError, MigrationState, MigrationStats, MigrationStatus, ReceiveParams, SendParams,
-    SourceVmOutcome,
+    MigrationError, MigrationState, MigrationStats, MigrationStatus, ReceiveParams, ResumeToken,
+    SendParams, SourceVmOutcome,
 };
 pub use traits::*;

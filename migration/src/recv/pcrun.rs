@@ -15,11 +15,13 @@ use super::devices::DeviceInbox;
 use super::postcopy::{FaultThread, PcDest};
 use super::reader::ReaderCtx;
 use super::{or_fail, Ctx, Failed, Phase, Ready, Receiving, StateInfo, StateMsg};
+use crate::api::CancelToken;
 use crate::error::MigrationError;
+use crate::handshake::Incoming;
 use crate::net::{recv_frame, recv_payload, Ctl, Keepalive, MainConn, Recv};
 use crate::stats::{PostcopyPhase, RxMeter};
 use crate::traits::{DestinationVm, PAGE_SIZE};
-use crate::wire::{self, decode_ranges, Frame, HEADER_LEN, RANGE_ENTRY_LEN};
+use crate::wire::{self, decode_ranges, ConnRole, Frame, HEADER_LEN, RANGE_ENTRY_LEN};
 use crate::worker::Workers;
 
 /// What POSTCOPY announced.
@@ -79,6 +81,10 @@ pub struct PcRun {
     epoch: Option<Epoch>,
     rx: RxMeter,
     buf: Vec<ResolvedBuf>,
+    /// Guest RAM as the readers see it (kept for the next epoch's).
+    ram: Arc<super::reader::DestRam>,
+    /// The current (or last) connection epoch.
+    epoch_no: u64,
 }
 
 /// Scratch space for decoding PAGES on main.
@@ -197,6 +203,7 @@ impl PcRun {
             readers,
             rctx,
         } = post;
+        let ram = rctx.ram.clone();
         ctx.stats.set_postcopy(PostcopyPhase::Active);
         ctx.events.emit(
             "postcopy-started",
@@ -221,6 +228,8 @@ impl PcRun {
             }),
             rx: RxMeter::new(),
             buf: Vec::new(),
+            ram,
+            epoch_no: 0,
         })
     }
 
@@ -324,12 +333,116 @@ impl PcRun {
         );
     }
 
-    /// Paused: waits one poll interval for a source to resume (recovery is
-    /// not wired yet: newcomers are refused).
+    /// Paused: waits one poll interval for the source of this session to
+    /// reconnect (HELLO with the session id, RESUME); refuses anyone else.
     fn wait_resume(&mut self, ctx: &Ctx) {
-        if let Some(inc) = ctx.next_incoming(crate::net::POLL_INTERVAL) {
-            ctx.refuse(inc, "post-copy is paused; resume is not supported yet");
+        let Some(inc) = ctx.next_incoming(crate::net::POLL_INTERVAL) else {
+            return;
+        };
+        if inc.session != self.session || inc.role != ConnRole::Main {
+            ctx.refuse(
+                inc,
+                "a post-copy is paused here: only its source may reconnect (send-migration with \"resume\": true)",
+            );
+            return;
         }
+        match self.resume(ctx, inc) {
+            Ok(()) => {}
+            Err(e) => log::warn!("post-copy resume refused: {e}; still waiting"),
+        }
+    }
+
+    /// Accepts a resuming source: OK to its HELLO, RESUME, RESUME_ACK with
+    /// the pages still missing, then its data connections and their readers;
+    /// waiting faults are asked for again.
+    fn resume(&mut self, ctx: &Ctx, inc: Incoming) -> Result<(), MigrationError> {
+        let n = inc.connections as usize;
+        let ectl = Ctl::new(CancelToken::default(), ctx.ctl.stall);
+        let s = inc.stream;
+        crate::net::prepare_stream(s.tcp(), false)?;
+        ectl.register(s.tcp());
+        let main = MainConn::new(s, self.session);
+        main.send(&Frame::Ok, &[], &ectl, "accepting the resuming source")?;
+        let what = "waiting for RESUME";
+        let since = Instant::now();
+        let epoch = loop {
+            match recv_frame(&main.stream, &ectl, true, what)? {
+                Recv::Frame(env) => match env.frame {
+                    Frame::Resume { epoch } if env.session == self.session => break epoch,
+                    Frame::Keepalive => {}
+                    f => {
+                        let e = MigrationError::proto(format!("expected RESUME, got {:?}", f.kind()));
+                        main.send_message(|len| Frame::Error { len }, &e.to_string());
+                        return Err(e);
+                    }
+                },
+                Recv::Idle if since.elapsed() > Duration::from_secs(5) => {
+                    return Err(MigrationError::Timeout(what.into()))
+                }
+                Recv::Idle => {}
+                Recv::Eof => return Err(MigrationError::PeerClosed(what.into())),
+            }
+        };
+        if epoch <= self.epoch_no {
+            let e = MigrationError::proto(format!(
+                "RESUME of epoch {epoch}, this side is at epoch {}",
+                self.epoch_no
+            ));
+            main.send_message(|len| Frame::Error { len }, &e.to_string());
+            return Err(e);
+        }
+        let still = self.pcd.still_missing();
+        let missing = still.iter().flatten().map(|w| w.count_ones() as u64).sum();
+        let bitmap = wire::encode_bitmap(&self.pcd.layout, &still);
+        main.send(
+            &Frame::ResumeAck {
+                epoch,
+                missing,
+                len: bitmap.len() as u64,
+            },
+            &bitmap,
+            &ectl,
+            "sending the pages still missing",
+        )?;
+        let streams = super::setup::accept_data_of(ctx, self.session, n, &ectl)?;
+        let rctx = Arc::new(ReaderCtx {
+            ram: self.ram.clone(),
+            barrier: Arc::new(super::barrier::PassBarrier::new(n)),
+            inbox: None,
+            session: self.session,
+            ctl: ectl.clone(),
+            stats: ctx.stats.clone(),
+            chunk_max: 0,
+            notify: ctx.notify.clone(),
+            sealed: std::sync::atomic::AtomicBool::new(false),
+            postcopy: std::sync::OnceLock::new(),
+        });
+        let _ = rctx.postcopy.set(self.pcd.clone());
+        let mut readers = Workers::new(&ectl);
+        super::reader::spawn_readers(&rctx, streams, &mut readers)?;
+        main.stream
+            .tcp()
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .map_err(|e| MigrationError::io("configuring the main connection", e))?;
+        let keepalive = Keepalive::spawn(main.clone(), ectl.clone());
+        self.epoch_no = epoch;
+        self.epoch = Some(Epoch {
+            ctl: ectl.clone(),
+            main: main.clone(),
+            keepalive: Some(keepalive),
+            readers: Some(readers),
+            rctx,
+            last_main: Instant::now(),
+        });
+        self.pcd.set_main(Some((main, ectl)));
+        ctx.stats.postcopy_resumes.store(epoch, Relaxed);
+        ctx.stats.set_postcopy(PostcopyPhase::Active);
+        log::info!("post-copy resumed (epoch {epoch}): {missing} pages still missing");
+        ctx.events.emit(
+            "postcopy-resumed",
+            json!({ "role": "destination", "epoch": epoch, "missing_pages": missing }),
+        );
+        Ok(())
     }
 
     /// Every page is here: unregisters the RAM, stops the fault thread,

@@ -86,11 +86,6 @@ impl PcDest {
         }
     }
 
-    /// The backend.
-    pub fn backend(&self) -> &Arc<dyn PostcopyRam> {
-        &self.pc
-    }
-
     /// The statistics it updates.
     pub fn stats(&self) -> &Arc<MigrationStats> {
         &self.stats

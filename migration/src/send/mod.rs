@@ -52,7 +52,7 @@ use crate::events::EventLog;
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{parse_url, url_host, Dial};
 use crate::live::LiveParams;
-use crate::net::{Channel, Ctl, MainConn};
+use crate::net::{lock, Channel, Ctl, MainConn};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
 use crate::wire::Frame;
@@ -90,6 +90,8 @@ struct Ctx {
     live: Arc<LiveParams>,
     /// Where events are reported.
     events: Arc<EventLog>,
+    /// Where a paused post-copy leaves what a resume needs.
+    resume: Arc<Mutex<Option<crate::api::ResumeToken>>>,
 }
 
 impl Ctx {
@@ -194,7 +196,8 @@ struct Committed {
     link: Link,
     data: DataPlane,
     stop: StopDevices,
-    dirty: DirtyLog,
+    /// Off already in a resumed post-copy.
+    dirty: Option<DirtyLog>,
     pass: u64,
     pause_at: (Instant, u64),
     commit_at: Instant,
@@ -223,6 +226,8 @@ enum Phase {
     /// Post-copy: the guest runs on the destination, which pulls the
     /// missing pages; waiting for POSTCOPY_DONE.
     Postcopy(Box<Committed>),
+    /// A send with `"resume": true`: reconnecting a paused post-copy.
+    Resume(Box<crate::api::ResumeToken>),
 }
 
 /// A failed step of this state machine (see [`crate::phase::Failed`]).
@@ -258,6 +263,22 @@ pub fn run(
     };
     let devices = vm.devices();
     let mem = Arc::new(GuestMemory::of_source(&vm));
+    let token = if p.resume {
+        let t = lock(&hooks.resume).take();
+        match t {
+            Some(t) => Some(Box::new(t)),
+            None => {
+                let e = MigrationError::InvalidParams(
+                    "\"resume\": true, but no post-copy of this VM is paused".into(),
+                );
+                stats.begin();
+                stats.fail(&e);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     stats.begin();
     stats.set_role(Role::Source);
     stats.set_transport(dial.tls.is_some());
@@ -276,7 +297,10 @@ pub fn run(
         mem,
         devices,
         counters,
-        session: rand::random::<u128>() | 1,
+        session: token
+            .as_ref()
+            .map(|t| t.session)
+            .unwrap_or_else(|| rand::random::<u128>() | 1),
         from_dest: Arc::new(FromDest {
             acks: Mutex::new(vec![None; n]),
             ..Default::default()
@@ -285,6 +309,7 @@ pub fn run(
         dial,
         live: hooks.live.clone(),
         events: hooks.events.clone(),
+        resume: hooks.resume.clone(),
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(
@@ -300,7 +325,10 @@ pub fn run(
         ctx.start + Duration::from_secs(p.timeout_s),
         format!("migration took longer than {} s", p.timeout_s),
     );
-    let r = drive(&ctx);
+    let r = match token {
+        Some(t) => drive_from(&ctx, Phase::Resume(t)),
+        None => drive_from(&ctx, Phase::Connecting),
+    };
     // The guest never stays slowed, however the migration ended.
     ctx.set_throttle(0);
     // Post-copy is a one-time switch, not a default for the next migration.
@@ -339,11 +367,14 @@ pub fn run(
     }
 }
 
-/// Runs the phases until RESUMED arrived after COMMIT.
-fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
-    let mut phase = Phase::Connecting;
+/// Runs the phases from `phase` until RESUMED arrived after COMMIT (and,
+/// in post-copy, POSTCOPY_DONE).
+fn drive_from(ctx: &Ctx, mut phase: Phase) -> Result<Box<Committed>, Failed> {
     loop {
-        let committed = matches!(phase, Phase::Committed(_) | Phase::Postcopy(_));
+        let committed = matches!(
+            phase,
+            Phase::Committed(_) | Phase::Postcopy(_) | Phase::Resume(_)
+        );
         let checked = ctx.ctl.check().and_then(|()| {
             if committed {
                 Ok(())
@@ -371,6 +402,7 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
                 or_fail!(c.await_done(ctx), Phase::Postcopy(c));
                 return Ok(c);
             }
+            Phase::Resume(t) => postcopy::reconnect(ctx, t)?,
         };
     }
 }
@@ -484,6 +516,8 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
                 data,
                 stop,
                 dirty,
+                pause_at,
+                post,
                 ..
             } = *c;
             let err = link.abort(err, true, fd);
@@ -499,6 +533,11 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             }
             drop(stop);
             drop(dirty);
+            if post.is_some() {
+                // Post-copy: if the destination started the guest it waits
+                // for a resume; the pages stay here.
+                return postcopy::paused(ctx, err, pause_at.1, None, 0, 0);
+            }
             let err = match err {
                 e @ MigrationError::CommitUncertain { .. } => e,
                 cause => MigrationError::CommitUncertain {
@@ -514,21 +553,20 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
                 data,
                 stop,
                 dirty,
+                pause_at,
+                post,
                 ..
             } = *c;
             let err = link.abort(err, true, fd);
             drop(data);
             drop(stop);
             drop(dirty);
-            let err = match err {
-                e @ MigrationError::PostcopyPaused { .. } => e,
-                cause => MigrationError::PostcopyPaused {
-                    cause: Box::new(cause),
-                },
-            };
-            ctx.stats.set_postcopy(crate::stats::PostcopyPhase::Paused);
-            log::error!("{err}");
-            err
+            let (resume_us, ack_ms, epoch) = post
+                .as_ref()
+                .map(|p| p.times())
+                .unwrap_or((None, 0, 0));
+            postcopy::paused(ctx, err, pause_at.1, resume_us, ack_ms, epoch)
         }
+        Phase::Resume(t) => postcopy::paused(ctx, err, t.pause_us, t.resume_us, t.ack_ms, t.epoch),
     }
 }

@@ -19,14 +19,19 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::dirty::merge;
+use super::pool::Item;
 use super::push::{PageServer, PushSet};
-use super::{or_fail, Committed, Ctx, DataPlane, Failed, PausedVm, Phase, Stopped, Streaming};
+use super::{
+    or_fail, Committed, Ctx, DataPlane, Failed, PausedVm, Phase, RestoreDevices, Stopped,
+    Streaming,
+};
+use crate::api::ResumeToken;
 use crate::error::MigrationError;
 use crate::live::SwitchoverReason;
-use crate::net::{epoch_us, lock, MainConn};
+use crate::net::{epoch_us, lock, recv_frame, recv_payload, MainConn, Recv};
 use crate::stats::{PostcopyPhase, SourceVmOutcome};
 use crate::traits::{DirtyBitmap, PAGE_SIZE};
-use crate::wire::{encode_bitmap, Frame};
+use crate::wire::{self, decode_bitmap, encode_bitmap, Frame};
 
 /// What post-copy carries through the switch-over phases.
 ///
@@ -40,9 +45,19 @@ pub struct Plan {
     reason: SwitchoverReason,
     /// RESUMED's time and pause → RESUMED in ms, once known.
     resumed: Mutex<Option<(u64, u64)>>,
+    /// Connection epoch (0: the switch-over's connections).
+    epoch: u64,
 }
 
 impl Plan {
+    /// RESUMED's time (if known), pause → RESUMED in ms, and the epoch.
+    pub fn times(&self) -> (Option<u64>, u64, u64) {
+        match *lock(&self.resumed) {
+            Some((r, a)) => (Some(r), a, self.epoch),
+            None => (None, 0, self.epoch),
+        }
+    }
+
     /// Sends POSTCOPY (the missing set) on main, before STATE.
     pub fn send_missing(
         &self,
@@ -199,6 +214,7 @@ impl Stopped {
             missing,
             reason,
             resumed: Mutex::new(None),
+            epoch: 0,
         })
     }
 }
@@ -214,7 +230,7 @@ impl Committed {
         };
         loop {
             if let Some((requests, p50, p99)) = *lock(&fd.done) {
-                let (resume_us, ack_ms) = lock(&post.resumed).unwrap_or((epoch_us(), 0));
+                let (resume_us, ack_ms) = (*lock(&post.resumed)).unwrap_or((epoch_us(), 0));
                 ctx.stats.set_remote_latency(p50, p99);
                 ctx.stats.set_postcopy(PostcopyPhase::Completed);
                 ctx.stats.set_source_vm(SourceVmOutcome::Migrated);
@@ -246,4 +262,148 @@ impl Committed {
             }
         }
     }
+}
+
+/// The post-copy was interrupted after COMMIT: keeps what a resume needs
+/// and returns the error to report ([`MigrationError::PostcopyPaused`]).
+pub(super) fn paused(
+    ctx: &Ctx,
+    err: MigrationError,
+    pause_us: u64,
+    resume_us: Option<u64>,
+    ack_ms: u64,
+    epoch: u64,
+) -> MigrationError {
+    *lock(&ctx.resume) = Some(ResumeToken {
+        session: ctx.session,
+        epoch,
+        pause_us,
+        resume_us,
+        ack_ms,
+    });
+    let err = match err {
+        e @ MigrationError::PostcopyPaused { .. } => e,
+        cause => MigrationError::PostcopyPaused {
+            cause: Box::new(cause),
+        },
+    };
+    ctx.stats.set_postcopy(PostcopyPhase::Paused);
+    ctx.events.emit(
+        "postcopy-paused",
+        json!({ "role": "source", "error": err.to_string(), "epoch": epoch }),
+    );
+    log::error!("{err}");
+    err
+}
+
+/// Reads RESUME_ACK (epoch `epoch`) and its bitmap of the pages the
+/// destination still lacks.
+fn await_resume_ack(
+    ctx: &Ctx,
+    main: &MainConn,
+    epoch: u64,
+) -> Result<(u64, Vec<Vec<u64>>), MigrationError> {
+    let what = "waiting for the destination to accept the resume";
+    let since = Instant::now();
+    loop {
+        let env = match recv_frame(&main.stream, &ctx.ctl, true, what)? {
+            Recv::Frame(env) => env,
+            Recv::Idle if since.elapsed() > ctx.ctl.stall => {
+                return Err(MigrationError::Timeout(what.into()))
+            }
+            Recv::Idle => continue,
+            Recv::Eof => return Err(MigrationError::PeerClosed(what.into())),
+        };
+        if env.session != ctx.session {
+            return Err(MigrationError::proto("frame of another session"));
+        }
+        match env.frame {
+            Frame::Keepalive => {}
+            Frame::ResumeAck {
+                epoch: e,
+                missing,
+                len,
+            } => {
+                if e != epoch {
+                    return Err(MigrationError::proto(format!(
+                        "RESUME_ACK for epoch {e}, asked {epoch}"
+                    )));
+                }
+                let p = recv_payload(&main.stream, len, &ctx.ctl, what)?;
+                let maps = decode_bitmap(&p, &ctx.mem.layout(), missing)?;
+                return Ok((missing, maps));
+            }
+            Frame::Error { len } | Frame::Discarded { len } => {
+                let m = recv_payload(&main.stream, len, &ctx.ctl, what)?;
+                return Err(MigrationError::Remote(wire::message_text(&m)));
+            }
+            f => {
+                return Err(MigrationError::proto(format!(
+                    "unexpected {:?} frame instead of RESUME_ACK",
+                    f.kind()
+                )))
+            }
+        }
+    }
+}
+
+/// Resume → Postcopy: reconnects the main connection (HELLO with the old
+/// session, RESUME), learns what the destination still lacks, reconnects
+/// the data connections and pushes it; page requests are served again.
+pub(super) fn reconnect(ctx: &Ctx, t: Box<ResumeToken>) -> Result<Phase, Failed> {
+    // The guest runs on the destination: cancel and the deadline no longer
+    // apply (this VM must never run again).
+    let _ = ctx.ctl.commit_point();
+    let epoch = t.epoch + 1;
+    let r = (|| {
+        let main = super::setup::connect_main(ctx)?;
+        main.send(
+            &Frame::Resume { epoch },
+            &[],
+            &ctx.ctl,
+            "asking to resume the post-copy",
+        )?;
+        let (missing, maps) = await_resume_ack(ctx, &main, epoch)?;
+        let data = super::setup::data_plane(ctx)?;
+        let link = super::link::Link::start(main, &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
+        Ok((missing, maps, data, link))
+    })();
+    let (missing, maps, data, link) = or_fail!(r, Phase::Resume(t));
+    let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
+    let push = Arc::new(PushSet::new(&maps, &pages));
+    let fd = &ctx.from_dest;
+    fd.postcopy.store(true, SeqCst);
+    fd.state_sent.store(true, SeqCst);
+    fd.commit_sent.store(true, SeqCst);
+    let resume_us = t.resume_us.unwrap_or_else(epoch_us);
+    *lock(&fd.resumed) = Some(resume_us);
+    let plan = Plan {
+        push,
+        maps,
+        missing,
+        reason: SwitchoverReason::User,
+        resumed: Mutex::new(Some((resume_us, t.ack_ms))),
+        epoch,
+    };
+    plan.arm(ctx, &link.main, &data);
+    data.pool.push_all(|| Item::Postcopy);
+    ctx.stats.set_postcopy(PostcopyPhase::Active);
+    ctx.stats.postcopy_resumes.store(epoch, Relaxed);
+    ctx.stats.postcopy_missing_pages.store(missing, Relaxed);
+    ctx.stats.mark_setup_done();
+    log::info!("post-copy resumed (epoch {epoch}): {missing} pages still missing");
+    ctx.events.emit(
+        "postcopy-resumed",
+        json!({ "role": "source", "epoch": epoch, "missing_pages": missing }),
+    );
+    Ok(Phase::Postcopy(Box::new(Committed {
+        link,
+        data,
+        stop: RestoreDevices::new(&ctx.devices).committed(),
+        dirty: None,
+        pass: 0,
+        pause_at: (Instant::now(), t.pause_us),
+        commit_at: Instant::now(),
+        post: Some(Box::new(plan)),
+    })))
 }

@@ -72,7 +72,7 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
 }
 
 /// Connects the data connections and starts their writers.
-fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
+pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
     let n = ctx.p.connections;
     let mut streams = Vec::new();
     for i in 0..n {

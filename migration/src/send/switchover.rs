@@ -176,7 +176,7 @@ impl Switching {
             link,
             data,
             stop: restore.committed(),
-            dirty,
+            dirty: Some(dirty),
             pass,
             pause_at,
             commit_at: Instant::now(),

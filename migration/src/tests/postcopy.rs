@@ -255,3 +255,121 @@ fn a_page_placed_twice_is_dropped_the_second_time() {
     pcd.accept_all(&[r(3, 61, true)], &[]).unwrap();
     assert!(pcd.complete());
 }
+
+/// A TCP forwarder from a local port to `to` whose connections can all be
+/// cut at once.
+struct Proxy {
+    port: u16,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn new(to: u16) -> Proxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let c = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(a) = s else { return };
+                let Ok(b) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                c.lock().unwrap().push(a.try_clone().unwrap());
+                c.lock().unwrap().push(b.try_clone().unwrap());
+                for (mut x, mut y) in [
+                    (a.try_clone().unwrap(), b.try_clone().unwrap()),
+                    (b, a),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut x, &mut y);
+                        let _ = y.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A post-copy whose connections are cut halfway pauses on both sides: the
+/// source stays paused (`postcopy_paused`), the destination keeps its
+/// running VM and the fake vCPU waits; a send with `"resume": true`
+/// reconnects and finishes, and the guest saw only the source's pages.
+#[test]
+fn a_cut_post_copy_pauses_and_resumes() {
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB)]));
+    fill(&src, 0, 4, 1);
+    let dest = start_dest(factory_for_layout(&src));
+    let proxy = Proxy::new(dest.port);
+    let pages = every_page(&src, 3);
+    let g = guest(dest.factory.clone(), pages.clone());
+    let hooks = Hooks::default();
+    let mut p = params(proxy.port, 2);
+    p.technique = Some(Technique::PostCopy);
+    p.max_bandwidth_mib_s = Some(4.0); // the push takes ~4 s
+    let dstats = dest.stats.clone();
+    let cutter = {
+        let conns = proxy.conns.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while dstats.snapshot().postcopy.as_deref() != Some("active") {
+                assert!(t.elapsed() < Duration::from_secs(30));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            for s in conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        })
+    };
+    let stats = Arc::new(MigrationStats::default());
+    let e = send_with(src.clone(), &p, &stats, &CancelToken::default(), &hooks).unwrap_err();
+    cutter.join().unwrap();
+    assert!(matches!(e, MigrationError::PostcopyPaused { .. }), "{e}");
+    let s = stats.snapshot();
+    assert_eq!(s.source_vm, Some(SourceVmOutcome::PostcopyPaused), "{s:?}");
+    assert_eq!(s.postcopy.as_deref(), Some("paused"));
+    assert!(src.paused.load(SeqCst) && src.resumes.load(SeqCst) == 0, "the source never resumes");
+    assert!(hooks.postcopy_paused());
+    // The destination waits with its VM.
+    let t = Instant::now();
+    while dest.stats.snapshot().postcopy.as_deref() != Some("paused") {
+        assert!(t.elapsed() < Duration::from_secs(40), "destination not paused");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!dest.handle.is_finished());
+    assert!(!dest.factory.last().discarded.load(SeqCst));
+    // A cancel of the destination is ignored now (the guest runs there).
+    dest.cancel.cancel();
+    // Without resume, nothing to resume is refused on another VM's hooks.
+    let mut q = params(dest.port, 3);
+    q.resume = true;
+    let e = send_with(src.clone(), &q, &Arc::default(), &CancelToken::default(), &Hooks::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("no post-copy"), "{e}");
+    // Resume straight to the destination (the proxy stays cut).
+    proxy.cut();
+    let stats2 = Arc::new(MigrationStats::default());
+    send_with(src.clone(), &q, &stats2, &CancelToken::default(), &hooks).unwrap();
+    let rr = dest.handle.join().unwrap();
+    assert!(rr.is_ok(), "receive failed");
+    let read = g.join().unwrap();
+    check_read(&src, &pages, &read);
+    assert_same_ram(&src, &dest.factory.last());
+    let s2 = stats2.snapshot();
+    assert_eq!(s2.state, MigrationState::Completed, "{s2:?}");
+    assert_eq!(s2.postcopy_resumes, 1);
+    assert_eq!(s2.source_vm, Some(SourceVmOutcome::Migrated));
+    assert!(s2.downtime_ms.is_some());
+    let d = dest.stats.snapshot();
+    assert_eq!(d.postcopy.as_deref(), Some("completed"));
+    assert_eq!(d.postcopy_resumes, 1);
+    assert!(!hooks.postcopy_paused());
+}
