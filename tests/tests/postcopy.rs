@@ -163,3 +163,95 @@ fn postcopy_into_a_tmpfs_memory_file() {
     check_postcopy(&m, "user");
     report("post-copy from the start (tmpfs file)", &m, t0);
 }
+
+/// A TCP forwarder from a local port to `to` whose connections can all be
+/// cut at once (a lost network between the two hosts).
+struct Proxy {
+    port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn new(to: u16) -> Proxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
+            Default::default();
+        let c = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(a) = s else { return };
+                let Ok(b) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+                    continue;
+                };
+                if let (Ok(a3), Ok(b3)) = (a.try_clone(), b.try_clone()) {
+                    c.lock().unwrap().extend([a3, b3]);
+                }
+                for (mut x, mut y) in [(a2, b2), (b, a)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut x, &mut y);
+                        let _ = y.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The connections break in the middle of the post-copy: the source stays
+/// paused (it never resumes the guest, which runs on the destination), the
+/// destination waits with the faulting vCPUs blocked; a send with
+/// `"resume": true` reconnects and finishes, witnessed by the guest.
+#[test]
+fn postcopy_survives_a_lost_connection_and_resumes() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let t0 = Instant::now();
+    let (mut src, dst) = start_pair(BUSY, &[], 2);
+    let port = free_tcp_port();
+    let recv = start_receive(&dst, port);
+    let proxy = Proxy::new(port);
+    let mut p = busy_params(json!({ "technique": "post-copy" }));
+    p["destination_url"] = json!(tcp_url(proxy.port));
+    start_send(&src, p.clone());
+    poll(LONG, || {
+        let s = dst.migration_status()?;
+        (s["postcopy"] == "active").then_some(())
+    })
+    .expect("post-copy did not start");
+    std::thread::sleep(Duration::from_millis(400));
+    proxy.cut();
+    let s = expect_migration_end(&src, &["failed"], LONG);
+    assert_eq!(s["source_vm"], "postcopy_paused", "{s}");
+    assert_eq!(s["postcopy"], "paused", "{s}");
+    assert_eq!(src.state(), "postcopy-paused");
+    let (st, v) = src.api("PUT", "vm.resume", None);
+    assert_eq!(st, 409, "vm.resume must be refused: {v}");
+    let d = poll(LONG, || {
+        let d = dst.migration_status()?;
+        (d["postcopy"] == "paused").then_some(d)
+    })
+    .expect("destination did not pause");
+    assert_eq!(d["state"], "active", "{d}");
+    assert_eq!(dst.state(), "running");
+    // Resume, straight to the destination's port this time.
+    p["destination_url"] = json!(tcp_url(port));
+    p["resume"] = json!(true);
+    start_send(&src, p);
+    let m = finish_migration(&mut src, &dst, Some(recv));
+    m.check_completed();
+    check_guest_moved(&[&src.serial], &dst);
+    assert_eq!(dst.serial.mismatch(), None, "MISMATCH on the destination");
+    assert_eq!(m.dest_status["postcopy_resumes"], 1, "{}", m.dest_status);
+    report("post-copy with a lost connection", &m, t0);
+}
