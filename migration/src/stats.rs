@@ -254,7 +254,9 @@ impl LatencyHistogram {
         }
         let e = (i - 16) / 16 + 4;
         let sub = ((i - 16) % 16) as u64;
-        (((16 + sub + 1) as u128) << (e - 4)).saturating_sub(1).min(u64::MAX as u128) as u64
+        (((16 + sub + 1) as u128) << (e - 4))
+            .saturating_sub(1)
+            .min(u64::MAX as u128) as u64
     }
 
     /// Records one sample of `us` microseconds.

@@ -175,8 +175,7 @@ impl Proxy {
     fn new(to: u16) -> Proxy {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
-            Default::default();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
         let c = conns.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {

@@ -78,8 +78,11 @@ impl UffdRam {
         let mut at = Vec::new();
         // SAFETY: `src` (when given) is a slice of exactly `n` pages; the
         // destination range was checked to lie in a registered region.
-        unsafe { self.uffd.fill(addr, src.map(|d| d.as_ptr()), n * PAGE, &mut at) }
-            .map_err(|e| be("placing post-copy pages (UFFDIO_COPY/ZEROPAGE)", e))?;
+        unsafe {
+            self.uffd
+                .fill(addr, src.map(|d| d.as_ptr()), n * PAGE, &mut at)
+        }
+        .map_err(|e| be("placing post-copy pages (UFFDIO_COPY/ZEROPAGE)", e))?;
         present.extend(at.into_iter().map(|a| (a - r.host_addr) / PAGE));
         Ok(())
     }

@@ -116,12 +116,9 @@ impl Uffd {
     /// too.
     pub fn new() -> io::Result<Uffd> {
         // SAFETY: a plain syscall with flags only; the result is checked.
-        let raw = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        } as i32;
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) }
+                as i32;
         let raw = if raw >= 0 {
             raw
         } else {
@@ -410,14 +407,20 @@ mod tests {
             let data = vec![0x5au8; 2 * PAGE as usize];
             let mut present = Vec::new();
             // SAFETY: `data` holds 2 pages.
-            unsafe { u.fill(m.addr + 3 * PAGE, Some(data.as_ptr()), PAGE, &mut present) }
-                .unwrap();
+            unsafe { u.fill(m.addr + 3 * PAGE, Some(data.as_ptr()), PAGE, &mut present) }.unwrap();
             assert_eq!(reader.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
             // Pages 2..4: page 3 is present, 2 is filled.
             let other = vec![0x11u8; 2 * PAGE as usize];
             // SAFETY: `other` holds 2 pages.
-            unsafe { u.fill(m.addr + 2 * PAGE, Some(other.as_ptr()), 2 * PAGE, &mut present) }
-                .unwrap();
+            unsafe {
+                u.fill(
+                    m.addr + 2 * PAGE,
+                    Some(other.as_ptr()),
+                    2 * PAGE,
+                    &mut present,
+                )
+            }
+            .unwrap();
             assert_eq!(present, vec![m.addr + 3 * PAGE]);
             // SAFETY: page 3 is present now; a plain read.
             let v = unsafe { std::ptr::read_volatile((m.addr + 3 * PAGE) as *const u8) };

@@ -108,10 +108,7 @@ impl Receiving {
             ));
             return Err(Failed::new(Phase::Complete(self, msg), e));
         }
-        or_fail!(
-            self.await_all(ctx, final_pass),
-            Phase::Complete(self, msg)
-        );
+        or_fail!(self.await_all(ctx, final_pass), Phase::Complete(self, msg));
         let StateMsg { info, state } = *msg;
         let Receiving {
             keepalive,
@@ -132,11 +129,10 @@ impl Receiving {
             post: None,
         });
         let run = (|| {
-            let pc = r
-                .vm
-                .vm
-                .postcopy()
-                .map_err(|e| MigrationError::vm("preparing post-copy", e))?;
+            let pc =
+                r.vm.vm
+                    .postcopy()
+                    .map_err(|e| MigrationError::vm("preparing post-copy", e))?;
             for (region, m) in maps.iter().enumerate() {
                 let bm = crate::traits::DirtyBitmap { words: m.clone() };
                 let pages = p.rctx.ram.layout[region].1 / PAGE_SIZE;
@@ -154,9 +150,7 @@ impl Receiving {
                 ctx.stats.clone(),
                 ctx.notify.clone(),
             ));
-            ctx.stats
-                .postcopy_missing_pages
-                .store(pcd.total(), Relaxed);
+            ctx.stats.postcopy_missing_pages.store(pcd.total(), Relaxed);
             let _ = p.rctx.postcopy.set(pcd.clone());
             let faults = FaultThread::spawn(pcd.clone())?;
             Ok(PostRun {
@@ -371,7 +365,8 @@ impl PcRun {
                     Frame::Resume { epoch } if env.session == self.session => break epoch,
                     Frame::Keepalive => {}
                     f => {
-                        let e = MigrationError::proto(format!("expected RESUME, got {:?}", f.kind()));
+                        let e =
+                            MigrationError::proto(format!("expected RESUME, got {:?}", f.kind()));
                         main.send_message(|len| Frame::Error { len }, &e.to_string());
                         return Err(e);
                     }

@@ -124,12 +124,7 @@ impl PcDest {
         self.missing
             .iter()
             .zip(&self.received)
-            .map(|(m, r)| {
-                m.iter()
-                    .zip(r)
-                    .map(|(w, g)| w & !g.load(SeqCst))
-                    .collect()
-            })
+            .map(|(m, r)| m.iter().zip(r).map(|(w, g)| w & !g.load(SeqCst)).collect())
             .collect()
     }
 

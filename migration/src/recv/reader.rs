@@ -163,7 +163,9 @@ fn run_reader(
                 ..
             } => {
                 let pcd = ctx.postcopy.get().ok_or_else(|| {
-                    MigrationError::proto(format!("PAGES before post-copy on data connection {idx}"))
+                    MigrationError::proto(format!(
+                        "PAGES before post-copy on data connection {idx}"
+                    ))
                 })?;
                 table.resize(count as usize * RANGE_ENTRY_LEN, 0);
                 read_full(s, &mut table, &ctx.ctl, &what)?;

@@ -367,7 +367,9 @@ impl Ready {
         }
         let mut this = self;
         if let Some(post) = this.post.take() {
-            return Ok(Err(super::pcrun::PcRun::begin(ctx, *this, *post, resume_us)));
+            return Ok(Err(super::pcrun::PcRun::begin(
+                ctx, *this, *post, resume_us,
+            )));
         }
         ctx.stats.complete(info.pause_us, resume_us, None);
         log::info!(

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::push::PageServer;
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::net::{lock, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv};
 use crate::stats::DeviceCounters;
-use super::push::PageServer;
 use crate::wire::{self, Frame};
 use crate::worker::{self, Worker};
 
@@ -268,9 +268,10 @@ fn main_reader(
                     Ok(!fd.postcopy.load(SeqCst))
                 }
                 Frame::PageRequest { gpa, npages } => {
-                    let server = fd.server.get().ok_or_else(|| {
-                        MigrationError::proto("PAGE_REQUEST outside post-copy")
-                    })?;
+                    let server = fd
+                        .server
+                        .get()
+                        .ok_or_else(|| MigrationError::proto("PAGE_REQUEST outside post-copy"))?;
                     server.serve(gpa, npages)?;
                     Ok(false)
                 }
@@ -280,9 +281,7 @@ fn main_reader(
                     p99_us,
                 } => {
                     if fd.server.get().is_none() || lock(&fd.resumed).is_none() {
-                        return Err(MigrationError::proto(
-                            "POSTCOPY_DONE before post-copy ran",
-                        ));
+                        return Err(MigrationError::proto("POSTCOPY_DONE before post-copy ran"));
                     }
                     *lock(&fd.done) = Some((requests, p50_us, p99_us));
                     Ok(true)

@@ -561,10 +561,8 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             drop(data);
             drop(stop);
             drop(dirty);
-            let (resume_us, ack_ms, epoch) = post
-                .as_ref()
-                .map(|p| p.times())
-                .unwrap_or((None, 0, 0));
+            let (resume_us, ack_ms, epoch) =
+                post.as_ref().map(|p| p.times()).unwrap_or((None, 0, 0));
             postcopy::paused(ctx, err, pause_at.1, resume_us, ack_ms, epoch)
         }
         Phase::Resume(t) => postcopy::paused(ctx, err, t.pause_us, t.resume_us, t.ack_ms, t.epoch),

@@ -22,8 +22,7 @@ use super::dirty::merge;
 use super::pool::Item;
 use super::push::{PageServer, PushSet};
 use super::{
-    or_fail, Committed, Ctx, DataPlane, Failed, PausedVm, Phase, RestoreDevices, Stopped,
-    Streaming,
+    or_fail, Committed, Ctx, DataPlane, Failed, PausedVm, Phase, RestoreDevices, Stopped, Streaming,
 };
 use crate::api::ResumeToken;
 use crate::error::MigrationError;
@@ -166,8 +165,7 @@ impl Stopped {
         let ps = &mut self.passes;
         let since = Instant::now();
         // Everything taken by a writer reaches the wire before the final SYNC.
-        while pool.pages_done.load(Relaxed) + pool.pages_dropped.load(SeqCst) < ps.pages_queued()
-        {
+        while pool.pages_done.load(Relaxed) + pool.pages_dropped.load(SeqCst) < ps.pages_queued() {
             ctx.ctl.check()?;
             if since.elapsed() > ctx.ctl.stall {
                 return Err(MigrationError::Stalled(
@@ -194,9 +192,7 @@ impl Stopped {
         // The final "pass" carries only the devices' END and its SYNC.
         ps.pass += 1;
         ctx.stats.iteration.store(ps.pass, Relaxed);
-        ctx.stats
-            .postcopy_missing_pages
-            .store(missing, Relaxed);
+        ctx.stats.postcopy_missing_pages.store(missing, Relaxed);
         ctx.stats
             .remaining_bytes
             .store(missing * PAGE_SIZE, Relaxed);

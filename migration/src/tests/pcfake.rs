@@ -74,7 +74,11 @@ impl FakePostcopy {
             if start.elapsed() > Duration::from_secs(30) {
                 return None;
             }
-            st = self.cv.wait_timeout(st, Duration::from_millis(50)).unwrap().0;
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
         drop(st);
         let mut v = vec![0u8; PAGE];
@@ -112,7 +116,9 @@ impl FakePostcopy {
             // reader touches a page before it is marked present.
             unsafe {
                 match data {
-                    Some(d) => std::ptr::copy_nonoverlapping(d[i as usize * PAGE..].as_ptr(), dst, PAGE),
+                    Some(d) => {
+                        std::ptr::copy_nonoverlapping(d[i as usize * PAGE..].as_ptr(), dst, PAGE)
+                    }
                     None => std::ptr::write_bytes(dst, 0, PAGE),
                 }
             }
@@ -153,7 +159,8 @@ impl PostcopyRam for FakePostcopy {
             let mut v = vec![0u8; pages];
             // SAFETY: mincore over the fake's live mapping into a vector of
             // one byte per page.
-            let rc = unsafe { libc::mincore(addr as *mut libc::c_void, size as usize, v.as_mut_ptr()) };
+            let rc =
+                unsafe { libc::mincore(addr as *mut libc::c_void, size as usize, v.as_mut_ptr()) };
             if rc != 0 {
                 return Err(BackendError::new("mincore failed"));
             }

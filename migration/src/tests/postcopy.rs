@@ -26,7 +26,10 @@ fn guest(f: Arc<FakeFactory>, pages: Vec<(usize, u64)>) -> JoinHandle<Vec<Vec<u8
                     break d;
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "VM never started");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "VM never started"
+            );
             std::thread::sleep(Duration::from_millis(1));
         };
         let pc = d.pc.lock().unwrap().clone().expect("post-copy backend");
@@ -80,7 +83,10 @@ fn factory_for_layout(src: &FakeSource) -> FakeFactory {
 fn check_read(src: &FakeSource, pages: &[(usize, u64)], read: &[Vec<u8>]) {
     for (&(r, p), got) in pages.iter().zip(read) {
         let want = src.regions[r].1.read((p * 4096) as usize, 4096);
-        assert!(&want == got, "page {p} of region {r} differs from the source's");
+        assert!(
+            &want == got,
+            "page {p} of region {r} differs from the source's"
+        );
     }
 }
 
@@ -246,10 +252,12 @@ fn a_page_placed_twice_is_dropped_the_second_time() {
         npages: n,
         zero,
     };
-    pcd.accept_all(&[r(0, 2, false)], &pattern(1, 8192)).unwrap();
+    pcd.accept_all(&[r(0, 2, false)], &pattern(1, 8192))
+        .unwrap();
     assert!(!pcd.complete());
     // Pages 1..3: page 1 again (dropped), 2 fresh.
-    pcd.accept_all(&[r(1, 2, false)], &pattern(2, 8192)).unwrap();
+    pcd.accept_all(&[r(1, 2, false)], &pattern(2, 8192))
+        .unwrap();
     assert_eq!(pc.duplicates.load(SeqCst), 1);
     assert_eq!(mem.read(4096, 4096), pattern(1, 8192)[4096..].to_vec());
     pcd.accept_all(&[r(3, 61, true)], &[]).unwrap();
@@ -277,10 +285,7 @@ impl Proxy {
                 };
                 c.lock().unwrap().push(a.try_clone().unwrap());
                 c.lock().unwrap().push(b.try_clone().unwrap());
-                for (mut x, mut y) in [
-                    (a.try_clone().unwrap(), b.try_clone().unwrap()),
-                    (b, a),
-                ] {
+                for (mut x, mut y) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut x, &mut y);
                         let _ = y.shutdown(std::net::Shutdown::Both);
@@ -336,12 +341,18 @@ fn a_cut_post_copy_pauses_and_resumes() {
     let s = stats.snapshot();
     assert_eq!(s.source_vm, Some(SourceVmOutcome::PostcopyPaused), "{s:?}");
     assert_eq!(s.postcopy.as_deref(), Some("paused"));
-    assert!(src.paused.load(SeqCst) && src.resumes.load(SeqCst) == 0, "the source never resumes");
+    assert!(
+        src.paused.load(SeqCst) && src.resumes.load(SeqCst) == 0,
+        "the source never resumes"
+    );
     assert!(hooks.postcopy_paused());
     // The destination waits with its VM.
     let t = Instant::now();
     while dest.stats.snapshot().postcopy.as_deref() != Some("paused") {
-        assert!(t.elapsed() < Duration::from_secs(40), "destination not paused");
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "destination not paused"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!dest.handle.is_finished());
@@ -351,8 +362,14 @@ fn a_cut_post_copy_pauses_and_resumes() {
     // Without resume, nothing to resume is refused on another VM's hooks.
     let mut q = params(dest.port, 3);
     q.resume = true;
-    let e = send_with(src.clone(), &q, &Arc::default(), &CancelToken::default(), &Hooks::default())
-        .unwrap_err();
+    let e = send_with(
+        src.clone(),
+        &q,
+        &Arc::default(),
+        &CancelToken::default(),
+        &Hooks::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("no post-copy"), "{e}");
     // Resume straight to the destination (the proxy stays cut).
     proxy.cut();

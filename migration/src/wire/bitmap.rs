@@ -86,7 +86,10 @@ mod tests {
         let b = encode_bitmap(&layout, &maps);
         assert_eq!(decode_bitmap(&b, &layout, 3 + 1 + 64).unwrap(), maps);
         assert!(decode_bitmap(&b, &layout, 5).is_err(), "count checked");
-        assert!(decode_bitmap(&b[..16], &layout, 4).is_err(), "length checked");
+        assert!(
+            decode_bitmap(&b[..16], &layout, 4).is_err(),
+            "length checked"
+        );
         // Page 100 of region 0 does not exist.
         let bad = encode_bitmap(&layout, &[vec![0, 1 << 36], vec![]]);
         let e = decode_bitmap(&bad, &layout, 1).unwrap_err();

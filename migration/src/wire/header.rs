@@ -182,7 +182,7 @@ impl Header {
                 if self.c != 0 {
                     return Err(self.invalid("non-zero c"));
                 }
-                if self.a % PAGE_SIZE != 0 {
+                if !self.a.is_multiple_of(PAGE_SIZE) {
                     return Err(self.invalid(format!("unaligned address {:#x}", self.a)));
                 }
                 if self.b == 0 || self.b > MAX_REQUEST_PAGES {

@@ -250,7 +250,9 @@ impl DestinationVm for DestAdapter {
     }
 
     fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
-        Ok(Arc::new(crate::postcopy::UffdRam::new(self.vm.ram().clone())?))
+        Ok(Arc::new(crate::postcopy::UffdRam::new(
+            self.vm.ram().clone(),
+        )?))
     }
 
     fn discard(&self) {

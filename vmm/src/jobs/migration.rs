@@ -337,6 +337,7 @@ mod guarded_tests {
             JobResult::Failed {
                 error,
                 commit_uncertain,
+                ..
             } => {
                 assert!(error.contains("backend exploded"), "{error}");
                 assert!(!commit_uncertain);
