@@ -476,6 +476,8 @@ pub struct FakeDest {
     pub discarded: AtomicBool,
     /// The post-copy backend, once asked for.
     pub pc: Mutex<Option<Arc<pcfake::FakePostcopy>>>,
+    /// `postcopy()` refuses (a VMM or memory that cannot do post-copy).
+    pub refuse_postcopy: bool,
 }
 
 impl DestinationVm for FakeDest {
@@ -504,6 +506,9 @@ impl DestinationVm for FakeDest {
         self.discarded.store(true, SeqCst);
     }
     fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
+        if self.refuse_postcopy {
+            return Err(BackendError::new("this fake cannot do post-copy"));
+        }
         let pc = Arc::new(pcfake::FakePostcopy::new(
             self.regions.iter().map(|r| (r.1.addr(), r.2)).collect(),
         ));
@@ -518,6 +523,8 @@ pub struct FakeFactory {
     pub refuse: Option<String>,
     pub devices: Mutex<Vec<Arc<FakeDevice>>>,
     pub created: Mutex<Vec<Arc<FakeDest>>>,
+    /// Destinations it builds cannot do post-copy.
+    pub refuse_postcopy: bool,
 }
 
 impl FakeFactory {
@@ -527,6 +534,7 @@ impl FakeFactory {
             refuse: None,
             devices: Mutex::new(Vec::new()),
             created: Mutex::new(Vec::new()),
+            refuse_postcopy: false,
         }
     }
     pub fn last(&self) -> Arc<FakeDest> {
@@ -551,6 +559,7 @@ impl DestinationFactory for FakeFactory {
             started: Mutex::new(None),
             discarded: AtomicBool::new(false),
             pc: Mutex::new(None),
+            refuse_postcopy: self.refuse_postcopy,
         });
         self.created.lock().unwrap().push(d.clone());
         Ok(d)

@@ -390,3 +390,21 @@ fn a_cut_post_copy_pauses_and_resumes() {
     assert_eq!(d.postcopy_resumes, 1);
     assert!(!hooks.postcopy_paused());
 }
+
+/// A destination that cannot do post-copy fails the switch before COMMIT:
+/// the source runs on, the destination discards its VM.
+#[test]
+fn a_destination_without_post_copy_fails_before_commit() {
+    let src = source_with_device();
+    let mut f = factory_for_layout(&src);
+    f.refuse_postcopy = true;
+    let mut p = params(0, 2);
+    p.technique = Some(Technique::PostCopy);
+    let (r, rr, dest, stats) = migrate_with(src.clone(), f, &mut p);
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("cannot do post-copy"), "{e}");
+    assert!(rr.is_err());
+    assert_source_running(&src);
+    assert_eq!(stats.snapshot().source_vm, Some(SourceVmOutcome::Resumed));
+    assert!(dest.factory.last().discarded.load(SeqCst));
+}
