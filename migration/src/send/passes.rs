@@ -43,6 +43,9 @@ pub struct Passes {
     /// dirty log after): what the destination may lack if post-copy
     /// interrupts the pass.
     pub(super) current: Vec<DirtyBitmap>,
+    /// The switch to post-copy came before the current pass was wholly on
+    /// the wire (some of its pages may never have been queued).
+    pub(super) interrupted: bool,
 }
 
 impl Passes {
@@ -60,6 +63,7 @@ impl Passes {
             waiting_warned: false,
             gov: Governor::new(Instant::now()),
             current: Vec::new(),
+            interrupted: false,
         }
     }
 
@@ -252,6 +256,7 @@ impl Streaming {
         let pool = &self.data.pool;
         let ps = &mut self.passes;
         if !ps.await_drained(ctx, pool, &self.data.limiter)? {
+            ps.interrupted = true;
             return Ok(Step::PostCopy(SwitchoverReason::User));
         }
         let now = Instant::now();

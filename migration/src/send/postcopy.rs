@@ -175,7 +175,7 @@ impl Stopped {
             std::thread::sleep(Duration::from_millis(1));
         }
         ps.fetch_all(ctx)?;
-        let interrupted = pool.pages_dropped.load(SeqCst) > 0;
+        let interrupted = ps.interrupted || pool.pages_dropped.load(SeqCst) > 0;
         let mut held = std::mem::take(ps.held_mut());
         if interrupted {
             for (i, cur) in ps.current.iter().enumerate() {
