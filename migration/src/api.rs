@@ -98,6 +98,11 @@ pub struct SendParams {
     /// required otherwise.
     #[serde(default)]
     pub tls: Option<bool>,
+    /// Resume a paused post-copy (its connections were lost): reconnect to
+    /// `destination_url`, which still runs the guest, and send the pages it
+    /// still lacks. Only valid while a post-copy is paused on this VM.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 impl SendParams {
@@ -124,6 +129,7 @@ impl SendParams {
             device_chunk_bytes: default_chunk(),
             tls_dir: None,
             tls: None,
+            resume: false,
         }
     }
 }
@@ -544,6 +550,31 @@ pub struct Hooks {
     /// The bandwidth, in MiB/s, that all migrations of this host share
     /// ([`crate::host::share_mib_s`]); `None`: no sharing.
     pub host_max_mib_s: Option<f64>,
+    /// A paused post-copy of this VM (set when its connections were lost;
+    /// taken by the send with `"resume": true`).
+    pub resume: Arc<std::sync::Mutex<Option<ResumeToken>>>,
+}
+
+/// What a send with `"resume": true` needs of a paused post-copy: the
+/// session the destination knows, the switch-over's times, the next
+/// connection epoch.
+///
+/// Invariant: set only by a send whose post-copy was interrupted after
+/// COMMIT; the source VM stays paused while it exists.
+#[derive(Debug, Clone)]
+pub struct ResumeToken {
+    pub(crate) session: u128,
+    pub(crate) epoch: u64,
+    pub(crate) pause_us: u64,
+    pub(crate) resume_us: Option<u64>,
+    pub(crate) ack_ms: u64,
+}
+
+impl Hooks {
+    /// Whether a post-copy of this VM is paused (and can be resumed).
+    pub fn postcopy_paused(&self) -> bool {
+        crate::net::lock(&self.resume).is_some()
+    }
 }
 
 /// [`send`] with the VMM's live parameters and event log. The migration

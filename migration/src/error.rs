@@ -90,6 +90,20 @@ pub enum MigrationError {
         #[source]
         cause: Box<MigrationError>,
     },
+    /// Source only: post-copy was running (the guest runs on the
+    /// destination, which still lacks some of its pages) when `cause`
+    /// stopped it. The source VM stays paused for good and keeps its memory:
+    /// the faulting vCPUs on the destination wait, and a new send with
+    /// `"resume": true` reconnects and finishes the post-copy.
+    #[error(
+        "post-copy interrupted ({cause}): the guest runs on the destination and waits for its \
+         missing pages; this VM stays paused and keeps them: send again with \"resume\": true"
+    )]
+    PostcopyPaused {
+        /// What stopped the post-copy.
+        #[source]
+        cause: Box<MigrationError>,
+    },
     /// A broken invariant inside the migration machinery (a worker thread
     /// that panicked, a frame built inconsistently): never caused by the
     /// peer's input. The text names what broke.
@@ -136,6 +150,16 @@ impl MigrationError {
     /// committed switch-over is unknown ([`MigrationError::CommitUncertain`]).
     pub fn is_commit_uncertain(&self) -> bool {
         matches!(self, MigrationError::CommitUncertain { .. })
+    }
+
+    /// Whether the source VM was left paused for good by this failure
+    /// (commit uncertain, or post-copy interrupted): it must not be resumed
+    /// automatically.
+    pub fn keeps_vm_paused(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::CommitUncertain { .. } | MigrationError::PostcopyPaused { .. }
+        )
     }
 
     /// Builds a [`MigrationError::Protocol`].

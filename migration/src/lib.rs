@@ -53,6 +53,6 @@ mod tests;
 pub use api::{
     receive, receive_with, send, send_with, CancelToken, Connections, DeviceStateMode,
     DeviceStatus, Hooks, MigrationError, MigrationState, MigrationStats, MigrationStatus,
-    ReceiveParams, SendParams, SourceVmOutcome,
+    ReceiveParams, ResumeToken, SendParams, SourceVmOutcome,
 };
 pub use traits::*;

@@ -456,7 +456,10 @@ mod tests {
         let d = l.get();
         assert!(!l.running());
         assert_eq!((d.downtime_ms, d.stall_limit_s), (100, 2));
-        assert_eq!(d.max_bandwidth_mib_s, None, "the request's cap must not persist");
+        assert_eq!(
+            d.max_bandwidth_mib_s, None,
+            "the request's cap must not persist"
+        );
         assert_eq!(d.technique, Technique::PreCopy);
         assert!(l
             .begin(&ParametersUpdate {

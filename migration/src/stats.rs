@@ -64,6 +64,11 @@ pub enum SourceVmOutcome {
     /// ([`crate::MigrationError::CommitUncertain`]): the VM was left paused
     /// here so that it never runs twice; resume it only by hand.
     PausedUncertain,
+    /// Post-copy was interrupted ([`crate::MigrationError::PostcopyPaused`]):
+    /// the guest runs on the destination; this VM stays paused for good and
+    /// keeps the pages the destination still lacks until a send with
+    /// `"resume": true` delivers them.
+    PostcopyPaused,
 }
 
 impl SourceVmOutcome {
@@ -72,6 +77,7 @@ impl SourceVmOutcome {
             1 => Some(SourceVmOutcome::Resumed),
             2 => Some(SourceVmOutcome::Migrated),
             3 => Some(SourceVmOutcome::PausedUncertain),
+            4 => Some(SourceVmOutcome::PostcopyPaused),
             _ => None,
         }
     }
@@ -80,6 +86,7 @@ impl SourceVmOutcome {
             SourceVmOutcome::Resumed => 1,
             SourceVmOutcome::Migrated => 2,
             SourceVmOutcome::PausedUncertain => 3,
+            SourceVmOutcome::PostcopyPaused => 4,
         }
     }
 }
@@ -193,6 +200,114 @@ pub struct MigrationStatus {
     /// destination host (incoming), as far as this side knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_migrations: Option<HostMigrations>,
+    /// Post-copy: `active` (the guest runs on the destination and pulls its
+    /// missing pages), `paused` (a connection was lost: faulting vCPUs wait,
+    /// the source keeps its copy until a resume), `completed`; absent
+    /// without post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<String>,
+    /// Post-copy page requests: sent for faulting vCPUs (destination),
+    /// served (source).
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Post-copy RAM bytes on the wire after the switch (requested pages and
+    /// the background push), headers and range tables included.
+    #[serde(default)]
+    pub postcopy_bytes: u64,
+    /// Pages missing when post-copy started.
+    #[serde(default)]
+    pub postcopy_missing_pages: u64,
+    /// Median time a vCPU waited for a missing page (fault read until the
+    /// page was placed), µs: the upper bound of its histogram bucket
+    /// (buckets are 1/16 of a power of two wide). The destination measures
+    /// it; the source shows the destination's figure once post-copy ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_fault_latency_us_p50: Option<u64>,
+    /// 99th percentile of that wait, µs (same buckets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_fault_latency_us_p99: Option<u64>,
+    /// Post-copy recoveries (a paused post-copy resumed by a new
+    /// connection).
+    #[serde(default)]
+    pub postcopy_resumes: u64,
+}
+
+/// A latency histogram with buckets 1/16 of a power of two wide: values
+/// 0..16 µs have one bucket each; a larger value `v` with highest bit `e`
+/// lands in bucket `16 + (e - 4) * 16 + (v >> (e - 4)) & 15`.
+///
+/// Invariant: `buckets[i]` counts the samples recorded into bucket `i`.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const LAT_BUCKETS: usize = 16 + 60 * 16;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: (0..LAT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(v: u64) -> usize {
+        if v < 16 {
+            return v as usize;
+        }
+        let e = 63 - v.leading_zeros() as usize;
+        16 + (e - 4) * 16 + ((v >> (e - 4)) & 15) as usize
+    }
+
+    /// The largest value of bucket `i`.
+    fn upper(i: usize) -> u64 {
+        if i < 16 {
+            return i as u64;
+        }
+        let e = (i - 16) / 16 + 4;
+        let sub = ((i - 16) % 16) as u64;
+        (((16 + sub + 1) as u128) << (e - 4))
+            .saturating_sub(1)
+            .min(u64::MAX as u128) as u64
+    }
+
+    /// Records one sample of `us` microseconds.
+    pub fn record(&self, us: u64) {
+        self.buckets[Self::bucket(us)].fetch_add(1, Relaxed);
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// The `q`-quantile (0 < q ≤ 1) as its bucket's upper bound; `None`
+    /// without samples.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::upper(i));
+            }
+        }
+        None
+    }
+
+    /// Forgets every sample.
+    pub fn reset(&self) {
+        for b in &self.buckets {
+            b.store(0, Relaxed);
+        }
+    }
 }
 
 /// Counters of one device. Updated by its save/load thread and the writers.
@@ -256,6 +371,24 @@ pub struct MigrationStats {
     host_source: AtomicU64,
     /// Incoming migrations on the destination host (0: unknown).
     host_destination: AtomicU64,
+    postcopy: AtomicU8,
+    pub(crate) postcopy_requests: AtomicU64,
+    pub(crate) postcopy_bytes: AtomicU64,
+    pub(crate) postcopy_missing_pages: AtomicU64,
+    pub(crate) postcopy_resumes: AtomicU64,
+    /// Fault latency measured here (destination).
+    pub(crate) fault_latency: LatencyHistogram,
+    /// The destination's p50/p99 as the source learnt them (value + 1).
+    postcopy_p50: AtomicU64,
+    postcopy_p99: AtomicU64,
+}
+
+/// Where a post-copy is (the `postcopy` status field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PostcopyPhase {
+    Active = 1,
+    Paused = 2,
+    Completed = 3,
 }
 
 /// Live receive throughput on the destination: samples
@@ -320,6 +453,18 @@ impl MigrationStats {
         *lock(&self.switchover_reason) = None;
         *lock(&self.connections_reason) = None;
         *lock(&self.share_mib_s) = None;
+        self.postcopy.store(0, Relaxed);
+        self.fault_latency.reset();
+        for a in [
+            &self.postcopy_requests,
+            &self.postcopy_bytes,
+            &self.postcopy_missing_pages,
+            &self.postcopy_resumes,
+            &self.postcopy_p50,
+            &self.postcopy_p99,
+        ] {
+            a.store(0, Relaxed);
+        }
         for a in [
             &self.host_source,
             &self.host_destination,
@@ -376,6 +521,17 @@ impl MigrationStats {
     /// Records why the source switched over.
     pub(crate) fn set_switchover_reason(&self, r: SwitchoverReason) {
         *lock(&self.switchover_reason) = Some(r);
+    }
+
+    /// Records where the post-copy is.
+    pub(crate) fn set_postcopy(&self, p: PostcopyPhase) {
+        self.postcopy.store(p as u8, Relaxed);
+    }
+
+    /// Records the destination's fault latency figures (source side).
+    pub(crate) fn set_remote_latency(&self, p50_us: u64, p99_us: u64) {
+        set_opt(&self.postcopy_p50, p50_us);
+        set_opt(&self.postcopy_p99, p99_us);
     }
 
     /// Why the source switched over, once it did.
@@ -555,6 +711,53 @@ impl MigrationStats {
             connections_reason: lock(&self.connections_reason).clone(),
             bandwidth_share_mib_s: self.share_mib_s(),
             host_migrations: self.host_migrations(),
+            postcopy: match self.postcopy.load(Relaxed) {
+                1 => Some("active".into()),
+                2 => Some("paused".into()),
+                3 => Some("completed".into()),
+                _ => None,
+            },
+            postcopy_requests: self.postcopy_requests.load(Relaxed),
+            postcopy_bytes: self.postcopy_bytes.load(Relaxed),
+            postcopy_missing_pages: self.postcopy_missing_pages.load(Relaxed),
+            postcopy_fault_latency_us_p50: self
+                .fault_latency
+                .quantile(0.5)
+                .or_else(|| opt(&self.postcopy_p50)),
+            postcopy_fault_latency_us_p99: self
+                .fault_latency
+                .quantile(0.99)
+                .or_else(|| opt(&self.postcopy_p99)),
+            postcopy_resumes: self.postcopy_resumes.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for v in [0u64, 15, 16, 17, 31, 32, 1000, 1 << 40, u64::MAX] {
+            let b = LatencyHistogram::bucket(v);
+            assert!(b < LAT_BUCKETS, "{v}");
+            let up = LatencyHistogram::upper(b);
+            assert!(up >= v, "{v}: bucket {b} ends at {up}");
+            assert!(up as f64 <= v as f64 * 1.07 + 1.0, "{v}: {up}");
+            if b > 0 {
+                assert!(LatencyHistogram::upper(b - 1) < v, "{v}");
+            }
+        }
+        for v in 1..=100 {
+            h.record(v * 10);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((500..=535).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((990..=1060).contains(&p99), "{p99}");
+        assert_eq!(h.count(), 100);
     }
 }

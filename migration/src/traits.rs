@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Error reported by a VMM-side backend (KVM, a device, the host).
 ///
@@ -155,6 +156,75 @@ pub trait DestinationVm: Send + Sync {
     /// Drops the half-built VM after a failed migration. Called after every
     /// migration thread touching its RAM has been joined.
     fn discard(&self);
+
+    /// The post-copy backend of this VM's RAM (userfaultfd in the VMM),
+    /// asked for once, when the source switches to post-copy. A VMM that
+    /// cannot resolve missing-page faults refuses: the switch then fails
+    /// before COMMIT and the source resumes its VM.
+    fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
+        Err(BackendError::new("this VMM cannot receive post-copy"))
+    }
+}
+
+/// A missing-page fault on guest RAM: page `page` of region `region`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFault {
+    /// Region index (as in [`DestinationVm::ram`]).
+    pub region: usize,
+    /// Page within the region.
+    pub page: u64,
+}
+
+/// Post-copy on the destination: guest RAM whose missing pages fault into
+/// the migration instead of reading as zero, and the calls that fill them
+/// (on Linux: userfaultfd in MISSING mode, `UFFDIO_COPY` /
+/// `UFFDIO_ZEROPAGE`).
+///
+/// Invariants the implementation keeps: after [`PostcopyRam::register`], a
+/// thread (vCPU or VMM) touching a page that is not present blocks until
+/// the page is placed (or the RAM unregistered); a page is placed at most
+/// once: placing a page that is already present leaves it as it is and
+/// reports it in `present`. Pages are never written through the mapping.
+/// Page numbers are relative to their region; ranges lie inside it.
+pub trait PostcopyRam: Send + Sync {
+    /// Drops pages `[first, first + n)` of `region` so that they are missing
+    /// (anonymous memory: `MADV_DONTNEED`; shared memory: a punched hole).
+    /// Only called before [`PostcopyRam::register`].
+    fn discard(&self, region: usize, first_page: u64, npages: u64) -> BackendResult<()>;
+
+    /// Makes every missing page of every region fault (MISSING mode).
+    fn register(&self) -> BackendResult<()>;
+
+    /// Waits up to `timeout` for faults and appends them to `out` (nothing
+    /// when none came).
+    fn wait_faults(&self, timeout: Duration, out: &mut Vec<GuestFault>) -> BackendResult<()>;
+
+    /// Places `data` (whole pages) at pages `first_page..` of `region`
+    /// atomically, waking the threads that wait for them; pages already
+    /// present are left alone and appended to `present`.
+    fn place(
+        &self,
+        region: usize,
+        first_page: u64,
+        data: &[u8],
+        present: &mut Vec<u64>,
+    ) -> BackendResult<()>;
+
+    /// Like [`PostcopyRam::place`] with zero pages.
+    fn place_zero(
+        &self,
+        region: usize,
+        first_page: u64,
+        npages: u64,
+        present: &mut Vec<u64>,
+    ) -> BackendResult<()>;
+
+    /// Wakes threads waiting for pages `[first, first + n)` (already placed).
+    fn wake(&self, region: usize, first_page: u64, npages: u64) -> BackendResult<()>;
+
+    /// Ends post-copy: no page faults into the migration any more (missing
+    /// pages then read as zero again) and every waiting thread is woken.
+    fn unregister(&self) -> BackendResult<()>;
 }
 
 /// Device migration states, as in the kernel's VFIO migration v2 uAPI

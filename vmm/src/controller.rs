@@ -64,6 +64,11 @@ pub enum Lifecycle {
     /// it (taking responsibility that the destination did not start it) or
     /// shuts it down. No new send is accepted.
     CommitUncertain(Arc<Vm>),
+    /// A post-copy was interrupted: the guest runs on the destination and
+    /// waits for pages only this VM holds. The VM stays paused (it must
+    /// never run here again); a send with `"resume": true` finishes the
+    /// migration.
+    PostcopyPaused(Arc<Vm>),
     /// A send completed at `since`: the VM stays paused for good and the
     /// process exits once the completion was read or [`EXIT_GRACE`] passed.
     MigratedOut {
@@ -82,6 +87,7 @@ impl Lifecycle {
             Lifecycle::Active(vm)
             | Lifecycle::Sending(vm)
             | Lifecycle::CommitUncertain(vm)
+            | Lifecycle::PostcopyPaused(vm)
             | Lifecycle::MigratedOut { vm, .. } => Some(vm),
         }
     }
@@ -90,6 +96,7 @@ impl Lifecycle {
     pub fn vm_state(&self, user_paused: bool) -> &'static str {
         match self {
             Lifecycle::MigratedOut { .. } => "migrated",
+            Lifecycle::PostcopyPaused(_) => "postcopy-paused",
             Lifecycle::Sending(_) => "migrating",
             _ if user_paused => "paused",
             _ => "running",
@@ -126,6 +133,14 @@ impl Inner {
                     since: Instant::now(),
                 }
             }
+            (
+                Direction::Send,
+                Lifecycle::Sending(vm),
+                JobResult::Failed {
+                    postcopy_paused: true,
+                    ..
+                },
+            ) => Lifecycle::PostcopyPaused(vm),
             (
                 Direction::Send,
                 Lifecycle::Sending(vm),

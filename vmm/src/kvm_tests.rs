@@ -309,6 +309,7 @@ fn lifecycle_follows_the_send_job() {
         JobResult::Failed {
             error: "x".into(),
             commit_uncertain: false,
+            postcopy_paused: false,
         },
     );
     assert_eq!(vmm.execute(Request::MigrationStatus).exit_after_reply, None);
@@ -322,6 +323,7 @@ fn lifecycle_follows_the_send_job() {
         JobResult::Failed {
             error: "x".into(),
             commit_uncertain: true,
+            postcopy_paused: false,
         },
     );
     vmm.reap_job();

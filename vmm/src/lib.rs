@@ -8,6 +8,8 @@
 //! - [`api`]: HTTP <-> typed requests;
 //! - [`jobs`]: the migration job and its adapters to the migration traits;
 //! - [`host`]: the registry of this host's running migrations and its link speeds.
+//! - [`uffd`], [`postcopy`]: userfaultfd and the post-copy backend of a
+//!   received VM's RAM.
 //!
 //! The binaries (`ferry`, `ferry-remote`) are thin: `ferry` validates its
 //! command line with [`config`] and hands over to [`run`].
@@ -25,7 +27,9 @@ pub mod host;
 pub mod jobs;
 pub mod memory;
 pub mod pio;
+pub mod postcopy;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

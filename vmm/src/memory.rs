@@ -238,6 +238,11 @@ impl GuestRam {
         &self.backing
     }
 
+    /// The backing file (memfd or `file=`) of every region, if any.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        self.fd.as_ref()
+    }
+
     /// Faults every page in, writable, with two threads (MADV_POPULATE_WRITE,
     /// or a read-and-write-back touch per page where that is unsupported).
     /// Content is preserved.

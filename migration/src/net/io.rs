@@ -205,12 +205,22 @@ fn write_loop(
             Ok(())
         }
     };
+    // Abort is polled before the first attempt and after each attempt that
+    // moved nothing, never between a write that took the last bytes and the
+    // return: a frame handed whole to the kernel (COMMIT!) must never be
+    // reported as failed because another thread aborted meanwhile.
+    ctl.check()?;
     loop {
-        ctl.check()?;
         match step() {
             None | Some(Ok(true)) => break,
-            Some(Ok(false)) => last = Instant::now(),
-            Some(Err(e)) if is_timeout(&e) => stalled(last)?,
+            Some(Ok(false)) => {
+                last = Instant::now();
+                ctl.check()?;
+            }
+            Some(Err(e)) if is_timeout(&e) => {
+                stalled(last)?;
+                ctl.check()?;
+            }
             Some(Err(e)) if e.kind() == ErrorKind::WriteZero => {
                 return Err(MigrationError::PeerClosed(what.to_string()))
             }
@@ -221,11 +231,13 @@ fn write_loop(
         return Ok(());
     }
     loop {
-        ctl.check()?;
         match s.flush_some() {
             Ok(true) => return Ok(()),
             Ok(false) => last = Instant::now(),
-            Err(e) if is_timeout(&e) => stalled(last)?,
+            Err(e) if is_timeout(&e) => {
+                stalled(last)?;
+                ctl.check()?;
+            }
             Err(e) => return Err(MigrationError::io(what, e)),
         }
     }

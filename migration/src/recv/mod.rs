@@ -20,6 +20,8 @@
 
 mod barrier;
 mod devices;
+mod pcrun;
+pub(crate) mod postcopy;
 mod reader;
 mod setup;
 mod switchover;
@@ -147,6 +149,8 @@ struct Receiving {
     rx: RxMeter,
     /// When HOST_LOAD was last sent (`None`: not yet).
     host_load_at: Option<Instant>,
+    /// POSTCOPY arrived: the final pass and the missing set.
+    post: Option<Box<pcrun::PostMsg>>,
 }
 
 /// What STATE announced.
@@ -171,6 +175,8 @@ struct Ready {
     ack_rx: mpsc::Receiver<Ack>,
     info: StateInfo,
     vm: BuiltVm,
+    /// Post-copy follows the start (RAM registered, readers still running).
+    post: Option<Box<pcrun::PostRun>>,
 }
 
 /// The phases of the receiver; each variant owns that phase's resources.
@@ -190,6 +196,9 @@ enum Phase {
     AwaitCommit(Box<Ready>, Instant),
     /// COMMIT arrived: start the VM.
     Start(Box<Ready>),
+    /// The VM runs and pulls its missing pages (post-copy); also while a
+    /// lost connection waits for a resume.
+    Postcopy(Box<pcrun::PcRun>),
 }
 
 impl Phase {
@@ -201,6 +210,7 @@ impl Phase {
             Phase::AcceptData(p) => Some(&p.s.main),
             Phase::Receive(r) | Phase::Complete(r, ..) => Some(&r.p.s.main),
             Phase::AwaitCommit(r, _) | Phase::Start(r) => Some(&r.s.main),
+            Phase::Postcopy(r) => r.main(),
         }
     }
 }
@@ -274,8 +284,9 @@ pub fn run(
 fn drive(ctx: &Ctx) -> Result<Arc<dyn DestinationVm>, Failed> {
     let mut phase = Phase::WaitMain;
     loop {
-        // After COMMIT the VM is started whatever else failed meanwhile.
-        if !matches!(phase, Phase::Start(_)) {
+        // After COMMIT the VM is started whatever else failed meanwhile; a
+        // post-copy handles its own failures (it never discards the VM).
+        if !matches!(phase, Phase::Start(_) | Phase::Postcopy(_)) {
             or_fail!(ctx.ctl.check(), phase);
         }
         phase = match phase {
@@ -291,7 +302,14 @@ fn drive(ctx: &Ctx) -> Result<Arc<dyn DestinationVm>, Failed> {
             Phase::Receive(r) => r.step(ctx)?,
             Phase::Complete(r, msg) => r.complete(ctx, msg)?,
             Phase::AwaitCommit(r, since) => r.await_commit(ctx, since)?,
-            Phase::Start(r) => return r.start(ctx),
+            Phase::Start(r) => match r.start(ctx)? {
+                Ok(vm) => return Ok(vm),
+                Err(run) => Phase::Postcopy(run),
+            },
+            Phase::Postcopy(r) => match r.step(ctx) {
+                Ok(vm) => return Ok(vm),
+                Err(run) => Phase::Postcopy(run),
+            },
         };
     }
 }
@@ -384,10 +402,12 @@ fn close_ready(ctx: &Ctx, r: Ready) -> BuiltVm {
         s,
         inbox,
         vm,
+        post,
         ..
     } = r;
     drop(keepalive);
     ctx.ctl.shutdown_all();
+    drop(post);
     inbox.join();
     close_main(s);
     vm
@@ -435,6 +455,12 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
         }
         Phase::Receive(r) | Phase::Complete(r, ..) => Some(close_receiving(ctx, *r)),
         Phase::AwaitCommit(r, _) | Phase::Start(r) => Some(close_ready(ctx, *r)),
+        Phase::Postcopy(r) => {
+            // Not reached (a post-copy never fails as a whole): the guest
+            // runs, so the VM is not discarded.
+            r.close(ctx);
+            None
+        }
     };
     drop(vm);
     err

@@ -7,10 +7,11 @@
 //! written).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::barrier::PassBarrier;
 use super::devices::DeviceInbox;
+use super::postcopy::PcDest;
 use crate::error::MigrationError;
 use crate::guest_mem::{GuestMemory, IoVecs, Scatter};
 use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Channel, Ctl, Notify, Recv};
@@ -98,6 +99,9 @@ pub struct ReaderCtx {
     pub notify: Arc<Notify>,
     /// Set once the migration completed: readers stop applying anything.
     pub sealed: AtomicBool,
+    /// Set once the destination switched to post-copy (before READY): from
+    /// then on only PAGES frames carry RAM, placed through it.
+    pub postcopy: OnceLock<Arc<PcDest>>,
 }
 
 /// Starts one reader per data connection (index = connection index) into
@@ -135,6 +139,7 @@ fn run_reader(
     let mut table = Vec::new();
     let mut ranges: Vec<ResolvedRange> = Vec::new();
     let mut storage: Vec<libc::iovec> = Vec::new();
+    let mut pages: Vec<u8> = Vec::new();
     let ram = &*ctx.ram;
     loop {
         let env = match recv_frame(s, &ctx.ctl, true, &what)? {
@@ -152,11 +157,42 @@ fn run_reader(
         }
         let pass = *passes + 1;
         match env.frame {
+            Frame::Pages {
+                ranges: count,
+                data_len,
+                ..
+            } => {
+                let pcd = ctx.postcopy.get().ok_or_else(|| {
+                    MigrationError::proto(format!(
+                        "PAGES before post-copy on data connection {idx}"
+                    ))
+                })?;
+                table.resize(count as usize * RANGE_ENTRY_LEN, 0);
+                read_full(s, &mut table, &ctx.ctl, &what)?;
+                decode_ranges(&table, data_len, &ram.layout, &mut ranges)?;
+                // Bounded by the header check (≤ MAX_PACKET_PAGES pages).
+                pages.resize(data_len as usize, 0);
+                read_full(s, &mut pages, &ctx.ctl, &what)?;
+                pcd.accept_all(&ranges, &pages)?;
+                add(
+                    &ctx.stats.postcopy_bytes,
+                    HEADER_LEN as u64 + env.frame.payload_len(),
+                );
+                add(
+                    &ctx.stats.transferred_bytes,
+                    HEADER_LEN as u64 + env.frame.payload_len(),
+                );
+            }
             Frame::Ram {
                 pass: p,
                 ranges: count,
                 data_len,
             } => {
+                if ctx.postcopy.get().is_some() {
+                    return Err(MigrationError::proto(format!(
+                        "pre-copy RAM after the switch to post-copy on data connection {idx}"
+                    )));
+                }
                 if p != pass {
                     return Err(MigrationError::proto(format!(
                         "RAM of pass {p} while pass {pass} is open"

@@ -14,7 +14,7 @@ use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
 use crate::guest_mem::GuestMemory;
 use crate::net::{
-    self, recv_frame, recv_payload, Channel, Keepalive, MainConn, Recv, POLL_INTERVAL,
+    self, recv_frame, recv_payload, Channel, Ctl, Keepalive, MainConn, Recv, POLL_INTERVAL,
 };
 use crate::stats::RxMeter;
 use crate::wire::{ConnRole, Frame, Setup};
@@ -158,6 +158,7 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
         chunk_max: setup.chunk_bytes,
         notify: ctx.notify.clone(),
         sealed: AtomicBool::new(false),
+        postcopy: std::sync::OnceLock::new(),
     });
     let p = Box::new(Prepared {
         s: *s,
@@ -179,12 +180,22 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
 
 /// Accepts the session's data connections (refusing strangers).
 fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<Channel>, MigrationError> {
-    let n = p.s.n;
+    accept_data_of(ctx, p.s.session, p.s.n, &ctx.ctl)
+}
+
+/// Accepts the `n` data connections of `session` (refusing strangers);
+/// each is registered with `ctl`.
+pub fn accept_data_of(
+    ctx: &Ctx,
+    session: u128,
+    n: usize,
+    ctl: &Ctl,
+) -> Result<Vec<Channel>, MigrationError> {
     let mut data: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
     let start = Instant::now();
     while data.iter().any(|d| d.is_none()) {
-        ctx.ctl.check()?;
-        if start.elapsed() > ctx.ctl.stall {
+        ctl.check()?;
+        if start.elapsed() > ctl.stall {
             return Err(MigrationError::Timeout(
                 "waiting for the data connections".into(),
             ));
@@ -196,20 +207,20 @@ fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<Channel>, MigrationError> {
             ConnRole::Data { index } => Some(index as usize),
             ConnRole::Main => None,
         };
-        if inc.session != p.s.session {
+        if inc.session != session {
             ctx.refuse(inc, "another migration is in progress (session mismatch)");
         } else if idx.is_none() || inc.connections as usize != n {
             ctx.refuse(inc, "unexpected connection role or count for this session");
         } else if let Some(slot @ None) = idx.and_then(|i| data.get_mut(i)) {
             net::send_frame(
                 &inc.stream,
-                p.s.session,
+                session,
                 &Frame::Ok,
                 &[],
-                &ctx.ctl,
+                ctl,
                 "accepting a data connection",
             )?;
-            ctx.ctl.register(inc.stream.tcp());
+            ctl.register(inc.stream.tcp());
             *slot = Some(inc.stream);
         } else {
             let i = idx.unwrap_or_default();
@@ -244,5 +255,6 @@ pub fn accept_data(ctx: &Ctx, p: Box<Prepared>) -> Result<Phase, Failed> {
         rates: (Instant::now(), Vec::new()),
         rx: RxMeter::new(),
         host_load_at: None,
+        post: None,
     })))
 }

@@ -176,6 +176,20 @@ impl Receiving {
                 };
                 Ok(Some(StateMsg { info, state: data }))
             }
+            Frame::Postcopy {
+                final_pass,
+                missing,
+                len,
+            } => {
+                let data = recv_payload(&main.stream, len, &ctx.ctl, "reading the missing pages")?;
+                if self.post.is_some() {
+                    return Err(MigrationError::proto("second POSTCOPY frame"));
+                }
+                let maps = wire::decode_bitmap(&data, &self.p.rctx.ram.layout, missing)?;
+                log::info!("switching to post-copy: {missing} pages to pull after the start");
+                self.post = Some(Box::new(super::pcrun::PostMsg { final_pass, maps }));
+                Ok(None)
+            }
             Frame::Abort { len } => {
                 let m = recv_payload(&main.stream, len, &ctx.ctl, what)?;
                 Err(MigrationError::PeerAborted(wire::message_text(&m)))
@@ -197,7 +211,7 @@ impl Receiving {
 
     /// Waits for every pass up to the final one and every device load
     /// (event driven: readers and load threads notify).
-    fn await_all(&mut self, ctx: &Ctx, final_pass: u64) -> Result<(), MigrationError> {
+    pub(super) fn await_all(&mut self, ctx: &Ctx, final_pass: u64) -> Result<(), MigrationError> {
         let rctx = self.p.rctx.clone();
         let inbox = self.p.inbox.clone();
         if final_pass == 0 || final_pass < rctx.barrier.completed() {
@@ -246,6 +260,9 @@ impl Receiving {
     /// Complete → AwaitCommit: all data in, readers sealed and joined, the
     /// VM state restored, READY sent.
     pub fn complete(mut self: Box<Self>, ctx: &Ctx, msg: Box<StateMsg>) -> Result<Phase, Failed> {
+        if self.post.is_some() {
+            return self.complete_postcopy(ctx, msg);
+        }
         or_fail!(
             self.await_all(ctx, msg.info.final_pass),
             Phase::Complete(self, msg)
@@ -269,6 +286,7 @@ impl Receiving {
             ack_rx: p.ack_rx,
             info,
             vm: p.vm,
+            post: None,
         });
         or_fail!(
             r.vm.vm
@@ -345,9 +363,15 @@ impl Ready {
     }
 
     /// After COMMIT: puts the devices in RUNNING, starts the VM and sends
-    /// RESUMED, then closes everything and hands the VM over. A failure to
-    /// send RESUMED does not undo the start (the source stays paused).
-    pub fn start(self: Box<Self>, ctx: &Ctx) -> Result<std::sync::Arc<dyn DestinationVm>, Failed> {
+    /// RESUMED, then closes everything and hands the VM over (`Ok`), or,
+    /// in post-copy, goes on pulling pages (`Err`: the post-copy phase). A
+    /// failure to send RESUMED does not undo the start (the source stays
+    /// paused).
+    #[allow(clippy::type_complexity)]
+    pub fn start(
+        self: Box<Self>,
+        ctx: &Ctx,
+    ) -> Result<Result<std::sync::Arc<dyn DestinationVm>, Box<super::pcrun::PcRun>>, Failed> {
         let info = self.info;
         or_fail!(run_devices(&*self.vm.vm), Phase::Start(self));
         or_fail!(
@@ -371,6 +395,12 @@ impl Ready {
             // with an uncertain outcome -- log loudly.
             log::error!("VM started but the source was not told: {e}");
         }
+        let mut this = self;
+        if let Some(post) = this.post.take() {
+            return Ok(Err(super::pcrun::PcRun::begin(
+                ctx, *this, *post, resume_us,
+            )));
+        }
         ctx.stats.complete(info.pause_us, resume_us, None);
         log::info!(
             "incoming migration completed: {} passes, downtime {} ms{}",
@@ -378,6 +408,6 @@ impl Ready {
             resume_us.saturating_sub(info.pause_us) / 1000,
             if info.paused { " (started paused)" } else { "" }
         );
-        Ok(close_ready(ctx, *self).into_started())
+        Ok(Ok(close_ready(ctx, *this).into_started()))
     }
 }

@@ -94,6 +94,10 @@ impl<'a> Packetizer<'a> {
         mut first: u64,
         mut n: u64,
     ) -> Result<(), MigrationError> {
+        if self.pool.switch_requested() {
+            // Post-copy takes over: these pages are in its missing set.
+            return Ok(());
+        }
         while n > 0 {
             let take = n.min(PACKET_PAGES - self.cur_pages);
             self.note_clear(region, first, take)?;

@@ -5,9 +5,10 @@
 
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::push::PageServer;
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::net::{lock, recv_payload, Ctl, Keepalive, MainConn, Notify, Recv};
@@ -43,6 +44,13 @@ pub struct FromDest {
     pub host_load: AtomicU64,
     /// Notified on every frame and on failure.
     pub notify: Notify,
+    /// The switch to post-copy was made (the VM state follows POSTCOPY).
+    pub postcopy: AtomicBool,
+    /// Serves PAGE_REQUESTs; set once the destination is READY for
+    /// post-copy. A request before it is a protocol violation.
+    pub server: OnceLock<Arc<PageServer>>,
+    /// POSTCOPY_DONE's figures: requests, p50 and p99 fault latency (µs).
+    pub done: Mutex<Option<(u64, u64, u64)>>,
 }
 
 /// The main connection with its reader and keepalive threads.
@@ -189,7 +197,9 @@ fn main_reader(
                 continue;
             }
             Ok(Recv::Eof) => {
-                if lock(&fd.resumed).is_none() {
+                let pending = lock(&fd.resumed).is_none()
+                    || (fd.postcopy.load(SeqCst) && lock(&fd.done).is_none());
+                if pending {
                     ctl.fail(MigrationError::PeerClosed(
                         "destination closed the main connection".into(),
                     ));
@@ -261,6 +271,26 @@ fn main_reader(
                         return Err(MigrationError::proto("RESUMED before COMMIT"));
                     }
                     *lock(&fd.resumed) = Some(resume_us);
+                    // In post-copy the destination goes on asking for pages.
+                    Ok(!fd.postcopy.load(SeqCst))
+                }
+                Frame::PageRequest { gpa, npages } => {
+                    let server = fd
+                        .server
+                        .get()
+                        .ok_or_else(|| MigrationError::proto("PAGE_REQUEST outside post-copy"))?;
+                    server.serve(gpa, npages)?;
+                    Ok(false)
+                }
+                Frame::PostcopyDone {
+                    requests,
+                    p50_us,
+                    p99_us,
+                } => {
+                    if fd.server.get().is_none() || lock(&fd.resumed).is_none() {
+                        return Err(MigrationError::proto("POSTCOPY_DONE before post-copy ran"));
+                    }
+                    *lock(&fd.done) = Some((requests, p50_us, p99_us));
                     Ok(true)
                 }
                 Frame::Error { len } => {

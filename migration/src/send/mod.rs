@@ -36,11 +36,11 @@ mod passes;
 mod policy;
 mod pool;
 mod postcopy;
+mod push;
 mod setup;
 mod switchover;
 mod writer;
 
-#[cfg(test)]
 pub use dirty::runs_of;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -53,7 +53,7 @@ use crate::events::EventLog;
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{parse_url, url_host, Dial};
 use crate::live::LiveParams;
-use crate::net::{Channel, Ctl, MainConn};
+use crate::net::{lock, Channel, Ctl, MainConn};
 use crate::stats::{DeviceCounters, MigrationStats, Role, SourceVmOutcome};
 use crate::traits::{MigratableDevice, SourceVm};
 use crate::wire::Frame;
@@ -97,6 +97,8 @@ struct Ctx {
     host_slot: Option<Arc<dyn crate::host::HostSlot>>,
     /// The host's migration budget in MiB/s (`None`: no sharing).
     host_max: Option<f64>,
+    /// Where a paused post-copy leaves what a resume needs.
+    resume: Arc<Mutex<Option<crate::api::ResumeToken>>>,
 }
 
 impl Ctx {
@@ -140,6 +142,8 @@ struct DataPlane {
     pool: Arc<Pool>,
     /// The writers' shared bandwidth bucket (changed live).
     limiter: Arc<pool::RateLimiter>,
+    /// What the writers share (post-copy installs its push set there).
+    wctx: Arc<writer::WriterCtx>,
     writers: Workers,
     _streams: Vec<Arc<Channel>>,
 }
@@ -179,6 +183,8 @@ struct Stopped {
     passes: Passes,
     /// When the VM was paused (monotonic, and µs since the epoch).
     pause_at: (Instant, u64),
+    /// Post-copy follows instead of the final pass.
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// Devices are stopped and copied; the VM state goes out, READY comes
@@ -191,6 +197,7 @@ struct Switching {
     dirty: DirtyLog,
     pass: u64,
     pause_at: (Instant, u64),
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// COMMIT was written: the VM stays paused here whatever happens.
@@ -198,10 +205,12 @@ struct Committed {
     link: Link,
     data: DataPlane,
     stop: StopDevices,
-    dirty: DirtyLog,
+    /// Off already in a resumed post-copy.
+    dirty: Option<DirtyLog>,
     pass: u64,
     pause_at: (Instant, u64),
     commit_at: Instant,
+    post: Option<Box<postcopy::Plan>>,
 }
 
 /// The phases of the sender; each variant owns that phase's resources.
@@ -223,6 +232,11 @@ enum Phase {
     AwaitReady(Box<Switching>),
     /// COMMIT written: waiting for RESUMED.
     Committed(Box<Committed>),
+    /// Post-copy: the guest runs on the destination, which pulls the
+    /// missing pages; waiting for POSTCOPY_DONE.
+    Postcopy(Box<Committed>),
+    /// A send with `"resume": true`: reconnecting a paused post-copy.
+    Resume(Box<crate::api::ResumeToken>),
 }
 
 /// A failed step of this state machine (see [`crate::phase::Failed`]).
@@ -258,6 +272,22 @@ pub fn run(
     };
     let devices = vm.devices();
     let mem = Arc::new(GuestMemory::of_source(&vm));
+    let token = if p.resume {
+        let t = lock(&hooks.resume).take();
+        match t {
+            Some(t) => Some(Box::new(t)),
+            None => {
+                let e = MigrationError::InvalidParams(
+                    "\"resume\": true, but no post-copy of this VM is paused".into(),
+                );
+                stats.begin();
+                stats.fail(&e);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     stats.begin();
     stats.set_role(Role::Source);
     stats.set_transport(dial.tls.is_some());
@@ -279,7 +309,10 @@ pub fn run(
         mem,
         devices,
         counters,
-        session: rand::random::<u128>() | 1,
+        session: token
+            .as_ref()
+            .map(|t| t.session)
+            .unwrap_or_else(|| rand::random::<u128>() | 1),
         from_dest: Arc::new(FromDest {
             acks: Mutex::new(vec![None; n]),
             ..Default::default()
@@ -291,6 +324,7 @@ pub fn run(
         conns,
         host_slot,
         host_max: hooks.host_max_mib_s,
+        resume: hooks.resume.clone(),
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(
@@ -307,7 +341,10 @@ pub fn run(
         ctx.start + Duration::from_secs(p.timeout_s),
         format!("migration took longer than {} s", p.timeout_s),
     );
-    let r = drive(&ctx);
+    let r = match token {
+        Some(t) => drive_from(&ctx, Phase::Resume(t)),
+        None => drive_from(&ctx, Phase::Connecting),
+    };
     // The guest never stays slowed, however the migration ended.
     ctx.set_throttle(0);
     match r {
@@ -329,10 +366,10 @@ pub fn run(
                 },
                 serde_json::json!({ "role": "source", "error": e.to_string() }),
             );
-            ctx.stats.set_source_vm(if e.is_commit_uncertain() {
-                SourceVmOutcome::PausedUncertain
-            } else {
-                SourceVmOutcome::Resumed
+            ctx.stats.set_source_vm(match e {
+                MigrationError::CommitUncertain { .. } => SourceVmOutcome::PausedUncertain,
+                MigrationError::PostcopyPaused { .. } => SourceVmOutcome::PostcopyPaused,
+                _ => SourceVmOutcome::Resumed,
             });
             ctx.stats.fail(&e);
             log::error!("migration failed: {e}");
@@ -341,11 +378,14 @@ pub fn run(
     }
 }
 
-/// Runs the phases until RESUMED arrived after COMMIT.
-fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
-    let mut phase = Phase::Connecting;
+/// Runs the phases from `phase` until RESUMED arrived after COMMIT (and,
+/// in post-copy, POSTCOPY_DONE).
+fn drive_from(ctx: &Ctx, mut phase: Phase) -> Result<Box<Committed>, Failed> {
     loop {
-        let committed = matches!(phase, Phase::Committed(_));
+        let committed = matches!(
+            phase,
+            Phase::Committed(_) | Phase::Postcopy(_) | Phase::Resume(_)
+        );
         let checked = ctx.ctl.check().and_then(|()| {
             if committed {
                 Ok(())
@@ -364,8 +404,16 @@ fn drive(ctx: &Ctx) -> Result<Box<Committed>, Failed> {
             Phase::AwaitReady(s) => s.commit(ctx)?,
             Phase::Committed(c) => {
                 or_fail!(c.await_resumed(ctx), Phase::Committed(c));
+                if c.post.is_none() {
+                    return Ok(c);
+                }
+                Phase::Postcopy(c)
+            }
+            Phase::Postcopy(c) => {
+                or_fail!(c.await_done(ctx), Phase::Postcopy(c));
                 return Ok(c);
             }
+            Phase::Resume(t) => postcopy::reconnect(ctx, t)?,
         };
     }
 }
@@ -391,7 +439,9 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
         Some(panic @ MigrationError::Internal(_))
             if !matches!(
                 err,
-                MigrationError::Internal(_) | MigrationError::CommitUncertain { .. }
+                MigrationError::Internal(_)
+                    | MigrationError::CommitUncertain { .. }
+                    | MigrationError::PostcopyPaused { .. }
             ) =>
         {
             log::warn!("reporting the panic rather than its consequence ({err})");
@@ -477,6 +527,8 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
                 data,
                 stop,
                 dirty,
+                pause_at,
+                post,
                 ..
             } = *c;
             let err = link.abort(err, true, fd);
@@ -492,6 +544,11 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             }
             drop(stop);
             drop(dirty);
+            if post.is_some() {
+                // Post-copy: if the destination started the guest it waits
+                // for a resume; the pages stay here.
+                return postcopy::paused(ctx, err, pause_at.1, None, 0, 0);
+            }
             let err = match err {
                 e @ MigrationError::CommitUncertain { .. } => e,
                 cause => MigrationError::CommitUncertain {
@@ -501,5 +558,24 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             log::error!("{err}; the source VM stays paused");
             err
         }
+        Phase::Postcopy(c) => {
+            let Committed {
+                link,
+                data,
+                stop,
+                dirty,
+                pause_at,
+                post,
+                ..
+            } = *c;
+            let err = link.abort(err, true, fd);
+            drop(data);
+            drop(stop);
+            drop(dirty);
+            let (resume_us, ack_ms, epoch) =
+                post.as_ref().map(|p| p.times()).unwrap_or((None, 0, 0));
+            postcopy::paused(ctx, err, pause_at.1, resume_us, ack_ms, epoch)
+        }
+        Phase::Resume(t) => postcopy::paused(ctx, err, t.pause_us, t.resume_us, t.ack_ms, t.epoch),
     }
 }

@@ -41,6 +41,13 @@ pub struct Passes {
     moved_at: Instant,
     waiting_warned: bool,
     gov: Governor,
+    /// The pages of the pass being sent (populated ranges in pass 1, the
+    /// dirty log after): what the destination may lack if post-copy
+    /// interrupts the pass.
+    pub(super) current: Vec<DirtyBitmap>,
+    /// The switch to post-copy came before the current pass was wholly on
+    /// the wire (some of its pages may never have been queued).
+    pub(super) interrupted: bool,
 }
 
 impl Passes {
@@ -58,11 +65,23 @@ impl Passes {
             moved_at: Instant::now(),
             waiting_warned: false,
             gov: Governor::new(Instant::now()),
+            current: Vec::new(),
+            interrupted: false,
         }
     }
 
+    /// The dirty log fetched and not queued yet.
+    pub(super) fn held_mut(&mut self) -> &mut Vec<DirtyBitmap> {
+        &mut self.held
+    }
+
+    /// Pages queued so far in all passes.
+    pub(super) fn pages_queued(&self) -> u64 {
+        self.pages_queued
+    }
+
     /// Fetches every region's dirty log into `held`; returns the dirty pages.
-    fn fetch_all(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
+    pub(super) fn fetch_all(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
         let regions = ctx.mem.regions();
         let mut pages = 0;
         self.held.resize(regions.len(), DirtyBitmap::default());
@@ -80,6 +99,7 @@ impl Passes {
     /// Queues the held dirty pages as pass `self.pass`.
     fn send_held(&mut self, ctx: &Ctx, pool: &Pool) -> Result<u64, MigrationError> {
         let held = std::mem::take(&mut self.held);
+        self.current = held.clone();
         let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), self.pass);
         for (i, bm) in held.iter().enumerate() {
             pk.add_bitmap(i, bm)?;
@@ -100,14 +120,19 @@ impl Passes {
     /// with the VM paused.
     ///
     /// Meanwhile it applies a changed bandwidth cap at once, counts pass 1's
-    /// writes as progress, and enforces `progress_timeout_s`.
+    /// writes as progress, and enforces `progress_timeout_s`. Returns
+    /// `false` at once when the switch to post-copy was asked for
+    /// (`technique: post-copy`): post-copy takes over what is left.
     fn await_drained(
         &mut self,
         ctx: &Ctx,
         pool: &Pool,
         limiter: &RateLimiter,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<bool, MigrationError> {
         loop {
+            if pool.switching() {
+                return Ok(false);
+            }
             let params = ctx.live.get();
             limiter.set_user(params.max_bandwidth_mib_s.map(|m| m * 1024.0 * 1024.0));
             let done = pool.pages_done.load(Relaxed);
@@ -124,7 +149,7 @@ impl Passes {
                 .remaining_bytes
                 .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
             if done >= self.pages_queued {
-                return Ok(());
+                return Ok(true);
             }
             ctx.ctl.check()?;
             ctx.check_timeout()?;
@@ -155,6 +180,27 @@ fn apply(ctx: &Ctx, fx: Effects) {
     if let Some(pct) = fx.throttle {
         ctx.set_throttle(pct);
     }
+}
+
+/// The pages of byte `ranges` (rounded out to pages) as a bitmap of a
+/// region of `pages` pages.
+fn ranges_bitmap(ranges: &[std::ops::Range<u64>], pages: u64) -> DirtyBitmap {
+    let mut words = vec![0u64; pages.div_ceil(64) as usize];
+    for r in ranges {
+        let end = r.end.div_ceil(PAGE_SIZE).min(pages);
+        let mut p = r.start / PAGE_SIZE;
+        while p < end {
+            let bit = p % 64;
+            let take = (64 - bit).min(end - p);
+            words[(p / 64) as usize] |= if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            p += take;
+        }
+    }
+    DirtyBitmap { words }
 }
 
 fn precopy_devices(ctx: &Ctx) -> Vec<usize> {
@@ -194,11 +240,13 @@ impl Streaming {
         ps.last_fetch = Instant::now();
         ps.last_sample = (Instant::now(), 0, 0);
         let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), 1);
-        for i in 0..ctx.mem.regions().len() {
+        ps.current.clear();
+        for (i, r) in ctx.mem.regions().iter().enumerate() {
             let ranges = ctx
                 .vm
                 .populated(i)
                 .map_err(|e| MigrationError::vm("listing populated memory", e))?;
+            ps.current.push(ranges_bitmap(&ranges, r.pages()));
             pk.add_populated(i, &ranges)?;
         }
         let pages = pk.finish()?;
@@ -213,7 +261,10 @@ impl Streaming {
     fn pass_done(&mut self, ctx: &Ctx) -> Result<Step, MigrationError> {
         let pool = &self.data.pool;
         let ps = &mut self.passes;
-        ps.await_drained(ctx, pool, &self.data.limiter)?;
+        if !ps.await_drained(ctx, pool, &self.data.limiter)? {
+            ps.interrupted = true;
+            return Ok(Step::PostCopy(SwitchoverReason::User));
+        }
         let now = Instant::now();
         let (t0, p0, b0) = ps.last_sample;
         let (p1, b1) = (pool.pages_done.load(Relaxed), pool.sent_bytes.load(Relaxed));
@@ -355,6 +406,7 @@ impl Streaming {
             dirty: s.dirty,
             passes: s.passes,
             pause_at: (Instant::now(), epoch_us()),
+            post: None,
         });
         or_fail!(st.final_pass(ctx), Phase::Stopped(st));
         Ok(Phase::Stopped(st))

@@ -56,6 +56,10 @@ pub enum Item {
     },
     /// No more items: the writer shuts down its write side and exits.
     Close,
+    /// Post-copy started: the writer pushes missing pages (claimed from
+    /// the push set, see `send::postcopy`) until none is left, then shuts
+    /// down its write side and exits.
+    Postcopy,
 }
 
 impl Item {
@@ -93,6 +97,13 @@ pub struct Pool {
     pub sent_bytes: AtomicU64,
     /// RAM pages handed to the wire (data or zero marker).
     pub pages_done: AtomicU64,
+    /// RAM pages queued but dropped by the switch to post-copy (they are
+    /// in its missing set).
+    pub pages_dropped: AtomicU64,
+    /// Set once the source switches to post-copy: RAM is no longer queued.
+    switching: std::sync::atomic::AtomicBool,
+    /// Polled while a RAM push waits for space: `true` asks for the switch.
+    interrupt: Mutex<Option<Box<dyn Fn() -> bool + Send + Sync>>>,
 }
 
 impl Pool {
@@ -112,7 +123,65 @@ impl Pool {
             ctl,
             sent_bytes: AtomicU64::new(0),
             pages_done: AtomicU64::new(0),
+            pages_dropped: AtomicU64::new(0),
+            switching: std::sync::atomic::AtomicBool::new(false),
+            interrupt: Mutex::new(None),
         })
+    }
+
+    /// Installs the check a waiting RAM push polls (see
+    /// [`Pool::switching`]).
+    pub fn set_interrupt(&self, f: Box<dyn Fn() -> bool + Send + Sync>) {
+        *lock(&self.interrupt) = Some(f);
+    }
+
+    /// Whether the switch to post-copy was asked for (by
+    /// [`Pool::request_switch`] or the interrupt check). From then on RAM
+    /// pushes are dropped (counted in `pages_dropped`).
+    pub fn switching(&self) -> bool {
+        if self.switching.load(Ordering::SeqCst) {
+            return true;
+        }
+        let asked = lock(&self.interrupt).as_ref().is_some_and(|f| f());
+        if asked {
+            self.switching.store(true, Ordering::SeqCst);
+        }
+        asked
+    }
+
+    /// Whether the switch was asked for already (without polling the
+    /// interrupt check).
+    pub fn switch_requested(&self) -> bool {
+        self.switching.load(Ordering::SeqCst)
+    }
+
+    /// Asks for the switch to post-copy: no more RAM is queued.
+    pub fn request_switch(&self) {
+        self.switching.store(true, Ordering::SeqCst);
+    }
+
+    /// Removes every queued (not yet taken) RAM item; their pages count as
+    /// dropped. Returns the pages removed.
+    pub fn drain_ram(&self) -> u64 {
+        let mut st = lock(&self.st);
+        let mut pages = 0;
+        for i in 0..st.queues.len() {
+            let mut cost = 0;
+            st.queues[i].retain(|it| match it {
+                Item::Ram { runs, .. } => {
+                    let n: u64 = runs.iter().map(|r| r.npages).sum();
+                    pages += n;
+                    cost += n * PAGE_SIZE;
+                    false
+                }
+                _ => true,
+            });
+            st.queued[i] = st.queued[i].saturating_sub(cost);
+        }
+        drop(st);
+        self.pages_dropped.fetch_add(pages, Ordering::SeqCst);
+        self.space_cv.notify_all();
+        pages
     }
 
     /// Bytes queued and not yet written, all connections.
@@ -125,10 +194,15 @@ impl Pool {
         mut make: impl FnMut(&mut PoolState) -> Item,
         cost: u64,
         dev_bytes: u64,
+        ram_pages: u64,
     ) -> Result<u64, MigrationError> {
         let mut st = lock(&self.st);
         loop {
             self.ctl.check()?;
+            if ram_pages > 0 && self.switching.load(Ordering::SeqCst) {
+                self.pages_dropped.fetch_add(ram_pages, Ordering::SeqCst);
+                return Ok(0);
+            }
             let (best, q) = st
                 .queued
                 .iter()
@@ -156,12 +230,20 @@ impl Pool {
                 .wait_timeout(st, POLL_INTERVAL)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            if ram_pages > 0 {
+                drop(st);
+                self.switching();
+                st = lock(&self.st);
+            }
         }
     }
 
     /// Queues a RAM packet on the least-loaded connection (waits for space).
+    /// Once the switch to post-copy was asked for, the packet is dropped
+    /// instead (its pages are in the missing set).
     pub fn push_ram(&self, pass: u64, runs: Vec<PageRun>) -> Result<(), MigrationError> {
-        let cost = runs.iter().map(|r| r.npages).sum::<u64>() * PAGE_SIZE;
+        let pages = runs.iter().map(|r| r.npages).sum::<u64>();
+        let cost = pages * PAGE_SIZE;
         let mut runs = Some(runs);
         self.push_inner(
             |_| Item::Ram {
@@ -170,6 +252,7 @@ impl Pool {
             },
             cost,
             0,
+            pages.max(1),
         )
         .map(|_| ())
     }
@@ -197,6 +280,7 @@ impl Pool {
             },
             cost,
             cost,
+            0,
         )
     }
 
@@ -310,6 +394,20 @@ impl RateLimiter {
     #[allow(dead_code)] // for tests and diagnostics
     pub fn rate(&self) -> Option<f64> {
         lock(&self.st).rate()
+    }
+
+    /// Takes `n` bytes at once, without waiting (the bucket may go into
+    /// debt, which the next [`RateLimiter::take`] pays): for pages a vCPU
+    /// waits for, which go ahead of everything else.
+    pub fn take_now(&self, n: u64) {
+        let mut st = lock(&self.st);
+        let now = Instant::now();
+        if let Some(rate) = st.rate() {
+            let refill = now.duration_since(st.at).as_secs_f64() * rate;
+            // At most one second of debt: the cap holds on average.
+            st.tokens = ((st.tokens + refill).min(Bucket::burst(rate)) - n as f64).max(-rate);
+        }
+        st.at = now;
     }
 
     /// Takes `n` bytes, sleeping (in slices that poll abort) while in debt.

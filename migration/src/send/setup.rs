@@ -73,7 +73,7 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
 }
 
 /// Connects the data connections and starts their writers.
-fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
+pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
     let n = ctx.conns;
     let mut streams = Vec::new();
     for i in 0..n {
@@ -121,14 +121,20 @@ fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         devs: ctx.counters.clone(),
         limiter: limiter.clone(),
         ctl: ctx.ctl.clone(),
+        postcopy: std::sync::OnceLock::new(),
     });
+    let live = ctx.live.clone();
+    pool.set_interrupt(Box::new(move || {
+        live.get().technique == crate::live::Technique::PostCopy
+    }));
     let clones = streams.clone();
     let mut writers = Workers::new(&ctx.ctl);
-    spawn_writers(wctx, clones, &mut writers)?;
+    spawn_writers(wctx.clone(), clones, &mut writers)?;
     Ok(DataPlane {
         _share: share,
         pool,
         limiter,
+        wctx,
         writers,
         _streams: streams,
     })

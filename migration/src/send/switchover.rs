@@ -15,26 +15,32 @@ use crate::wire::{self, Frame};
 
 impl DeviceStreams {
     /// Finishes the device streams with the VM paused and closes the data
-    /// connections after the final pass: channels mode joins the save
-    /// threads (which stop-copy) before the final SYNC; main mode queues the
-    /// final SYNC and CLOSE first, then stop-copies every device on the main
-    /// connection.
+    /// connections after the final pass (unless post-copy follows, `close`
+    /// false: the writers then push missing pages): channels mode joins the
+    /// save threads (which stop-copy) before the final SYNC; main mode queues
+    /// the final SYNC and CLOSE first, then stop-copies every device on the
+    /// main connection.
     fn stop_copy(
         self,
         ctx: &Ctx,
         pool: &Pool,
         main: &MainConn,
         pass: u64,
+        close: bool,
     ) -> Result<(), MigrationError> {
         match self {
             DeviceStreams::Channels(savers) => {
                 savers.join()?;
                 pool.push_all(|| Item::Sync { pass });
-                pool.push_all(|| Item::Close);
+                if close {
+                    pool.push_all(|| Item::Close);
+                }
             }
             DeviceStreams::Main(mm) => {
                 pool.push_all(|| Item::Sync { pass });
-                pool.push_all(|| Item::Close);
+                if close {
+                    pool.push_all(|| Item::Close);
+                }
                 mm.stop_copy(
                     &ctx.devices,
                     &ctx.counters,
@@ -61,7 +67,9 @@ impl Stopped {
             dirty,
             passes,
             pause_at,
+            post,
         } = *self;
+        let close = post.is_none();
         let sw = Box::new(Switching {
             link,
             data,
@@ -70,9 +78,10 @@ impl Stopped {
             dirty,
             pass: passes.pass,
             pause_at,
+            post,
         });
         or_fail!(
-            devs.stop_copy(ctx, &sw.data.pool, &sw.link.main, sw.pass),
+            devs.stop_copy(ctx, &sw.data.pool, &sw.link.main, sw.pass, close),
             Phase::SendState(sw)
         );
         Ok(Phase::SendState(sw))
@@ -96,6 +105,9 @@ impl Switching {
                 "saving the VM state",
                 BackendError::new("state too large"),
             ));
+        }
+        if let Some(post) = &self.post {
+            post.send_missing(ctx, &self.link.main, self.pass)?;
         }
         let frame = Frame::State {
             final_pass: self.pass,
@@ -132,6 +144,10 @@ impl Switching {
     /// cannot have started the guest.
     pub fn commit(self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
         or_fail!(self.await_ready(ctx), Phase::AwaitReady(self));
+        if let Some(post) = &self.post {
+            // The destination registered its RAM: pages may be placed now.
+            post.arm(ctx, &self.link.main, &self.data);
+        }
         testhook::fire(Point::BeforeCommit, self.link.main.stream.tcp());
         // Cancel and the deadline are honoured up to here and ignored after.
         or_fail!(ctx.ctl.commit_point(), Phase::AwaitReady(self));
@@ -150,16 +166,21 @@ impl Switching {
             dirty,
             pass,
             pause_at,
+            post,
         } = *self;
         paused.keep_paused();
+        if post.is_some() {
+            data.pool.push_all(|| Item::Postcopy);
+        }
         let c = Box::new(Committed {
             link,
             data,
             stop: restore.committed(),
-            dirty,
+            dirty: Some(dirty),
             pass,
             pause_at,
             commit_at: Instant::now(),
+            post,
         });
         log::info!("switch-over committed; waiting for the destination to start the VM");
         testhook::fire(Point::AfterCommit, c.link.main.stream.tcp());
@@ -174,6 +195,10 @@ impl Committed {
         let fd = &ctx.from_dest;
         loop {
             if let Some(ts) = *lock(&fd.resumed) {
+                if let Some(post) = &self.post {
+                    post.started(ctx, self.pause_at, ts);
+                    return Ok(());
+                }
                 let (pi, pu) = self.pause_at;
                 let ack_ms = pi.elapsed().as_millis() as u64;
                 ctx.stats.set_source_vm(SourceVmOutcome::Migrated);

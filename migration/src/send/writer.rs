@@ -3,9 +3,10 @@
 //! `writev`s them together with the page data straight from guest memory
 //! (no copy into an intermediate buffer).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
+use super::push::{PushSet, PUSH_PACKET_PAGES};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, GuestMemory, IoVecs};
 use crate::net::{write_vecs, Channel, Ctl};
@@ -30,6 +31,15 @@ pub struct WriterCtx {
     pub limiter: Arc<RateLimiter>,
     /// Abort control.
     pub ctl: Arc<Ctl>,
+    /// Set when post-copy starts, before [`Item::Postcopy`] is queued.
+    pub postcopy: OnceLock<Arc<PushSet>>,
+}
+
+/// What a RAM frame is: a pre-copy pass's or a post-copy push.
+#[derive(Debug, Clone, Copy)]
+enum Packet {
+    Ram { pass: u64 },
+    Pages,
 }
 
 /// Starts one writer per stream into `workers`. Each returns when it has
@@ -65,7 +75,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 let (wire, zero, pages) = write_ram(
                     s,
                     ctx,
-                    pass,
+                    Packet::Ram { pass },
                     &runs,
                     &mut table,
                     &mut data_runs,
@@ -117,34 +127,69 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 log::debug!("data connection {conn}: closed after the final pass");
                 return Ok(());
             }
+            Item::Postcopy => {
+                let push = ctx.postcopy.get().cloned().ok_or_else(|| {
+                    MigrationError::Internal("post-copy started without its push set".into())
+                })?;
+                let mut pushed = 0u64;
+                loop {
+                    let runs = push.claim_next(PUSH_PACKET_PAGES);
+                    if runs.is_empty() {
+                        break;
+                    }
+                    let (wire, zero, pages) = write_ram(
+                        s,
+                        ctx,
+                        Packet::Pages,
+                        &runs,
+                        &mut table,
+                        &mut data_runs,
+                        &mut storage,
+                        &what,
+                    )?;
+                    pushed += pages;
+                    add(&ctx.pool.sent_bytes, wire);
+                    add(&ctx.stats.transferred_bytes, wire);
+                    add(&ctx.stats.postcopy_bytes, wire);
+                    add(&ctx.stats.zero_pages, zero);
+                }
+                s.close_write();
+                log::debug!("data connection {conn}: post-copy push done ({pushed} pages)");
+                return Ok(());
+            }
         }
     }
 }
 
-/// Sends one RAM packet; returns (wire bytes, zero pages, pages).
-///
-/// Zero pages are detected here, page by page with volatile reads; runs of
-/// equal zero-ness become one range-table entry each. The header, the table
-/// and the non-zero pages go out in one `writev`, the pages straight from
-/// guest memory.
-#[allow(clippy::too_many_arguments)]
-fn write_ram(
-    s: &Channel,
-    ctx: &WriterCtx,
-    pass: u64,
+/// The range table of a packet of `runs` and its data runs.
+pub struct Classified {
+    /// Range-table entries.
+    pub count: u32,
+    /// Page data bytes.
+    pub data: u64,
+    /// Zero pages.
+    pub zero: u64,
+    /// Pages.
+    pub pages: u64,
+}
+
+/// Classifies every page of `runs` as zero or data (volatile reads) and
+/// builds the range table (one entry per run of equal class) in `table`
+/// and the data runs `(region, first page, pages)` in `data_runs`.
+pub fn classify(
+    mem: &GuestMemory,
     runs: &[PageRun],
     table: &mut Vec<u8>,
     data_runs: &mut Vec<(usize, u64, u64)>,
-    storage: &mut Vec<libc::iovec>,
-    what: &str,
-) -> Result<(u64, u64, u64), MigrationError> {
+) -> Result<Classified, MigrationError> {
     table.clear();
     data_runs.clear();
-    let mem = &*ctx.mem;
-    let mut count = 0u32;
-    let mut data = 0u64;
-    let mut zero = 0u64;
-    let mut pages = 0u64;
+    let mut c = Classified {
+        count: 0,
+        data: 0,
+        zero: 0,
+        pages: 0,
+    };
     for run in runs {
         let region = run.region as usize;
         let gpa0 = mem
@@ -167,21 +212,50 @@ fn write_ram(
                 flags: if z { RANGE_ZERO } else { 0 },
             }
             .encode_into(table);
-            count += 1;
+            c.count += 1;
             if z {
-                zero += n;
+                c.zero += n;
             } else {
                 data_runs.push((region, run.first_page + p, n));
-                data += n * PAGE_SIZE;
+                c.data += n * PAGE_SIZE;
             }
-            pages += n;
+            c.pages += n;
             p = q;
         }
     }
-    let frame = Frame::Ram {
-        pass,
-        ranges: count,
-        data_len: data,
+    Ok(c)
+}
+
+/// Sends one RAM packet; returns (wire bytes, zero pages, pages).
+///
+/// Zero pages are detected here, page by page with volatile reads; runs of
+/// equal zero-ness become one range-table entry each. The header, the table
+/// and the non-zero pages go out in one `writev`, the pages straight from
+/// guest memory.
+#[allow(clippy::too_many_arguments)]
+fn write_ram(
+    s: &Channel,
+    ctx: &WriterCtx,
+    kind: Packet,
+    runs: &[PageRun],
+    table: &mut Vec<u8>,
+    data_runs: &mut Vec<(usize, u64, u64)>,
+    storage: &mut Vec<libc::iovec>,
+    what: &str,
+) -> Result<(u64, u64, u64), MigrationError> {
+    let mem = &*ctx.mem;
+    let c = classify(mem, runs, table, data_runs)?;
+    let frame = match kind {
+        Packet::Ram { pass } => Frame::Ram {
+            pass,
+            ranges: c.count,
+            data_len: c.data,
+        },
+        Packet::Pages => Frame::Pages {
+            requested: false,
+            ranges: c.count,
+            data_len: c.data,
+        },
     };
     let head = frame.encode(ctx.session);
     let wire = HEADER_LEN as u64 + frame.payload_len();
@@ -194,5 +268,5 @@ fn write_ram(
     }
     write_vecs(s, &mut v, &ctx.ctl, what)?;
     *storage = v.into_storage();
-    Ok((wire, zero, pages))
+    Ok((wire, c.zero, c.pages))
 }

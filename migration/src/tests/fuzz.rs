@@ -49,7 +49,7 @@ fn mutate(rng: &mut StdRng, b: &mut [u8]) {
 
 fn check_header(h: &Header) {
     match h.kind {
-        Kind::Ram => {
+        Kind::Ram | Kind::Pages => {
             assert!(h.count >= 1 && h.count <= MAX_RANGES);
             assert!(h.ram_data_len() <= MAX_PACKET_PAGES * PAGE_SIZE);
             assert_eq!(h.ram_data_len() % PAGE_SIZE, 0);
@@ -61,6 +61,11 @@ fn check_header(h: &Header) {
         Kind::Setup => assert!(h.len <= MAX_SETUP_LEN),
         Kind::State => assert!(h.len <= MAX_STATE_LEN),
         Kind::Error | Kind::Abort => assert!(h.len <= MAX_MESSAGE_LEN),
+        Kind::Postcopy | Kind::ResumeAck => assert!(h.len <= crate::wire::MAX_BITMAP_LEN),
+        Kind::PageRequest => {
+            assert!(h.b >= 1 && h.b <= crate::wire::MAX_REQUEST_PAGES);
+            assert_eq!(h.a % PAGE_SIZE, 0);
+        }
         _ => assert_eq!(h.len, 0),
     }
 }
@@ -77,7 +82,7 @@ fn header_parser_never_panics() {
             if i % 4 == 0 {
                 b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
                 b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-                b[6] = rng.gen_range(0..14);
+                b[6] = rng.gen_range(0..24);
                 b[7] = 0;
             }
         } else {

@@ -11,6 +11,8 @@ mod fuzz;
 mod guest_mem;
 mod host;
 mod hostile;
+mod pcfake;
+mod postcopy;
 mod switchover;
 mod tls;
 mod unwind;
@@ -473,6 +475,10 @@ pub struct FakeDest {
     pub restored: Mutex<Option<Vec<u8>>>,
     pub started: Mutex<Option<bool>>,
     pub discarded: AtomicBool,
+    /// The post-copy backend, once asked for.
+    pub pc: Mutex<Option<Arc<pcfake::FakePostcopy>>>,
+    /// `postcopy()` refuses (a VMM or memory that cannot do post-copy).
+    pub refuse_postcopy: bool,
 }
 
 impl DestinationVm for FakeDest {
@@ -500,6 +506,16 @@ impl DestinationVm for FakeDest {
     fn discard(&self) {
         self.discarded.store(true, SeqCst);
     }
+    fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
+        if self.refuse_postcopy {
+            return Err(BackendError::new("this fake cannot do post-copy"));
+        }
+        let pc = Arc::new(pcfake::FakePostcopy::new(
+            self.regions.iter().map(|r| (r.1.addr(), r.2)).collect(),
+        ));
+        *self.pc.lock().unwrap() = Some(pc.clone());
+        Ok(pc)
+    }
 }
 
 /// Builds [`FakeDest`]s with a fixed layout and device list.
@@ -508,6 +524,8 @@ pub struct FakeFactory {
     pub refuse: Option<String>,
     pub devices: Mutex<Vec<Arc<FakeDevice>>>,
     pub created: Mutex<Vec<Arc<FakeDest>>>,
+    /// Destinations it builds cannot do post-copy.
+    pub refuse_postcopy: bool,
 }
 
 impl FakeFactory {
@@ -517,6 +535,7 @@ impl FakeFactory {
             refuse: None,
             devices: Mutex::new(Vec::new()),
             created: Mutex::new(Vec::new()),
+            refuse_postcopy: false,
         }
     }
     pub fn last(&self) -> Arc<FakeDest> {
@@ -540,6 +559,8 @@ impl DestinationFactory for FakeFactory {
             restored: Mutex::new(None),
             started: Mutex::new(None),
             discarded: AtomicBool::new(false),
+            pc: Mutex::new(None),
+            refuse_postcopy: self.refuse_postcopy,
         });
         self.created.lock().unwrap().push(d.clone());
         Ok(d)

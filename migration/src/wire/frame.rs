@@ -137,6 +137,56 @@ pub enum Frame {
         /// Migrations, 1..=[`crate::host::MAX_HOST_MIGRATIONS`].
         migrations: u32,
     },
+    /// Switch to post-copy; the bitmap of the missing pages (`len` bytes,
+    /// see [`super::decode_bitmap`]) follows.
+    Postcopy {
+        /// The last pass on the data connections (its SYNC ends pre-copy).
+        final_pass: u64,
+        /// Pages set in the bitmap.
+        missing: u64,
+        /// Bitmap bytes.
+        len: u64,
+    },
+    /// A vCPU of the destination faulted on a missing page.
+    PageRequest {
+        /// Guest-physical address, page-aligned.
+        gpa: u64,
+        /// Pages asked for (1..=`MAX_REQUEST_PAGES`).
+        npages: u64,
+    },
+    /// Post-copy RAM packet: `ranges` range-table entries, then `data_len`
+    /// page bytes (the RAM layout).
+    Pages {
+        /// It answers a PAGE_REQUEST (else: background push).
+        requested: bool,
+        /// Range-table entries (1..=`MAX_RANGES`).
+        ranges: u32,
+        /// Page data bytes (a multiple of the page size).
+        data_len: u64,
+    },
+    /// The destination has every page: post-copy is over.
+    PostcopyDone {
+        /// Page requests the destination sent.
+        requests: u64,
+        /// Median fault latency, µs.
+        p50_us: u64,
+        /// 99th percentile of the fault latency, µs.
+        p99_us: u64,
+    },
+    /// Reconnects a paused post-copy (after HELLO with the old session).
+    Resume {
+        /// Connection epoch, ≥ 1 (the first connection was epoch 0).
+        epoch: u64,
+    },
+    /// Answer to RESUME: the pages still missing (`len` bytes of bitmap).
+    ResumeAck {
+        /// The epoch of the RESUME answered.
+        epoch: u64,
+        /// Pages set in the bitmap.
+        missing: u64,
+        /// Bitmap bytes.
+        len: u64,
+    },
 }
 
 /// A decoded header: the session it carries and its typed frame.
@@ -168,6 +218,12 @@ impl Frame {
             Frame::Commit => Kind::Commit,
             Frame::Rate { .. } => Kind::Rate,
             Frame::HostLoad { .. } => Kind::HostLoad,
+            Frame::Postcopy { .. } => Kind::Postcopy,
+            Frame::PageRequest { .. } => Kind::PageRequest,
+            Frame::Pages { .. } => Kind::Pages,
+            Frame::PostcopyDone { .. } => Kind::PostcopyDone,
+            Frame::Resume { .. } => Kind::Resume,
+            Frame::ResumeAck { .. } => Kind::ResumeAck,
         }
     }
 
@@ -179,8 +235,13 @@ impl Frame {
             | Frame::Setup { len }
             | Frame::Abort { len }
             | Frame::Device { len, .. }
-            | Frame::State { len, .. } => len,
+            | Frame::State { len, .. }
+            | Frame::Postcopy { len, .. }
+            | Frame::ResumeAck { len, .. } => len,
             Frame::Ram {
+                ranges, data_len, ..
+            }
+            | Frame::Pages {
                 ranges, data_len, ..
             } => ranges as u64 * RANGE_ENTRY_LEN as u64 + data_len,
             _ => 0,
@@ -203,6 +264,26 @@ impl Frame {
                 h.count = ranges;
                 h
             }
+            Frame::Pages {
+                requested, ranges, ..
+            } => {
+                let mut h = h.args(requested as u64, 0, 0);
+                h.count = ranges;
+                h
+            }
+            Frame::Postcopy {
+                final_pass,
+                missing,
+                ..
+            } => h.args(final_pass, missing, 0),
+            Frame::PageRequest { gpa, npages } => h.args(gpa, npages, 0),
+            Frame::PostcopyDone {
+                requests,
+                p50_us,
+                p99_us,
+            } => h.args(requests, p50_us, p99_us),
+            Frame::Resume { epoch } => h.args(epoch, 0, 0),
+            Frame::ResumeAck { epoch, missing, .. } => h.args(epoch, missing, 0),
             Frame::Sync { pass } => h.args(pass, 0, 0),
             Frame::Discarded { .. } => h.args(ERROR_DISCARDED, 0, 0),
             Frame::Device { dev, seq, item, .. } => h.args(dev as u64, seq, item as u64),
@@ -309,6 +390,31 @@ impl Frame {
                 migrations: u32::try_from(h.a)
                     .map_err(|_| h.invalid(format!("{} migrations", h.a)))?,
             },
+            Kind::Postcopy => Frame::Postcopy {
+                final_pass: h.a,
+                missing: h.b,
+                len: h.len,
+            },
+            Kind::PageRequest => Frame::PageRequest {
+                gpa: h.a,
+                npages: h.b,
+            },
+            Kind::Pages => Frame::Pages {
+                requested: h.a == 1,
+                ranges: h.count,
+                data_len: h.ram_data_len(),
+            },
+            Kind::PostcopyDone => Frame::PostcopyDone {
+                requests: h.a,
+                p50_us: h.b,
+                p99_us: h.c,
+            },
+            Kind::Resume => Frame::Resume { epoch: h.a },
+            Kind::ResumeAck => Frame::ResumeAck {
+                epoch: h.a,
+                missing: h.b,
+                len: h.len,
+            },
         })
     }
 }
@@ -372,6 +478,36 @@ mod tests {
                 loaded: 77,
             },
             Frame::HostLoad { migrations: 3 },
+            Frame::Postcopy {
+                final_pass: 3,
+                missing: 9,
+                len: 64,
+            },
+            Frame::PageRequest {
+                gpa: 0x5000,
+                npages: 1,
+            },
+            Frame::Pages {
+                requested: true,
+                ranges: 2,
+                data_len: PAGE_SIZE,
+            },
+            Frame::Pages {
+                requested: false,
+                ranges: 1,
+                data_len: 0,
+            },
+            Frame::PostcopyDone {
+                requests: 5,
+                p50_us: 100,
+                p99_us: 900,
+            },
+            Frame::Resume { epoch: 2 },
+            Frame::ResumeAck {
+                epoch: 2,
+                missing: 7,
+                len: 8,
+            },
         ]
     }
 
@@ -486,9 +622,31 @@ mod tests {
             Frame::decode(&bad.encode()).is_err(),
             "HOST_LOAD with a payload"
         );
-        // Kinds 17..=24 (post-copy) are unknown to this build.
+        // Kinds 23 and 24 (reserved) are unknown to this build.
         let mut raw = Header::new(Kind::HostLoad, s).args(1, 0, 0).encode();
-        raw[6..8].copy_from_slice(&17u16.to_le_bytes());
+        raw[6..8].copy_from_slice(&23u16.to_le_bytes());
         assert!(Frame::decode(&raw).is_err());
+    }
+
+    /// The post-copy kinds refuse what their bounds exclude.
+    #[test]
+    fn postcopy_frames_are_bounded() {
+        let s = 0x77_u128;
+        let bad = |h: Header| assert!(Frame::decode(&h.encode()).is_err(), "{h:?}");
+        bad(Header::new(Kind::PageRequest, s).args(0x1001, 1, 0));
+        bad(Header::new(Kind::PageRequest, s).args(0x1000, 0, 0));
+        bad(Header::new(Kind::PageRequest, s).args(0x1000, 65, 0));
+        bad(Header::new(Kind::PageRequest, s)
+            .args(0x1000, 1, 0)
+            .with_len(1));
+        bad(Header::new(Kind::Postcopy, s).with_len(super::super::MAX_BITMAP_LEN + 1));
+        bad(Header::new(Kind::Resume, s));
+        bad(Header::new(Kind::PostcopyDone, s).with_len(8));
+        let mut pages = Header::new(Kind::Pages, s).args(2, 0, 0).with_len(16);
+        pages.count = 1;
+        bad(pages);
+        let mut pages = Header::new(Kind::Pages, s).with_len(16 + 1025 * PAGE_SIZE);
+        pages.count = 1;
+        bad(pages);
     }
 }

@@ -1,9 +1,10 @@
 //! The raw 64-byte frame header: layout, encoding and validation.
 
 use super::{
-    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_CONNECTIONS, MAX_DEVICES,
-    MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES, MAX_SETUP_LEN, MAX_STATE_LEN,
-    RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN, VERSION,
+    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_BITMAP_LEN, MAX_CONNECTIONS,
+    MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
+    MAX_REQUEST_PAGES, MAX_SETUP_LEN, MAX_STATE_LEN, RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN,
+    VERSION,
 };
 use crate::traits::PAGE_SIZE;
 
@@ -112,7 +113,8 @@ impl Header {
         if self.flags != 0 {
             return Err(self.invalid(format!("reserved flags {:#x}", self.flags)));
         }
-        if self.kind != Kind::Ram && self.count != 0 {
+        let ram_like = matches!(self.kind, Kind::Ram | Kind::Pages);
+        if !ram_like && self.count != 0 {
             return Err(self.invalid("non-zero count"));
         }
         let max_len = match self.kind {
@@ -125,12 +127,16 @@ impl Header {
             | Kind::Ready
             | Kind::Commit
             | Kind::Rate
-            | Kind::HostLoad => 0,
+            | Kind::HostLoad
+            | Kind::PageRequest
+            | Kind::PostcopyDone
+            | Kind::Resume => 0,
+            Kind::Postcopy | Kind::ResumeAck => MAX_BITMAP_LEN,
             Kind::Error | Kind::Abort => MAX_MESSAGE_LEN,
             Kind::Setup => MAX_SETUP_LEN,
             Kind::State => MAX_STATE_LEN,
             Kind::Device => MAX_DEVICE_CHUNK,
-            Kind::Ram => {
+            Kind::Ram | Kind::Pages => {
                 if self.count == 0 || self.count > MAX_RANGES {
                     return Err(self.invalid(format!("{} range entries", self.count)));
                 }
@@ -169,6 +175,26 @@ impl Header {
             }
             Kind::HostLoad if self.a == 0 || self.a > crate::host::MAX_HOST_MIGRATIONS => {
                 return Err(self.invalid(format!("{} migrations on the host", self.a)));
+            }
+            Kind::Pages if self.a > 1 || self.b != 0 || self.c != 0 => {
+                return Err(self.invalid(format!("arguments {} {} {}", self.a, self.b, self.c)));
+            }
+            Kind::Postcopy | Kind::ResumeAck if self.c != 0 => {
+                return Err(self.invalid("non-zero c"));
+            }
+            Kind::PageRequest => {
+                if self.c != 0 {
+                    return Err(self.invalid("non-zero c"));
+                }
+                if !self.a.is_multiple_of(PAGE_SIZE) {
+                    return Err(self.invalid(format!("unaligned address {:#x}", self.a)));
+                }
+                if self.b == 0 || self.b > MAX_REQUEST_PAGES {
+                    return Err(self.invalid(format!("{} pages", self.b)));
+                }
+            }
+            Kind::Resume if self.a == 0 || self.b != 0 || self.c != 0 => {
+                return Err(self.invalid(format!("epoch {} (b {}, c {})", self.a, self.b, self.c)));
             }
             Kind::Device => {
                 let item = DevItemKind::from_u64(self.c)

@@ -13,11 +13,13 @@
 //! validation), `frame` (the typed frames), `ranges` (RAM range tables),
 //! `setup` (the SETUP payload).
 
+mod bitmap;
 mod frame;
 mod header;
 mod ranges;
 mod setup;
 
+pub use bitmap::{bitmap_len, decode_bitmap, encode_bitmap};
 pub use frame::{ConnRole, Envelope, Frame, ERROR_DISCARDED};
 pub use header::Header;
 pub use ranges::{decode_ranges, resolve, RangeEntry, ResolvedRange};
@@ -30,7 +32,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// The only protocol version this build speaks. Version 2 added the
 /// READY/COMMIT switch-over handshake and RATE frames; a version-1 peer is
 /// refused at HELLO (it would start the VM without waiting for COMMIT).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of every frame header.
 pub const HEADER_LEN: usize = 64;
 /// Size of one RAM range-table entry.
@@ -59,6 +61,12 @@ pub const MAX_DEVICES: u32 = 256;
 pub const MAX_DEVICE_ID: usize = 256;
 /// Range-table flag: the range is zero pages, no data follows for it.
 pub const RANGE_ZERO: u32 = 1;
+/// Bound of a post-copy page bitmap (POSTCOPY, RESUME_ACK): one bit per
+/// 4 KiB page of 2 TiB of guest RAM. The exact length follows from the
+/// layout SETUP announced ([`bitmap_len`]).
+pub const MAX_BITMAP_LEN: u64 = 64 << 20;
+/// Bound of the pages one PAGE_REQUEST asks for.
+pub const MAX_REQUEST_PAGES: u64 = 64;
 
 /// Connection role carried by HELLO (`a`).
 pub const ROLE_MAIN: u64 = 1;
@@ -102,8 +110,26 @@ pub enum Kind {
     Rate = 15,
     /// Destination → source on main, periodically: `a` incoming migrations
     /// on the destination host (1..=`MAX_HOST_MIGRATIONS`), for the share of
-    /// the host's bandwidth. Kinds 17..=24 are reserved for post-copy.
+    /// the host's bandwidth.
     HostLoad = 16,
+    /// Switch to post-copy: `a` final pass, `b` missing pages; the bitmap
+    /// of the pages the destination must fetch follows (source → main).
+    Postcopy = 17,
+    /// A vCPU faulted: `a` guest-physical address, `b` pages (destination
+    /// → main).
+    PageRequest = 18,
+    /// Post-copy RAM packet (same layout as RAM): `a` 1 if it answers a
+    /// PAGE_REQUEST, 0 for the background push.
+    Pages = 19,
+    /// Post-copy finished on the destination: `a` page requests, `b`/`c`
+    /// fault latency p50/p99 in µs.
+    PostcopyDone = 20,
+    /// Reconnect a paused post-copy: `a` epoch (source → main, after HELLO
+    /// with the old session id).
+    Resume = 21,
+    /// Answer to RESUME: `a` epoch, `b` pages still missing; their bitmap
+    /// follows (destination → main).
+    ResumeAck = 22,
 }
 
 impl Kind {
@@ -125,6 +151,12 @@ impl Kind {
             14 => Kind::Commit,
             15 => Kind::Rate,
             16 => Kind::HostLoad,
+            17 => Kind::Postcopy,
+            18 => Kind::PageRequest,
+            19 => Kind::Pages,
+            20 => Kind::PostcopyDone,
+            21 => Kind::Resume,
+            22 => Kind::ResumeAck,
             _ => return None,
         })
     }

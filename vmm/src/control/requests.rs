@@ -344,6 +344,7 @@ impl Vmm {
             Lifecycle::Empty => "not_created",
             Lifecycle::Receiving => "receiving",
             Lifecycle::CommitUncertain(_) => "commit-uncertain",
+            Lifecycle::PostcopyPaused(_) => "postcopy-paused",
             other => match other.vm() {
                 Some(vm) => other.vm_state(vm.user_paused()),
                 None => "not_created",
@@ -377,6 +378,9 @@ impl Vmm {
             }
             Lifecycle::MigratedOut { .. } => return Err(conflict("the VM has been migrated away")),
             Lifecycle::Sending(_) => return Err(conflict("a migration is running")),
+            Lifecycle::PostcopyPaused(_) => return Err(conflict(
+                "the guest runs on the destination, which waits for its missing pages (post-copy paused): finish the migration with vm.send-migration and \"resume\": true",
+            )),
             Lifecycle::Active(vm) => (vm.clone(), false),
             Lifecycle::CommitUncertain(vm) => (vm.clone(), !pause),
         };
@@ -427,6 +431,13 @@ impl Vmm {
             Lifecycle::CommitUncertain(_) => return Err(conflict(
                 "the last migration's outcome is uncertain (the guest may run on its destination): resume or shut down this VM first",
             )),
+            Lifecycle::PostcopyPaused(vm) if params.resume => vm.clone(),
+            Lifecycle::PostcopyPaused(_) => return Err(conflict(
+                "a post-copy of this VM is paused: send again with \"resume\": true to finish it",
+            )),
+            Lifecycle::Active(_) | Lifecycle::Sending(_) if params.resume => {
+                return Err(conflict("\"resume\": true, but no post-copy of this VM is paused"))
+            }
             Lifecycle::Active(vm) | Lifecycle::Sending(vm) => vm.clone(),
         };
         let job = start_send(self, vm.clone(), params).map_err(start_error)?;

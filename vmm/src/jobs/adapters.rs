@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use log::{info, warn};
 use migration::{
     BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap, MigratableDevice,
-    RamRegion, SourceVm,
+    PostcopyRam, RamRegion, SourceVm,
 };
 
 use super::guest_config::{Accepted, DestPolicy, MigrationConfig};
@@ -251,6 +251,12 @@ impl DestinationVm for DestAdapter {
             }
         );
         Ok(())
+    }
+
+    fn postcopy(&self) -> BackendResult<Arc<dyn PostcopyRam>> {
+        Ok(Arc::new(crate::postcopy::UffdRam::new(
+            self.vm.ram().clone(),
+        )?))
     }
 
     fn discard(&self) {

@@ -41,6 +41,10 @@ pub enum JobResult {
         error: String,
         /// The guest may run on the destination: the VM is held paused.
         commit_uncertain: bool,
+        /// A post-copy was interrupted: the guest runs on the destination,
+        /// the VM is held paused here until a send with `"resume": true`
+        /// finishes the migration (implies `commit_uncertain`).
+        postcopy_paused: bool,
     },
 }
 
@@ -218,6 +222,7 @@ fn guarded(vm: Option<&Vm>, f: impl FnOnce() -> JobResult) -> JobResult {
     JobResult::Failed {
         error,
         commit_uncertain,
+        postcopy_paused: false,
     }
 }
 
@@ -247,15 +252,20 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
                         info!("migration completed; the VM now runs on the destination");
                         JobResult::Completed
                     }
-                    Err(e) if e.is_commit_uncertain() => {
+                    Err(e) if e.keeps_vm_paused() => {
                         // Recovery: the guest may run on the destination, so it
                         // stays paused here; the user decides (vm.resume or
-                        // vm.shutdown).
+                        // vm.shutdown), or, for an interrupted post-copy, a
+                        // send with "resume": true finishes it.
                         vm.mark_user_paused();
                         log::error!("{e}");
                         JobResult::Failed {
                             error: e.to_string(),
                             commit_uncertain: true,
+                            postcopy_paused: matches!(
+                                e,
+                                migration::MigrationError::PostcopyPaused { .. }
+                            ),
                         }
                     }
                     Err(e) => {
@@ -263,6 +273,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
                         JobResult::Failed {
                             error: e.to_string(),
                             commit_uncertain: false,
+                            postcopy_paused: false,
                         }
                     }
                 }
@@ -304,6 +315,7 @@ pub fn start_receive(
                         JobResult::Failed {
                             error: e.to_string(),
                             commit_uncertain: false,
+                            postcopy_paused: false,
                         }
                     }
                 }
@@ -325,6 +337,7 @@ mod guarded_tests {
             JobResult::Failed {
                 error,
                 commit_uncertain,
+                ..
             } => {
                 assert!(error.contains("backend exploded"), "{error}");
                 assert!(!commit_uncertain);
