@@ -212,7 +212,10 @@ fn cancel_removes_the_throttle() {
 
     src.api_ok("PUT", "vm.migration-cancel", None);
     let s = expect_migration_end(&src, &["cancelled"], LONG);
-    assert_eq!(s["cpu_throttle_percent"], 0, "throttle left after cancel: {s}");
+    assert_eq!(
+        s["cpu_throttle_percent"], 0,
+        "throttle left after cancel: {s}"
+    );
     let after = passes_in(&src, window);
     tap.stop();
     eprintln!(
@@ -228,8 +231,14 @@ fn cancel_removes_the_throttle() {
         Some(json!(0))
     );
     // Generous factors: 90 % takes ~10x, full speed comes back.
-    assert!(slow * 2 < before.max(2), "throttled {slow} vs before {before}");
-    assert!(after > slow * 2 && after * 3 >= before, "after {after}, throttled {slow}, before {before}");
+    assert!(
+        slow * 2 < before.max(2),
+        "throttled {slow} vs before {before}"
+    );
+    assert!(
+        after > slow * 2 && after * 3 >= before,
+        "after {after}, throttled {slow}, before {before}"
+    );
     assert_guest_runs(&src, 1);
     assert_eq!(src.serial.mismatch(), None);
 }

@@ -237,7 +237,9 @@ impl Drop for ThrottleReset<'_> {
             return;
         }
         match self.0.set_throttle(0) {
-            Ok(()) => info!("the migration ended with the vCPUs throttled {pct}%; throttle removed"),
+            Ok(()) => {
+                info!("the migration ended with the vCPUs throttled {pct}%; throttle removed")
+            }
             Err(e) => log::error!("removing the vCPU throttle: {e}"),
         }
     }
