@@ -277,6 +277,75 @@ fn vcpu_threads_follow_the_vm_phase() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Passes completed in `window` (counted from the serial log).
+fn passes_in(path: &Path, window: Duration) -> u64 {
+    let a = last_pass(path);
+    std::thread::sleep(window);
+    last_pass(path) - a
+}
+
+/// The throttle slows the guest but keeps it running, never holds up a
+/// pause, is kept (not applied) while paused, is removed by 0 and by the
+/// send job's guard even when the job panics.
+#[test]
+fn throttle_slows_pauses_at_once_and_resets() {
+    use crate::jobs::migration::ThrottleReset;
+
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = tmpdir("throttle");
+    let s = dir.join("s.log");
+    let v = vm(32 << 20, &s);
+    boot(&v, "region=1 passes=0");
+    v.start(false).unwrap();
+    wait_for(&s, "pass 3 ok");
+    assert!(v.set_throttle(100).is_err(), "100 % would stop the guest");
+    assert_eq!(v.throttle(), 0);
+
+    let window = Duration::from_secs(1);
+    let full = passes_in(&s, window);
+    v.set_throttle(99).unwrap();
+    assert_eq!(v.throttle(), 99);
+    let slow = passes_in(&s, window);
+    eprintln!("passes in {window:?}: {full} at full speed, {slow} at 99 %");
+    // 1 % of the time: about 100 times fewer passes; a generous factor.
+    assert!(slow * 4 < full, "throttled {slow} vs full {full}");
+    // Still running: the slices let it through.
+    let at = last_pass(&s);
+    wait_for(&s, &format!("pass {} ok", at + 1));
+
+    // A pause is not held up by a nap (990 ms at 99 %), and the vCPU
+    // stays paused through throttle changes.
+    let t = Instant::now();
+    v.pause_vcpus();
+    eprintln!("pause at 99 % took {:?}", t.elapsed());
+    assert!(v.save_state().is_ok());
+    v.set_throttle(50).unwrap();
+    v.set_throttle(0).unwrap();
+    v.set_throttle(99).unwrap();
+    assert!(v.is_paused());
+    let paused_at = last_pass(&s);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_pass(&s), paused_at, "a paused vCPU ran");
+    v.resume_vcpus();
+
+    // The send job's guard removes it, also when the job panics.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _guard = ThrottleReset(&v);
+        panic!("send thread exploded");
+    }));
+    assert!(r.is_err());
+    assert_eq!(v.throttle(), 0);
+    let again = passes_in(&s, window);
+    eprintln!("passes in {window:?} after the reset: {again}");
+    assert!(again > slow * 4, "after reset {again} vs throttled {slow}");
+    assert!(!std::fs::read_to_string(&s).unwrap().contains("MISMATCH"));
+    v.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The life cycle moves on when a send job ends, and the control loop's
 /// exit rules follow it.
 #[test]

@@ -2,7 +2,7 @@
 //! devices), kernel boot, vCPU threads, pause/resume.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -204,7 +204,8 @@ pub(crate) fn setup_boot_regs(vfd: &VcpuFd, b: &BootRegs) -> Result<(), VmError>
 /// owning its `VcpuFd`; `slots[i]` maps `ram.regions()[i]`; the serial
 /// legacy irqfds (`irqs`: COM1 on GSI 4, the i8042 on GSI 1) are
 /// registered for the VM's whole life;
-/// guest code runs only after [`Vm::start`].
+/// guest code runs only after [`Vm::start`]; `throttle` is the percent
+/// every vCPU thread was last told (changed only under the `vcpus` lock).
 pub struct Vm {
     /// Unique id of this VM in the process (tags [`crate::VmmEvent`]s).
     pub id: u64,
@@ -224,6 +225,7 @@ pub struct Vm {
     pub(crate) cpuid: Vec<kvm_cpuid_entry2>,
     pub(crate) user_paused: AtomicBool,
     pub(crate) dirty_logging: AtomicBool,
+    throttle: AtomicU32,
     pub(crate) dirty: crate::dirty::DirtyTracker,
 }
 
@@ -421,6 +423,7 @@ impl Vm {
             cpuid: cpuid0,
             user_paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
+            throttle: AtomicU32::new(0),
             dirty: crate::dirty::DirtyTracker::default(),
         })
     }
@@ -552,6 +555,32 @@ impl Vm {
             vcpu::resume_all(&g.handles);
             g.phase = VmPhase::Running;
         }
+    }
+
+    /// Throttles every vCPU: `percent` (0..=[`vcpu::throttle::MAX_PERCENT`])
+    /// of its time is taken away while it runs guest code, until set back
+    /// to 0. Returns once every vCPU thread has the new value in force. A
+    /// paused VM stays paused (the throttle applies once it runs again).
+    pub fn set_throttle(&self, percent: u32) -> Result<(), VmError> {
+        if percent > vcpu::throttle::MAX_PERCENT {
+            return Err(VmError::State(format!(
+                "a vCPU throttle of {percent}% is out of range (0..={})",
+                vcpu::throttle::MAX_PERCENT
+            )));
+        }
+        let g = self.lock_vcpus();
+        if self.throttle.load(Ordering::SeqCst) == percent {
+            return Ok(());
+        }
+        vcpu::throttle_all(&g.handles, percent);
+        self.throttle.store(percent, Ordering::SeqCst);
+        info!("VM {}: vCPU throttle {percent}%", self.id);
+        Ok(())
+    }
+
+    /// The vCPU throttle in force, in percent (0: full speed).
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(Ordering::SeqCst)
     }
 
     /// Whether the vCPUs are held paused.

@@ -116,6 +116,11 @@ impl SourceVm for SourceAdapter {
     fn vcpus(&self) -> Option<u32> {
         Some(self.vm.cpus as u32)
     }
+
+    /// Throttles the VM's vCPU threads (see [`crate::vcpu::throttle`]).
+    fn set_throttle(&self, percent: u32) -> BackendResult<()> {
+        self.vm.set_throttle(percent).map_err(be)
+    }
 }
 
 /// Builds destination VMs for `migration::receive`.

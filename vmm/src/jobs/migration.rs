@@ -226,6 +226,30 @@ fn guarded(vm: Option<&Vm>, f: impl FnOnce() -> JobResult) -> JobResult {
     }
 }
 
+/// Sets the VM's vCPU throttle back to 0 when dropped: the guest never
+/// stays slowed by a send, however it ended (completed, failed, cancelled,
+/// or the send thread panicked). The sender resets it too; this guard
+/// covers what the sender cannot (a panic, a bug in its own reset).
+///
+/// Invariant: lives on the send thread for the whole send, and drops
+/// before the job reports its end.
+pub(crate) struct ThrottleReset<'a>(pub(crate) &'a Vm);
+
+impl Drop for ThrottleReset<'_> {
+    fn drop(&mut self) {
+        let pct = self.0.throttle();
+        if pct == 0 {
+            return;
+        }
+        match self.0.set_throttle(0) {
+            Ok(()) => {
+                info!("the migration ended with the vCPUs throttled {pct}%; throttle removed")
+            }
+            Err(e) => log::error!("removing the vCPU throttle: {e}"),
+        }
+    }
+}
+
 /// Records the end of a job and wakes the control loop.
 fn finish(progress: &Mutex<Progress>, events: &EventSink, r: JobResult) {
     *progress.lock().unwrap_or_else(|p| p.into_inner()) = Progress::Ended(r);
@@ -246,6 +270,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
         .name("migration-send".into())
         .spawn(move || {
             let src = Arc::new(SourceAdapter::new(vm.clone()));
+            let throttle = ThrottleReset(&vm);
             let r = guarded(Some(&vm), || {
                 match migration::send_with(src, &params, &stats, &cancel, &hooks) {
                     Ok(()) => {
@@ -278,6 +303,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
                     }
                 }
             });
+            drop(throttle);
             finish(&progress, &events, r);
         })
         .map_err(StartError::Spawn)?;

@@ -16,9 +16,17 @@
 //! other thread writes into the vCPU's `kvm_run`. The handle keeps the
 //! thread's pthread id under a lock that the thread clears before it ends,
 //! and joins only after that, so a kick never reaches an ended thread.
+//!
+//! Throttling ([`throttle`], auto-converge): [`VcpuEvent::Throttle`] sets
+//! the share of time taken from a vCPU. A throttled vCPU runs slices of
+//! [`throttle::SLICE`], ended inside `KVM_RUN` by a per-thread timer that
+//! sends the kick signal, and naps between them on its event channel, so
+//! every event (pause, exit, a new throttle) is served at once. A paused
+//! vCPU keeps the throttle for when it runs again.
 
 mod kick;
 mod thread;
+pub mod throttle;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -64,6 +72,9 @@ pub enum VcpuEvent {
     Pause,
     /// Run guest code again.
     Resume,
+    /// Take this percent (0..=99, larger is clamped) of the vCPU's time
+    /// while it runs guest code; 0 ends the throttle. Valid in any phase.
+    Throttle(u32),
     /// End the thread.
     Exit,
 }
@@ -86,6 +97,8 @@ pub enum VcpuResponse {
     Paused,
     /// Guest code runs (or will run at once).
     Resumed,
+    /// The new throttle is in force (from the next instruction run).
+    Throttled,
     /// The thread ends now.
     Exited,
     /// The event does not fit the thread's phase.
@@ -292,6 +305,29 @@ pub fn pause_all(vcpus: &[VcpuHandle]) {
         }
     }
     debug!("vCPUs paused in {:?}", start.elapsed());
+}
+
+/// Sets the throttle of every vCPU of `vcpus` (all told and kicked
+/// first) and returns once each has it in force or has ended. A paused
+/// vCPU stays paused.
+pub fn throttle_all(vcpus: &[VcpuHandle], percent: u32) {
+    let sent: Vec<bool> = vcpus
+        .iter()
+        .map(|v| v.send(VcpuEvent::Throttle(percent)))
+        .collect();
+    for (v, s) in vcpus.iter().zip(&sent) {
+        if *s {
+            v.kick();
+        }
+    }
+    for (v, s) in vcpus.iter().zip(&sent) {
+        if *s {
+            match v.recv(true) {
+                Some(VcpuResponse::Throttled) | None => {}
+                Some(_) => warn!("vCPU {}: unexpected answer to a throttle", v.id),
+            }
+        }
+    }
 }
 
 /// Lets paused vCPUs of `vcpus` run again.

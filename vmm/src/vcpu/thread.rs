@@ -1,13 +1,15 @@
 //! The body of a vCPU thread: it owns its `VcpuFd`, serves events while
 //! not running guest code, and runs the KVM_RUN loop with exit handling.
 
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, error, info, warn};
 
 use super::kick::{eat_kicks, setup_kick_mask, KickTarget};
+use super::throttle::{Next, SliceClock, SliceTimer};
 use super::{VcpuContext, VcpuEvent, VcpuResponse, VmEnd};
 use crate::pio::{PioAction, PioBus};
 use crate::state::{restore_vcpu, save_vcpu};
@@ -30,6 +32,48 @@ struct VcpuThread {
     ctx: VcpuContext,
     events: Receiver<VcpuEvent>,
     responses: Sender<VcpuResponse>,
+    /// The throttle's timeslices (see [`super::throttle`]).
+    clock: SliceClock,
+    /// Ends a slice inside `KVM_RUN`; created at the first throttled run.
+    timer: TimerSlot,
+}
+
+/// The slice timer of a vCPU thread, created on first use.
+enum TimerSlot {
+    /// Not needed yet.
+    None,
+    /// Created; armed only while a slice runs.
+    Ready(SliceTimer),
+    /// Creation failed (logged once): slices then end at the guest's own
+    /// exits only, so the throttle is coarser but still holds on average.
+    Failed,
+}
+
+impl TimerSlot {
+    fn arm(&mut self, id: u8, d: std::time::Duration) {
+        if matches!(self, TimerSlot::None) {
+            *self = match SliceTimer::new() {
+                Ok(t) => TimerSlot::Ready(t),
+                Err(e) => {
+                    warn!("vCPU {id}: no throttle slice timer ({e}); the throttle is coarser");
+                    TimerSlot::Failed
+                }
+            };
+        }
+        if let TimerSlot::Ready(t) = self {
+            if let Err(e) = t.arm(d) {
+                warn!("vCPU {id}: arming the throttle slice timer: {e}");
+            }
+        }
+    }
+
+    fn disarm(&mut self, id: u8) {
+        if let TimerSlot::Ready(t) = self {
+            if let Err(e) = t.disarm() {
+                warn!("vCPU {id}: disarming the throttle slice timer: {e}");
+            }
+        }
+    }
 }
 
 pub(super) fn thread_main(
@@ -59,6 +103,8 @@ pub(super) fn thread_main(
         ctx,
         events,
         responses,
+        clock: SliceClock::default(),
+        timer: TimerSlot::None,
     };
     let mut phase = Phase::Created;
     loop {
@@ -123,6 +169,13 @@ impl VcpuThread {
                     self.answer(VcpuResponse::Paused);
                     p
                 }
+                (VcpuEvent::Throttle(pct), p) => {
+                    // Kept for when the vCPU runs again; a paused vCPU
+                    // stays paused.
+                    self.clock.set(pct);
+                    self.answer(VcpuResponse::Throttled);
+                    p
+                }
                 (VcpuEvent::Start(pio), Phase::Created) => {
                     self.answer(VcpuResponse::Started);
                     Phase::Paused(pio)
@@ -162,29 +215,61 @@ impl VcpuThread {
         }
     }
 
-    /// Runs guest code until an event or the end of the VM.
+    /// Runs guest code until an event or the end of the VM; a throttled
+    /// vCPU runs in slices and naps in between (see [`super::throttle`]).
     fn run(&mut self, pio: Arc<PioBus>) -> Phase {
+        let next = self.run_slices(pio);
+        // Whatever ended the run, no slice timer stays armed and the next
+        // run starts a fresh slice.
+        self.timer.disarm(self.ctx.id);
+        self.clock.stop();
+        eat_kicks();
+        next
+    }
+
+    fn run_slices(&mut self, pio: Arc<PioBus>) -> Phase {
         // Kicks left pending from while the vCPU was paused are stale.
         eat_kicks();
         let mut pending = false;
         loop {
             match self.events.try_recv() {
-                Ok(VcpuEvent::Pause) => {
-                    if let Some(end) = self.complete_pending(pending, &pio) {
-                        self.report_end(end);
-                        self.answer(VcpuResponse::Paused);
-                        return Phase::Done;
+                Ok(ev) => {
+                    if let Some(next) = self.on_event(ev, pending, &pio) {
+                        return next;
                     }
-                    self.answer(VcpuResponse::Paused);
-                    return Phase::Paused(pio);
+                    continue;
                 }
-                Ok(VcpuEvent::Exit) | Err(TryRecvError::Disconnected) => {
+                Err(TryRecvError::Disconnected) => {
                     self.answer(VcpuResponse::Exited);
                     return Phase::Done;
                 }
-                Ok(VcpuEvent::Resume) => self.answer(VcpuResponse::Resumed),
-                Ok(_) => self.answer(VcpuResponse::Refused("the vCPU is running")),
                 Err(TryRecvError::Empty) => {}
+            }
+            match self.clock.before_run(Instant::now()) {
+                Next::Run(None) => {}
+                Next::Run(Some(slice)) => self.timer.arm(self.ctx.id, slice),
+                Next::Nap(d) => {
+                    // The slice is over: its timer may still be armed (the
+                    // slice ended at an exit) or have fired; neither may
+                    // cut the next slice short.
+                    self.timer.disarm(self.ctx.id);
+                    eat_kicks();
+                    // The nap ends at once with any event (pause, exit, a
+                    // new throttle): never a blind sleep.
+                    match self.events.recv_timeout(d) {
+                        Ok(ev) => {
+                            if let Some(next) = self.on_event(ev, pending, &pio) {
+                                return next;
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => {
+                            self.answer(VcpuResponse::Exited);
+                            return Phase::Done;
+                        }
+                    }
+                    continue;
+                }
             }
             match self.fd.run() {
                 Ok(exit) => match handle_exit(exit, &pio) {
@@ -204,6 +289,42 @@ impl VcpuThread {
                     self.report_end(VmEnd::Error(msg));
                     return Phase::Done;
                 }
+            }
+        }
+    }
+
+    /// Serves one event while the vCPU runs (or naps between slices);
+    /// returns the next phase if the event ends the run.
+    fn on_event(&mut self, ev: VcpuEvent, pending: bool, pio: &Arc<PioBus>) -> Option<Phase> {
+        match ev {
+            VcpuEvent::Pause => {
+                if let Some(end) = self.complete_pending(pending, pio) {
+                    self.report_end(end);
+                    self.answer(VcpuResponse::Paused);
+                    return Some(Phase::Done);
+                }
+                self.answer(VcpuResponse::Paused);
+                Some(Phase::Paused(pio.clone()))
+            }
+            VcpuEvent::Exit => {
+                self.answer(VcpuResponse::Exited);
+                Some(Phase::Done)
+            }
+            VcpuEvent::Resume => {
+                self.answer(VcpuResponse::Resumed);
+                None
+            }
+            VcpuEvent::Throttle(pct) => {
+                self.clock.set(pct);
+                if !self.clock.in_slice() {
+                    self.timer.disarm(self.ctx.id);
+                }
+                self.answer(VcpuResponse::Throttled);
+                None
+            }
+            _ => {
+                self.answer(VcpuResponse::Refused("the vCPU is running"));
+                None
             }
         }
     }
