@@ -99,6 +99,8 @@ struct Ctx {
     host_max: Option<f64>,
     /// Where a paused post-copy leaves what a resume needs.
     resume: Arc<Mutex<Option<crate::api::ResumeToken>>>,
+    /// The VMM refused a throttle once (it is not logged again).
+    throttle_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -116,7 +118,13 @@ impl Ctx {
                 self.events
                     .emit("throttle-changed", serde_json::json!({ "percent": pct }));
             }
-            Err(e) => log::warn!("cannot throttle the vCPUs to {pct}%: {e}"),
+            Err(e) => {
+                if !self.throttle_refused.swap(true, Relaxed) {
+                    log::warn!(
+                        "cannot throttle the vCPUs to {pct}%: {e}; auto-converge has no effect"
+                    );
+                }
+            }
         }
     }
 
@@ -325,6 +333,7 @@ pub fn run(
         host_slot,
         host_max: hooks.host_max_mib_s,
         resume: hooks.resume.clone(),
+        throttle_refused: Default::default(),
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(

@@ -18,7 +18,9 @@
 //!   in a row by `throttle_initial_percent`, and adds
 //!   `throttle_increment_percent` at every further busy pass, up to
 //!   `throttle_max_percent`. The throttle never goes down during a
-//!   migration and is removed when it ends.
+//!   migration and is removed when it ends. Under `minimal-downtime` with
+//!   `auto_converge`, stalls do not raise the downtime while the throttle
+//!   can still rise.
 
 use std::time::{Duration, Instant};
 
@@ -191,10 +193,18 @@ impl Governor {
             self.stall_at += stall_limit;
             self.stalls += 1;
             stalled = true;
+            // With auto-converge asked for under minimal-downtime, the
+            // throttle goes first: the downtime only grows once it is at
+            // its maximum (the asked downtime is kept while the guest can
+            // still be slowed).
+            let throttle_first = p.policy == Policy::MinimalDowntime
+                && p.auto_converge
+                && self.throttle < p.throttle_max_percent;
             if matches!(
                 p.policy,
                 Policy::MinimalDowntime | Policy::SuspendWorkloadIfNeeded
-            ) {
+            ) && !throttle_first
+            {
                 self.steps += 1;
             }
         }
@@ -413,5 +423,38 @@ mod tests {
             None,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn throttle_goes_before_the_schedule_under_minimal_downtime() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(t0);
+        let p = MigrationParameters {
+            auto_converge: true,
+            stall_limit_s: 1,
+            throttle_initial_percent: 50,
+            throttle_increment_percent: 49,
+            ..Default::default()
+        };
+        let base = p.downtime_ms;
+        g.after_pass(&p, &report(1, 1000, 1000, 1000, 5000), t0);
+        for i in 2..=4u64 {
+            let t = t0 + Duration::from_secs(i);
+            g.after_pass(&p, &report(i, 1000, 1000, 1000, 5000), t);
+        }
+        // Throttle 50 then 99 (max); the downtime stayed until then.
+        assert_eq!(g.throttle, 99);
+        assert!(g.stalls >= 2);
+        let before = g.allowed_downtime(&p).as_millis() as u64;
+        assert!(
+            before <= (base as f64 * DOWNTIME_SCHEDULE[0]) as u64,
+            "{before}"
+        );
+        g.after_pass(
+            &p,
+            &report(5, 1000, 1000, 1000, 5000),
+            t0 + Duration::from_secs(6),
+        );
+        assert!(g.allowed_downtime(&p).as_millis() as u64 > before);
     }
 }
