@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod bitmap;
 mod convergence;
 pub mod error;
 pub mod events;

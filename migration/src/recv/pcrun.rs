@@ -164,17 +164,7 @@ impl Receiving {
             run,
             Phase::AwaitCommit(r, Instant::now())
         )));
-        or_fail!(
-            r.vm.vm
-                .restore_state(&state)
-                .map_err(|e| MigrationError::vm("restoring the VM state", e)),
-            Phase::AwaitCommit(r, Instant::now())
-        );
-        or_fail!(
-            r.s.main.send(&Frame::Ready, &[], &ctx.ctl, "sending READY"),
-            Phase::AwaitCommit(r, Instant::now())
-        );
-        Ok(Phase::AwaitCommit(r, Instant::now()))
+        r.restore_and_announce(ctx, &state)
     }
 }
 

@@ -170,22 +170,17 @@ impl PcDest {
             return Ok(());
         };
         let mut newly = 0;
-        let (mut p, end) = (first, first + n);
+        let end = first + n;
         let mut skip = present.iter().copied().peekable();
-        while p < end {
-            let bit = p % 64;
-            let take = (64 - bit).min(end - p);
-            let mut mask = if take == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
-            let word = (p / 64) as usize;
+        for (word, mut mask) in crate::bitmap::word_masks(first, end) {
+            // The pages of this word in the range: [lo, hi).
+            let lo = word as u64 * 64 + u64::from(mask.trailing_zeros());
+            let hi = lo + u64::from(mask.count_ones());
             while let Some(&q) = skip.peek() {
-                if q >= p + take {
+                if q >= hi {
                     break;
                 }
-                if q >= p {
+                if q >= lo {
                     mask &= !(1 << (q % 64));
                 }
                 skip.next();
@@ -197,7 +192,6 @@ impl PcDest {
                     newly += (mask & !old).count_ones() as u64;
                 }
             }
-            p += take;
         }
         if self.nwaiting.load(SeqCst) > 0 {
             let mut w = lock(&self.waiting);

@@ -59,17 +59,8 @@ impl DestRam {
     /// Marks pages `[first, first + n)` of `region` written.
     pub fn mark(&self, region: usize, first: u64, n: u64) {
         let bm = &self.written[region];
-        let (mut p, end) = (first, first + n);
-        while p < end {
-            let bit = p % 64;
-            let take = (64 - bit).min(end - p);
-            let mask = if take == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
-            bm[(p / 64) as usize].fetch_or(mask, Relaxed);
-            p += take;
+        for (word, mask) in crate::bitmap::word_masks(first, first + n) {
+            bm[word].fetch_or(mask, Relaxed);
         }
     }
 

@@ -288,17 +288,7 @@ impl Receiving {
             vm: p.vm,
             post: None,
         });
-        or_fail!(
-            r.vm.vm
-                .restore_state(&state)
-                .map_err(|e| MigrationError::vm("restoring the VM state", e)),
-            Phase::AwaitCommit(r, Instant::now())
-        );
-        or_fail!(
-            r.s.main.send(&Frame::Ready, &[], &ctx.ctl, "sending READY"),
-            Phase::AwaitCommit(r, Instant::now())
-        );
-        Ok(Phase::AwaitCommit(r, Instant::now()))
+        r.restore_and_announce(ctx, &state)
     }
 }
 
@@ -315,6 +305,27 @@ fn run_devices(vm: &dyn DestinationVm) -> Result<(), MigrationError> {
 }
 
 impl Ready {
+    /// Restores the VM state and tells the source READY; then waits for
+    /// COMMIT (pre-copy and post-copy alike).
+    pub(super) fn restore_and_announce(
+        self: Box<Self>,
+        ctx: &Ctx,
+        state: &[u8],
+    ) -> Result<Phase, Failed> {
+        let r = self;
+        or_fail!(
+            r.vm.vm
+                .restore_state(state)
+                .map_err(|e| MigrationError::vm("restoring the VM state", e)),
+            Phase::AwaitCommit(r, Instant::now())
+        );
+        or_fail!(
+            r.s.main.send(&Frame::Ready, &[], &ctx.ctl, "sending READY"),
+            Phase::AwaitCommit(r, Instant::now())
+        );
+        Ok(Phase::AwaitCommit(r, Instant::now()))
+    }
+
     /// Waits for COMMIT on the main connection, bounded by the stall timeout
     /// since READY; cancel, ABORT, EOF and errors fail (the VM is discarded
     /// and the source, which did not write COMMIT, resumes). `true` once

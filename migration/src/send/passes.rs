@@ -188,16 +188,8 @@ fn ranges_bitmap(ranges: &[std::ops::Range<u64>], pages: u64) -> DirtyBitmap {
     let mut words = vec![0u64; pages.div_ceil(64) as usize];
     for r in ranges {
         let end = r.end.div_ceil(PAGE_SIZE).min(pages);
-        let mut p = r.start / PAGE_SIZE;
-        while p < end {
-            let bit = p % 64;
-            let take = (64 - bit).min(end - p);
-            words[(p / 64) as usize] |= if take == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
-            p += take;
+        for (word, mask) in crate::bitmap::word_masks(r.start / PAGE_SIZE, end) {
+            words[word] |= mask;
         }
     }
     DirtyBitmap { words }
@@ -392,12 +384,10 @@ impl Streaming {
         Ok(Phase::Streaming(self))
     }
 
-    /// Pauses the VM (the guard resumes it on failure) and queues the
-    /// final pass.
-    fn pause(self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
-        let paused = or_fail!(PausedVm::pause(&ctx.vm), Phase::Streaming(self));
+    /// The stopped phase of this stream, with the VM `paused` now.
+    pub(super) fn into_stopped(self: Box<Self>, paused: PausedVm) -> Box<Stopped> {
         let s = *self;
-        let mut st = Box::new(Stopped {
+        Box::new(Stopped {
             link: s.link,
             data: s.data,
             devs: s.devs,
@@ -407,7 +397,14 @@ impl Streaming {
             passes: s.passes,
             pause_at: (Instant::now(), epoch_us()),
             post: None,
-        });
+        })
+    }
+
+    /// Pauses the VM (the guard resumes it on failure) and queues the
+    /// final pass.
+    fn pause(self: Box<Self>, ctx: &Ctx) -> Result<Phase, Failed> {
+        let paused = or_fail!(PausedVm::pause(&ctx.vm), Phase::Streaming(self));
+        let mut st = self.into_stopped(paused);
         or_fail!(st.final_pass(ctx), Phase::Stopped(st));
         Ok(Phase::Stopped(st))
     }

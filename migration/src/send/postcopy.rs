@@ -130,18 +130,7 @@ impl Streaming {
         pool.request_switch();
         let drained = pool.drain_ram();
         let paused = or_fail!(PausedVm::pause(&ctx.vm), Phase::Streaming(self));
-        let s = *self;
-        let mut st = Box::new(Stopped {
-            link: s.link,
-            data: s.data,
-            devs: s.devs,
-            restore: s.restore,
-            paused,
-            dirty: s.dirty,
-            passes: s.passes,
-            pause_at: (Instant::now(), epoch_us()),
-            post: None,
-        });
+        let mut st = self.into_stopped(paused);
         match st.plan(ctx, reason, drained) {
             Ok(plan) => {
                 st.post = Some(Box::new(plan));

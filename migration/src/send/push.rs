@@ -114,20 +114,9 @@ impl PushSet {
             return 0;
         };
         let end = first.saturating_add(n).min(pages);
-        let mut p = first;
-        let mut got = 0;
-        while p < end {
-            let bit = p % 64;
-            let take = (64 - bit).min(end - p);
-            let mask = if take == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << take) - 1) << bit
-            };
-            got += self.claim_word(region, (p / 64) as usize, mask, out);
-            p += take;
-        }
-        got
+        crate::bitmap::word_masks(first, end)
+            .map(|(word, mask)| self.claim_word(region, word, mask, out))
+            .sum()
     }
 
     /// Claims up to `max` pages for the background push, from the cursor
