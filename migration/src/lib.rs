@@ -36,6 +36,7 @@ pub mod events;
 mod guest_mem;
 mod handshake;
 pub mod host;
+mod limits;
 pub mod live;
 mod net;
 mod phase;
