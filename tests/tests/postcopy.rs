@@ -200,19 +200,60 @@ impl Proxy {
         Proxy { port, conns }
     }
 
-    fn cut(&self) {
-        for s in self.conns.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+    /// Cuts the connections `which` selects; connection 0 is the first
+    /// accepted, which is the main connection (the source dials it, and
+    /// finishes its handshake, before any data connection).
+    fn cut(&self, which: Cut) {
+        let conns = self.conns.lock().unwrap();
+        let n = conns.len() / 2;
+        assert!(n >= 2, "only {n} connections went through the proxy");
+        let picked: Vec<usize> = match which {
+            Cut::All => (0..n).collect(),
+            Cut::Main => vec![0],
+            Cut::OneData => vec![n - 1],
+        };
+        for i in picked {
+            for s in &conns[2 * i..2 * i + 2] {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }
 
-/// The connections break in the middle of the post-copy: the source stays
+/// Which of the proxied connections [`Proxy::cut`] breaks.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// Every connection: the network between the hosts is gone.
+    All,
+    /// The main connection only (page requests and control).
+    Main,
+    /// One data connection only.
+    OneData,
+}
+
+/// The network breaks in the middle of the post-copy: the source stays
 /// paused (it never resumes the guest, which runs on the destination), the
 /// destination waits with the faulting vCPUs blocked; a send with
 /// `"resume": true` reconnects and finishes, witnessed by the guest.
 #[test]
-fn postcopy_survives_a_lost_connection_and_resumes() {
+fn postcopy_survives_a_lost_network_and_resumes() {
+    lost_connection_and_resume(Cut::All);
+}
+
+/// As above, with only the main connection (page requests) cut: the data
+/// connections still work, but both sides must give them up and pause.
+#[test]
+fn postcopy_survives_a_cut_main_connection_and_resumes() {
+    lost_connection_and_resume(Cut::Main);
+}
+
+/// As above, with only one data connection cut.
+#[test]
+fn postcopy_survives_a_cut_data_connection_and_resumes() {
+    lost_connection_and_resume(Cut::OneData);
+}
+
+fn lost_connection_and_resume(cut: Cut) {
     skip_unless_kvm!();
     let _g = serial_guard();
     let t0 = Instant::now();
@@ -229,7 +270,7 @@ fn postcopy_survives_a_lost_connection_and_resumes() {
     })
     .expect("post-copy did not start");
     std::thread::sleep(Duration::from_millis(400));
-    proxy.cut();
+    proxy.cut(cut);
     let s = expect_migration_end(&src, &["failed"], LONG);
     assert_eq!(s["source_vm"], "postcopy_paused", "{s}");
     assert_eq!(s["postcopy"], "paused", "{s}");
@@ -252,5 +293,5 @@ fn postcopy_survives_a_lost_connection_and_resumes() {
     check_guest_moved(&[&src.serial], &dst);
     assert_eq!(dst.serial.mismatch(), None, "MISMATCH on the destination");
     assert_eq!(m.dest_status["postcopy_resumes"], 1, "{}", m.dest_status);
-    report("post-copy with a lost connection", &m, t0);
+    report(&format!("post-copy, resumed after cut {cut:?}"), &m, t0);
 }

@@ -193,9 +193,14 @@ enum Cmd {
     SendMigration {
         /// tcp:HOST:PORT of the destination.
         url: String,
-        /// Data connections (1..=64).
+        /// Data connections: 1..=64, or `auto` (chosen from the outgoing
+        /// link's speed and the vCPUs; the status says why).
+        #[arg(long, value_parser = parse_connections)]
+        connections: Option<Value>,
+        /// Resume a post-copy migration that lost its connections: reconnect
+        /// to the destination (which must still be waiting) and finish.
         #[arg(long)]
-        connections: Option<u32>,
+        resume: bool,
         #[command(flatten)]
         live: LiveArgs,
         /// Deprecated alias of --max-bandwidth-mib-s (the value is MiB/s).
@@ -245,6 +250,17 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// `--connections`: `auto` or a number of data connections (the VMM
+/// checks the range and names it in its error).
+fn parse_connections(s: &str) -> Result<Value, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(json!("auto"));
+    }
+    s.parse::<u32>()
+        .map(|n| json!(n))
+        .map_err(|_| format!("{s:?} is neither a number of connections nor \"auto\""))
 }
 
 /// One long poll of `vm.events` lasts at most this long.
@@ -446,6 +462,7 @@ fn run(args: &Args) -> Result<()> {
         Cmd::SendMigration {
             url,
             connections,
+            resume,
             live,
             max_bandwidth_mbps,
             timeout_s,
@@ -458,7 +475,10 @@ fn run(args: &Args) -> Result<()> {
             let mut body = json!({ "destination_url": url });
             transport.apply(&mut body);
             if let Some(c) = connections {
-                body["connections"] = json!(c);
+                body["connections"] = c.clone();
+            }
+            if *resume {
+                body["resume"] = json!(true);
             }
             live.apply(&mut body);
             if let Some(b) = max_bandwidth_mbps {
