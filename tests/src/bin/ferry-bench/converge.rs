@@ -474,6 +474,13 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
             return Err(format!("destination: {}", r.dst_status));
         }
         r.completed = true;
+        if mode == Mode::Reference {
+            // Paused at the source, so paused at the destination: resume it.
+            let (st, v) = try_api(&sock, "PUT", "vm.resume", None)?;
+            if !ferry_tests::ok(st) {
+                return Err(format!("destination vm.resume: {st} {v}"));
+            }
+        }
         // The guest runs on at the destination and finds every page intact.
         let before = src.serial.last_pass().unwrap_or(0);
         let after = dst
