@@ -160,7 +160,9 @@ impl ConvRun {
     /// The events named `name`.
     pub fn named(&self, name: &str) -> impl Iterator<Item = &Value> {
         let name = name.to_string();
-        self.events.iter().filter(move |e| e["event"] == *name.as_str())
+        self.events
+            .iter()
+            .filter(move |e| e["event"] == *name.as_str())
     }
 
     /// The source's `total_time_ms` (from the send), in s: its
@@ -172,7 +174,11 @@ impl ConvRun {
         self.named("migration-completed")
             .find(|e| e["role"] == "source")
             .and_then(|e| e["total_time_ms"].as_f64())
-            .or_else(|| self.src_final.as_ref().and_then(|s| num(s, "total_time_ms")))
+            .or_else(|| {
+                self.src_final
+                    .as_ref()
+                    .and_then(|s| num(s, "total_time_ms"))
+            })
             .map(|ms| ms / 1000.0)
     }
 
@@ -197,7 +203,12 @@ impl ConvRun {
         let ev = self
             .named("throttle-changed")
             .filter_map(|e| e["percent"].as_u64());
-        self.samples.iter().map(|s| s.throttle).chain(ev).max().unwrap_or(0)
+        self.samples
+            .iter()
+            .map(|s| s.throttle)
+            .chain(ev)
+            .max()
+            .unwrap_or(0)
     }
 
     /// `switchover_reason` (the `switchover` event, else the status).
@@ -233,9 +244,7 @@ impl ConvRun {
     /// A destination post-copy figure (`postcopy_bytes`, `postcopy_requests`,
     /// `postcopy_fault_latency_us_p50`, ...), when post-copy ran.
     pub fn post(&self, key: &str) -> Option<f64> {
-        if self.dst_status.get("postcopy").is_none() {
-            return None;
-        }
+        self.dst_status.get("postcopy")?;
         num(&self.dst_status, key)
     }
 
@@ -278,11 +287,13 @@ impl EventTap {
                 let path = format!("vm.events?since={since}&wait_s=1");
                 let body = match try_api_raw(&sock, "GET", &path, None, Duration::from_secs(10)) {
                     Ok((200, Value::String(s))) => s,
+                    // An empty long poll: nothing happened within wait_s.
+                    Ok((200, Value::Null)) => continue,
                     Ok((200, v)) => v.to_string(),
                     Ok(_) | Err(_) => break,
                 };
                 for line in body.lines().filter(|l| !l.trim().is_empty()) {
-                    if let Ok(v) = serde_json::from_str::<Value>(line) {
+                    if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(line) {
                         if let Some(seq) = v["seq"].as_u64() {
                             since = since.max(seq + 1);
                         }
@@ -327,11 +338,15 @@ pub fn wait_for_load(env: &Env, max: f64) -> f64 {
             return l;
         }
         if t.elapsed() > Duration::from_secs(600) {
-            env.log(&format!("   warning: load {l:.2} still ≥ {max} after 10 min"));
+            env.log(&format!(
+                "   warning: load {l:.2} still ≥ {max} after 10 min"
+            ));
             return l;
         }
         if !said {
-            env.log(&format!("   waiting for the 1-min load ({l:.2}) to fall below {max}"));
+            env.log(&format!(
+                "   waiting for the 1-min load ({l:.2}) to fall below {max}"
+            ));
             said = true;
         }
         thread::sleep(Duration::from_secs(2));
@@ -490,9 +505,7 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
         if let Some(m) = dst.serial.mismatch() {
             return Err(format!("destination guest: {m}"));
         }
-        r.witness = format!(
-            "source passes 1..={before}, destination pass {after}, 0 MISMATCH"
-        );
+        r.witness = format!("source passes 1..={before}, destination pass {after}, 0 MISMATCH");
         if mode == Mode::PreCopy {
             env.log("   pre-copy only converged within the limit");
         }
@@ -514,7 +527,10 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
         if let Some(m) = src.serial.mismatch() {
             return Err(format!("source guest: {m}"));
         }
-        r.witness = format!("cancelled; source ran on to pass {}, 0 MISMATCH", before + 1);
+        r.witness = format!(
+            "cancelled; source ran on to pass {}, 0 MISMATCH",
+            before + 1
+        );
         dst.kill();
     }
     drop(recv);

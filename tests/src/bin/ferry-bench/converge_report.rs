@@ -23,7 +23,10 @@ struct Hold(Option<PathBuf>);
 impl Hold {
     fn new(env: &Env, p: Option<&PathBuf>) -> Hold {
         if let Some(p) = p {
-            match std::fs::write(p, format!("ferry-bench converge, pid {}\n", std::process::id())) {
+            match std::fs::write(
+                p,
+                format!("ferry-bench converge, pid {}\n", std::process::id()),
+            ) {
                 Ok(()) => env.log(&format!("created {}", p.display())),
                 Err(e) => env.log(&format!("warning: cannot create {}: {e}", p.display())),
             }
@@ -78,7 +81,12 @@ pub fn converge(env: &Env, opts: &Opts) -> Section {
 fn span(v: &[f64], prec: usize) -> String {
     match (median(v), min_max(v)) {
         (Some(m), Some((lo, hi))) if v.len() > 1 => {
-            format!("{} ({}–{})", f(Some(m), prec), f(Some(lo), prec), f(Some(hi), prec))
+            format!(
+                "{} ({}–{})",
+                f(Some(m), prec),
+                f(Some(lo), prec),
+                f(Some(hi), prec)
+            )
         }
         (Some(m), _) => f(Some(m), prec),
         _ => "–".into(),
@@ -268,7 +276,10 @@ fn targets<'a>(by: &dyn Fn(Mode) -> Vec<&'a ConvRun>, reference: Option<f64>) ->
                 "pre-copy only".into(),
                 "never converged in 90 s".into(),
                 if med(Mode::PreCopy, &ConvRun::total_s).is_some() {
-                    format!("converged in {} s", f(med(Mode::PreCopy, &ConvRun::total_s), 1))
+                    format!(
+                        "converged in {} s",
+                        f(med(Mode::PreCopy, &ConvRun::total_s), 1)
+                    )
                 } else {
                     format!("did not converge in {} s", PRECOPY_LIMIT.as_secs())
                 },
@@ -279,7 +290,10 @@ fn targets<'a>(by: &dyn Fn(Mode) -> Vec<&'a ConvRun>, reference: Option<f64>) ->
                 format!(
                     "{} s, throttle {} %, downtime {} ms",
                     f(ac_t, 1),
-                    f(med(Mode::AutoConverge, &|r| Some(r.max_throttle() as f64)), 0),
+                    f(
+                        med(Mode::AutoConverge, &|r| Some(r.max_throttle() as f64)),
+                        0
+                    ),
                     f(ac_d, 1)
                 ),
             ],
@@ -337,7 +351,10 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
     let mut series = Vec::new();
     let mut reps: Vec<&ConvRun> = Vec::new();
     for (i, m) in Mode::ALL.into_iter().enumerate() {
-        let runs: Vec<&ConvRun> = by(m).into_iter().filter(|r| !r.samples.is_empty()).collect();
+        let runs: Vec<&ConvRun> = by(m)
+            .into_iter()
+            .filter(|r| !r.samples.is_empty())
+            .collect();
         let tot = of(&runs, ConvRun::total_s);
         let rep = median(&tot)
             .and_then(|t| runs.iter().find(|r| r.total_s() == Some(t)))
@@ -368,7 +385,10 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
     let _ = std::fs::write(img.join("converge-all.svg"), chart);
     md.push_str("![remaining bytes, every mode](img/converge-all.svg)\n");
     for m in Mode::ALL {
-        let runs: Vec<&ConvRun> = by(m).into_iter().filter(|r| !r.samples.is_empty()).collect();
+        let runs: Vec<&ConvRun> = by(m)
+            .into_iter()
+            .filter(|r| !r.samples.is_empty())
+            .collect();
         if runs.is_empty() {
             continue;
         }
