@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Ferry's live-migration benchmarks (issues #3, #4 and #9).
+# Ferry's live-migration benchmarks (issues #3, #4, #9 and #10).
 #
 # Usage: bash resources/bench/run.sh [PART] [ferry-bench options...]
-#   PART: all (default) | ram | idle | downtime | devices | tls | limits
+#   PART: all (default) | ram | idle | downtime | devices | tls | converge | limits
 #   e.g.  bash resources/bench/run.sh devices --runs 7
+#         bash resources/bench/run.sh converge --runs 3 --hold-file /work/quiet.lock
+#   `converge` (the busy guest of issue #10) needs root: it runs source and
+#   destination in two network namespaces joined by a veth pair shaped to
+#   1 Gbit/s (`--netns-rate`), removed afterwards. It takes ~10 min a round
+#   (pre-copy only is given 90 s) and waits for a 1-min load below 1.0
+#   (`--max-load`) before each run. It is not part of `all`.
 #
 # Installs iperf3 (and the guest's assembler) if missing, builds the workspace
 # in release mode, then runs `ferry-bench PART --out docs/benchmarks.md`:

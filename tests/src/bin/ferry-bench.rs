@@ -1,13 +1,20 @@
 //! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
 //!
 //! ```text
-//! ferry-bench <ram|idle|downtime|devices|limits|all> [--runs N] [--out docs/benchmarks.md]
-//!             [--settle S] [--conns 1,2,4,8] [--keep-file] [--netns-rate 1gbit] [-v]
+//! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
+//!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8] [--keep-file]
+//!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH] [-v]
 //! ```
 //!
 //! `--netns-rate RATE` runs every source and destination in two network
 //! namespaces joined by a veth pair whose source side is shaped to RATE with
 //! `tc ... tbf` (root and iproute2 needed; see `ferry_tests::NetPair`).
+//!
+//! `converge` (issue #10) always runs in the namespaces (`--netns-rate`,
+//! default `1gbit` for it); before each of its runs it waits until the
+//! 1-minute load average is below `--max-load` (default 1.0), and with
+//! `--hold-file PATH` it creates PATH during each round of timed runs (and
+//! removes it after), to tell others on the machine to stay quiet.
 //!
 //! `ferry`, `first-touch` and the stamp guest are taken from the same target
 //! directory as this binary (the ferry-tests harness locates them;
@@ -25,6 +32,10 @@
 //! settle wait (`--settle`, default 6 s): the host hands freed memory back
 //! within seconds, and first-touch costs swing 2-4x without the wait.
 
+#[path = "ferry-bench/converge.rs"]
+mod converge;
+#[path = "ferry-bench/converge_report.rs"]
+mod converge_report;
 #[path = "ferry-bench/limits.rs"]
 mod limits;
 #[path = "ferry-bench/procfs.rs"]
@@ -60,13 +71,18 @@ pub struct Opts {
     pub root: PathBuf,
     pub conns: Vec<u32>,
     pub keep_file: bool,
+    /// `--max-load`: wait for a 1-min load average below this before a run (converge).
+    pub max_load: Option<f64>,
+    /// `--hold-file`: created during each round of timed runs (converge).
+    pub hold_file: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|tls|limits|all> [--runs N] [--out FILE.md]\n\
-         \x20      [--settle SECONDS] [--first-touch PATH]\n\
-         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit] [-v]"
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]\n\
+         \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
+         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit]\n\
+         \x20      [--max-load 1.0] [--hold-file PATH] [-v]"
     );
     std::process::exit(2)
 }
@@ -86,6 +102,8 @@ fn main() {
         root: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")),
         conns: vec![1, 2, 4, 8],
         keep_file: false,
+        max_load: None,
+        hold_file: None,
     };
     let mut netns_rate: Option<String> = None;
     let mut it = std::env::args().skip(1);
@@ -105,6 +123,8 @@ fn main() {
             }
             "--keep-file" => opts.keep_file = true,
             "--netns-rate" => netns_rate = Some(val()),
+            "--max-load" => opts.max_load = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--hold-file" => opts.hold_file = Some(PathBuf::from(val())),
             "-v" | "--verbose" => env.verbose = true,
             "-h" | "--help" => usage(),
             p if !p.starts_with('-') && opts.part.is_empty() => opts.part = p.to_string(),
@@ -122,7 +142,9 @@ fn main() {
     }
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
-        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" => vec![opts.part.as_str()],
+        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" => {
+            vec![opts.part.as_str()]
+        }
         _ => usage(),
     };
     // Never two benchmarks at once: hold an exclusive lock for the whole run.
@@ -138,6 +160,9 @@ fn main() {
             ferry.display()
         );
         std::process::exit(2);
+    }
+    if opts.part == "converge" && netns_rate.is_none() {
+        netns_rate = Some("1gbit".into());
     }
     if let Some(rate) = &netns_rate {
         match ferry_tests::NetPair::new(rate) {
@@ -164,6 +189,7 @@ fn main() {
             "downtime" => suites::downtime(&env, &opts),
             "devices" => suites::devices(&env, &opts),
             "tls" => tls::tls(&env, &opts),
+            "converge" => converge_report::converge(&env, &opts),
             _ => unreachable!(),
         };
         let path = report::write_json(

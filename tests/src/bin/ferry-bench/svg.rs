@@ -184,7 +184,9 @@ pub fn line_chart(
             s.color,
             pts.join(" ")
         );
-        for &(x, y, r) in &s.points {
+        // Long time series (hundreds of samples) are drawn as plain lines.
+        let markers = s.points.len() <= 60;
+        for &(x, y, r) in s.points.iter().filter(|_| markers) {
             if let Some((lo, hi)) = r {
                 let _ = writeln!(
                     o,
