@@ -248,7 +248,8 @@ pub enum Scatter {}
 ///
 /// Invariant: every entry from `start` on describes memory valid for `'a`,
 /// readable for [`Gather`] lists and writable for [`Scatter`] lists (a
-/// scatter list holds guest pages only); no entry is empty.
+/// scatter list holds guest pages, or local buffers borrowed mutably for
+/// `'a` that nothing else reads meanwhile); no entry is empty.
 pub struct IoVecs<'a, D> {
     iovs: Vec<libc::iovec>,
     start: usize,
@@ -408,6 +409,12 @@ impl<'a> IoVecs<'a, Scatter> {
         }
         self.advance(done);
         done
+    }
+
+    /// Appends a local buffer to be read into (data the receiver throws
+    /// away).
+    pub fn push_sink(&mut self, b: &'a mut [u8]) {
+        self.push_raw(b.as_mut_ptr(), b.len());
     }
 
     /// Appends guest pages `[first, first + n)` of `region` (bounds-checked)

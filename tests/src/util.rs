@@ -42,7 +42,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory, unless `FERRY_TEST_KEEP` is set (then its
+    /// path is printed, for reading the VMMs' logs after a run).
     fn drop(&mut self) {
+        if std::env::var_os("FERRY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = fs::remove_dir_all(&self.0);
     }
 }

@@ -108,7 +108,9 @@ impl Receiving {
             ));
             return Err(Failed::new(Phase::Complete(self, msg), e));
         }
+        let t0 = Instant::now();
         or_fail!(self.await_all(ctx, final_pass), Phase::Complete(self, msg));
+        let waited = t0.elapsed();
         let StateMsg { info, state } = *msg;
         let Receiving {
             keepalive,
@@ -141,8 +143,14 @@ impl Receiving {
                         .map_err(|e| MigrationError::vm("dropping stale pages", e))?;
                 }
             }
+            let discarded = t0.elapsed();
             pc.register()
                 .map_err(|e| MigrationError::vm("registering guest RAM for post-copy", e))?;
+            log::debug!(
+                "post-copy switch: pre-copy data and devices in after {waited:?}, stale pages \
+                 dropped after {discarded:?}, RAM registered after {:?}",
+                t0.elapsed()
+            );
             let pcd = Arc::new(PcDest::new(
                 pc,
                 p.rctx.ram.layout.clone(),
@@ -401,6 +409,7 @@ impl PcRun {
             notify: ctx.notify.clone(),
             sealed: std::sync::atomic::AtomicBool::new(false),
             postcopy: std::sync::OnceLock::new(),
+            stale: std::sync::OnceLock::new(),
         });
         let _ = rctx.postcopy.set(self.pcd.clone());
         let mut readers = Workers::new(&ectl);

@@ -16,6 +16,7 @@ use crate::error::MigrationError;
 use crate::guest_mem::{GuestMemory, IoVecs, Scatter};
 use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Channel, Ctl, Notify, Recv};
 use crate::stats::MigrationStats;
+use crate::traits::PAGE_SIZE;
 use crate::wire::{decode_ranges, Frame, ResolvedRange, HEADER_LEN, RANGE_ENTRY_LEN};
 use crate::worker::Workers;
 
@@ -93,6 +94,18 @@ pub struct ReaderCtx {
     /// Set once the destination switched to post-copy (before READY): from
     /// then on only PAGES frames carry RAM, placed through it.
     pub postcopy: OnceLock<Arc<PcDest>>,
+    /// The missing set of a coming post-copy, once POSTCOPY arrived on the
+    /// main connection (one bitmap per region): pre-copy RAM still in
+    /// flight for these pages is read and thrown away, not written (the
+    /// pages are dropped at the switch and pulled again anyway), so that
+    /// the switch does not wait for memory writes that would be undone.
+    pub stale: OnceLock<Arc<Vec<Vec<u64>>>>,
+}
+
+/// Whether page `page` is set in `map` (pages past its end are not).
+fn in_map(map: &[u64], page: u64) -> bool {
+    map.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
 }
 
 /// Starts one reader per data connection (index = connection index) into
@@ -129,8 +142,8 @@ fn run_reader(
     let what = format!("reading data connection {idx}");
     let mut table = Vec::new();
     let mut ranges: Vec<ResolvedRange> = Vec::new();
-    let mut storage: Vec<libc::iovec> = Vec::new();
     let mut pages: Vec<u8> = Vec::new();
+    let mut bufs = ReadBufs::default();
     let ram = &*ctx.ram;
     loop {
         let env = match recv_frame(s, &ctx.ctl, true, &what)? {
@@ -195,27 +208,7 @@ fn run_reader(
                 // Every range lies inside a region of the destination's
                 // guest RAM (validated above). Within a pass each page is
                 // sent once, so no other reader writes these pages now.
-                let mut v: IoVecs<'_, Scatter> = IoVecs::with_storage(std::mem::take(&mut storage));
-                for r in ranges.iter().filter(|r| !r.zero) {
-                    v.push_guest_mut(&ram.mem, r.region, r.first_page, r.npages)?;
-                }
-                read_vecs(s, &mut v, &ctx.ctl, &what)?;
-                storage = v.into_storage();
-                let mut zero = 0;
-                for r in &ranges {
-                    if r.zero {
-                        zero += r.npages;
-                        // Fresh pages read as zero already (receiver
-                        // contract); only pages written earlier are cleared.
-                        for p in r.first_page..r.first_page + r.npages {
-                            if ram.is_written(r.region, p) {
-                                ram.mem.zero_pages(r.region, p, 1)?;
-                            }
-                        }
-                    } else {
-                        ram.mark(r.region, r.first_page, r.npages);
-                    }
-                }
+                let zero = read_ram_data(s, ctx, &ranges, &mut bufs, &what)?;
                 add(
                     &ctx.stats.transferred_bytes,
                     HEADER_LEN as u64 + env.frame.payload_len(),
@@ -232,6 +225,13 @@ fn run_reader(
                     Some(i) => i.check_contiguous(),
                     None => Ok(()),
                 };
+                if ctx.stale.get().is_some() {
+                    log::debug!(
+                        "data connection {idx}: SYNC({pass}) in; {} bytes of stale pre-copy \
+                         RAM thrown away",
+                        bufs.discarded
+                    );
+                }
                 ctx.barrier.wait(idx, pass, &ctx.ctl, &check)?;
                 *passes = pass;
                 ctx.stats.iteration.fetch_max(pass, Relaxed);
@@ -270,5 +270,216 @@ fn run_reader(
                 )))
             }
         }
+    }
+}
+
+/// Pre-copy page data is read in pieces of at most this many pages, so that
+/// the missing set of a post-copy switch takes effect within a frame.
+const READ_CHUNK_PAGES: u64 = 128;
+
+/// A reader's reusable buffers for [`read_ram_data`].
+#[derive(Default)]
+struct ReadBufs {
+    storage: Vec<libc::iovec>,
+    /// Where stale page data goes (read, never looked at).
+    sink: Vec<u8>,
+    /// Bytes of stale pre-copy data thrown away so far.
+    discarded: u64,
+}
+
+/// Reads the page data of a RAM frame whose validated ranges are `ranges`
+/// into guest memory, marks the pages written and applies the zero ranges;
+/// returns the number of zero pages. Once a post-copy missing set is known
+/// (`ctx.stale`), data for its pages is read into a sink instead, and they
+/// are neither marked nor cleared (they are dropped at the switch and
+/// pulled again).
+fn read_ram_data(
+    s: &Channel,
+    ctx: &ReaderCtx,
+    ranges: &[ResolvedRange],
+    bufs: &mut ReadBufs,
+    what: &str,
+) -> Result<u64, MigrationError> {
+    let ram = &*ctx.ram;
+    if bufs.sink.is_empty() {
+        bufs.sink = vec![0; (READ_CHUNK_PAGES * PAGE_SIZE) as usize];
+    }
+    let stale_at = |region: usize, page: u64| {
+        ctx.stale
+            .get()
+            .is_some_and(|m| m.get(region).is_some_and(|map| in_map(map, page)))
+    };
+    for r in ranges.iter().filter(|r| !r.zero) {
+        let end = r.first_page + r.npages;
+        let mut at = r.first_page;
+        while at < end {
+            let stop = (at + READ_CHUNK_PAGES).min(end);
+            // Runs of pages alike (stale or not) within this piece. Every
+            // range lies inside a region of the destination's guest RAM
+            // (validated by decode_ranges); within a pass each page is sent
+            // once, so no other reader writes these pages now.
+            let mut spare: &mut [u8] = &mut bufs.sink;
+            let mut v: IoVecs<'_, Scatter> =
+                IoVecs::with_storage(std::mem::take(&mut bufs.storage));
+            let mut written: Vec<(u64, u64)> = Vec::new();
+            let mut p = at;
+            while p < stop {
+                let st = stale_at(r.region, p);
+                let mut q = p + 1;
+                while q < stop && stale_at(r.region, q) == st {
+                    q += 1;
+                }
+                if st {
+                    let len = ((q - p) * PAGE_SIZE) as usize;
+                    let (buf, rest) = std::mem::take(&mut spare).split_at_mut(len);
+                    v.push_sink(buf);
+                    spare = rest;
+                    bufs.discarded += len as u64;
+                } else {
+                    v.push_guest_mut(&ram.mem, r.region, p, q - p)?;
+                    written.push((p, q - p));
+                }
+                p = q;
+            }
+            read_vecs(s, &mut v, &ctx.ctl, what)?;
+            bufs.storage = v.into_storage();
+            for (first, n) in written {
+                ram.mark(r.region, first, n);
+            }
+            at = stop;
+        }
+    }
+    let mut zero = 0;
+    for r in ranges.iter().filter(|r| r.zero) {
+        zero += r.npages;
+        // Fresh pages read as zero already (receiver contract); only pages
+        // written earlier are cleared (stale ones are dropped anyway).
+        for p in r.first_page..r.first_page + r.npages {
+            if ram.is_written(r.region, p) && !stale_at(r.region, p) {
+                ram.mem.zero_pages(r.region, p, 1)?;
+            }
+        }
+    }
+    Ok(zero)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::CancelToken;
+    use crate::tests::FakeSource;
+    use crate::traits::SourceVm;
+
+    const PAGES: u64 = 512;
+
+    /// A reader context over a fresh 2 MiB guest, and a connected socket
+    /// pair (`tx` is the source's end).
+    fn setup() -> (Arc<FakeSource>, ReaderCtx, Channel, TcpStream) {
+        let fake = Arc::new(FakeSource::new(&[(0, PAGES * PAGE_SIZE)]));
+        let vm: Arc<dyn SourceVm> = fake.clone();
+        let ctx = ReaderCtx {
+            ram: Arc::new(DestRam::new(GuestMemory::of_source(&vm))),
+            barrier: Arc::new(PassBarrier::new(1)),
+            inbox: None,
+            session: 1,
+            ctl: Ctl::new(CancelToken::default(), Duration::from_secs(5)),
+            stats: Arc::new(MigrationStats::default()),
+            chunk_max: 0,
+            notify: Arc::new(Notify::default()),
+            sealed: AtomicBool::new(false),
+            postcopy: OnceLock::new(),
+            stale: OnceLock::new(),
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        (fake, ctx, Channel::plain(rx), tx)
+    }
+
+    fn page_bytes(p: u64) -> Vec<u8> {
+        vec![(p % 251 + 1) as u8; PAGE_SIZE as usize]
+    }
+
+    /// Pages 0..PAGES in one range; pages `stale` (odd ones in 100..400)
+    /// belong to the missing set.
+    fn stale_map() -> Vec<Vec<u64>> {
+        let mut m = vec![0u64; (PAGES / 64) as usize];
+        for p in (100..400).filter(|p| p % 2 == 1) {
+            m[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        vec![m]
+    }
+
+    fn check(fake: &FakeSource, ctx: &ReaderCtx, stale_from: u64) {
+        let mem = fake.mem(0);
+        let map = stale_map();
+        for p in 0..PAGES {
+            let got = &mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
+            let stale = p >= stale_from && in_map(&map[0], p);
+            if stale {
+                assert!(got.iter().all(|&b| b == 0), "stale page {p} was written");
+                assert!(!ctx.ram.is_written(0, p), "stale page {p} marked written");
+            } else {
+                assert_eq!(got, &page_bytes(p)[..], "page {p}");
+                assert!(ctx.ram.is_written(0, p), "page {p} not marked");
+            }
+        }
+    }
+
+    fn one_range() -> Vec<ResolvedRange> {
+        vec![ResolvedRange {
+            region: 0,
+            first_page: 0,
+            npages: PAGES,
+            zero: false,
+        }]
+    }
+
+    /// With the missing set known before the frame, its pages are read and
+    /// thrown away; every other page lands and is marked.
+    #[test]
+    fn stale_pages_are_thrown_away() {
+        let (fake, ctx, rx, mut tx) = setup();
+        let _ = ctx.stale.set(Arc::new(stale_map()));
+        let data: Vec<u8> = (0..PAGES).flat_map(page_bytes).collect();
+        let w = std::thread::spawn(move || tx.write_all(&data).unwrap());
+        let mut bufs = ReadBufs::default();
+        read_ram_data(&rx, &ctx, &one_range(), &mut bufs, "test").unwrap();
+        w.join().unwrap();
+        check(&fake, &ctx, 0);
+        assert_eq!(bufs.discarded, 150 * PAGE_SIZE);
+    }
+
+    /// The missing set arriving in the middle of a frame takes effect from
+    /// the next piece on: the first piece was written (and is dropped at
+    /// the switch anyway), the later stale pages are not.
+    #[test]
+    fn a_missing_set_takes_effect_within_a_frame() {
+        let (fake, ctx, rx, mut tx) = setup();
+        let ctx = Arc::new(ctx);
+        let data: Vec<u8> = (0..PAGES).flat_map(page_bytes).collect();
+        let first = (READ_CHUNK_PAGES * PAGE_SIZE) as usize;
+        let c = ctx.clone();
+        let w = std::thread::spawn(move || {
+            // All of the first piece but its last byte: the reader cannot
+            // finish it before the missing set is known.
+            tx.write_all(&data[..first - 1]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = c.stale.set(Arc::new(stale_map()));
+            tx.write_all(&data[first - 1..]).unwrap();
+        });
+        let mut bufs = ReadBufs::default();
+        read_ram_data(&rx, &ctx, &one_range(), &mut bufs, "test").unwrap();
+        w.join().unwrap();
+        check(&fake, &ctx, READ_CHUNK_PAGES);
+        assert_eq!(bufs.discarded, 136 * PAGE_SIZE);
     }
 }

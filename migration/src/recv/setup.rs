@@ -159,6 +159,7 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
         notify: ctx.notify.clone(),
         sealed: AtomicBool::new(false),
         postcopy: std::sync::OnceLock::new(),
+        stale: std::sync::OnceLock::new(),
     });
     let p = Box::new(Prepared {
         s: *s,

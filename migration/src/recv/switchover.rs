@@ -187,6 +187,7 @@ impl Receiving {
                 }
                 let maps = wire::decode_bitmap(&data, &self.p.rctx.ram.layout, missing)?;
                 log::info!("switching to post-copy: {missing} pages to pull after the start");
+                let _ = self.p.rctx.stale.set(std::sync::Arc::new(maps.clone()));
                 self.post = Some(Box::new(super::pcrun::PostMsg { final_pass, maps }));
                 Ok(None)
             }

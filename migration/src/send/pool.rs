@@ -412,13 +412,29 @@ impl RateLimiter {
 
     /// Takes `n` bytes, sleeping (in slices that poll abort) while in debt.
     pub fn take(&self, n: u64, ctl: &Ctl) -> Result<(), MigrationError> {
+        self.take_unless(n, ctl, &|| false).map(|_| ())
+    }
+
+    /// As [`RateLimiter::take`], but gives the bytes back and returns
+    /// `false` as soon as `abandon()` holds (polled before taking and while
+    /// sleeping): for pre-copy RAM that the switch to post-copy makes
+    /// useless, so that it does not hold the downtime up.
+    pub fn take_unless(
+        &self,
+        n: u64,
+        ctl: &Ctl,
+        abandon: &dyn Fn() -> bool,
+    ) -> Result<bool, MigrationError> {
+        if abandon() {
+            return Ok(false);
+        }
         let wait = {
             let mut st = lock(&self.st);
             let now = Instant::now();
             let Some(rate) = st.rate() else {
                 st.tokens = 0.0;
                 st.at = now;
-                return Ok(());
+                return Ok(true);
             };
             let refill = now.duration_since(st.at).as_secs_f64() * rate;
             st.tokens = (st.tokens + refill).min(Bucket::burst(rate)) - n as f64;
@@ -434,14 +450,58 @@ impl RateLimiter {
             ctl.check()?;
             let now = Instant::now();
             if now >= deadline {
-                return Ok(());
+                return Ok(true);
             }
-            std::thread::sleep((deadline - now).min(POLL_INTERVAL));
+            if abandon() {
+                let mut st = lock(&self.st);
+                if let Some(rate) = st.rate() {
+                    st.tokens = (st.tokens + n as f64).min(Bucket::burst(rate));
+                }
+                return Ok(false);
+            }
+            std::thread::sleep((deadline - now).min(ABANDON_POLL));
         }
     }
 }
 
+/// How often a writer waiting for tokens checks whether its packet is
+/// still wanted.
+const ABANDON_POLL: Duration = Duration::from_millis(1);
+
 /// Shorthand used by workers: the pool's stats counters.
 pub fn add(c: &AtomicU64, v: u64) {
     c.fetch_add(v, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::api::CancelToken;
+
+    /// A take that would sleep for seconds gives up when its packet is no
+    /// longer wanted, and gives its bytes back.
+    #[test]
+    fn an_abandoned_take_returns_its_bytes() {
+        let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(5));
+        let l = RateLimiter::new(Some(1024.0 * 1024.0));
+        // The burst (256 KiB) and then 4 s of debt.
+        l.take_now(256 * 1024);
+        let gone = Arc::new(AtomicBool::new(false));
+        let g = gone.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            g.store(true, Ordering::SeqCst);
+        });
+        let taken = l
+            .take_unless(4 << 20, &ctl, &|| gone.load(Ordering::SeqCst))
+            .unwrap();
+        t.join().unwrap();
+        assert!(!taken);
+        // The bytes came back: no 4 s debt is left behind.
+        assert!(lock(&l.st).tokens > -((1u64 << 20) as f64));
+        // Abandoned before taking: nothing taken at all.
+        assert!(!l.take_unless(1 << 30, &ctl, &|| true).unwrap());
+    }
 }

@@ -350,10 +350,9 @@ pub(super) fn reconnect(ctx: &Ctx, t: Box<ResumeToken>) -> Result<Phase, Failed>
         )?;
         let (missing, maps) = await_resume_ack(ctx, &main, epoch)?;
         let data = super::setup::data_plane(ctx)?;
-        let link = super::link::Link::start(main, &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
-        Ok((missing, maps, data, link))
+        Ok((missing, maps, data, main))
     })();
-    let (missing, maps, data, link) = or_fail!(r, Phase::Resume(t));
+    let (missing, maps, data, main) = or_fail!(r, Phase::Resume(t));
     let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
     let push = Arc::new(PushSet::new(&maps, &pages));
     let fd = &ctx.from_dest;
@@ -370,7 +369,14 @@ pub(super) fn reconnect(ctx: &Ctx, t: Box<ResumeToken>) -> Result<Phase, Failed>
         resumed: Mutex::new(Some((resume_us, t.ack_ms))),
         epoch,
     };
-    plan.arm(ctx, &link.main, &data);
+    // The page server is armed before the main connection's reader starts:
+    // the destination asks again for its waiting faults right after
+    // RESUME_ACK.
+    plan.arm(ctx, &main, &data);
+    let link = or_fail!(
+        super::link::Link::start(main, &ctx.ctl, &ctx.from_dest, &ctx.counters),
+        Phase::Resume(t)
+    );
     data.pool.push_all(|| Item::Postcopy);
     ctx.stats.set_postcopy(PostcopyPhase::Active);
     ctx.stats.postcopy_resumes.store(epoch, Relaxed);

@@ -3,6 +3,7 @@
 //! `writev`s them together with the page data straight from guest memory
 //! (no copy into an intermediate buffer).
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, OnceLock};
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
@@ -72,7 +73,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
         let cost = item.cost();
         match item {
             Item::Ram { pass, runs } => {
-                let (wire, zero, pages) = write_ram(
+                let Some((wire, zero, pages)) = write_ram(
                     s,
                     ctx,
                     Packet::Ram { pass },
@@ -81,7 +82,16 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     &mut data_runs,
                     &mut storage,
                     &what,
-                )?;
+                )?
+                else {
+                    // The switch to post-copy came while this packet waited
+                    // for the bandwidth cap: its pages are in the missing
+                    // set (the interrupted pass), so it is not sent.
+                    let pages: u64 = runs.iter().map(|r| r.npages).sum();
+                    ctx.pool.pages_dropped.fetch_add(pages, SeqCst);
+                    ctx.pool.done(conn, cost, 0);
+                    continue;
+                };
                 add(&ctx.pool.sent_bytes, wire);
                 add(&ctx.pool.pages_done, pages);
                 add(&ctx.stats.transferred_bytes, wire);
@@ -121,6 +131,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 write_vecs(s, &mut v, &ctx.ctl, &what)?;
                 storage = v.into_storage();
                 add(&ctx.pool.sent_bytes, HEADER_LEN as u64);
+                log::trace!("data connection {conn}: SYNC({pass}) written");
             }
             Item::Close => {
                 s.close_write();
@@ -137,7 +148,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     if runs.is_empty() {
                         break;
                     }
-                    let (wire, zero, pages) = write_ram(
+                    let Some((wire, zero, pages)) = write_ram(
                         s,
                         ctx,
                         Packet::Pages,
@@ -146,7 +157,12 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                         &mut data_runs,
                         &mut storage,
                         &what,
-                    )?;
+                    )?
+                    else {
+                        return Err(MigrationError::Internal(
+                            "a post-copy packet was given up".into(),
+                        ));
+                    };
                     pushed += pages;
                     add(&ctx.pool.sent_bytes, wire);
                     add(&ctx.stats.transferred_bytes, wire);
@@ -226,7 +242,9 @@ pub fn classify(
     Ok(c)
 }
 
-/// Sends one RAM packet; returns (wire bytes, zero pages, pages).
+/// Sends one RAM packet; returns (wire bytes, zero pages, pages), or `None`
+/// for a pre-copy packet given up at the switch to post-copy (nothing of it
+/// was written).
 ///
 /// Zero pages are detected here, page by page with volatile reads; runs of
 /// equal zero-ness become one range-table entry each. The header, the table
@@ -242,7 +260,7 @@ fn write_ram(
     data_runs: &mut Vec<(usize, u64, u64)>,
     storage: &mut Vec<libc::iovec>,
     what: &str,
-) -> Result<(u64, u64, u64), MigrationError> {
+) -> Result<Option<(u64, u64, u64)>, MigrationError> {
     let mem = &*ctx.mem;
     let c = classify(mem, runs, table, data_runs)?;
     let frame = match kind {
@@ -259,7 +277,18 @@ fn write_ram(
     };
     let head = frame.encode(ctx.session);
     let wire = HEADER_LEN as u64 + frame.payload_len();
-    ctx.limiter.take(wire, &ctx.ctl)?;
+    match kind {
+        Packet::Ram { .. } => {
+            let pool = &ctx.pool;
+            if !ctx
+                .limiter
+                .take_unless(wire, &ctx.ctl, &|| pool.switch_requested())?
+            {
+                return Ok(None);
+            }
+        }
+        Packet::Pages => ctx.limiter.take(wire, &ctx.ctl)?,
+    }
     let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
     v.push_bytes(&head);
     v.push_bytes(table);
@@ -268,5 +297,5 @@ fn write_ram(
     }
     write_vecs(s, &mut v, &ctx.ctl, what)?;
     *storage = v.into_storage();
-    Ok((wire, c.zero, c.pages))
+    Ok(Some((wire, c.zero, c.pages)))
 }
