@@ -178,7 +178,7 @@ impl Spec {
             for r in req {
                 let named = r
                     .as_str()
-                    .is_some_and(|r| obj["properties"].get(r).is_some());
+                    .is_some_and(|r| obj.get("properties").and_then(|p| p.get(r)).is_some());
                 if !named {
                     errs.push(format!("{at}: required {r} is not among its properties"));
                 }

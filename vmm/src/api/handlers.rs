@@ -221,8 +221,8 @@ mod tests {
     fn bad_bodies_are_400() {
         let v = vmm();
         use ErrorKind::{BadRequest, InvalidParameter};
-        for (body, kind) in [
-            (&b""[..], BadRequest),
+        let receive: [(&[u8], ErrorKind); 8] = [
+            (b"", BadRequest),
             (b"  \n", BadRequest),
             (b"{not json", BadRequest),
             (b"[1,2]", BadRequest),
@@ -233,13 +233,14 @@ mod tests {
                 br#"{"receiver_url":"tcp:127.0.0.1:1","bogus":1}"#,
                 InvalidParameter,
             ),
-        ] {
+        ];
+        for (body, kind) in receive {
             let r = handle(&v, Route::ReceiveMigration, body);
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(r.kind(), Some(kind), "{}", String::from_utf8_lossy(body));
         }
-        for (body, kind) in [
-            (&b""[..], BadRequest),
+        let send: [(&[u8], ErrorKind); 4] = [
+            (b"", BadRequest),
             (b"{}", InvalidParameter),
             (
                 br#"{"destination_url":"tcp:127.0.0.1:1","connections":0}"#,
@@ -249,7 +250,8 @@ mod tests {
                 br#"{"destination_url":"tcp:127.0.0.1:1","technique":"warp"}"#,
                 InvalidParameter,
             ),
-        ] {
+        ];
+        for (body, kind) in send {
             let r = handle(&v, Route::SendMigration, body);
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(r.kind(), Some(kind), "{}", String::from_utf8_lossy(body));
