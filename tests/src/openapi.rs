@@ -93,7 +93,12 @@ impl Spec {
         for (path, item) in spec.doc["paths"].as_object().into_iter().flatten() {
             for (method, op) in item.as_object().into_iter().flatten() {
                 let at = format!("paths.{path}.{method}");
-                for (i, p) in op["parameters"].as_array().into_iter().flatten().enumerate() {
+                for (i, p) in op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
                     spec.lint(&format!("{at}.parameters[{i}]"), &p["schema"], &mut errs);
                 }
                 if let Some(s) = op["requestBody"]["content"]["application/json"].get("schema") {
@@ -293,7 +298,10 @@ impl Spec {
         }
         if let Some(e) = obj.get("enum").and_then(Value::as_array) {
             if !e.contains(v) {
-                errs.push(format!("{at}: {v} is not one of {}", Value::Array(e.clone())));
+                errs.push(format!(
+                    "{at}: {v} is not one of {}",
+                    Value::Array(e.clone())
+                ));
             }
         }
         if let Some(c) = obj.get("const") {
@@ -323,12 +331,19 @@ impl Spec {
                 })
                 .count();
             if fits != 1 {
-                errs.push(format!("{at}: {v} fits {fits} of the oneOf alternatives, not 1"));
+                errs.push(format!(
+                    "{at}: {v} fits {fits} of the oneOf alternatives, not 1"
+                ));
             }
         }
         if let Some(m) = v.as_object() {
             let props = obj.get("properties").and_then(Value::as_object);
-            for r in obj.get("required").and_then(Value::as_array).into_iter().flatten() {
+            for r in obj
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(r) = r.as_str() {
                     if !m.contains_key(r) {
                         errs.push(format!("{at}: required field {r} is missing"));
@@ -452,7 +467,10 @@ components:
             ("anyOf: []", "unsupported keyword"),
             ("$ref: '#/components/schemas/Nope'", "does not resolve"),
         ] {
-            let text = MINI.replace("        n: {type: integer, minimum: 1, maximum: 9}", &format!("        n: {{type: integer, {bad}}}"));
+            let text = MINI.replace(
+                "        n: {type: integer, minimum: 1, maximum: 9}",
+                &format!("        n: {{type: integer, {bad}}}"),
+            );
             let e = Spec::parse(&text).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }

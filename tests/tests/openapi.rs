@@ -88,7 +88,9 @@ fn spec_lists_every_error_kind_with_its_status() {
     assert!(spec
         .validate_named("Error", &json!({"error": "x", "kind": "teapot"}))
         .is_err());
-    assert!(spec.validate_named("Error", &json!({"error": "x"})).is_err());
+    assert!(spec
+        .validate_named("Error", &json!({"error": "x"}))
+        .is_err());
 }
 
 #[test]

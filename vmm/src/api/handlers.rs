@@ -13,7 +13,10 @@ use crate::control::requests::{Request, RequestError, Response};
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(Reply::error(ErrorKind::BadRequest, "this request needs a JSON body"));
+        return Err(Reply::error(
+            ErrorKind::BadRequest,
+            "this request needs a JSON body",
+        ));
     }
     serde_json::from_slice(body)
         .map_err(|e| Reply::error(ErrorKind::BadRequest, format!("invalid JSON body: {e}")))
@@ -26,14 +29,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
 fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> Result<T, Reply> {
     let v: Value = parse_body(body)?;
     let Some(obj) = v.as_object() else {
-        return Err(Reply::error(ErrorKind::BadRequest, "the body must be a JSON object"));
+        return Err(Reply::error(
+            ErrorKind::BadRequest,
+            "the body must be a JSON object",
+        ));
     };
     for l in limits {
         match obj.get(l.field) {
             None | Some(Value::Null) => {}
-            Some(n) => l
-                .check_json(n)
-                .map_err(|e| invalid(e.to_string()))?,
+            Some(n) => l.check_json(n).map_err(|e| invalid(e.to_string()))?,
         }
     }
     // The path names the field at fault ("technique: unknown variant ...").
@@ -95,7 +99,12 @@ pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
         }
         Route::GetParameters => Request::GetParameters,
         // Served by the connection thread itself (it streams).
-        Route::Events => return Err(Reply::error(ErrorKind::Internal, "vm.events is not a request")),
+        Route::Events => {
+            return Err(Reply::error(
+                ErrorKind::Internal,
+                "vm.events is not a request",
+            ))
+        }
     })
 }
 

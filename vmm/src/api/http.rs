@@ -92,9 +92,12 @@ pub enum Head {
 pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let status = req
-        .parse(buf)
-        .map_err(|e| err(ErrorKind::BadRequest, format!("malformed HTTP request: {e}")))?;
+    let status = req.parse(buf).map_err(|e| {
+        err(
+            ErrorKind::BadRequest,
+            format!("malformed HTTP request: {e}"),
+        )
+    })?;
     let head_len = match status {
         httparse::Status::Partial => return Ok(Head::Partial),
         httparse::Status::Complete(n) => n,
@@ -378,7 +381,10 @@ mod tests {
         let cases: [(&[u8], Option<ErrorKind>); 6] = [
             (b"", None),
             (b"GET /x HTT", Some(BadRequest)),
-            (b"PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Some(BadRequest)),
+            (
+                b"PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                Some(BadRequest),
+            ),
             (
                 b"PUT /x HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
                 Some(PayloadTooLarge),
@@ -396,8 +402,8 @@ mod tests {
         }
         // Exactly the limit is accepted.
         let body = vec![b' '; MAX_BODY_BYTES];
-        let mut req = format!("PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n")
-            .into_bytes();
+        let mut req =
+            format!("PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n").into_bytes();
         req.extend(&body);
         assert_eq!(read(&req).unwrap().body.len(), MAX_BODY_BYTES);
     }

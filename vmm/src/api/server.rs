@@ -6,7 +6,7 @@
 //! loop, and writes the loop's answer back as HTTP. It never changes the
 //! VMM itself.
 
-use std::io::ErrorKind;
+use std::io::ErrorKind as IoErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -144,8 +144,8 @@ impl ApiServer {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == IoErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
                 Err(e) => {
                     // E.g. out of fds: the connection stays queued and the
                     // listener readable; the next round retries.
@@ -335,7 +335,9 @@ fn guarded(f: impl FnOnce() -> (Reply, Option<DeliveryAck>)) -> (Reply, Option<D
             (
                 Reply::error(
                     ErrorKind::Internal,
-                    format!("internal error: the request handler panicked ({what}); the VMM goes on"),
+                    format!(
+                        "internal error: the request handler panicked ({what}); the VMM goes on"
+                    ),
                 ),
                 None,
             )
