@@ -154,10 +154,8 @@ impl Spec {
                 continue;
             }
             match k.as_str() {
-                "$ref" => {
-                    if v.as_str().and_then(|r| self.pointer(r)).is_none() {
-                        errs.push(format!("{at}: $ref {v} does not resolve"));
-                    }
+                "$ref" if v.as_str().and_then(|r| self.pointer(r)).is_none() => {
+                    errs.push(format!("{at}: $ref {v} does not resolve"));
                 }
                 "properties" => {
                     for (p, ps) in v.as_object().into_iter().flatten() {
