@@ -16,6 +16,8 @@
 //! - [`migrate`](mod@migrate): [`start_pair`], [`migrate_and_check`], [`start_receive`],
 //!   [`Migration`], ...;
 //! - [`util`]: [`TempDir`], [`poll`], [`free_tcp_port`], ...
+//! - [`openapi`]: `docs/openapi.yaml`, loaded and checked, and a strict validator
+//!   of replies against its schemas;
 //! - [`nested`]: the nested Linux test bed (QEMU TCG with emulated SVM, ferry inside);
 //! - [`netns`]: [`NetPair`], two network namespaces joined by a veth pair shaped
 //!   with tc tbf (two "hosts" on one machine), removed on drop.
@@ -31,6 +33,7 @@ pub mod guest;
 pub mod migrate;
 pub mod nested;
 pub mod netns;
+pub mod openapi;
 pub mod proc;
 pub mod tls;
 pub mod util;

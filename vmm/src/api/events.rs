@@ -23,6 +23,7 @@ use std::time::Duration;
 use migration::api::EventLog;
 use serde_json::json;
 
+use super::errors::ErrorKind;
 use super::http::write_response;
 use super::routes::Reply;
 
@@ -55,7 +56,7 @@ pub fn parse_query(q: &str) -> Result<EventQuery, Reply> {
             "since" => {
                 out.since = Some(v.parse().map_err(|_| {
                     Reply::error(
-                        400,
+                        ErrorKind::InvalidParameter,
                         format!("since must be an event number or \"now\", got {v:?}"),
                     )
                 })?)
@@ -64,7 +65,7 @@ pub fn parse_query(q: &str) -> Result<EventQuery, Reply> {
                 let w: u64 = v.parse().unwrap_or(0);
                 if !(1..=MAX_WAIT_S).contains(&w) {
                     return Err(Reply::error(
-                        400,
+                        ErrorKind::InvalidParameter,
                         format!("wait_s must be in 1..={MAX_WAIT_S}, got {v:?}"),
                     ));
                 }
@@ -72,7 +73,7 @@ pub fn parse_query(q: &str) -> Result<EventQuery, Reply> {
             }
             _ => {
                 return Err(Reply::error(
-                    400,
+                    ErrorKind::InvalidParameter,
                     format!("unknown query parameter {k:?} (vm.events takes since and wait_s)"),
                 ))
             }
@@ -170,7 +171,7 @@ pub fn serve(stream: &mut UnixStream, log: &EventLog, followers: &Followers, q: 
     }
     let Some(_slot) = followers.join() else {
         let body = Reply::error(
-            503,
+            ErrorKind::Unavailable,
             format!("too many vm.events followers (at most {MAX_FOLLOWERS}); use wait_s to poll"),
         )
         .body;

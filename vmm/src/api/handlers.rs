@@ -7,14 +7,19 @@ use migration::live::{self, ParametersUpdate};
 use migration::{ReceiveParams, SendParams};
 use serde_json::{json, Value};
 
+use super::errors::ErrorKind;
 use super::routes::{Reply, Route};
 use crate::control::requests::{Request, RequestError, Response};
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(Reply::error(400, "this request needs a JSON body"));
+        return Err(Reply::error(
+            ErrorKind::BadRequest,
+            "this request needs a JSON body",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| Reply::error(400, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| Reply::error(ErrorKind::BadRequest, format!("invalid JSON body: {e}")))
 }
 
 /// A JSON object body typed as `T`, its numeric fields first checked
@@ -24,14 +29,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
 fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> Result<T, Reply> {
     let v: Value = parse_body(body)?;
     let Some(obj) = v.as_object() else {
-        return Err(Reply::error(400, "the body must be a JSON object"));
+        return Err(Reply::error(
+            ErrorKind::BadRequest,
+            "the body must be a JSON object",
+        ));
     };
     for l in limits {
         match obj.get(l.field) {
             None | Some(Value::Null) => {}
-            Some(n) => l
-                .check_json(n)
-                .map_err(|e| Reply::error(400, e.to_string()))?,
+            Some(n) => l.check_json(n).map_err(|e| invalid(e.to_string()))?,
         }
     }
     // The path names the field at fault ("technique: unknown variant ...").
@@ -39,11 +45,17 @@ fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &[Limit]) -> 
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path.is_empty() || path == "." {
-            Reply::error(400, format!("invalid JSON body: {inner}"))
+            invalid(format!("invalid JSON body: {inner}"))
         } else {
-            Reply::error(400, format!("invalid JSON body: {path}: {inner}"))
+            invalid(format!("invalid JSON body: {path}: {inner}"))
         }
     })
+}
+
+/// A 400 of kind `invalid-parameter`: a field of a well-formed body is
+/// refused.
+fn invalid(msg: impl Into<String>) -> Reply {
+    Reply::error(ErrorKind::InvalidParameter, msg)
 }
 
 /// The limits of `vm.migration-set-parameters` checked on the untyped
@@ -69,31 +81,30 @@ pub fn translate(route: Route, body: &[u8]) -> Result<Request, Reply> {
         Route::VmShutdown => Request::VmShutdown,
         Route::SendMigration => {
             let params: SendParams = typed_body(body, SEND_LIMITS)?;
-            params
-                .validate()
-                .map_err(|e| Reply::error(400, e.to_string()))?;
+            params.validate().map_err(|e| invalid(e.to_string()))?;
             Request::SendMigration(params)
         }
         Route::ReceiveMigration => {
             let params: ReceiveParams = typed_body(body, RECEIVE_LIMITS)?;
-            params
-                .validate()
-                .map_err(|e| Reply::error(400, e.to_string()))?;
-            let addr = params
-                .listen_addr()
-                .map_err(|e| Reply::error(400, e.to_string()))?;
+            params.validate().map_err(|e| invalid(e.to_string()))?;
+            let addr = params.listen_addr().map_err(|e| invalid(e.to_string()))?;
             Request::ReceiveMigration { params, addr }
         }
         Route::MigrationStatus => Request::MigrationStatus,
         Route::MigrationCancel => Request::MigrationCancel,
         Route::SetParameters => {
             let u: ParametersUpdate = typed_body(body, PARAM_LIMITS_UNTYPED)?;
-            u.validate().map_err(|e| Reply::error(400, e.to_string()))?;
+            u.validate().map_err(|e| invalid(e.to_string()))?;
             Request::SetParameters(u)
         }
         Route::GetParameters => Request::GetParameters,
         // Served by the connection thread itself (it streams).
-        Route::Events => return Err(Reply::error(500, "vm.events is not a request")),
+        Route::Events => {
+            return Err(Reply::error(
+                ErrorKind::Internal,
+                "vm.events is not a request",
+            ))
+        }
     })
 }
 
@@ -121,11 +132,11 @@ pub fn reply_for(result: Result<Response, RequestError>) -> Reply {
                 v
             }
         }),
-        Err(RequestError::BadRequest(m)) => Reply::error(400, m),
-        Err(RequestError::Conflict(m)) => Reply::error(409, m),
-        Err(RequestError::Internal(m)) => Reply::error(500, m),
+        Err(RequestError::BadRequest(m)) => invalid(m),
+        Err(RequestError::Conflict(m)) => Reply::error(ErrorKind::Conflict, m),
+        Err(RequestError::Internal(m)) => Reply::error(ErrorKind::Internal, m),
         Err(RequestError::NoVm { state }) => {
-            let mut r = Reply::error(409, "no VM has been created");
+            let mut r = Reply::error(ErrorKind::Conflict, "no VM has been created");
             if let Some(Value::Object(m)) = r.body.as_mut() {
                 m.insert("state".into(), json!(state));
             }
@@ -153,13 +164,21 @@ mod tests {
     /// What the control loop does with one request: the reply, and the
     /// exit code the loop applies once it was delivered.
     fn handle_exit(v: &Arc<Vmm>, route: Route, body: &[u8]) -> (Reply, Option<i32>) {
-        match translate(route, body) {
+        let (r, exit) = match translate(route, body) {
             Ok(req) => {
                 let o = v.execute(req);
                 (reply_for(o.result), o.exit_after_reply)
             }
             Err(r) => (r, None),
+        };
+        // Every reply is one docs/openapi.yaml lists for the endpoint, and
+        // every error names its kind, whose status it has.
+        assert!(route.documents(r.status), "{route:?}: {r:?}");
+        if r.status >= 400 {
+            let kind = r.kind().unwrap_or_else(|| panic!("no kind: {r:?}"));
+            assert_eq!(kind.status(), r.status, "{r:?}");
         }
+        (r, exit)
     }
 
     fn handle(v: &Arc<Vmm>, route: Route, body: &[u8]) -> Reply {
@@ -171,6 +190,7 @@ mod tests {
         let v = vmm();
         let r = handle(&v, Route::VmInfo, b"");
         assert_eq!(r.status, 409);
+        assert_eq!(r.kind(), Some(ErrorKind::Conflict));
         assert_eq!(r.body.as_ref().unwrap()["state"], "not_created");
         for route in [
             Route::VmPause,
@@ -209,25 +229,53 @@ mod tests {
     #[test]
     fn bad_bodies_are_400() {
         let v = vmm();
-        for body in [
-            &b""[..],
-            b"{not json",
-            b"[1,2]",
-            br#"{"receiver_url": 5}"#,
-            br#"{"receiver_url":"udp:x:1"}"#,
-            br#"{"receiver_url":"tcp:127.0.0.1:1","bogus":1}"#,
-        ] {
+        use ErrorKind::{BadRequest, InvalidParameter};
+        let receive: [(&[u8], ErrorKind); 8] = [
+            (b"", BadRequest),
+            (b"  \n", BadRequest),
+            (b"{not json", BadRequest),
+            (b"[1,2]", BadRequest),
+            (b"\"text\"", BadRequest),
+            (br#"{"receiver_url": 5}"#, InvalidParameter),
+            (br#"{"receiver_url":"udp:x:1"}"#, InvalidParameter),
+            (
+                br#"{"receiver_url":"tcp:127.0.0.1:1","bogus":1}"#,
+                InvalidParameter,
+            ),
+        ];
+        for (body, kind) in receive {
             let r = handle(&v, Route::ReceiveMigration, body);
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+            assert_eq!(r.kind(), Some(kind), "{}", String::from_utf8_lossy(body));
         }
-        for body in [
-            &b""[..],
-            b"{}",
-            br#"{"destination_url":"tcp:127.0.0.1:1","connections":0}"#,
-        ] {
+        let send: [(&[u8], ErrorKind); 4] = [
+            (b"", BadRequest),
+            (b"{}", InvalidParameter),
+            (
+                br#"{"destination_url":"tcp:127.0.0.1:1","connections":0}"#,
+                InvalidParameter,
+            ),
+            (
+                br#"{"destination_url":"tcp:127.0.0.1:1","technique":"warp"}"#,
+                InvalidParameter,
+            ),
+        ];
+        for (body, kind) in send {
             let r = handle(&v, Route::SendMigration, body);
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+            assert_eq!(r.kind(), Some(kind), "{}", String::from_utf8_lossy(body));
         }
+        // A field at fault is named.
+        let r = handle(
+            &v,
+            Route::SendMigration,
+            br#"{"destination_url":"tcp:127.0.0.1:1","technique":"warp"}"#,
+        );
+        let m = r.body.unwrap()["error"].as_str().unwrap().to_string();
+        assert!(m.contains("technique"), "{m}");
+        // An empty parameter change is refused by the VMM, also as a 400.
+        let r = handle(&v, Route::SetParameters, b"{}");
+        assert_eq!(r.kind(), Some(InvalidParameter), "{r:?}");
     }
 
     /// Every numeric field out of its range is a 400 that names the field

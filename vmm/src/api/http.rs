@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use super::errors::ErrorKind;
+
 /// Largest request head (request line + headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest request body accepted.
@@ -34,19 +36,34 @@ pub struct Request {
 
 /// Why a request could not be read.
 ///
-/// Invariant: `status` is the HTTP status to answer with (0 = the peer is
-/// gone, answer nothing).
+/// Invariant: `kind` is the error to answer with (`None`: the peer is gone,
+/// answer nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpError {
-    /// Status code to answer with, 0 for none.
-    pub status: u16,
+    /// The error to answer with, `None` for no answer.
+    pub kind: Option<ErrorKind>,
     /// Message for the `error` field.
     pub message: String,
 }
 
-fn err(status: u16, message: impl Into<String>) -> HttpError {
+impl HttpError {
+    /// The status to answer with, 0 for none.
+    pub fn status(&self) -> u16 {
+        self.kind.map_or(0, ErrorKind::status)
+    }
+}
+
+fn err(kind: ErrorKind, message: impl Into<String>) -> HttpError {
     HttpError {
-        status,
+        kind: Some(kind),
+        message: message.into(),
+    }
+}
+
+/// The peer went away: nothing to answer.
+fn gone(message: &str) -> HttpError {
+    HttpError {
+        kind: None,
         message: message.into(),
     }
 }
@@ -75,9 +92,12 @@ pub enum Head {
 pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let status = req
-        .parse(buf)
-        .map_err(|e| err(400, format!("malformed HTTP request: {e}")))?;
+    let status = req.parse(buf).map_err(|e| {
+        err(
+            ErrorKind::BadRequest,
+            format!("malformed HTTP request: {e}"),
+        )
+    })?;
     let head_len = match status {
         httparse::Status::Partial => return Ok(Head::Partial),
         httparse::Status::Complete(n) => n,
@@ -95,10 +115,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| err(400, "invalid Content-Length"))?;
+                .ok_or_else(|| err(ErrorKind::BadRequest, "invalid Content-Length"))?;
             if v > MAX_BODY_BYTES as u64 {
                 return Err(err(
-                    413,
+                    ErrorKind::PayloadTooLarge,
                     format!("request body of {v} bytes exceeds the limit of {MAX_BODY_BYTES}"),
                 ));
             }
@@ -107,7 +127,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HttpError> {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
             if v.trim() != "identity" {
                 return Err(err(
-                    411,
+                    ErrorKind::LengthRequired,
                     "chunked request bodies are not supported; send Content-Length",
                 ));
             }
@@ -163,9 +183,12 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
         let n = match stream.read(&mut chunk) {
             Ok(0) => {
                 return Err(if buf.is_empty() {
-                    err(0, "connection closed")
+                    gone("connection closed")
                 } else {
-                    err(400, "connection closed in the middle of the request")
+                    err(
+                        ErrorKind::BadRequest,
+                        "connection closed in the middle of the request",
+                    )
                 })
             }
             Ok(n) => n,
@@ -174,15 +197,18 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut =>
             {
-                return Err(err(408, "timed out reading the request"))
+                return Err(err(
+                    ErrorKind::RequestTimeout,
+                    "timed out reading the request",
+                ))
             }
-            Err(_) => return Err(err(0, "connection error")),
+            Err(_) => return Err(gone("connection error")),
         };
         buf.extend_from_slice(&chunk[..n]);
         match parse_head(&buf)? {
             Head::Partial => {
                 if buf.len() > MAX_HEADER_BYTES {
-                    return Err(err(431, "request header too large"));
+                    return Err(err(ErrorKind::HeadersTooLarge, "request header too large"));
                 }
             }
             Head::Complete {
@@ -193,7 +219,7 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                 head_len,
             } => {
                 if head_len > MAX_HEADER_BYTES {
-                    return Err(err(431, "request header too large"));
+                    return Err(err(ErrorKind::HeadersTooLarge, "request header too large"));
                 }
                 let mut body = buf.split_off(head_len);
                 if body.len() > content_length {
@@ -203,7 +229,10 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                     let want = (content_length - body.len()).min(chunk.len());
                     match stream.read(&mut chunk[..want]) {
                         Ok(0) => {
-                            return Err(err(400, "connection closed before the end of the body"))
+                            return Err(err(
+                                ErrorKind::BadRequest,
+                                "connection closed before the end of the body",
+                            ))
                         }
                         Ok(n) => body.extend_from_slice(&chunk[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -211,9 +240,12 @@ pub fn read_request(stream: &mut impl Read) -> Result<Request, HttpError> {
                             if e.kind() == std::io::ErrorKind::WouldBlock
                                 || e.kind() == std::io::ErrorKind::TimedOut =>
                         {
-                            return Err(err(408, "timed out reading the request body"))
+                            return Err(err(
+                                ErrorKind::RequestTimeout,
+                                "timed out reading the request body",
+                            ))
                         }
-                        Err(_) => return Err(err(0, "connection error")),
+                        Err(_) => return Err(gone("connection error")),
                     }
                 }
                 return Ok(Request {
@@ -301,56 +333,92 @@ mod tests {
 
     #[test]
     fn malformed_requests() {
-        assert_eq!(read(b"").unwrap_err().status, 0);
-        assert_eq!(read(b"GET /x HTT").unwrap_err().status, 400);
+        assert_eq!(read(b"").unwrap_err().status(), 0);
+        assert_eq!(read(b"GET /x HTT").unwrap_err().status(), 400);
         assert_eq!(
-            read(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err().status,
+            read(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err().status(),
             400
         );
         assert_eq!(
             read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         assert_eq!(
             read(b"PUT /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n")
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         assert_eq!(
             read(b"PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
                 .unwrap_err()
-                .status,
+                .status(),
             400,
             "body cut short"
         );
         assert_eq!(
             read(b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n")
                 .unwrap_err()
-                .status,
+                .status(),
             413
         );
         assert_eq!(
             read(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .unwrap_err()
-                .status,
+                .status(),
             411
         );
+    }
+
+    /// Each reading error has its kind, whose status it answers with.
+    #[test]
+    fn reading_errors_have_their_kinds() {
+        use ErrorKind::*;
+        let mut big = b"GET /x HTTP/1.1\r\nX-Long: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEADER_BYTES + 1));
+        let cases: [(&[u8], Option<ErrorKind>); 6] = [
+            (b"", None),
+            (b"GET /x HTT", Some(BadRequest)),
+            (
+                b"PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                Some(BadRequest),
+            ),
+            (
+                b"PUT /x HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+                Some(PayloadTooLarge),
+            ),
+            (
+                b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Some(LengthRequired),
+            ),
+            (&big, Some(HeadersTooLarge)),
+        ];
+        for (req, kind) in cases {
+            let e = read(req).unwrap_err();
+            assert_eq!(e.kind, kind, "{e:?}");
+            assert_eq!(e.status(), kind.map_or(0, ErrorKind::status));
+        }
+        // Exactly the limit is accepted.
+        let body = vec![b' '; MAX_BODY_BYTES];
+        let mut req =
+            format!("PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n").into_bytes();
+        req.extend(&body);
+        assert_eq!(read(&req).unwrap().body.len(), MAX_BODY_BYTES);
     }
 
     #[test]
     fn oversized_head() {
         let mut big = b"GET /x HTTP/1.1\r\nX-Long: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEADER_BYTES * 2));
-        assert_eq!(read(&big).unwrap_err().status, 431);
+        assert_eq!(read(&big).unwrap_err().status(), 431);
         let mut many = b"GET /x HTTP/1.1\r\n".to_vec();
         for i in 0..(MAX_HEADERS + 5) {
             many.extend(format!("X-{i}: y\r\n").as_bytes());
         }
         many.extend(b"\r\n");
-        assert_eq!(read(&many).unwrap_err().status, 400);
+        assert_eq!(read(&many).unwrap_err().status(), 400);
     }
 
     /// A client that sends one byte at a time, never finishing its request,
@@ -377,7 +445,7 @@ mod tests {
             Duration::from_millis(500),
         ))
         .unwrap_err();
-        assert_eq!(e.status, 408, "{e:?}");
+        assert_eq!(e.status(), 408, "{e:?}");
         drop(server);
         assert!(trickler.join().unwrap(), "the trickler was never cut off");
     }

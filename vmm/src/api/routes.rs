@@ -2,6 +2,8 @@
 
 use serde_json::{json, Value};
 
+use super::errors::ErrorKind;
+
 /// Path prefix of every endpoint.
 pub const PREFIX: &str = "/api/v1/";
 
@@ -36,6 +38,7 @@ pub enum Route {
     Events,
 }
 
+/// Every endpoint: name (the path after [`PREFIX`]), method, route.
 const TABLE: &[(&str, &str, Route)] = &[
     ("vmm.ping", "GET", Route::Ping),
     ("vmm.shutdown", "PUT", Route::VmmShutdown),
@@ -52,9 +55,53 @@ const TABLE: &[(&str, &str, Route)] = &[
     ("vm.events", "GET", Route::Events),
 ];
 
+/// Statuses any request can get, whatever its endpoint: a malformed
+/// request (400), its deadline (408), a chunked body (411), a body or head
+/// over its limit (413, 431), a failure of the VMM or the host, a panic
+/// included (500), and no capacity or a VMM shutting down (503).
+pub const COMMON_STATUSES: &[u16] = &[400, 408, 411, 413, 431, 500, 503];
+
+impl Route {
+    /// The statuses this endpoint's handler itself can answer with, besides
+    /// [`COMMON_STATUSES`] (and 404/405 of the router, which belong to no
+    /// endpoint). `docs/openapi.yaml` lists exactly these plus the common
+    /// ones for each operation (a test checks it).
+    pub fn statuses(self) -> &'static [u16] {
+        match self {
+            Route::Ping
+            | Route::VmmShutdown
+            | Route::MigrationStatus
+            | Route::SetParameters
+            | Route::GetParameters
+            | Route::Events => &[200],
+            Route::VmInfo
+            | Route::VmPause
+            | Route::VmResume
+            | Route::VmShutdown
+            | Route::SendMigration
+            | Route::ReceiveMigration
+            | Route::MigrationCancel => &[200, 409],
+        }
+    }
+
+    /// Whether `status` is documented for this endpoint (its own statuses
+    /// and the common ones).
+    pub fn documents(self, status: u16) -> bool {
+        self.statuses().contains(&status) || COMMON_STATUSES.contains(&status)
+    }
+}
+
+/// Every endpoint as (name after [`PREFIX`], method, route), in the order
+/// of the router.
+pub fn endpoints() -> impl Iterator<Item = (&'static str, &'static str, Route)> {
+    TABLE.iter().copied()
+}
+
 /// A reply: status and JSON body (`None` for 204).
 ///
-/// Invariant: error replies (status >= 400) carry `{"error": "..."}`.
+/// Invariant: error replies (status >= 400) carry `{"error": "...",
+/// "kind": "..."}` ([`super::errors::ErrorBody`]) and their status is the
+/// kind's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     /// HTTP status.
@@ -72,12 +119,18 @@ impl Reply {
         }
     }
 
-    /// An error reply `{"error": msg}`.
-    pub fn error(status: u16, msg: impl Into<String>) -> Reply {
+    /// An error reply `{"error": msg, "kind": kind}` with the kind's status.
+    pub fn error(kind: ErrorKind, msg: impl Into<String>) -> Reply {
         Reply {
-            status,
-            body: Some(json!({ "error": msg.into() })),
+            status: kind.status(),
+            body: Some(json!({ "error": msg.into(), "kind": kind })),
         }
+    }
+
+    /// The `kind` of an error reply.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        let k = self.body.as_ref()?.get("kind")?;
+        serde_json::from_value(k.clone()).ok()
     }
 }
 
@@ -86,7 +139,7 @@ impl Reply {
 pub fn route(method: &str, path: &str) -> Result<Route, Reply> {
     let name = path.strip_prefix(PREFIX).ok_or_else(|| {
         Reply::error(
-            404,
+            ErrorKind::NotFound,
             format!("unknown path {path}: endpoints live under {PREFIX}"),
         )
     })?;
@@ -94,12 +147,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, Reply> {
     let (_, allowed, r) = TABLE
         .iter()
         .find(|(n, _, _)| *n == name)
-        .ok_or_else(|| Reply::error(404, format!("unknown endpoint {path}")))?;
+        .ok_or_else(|| Reply::error(ErrorKind::NotFound, format!("unknown endpoint {path}")))?;
     if method.eq_ignore_ascii_case(allowed) {
         Ok(*r)
     } else {
         Err(Reply::error(
-            405,
+            ErrorKind::MethodNotAllowed,
             format!("{path} accepts {allowed}, not {method}"),
         ))
     }
@@ -138,7 +191,10 @@ mod tests {
         assert_eq!(route("GET", "/api/v1/vm.pause").unwrap_err().status, 405);
         assert_eq!(route("DELETE", "/api/v1/vm.info").unwrap_err().status, 405);
         let e = route("GET", "/api/v1/x").unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::NotFound));
         assert!(e.body.unwrap()["error"].is_string());
+        let e = route("PUT", "/api/v1/vm.info").unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::MethodNotAllowed));
         assert_eq!(allowed_method("/api/v1/vm.info"), Some("GET"));
     }
 }

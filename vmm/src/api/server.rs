@@ -6,7 +6,7 @@
 //! loop, and writes the loop's answer back as HTTP. It never changes the
 //! VMM itself.
 
-use std::io::ErrorKind;
+use std::io::ErrorKind as IoErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -19,11 +19,12 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
+use super::errors::ErrorKind;
 use super::events::{self as vm_events, Followers};
 use super::handlers::{reply_for, translate};
 use super::http::{read_request, write_response, DeadlineReader};
 use super::routes::{allowed_method, route, Reply, Route};
-use crate::control::{EventSink, VmmEvent};
+use crate::control::{DeliveryAck, EventSink, VmmEvent};
 use migration::api::EventLog;
 
 /// Most connections served at once. A further connection waits up to
@@ -143,8 +144,8 @@ impl ApiServer {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == IoErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
                 Err(e) => {
                     // E.g. out of fds: the connection stays queued and the
                     // listener readable; the next round retries.
@@ -222,8 +223,8 @@ impl Drop for ApiServer {
 }
 
 fn busy(stream: &mut UnixStream) {
-    let body = Reply::error(503, "too many API connections").body;
-    let _ = write_response(stream, 503, body.as_ref(), &[]);
+    let r = Reply::error(ErrorKind::Unavailable, "too many API connections");
+    let _ = write_response(stream, r.status, r.body.as_ref(), &[]);
 }
 
 /// Reads one request, has the control loop execute it, writes the answer.
@@ -237,9 +238,9 @@ fn serve_within(mut stream: UnixStream, events: &EventSink, feed: &EventFeed, li
     let req = match read_request(&mut DeadlineReader::new(&stream, limit)) {
         Ok(r) => r,
         Err(e) => {
-            debug!("API: bad request: {} ({})", e.message, e.status);
-            if e.status != 0 {
-                let msg = if e.status == 408 {
+            debug!("API: bad request: {} ({})", e.message, e.status());
+            if let Some(kind) = e.kind {
+                let msg = if kind == ErrorKind::RequestTimeout {
                     format!(
                         "{}: the whole request must arrive within {} s",
                         e.message,
@@ -248,8 +249,8 @@ fn serve_within(mut stream: UnixStream, events: &EventSink, feed: &EventFeed, li
                 } else {
                     e.message
                 };
-                let body = Reply::error(e.status, msg).body;
-                let _ = write_response(&mut stream, e.status, body.as_ref(), &[]);
+                let r = Reply::error(kind, msg);
+                let _ = write_response(&mut stream, r.status, r.body.as_ref(), &[]);
             }
             return;
         }
@@ -265,21 +266,15 @@ fn serve_within(mut stream: UnixStream, events: &EventSink, feed: &EventFeed, li
         let _ = stream.shutdown(std::net::Shutdown::Both);
         return;
     }
-    let mut delivered = None;
-    let reply = match route(&req.method, &req.path).and_then(|r| translate(r, &req.body)) {
-        Ok(request) => {
-            let (tx, rx) = channel();
-            events.send(VmmEvent::Api { request, reply: tx });
-            match rx.recv() {
-                Ok(answer) => {
-                    delivered = answer.delivered;
-                    reply_for(answer.outcome.result)
-                }
-                Err(_) => Reply::error(503, "the VMM is shutting down"),
-            }
+    let (reply, delivered) = guarded(|| answer(&req, events));
+    if let Ok(r) = route(&req.method, &req.path) {
+        if !r.documents(reply.status) {
+            error!(
+                "API: {} {} answered {}, which docs/openapi.yaml does not list for it",
+                req.method, req.path, reply.status
+            );
         }
-        Err(reply) => reply,
-    };
+    }
     let allow = if reply.status == 405 {
         allowed_method(&req.path)
     } else {
@@ -293,6 +288,69 @@ fn serve_within(mut stream: UnixStream, events: &EventSink, feed: &EventFeed, li
     // Only now may the loop act on the reply having left (e.g. exit).
     drop(delivered);
 }
+
+/// Routes and translates `req`, has the control loop execute it, and
+/// returns the reply with the loop's delivery ack (if it waits for one).
+fn answer(req: &super::http::Request, events: &EventSink) -> (Reply, Option<DeliveryAck>) {
+    #[cfg(test)]
+    if req.path == TEST_PANIC_PATH {
+        panic!("test: a handler panicked");
+    }
+    let routed = route(&req.method, &req.path).and_then(|r| translate(r, &req.body));
+    #[cfg(test)]
+    let routed = if req.path == TEST_PANIC_IN_LOOP_PATH {
+        Ok(crate::control::requests::Request::TestPanic)
+    } else {
+        routed
+    };
+    match routed {
+        Ok(request) => {
+            let (tx, rx) = channel();
+            events.send(VmmEvent::Api { request, reply: tx });
+            match rx.recv() {
+                Ok(answer) => (reply_for(answer.outcome.result), answer.delivered),
+                Err(_) => (
+                    Reply::error(ErrorKind::Unavailable, "the VMM is shutting down"),
+                    None,
+                ),
+            }
+        }
+        Err(reply) => (reply, None),
+    }
+}
+
+/// Runs `f`; a panic in it becomes a 500 of kind `internal` (the panic
+/// message itself went to stderr), so that the client gets an answer and
+/// the API goes on serving.
+fn guarded(f: impl FnOnce() -> (Reply, Option<DeliveryAck>)) -> (Reply, Option<DeliveryAck>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            error!("API: a request handler panicked: {what}");
+            (
+                Reply::error(
+                    ErrorKind::Internal,
+                    format!(
+                        "internal error: the request handler panicked ({what}); the VMM goes on"
+                    ),
+                ),
+                None,
+            )
+        }
+    }
+}
+
+/// A path whose request panics in the connection thread (unit tests only).
+#[cfg(test)]
+pub(crate) const TEST_PANIC_PATH: &str = "/api/v1/test.panic";
+/// A path whose request panics on the control loop (unit tests only).
+#[cfg(test)]
+pub(crate) const TEST_PANIC_IN_LOOP_PATH: &str = "/api/v1/test.panic-in-loop";
 
 #[cfg(test)]
 mod tests {
@@ -335,6 +393,7 @@ mod tests {
             answer.contains("whole request must arrive within"),
             "{answer}"
         );
+        assert!(answer.contains(r#""kind":"request-timeout""#), "{answer}");
         drop(reader);
         assert!(trickler.join().unwrap(), "the trickler was never cut off");
         drop(source);

@@ -165,7 +165,7 @@ impl EventsSubscriber {
                 }
             }
             VmmEvent::Api { request, reply } => {
-                let outcome = self.vmm.execute(request);
+                let outcome = execute_guarded(&self.vmm, request);
                 let delivered = outcome.exit_after_reply.map(|code| {
                     let mut d = self.decisions.borrow_mut();
                     let ticket = d.next_ticket;
@@ -193,6 +193,30 @@ impl EventsSubscriber {
                 }
             }
             VmmEvent::JobEnded => self.vmm.reap_job(),
+        }
+    }
+}
+
+/// Executes `request`; a panic becomes an internal error (a 500 of kind
+/// `internal`), and the loop, with the VMM's state behind its
+/// poison-tolerant lock, goes on serving.
+fn execute_guarded(vmm: &Arc<Vmm>, request: Request) -> Outcome {
+    let what = format!("{request:?}");
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vmm.execute(request))) {
+        Ok(o) => o,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            error!("control loop: request {what} panicked: {msg}");
+            Outcome {
+                result: Err(requests::RequestError::Internal(format!(
+                    "internal error: the request panicked ({msg}); the VMM goes on"
+                ))),
+                exit_after_reply: None,
+            }
         }
     }
 }
@@ -425,6 +449,19 @@ mod tests {
         assert_eq!(r.status, 409, "{}", r.body);
         let r = request(&sock, "GET", "vm.nope", None, to).unwrap();
         assert_eq!(r.status, 404, "{}", r.body);
+        assert!(r.body.contains(r#""kind":"not-found""#), "{}", r.body);
+        // A handler that panics, in the connection thread or on the loop,
+        // gives a 500 of kind internal, and the API goes on serving.
+        for path in [
+            crate::api::server::TEST_PANIC_PATH,
+            crate::api::server::TEST_PANIC_IN_LOOP_PATH,
+        ] {
+            let r = crate::client::request_target(&sock, "GET", path, None, to).unwrap();
+            assert_eq!(r.status, 500, "{path}: {}", r.body);
+            assert!(r.body.contains(r#""kind":"internal""#), "{}", r.body);
+            let r = request(&sock, "GET", "vmm.ping", None, to).unwrap();
+            assert_eq!(r.status, 200, "after {path}: {}", r.body);
+        }
         let r = request(&sock, "PUT", "vmm.shutdown", None, to).unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(t.join().unwrap().unwrap(), 0);

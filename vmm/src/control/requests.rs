@@ -54,6 +54,9 @@ pub enum Request {
     SetParameters(ParametersUpdate),
     /// `vm.migration-parameters`: the parameters in force.
     GetParameters,
+    /// Panics while executed (unit tests of the control loop's guard).
+    #[cfg(test)]
+    TestPanic,
 }
 
 /// A successful answer.
@@ -321,6 +324,8 @@ impl Vmm {
                 params: self.hooks().live.get(),
                 running: self.sending(),
             })),
+            #[cfg(test)]
+            Request::TestPanic => panic!("test: a request panicked on the control loop"),
             Request::MigrationCancel => {
                 let g = self.lock();
                 Outcome::of(match &g.job {
