@@ -73,6 +73,9 @@ pub struct Cli {
     /// least 8 MiB/s (default: no sharing).
     #[arg(long, value_name = "MIB_S")]
     pub host_migration_bandwidth_mib_s: Option<f64>,
+    /// Logging: `-v`/`-vv`/`-vvv` and `--log-file`.
+    #[command(flatten)]
+    pub log: crate::logging::LogArgs,
 }
 
 /// Errors of command-line validation. All of them end `ferry` with exit code 2.
