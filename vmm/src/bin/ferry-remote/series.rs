@@ -9,6 +9,10 @@ use migration::api::MigrationState;
 use vmm::client::status::Progress;
 use vmm::client::Client;
 
+/// How long `--csv` waits for a migration to begin before it gives up
+/// (a send just asked for begins within milliseconds).
+pub const START_GRACE: Duration = Duration::from_secs(2);
+
 /// The header: every column with its unit in its name.
 pub const HEADER: &str = "elapsed_ms,pass,remaining_bytes,transferred_bytes,\
 throughput_bytes_per_s,dirty_rate_bytes_per_s,cpu_throttle_percent,state";
@@ -44,7 +48,7 @@ pub fn row(p: &Progress, since_start: Duration) -> String {
 }
 
 /// Prints the header, then a row every `interval` until the migration
-/// ended (or at once, after one row, when none ran).
+/// ended (or, when none runs, for [`START_GRACE`]).
 pub fn dump(client: &Client, interval: Duration) -> Result<()> {
     let start = Instant::now();
     let mut out = std::io::stdout().lock();
@@ -55,10 +59,11 @@ pub fn dump(client: &Client, interval: Duration) -> Result<()> {
         let p = Progress::parse(&r.body).context("unreadable vm.migration answer")?;
         writeln!(out, "{}", row(&p, at - start))?;
         out.flush()?;
-        // Ended, or none ran (one row says so); a state this client does
-        // not know (a newer VMM's) is followed like `active`.
+        // Ended, or none runs (after a grace period for one that was
+        // just asked for, whose job has not begun); a state this client
+        // does not know (a newer VMM's) is followed like `active`.
         let none = p.state.is_none() || p.state() == Some(MigrationState::None);
-        if p.is_finished() || none {
+        if p.is_finished() || (none && start.elapsed() >= START_GRACE) {
             return Ok(());
         }
         std::thread::sleep(interval.saturating_sub(at.elapsed()));
