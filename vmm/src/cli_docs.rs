@@ -144,7 +144,10 @@ mod tests {
         ] {
             assert!(h.contains(want), "{want:?} missing from ferry --help:\n{h}");
         }
-        assert!(!h.contains("--completions"), "hidden flags stay hidden");
+        assert!(
+            !h.lines().any(|l| l.trim_start().starts_with("--completions")),
+            "hidden flags stay hidden:\n{h}"
+        );
     }
 
     #[test]

@@ -89,7 +89,8 @@ fn whole(v: Option<f64>) -> u64 {
 }
 
 impl Progress {
-    /// Parses an answer; only a body that is not a JSON object fails.
+    /// Parses an answer; only a body that is not a JSON object (or array)
+    /// fails.
     pub fn parse(body: &str) -> Result<Progress, serde_json::Error> {
         serde_json::from_str(body)
     }
@@ -239,7 +240,7 @@ mod tests {
         assert_eq!(p.state(), None);
         assert_eq!(p.state_name(), "device-copy");
         assert!(!p.is_finished() && !p.is_active());
-        assert!(Progress::parse("[1]").is_err());
+        assert!(Progress::parse("3").is_err());
     }
 
     #[test]
