@@ -211,6 +211,7 @@ pub enum Cmd {
     /// PUT vmm.shutdown: end the ferry process.
     ShutdownVmm,
     /// PUT vm.receive-migration: listen for an incoming VM.
+    #[command(after_help = EPILOGUE)]
     ReceiveMigration {
         /// tcp:HOST:PORT to listen on.
         #[arg(value_name = "URL")]
@@ -231,6 +232,7 @@ pub enum Cmd {
         wait: WaitArgs,
     },
     /// PUT vm.send-migration: migrate the VM to a receiving ferry.
+    #[command(after_help = EPILOGUE)]
     SendMigration {
         /// tcp:HOST:PORT of the destination.
         #[arg(value_name = "URL")]
