@@ -301,3 +301,54 @@ fn wait_on_both_sides_then_a_csv_series() {
     assert_eq!(rows.last().unwrap().rsplit(',').next(), Some("completed"), "{csv}");
     check_guest_moved(&[&src.serial, &dst.serial], &dst2);
 }
+
+impl Background {
+    /// Sends SIGINT, as Ctrl-C would.
+    fn interrupt(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(pid, libc::SIGINT) };
+        assert_eq!(r, 0, "kill -INT {pid}");
+    }
+}
+
+/// Ctrl-C during `--wait` without a terminal: plain `--wait` stops waiting
+/// and leaves the migration running (exit 130); `--cancel-on-interrupt`
+/// cancels it (exit 4) and the source guest runs on.
+#[test]
+fn ctrl_c_during_wait() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let (src, dst) = start_pair("region=32 passes=0", &[], 2);
+    let port = free_tcp_port();
+    let url = tcp_url(port);
+    let recv = Background::start(&dst.sock, &["receive-migration", &url, "--no-tls", "--wait"]);
+    assert!(poll(LONG, || tcp_listening(port).then_some(())).is_some());
+    // 2 MiB/s: the 32 MiB the guest writes take well over 10 s.
+    let send = Background::start(
+        &src.sock,
+        &[
+            "send-migration",
+            &url,
+            "--no-tls",
+            "--max-bandwidth-mib-s",
+            "2",
+            "--wait",
+            "--cancel-on-interrupt",
+        ],
+    );
+    wait_transfer_started(&src);
+
+    recv.interrupt();
+    let (code, out, err) = recv.finish(LONG);
+    assert_eq!(code, Some(130), "receive --wait after Ctrl-C:\n{out}\n{err}");
+    assert!(err.contains("the migration goes on"), "{err}");
+    assert_eq!(mig_state(&src.migration_status().unwrap_or_default()), "active");
+
+    send.interrupt();
+    let (code, out, err) = send.finish(LONG);
+    assert_eq!(code, Some(4), "send --wait --cancel-on-interrupt:\n{out}\n{err}");
+    assert_eq!(final_state(&out, "send --wait"), "cancelled");
+    assert!(err.contains("ferry-remote: error: migration cancelled"), "{err}");
+    assert_guest_runs(&src, 2);
+}

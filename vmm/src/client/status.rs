@@ -180,8 +180,11 @@ impl Progress {
     }
 
     /// Seconds until `remaining` is sent at the current throughput, when
-    /// both are known.
+    /// both are known and the migration runs.
     pub fn eta_s(&self) -> Option<u64> {
+        if self.is_finished() {
+            return None;
+        }
         let r = self.remaining()?;
         let t = self.throughput();
         (t > 0).then(|| r.div_ceil(t))

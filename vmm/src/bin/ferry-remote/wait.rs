@@ -123,10 +123,20 @@ impl Display {
                     *known = remaining.is_some();
                     bar.set_style(style(*known));
                 }
-                let total = p.total().max(1);
-                bar.set_length(total);
-                // Unknown: an empty bar, never 100 %.
-                bar.set_position(remaining.map(|r| total.saturating_sub(r)).unwrap_or(0));
+                // The share of the bytes sent so far among those plus what
+                // is left (zero pages cost little, so the guest's size
+                // would overstate it); unknown: an empty bar, never 100 %.
+                let sent = p.transferred();
+                match remaining {
+                    Some(r) => {
+                        bar.set_length(sent.saturating_add(r).max(1));
+                        bar.set_position(sent);
+                    }
+                    None => {
+                        bar.set_length(1);
+                        bar.set_position(0);
+                    }
+                }
                 bar.set_message(format!("{}: {}", p.state_name(), figures(p)));
             }
             Display::Lines { last, last_pass } => {
@@ -207,24 +217,33 @@ fn ended(p: &Progress, body: &str) -> Result<()> {
         .unwrap_or_else(|| body.trim().to_string());
     println!("{pretty}");
     let why = p.error.as_deref().unwrap_or("no reason given");
+    // "migration cancelled: migration cancelled" says it twice.
+    let said = |what: &str| {
+        if why.starts_with(what) {
+            why.to_string()
+        } else {
+            format!("{what}: {why}")
+        }
+    };
     match p.state() {
         Some(MigrationState::Completed) => Ok(()),
         Some(MigrationState::Cancelled) => {
-            Err(Exit::new(EXIT_CANCELLED, format!("migration cancelled: {why}")).into())
+            Err(Exit::new(EXIT_CANCELLED, said("migration cancelled")).into())
         }
         _ => match p.source_vm() {
             Some(SourceVmOutcome::PausedUncertain | SourceVmOutcome::PostcopyPaused) => Err(
                 Exit::new(
                     EXIT_SOURCE_HELD,
                     format!(
-                        "migration failed: {why}; the source VM was left paused \
-                         (source_vm {}): do not resume it before checking the destination",
+                        "{}; the source VM was left paused (source_vm {}): do not resume \
+                         it before checking the destination",
+                        said("migration failed"),
                         p.source_vm.as_deref().unwrap_or("?")
                     ),
                 )
                 .into(),
             ),
-            _ => Err(Exit::new(EXIT_FAILED, format!("migration failed: {why}")).into()),
+            _ => Err(Exit::new(EXIT_FAILED, said("migration failed")).into()),
         },
     }
 }
