@@ -36,7 +36,11 @@ fn expect_one_error_line(args: &[&str], code: i32) -> String {
         out.status
     );
     let l = lines(&err);
-    assert_eq!(l.len(), 1, "ferry-remote {args:?}: one stderr line expected:\n{err}");
+    assert_eq!(
+        l.len(),
+        1,
+        "ferry-remote {args:?}: one stderr line expected:\n{err}"
+    );
     assert!(l[0].starts_with("ferry-remote: error: "), "{}", l[0]);
     l[0].to_string()
 }
@@ -47,7 +51,10 @@ fn no_arguments_prints_the_usage() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("Usage:"), "no usage:\n{err}");
-    assert!(err.contains("send-migration"), "no subcommands listed:\n{err}");
+    assert!(
+        err.contains("send-migration"),
+        "no subcommands listed:\n{err}"
+    );
     assert!(
         !err.contains("error: Control a ferry"),
         "the description is not an error:\n{err}"
@@ -56,12 +63,23 @@ fn no_arguments_prints_the_usage() {
 
 #[test]
 fn a_missing_argument_is_named() {
-    let l = expect_one_error_line(&["--api-socket", "/x.sock", "send-migration", "--no-tls"], 2);
+    let l = expect_one_error_line(
+        &["--api-socket", "/x.sock", "send-migration", "--no-tls"],
+        2,
+    );
     assert!(
         l.contains("the following required arguments were not provided") && l.contains("<URL>"),
         "{l}"
     );
-    let l = expect_one_error_line(&["--api-socket", "/x.sock", "receive-migration", "tcp:127.0.0.1:1"], 2);
+    let l = expect_one_error_line(
+        &[
+            "--api-socket",
+            "/x.sock",
+            "receive-migration",
+            "tcp:127.0.0.1:1",
+        ],
+        2,
+    );
     assert!(l.contains("--tls-dir") && l.contains("--no-tls"), "{l}");
     let l = expect_one_error_line(&["ping"], 2);
     assert!(l.contains("--api-socket <PATH>"), "{l}");
@@ -90,7 +108,10 @@ fn help_shows_defaults_and_device_keys() {
         "--cancel-on-interrupt",
         "Exit codes:",
     ] {
-        assert!(h.contains(want), "{want:?} missing from send-migration --help:\n{h}");
+        assert!(
+            h.contains(want),
+            "{want:?} missing from send-migration --help:\n{h}"
+        );
     }
     let out = run_remote(&["migration-status", "--help"], SHORT);
     assert!(text(&out.stdout).contains("[default: 500]"));
@@ -130,7 +151,10 @@ fn completions_and_man_pages() {
     let out = run_remote(&["man"], SHORT);
     assert!(out.status.success());
     let m = text(&out.stdout);
-    assert!(m.contains(".TH ferry-remote") && m.contains("ferry-remote-send-migration"), "{m}");
+    assert!(
+        m.contains(".TH ferry-remote") && m.contains("ferry-remote-send-migration"),
+        "{m}"
+    );
     let out = run_ferry(&["--man"], SHORT);
     assert!(out.status.success());
     assert!(text(&out.stdout).contains(".TH ferry"));
@@ -139,7 +163,12 @@ fn completions_and_man_pages() {
 #[test]
 fn a_bad_log_file_is_a_usage_error() {
     let out = run_ferry(
-        &["--api-socket", "/tmp/unused.sock", "--log-file", "/nonexistent/dir/ferry.log"],
+        &[
+            "--api-socket",
+            "/tmp/unused.sock",
+            "--log-file",
+            "/nonexistent/dir/ferry.log",
+        ],
         SHORT,
     );
     let err = text(&out.stderr);
@@ -156,13 +185,18 @@ fn verbose_logs_go_to_the_log_file() {
     let dir = TempDir::new("logfile");
     let log = dir.join("ferry.log");
     let log_s = log.to_str().unwrap().to_string();
-    let mut vm = Vmm::boot_no_wait("logfile", "region=4 passes=1", &["-v", "--log-file", &log_s]);
+    let mut vm = Vmm::boot_no_wait(
+        "logfile",
+        "region=4 passes=1",
+        &["-v", "--log-file", &log_s],
+    );
     vm.expect_exit_ok(Duration::from_secs(300));
     let logged = std::fs::read_to_string(&log).expect("log file written");
     let info: Vec<&str> = logged.lines().filter(|l| l.contains(" INFO ")).collect();
     assert!(!info.is_empty(), "no info line with -v:\n{logged}");
     assert!(
-        info.iter().all(|l| l.starts_with('[') && l.contains(" ferry ")),
+        info.iter()
+            .all(|l| l.starts_with('[') && l.contains(" ferry ")),
         "one format:\n{logged}"
     );
     assert!(
@@ -221,14 +255,23 @@ impl Background {
 /// Checks the plain progress lines of `--wait` (not a terminal): no bar,
 /// no cursor tricks, and never "0 MiB left" while running.
 fn check_plain_progress(stderr: &str, who: &str, want: &str) {
-    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{who}: terminal codes in:\n{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{who}: terminal codes in:\n{stderr}"
+    );
     let progress: Vec<&str> = stderr.lines().filter(|l| l.contains(": pass ")).collect();
     assert!(!progress.is_empty(), "{who}: no progress line:\n{stderr}");
-    assert!(progress.iter().any(|l| l.contains(want)), "{who}: no {want:?} in:\n{stderr}");
+    assert!(
+        progress.iter().any(|l| l.contains(want)),
+        "{who}: no {want:?} in:\n{stderr}"
+    );
     for l in &progress {
         assert!(l.contains("MiB/s"), "{who}: no rate in {l}");
         if l.starts_with("active:") {
-            assert!(!l.contains(" 0 MiB left"), "{who}: unknown remaining shown as 0: {l}");
+            assert!(
+                !l.contains(" 0 MiB left"),
+                "{who}: unknown remaining shown as 0: {l}"
+            );
         }
     }
 }
@@ -251,12 +294,22 @@ fn wait_on_both_sides_then_a_csv_series() {
     // Hop 1: src -> dst, both sides with --wait.
     let port = free_tcp_port();
     let url = tcp_url(port);
-    let recv = Background::start(&dst.sock, &["receive-migration", &url, "--no-tls", "--wait"]);
+    let recv = Background::start(
+        &dst.sock,
+        &["receive-migration", &url, "--no-tls", "--wait"],
+    );
     assert!(
         poll(LONG, || tcp_listening(port).then_some(())).is_some(),
         "destination not listening"
     );
-    let out = src.remote(&["send-migration", &url, "--no-tls", "--connections", "2", "--wait"]);
+    let out = src.remote(&[
+        "send-migration",
+        &url,
+        "--no-tls",
+        "--connections",
+        "2",
+        "--wait",
+    ]);
     let (sout, serr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "send --wait:\n{sout}\n{serr}");
     assert_eq!(final_state(&sout, "send --wait"), "completed");
@@ -293,12 +346,25 @@ fn wait_on_both_sides_then_a_csv_series() {
         let elapsed: u64 = c[0].parse().unwrap_or_else(|_| panic!("elapsed_ms: {r}"));
         assert!(elapsed >= last_elapsed, "elapsed_ms goes back: {r}\n{csv}");
         last_elapsed = elapsed;
-        for (i, n) in [(1, "pass"), (3, "transferred"), (4, "throughput"), (5, "dirty"), (6, "throttle")] {
+        for (i, n) in [
+            (1, "pass"),
+            (3, "transferred"),
+            (4, "throughput"),
+            (5, "dirty"),
+            (6, "throttle"),
+        ] {
             c[i].parse::<u64>().unwrap_or_else(|_| panic!("{n}: {r}"));
         }
-        assert!(c[2].is_empty() || c[2].parse::<u64>().is_ok(), "remaining: {r}");
+        assert!(
+            c[2].is_empty() || c[2].parse::<u64>().is_ok(),
+            "remaining: {r}"
+        );
     }
-    assert_eq!(rows.last().unwrap().rsplit(',').next(), Some("completed"), "{csv}");
+    assert_eq!(
+        rows.last().unwrap().rsplit(',').next(),
+        Some("completed"),
+        "{csv}"
+    );
     check_guest_moved(&[&src.serial, &dst.serial], &dst2);
 }
 
@@ -322,7 +388,10 @@ fn ctrl_c_during_wait() {
     let (src, dst) = start_pair("region=32 passes=0", &[], 2);
     let port = free_tcp_port();
     let url = tcp_url(port);
-    let recv = Background::start(&dst.sock, &["receive-migration", &url, "--no-tls", "--wait"]);
+    let recv = Background::start(
+        &dst.sock,
+        &["receive-migration", &url, "--no-tls", "--wait"],
+    );
     assert!(poll(LONG, || tcp_listening(port).then_some(())).is_some());
     // 2 MiB/s: the 32 MiB the guest writes take well over 10 s.
     let send = Background::start(
@@ -341,14 +410,28 @@ fn ctrl_c_during_wait() {
 
     recv.interrupt();
     let (code, out, err) = recv.finish(LONG);
-    assert_eq!(code, Some(130), "receive --wait after Ctrl-C:\n{out}\n{err}");
+    assert_eq!(
+        code,
+        Some(130),
+        "receive --wait after Ctrl-C:\n{out}\n{err}"
+    );
     assert!(err.contains("the migration goes on"), "{err}");
-    assert_eq!(mig_state(&src.migration_status().unwrap_or_default()), "active");
+    assert_eq!(
+        mig_state(&src.migration_status().unwrap_or_default()),
+        "active"
+    );
 
     send.interrupt();
     let (code, out, err) = send.finish(LONG);
-    assert_eq!(code, Some(4), "send --wait --cancel-on-interrupt:\n{out}\n{err}");
+    assert_eq!(
+        code,
+        Some(4),
+        "send --wait --cancel-on-interrupt:\n{out}\n{err}"
+    );
     assert_eq!(final_state(&out, "send --wait"), "cancelled");
-    assert!(err.contains("ferry-remote: error: migration cancelled"), "{err}");
+    assert!(
+        err.contains("ferry-remote: error: migration cancelled"),
+        "{err}"
+    );
     assert_guest_runs(&src, 2);
 }

@@ -121,10 +121,16 @@ mod tests {
     fn help_names_every_sim_vfio_and_vfio_key() {
         let h = help();
         for k in devices::sim_vfio::config::KEYS {
-            assert!(h.contains(&format!("  {k}=")), "--sim-vfio key {k} missing:\n{h}");
+            assert!(
+                h.contains(&format!("  {k}=")),
+                "--sim-vfio key {k} missing:\n{h}"
+            );
         }
         for k in devices::vfio::KEYS {
-            assert!(h.contains(&format!("  {k}=")), "--vfio key {k} missing:\n{h}");
+            assert!(
+                h.contains(&format!("  {k}=")),
+                "--vfio key {k} missing:\n{h}"
+            );
         }
     }
 
@@ -145,7 +151,8 @@ mod tests {
             assert!(h.contains(want), "{want:?} missing from ferry --help:\n{h}");
         }
         assert!(
-            !h.lines().any(|l| l.trim_start().starts_with("--completions")),
+            !h.lines()
+                .any(|l| l.trim_start().starts_with("--completions")),
             "hidden flags stay hidden:\n{h}"
         );
     }

@@ -190,7 +190,9 @@ mod tests {
             verbose: 0,
             log_file: Some(PathBuf::from("/nonexistent-dir/ferry.log")),
         };
-        let e = builder("t", &a, None).err().expect("must fail");
+        let Err(e) = builder("t", &a, None) else {
+            panic!("must fail")
+        };
         assert!(e.to_string().contains("/nonexistent-dir/ferry.log"), "{e}");
     }
 }

@@ -195,7 +195,8 @@ pub fn request_target(
 ) -> Result<ApiResponse, ClientError> {
     let path = || socket.display().to_string();
     let io = |os| ClientError::Io { path: path(), os };
-    let mut s = UnixStream::connect(socket).map_err(|os| ClientError::Connect { path: path(), os })?;
+    let mut s =
+        UnixStream::connect(socket).map_err(|os| ClientError::Connect { path: path(), os })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let body = body.unwrap_or("");
@@ -254,7 +255,14 @@ impl Client {
                 endpoint: endpoint.to_string(),
                 reason: format!("request not serializable: {e}"),
             })?;
-        request(&self.socket, method, endpoint, body.as_deref(), self.timeout)?.checked()
+        request(
+            &self.socket,
+            method,
+            endpoint,
+            body.as_deref(),
+            self.timeout,
+        )?
+        .checked()
     }
 
     /// `method` on `/api/v1/<endpoint>` without a body.
@@ -263,7 +271,10 @@ impl Client {
     }
 
     /// `GET <endpoint>`, the body parsed as `T`.
-    pub fn get_json<T: serde::de::DeserializeOwned>(&self, endpoint: &str) -> Result<T, ClientError> {
+    pub fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: &str,
+    ) -> Result<T, ClientError> {
         let r = self.call_empty("GET", endpoint)?;
         serde_json::from_str(&r.body).map_err(|e| ClientError::Body {
             endpoint: endpoint.to_string(),
@@ -304,7 +315,8 @@ mod tests {
         let e = r.clone().checked().unwrap_err().to_string();
         assert_eq!(e, "busy (kind: conflict, HTTP 409)");
         // An older server: no kind.
-        let r = parse_response(b"HTTP/1.1 400 Bad\r\nContent-Length: 14\r\n\r\n{\"error\":\"no\"}").unwrap();
+        let r = parse_response(b"HTTP/1.1 400 Bad\r\nContent-Length: 14\r\n\r\n{\"error\":\"no\"}")
+            .unwrap();
         assert_eq!(r.api_error().to_string(), "no (HTTP 400)");
         // Not JSON at all.
         let r = parse_response(b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nboom").unwrap();

@@ -221,8 +221,8 @@ mod tests {
         assert_eq!(p.dirty_rate(), 5 << 20);
         assert_eq!(p.throttle(), 30);
         assert_eq!(p.eta_s(), Some(2));
-        let p = Progress::parse(&serde_json::to_string(&MigrationStatus::default()).unwrap())
-            .unwrap();
+        let p =
+            Progress::parse(&serde_json::to_string(&MigrationStatus::default()).unwrap()).unwrap();
         assert_eq!(p.state(), Some(MigrationState::None));
     }
 

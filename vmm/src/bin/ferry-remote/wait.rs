@@ -231,8 +231,8 @@ fn ended(p: &Progress, body: &str) -> Result<()> {
             Err(Exit::new(EXIT_CANCELLED, said("migration cancelled")).into())
         }
         _ => match p.source_vm() {
-            Some(SourceVmOutcome::PausedUncertain | SourceVmOutcome::PostcopyPaused) => Err(
-                Exit::new(
+            Some(SourceVmOutcome::PausedUncertain | SourceVmOutcome::PostcopyPaused) => {
+                Err(Exit::new(
                     EXIT_SOURCE_HELD,
                     format!(
                         "{}; the source VM was left paused (source_vm {}): do not resume \
@@ -241,8 +241,8 @@ fn ended(p: &Progress, body: &str) -> Result<()> {
                         p.source_vm.as_deref().unwrap_or("?")
                     ),
                 )
-                .into(),
-            ),
+                .into())
+            }
             _ => Err(Exit::new(EXIT_FAILED, said("migration failed")).into()),
         },
     }
