@@ -191,6 +191,8 @@ fn verbose_logs_go_to_the_log_file() {
         &["-v", "--log-file", &log_s],
     );
     vm.expect_exit_ok(Duration::from_secs(300));
+    assert_eq!(vm.serial.passes(), vec![1]);
+    assert_eq!(vm.serial.mismatch(), None);
     let logged = std::fs::read_to_string(&log).expect("log file written");
     let info: Vec<&str> = logged.lines().filter(|l| l.contains(" INFO ")).collect();
     assert!(!info.is_empty(), "no info line with -v:\n{logged}");

@@ -14,8 +14,8 @@ use crate::config::{Cli, DEFAULT_CMDLINE};
 /// The exit codes of `ferry` (its `--help` epilogue and the README).
 pub const FERRY_EXIT_CODES: &str = "\
 Exit codes:
-  0  the guest ended the VM (reset or shutdown), vmm.shutdown, or an
-     outgoing migration completed
+  0  the guest ended the VM (reset or shutdown), vmm.shutdown, or (with
+     --exit-after-migration) an outgoing migration completed
   1  failure: the VM or the VMM failed while running
   2  bad command line or configuration (one `ferry: error:` line, nothing
      started)

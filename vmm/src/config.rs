@@ -34,6 +34,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
     long_about = None
 )]
 pub struct Cli {
+    /// Logging: `-v`/`-vv`/`-vvv` and `--log-file` (under their own
+    /// heading in `--help`).
+    #[command(flatten)]
+    pub log: crate::logging::LogArgs,
     /// Guest kernel: PVH ELF or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -73,9 +77,6 @@ pub struct Cli {
     /// least 8 MiB/s (default: no sharing).
     #[arg(long, value_name = "MIB_S")]
     pub host_migration_bandwidth_mib_s: Option<f64>,
-    /// Logging: `-v`/`-vv`/`-vvv` and `--log-file`.
-    #[command(flatten)]
-    pub log: crate::logging::LogArgs,
 }
 
 /// Errors of command-line validation. All of them end `ferry` with exit code 2.

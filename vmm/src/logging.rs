@@ -48,11 +48,12 @@ pub struct LogArgs {
     /// More log output: -v info, -vv debug, -vvv trace (default: warnings
     /// and errors only; RUST_LOG, in env_logger's syntax, sets per-module
     /// levels).
-    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true,
+          help_heading = "Logging")]
     pub verbose: u8,
     /// Append the log to this file instead of writing it to stderr (the
     /// final error line still goes to stderr too).
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(long, value_name = "PATH", global = true, help_heading = "Logging")]
     pub log_file: Option<PathBuf>,
 }
 

@@ -1,9 +1,7 @@
 //! `ferry`: boots a guest and/or serves the API (see `ferry --help`).
 //!
-//! Exit codes ([`vmm::cli_docs::FERRY_EXIT_CODES`]): 0 when the guest ends
-//! the VM (reset/shutdown), on `vmm.shutdown`, or after a completed
-//! outgoing migration; 2 for bad input (one `ferry: error: ...` line on
-//! stderr); 1 for other failures.
+//! Exit codes: [`vmm::cli_docs::FERRY_EXIT_CODES`] (0 done, 1 failure, 2
+//! bad input with one `ferry: error: ...` line on stderr).
 //!
 //! Everything but that last line goes through the logger
 //! ([`vmm::logging`]); the error line is printed directly so that it is

@@ -205,12 +205,28 @@ mod tests {
             total_bytes: 512 << 20,
             transferred_bytes: 100 << 20,
             remaining_bytes: 40 << 20,
-            throughput_bps: 20 << 20,
-            dirty_rate_bps: 5 << 20,
             cpu_throttle_percent: 30,
             ..Default::default()
         };
-        let p = Progress::parse(&serde_json::to_string(&s).unwrap()).unwrap();
+        // The rates go in under whichever name the crate serializes them
+        // (the current one, or the deprecated one, or both).
+        let mut v = serde_json::to_value(&s).unwrap();
+        for (new, old, rate) in [
+            ("throughput_bytes_per_s", "throughput_bps", 20u64 << 20),
+            ("dirty_rate_bytes_per_s", "dirty_rate_bps", 5 << 20),
+        ] {
+            let named = [new, old]
+                .into_iter()
+                .filter(|k| v.get(k).is_some())
+                .count();
+            assert!(named > 0, "the status has neither {new} nor {old}: {v}");
+            for k in [new, old] {
+                if v.get(k).is_some() {
+                    v[k] = rate.into();
+                }
+            }
+        }
+        let p = Progress::parse(&v.to_string()).unwrap();
         assert_eq!(p.state(), Some(MigrationState::Active));
         assert!(p.is_active() && !p.is_finished());
         assert_eq!(p.pass(), 3);

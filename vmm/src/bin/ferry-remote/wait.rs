@@ -57,6 +57,9 @@ pub fn figures(p: &Progress) -> String {
         mib(p.throughput()),
         p.mbit_s()
     ));
+    if let Some(pps) = p.pages_per_s.filter(|&v| v > 0.0) {
+        parts.push(format!("{pps:.0} pages/s"));
+    }
     if let Some(eta) = p.eta_s() {
         parts.push(format!("ETA {}", clock(eta)));
     }
