@@ -34,6 +34,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
     long_about = None
 )]
 pub struct Cli {
+    /// Logging: `-v`/`-vv`/`-vvv` and `--log-file` (under their own
+    /// heading in `--help`).
+    #[command(flatten)]
+    pub log: crate::logging::LogArgs,
     /// Guest kernel: PVH ELF or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,

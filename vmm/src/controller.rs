@@ -343,7 +343,7 @@ impl Vmm {
                 Some(0)
             }
             VmEnd::Error(msg) => {
-                eprintln!("ferry: error: {msg}");
+                log::error!("the VM ended with an error: {msg}");
                 Some(1)
             }
         }

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod caps;
+pub mod cli_docs;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -25,6 +26,7 @@ pub mod device_set;
 pub mod dirty;
 pub mod host;
 pub mod jobs;
+pub mod logging;
 pub mod memory;
 pub mod pio;
 pub mod postcopy;
@@ -39,12 +41,12 @@ mod kvm_tests;
 pub use control::{run, EventSink, VmmEvent};
 pub use controller::{RunError, Vmm};
 
-/// Prints the host-KVM warning when this host runs KVM as PVM (nested):
-/// exactly one line on stderr. Returns whether it printed.
+/// Logs the host-KVM warning when this host runs KVM as PVM (nested):
+/// exactly one warning line. Returns whether it logged.
 pub fn warn_if_pvm() -> bool {
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!(
-            "ferry: warning: host KVM is PVM (nested); guests run in KVM's instruction emulator (~1.4M instructions/s)"
+        log::warn!(
+            "host KVM is PVM (nested); guests run in KVM's instruction emulator (~1.4M instructions/s)"
         );
         true
     } else {

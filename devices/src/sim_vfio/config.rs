@@ -84,8 +84,8 @@ fn parse_rate(s: &str) -> Option<f64> {
     (r.is_finite() && (0.0..=MAX_RATE_MIBS).contains(&r)).then_some(r)
 }
 
-/// Keys of `--sim-vfio`.
-const KEYS: &[&str] = &[
+/// Keys of `--sim-vfio`, in the order `ferry --help` documents them.
+pub const KEYS: &[&str] = &[
     "id",
     "state",
     "precopy",

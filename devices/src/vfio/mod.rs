@@ -72,6 +72,9 @@ fn is_bdf(s: &str) -> bool {
         && (b[11] as char).to_digit(16).is_some_and(|f| f <= 7)
 }
 
+/// Keys of `--vfio`, in the order `ferry --help` documents them.
+pub const KEYS: &[&str] = &["path", "id"];
+
 /// Parses `path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=NAME]` (default id:
 /// the BDF; grammar of the list: [`crate::options`]).
 pub fn parse_vfio_arg(s: &str) -> Result<VfioConfig> {
@@ -83,7 +86,7 @@ pub fn parse_vfio_arg(s: &str) -> Result<VfioConfig> {
         return Err(bad("too long"));
     }
     let opt = |e: OptionError| bad(&e.to_string());
-    let kv = KeyValues::parse(s, &["path", "id"], None).map_err(opt)?;
+    let kv = KeyValues::parse(s, KEYS, None).map_err(opt)?;
     let path = kv.required("path").map_err(opt)?;
     let id = kv.get("id");
     let bdf = path
