@@ -165,6 +165,9 @@ fn run_reader(
                 pages.resize(data_len as usize, 0);
                 read_full(s, &mut pages, &ctx.ctl, &what)?;
                 pcd.accept_all(&ranges, &pages)?;
+                let (zero, normal) = count_pages(&ranges);
+                add(&ctx.stats.zero_pages, zero);
+                add(&ctx.stats.normal_pages, normal);
                 add(
                     &ctx.stats.postcopy_bytes,
                     HEADER_LEN as u64 + env.frame.payload_len(),
@@ -202,7 +205,11 @@ fn run_reader(
                 read_vecs(s, &mut v, &ctx.ctl, &what)?;
                 storage = v.into_storage();
                 let mut zero = 0;
+                let mut normal = 0;
                 for r in &ranges {
+                    if !r.zero {
+                        normal += r.npages;
+                    }
                     if r.zero {
                         zero += r.npages;
                         // Fresh pages read as zero already (receiver
@@ -221,6 +228,7 @@ fn run_reader(
                     HEADER_LEN as u64 + env.frame.payload_len(),
                 );
                 add(&ctx.stats.zero_pages, zero);
+                add(&ctx.stats.normal_pages, normal);
             }
             Frame::Sync { pass: p } => {
                 if p != pass {
@@ -271,4 +279,15 @@ fn run_reader(
             }
         }
     }
+}
+
+/// (zero pages, data pages) of decoded `ranges`.
+pub(crate) fn count_pages(ranges: &[ResolvedRange]) -> (u64, u64) {
+    ranges.iter().fold((0, 0), |(z, n), r| {
+        if r.zero {
+            (z + r.npages, n)
+        } else {
+            (z, n + r.npages)
+        }
+    })
 }

@@ -185,6 +185,7 @@ impl Stopped {
         ctx.stats
             .remaining_bytes
             .store(missing * PAGE_SIZE, Relaxed);
+        ctx.stats.stop_live_remaining();
         log::info!(
             "VM paused for post-copy ({reason:?}): {missing} pages missing on the destination{}",
             if interrupted {
