@@ -119,7 +119,11 @@ impl Switching {
         ctx.from_dest.state_sent.store(true, SeqCst);
         self.link
             .main
-            .send(&frame, &state, &ctx.ctl, "sending the VM state")
+            .send(&frame, &state, &ctx.ctl, "sending the VM state")?;
+        ctx.stats
+            .state_bytes
+            .fetch_add(state.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn await_ready(&self, ctx: &Ctx) -> Result<(), MigrationError> {

@@ -81,6 +81,8 @@ pub struct MigrationStats {
     /// paused yet).
     ram_at_pause: AtomicU64,
     dev_at_pause: AtomicU64,
+    /// Bytes of the VM state (vCPUs, irqchip, clock) sent while paused.
+    pub(crate) state_bytes: AtomicU64,
     peer: Mutex<Option<String>>,
     rates: Mutex<meter::RateWindow>,
     pub(crate) expected_downtime_ms: AtomicU64,
@@ -181,6 +183,7 @@ impl MigrationStats {
             &self.dirty_syncs,
             &self.ram_at_pause,
             &self.dev_at_pause,
+            &self.state_bytes,
             &self.expected_downtime_ms,
             &self.allowed_downtime_ms,
             &self.cpu_throttle_percent,
@@ -435,7 +438,7 @@ impl MigrationStats {
                 let ram_paused = ram
                     .saturating_sub(at)
                     .saturating_sub(self.postcopy_bytes.load(Relaxed));
-                (at, ram_paused + dev)
+                (at, ram_paused + dev + self.state_bytes.load(Relaxed))
             }
         }
     }
