@@ -349,7 +349,12 @@ pub fn check_completed_status(s: &Value, who: &str) {
     }
     assert_eq!(s["page_size_bytes"], 4096, "{}: {}", who, s);
     assert_eq!(s["remaining_bytes"], 0, "{}: {}", who, s);
-    assert!(s["peer_address"].is_string(), "{}: no peer_address in {}", who, s);
+    assert!(
+        s["peer_address"].is_string(),
+        "{}: no peer_address in {}",
+        who,
+        s
+    );
     assert_eq!(s["throughput_bps"], s["throughput_bytes_per_s"], "{}", who);
     assert_eq!(s["dirty_rate_bps"], s["dirty_rate_bytes_per_s"], "{}", who);
     assert!(

@@ -101,15 +101,19 @@ fn live_progress_during_pass_1() {
     for f in ["throughput_bytes_per_s", "pages_per_s", "normal_pages"] {
         assert!(num(last, f) > 0, "{f} is 0 during pass 1: {last}");
     }
-    assert!(last["throughput_mbit_s"].as_f64().unwrap_or(0.0) > 0.0, "{last}");
+    assert!(
+        last["throughput_mbit_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{last}"
+    );
     assert_eq!(last["throughput_bps"], last["throughput_bytes_per_s"]);
     assert_eq!(last["page_size_bytes"], 4096);
     assert!(last["peer_address"].is_string(), "{last}");
     // The guest dirties its region all the time; the sender peeks at the
     // dirty log about once a second during a pass.
     assert!(
-        samples.iter().any(|s| num(s, "dirty_rate_bytes_per_s") > 0
-            && num(s, "dirty_sync_count") > 0),
+        samples
+            .iter()
+            .any(|s| num(s, "dirty_rate_bytes_per_s") > 0 && num(s, "dirty_sync_count") > 0),
         "no dirty rate measured during pass 1: {last}"
     );
     assert!(

@@ -368,7 +368,11 @@ impl Streaming {
             mib(remaining),
             est.as_millis(),
             allowed.as_millis(),
-            if report.acks { "" } else { ", device acks pending" },
+            if report.acks {
+                ""
+            } else {
+                ", device acks pending"
+            },
             match verdict {
                 Verdict::Continue => "next pass".to_string(),
                 Verdict::SwitchOver(r) => format!("switch-over ({r:?})"),

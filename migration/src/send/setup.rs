@@ -165,7 +165,10 @@ pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
         if ctx.dial.tls.is_some() { "tls" } else { "tcp" },
         ctx.conns,
         ctx.stats.connections_reason().unwrap_or_default(),
-        ctx.stats.total_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0),
+        ctx.stats
+            .total_bytes
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / (1024.0 * 1024.0),
         ctx.devices.len(),
         params.policy,
         params.downtime_ms,

@@ -80,7 +80,6 @@ impl LatencyHistogram {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

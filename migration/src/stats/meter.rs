@@ -45,7 +45,11 @@ impl RateWindow {
     /// rates (bytes/s, pages/s) over the window ending now, or `None` while
     /// the window spans less than [`MIN_SPAN`].
     pub(crate) fn tick(&mut self, now: Instant, bytes: u64, pages: u64) -> Option<(f64, f64)> {
-        let cur = Sample { at: now, bytes, pages };
+        let cur = Sample {
+            at: now,
+            bytes,
+            pages,
+        };
         if self
             .samples
             .back()
@@ -153,7 +157,10 @@ mod tests {
         let ms = |m| t0 + Duration::from_millis(m);
         assert_eq!(w.tick(ms(60), 60, 6), None);
         let (b, p) = w.tick(ms(200), 200, 20).unwrap();
-        assert!((b - 1000.0).abs() < 1.0 && (p - 100.0).abs() < 0.1, "{b} {p}");
+        assert!(
+            (b - 1000.0).abs() < 1.0 && (p - 100.0).abs() < 0.1,
+            "{b} {p}"
+        );
         // A steady 1000 bytes/s, then 4000: the old samples leave the window.
         for m in (250..=1000).step_by(50) {
             w.tick(ms(m), m, 0);

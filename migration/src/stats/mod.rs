@@ -386,8 +386,7 @@ impl MigrationStats {
     /// Starts a pre-copy pass of `pages` pages: `remaining_bytes` is live
     /// from now on (until [`MigrationStats::stop_live_remaining`]).
     pub(crate) fn begin_pass(&self, pages: u64) {
-        self.pass_base
-            .store(self.sent_pages.load(Relaxed), Relaxed);
+        self.pass_base.store(self.sent_pages.load(Relaxed), Relaxed);
         self.pass_pages.store(pages, Relaxed);
         self.held_pages.store(0, Relaxed);
         self.live_remaining.store(true, Relaxed);
@@ -544,4 +543,3 @@ impl MigrationStats {
         }
     }
 }
-

@@ -280,4 +280,3 @@ pub struct MigrationStatus {
     #[serde(default)]
     pub postcopy_resumes: u64,
 }
-

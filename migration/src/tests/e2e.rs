@@ -57,10 +57,16 @@ fn full_migration_1_4_8_connections() {
         assert_eq!(s.page_size_bytes, 4096);
         assert_eq!(s.remaining_bytes, 0);
         assert!(s.precopy_bytes > 0 && s.dirty_sync_count >= 2, "{s:?}");
-        assert!(s.downtime_bytes > 0, "the final pass and the VM state: {s:?}");
+        assert!(
+            s.downtime_bytes > 0,
+            "the final pass and the VM state: {s:?}"
+        );
         assert!(s.peer_address.is_some());
         assert_eq!(s.throughput_bps, s.throughput_bytes_per_s);
-        assert!(s.throughput_bytes_per_s > 0 && s.pages_per_s > 0, "averages: {s:?}");
+        assert!(
+            s.throughput_bytes_per_s > 0 && s.pages_per_s > 0,
+            "averages: {s:?}"
+        );
         assert!(s.downtime_ms.is_some() && s.total_time_ms.is_some() && s.setup_time_ms.is_some());
         assert_eq!(s.total_bytes, 32 * MIB);
         let ds = dest.stats.snapshot();
@@ -279,8 +285,14 @@ fn remaining_counts_down_during_pass_1() {
     assert!(v.len() >= 3, "{rem:?}");
     assert!(rem[0] <= 24 * MIB && rem[0] > 12 * MIB, "{rem:?}");
     assert!(rem.windows(2).all(|w| w[1] <= w[0]), "{rem:?}");
-    assert!(rem.windows(3).any(|w| w[2] < w[1] && w[1] < w[0]), "{rem:?}");
+    assert!(
+        rem.windows(3).any(|w| w[2] < w[1] && w[1] < w[0]),
+        "{rem:?}"
+    );
     let last = v.last().unwrap();
-    assert!(last.throughput_bytes_per_s > 0 && last.pages_per_s > 0, "{last:?}");
+    assert!(
+        last.throughput_bytes_per_s > 0 && last.pages_per_s > 0,
+        "{last:?}"
+    );
     assert!(last.peer_address.is_some());
 }
