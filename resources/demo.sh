@@ -89,7 +89,7 @@ echo "== final statistics (destination)"
 echo "== the source keeps its final record in the 'migrated' state until vmm.shutdown"
 "$REMOTE" --api-socket "$SRC_SOCK" info | grep -E '"state"' | sed 's/^/   source vm.info |/'
 "$REMOTE" --api-socket "$SRC_SOCK" migration-status |
-    grep -E '"(state|total_time_ms|downtime_ms|precopy_bytes|downtime_bytes|throughput_mbit_s|peer_address)"' |
+    grep -E '^  "(state|total_time_ms|downtime_ms|precopy_bytes|downtime_bytes|throughput_mbit_s|peer_address)"' |
     sed 's/^/   source vm.migration |/'
 "$REMOTE" --api-socket "$SRC_SOCK" shutdown-vmm >/dev/null
 wait "$SRC_PID" && echo "== source ferry shut down, exit code 0"
