@@ -265,7 +265,8 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
     // The migration logs its own start, passes, switch-over and end.
     log::debug!(
         "sending the VM to {} over {} connection(s)",
-        params.destination_url, params.connections
+        params.destination_url,
+        params.connections
     );
     std::thread::Builder::new()
         .name("migration-send".into())
