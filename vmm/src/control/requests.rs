@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use log::{info, warn};
 use migration::live::{MigrationParameters, ParametersUpdate};
-use migration::{MigrationStatus, ReceiveParams, SendParams};
+use migration::{ReceiveParams, SendParams};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -503,7 +503,8 @@ impl Vmm {
         let g = self.lock();
         let Some(job) = &g.job else {
             return Outcome::of(Ok(Response::MigrationStatus(
-                serde_json::to_value(MigrationStatus::default())
+                // Fresh counters: state "none", constants (page size) filled.
+                serde_json::to_value(migration::MigrationStats::default().snapshot())
                     .unwrap_or(json!({"state": "none"})),
             )));
         };
