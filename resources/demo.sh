@@ -86,7 +86,13 @@ echo "== migrating with $CONNECTIONS connections over mutual TLS"
 echo "== final statistics (destination)"
 "$REMOTE" --api-socket "$DST_SOCK" migration-status
 
-wait "$SRC_PID" && echo "== source ferry exited 0"
+echo "== the source keeps its final record in the 'migrated' state until vmm.shutdown"
+"$REMOTE" --api-socket "$SRC_SOCK" info | grep -E '"state"' | sed 's/^/   source vm.info |/'
+"$REMOTE" --api-socket "$SRC_SOCK" migration-status |
+    grep -E '^  "(state|total_time_ms|downtime_ms|precopy_bytes|downtime_bytes|throughput_mbit_s|peer_address)"' |
+    sed 's/^/   source vm.migration |/'
+"$REMOTE" --api-socket "$SRC_SOCK" shutdown-vmm >/dev/null
+wait "$SRC_PID" && echo "== source ferry shut down, exit code 0"
 SRC_PID=
 last=$(grep -o 'pass [0-9]* ok' "$SRC_LOG" | tail -n1 | awk '{print $2}')
 echo "== source's last pass: $last; the guest now passes on the destination:"

@@ -18,7 +18,6 @@ const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct Convergence {
     rate: Option<f64>,
-    wire_rate: Option<f64>,
     dirty_rate: Option<f64>,
 }
 
@@ -37,23 +36,20 @@ impl Convergence {
     pub fn new() -> Self {
         Convergence {
             rate: None,
-            wire_rate: None,
             dirty_rate: None,
         }
     }
 
     /// Records an interval in which the writers handled `page_bytes` of guest
-    /// pages (zero or not) and put `wire_bytes` on the wire.
-    pub fn record_transfer(&mut self, page_bytes: u64, wire_bytes: u64, elapsed: Duration) {
+    /// pages (zero or not) and put `_wire_bytes` on the wire (the live wire
+    /// throughput is the statistics' own, `stats::meter`).
+    pub fn record_transfer(&mut self, page_bytes: u64, _wire_bytes: u64, elapsed: Duration) {
         let s = elapsed.as_secs_f64();
         if s <= 0.0 {
             return;
         }
         if page_bytes >= MIN_SAMPLE_BYTES {
             self.rate = ewma(self.rate, page_bytes as f64 / s);
-        }
-        if wire_bytes >= MIN_SAMPLE_BYTES {
-            self.wire_rate = ewma(self.wire_rate, wire_bytes as f64 / s);
         }
     }
 
@@ -68,11 +64,6 @@ impl Convergence {
     /// Transfer rate used for decisions.
     pub fn rate(&self) -> f64 {
         self.rate.unwrap_or(DEFAULT_RATE)
-    }
-
-    /// Wire throughput (0 until measured).
-    pub fn wire_rate(&self) -> f64 {
-        self.wire_rate.unwrap_or(0.0)
     }
 
     /// Dirty rate (0 until measured).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::api::{ok, try_api_raw, ApiResponse};
+use crate::api::{ok, try_api, try_api_raw, ApiResponse};
 use crate::guest::{check_stream, SerialLog};
 use crate::proc::Vmm;
 use crate::util::{free_tcp_port, poll, tcp_listening_of};
@@ -141,8 +141,9 @@ pub fn wait_migration_state(vmm: &Vmm, states: &[&str], timeout: Duration) -> Va
 /// Outcome of a successful migration.
 #[derive(Debug)]
 pub struct Migration {
-    /// The source's last `vm.migration` read before it exited (if any was read
-    /// while completed).
+    /// The source's `vm.migration` once completed (its final record; `None`
+    /// only if a source started with `--exit-after-migration` exited before
+    /// it was read).
     pub source_status: Option<Value>,
     /// The destination's `vm.migration` once completed.
     pub dest_status: Value,
@@ -150,7 +151,8 @@ pub struct Migration {
 
 /// Migrates `src` to `dst` with `params` (its `destination_url` is replaced
 /// by a fresh port) and waits for completion: the destination reports
-/// `completed`, the source exits 0. Panics on failure.
+/// `completed`, the source reports it too and is ended ([`finish_migration`]).
+/// Panics on failure.
 pub fn migrate(src: &mut Vmm, dst: &Vmm, mut params: Value) -> Migration {
     let port = free_tcp_port();
     params["destination_url"] = json!(tcp_url_of(dst, port));
@@ -159,7 +161,9 @@ pub fn migrate(src: &mut Vmm, dst: &Vmm, mut params: Value) -> Migration {
     finish_migration(src, dst, Some(recv))
 }
 
-/// Waits for a started migration to complete (see [`migrate`]).
+/// Waits for a started migration to complete (see [`migrate`]): follows
+/// the source until it reports `completed` (or, started with
+/// `--exit-after-migration`, exits), then [`end_migrated_source`].
 pub fn finish_migration(
     src: &mut Vmm,
     dst: &Vmm,
@@ -167,11 +171,15 @@ pub fn finish_migration(
 ) -> Migration {
     let start = Instant::now();
     let mut source_status = None;
-    // Follow the source until it exits; fail fast if it reports a failure.
+    // Follow the source until it completed; fail fast if it reports a
+    // failure.
     loop {
         if let Some(s) = src.migration_status() {
             match mig_state(&s) {
-                "completed" => source_status = Some(s),
+                "completed" => {
+                    source_status = Some(s);
+                    break;
+                }
                 "failed" | "cancelled" => panic!(
                     "[{}] migration {}: {}\nsource stderr:\n{}\ndestination stderr:\n{}",
                     src.name,
@@ -196,7 +204,7 @@ pub fn finish_migration(
         }
         thread::sleep(Duration::from_millis(50));
     }
-    src.expect_exit_ok(LONG);
+    end_migrated_source(src);
     let dest_status = wait_migration_state(
         dst,
         &["completed", "failed", "cancelled"],
@@ -227,6 +235,31 @@ pub fn finish_migration(
         source_status,
         dest_status,
     }
+}
+
+/// Ends a source whose send completed: unless it exited on its own
+/// (`--exit-after-migration`), it must be in the `migrated` state, and
+/// `vmm.shutdown` must end it with exit code 0.
+pub fn end_migrated_source(src: &mut Vmm) {
+    if src.is_running() {
+        let state = poll(LONG, || {
+            let s = match try_api(&src.sock, "GET", "vm.info", None) {
+                Ok((_, v)) => v["state"].as_str().unwrap_or("").to_string(),
+                Err(_) => String::new(),
+            };
+            (s == "migrated" || !src.is_running()).then_some(s)
+        });
+        if src.is_running() {
+            assert_eq!(
+                state.as_deref(),
+                Some("migrated"),
+                "[{}] source VM state after completion",
+                src.name
+            );
+            let _ = src.api("PUT", "vmm.shutdown", None);
+        }
+    }
+    src.expect_exit_ok(LONG);
 }
 
 /// Boots the stamp guest with `cmdline` and `src_args` on a source VMM
@@ -290,8 +323,17 @@ pub fn check_completed_status(s: &Value, who: &str) {
         "transferred_bytes",
         "remaining_bytes",
         "zero_pages",
+        "normal_pages",
+        "page_size_bytes",
+        "throughput_bytes_per_s",
+        "throughput_mbit_s",
         "throughput_bps",
+        "pages_per_s",
+        "dirty_rate_bytes_per_s",
         "dirty_rate_bps",
+        "dirty_sync_count",
+        "precopy_bytes",
+        "downtime_bytes",
         "expected_downtime_ms",
         "total_time_ms",
         "downtime_ms",
@@ -305,6 +347,22 @@ pub fn check_completed_status(s: &Value, who: &str) {
             s
         );
     }
+    assert_eq!(s["page_size_bytes"], 4096, "{}: {}", who, s);
+    assert_eq!(s["remaining_bytes"], 0, "{}: {}", who, s);
+    assert!(
+        s["peer_address"].is_string(),
+        "{}: no peer_address in {}",
+        who,
+        s
+    );
+    assert_eq!(s["throughput_bps"], s["throughput_bytes_per_s"], "{}", who);
+    assert_eq!(s["dirty_rate_bps"], s["dirty_rate_bytes_per_s"], "{}", who);
+    assert!(
+        s["normal_pages"].as_u64().unwrap_or(0) > 0,
+        "{}: no data pages moved: {}",
+        who,
+        s
+    );
 }
 
 /// Waits for a migration on `src` to end in failure (or cancellation when

@@ -116,7 +116,7 @@ fn migrate_with_ferry_remote() {
     let v: Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("not JSON ({}): {:?}", e, stdout));
     assert_eq!(mig_state(&v), "completed", "{}", v);
-    src.expect_exit_ok(LONG);
+    end_migrated_source(&mut src);
     let out = dst.remote(&["migration-status"]);
     assert!(out.status.success());
     let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("JSON");

@@ -77,6 +77,12 @@ pub struct Cli {
     /// least 8 MiB/s (default: no sharing).
     #[arg(long, value_name = "MIB_S")]
     pub host_migration_bandwidth_mib_s: Option<f64>,
+    /// Exit once a sent VM's migration completed: after the first
+    /// `vm.migration` read that reports it, or 1.5 s after completion
+    /// (default: keep serving the API in the `migrated` state until
+    /// `vmm.shutdown`).
+    #[arg(long)]
+    pub exit_after_migration: bool,
 }
 
 /// Errors of command-line validation. All of them end `ferry` with exit code 2.
@@ -221,6 +227,10 @@ pub struct VmmConfig {
     /// The bandwidth all migrations of this host share, MiB/s (`None`: no
     /// sharing).
     pub host_migration_bandwidth_mib_s: Option<f64>,
+    /// `--exit-after-migration`: a source whose send completed exits on its
+    /// own (see [`crate::controller::EXIT_GRACE`]) instead of waiting in
+    /// the `migrated` state for `vmm.shutdown`.
+    pub exit_after_migration: bool,
 }
 
 /// Keys of `--memory` (a bare value is the size: `--memory 1G`).
@@ -545,6 +555,7 @@ impl VmmConfig {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(crate::host::DEFAULT_REGISTRY)),
             host_migration_bandwidth_mib_s: cli.host_migration_bandwidth_mib_s,
+            exit_after_migration: cli.exit_after_migration,
         })
     }
 }

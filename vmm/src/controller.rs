@@ -17,8 +17,9 @@ use crate::memory::GuestRam;
 use crate::vcpu::VmEnd;
 use crate::vm::{Vm, VmDescription};
 
-/// How long a source waits, after a completed send, for someone to read
-/// `vm.migration` before it exits anyway.
+/// With `--exit-after-migration`: how long a source waits, after a
+/// completed send, for someone to read `vm.migration` before it exits
+/// anyway (it exits right after the first read that reports completion).
 pub const EXIT_GRACE: Duration = Duration::from_millis(1500);
 
 /// Why `ferry` could not run; decides the exit code.
@@ -69,8 +70,11 @@ pub enum Lifecycle {
     /// never run here again); a send with `"resume": true` finishes the
     /// migration.
     PostcopyPaused(Arc<Vm>),
-    /// A send completed at `since`: the VM stays paused for good and the
-    /// process exits once the completion was read or [`EXIT_GRACE`] passed.
+    /// A send completed at `since` (QEMU's postmigrate): the VM stays paused
+    /// for good (its vCPUs never run here again; `vm.resume` is refused),
+    /// and the VMM keeps serving its API (the final `vm.migration` record)
+    /// until `vmm.shutdown`. With `--exit-after-migration` the process
+    /// exits instead once the completion was read or [`EXIT_GRACE`] passed.
     MigratedOut {
         /// The sent VM.
         vm: Arc<Vm>,
@@ -354,9 +358,13 @@ impl Vmm {
         self.lock().reap_job();
     }
 
-    /// When the process must exit on its own (a completed send whose
-    /// status nobody read), if it must.
+    /// When the process must exit on its own (with
+    /// `--exit-after-migration`, a completed send whose status nobody
+    /// read), if it must.
     pub fn exit_deadline(&self) -> Option<Instant> {
+        if !self.cfg.exit_after_migration {
+            return None;
+        }
         match &self.lock().state {
             Lifecycle::MigratedOut { since, .. } => Some(*since + EXIT_GRACE),
             _ => None,

@@ -408,22 +408,49 @@ fn lifecycle_follows_the_send_job() {
     assert_eq!(vmm.execute(Request::Resume).result, Ok(Response::Resumed));
     assert!(matches!(vmm.lock().state, Lifecycle::Active(_)));
 
-    // Completed: "migrated", and the first status read ends the process
-    // once delivered (or the grace period does).
+    // Completed: "migrated"; the VMM keeps serving the final record, and
+    // refuses to resume the VM.
     v.pause_vcpus();
     send_ended(Lifecycle::Sending(v.clone()), JobResult::Completed);
-    let o = vmm.execute(Request::MigrationStatus);
-    assert_eq!(o.exit_after_reply, Some(0));
-    match o.result {
-        Ok(Response::MigrationStatus(s)) => assert_eq!(s["state"], "completed", "{s}"),
-        other => panic!("{other:?}"),
+    for _ in 0..2 {
+        let o = vmm.execute(Request::MigrationStatus);
+        assert_eq!(o.exit_after_reply, None);
+        match o.result {
+            Ok(Response::MigrationStatus(s)) => assert_eq!(s["state"], "completed", "{s}"),
+            other => panic!("{other:?}"),
+        }
     }
-    assert!(vmm.exit_deadline().is_some());
+    assert!(vmm.exit_deadline().is_none());
     match vmm.execute(Request::VmInfo).result {
         Ok(Response::VmInfo(i)) => assert_eq!(i.state, "migrated"),
         other => panic!("{other:?}"),
     }
-    assert!(vmm.execute(Request::Resume).result.is_err());
+    let o = vmm.execute(Request::Resume);
+    assert!(
+        matches!(&o.result, Err(RequestError::Conflict(m)) if m.contains("migrated")),
+        "{o:?}"
+    );
+    assert!(v.is_paused());
+
+    // With --exit-after-migration the first status read ends the process
+    // once delivered (or the grace period does).
+    let cli = Cli::parse_from([
+        "ferry",
+        "--api-socket",
+        "/nonexistent/y.sock",
+        "--exit-after-migration",
+    ]);
+    let vmm2 = crate::Vmm::new(VmmConfig::parse(&cli).unwrap()).unwrap().0;
+    {
+        let mut g = vmm2.lock();
+        g.state = Lifecycle::Sending(v.clone());
+        g.job = Some(Job::ended(Direction::Send, JobResult::Completed));
+    }
+    assert_eq!(
+        vmm2.execute(Request::MigrationStatus).exit_after_reply,
+        Some(0)
+    );
+    assert!(vmm2.exit_deadline().is_some());
     v.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -145,7 +145,8 @@ struct Receiving {
     last_main: Instant,
     /// Last RATE round and the rate last sent per device.
     rates: (Instant, Vec<u64>),
-    /// Live receive throughput shown as `throughput_bps` on this side.
+    /// Ticks the live rates (`throughput_bytes_per_s`, `pages_per_s`) and
+    /// logs each pass received.
     rx: RxMeter,
     /// When HOST_LOAD was last sent (`None`: not yet).
     host_load_at: Option<Instant>,

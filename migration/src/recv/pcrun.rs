@@ -218,7 +218,7 @@ impl PcRun {
                 rctx,
                 last_main: Instant::now(),
             }),
-            rx: RxMeter::new(),
+            rx: RxMeter::after_passes(&ctx.stats),
             buf: Vec::new(),
             ram,
             epoch_no: 0,
@@ -293,6 +293,9 @@ impl PcRun {
                 let st = self.pcd.stats();
                 st.postcopy_bytes.fetch_add(wire, Relaxed);
                 st.transferred_bytes.fetch_add(wire, Relaxed);
+                let (zero, normal) = crate::recv::reader::count_pages(&self.buf);
+                st.zero_pages.fetch_add(zero, Relaxed);
+                st.normal_pages.fetch_add(normal, Relaxed);
                 Ok(())
             }
             Frame::Abort { len } => {

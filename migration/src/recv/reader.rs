@@ -178,6 +178,9 @@ fn run_reader(
                 pages.resize(data_len as usize, 0);
                 read_full(s, &mut pages, &ctx.ctl, &what)?;
                 pcd.accept_all(&ranges, &pages)?;
+                let (zero, normal) = count_pages(&ranges);
+                add(&ctx.stats.zero_pages, zero);
+                add(&ctx.stats.normal_pages, normal);
                 add(
                     &ctx.stats.postcopy_bytes,
                     HEADER_LEN as u64 + env.frame.payload_len(),
@@ -209,11 +212,13 @@ fn run_reader(
                 // guest RAM (validated above). Within a pass each page is
                 // sent once, so no other reader writes these pages now.
                 let zero = read_ram_data(s, ctx, &ranges, &mut bufs, &what)?;
+                let (_, normal) = count_pages(&ranges);
                 add(
                     &ctx.stats.transferred_bytes,
                     HEADER_LEN as u64 + env.frame.payload_len(),
                 );
                 add(&ctx.stats.zero_pages, zero);
+                add(&ctx.stats.normal_pages, normal);
             }
             Frame::Sync { pass: p } => {
                 if p != pass {
@@ -361,6 +366,17 @@ fn read_ram_data(
         }
     }
     Ok(zero)
+}
+
+/// (zero pages, data pages) of decoded `ranges`.
+pub(crate) fn count_pages(ranges: &[ResolvedRange]) -> (u64, u64) {
+    ranges.iter().fold((0, 0), |(z, n), r| {
+        if r.zero {
+            (z + r.npages, n)
+        } else {
+            (z, n + r.npages)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -37,8 +37,11 @@ pub fn wait_main(ctx: &Ctx) -> Result<Option<Session>, MigrationError> {
     net::prepare_stream(s.tcp(), false)?;
     let main = MainConn::new(s, inc.session);
     main.send(&Frame::Ok, &[], &ctx.ctl, "accepting the main connection")?;
+    let peer = main.stream.tcp().peer_addr().ok();
+    ctx.stats.set_peer(peer);
     log::info!(
-        "incoming migration: session {:032x}, {} data connections",
+        "incoming migration started from {}: session {:032x}, {} data connections",
+        peer.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
         inc.session,
         inc.connections
     );

@@ -169,6 +169,11 @@ impl Receiving {
                 len,
             } => {
                 let data = recv_payload(&main.stream, len, &ctx.ctl, "reading the VM state")?;
+                log::info!(
+                    "switch-over: the source paused the VM; final pass {final_pass}, VM state of \
+                     {len} bytes received, {:.1} MiB of RAM so far",
+                    ctx.stats.transferred_bytes.load(Relaxed) as f64 / 1048576.0
+                );
                 let info = StateInfo {
                     final_pass,
                     paused: user_paused,
@@ -414,11 +419,16 @@ impl Ready {
             )));
         }
         ctx.stats.complete(info.pause_us, resume_us, None);
+        let s = ctx.stats.snapshot();
         log::info!(
-            "incoming migration completed: {} passes, downtime {} ms{}",
+            "incoming migration completed in {} ms: {} passes, downtime {} ms{}, {:.1} MiB \
+             received, {:.0} Mbit/s average",
+            s.total_time_ms.unwrap_or(0),
             info.final_pass,
             resume_us.saturating_sub(info.pause_us) / 1000,
-            if info.paused { " (started paused)" } else { "" }
+            if info.paused { " (started paused)" } else { "" },
+            s.transferred_bytes as f64 / 1048576.0,
+            s.throughput_mbit_s
         );
         Ok(Ok(close_ready(ctx, *this).into_started()))
     }

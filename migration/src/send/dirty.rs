@@ -133,14 +133,12 @@ impl<'a> Packetizer<'a> {
         self.pool.push_ram(self.pass, runs)
     }
 
-    /// Adds the populated byte ranges of a region (first pass). In manual
-    /// mode ranges are widened to whole 64-page blocks, because every page
-    /// that is re-protected must also be read afterwards.
-    pub fn add_populated(
-        &mut self,
-        region: usize,
-        ranges: &[Range<u64>],
-    ) -> Result<(), MigrationError> {
+    /// The page runs `(start, end)` of the populated byte ranges of a
+    /// region (first pass), ascending and disjoint, for
+    /// [`Packetizer::add_run`]. In manual mode ranges are widened to whole
+    /// 64-page blocks, because every page that is re-protected must also be
+    /// read afterwards.
+    pub fn populated_runs(&self, region: usize, ranges: &[Range<u64>]) -> Vec<(u64, u64)> {
         let rp = self.regions[region].pages();
         let mut raw: Vec<(u64, u64)> = Vec::new();
         for r in ranges {
@@ -162,10 +160,7 @@ impl<'a> Packetizer<'a> {
                 _ => runs.push((s, e)),
             }
         }
-        for (s, e) in runs {
-            self.add_run(region, s, e - s)?;
-        }
-        Ok(())
+        runs
     }
 
     /// Adds every set page of a dirty bitmap.

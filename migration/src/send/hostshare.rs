@@ -42,7 +42,7 @@ pub(super) fn choose_connections(
                 },
             };
             let (n, why) = host::auto_connections(&link, vm.vcpus());
-            log::info!("connections {why}");
+            log::debug!("connections {why}");
             (n, why)
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::devices::does_precopy;
-use super::dirty::{count_dirty, merge, Packetizer};
+use super::dirty::{count_dirty, merge, Packetizer, PACKET_PAGES};
 use super::policy::{Effects, Governor, PassReport, Verdict};
 use super::pool::{Item, Pool, RateLimiter};
 use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, PASS_POLL};
@@ -18,6 +18,15 @@ use crate::error::MigrationError;
 use crate::live::SwitchoverReason;
 use crate::net::{epoch_us, lock};
 use crate::traits::{DirtyBitmap, PAGE_SIZE};
+
+/// How often the sender peeks at the dirty log during a pass (for the
+/// live dirty rate; the pages found join the next pass).
+const DIRTY_PEEK: Duration = Duration::from_secs(1);
+
+/// Bytes as MiB, for log lines.
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
 
 /// Progress of the passes.
 ///
@@ -30,6 +39,10 @@ pub struct Passes {
     pub pass: u64,
     pages_queued: u64,
     held: Vec<DirtyBitmap>,
+    /// Pages set in `held`.
+    held_pages: u64,
+    /// When the current pass began.
+    pass_started: Instant,
     conv: Convergence,
     last_sample: (Instant, u64, u64),
     last_fetch: Instant,
@@ -57,6 +70,8 @@ impl Passes {
             pass: 0,
             pages_queued: 0,
             held: Vec::new(),
+            held_pages: 0,
+            pass_started: Instant::now(),
             conv: Convergence::new(),
             last_sample: (Instant::now(), 0, 0),
             last_fetch: Instant::now(),
@@ -80,7 +95,9 @@ impl Passes {
         self.pages_queued
     }
 
-    /// Fetches every region's dirty log into `held`; returns the dirty pages.
+    /// Fetches every region's dirty log into `held`; returns the dirty pages
+    /// held. Records the dirty rate (pages newly found over the time since
+    /// the previous fetch) and the fetch in the statistics.
     pub(super) fn fetch_all(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
         let regions = ctx.mem.regions();
         let mut pages = 0;
@@ -93,11 +110,33 @@ impl Passes {
             merge(&mut self.held[i], &bm);
             pages += count_dirty(&self.held[i], r.pages());
         }
+        let new = pages.saturating_sub(self.held_pages);
+        self.conv
+            .record_dirty(new * PAGE_SIZE, self.last_fetch.elapsed());
+        self.last_fetch = Instant::now();
+        self.held_pages = pages;
+        let st = &ctx.stats;
+        st.dirty_rate.store(self.conv.dirty_rate() as u64, Relaxed);
+        st.dirty_syncs.fetch_add(1, Relaxed);
+        st.held_pages.store(pages, Relaxed);
         Ok(pages)
+    }
+
+    /// While a pass runs: brings the live rates up to date and peeks at the
+    /// dirty log once [`DIRTY_PEEK`] has passed since the last fetch.
+    fn peek(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        ctx.stats.tick_rates();
+        if self.last_fetch.elapsed() >= DIRTY_PEEK {
+            self.fetch_all(ctx)?;
+        }
+        Ok(())
     }
 
     /// Queues the held dirty pages as pass `self.pass`.
     fn send_held(&mut self, ctx: &Ctx, pool: &Pool) -> Result<u64, MigrationError> {
+        ctx.stats.begin_pass(self.held_pages);
+        self.held_pages = 0;
+        self.pass_started = Instant::now();
         let held = std::mem::take(&mut self.held);
         self.current = held.clone();
         let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), self.pass);
@@ -145,12 +184,10 @@ impl Passes {
             }
             self.seen_done = done;
             self.gov.check_progress(&params, now, Some(self.moved_at))?;
-            ctx.stats
-                .remaining_bytes
-                .store(self.pages_queued.saturating_sub(done) * PAGE_SIZE, Relaxed);
             if done >= self.pages_queued {
                 return Ok(true);
             }
+            self.peek(ctx)?;
             ctx.ctl.check()?;
             ctx.check_timeout()?;
             std::thread::sleep(PASS_POLL);
@@ -231,20 +268,38 @@ impl Streaming {
         ctx.stats.iteration.store(1, Relaxed);
         ps.last_fetch = Instant::now();
         ps.last_sample = (Instant::now(), 0, 0);
+        ps.pass_started = Instant::now();
         let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), 1);
         ps.current.clear();
+        let mut plan = Vec::new();
+        let mut planned = 0;
         for (i, r) in ctx.mem.regions().iter().enumerate() {
             let ranges = ctx
                 .vm
                 .populated(i)
                 .map_err(|e| MigrationError::vm("listing populated memory", e))?;
             ps.current.push(ranges_bitmap(&ranges, r.pages()));
-            pk.add_populated(i, &ranges)?;
+            let runs = pk.populated_runs(i, &ranges);
+            planned += runs.iter().map(|(s, e)| e - s).sum::<u64>();
+            plan.push(runs);
+        }
+        // remaining_bytes counts down from the populated size from here on.
+        ctx.stats.begin_pass(planned);
+        for (i, runs) in plan.into_iter().enumerate() {
+            for (s, e) in runs {
+                let mut first = s;
+                while first < e {
+                    let n = (e - first).min(PACKET_PAGES);
+                    pk.add_run(i, first, n)?;
+                    first += n;
+                    ps.peek(ctx)?;
+                }
+            }
         }
         let pages = pk.finish()?;
         ps.pages_queued += pages;
         pool.push_all(|| Item::Sync { pass: 1 });
-        log::info!("pass 1: {pages} populated pages queued");
+        log::debug!("pass 1: {pages} populated pages queued");
         Ok(())
     }
 
@@ -267,8 +322,6 @@ impl Streaming {
 
         let dirty_pages = ps.fetch_all(ctx)?;
         let dirty = dirty_pages * PAGE_SIZE;
-        ps.conv.record_dirty(dirty, ps.last_fetch.elapsed());
-        ps.last_fetch = Instant::now();
         let (dev_bytes, dev_load) = device_estimate(ctx);
         let remaining = dirty + pool.backlog() + dev_bytes;
         let est = ps.conv.estimate(remaining, dev_load);
@@ -284,10 +337,6 @@ impl Streaming {
         let (verdict, fx) = ps.gov.after_pass(&params, &report, now);
         let allowed = ps.gov.allowed_downtime(&params);
         let st = &ctx.stats;
-        st.remaining_bytes.store(dirty, Relaxed);
-        st.throughput_bps.store(ps.conv.wire_rate() as u64, Relaxed);
-        st.dirty_rate_bps
-            .store(ps.conv.dirty_rate() as u64, Relaxed);
         st.expected_downtime_ms
             .store(est.as_millis() as u64, Relaxed);
         st.allowed_downtime_ms
@@ -307,10 +356,28 @@ impl Streaming {
         );
         apply(ctx, fx);
         ps.gov.check_progress(&params, now, None)?;
-        log::debug!(
-            "after pass {}: {dirty} dirty bytes, estimate {est:?}, allowed {allowed:?}, {verdict:?}, acks {}",
+        let secs = now.duration_since(ps.pass_started).as_secs_f64();
+        log::info!(
+            "pass {} done: {:.1} MiB in {secs:.2} s ({:.1} MiB/s), {:.1} MiB dirty ({:.1} MiB/s), \
+             {:.1} MiB remaining, expected downtime {} ms (allowed {} ms){}; {}",
             ps.pass,
-            report.acks
+            mib(moved),
+            mib((moved as f64 / secs.max(1e-3)) as u64),
+            mib(dirty),
+            mib(ps.conv.dirty_rate() as u64),
+            mib(remaining),
+            est.as_millis(),
+            allowed.as_millis(),
+            if report.acks {
+                ""
+            } else {
+                ", device acks pending"
+            },
+            match verdict {
+                Verdict::Continue => "next pass".to_string(),
+                Verdict::SwitchOver(r) => format!("switch-over ({r:?})"),
+                Verdict::PostCopy(r) => format!("post-copy ({r:?})"),
+            }
         );
         match verdict {
             Verdict::SwitchOver(r) => {
@@ -348,6 +415,7 @@ impl Streaming {
         let ps = &mut self.passes;
         ps.pass += 1;
         ps.pass_start_done = self.data.pool.pages_done.load(Relaxed);
+        ps.pass_started = Instant::now();
         ctx.stats.iteration.store(ps.pass, Relaxed);
         let queued = ps.send_held(ctx, &self.data.pool)?;
         let pass = ps.pass;
@@ -387,6 +455,7 @@ impl Streaming {
     /// The stopped phase of this stream, with the VM `paused` now.
     pub(super) fn into_stopped(self: Box<Self>, paused: PausedVm) -> Box<Stopped> {
         let s = *self;
+        s.data.wctx.stats.mark_paused();
         Box::new(Stopped {
             link: s.link,
             data: s.data,
@@ -414,14 +483,23 @@ impl Stopped {
     /// Fetches the last dirty pages and queues them as the final pass.
     fn final_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
         let ps = &mut self.passes;
-        ps.fetch_all(ctx)?;
+        let pages = ps.fetch_all(ctx)?;
         ps.pass += 1;
         ctx.stats.iteration.store(ps.pass, Relaxed);
-        let pages = ps.send_held(ctx, &self.data.pool)?;
+        let (dev_bytes, _) = device_estimate(ctx);
         log::info!(
-            "VM paused; final pass {} with {pages} pages queued",
-            ps.pass
+            "switch-over ({}): VM paused; final pass {} with {:.1} MiB of RAM and {:.1} MiB of \
+             device state, expected downtime {} ms",
+            ctx.stats
+                .switchover_reason()
+                .map(|r| format!("{r:?}"))
+                .unwrap_or_default(),
+            ps.pass,
+            mib(pages * PAGE_SIZE),
+            mib(dev_bytes),
+            ctx.stats.expected_downtime_ms.load(Relaxed)
         );
+        ps.send_held(ctx, &self.data.pool)?;
         Ok(())
     }
 }

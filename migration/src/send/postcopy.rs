@@ -185,6 +185,7 @@ impl Stopped {
         ctx.stats
             .remaining_bytes
             .store(missing * PAGE_SIZE, Relaxed);
+        ctx.stats.stop_live_remaining();
         log::info!(
             "VM paused for post-copy ({reason:?}): {missing} pages missing on the destination{}",
             if interrupted {
@@ -350,33 +351,30 @@ pub(super) fn reconnect(ctx: &Ctx, t: Box<ResumeToken>) -> Result<Phase, Failed>
         )?;
         let (missing, maps) = await_resume_ack(ctx, &main, epoch)?;
         let data = super::setup::data_plane(ctx)?;
-        Ok((missing, maps, data, main))
+        let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
+        let push = Arc::new(PushSet::new(&maps, &pages));
+        let fd = &ctx.from_dest;
+        fd.postcopy.store(true, SeqCst);
+        fd.state_sent.store(true, SeqCst);
+        fd.commit_sent.store(true, SeqCst);
+        let resume_us = t.resume_us.unwrap_or_else(epoch_us);
+        *lock(&fd.resumed) = Some(resume_us);
+        let plan = Plan {
+            push,
+            maps,
+            missing,
+            reason: SwitchoverReason::User,
+            resumed: Mutex::new(Some((resume_us, t.ack_ms))),
+            epoch,
+        };
+        // Armed before the main reader starts: the destination's vCPUs ask
+        // for pages as soon as it accepted the resume.
+        plan.arm(ctx, &main, &data);
+        let link = super::link::Link::start(main, &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
+        Ok((plan, data, link))
     })();
-    let (missing, maps, data, main) = or_fail!(r, Phase::Resume(t));
-    let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
-    let push = Arc::new(PushSet::new(&maps, &pages));
-    let fd = &ctx.from_dest;
-    fd.postcopy.store(true, SeqCst);
-    fd.state_sent.store(true, SeqCst);
-    fd.commit_sent.store(true, SeqCst);
-    let resume_us = t.resume_us.unwrap_or_else(epoch_us);
-    *lock(&fd.resumed) = Some(resume_us);
-    let plan = Plan {
-        push,
-        maps,
-        missing,
-        reason: SwitchoverReason::User,
-        resumed: Mutex::new(Some((resume_us, t.ack_ms))),
-        epoch,
-    };
-    // The page server is armed before the main connection's reader starts:
-    // the destination asks again for its waiting faults right after
-    // RESUME_ACK.
-    plan.arm(ctx, &main, &data);
-    let link = or_fail!(
-        super::link::Link::start(main, &ctx.ctl, &ctx.from_dest, &ctx.counters),
-        Phase::Resume(t)
-    );
+    let (plan, data, link) = or_fail!(r, Phase::Resume(t));
+    let missing = plan.missing;
     data.pool.push_all(|| Item::Postcopy);
     ctx.stats.set_postcopy(PostcopyPhase::Active);
     ctx.stats.postcopy_resumes.store(epoch, Relaxed);

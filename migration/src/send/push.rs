@@ -256,6 +256,8 @@ impl PageServer {
         self.stats.postcopy_requests.fetch_add(1, Relaxed);
         self.stats.postcopy_bytes.fetch_add(wire, Relaxed);
         self.stats.transferred_bytes.fetch_add(wire, Relaxed);
+        self.stats.zero_pages.fetch_add(c.zero, Relaxed);
+        self.stats.normal_pages.fetch_add(c.pages - c.zero, Relaxed);
         Ok(())
     }
 }

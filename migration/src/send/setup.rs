@@ -25,6 +25,7 @@ use crate::worker::Workers;
 pub fn connect_main(ctx: &Ctx) -> Result<Arc<MainConn>, MigrationError> {
     let n = ctx.conns;
     let s = connect(&ctx.dial, ctx.session, ConnRole::Main, n, &ctx.ctl)?;
+    ctx.stats.set_peer(s.tcp().peer_addr().ok());
     Ok(MainConn::new(s, ctx.session))
 }
 
@@ -151,11 +152,30 @@ pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
     })();
     let linked = or_fail!(r, Phase::Connected(main));
     ctx.stats.mark_setup_done();
+    let params = ctx.live.get();
     log::info!(
-        "migration to {} set up: {} data connections, {} devices",
+        "migration started to {} ({}, {}): {} data connections ({}), {:.0} MiB of RAM, {} \
+         devices, policy {:?}, downtime {} ms, bandwidth cap {}",
         ctx.p.destination_url,
+        main.stream
+            .tcp()
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into()),
+        if ctx.dial.tls.is_some() { "tls" } else { "tcp" },
         ctx.conns,
-        ctx.devices.len()
+        ctx.stats.connections_reason().unwrap_or_default(),
+        ctx.stats
+            .total_bytes
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / (1024.0 * 1024.0),
+        ctx.devices.len(),
+        params.policy,
+        params.downtime_ms,
+        params
+            .max_bandwidth_mib_s
+            .map(|m| format!("{m} MiB/s"))
+            .unwrap_or_else(|| "none".into())
     );
     Ok(Phase::Linked(Box::new(linked)))
 }

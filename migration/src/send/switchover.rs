@@ -119,7 +119,11 @@ impl Switching {
         ctx.from_dest.state_sent.store(true, SeqCst);
         self.link
             .main
-            .send(&frame, &state, &ctx.ctl, "sending the VM state")
+            .send(&frame, &state, &ctx.ctl, "sending the VM state")?;
+        ctx.stats
+            .state_bytes
+            .fetch_add(state.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn await_ready(&self, ctx: &Ctx) -> Result<(), MigrationError> {
@@ -182,7 +186,7 @@ impl Switching {
             commit_at: Instant::now(),
             post,
         });
-        log::info!("switch-over committed; waiting for the destination to start the VM");
+        log::debug!("switch-over committed; waiting for the destination to start the VM");
         testhook::fire(Point::AfterCommit, c.link.main.stream.tcp());
         Ok(Phase::Committed(c))
     }
@@ -203,10 +207,18 @@ impl Committed {
                 let ack_ms = pi.elapsed().as_millis() as u64;
                 ctx.stats.set_source_vm(SourceVmOutcome::Migrated);
                 ctx.stats.complete(pu, ts, Some(ack_ms));
+                let s = ctx.stats.snapshot();
                 log::info!(
-                    "migration completed: downtime {} ms (pause→ack {ack_ms} ms), {} passes",
+                    "migration completed in {} ms: downtime {} ms (pause→ack {ack_ms} ms), {} \
+                     passes, {:.1} MiB on the wire ({:.1} MiB pre-copy, {:.1} MiB while paused), \
+                     {:.0} Mbit/s average",
+                    s.total_time_ms.unwrap_or(0),
                     ts.saturating_sub(pu) / 1000,
-                    self.pass
+                    self.pass,
+                    s.transferred_bytes as f64 / 1048576.0,
+                    s.precopy_bytes as f64 / 1048576.0,
+                    s.downtime_bytes as f64 / 1048576.0,
+                    s.throughput_mbit_s
                 );
                 return Ok(());
             }

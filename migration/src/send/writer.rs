@@ -96,6 +96,8 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 add(&ctx.pool.pages_done, pages);
                 add(&ctx.stats.transferred_bytes, wire);
                 add(&ctx.stats.zero_pages, zero);
+                add(&ctx.stats.normal_pages, pages - zero);
+                add(&ctx.stats.sent_pages, pages);
                 ctx.pool.done(conn, cost, 0);
             }
             Item::Device {
@@ -168,6 +170,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     add(&ctx.stats.transferred_bytes, wire);
                     add(&ctx.stats.postcopy_bytes, wire);
                     add(&ctx.stats.zero_pages, zero);
+                    add(&ctx.stats.normal_pages, pages - zero);
                 }
                 s.close_write();
                 log::debug!("data connection {conn}: post-copy push done ({pushed} pages)");

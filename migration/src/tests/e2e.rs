@@ -53,11 +53,29 @@ fn full_migration_1_4_8_connections() {
         let s = stats.snapshot();
         assert_eq!(s.state, MigrationState::Completed);
         assert!(s.zero_pages > 0);
+        assert!(s.normal_pages > 0);
+        assert_eq!(s.page_size_bytes, 4096);
+        assert_eq!(s.remaining_bytes, 0);
+        assert!(s.precopy_bytes > 0 && s.dirty_sync_count >= 2, "{s:?}");
+        assert!(
+            s.downtime_bytes > 0,
+            "the final pass and the VM state: {s:?}"
+        );
+        assert!(s.peer_address.is_some());
+        assert_eq!(s.throughput_bps, s.throughput_bytes_per_s);
+        assert!(
+            s.throughput_bytes_per_s > 0 && s.pages_per_s > 0,
+            "averages: {s:?}"
+        );
         assert!(s.downtime_ms.is_some() && s.total_time_ms.is_some() && s.setup_time_ms.is_some());
         assert_eq!(s.total_bytes, 32 * MIB);
         let ds = dest.stats.snapshot();
         assert_eq!(ds.state, MigrationState::Completed);
         assert_eq!(ds.role.as_deref(), Some("destination"));
+        assert_eq!(ds.normal_pages, s.normal_pages);
+        assert_eq!(ds.zero_pages, s.zero_pages);
+        assert!(ds.peer_address.is_some());
+        assert_eq!((ds.precopy_bytes, ds.downtime_bytes), (0, 0), "n/a");
         assert!(src.paused.load(SeqCst), "source stays paused after success");
         assert_eq!(src.stop_log_calls.load(SeqCst), 1);
         assert_eq!(src.resumes.load(SeqCst), 0);
@@ -227,4 +245,54 @@ fn params_are_validated() {
         (4.into(), None, 3600, 1 << 20)
     );
     assert!(serde_json::from_str::<SendParams>(r#"{"destination_url":"x","bogus":1}"#).is_err());
+}
+
+/// Pass 1 of a capped migration, sampled while it runs: `remaining_bytes`
+/// starts at the populated size and counts down, the throughput is live.
+#[test]
+fn remaining_counts_down_during_pass_1() {
+    let mut s = FakeSource::new(&[(0, 24 * MIB)]);
+    s.user_paused = true;
+    s.paused.store(true, SeqCst);
+    let src = Arc::new(s);
+    fill(&src, 0, 3, 1);
+    let mut p = params(0, 1);
+    p.max_bandwidth_mbps = Some(8.0);
+    let dest = start_dest(FakeFactory::new(src.layout()));
+    p.destination_url = format!("tcp:127.0.0.1:{}", dest.port);
+    let stats = Arc::new(MigrationStats::default());
+    let seen = stats.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        loop {
+            let s = seen.snapshot();
+            if matches!(
+                s.state,
+                MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+            ) {
+                return v;
+            }
+            if s.iteration == 1 && s.transferred_bytes > 0 {
+                v.push(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    });
+    send(src.clone(), &p, &stats, &CancelToken::default()).unwrap();
+    dest.handle.join().unwrap().unwrap();
+    let v = sampler.join().unwrap();
+    let rem: Vec<u64> = v.iter().map(|s| s.remaining_bytes).collect();
+    assert!(v.len() >= 3, "{rem:?}");
+    assert!(rem[0] <= 24 * MIB && rem[0] > 12 * MIB, "{rem:?}");
+    assert!(rem.windows(2).all(|w| w[1] <= w[0]), "{rem:?}");
+    assert!(
+        rem.windows(3).any(|w| w[2] < w[1] && w[1] < w[0]),
+        "{rem:?}"
+    );
+    let last = v.last().unwrap();
+    assert!(
+        last.throughput_bytes_per_s > 0 && last.pages_per_s > 0,
+        "{last:?}"
+    );
+    assert!(last.peer_address.is_some());
 }

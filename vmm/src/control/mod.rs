@@ -302,7 +302,7 @@ fn control_loop(
         }
         let deadline = vmm.exit_deadline();
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            info!("migration completed and nobody asked for its status; exiting");
+            info!("migration completed and nobody asked for its status; exiting (--exit-after-migration)");
             return Ok(0);
         }
         if let Err(e) = em.run_with_timeout(timeout_ms(deadline)) {

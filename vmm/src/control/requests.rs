@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use log::{info, warn};
 use migration::live::{MigrationParameters, ParametersUpdate};
-use migration::{MigrationStatus, ReceiveParams, SendParams};
+use migration::{ReceiveParams, SendParams};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -381,7 +381,9 @@ impl Vmm {
             Lifecycle::Empty | Lifecycle::Receiving => {
                 return Err(conflict("no VM has been created"))
             }
-            Lifecycle::MigratedOut { .. } => return Err(conflict("the VM has been migrated away")),
+            Lifecycle::MigratedOut { .. } => return Err(conflict(
+                "the VM was migrated to its destination and runs there: its vCPUs stay paused here for good (read vm.migration for the final record, then end this VMM with vmm.shutdown)",
+            )),
             Lifecycle::Sending(_) => return Err(conflict("a migration is running")),
             Lifecycle::PostcopyPaused(_) => return Err(conflict(
                 "the guest runs on the destination, which waits for its missing pages (post-copy paused): finish the migration with vm.send-migration and \"resume\": true",
@@ -506,15 +508,18 @@ impl Vmm {
         let g = self.lock();
         let Some(job) = &g.job else {
             return Outcome::of(Ok(Response::MigrationStatus(
-                serde_json::to_value(MigrationStatus::default())
+                // Fresh counters: state "none", constants (page size) filled.
+                serde_json::to_value(migration::MigrationStats::default().snapshot())
                     .unwrap_or(json!({"state": "none"})),
             )));
         };
         let status = Response::MigrationStatus(job.status());
-        // A source whose send completed has nothing left to do once someone
-        // learnt of it: it exits after this reply.
-        let completed_send =
-            job.direction == Direction::Send && matches!(g.state, Lifecycle::MigratedOut { .. });
+        // With --exit-after-migration, a source whose send completed has
+        // nothing left to do once someone learnt of it: it exits after this
+        // reply. Without, it keeps serving the final record.
+        let completed_send = self.config().exit_after_migration
+            && job.direction == Direction::Send
+            && matches!(g.state, Lifecycle::MigratedOut { .. });
         Outcome {
             result: Ok(status),
             exit_after_reply: completed_send.then_some(0),

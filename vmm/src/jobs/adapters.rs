@@ -246,7 +246,7 @@ impl DestinationVm for DestAdapter {
             return Err(be(e));
         }
         *started = true;
-        info!(
+        log::debug!(
             "received VM {} started{}",
             self.vm.id,
             if paused {

@@ -262,9 +262,11 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
     let (stats, cancel, progress) = (job.stats.clone(), job.cancel.clone(), job.progress.clone());
     let events = vmm.event_sink();
     let hooks = vmm.hooks().clone();
-    info!(
+    // The migration logs its own start, passes, switch-over and end.
+    log::debug!(
         "sending the VM to {} over {} connection(s)",
-        params.destination_url, params.connections
+        params.destination_url,
+        params.connections
     );
     std::thread::Builder::new()
         .name("migration-send".into())
@@ -274,7 +276,7 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
             let r = guarded(Some(&vm), || {
                 match migration::send_with(src, &params, &stats, &cancel, &hooks) {
                     Ok(()) => {
-                        info!("migration completed; the VM now runs on the destination");
+                        log::debug!("migration completed; the VM now runs on the destination");
                         JobResult::Completed
                     }
                     Err(e) if e.keeps_vm_paused() => {
@@ -333,7 +335,7 @@ pub fn start_receive(
                 match migration::receive_with(listener, &factory, &params, &stats, &cancel, &hooks)
                 {
                     Ok(_) => {
-                        info!("migration received; the VM runs here now");
+                        log::debug!("migration received; the VM runs here now");
                         JobResult::Completed
                     }
                     Err(e) => {

@@ -69,8 +69,10 @@ pub struct SourceSpec {
 }
 
 /// Boots a source and waits for the guest's boot line (`stamp: boot ...`).
+/// The source exits on its own once its send completed
+/// (`--exit-after-migration`): its CPU time and exit code are measured.
 pub fn boot_source(env: &Env, spec: &SourceSpec) -> Result<Vmm, String> {
-    let mut extra: Vec<&str> = vec!["--memory", &spec.memory];
+    let mut extra: Vec<&str> = vec!["--memory", &spec.memory, "--exit-after-migration"];
     extra.extend(spec.extra.iter().map(String::as_str));
     if env.verbose {
         env.log(&format!(
