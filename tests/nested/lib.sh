@@ -59,13 +59,20 @@ wait_tick() { wait_for "$1" "l2: tick $2 " "$3"; }
 
 remote() { name=$1; shift; ferry-remote --api-socket /tmp/$name.sock "$@"; }
 
-# migrate SRC DST PORT CONNECTIONS: arms DST, sends from SRC and waits.
+# migrate SRC DST PORT CONNECTIONS: arms DST, sends from SRC and waits;
+# then reads the source's state and shuts it down.
 migrate() {
     remote "$2" receive-migration tcp:127.0.0.1:$3 --no-tls >/dev/null || fail "receive-migration on $2"
     out=$(remote "$1" send-migration tcp:127.0.0.1:$3 --no-tls --connections $4 --wait 2>&1)
     rc=$?
     st=$(echo "$out" | grep -oE '"state": *"[a-z]+"' | tail -n1)
     say "migration $1 -> $2 over $4 connection(s): rc=$rc ${st:-$(echo "$out" | tail -n1)}"
+    # A completed source keeps its final record (state "migrated") until
+    # it is told to shut down.
+    if [ $rc -eq 0 ]; then
+        say "$1 state $(vm_state "$1")"
+        remote "$1" shutdown-vmm >/dev/null || say "$1: shutdown-vmm failed"
+    fi
     return $rc
 }
 

@@ -325,7 +325,13 @@ fn prepare() -> Result<Bed, String> {
         let name = name.to_string();
         l1.copy(&format!("ferry/{name}"), 0o755, &stripped(&bin, &dir))?;
     }
-    for (guest, host) in libraries(&ferry_bin())? {
+    // The libraries of both binaries (ferry-remote links libm, ferry does
+    // not), each once.
+    let mut libs = libraries(&ferry_bin())?;
+    libs.extend(libraries(&ferry_remote_bin())?);
+    libs.sort();
+    libs.dedup();
+    for (guest, host) in libs {
         l1.copy(&guest, 0o755, &host)?;
     }
     l1.copy("l2/vmlinuz", 0o644, &kernel)?;

@@ -153,7 +153,8 @@ dump po
 
 /// Boots `src` (with the ferry arguments `boot_args` besides the memory,
 /// waiting up to `boot_wait_s` for its third tick), moves it to `dst` over
-/// `conns` connections, waits for ticks there and for the source to exit.
+/// `conns` connections, waits for ticks there and for the source to exit
+/// (`migrate` shuts it down once it reads `migrated`).
 fn migrate_script(conns: u32, boot_args: &str, boot_wait_s: u32) -> String {
     format!(
         r#"
@@ -175,6 +176,7 @@ fn linux_live_migration_one_connection() {
     let Some(run) = run_ok(Scenario::new("migrate1", &migrate_script(1, "", 180))) else {
         return;
     };
+    assert!(run.said("src state migrated"), "{}", run.transcript());
     assert!(run.said("src exited code=0"), "{}", run.transcript());
     check_guest_moved(&run, &["src", "dst"], 4);
 }
