@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::{mig_state, start_receive_with, tcp_url_of, try_api, try_api_raw};
 use serde_json::{json, Value};
 
+use crate::series::Series;
 use crate::vmm::{self, num, Env, SourceSpec};
 
 /// The busy guest's command line: 256 MiB rewritten without pause.
@@ -97,17 +98,6 @@ impl Mode {
     }
 }
 
-/// One status read of the source: seconds since the send, remaining,
-/// transferred, pass, throttle percent.
-#[derive(Debug, Clone, Copy)]
-pub struct Sample {
-    pub t_s: f64,
-    pub remaining: u64,
-    pub transferred: u64,
-    pub iteration: u64,
-    pub throttle: u64,
-}
-
 /// Everything recorded in one run.
 #[derive(Debug, Clone)]
 pub struct ConvRun {
@@ -129,7 +119,11 @@ pub struct ConvRun {
     pub src_last: Value,
     pub src_final: Option<Value>,
     pub dst_status: Value,
-    pub samples: Vec<Sample>,
+    /// The source's status every 100 ms from the send.
+    pub series: Series,
+    /// The destination's log lines about the post-copy switch and stale
+    /// pre-copy data (debug level, `RUST_LOG=migration::recv=debug`).
+    pub dst_log: Vec<String>,
     /// The source's events (`vm.events`), oldest first.
     pub events: Vec<Value>,
     /// What the guest showed afterwards.
@@ -151,7 +145,8 @@ impl ConvRun {
             src_last: Value::Null,
             src_final: None,
             dst_status: Value::Null,
-            samples: Vec::new(),
+            series: Series::new(Duration::ZERO),
+            dst_log: Vec::new(),
             events: Vec::new(),
             witness: String::new(),
         }
@@ -203,12 +198,7 @@ impl ConvRun {
         let ev = self
             .named("throttle-changed")
             .filter_map(|e| e["percent"].as_u64());
-        self.samples
-            .iter()
-            .map(|s| s.throttle)
-            .chain(ev)
-            .max()
-            .unwrap_or(0)
+        ev.chain([self.series.max_throttle()]).max().unwrap_or(0)
     }
 
     /// `switchover_reason` (the `switchover` event, else the status).
@@ -260,10 +250,7 @@ impl ConvRun {
             "switchover_reason": self.switchover_reason(),
             "src_last_status": self.src_last, "src_final_status": self.src_final,
             "dst_status": self.dst_status,
-            "samples": self.samples.iter()
-                .map(|s| json!([s.t_s, s.remaining, s.transferred, s.iteration, s.throttle]))
-                .collect::<Vec<_>>(),
-            "samples_columns": ["t_s", "remaining_bytes", "transferred_bytes", "iteration", "cpu_throttle_percent"],
+            "series": self.series.to_json(), "dst_log": self.dst_log,
             "events": self.events, "witness": self.witness,
         })
     }
@@ -327,36 +314,45 @@ impl EventTap {
     }
 }
 
-/// Waits until the 1-minute load average is below `max` (at most 10 min;
-/// then goes on with a warning). Returns the load it ended with.
-pub fn wait_for_load(env: &Env, max: f64) -> f64 {
+/// How long the load gate may wait in one round, all its runs together:
+/// past it, runs start at once (and their `load_gate` shows the load).
+pub const ROUND_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits until the 1-minute load average is below `max`, for at most
+/// `budget` (which it reduces by the time waited; once it is spent, goes on
+/// at once with a warning). Returns the load it ended with.
+pub fn wait_for_load(env: &Env, max: f64, budget: &mut Duration) -> f64 {
     let t = Instant::now();
     let mut said = false;
-    loop {
+    let l = loop {
         let l = vmm::loadavg();
         if l < max || l.is_nan() {
-            return l;
+            break l;
         }
-        if t.elapsed() > Duration::from_secs(600) {
+        if t.elapsed() >= *budget {
             env.log(&format!(
-                "   warning: load {l:.2} still ≥ {max} after 10 min"
+                "   warning: load {l:.2} still ≥ {max}; the round's wait budget is spent, running anyway"
             ));
-            return l;
+            break l;
         }
         if !said {
             env.log(&format!(
-                "   waiting for the 1-min load ({l:.2}) to fall below {max}"
+                "   waiting for the 1-min load ({l:.2}) to fall below {max} (budget left {:.0} s)",
+                budget.saturating_sub(t.elapsed()).as_secs_f64()
             ));
             said = true;
         }
         thread::sleep(Duration::from_secs(2));
-    }
+    };
+    *budget = budget.saturating_sub(t.elapsed());
+    l
 }
 
 /// One migration of the busy guest in `mode`. Waits for the load gate
-/// first, then boots the source and the destination.
-pub fn run(env: &Env, mode: Mode, max_load: f64) -> ConvRun {
-    let mut r = ConvRun::new(mode, wait_for_load(env, max_load));
+/// first (within `budget`, see [`wait_for_load`]), then boots the source
+/// and the destination.
+pub fn run(env: &Env, mode: Mode, max_load: f64, budget: &mut Duration) -> ConvRun {
+    let mut r = ConvRun::new(mode, wait_for_load(env, max_load, budget));
     let t_all = Instant::now();
     if let Err(e) = drive(env, &mut r) {
         env.log(&format!("   run failed: {e}"));
@@ -413,6 +409,7 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
     }
     let tap = EventTap::follow(src.sock.clone());
     let t0 = Instant::now();
+    r.series.start(t0);
     let (st, v) = try_api(&src.sock, "PUT", "vm.send-migration", Some(&body))?;
     if !ferry_tests::ok(st) {
         return Err(format!("vm.send-migration: {st} {v}"));
@@ -430,13 +427,7 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
             break;
         }
         if let Some(s) = src.migration_status() {
-            r.samples.push(Sample {
-                t_s: t.as_secs_f64(),
-                remaining: s["remaining_bytes"].as_u64().unwrap_or(0),
-                transferred: s["transferred_bytes"].as_u64().unwrap_or(0),
-                iteration: s["iteration"].as_u64().unwrap_or(0),
-                throttle: s["cpu_throttle_percent"].as_u64().unwrap_or(0),
-            });
+            r.series.record(&s);
             match mig_state(&s) {
                 "completed" => r.src_final = Some(s.clone()),
                 "failed" => {
@@ -533,7 +524,23 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
         );
         dst.kill();
     }
+    r.dst_log = switch_lines(&dst.stderr());
     drop(recv);
     r.ok = r.error.is_none();
     Ok(())
+}
+
+/// The destination's log lines about the switch-over: the post-copy switch
+/// timing and the stale pre-copy data thrown away (at most 40).
+pub fn switch_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            l.contains("post-copy switch")
+                || l.contains("stale pre-copy")
+                || l.contains("switch-over")
+                || l.contains("switchover")
+        })
+        .take(40)
+        .map(|l| l.chars().take(400).collect())
+        .collect()
 }
