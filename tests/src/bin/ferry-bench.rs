@@ -4,7 +4,7 @@
 //! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
-//!             [--baseline OLD.json [--baseline-note TEXT]] [-v]
+//!             [--baseline OLD.json [--baseline-note TEXT]] [--modes a,b] [-v]
 //! ```
 //!
 //! `--netns-rate RATE` runs every source and destination in two network
@@ -18,7 +18,8 @@
 //! removes it after), to tell others on the machine to stay quiet. The load
 //! gate waits at most 10 min per round in all; past that, runs go on and the
 //! section says the machine was busy. With `--baseline OLD.json` (an earlier
-//! `converge` raw JSON) its table gains the earlier medians as "before".
+//! `converge` raw JSON) its table gains the earlier medians as "before";
+//! `--modes reference,auto-converge,...` runs only those modes.
 //!
 //! Every migration's time series (the source's `vm.migration`: remaining
 //! bytes, throughput, dirty rate, pass, throttle, state) is kept in the raw
@@ -95,6 +96,8 @@ pub struct Opts {
     pub baseline: Option<PathBuf>,
     /// `--baseline-note`: what the baseline was (e.g. "main before the fix").
     pub baseline_note: Option<String>,
+    /// `--modes a,b`: the converge modes to run (default: all).
+    pub modes: Option<Vec<String>>,
 }
 
 fn usage() -> ! {
@@ -103,7 +106,7 @@ fn usage() -> ! {
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit]\n\
          \x20      [--max-load 1.0] [--hold-file PATH] [--baseline OLD.json]\n\
-         \x20      [--baseline-note TEXT] [-v]"
+         \x20      [--baseline-note TEXT] [--modes reference,pre-copy,...] [-v]"
     );
     std::process::exit(2)
 }
@@ -127,6 +130,7 @@ fn main() {
         hold_file: None,
         baseline: None,
         baseline_note: None,
+        modes: None,
     };
     let mut netns_rate: Option<String> = None;
     let mut it = std::env::args().skip(1);
@@ -150,6 +154,7 @@ fn main() {
             "--hold-file" => opts.hold_file = Some(PathBuf::from(val())),
             "--baseline" => opts.baseline = Some(PathBuf::from(val())),
             "--baseline-note" => opts.baseline_note = Some(val()),
+            "--modes" => opts.modes = Some(val().split(',').map(str::to_string).collect()),
             "-v" | "--verbose" => env.verbose = true,
             "-h" | "--help" => usage(),
             p if !p.starts_with('-') && opts.part.is_empty() => opts.part = p.to_string(),

@@ -124,6 +124,8 @@ pub struct ConvRun {
     /// The destination's log lines about the post-copy switch and stale
     /// pre-copy data (debug level, `RUST_LOG=migration::recv=debug`).
     pub dst_log: Vec<String>,
+    /// The source's lines of the same kind.
+    pub src_log: Vec<String>,
     /// The source's events (`vm.events`), oldest first.
     pub events: Vec<Value>,
     /// What the guest showed afterwards.
@@ -147,6 +149,7 @@ impl ConvRun {
             dst_status: Value::Null,
             series: Series::new(Duration::ZERO),
             dst_log: Vec::new(),
+            src_log: Vec::new(),
             events: Vec::new(),
             witness: String::new(),
         }
@@ -238,8 +241,45 @@ impl ConvRun {
         num(&self.dst_status, key)
     }
 
+    /// The destination's wait at the post-copy switch for the pre-copy data
+    /// and devices still in flight (ms), from its debug log line
+    /// "post-copy switch: pre-copy data and devices in after D".
+    pub fn switch_wait_ms(&self) -> Option<f64> {
+        self.dst_log.iter().find_map(|l| {
+            let rest = l.split("pre-copy data and devices in after ").nth(1)?;
+            parse_duration_ms(rest.split([',', ' ']).next()?)
+        })
+    }
+
+    /// Stale pre-copy RAM the destination read and threw away (bytes): per
+    /// data connection the highest count its "SYNC(n) in; N bytes of stale
+    /// pre-copy RAM thrown away" lines give, summed.
+    pub fn stale_bytes(&self) -> Option<f64> {
+        let mut per: Vec<(String, f64)> = Vec::new();
+        for l in &self.dst_log {
+            let Some((head, tail)) = l.split_once(": SYNC(") else {
+                continue;
+            };
+            let conn = head.rsplit("data connection ").next().unwrap_or("").to_string();
+            let Some(n) = tail
+                .split("; ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            match per.iter_mut().find(|(c, _)| *c == conn) {
+                Some((_, v)) => *v = v.max(n),
+                None => per.push((conn, n)),
+            }
+        }
+        (!per.is_empty()).then(|| per.iter().map(|x| x.1).sum())
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
+            "switch_wait_ms": self.switch_wait_ms(), "stale_bytes": self.stale_bytes(),
             "mode": self.mode.key(), "ok": self.ok, "error": self.error,
             "completed": self.completed, "cancelled_at_s": self.cancelled_at_s,
             "switch_asked_at_s": self.switch_asked_at_s,
@@ -250,7 +290,7 @@ impl ConvRun {
             "switchover_reason": self.switchover_reason(),
             "src_last_status": self.src_last, "src_final_status": self.src_final,
             "dst_status": self.dst_status,
-            "series": self.series.to_json(), "dst_log": self.dst_log,
+            "series": self.series.to_json(), "dst_log": self.dst_log, "src_log": self.src_log,
             "events": self.events, "witness": self.witness,
         })
     }
@@ -525,13 +565,16 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
         dst.kill();
     }
     r.dst_log = switch_lines(&dst.stderr());
+    r.src_log = switch_lines(&src.stderr());
     drop(recv);
     r.ok = r.error.is_none();
     Ok(())
 }
 
-/// The destination's log lines about the switch-over: the post-copy switch
-/// timing and the stale pre-copy data thrown away (at most 40).
+/// A side's log lines about the switch-over: the post-copy switch timing
+/// and the stale pre-copy data thrown away (at most 40). They are there
+/// only as far as `RUST_LOG` lets them through: run the bench with
+/// `RUST_LOG=info,migration::recv=debug` to get them all.
 pub fn switch_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| {
@@ -543,4 +586,48 @@ pub fn switch_lines(log: &str) -> Vec<String> {
         .take(40)
         .map(|l| l.chars().take(400).collect())
         .collect()
+}
+
+/// A `Debug`-printed `Duration` ("37.15ms", "1.2s", "850µs", "12ns") in ms.
+pub fn parse_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let cut = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (n, unit) = s.split_at(cut);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "s" => 1000.0,
+        "ms" => 1.0,
+        "µs" | "us" => 1e-3,
+        "ns" => 1e-6,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_switch_lines() {
+        assert_eq!(parse_duration_ms("37.5ms"), Some(37.5));
+        assert_eq!(parse_duration_ms("1.5s"), Some(1500.0));
+        assert_eq!(parse_duration_ms("250µs"), Some(0.25));
+        assert_eq!(parse_duration_ms("ms"), None);
+        assert_eq!(parse_duration_ms("12parsecs"), None);
+        let log = "\
+[t DEBUG ferry migration::recv::reader] data connection 3: SYNC(2) in; 100 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::reader] data connection 3: SYNC(3) in; 300 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::reader] data connection 0: SYNC(3) in; 5 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::pcrun] post-copy switch: pre-copy data and devices in after 37.156895ms, stale pages dropped after 37.55ms, RAM registered after 37.57ms
+unrelated line";
+        let mut r = ConvRun::new(Mode::PostCopyStart, 0.0);
+        r.dst_log = switch_lines(log);
+        assert_eq!(r.dst_log.len(), 4);
+        assert_eq!(r.switch_wait_ms(), Some(37.156895));
+        assert_eq!(r.stale_bytes(), Some(305.0));
+        r.dst_log.clear();
+        assert_eq!(r.switch_wait_ms(), None);
+        assert_eq!(r.stale_bytes(), None);
+    }
 }

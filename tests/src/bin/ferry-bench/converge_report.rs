@@ -49,6 +49,19 @@ impl Drop for Hold {
 /// a 30 s gap between rounds), then the section.
 pub fn converge(env: &Env, opts: &Opts) -> Section {
     let max_load = opts.max_load.unwrap_or(1.0);
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| {
+            opts.modes
+                .as_ref()
+                .is_none_or(|v| v.iter().any(|k| k == m.key()))
+        })
+        .collect();
+    if let Some(v) = &opts.modes {
+        for k in v.iter().filter(|k| !Mode::ALL.iter().any(|m| m.key() == *k)) {
+            env.log(&format!("warning: --modes: no mode {k:?}"));
+        }
+    }
     let mut runs: Vec<ConvRun> = Vec::new();
     for round in 0..opts.runs {
         if round > 0 {
@@ -57,7 +70,7 @@ pub fn converge(env: &Env, opts: &Opts) -> Section {
         }
         let _hold = Hold::new(env, opts.hold_file.as_ref());
         let mut budget = converge::ROUND_WAIT;
-        for mode in Mode::ALL {
+        for &mode in &modes {
             env.log(&format!("converge: {}, round {}", mode.key(), round + 1));
             let r = converge::run(env, mode, max_load, &mut budget);
             env.log(&format!(
@@ -132,7 +145,10 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
          = highest `cpu_throttle_percent` seen (status every 100 ms and `throttle-changed` \
          events); fault latency, requests and post-copy bytes = the destination's status; bytes \
          moved = the destination's `transferred_bytes` (pre-copy only: the source's at the \
-         cancel). Pre-copy only is cancelled after {} s. Every completed run was witnessed by \
+         cancel); switch wait = how long the destination waited at the post-copy switch for \
+         the pre-copy data and devices still in flight, and stale MiB dropped = the pre-copy RAM \
+         it read and threw away meanwhile (both from its debug log, \
+         `RUST_LOG=info,migration::recv=debug`; \"–\" without it). Pre-copy only is cancelled after {} s. Every completed run was witnessed by \
          the guest (a further pass on the destination, 0 MISMATCH); every cancelled one by the \
          source guest running on.\n\n",
         opts.runs,
@@ -142,6 +158,9 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
     let mut rows = Vec::new();
     for m in Mode::ALL {
         let runs = by(m);
+        if runs.is_empty() {
+            continue;
+        }
         let failed = runs.iter().filter(|r| !r.ok).count();
         let done = runs.iter().filter(|r| r.ok && r.completed).count();
         let tot = of(&runs, ConvRun::total_s);
@@ -175,6 +194,11 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
             reasons(&runs),
             format!("{p50} / {p99}"),
             span(&of(&runs, |r| r.post("postcopy_requests")), 0),
+            format!(
+                "{} / {}",
+                span(&of(&runs, ConvRun::switch_wait_ms), 1),
+                span(&of(&runs, |r| r.stale_bytes().map(|b| b / MIB)), 1)
+            ),
             format!("{bytes} ({pbytes})"),
             format!(
                 "{} / {}",
@@ -196,6 +220,7 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
             "switchover_reason",
             "fault latency p50 / p99 (µs)",
             "post-copy requests",
+            "switch wait (ms) / stale MiB dropped",
             "MiB moved (in post-copy)",
             "load gate / send",
         ],
