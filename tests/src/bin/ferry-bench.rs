@@ -44,22 +44,22 @@
 
 #[path = "ferry-bench/converge.rs"]
 mod converge;
-#[path = "ferry-bench/devices.rs"]
-mod devices;
 #[path = "ferry-bench/converge_report.rs"]
 mod converge_report;
+#[path = "ferry-bench/devices.rs"]
+mod devices;
 #[path = "ferry-bench/limits.rs"]
 mod limits;
 #[path = "ferry-bench/procfs.rs"]
 mod procfs;
 #[path = "ferry-bench/report.rs"]
 mod report;
-#[path = "ferry-bench/suites.rs"]
-mod suites;
 #[path = "ferry-bench/series.rs"]
 mod series;
 #[path = "ferry-bench/series_svg.rs"]
 mod series_svg;
+#[path = "ferry-bench/suites.rs"]
+mod suites;
 #[path = "ferry-bench/svg.rs"]
 mod svg;
 #[path = "ferry-bench/tls.rs"]

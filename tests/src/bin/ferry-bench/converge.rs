@@ -260,7 +260,11 @@ impl ConvRun {
             let Some((head, tail)) = l.split_once(": SYNC(") else {
                 continue;
             };
-            let conn = head.rsplit("data connection ").next().unwrap_or("").to_string();
+            let conn = head
+                .rsplit("data connection ")
+                .next()
+                .unwrap_or("")
+                .to_string();
             let Some(n) = tail
                 .split("; ")
                 .nth(1)

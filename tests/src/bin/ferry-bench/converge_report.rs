@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::converge::{self, ConvRun, Mode, CAP_MIB_S, CONNS, PRECOPY_LIMIT};
 use crate::report::{f, median, met, min_max, table};
-use crate::suites::{header, Section};
 use crate::series_svg;
+use crate::suites::{header, Section};
 use crate::svg;
 use crate::vmm::Env;
 use crate::Opts;
@@ -58,7 +58,10 @@ pub fn converge(env: &Env, opts: &Opts) -> Section {
         })
         .collect();
     if let Some(v) = &opts.modes {
-        for k in v.iter().filter(|k| !Mode::ALL.iter().any(|m| m.key() == *k)) {
+        for k in v
+            .iter()
+            .filter(|k| !Mode::ALL.iter().any(|m| m.key() == *k))
+        {
             env.log(&format!("warning: --modes: no mode {k:?}"));
         }
     }
@@ -275,7 +278,11 @@ fn baseline_of(old: &Value, m: Mode) -> (Vec<f64>, Vec<f64>, usize) {
         .flatten()
         .filter(|r| r["mode"] == m.key() && r["ok"] == true)
         .collect();
-    let get = |k: &str| runs.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<f64>>();
+    let get = |k: &str| {
+        runs.iter()
+            .filter_map(|r| r[k].as_f64())
+            .collect::<Vec<f64>>()
+    };
     (get("downtime_ms"), get("total_s"), runs.len())
 }
 

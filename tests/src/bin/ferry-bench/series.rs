@@ -72,7 +72,9 @@ impl Sample {
             throughput_bytes_per_s: float(v, &["throughput_bytes_per_s", "throughput_bps"]),
             dirty_rate_bytes_per_s: float(v, &["dirty_rate_bytes_per_s", "dirty_rate_bps"]),
             cpu_throttle_percent: uint(v, "cpu_throttle_percent"),
-            state: field(v, "state").and_then(Value::as_str).map(str::to_string),
+            state: field(v, "state")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         }
     }
 

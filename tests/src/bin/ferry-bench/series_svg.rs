@@ -235,7 +235,12 @@ pub fn chart(title: &str, s: &Series) -> String {
             .filter_map(|x| f(x).map(|v| (px(x.elapsed_ms), p.y(v))))
             .collect()
     };
-    polyline(&mut o, &line(&|x| mib(x.remaining_bytes), &top), "#1f77b4", None);
+    polyline(
+        &mut o,
+        &line(&|x| mib(x.remaining_bytes), &top),
+        "#1f77b4",
+        None,
+    );
     polyline(
         &mut o,
         &line(&|x| x.throughput_bytes_per_s.map(|b| b / MIB), &bot),
@@ -282,7 +287,8 @@ pub fn write_suite(root: &Path, suite: &str, title: &str, what: &str, s: &Series
     }
     let img = root.join("docs/img");
     let name = format!("{suite}-series.svg");
-    let written = std::fs::create_dir_all(&img).and_then(|()| std::fs::write(img.join(&name), chart(title, s)));
+    let written = std::fs::create_dir_all(&img)
+        .and_then(|()| std::fs::write(img.join(&name), chart(title, s)));
     match written {
         Ok(()) => format!(
             "\nTime series of one run ({what}; the source's `vm.migration`, {} samples over {:.2} s): \
@@ -327,7 +333,8 @@ mod tests {
         assert!(svg.ends_with("</svg>\n"));
         // Every element that opens is closed (or self-closing).
         for tag in ["text", "title", "line"] {
-            let open = svg.matches(&format!("<{tag} ")).count() + svg.matches(&format!("<{tag}>")).count();
+            let open =
+                svg.matches(&format!("<{tag} ")).count() + svg.matches(&format!("<{tag}>")).count();
             let closed = svg.matches(&format!("</{tag}>")).count();
             let selfc = svg
                 .split(&format!("<{tag}"))

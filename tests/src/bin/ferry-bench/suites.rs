@@ -390,7 +390,11 @@ pub fn ram(env: &Env, opts: &Opts, migrate: bool) -> Section {
             ],
         ],
     ));
-    let c = if opts.conns.contains(&4) { 4 } else { opts.conns[0] };
+    let c = if opts.conns.contains(&4) {
+        4
+    } else {
+        opts.conns[0]
+    };
     let group: Vec<&RunResult> = all
         .iter()
         .filter(|(w, cc, r)| !*w && *cc == c && r.ok)
