@@ -203,7 +203,7 @@ pub fn chart(title: &str, s: &Series) -> String {
             let _ = writeln!(
                 o,
                 r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#666">p{pass}</text>"##,
-                xx + 2.0,
+                (xx + 2.0).min(ML + PW - 18.0),
                 top.top + 11.0
             );
             last_label = xx;
