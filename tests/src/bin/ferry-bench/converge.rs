@@ -583,6 +583,7 @@ pub fn switch_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| {
             l.contains("post-copy switch")
+                || l.contains("paused for post-copy")
                 || l.contains("stale pre-copy")
                 || l.contains("switch-over")
                 || l.contains("switchover")
