@@ -3,7 +3,8 @@
 //! ```text
 //! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8] [--keep-file]
-//!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH] [-v]
+//!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
+//!             [--baseline OLD.json [--baseline-note TEXT]] [--modes a,b] [-v]
 //! ```
 //!
 //! `--netns-rate RATE` runs every source and destination in two network
@@ -14,7 +15,16 @@
 //! default `1gbit` for it); before each of its runs it waits until the
 //! 1-minute load average is below `--max-load` (default 1.0), and with
 //! `--hold-file PATH` it creates PATH during each round of timed runs (and
-//! removes it after), to tell others on the machine to stay quiet.
+//! removes it after), to tell others on the machine to stay quiet. The load
+//! gate waits at most 10 min per round in all; past that, runs go on and the
+//! section says the machine was busy. With `--baseline OLD.json` (an earlier
+//! `converge` raw JSON) its table gains the earlier medians as "before";
+//! `--modes reference,auto-converge,...` runs only those modes.
+//!
+//! Every migration's time series (the source's `vm.migration`: remaining
+//! bytes, throughput, dirty rate, pass, throttle, state) is kept in the raw
+//! JSON (`series`), and each part draws one representative run as
+//! `docs/img/PART-series.svg` beside its table.
 //!
 //! `ferry`, `first-touch` and the stamp guest are taken from the same target
 //! directory as this binary (the ferry-tests harness locates them;
@@ -36,12 +46,18 @@
 mod converge;
 #[path = "ferry-bench/converge_report.rs"]
 mod converge_report;
+#[path = "ferry-bench/devices.rs"]
+mod devices;
 #[path = "ferry-bench/limits.rs"]
 mod limits;
 #[path = "ferry-bench/procfs.rs"]
 mod procfs;
 #[path = "ferry-bench/report.rs"]
 mod report;
+#[path = "ferry-bench/series.rs"]
+mod series;
+#[path = "ferry-bench/series_svg.rs"]
+mod series_svg;
 #[path = "ferry-bench/suites.rs"]
 mod suites;
 #[path = "ferry-bench/svg.rs"]
@@ -75,6 +91,13 @@ pub struct Opts {
     pub max_load: Option<f64>,
     /// `--hold-file`: created during each round of timed runs (converge).
     pub hold_file: Option<PathBuf>,
+    /// `--baseline`: an earlier raw JSON of the same part, shown as
+    /// "before" beside the new figures (converge).
+    pub baseline: Option<PathBuf>,
+    /// `--baseline-note`: what the baseline was (e.g. "main before the fix").
+    pub baseline_note: Option<String>,
+    /// `--modes a,b`: the converge modes to run (default: all).
+    pub modes: Option<Vec<String>>,
 }
 
 fn usage() -> ! {
@@ -82,7 +105,8 @@ fn usage() -> ! {
         "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit]\n\
-         \x20      [--max-load 1.0] [--hold-file PATH] [-v]"
+         \x20      [--max-load 1.0] [--hold-file PATH] [--baseline OLD.json]\n\
+         \x20      [--baseline-note TEXT] [--modes reference,pre-copy,...] [-v]"
     );
     std::process::exit(2)
 }
@@ -104,6 +128,9 @@ fn main() {
         keep_file: false,
         max_load: None,
         hold_file: None,
+        baseline: None,
+        baseline_note: None,
+        modes: None,
     };
     let mut netns_rate: Option<String> = None;
     let mut it = std::env::args().skip(1);
@@ -125,6 +152,9 @@ fn main() {
             "--netns-rate" => netns_rate = Some(val()),
             "--max-load" => opts.max_load = Some(val().parse().unwrap_or_else(|_| usage())),
             "--hold-file" => opts.hold_file = Some(PathBuf::from(val())),
+            "--baseline" => opts.baseline = Some(PathBuf::from(val())),
+            "--baseline-note" => opts.baseline_note = Some(val()),
+            "--modes" => opts.modes = Some(val().split(',').map(str::to_string).collect()),
             "-v" | "--verbose" => env.verbose = true,
             "-h" | "--help" => usage(),
             p if !p.starts_with('-') && opts.part.is_empty() => opts.part = p.to_string(),
@@ -187,7 +217,7 @@ fn main() {
             "limits" => suites::ram(&env, &opts, false),
             "idle" => suites::idle(&env, &opts),
             "downtime" => suites::downtime(&env, &opts),
-            "devices" => suites::devices(&env, &opts),
+            "devices" => devices::devices(&env, &opts),
             "tls" => tls::tls(&env, &opts),
             "converge" => converge_report::converge(&env, &opts),
             _ => unreachable!(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::{mig_state, start_receive_with, tcp_url_of, try_api, try_api_raw};
 use serde_json::{json, Value};
 
+use crate::series::Series;
 use crate::vmm::{self, num, Env, SourceSpec};
 
 /// The busy guest's command line: 256 MiB rewritten without pause.
@@ -97,17 +98,6 @@ impl Mode {
     }
 }
 
-/// One status read of the source: seconds since the send, remaining,
-/// transferred, pass, throttle percent.
-#[derive(Debug, Clone, Copy)]
-pub struct Sample {
-    pub t_s: f64,
-    pub remaining: u64,
-    pub transferred: u64,
-    pub iteration: u64,
-    pub throttle: u64,
-}
-
 /// Everything recorded in one run.
 #[derive(Debug, Clone)]
 pub struct ConvRun {
@@ -129,7 +119,13 @@ pub struct ConvRun {
     pub src_last: Value,
     pub src_final: Option<Value>,
     pub dst_status: Value,
-    pub samples: Vec<Sample>,
+    /// The source's status every 100 ms from the send.
+    pub series: Series,
+    /// The destination's log lines about the post-copy switch and stale
+    /// pre-copy data (debug level, `RUST_LOG=migration::recv=debug`).
+    pub dst_log: Vec<String>,
+    /// The source's lines of the same kind.
+    pub src_log: Vec<String>,
     /// The source's events (`vm.events`), oldest first.
     pub events: Vec<Value>,
     /// What the guest showed afterwards.
@@ -151,7 +147,9 @@ impl ConvRun {
             src_last: Value::Null,
             src_final: None,
             dst_status: Value::Null,
-            samples: Vec::new(),
+            series: Series::new(Duration::ZERO),
+            dst_log: Vec::new(),
+            src_log: Vec::new(),
             events: Vec::new(),
             witness: String::new(),
         }
@@ -203,12 +201,7 @@ impl ConvRun {
         let ev = self
             .named("throttle-changed")
             .filter_map(|e| e["percent"].as_u64());
-        self.samples
-            .iter()
-            .map(|s| s.throttle)
-            .chain(ev)
-            .max()
-            .unwrap_or(0)
+        ev.chain([self.series.max_throttle()]).max().unwrap_or(0)
     }
 
     /// `switchover_reason` (the `switchover` event, else the status).
@@ -248,8 +241,49 @@ impl ConvRun {
         num(&self.dst_status, key)
     }
 
+    /// The destination's wait at the post-copy switch for the pre-copy data
+    /// and devices still in flight (ms), from its debug log line
+    /// "post-copy switch: pre-copy data and devices in after D".
+    pub fn switch_wait_ms(&self) -> Option<f64> {
+        self.dst_log.iter().find_map(|l| {
+            let rest = l.split("pre-copy data and devices in after ").nth(1)?;
+            parse_duration_ms(rest.split([',', ' ']).next()?)
+        })
+    }
+
+    /// Stale pre-copy RAM the destination read and threw away (bytes): per
+    /// data connection the highest count its "SYNC(n) in; N bytes of stale
+    /// pre-copy RAM thrown away" lines give, summed.
+    pub fn stale_bytes(&self) -> Option<f64> {
+        let mut per: Vec<(String, f64)> = Vec::new();
+        for l in &self.dst_log {
+            let Some((head, tail)) = l.split_once(": SYNC(") else {
+                continue;
+            };
+            let conn = head
+                .rsplit("data connection ")
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let Some(n) = tail
+                .split("; ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            match per.iter_mut().find(|(c, _)| *c == conn) {
+                Some((_, v)) => *v = v.max(n),
+                None => per.push((conn, n)),
+            }
+        }
+        (!per.is_empty()).then(|| per.iter().map(|x| x.1).sum())
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
+            "switch_wait_ms": self.switch_wait_ms(), "stale_bytes": self.stale_bytes(),
             "mode": self.mode.key(), "ok": self.ok, "error": self.error,
             "completed": self.completed, "cancelled_at_s": self.cancelled_at_s,
             "switch_asked_at_s": self.switch_asked_at_s,
@@ -260,10 +294,7 @@ impl ConvRun {
             "switchover_reason": self.switchover_reason(),
             "src_last_status": self.src_last, "src_final_status": self.src_final,
             "dst_status": self.dst_status,
-            "samples": self.samples.iter()
-                .map(|s| json!([s.t_s, s.remaining, s.transferred, s.iteration, s.throttle]))
-                .collect::<Vec<_>>(),
-            "samples_columns": ["t_s", "remaining_bytes", "transferred_bytes", "iteration", "cpu_throttle_percent"],
+            "series": self.series.to_json(), "dst_log": self.dst_log, "src_log": self.src_log,
             "events": self.events, "witness": self.witness,
         })
     }
@@ -327,36 +358,45 @@ impl EventTap {
     }
 }
 
-/// Waits until the 1-minute load average is below `max` (at most 10 min;
-/// then goes on with a warning). Returns the load it ended with.
-pub fn wait_for_load(env: &Env, max: f64) -> f64 {
+/// How long the load gate may wait in one round, all its runs together:
+/// past it, runs start at once (and their `load_gate` shows the load).
+pub const ROUND_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits until the 1-minute load average is below `max`, for at most
+/// `budget` (which it reduces by the time waited; once it is spent, goes on
+/// at once with a warning). Returns the load it ended with.
+pub fn wait_for_load(env: &Env, max: f64, budget: &mut Duration) -> f64 {
     let t = Instant::now();
     let mut said = false;
-    loop {
+    let l = loop {
         let l = vmm::loadavg();
         if l < max || l.is_nan() {
-            return l;
+            break l;
         }
-        if t.elapsed() > Duration::from_secs(600) {
+        if t.elapsed() >= *budget {
             env.log(&format!(
-                "   warning: load {l:.2} still ≥ {max} after 10 min"
+                "   warning: load {l:.2} still ≥ {max}; the round's wait budget is spent, running anyway"
             ));
-            return l;
+            break l;
         }
         if !said {
             env.log(&format!(
-                "   waiting for the 1-min load ({l:.2}) to fall below {max}"
+                "   waiting for the 1-min load ({l:.2}) to fall below {max} (budget left {:.0} s)",
+                budget.saturating_sub(t.elapsed()).as_secs_f64()
             ));
             said = true;
         }
         thread::sleep(Duration::from_secs(2));
-    }
+    };
+    *budget = budget.saturating_sub(t.elapsed());
+    l
 }
 
 /// One migration of the busy guest in `mode`. Waits for the load gate
-/// first, then boots the source and the destination.
-pub fn run(env: &Env, mode: Mode, max_load: f64) -> ConvRun {
-    let mut r = ConvRun::new(mode, wait_for_load(env, max_load));
+/// first (within `budget`, see [`wait_for_load`]), then boots the source
+/// and the destination.
+pub fn run(env: &Env, mode: Mode, max_load: f64, budget: &mut Duration) -> ConvRun {
+    let mut r = ConvRun::new(mode, wait_for_load(env, max_load, budget));
     let t_all = Instant::now();
     if let Err(e) = drive(env, &mut r) {
         env.log(&format!("   run failed: {e}"));
@@ -413,6 +453,7 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
     }
     let tap = EventTap::follow(src.sock.clone());
     let t0 = Instant::now();
+    r.series.start(t0);
     let (st, v) = try_api(&src.sock, "PUT", "vm.send-migration", Some(&body))?;
     if !ferry_tests::ok(st) {
         return Err(format!("vm.send-migration: {st} {v}"));
@@ -430,13 +471,7 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
             break;
         }
         if let Some(s) = src.migration_status() {
-            r.samples.push(Sample {
-                t_s: t.as_secs_f64(),
-                remaining: s["remaining_bytes"].as_u64().unwrap_or(0),
-                transferred: s["transferred_bytes"].as_u64().unwrap_or(0),
-                iteration: s["iteration"].as_u64().unwrap_or(0),
-                throttle: s["cpu_throttle_percent"].as_u64().unwrap_or(0),
-            });
+            r.series.record(&s);
             match mig_state(&s) {
                 "completed" => r.src_final = Some(s.clone()),
                 "failed" => {
@@ -533,7 +568,71 @@ fn drive(env: &Env, r: &mut ConvRun) -> Result<(), String> {
         );
         dst.kill();
     }
+    r.dst_log = switch_lines(&dst.stderr());
+    r.src_log = switch_lines(&src.stderr());
     drop(recv);
     r.ok = r.error.is_none();
     Ok(())
+}
+
+/// A side's log lines about the switch-over: the post-copy switch timing
+/// and the stale pre-copy data thrown away (at most 40). They are there
+/// only as far as `RUST_LOG` lets them through: run the bench with
+/// `RUST_LOG=info,migration::recv=debug` to get them all.
+pub fn switch_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            l.contains("post-copy switch")
+                || l.contains("paused for post-copy")
+                || l.contains("stale pre-copy")
+                || l.contains("switch-over")
+                || l.contains("switchover")
+        })
+        .take(40)
+        .map(|l| l.chars().take(400).collect())
+        .collect()
+}
+
+/// A `Debug`-printed `Duration` ("37.15ms", "1.2s", "850µs", "12ns") in ms.
+pub fn parse_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let cut = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (n, unit) = s.split_at(cut);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "s" => 1000.0,
+        "ms" => 1.0,
+        "µs" | "us" => 1e-3,
+        "ns" => 1e-6,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_switch_lines() {
+        assert_eq!(parse_duration_ms("37.5ms"), Some(37.5));
+        assert_eq!(parse_duration_ms("1.5s"), Some(1500.0));
+        assert_eq!(parse_duration_ms("250µs"), Some(0.25));
+        assert_eq!(parse_duration_ms("ms"), None);
+        assert_eq!(parse_duration_ms("12parsecs"), None);
+        let log = "\
+[t DEBUG ferry migration::recv::reader] data connection 3: SYNC(2) in; 100 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::reader] data connection 3: SYNC(3) in; 300 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::reader] data connection 0: SYNC(3) in; 5 bytes of stale pre-copy RAM thrown away
+[t DEBUG ferry migration::recv::pcrun] post-copy switch: pre-copy data and devices in after 37.156895ms, stale pages dropped after 37.55ms, RAM registered after 37.57ms
+unrelated line";
+        let mut r = ConvRun::new(Mode::PostCopyStart, 0.0);
+        r.dst_log = switch_lines(log);
+        assert_eq!(r.dst_log.len(), 4);
+        assert_eq!(r.switch_wait_ms(), Some(37.156895));
+        assert_eq!(r.stale_bytes(), Some(305.0));
+        r.dst_log.clear();
+        assert_eq!(r.switch_wait_ms(), None);
+        assert_eq!(r.stale_bytes(), None);
+    }
 }

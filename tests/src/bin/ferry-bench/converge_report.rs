@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::converge::{self, ConvRun, Mode, CAP_MIB_S, CONNS, PRECOPY_LIMIT};
 use crate::report::{f, median, met, min_max, table};
+use crate::series_svg;
 use crate::suites::{header, Section};
 use crate::svg;
 use crate::vmm::Env;
@@ -48,6 +49,22 @@ impl Drop for Hold {
 /// a 30 s gap between rounds), then the section.
 pub fn converge(env: &Env, opts: &Opts) -> Section {
     let max_load = opts.max_load.unwrap_or(1.0);
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| {
+            opts.modes
+                .as_ref()
+                .is_none_or(|v| v.iter().any(|k| k == m.key()))
+        })
+        .collect();
+    if let Some(v) = &opts.modes {
+        for k in v
+            .iter()
+            .filter(|k| !Mode::ALL.iter().any(|m| m.key() == *k))
+        {
+            env.log(&format!("warning: --modes: no mode {k:?}"));
+        }
+    }
     let mut runs: Vec<ConvRun> = Vec::new();
     for round in 0..opts.runs {
         if round > 0 {
@@ -55,9 +72,10 @@ pub fn converge(env: &Env, opts: &Opts) -> Section {
             std::thread::sleep(Duration::from_secs(30));
         }
         let _hold = Hold::new(env, opts.hold_file.as_ref());
-        for mode in Mode::ALL {
+        let mut budget = converge::ROUND_WAIT;
+        for &mode in &modes {
             env.log(&format!("converge: {}, round {}", mode.key(), round + 1));
-            let r = converge::run(env, mode, max_load);
+            let r = converge::run(env, mode, max_load, &mut budget);
             env.log(&format!(
                 "   {}: total {} s, downtime {} ms, throttle {} %, {} passes, switch-over {:?}, \
                  load {:.2}/{:.2}, {}",
@@ -130,7 +148,10 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
          = highest `cpu_throttle_percent` seen (status every 100 ms and `throttle-changed` \
          events); fault latency, requests and post-copy bytes = the destination's status; bytes \
          moved = the destination's `transferred_bytes` (pre-copy only: the source's at the \
-         cancel). Pre-copy only is cancelled after {} s. Every completed run was witnessed by \
+         cancel); switch wait = how long the destination waited at the post-copy switch for \
+         the pre-copy data and devices still in flight, and stale MiB dropped = the pre-copy RAM \
+         it read and threw away meanwhile (both from its debug log, \
+         `RUST_LOG=info,migration::recv=debug`; \"–\" without it). Pre-copy only is cancelled after {} s. Every completed run was witnessed by \
          the guest (a further pass on the destination, 0 MISMATCH); every cancelled one by the \
          source guest running on.\n\n",
         opts.runs,
@@ -140,6 +161,9 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
     let mut rows = Vec::new();
     for m in Mode::ALL {
         let runs = by(m);
+        if runs.is_empty() {
+            continue;
+        }
         let failed = runs.iter().filter(|r| !r.ok).count();
         let done = runs.iter().filter(|r| r.ok && r.completed).count();
         let tot = of(&runs, ConvRun::total_s);
@@ -173,6 +197,11 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
             reasons(&runs),
             format!("{p50} / {p99}"),
             span(&of(&runs, |r| r.post("postcopy_requests")), 0),
+            format!(
+                "{} / {}",
+                span(&of(&runs, ConvRun::switch_wait_ms), 1),
+                span(&of(&runs, |r| r.stale_bytes().map(|b| b / MIB)), 1)
+            ),
             format!("{bytes} ({pbytes})"),
             format!(
                 "{} / {}",
@@ -194,6 +223,7 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
             "switchover_reason",
             "fault latency p50 / p99 (µs)",
             "post-copy requests",
+            "switch wait (ms) / stale MiB dropped",
             "MiB moved (in post-copy)",
             "load gate / send",
         ],
@@ -205,6 +235,25 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
             r.mode.key(),
             r.error.clone().unwrap_or_default()
         ));
+    }
+    let gate = opts.max_load.unwrap_or(1.0);
+    let busy: Vec<&ConvRun> = all.iter().filter(|r| r.load_gate >= gate).collect();
+    if !busy.is_empty() {
+        md.push_str(&format!(
+            "\n**Busy machine:** {} of {} runs started with the 1-min load at or above {gate:.1} \
+             (the gate's wait budget of {} s per round was spent; loads {}): their figures are \
+             from a busy machine.\n",
+            busy.len(),
+            all.len(),
+            converge::ROUND_WAIT.as_secs(),
+            busy.iter()
+                .map(|r| format!("{} {:.2}", r.mode.key(), r.load_gate))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(b) = &opts.baseline {
+        md.push_str(&before_after(b, opts.baseline_note.as_deref(), &by));
     }
     md.push_str(&targets(&by, reference));
     md.push_str(&charts(opts, &by));
@@ -219,6 +268,78 @@ fn section(opts: &Opts, all: &[ConvRun]) -> Section {
         }),
         failed_runs: failed,
     }
+}
+
+/// A mode's ok runs in an earlier raw JSON: (downtime ms, total s) values.
+fn baseline_of(old: &Value, m: Mode) -> (Vec<f64>, Vec<f64>, usize) {
+    let runs: Vec<&Value> = old["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["mode"] == m.key() && r["ok"] == true)
+        .collect();
+    let get = |k: &str| {
+        runs.iter()
+            .filter_map(|r| r[k].as_f64())
+            .collect::<Vec<f64>>()
+    };
+    (get("downtime_ms"), get("total_s"), runs.len())
+}
+
+/// The "before" table: the medians of `path` (an earlier `converge` raw
+/// JSON) beside this run's.
+fn before_after<'a>(
+    path: &std::path::Path,
+    note: Option<&str>,
+    by: &dyn Fn(Mode) -> Vec<&'a ConvRun>,
+) -> String {
+    let old = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => return format!("\n_Baseline {}: {e}._\n", path.display()),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for m in Mode::ALL {
+        let (bd, bt, bn) = baseline_of(&old, m);
+        let runs = by(m);
+        let n = runs.iter().filter(|r| r.ok).count();
+        if bn == 0 && n == 0 {
+            continue;
+        }
+        let d = of(&runs, ConvRun::downtime_ms);
+        let t = of(&runs, ConvRun::total_s);
+        rows.push(vec![
+            m.label().to_string(),
+            format!("{bn} / {n}"),
+            span(&bd, 1),
+            span(&d, 1),
+            span(&bt, 2),
+            span(&t, 2),
+        ]);
+    }
+    let mut s = format!(
+        "\nBefore and after{}: \"before\" = `resources/bench/results/{name}`, \"after\" = this \
+         run (medians, min–max; ok runs only):\n\n",
+        note.map(|n| format!(" ({n})")).unwrap_or_default()
+    );
+    s.push_str(&table(
+        &[
+            "mode",
+            "ok runs before / after",
+            "downtime before (ms)",
+            "downtime after (ms)",
+            "total before (s)",
+            "total after (s)",
+        ],
+        &rows,
+    ));
+    s
 }
 
 fn targets<'a>(by: &dyn Fn(Mode) -> Vec<&'a ConvRun>, reference: Option<f64>) -> String {
@@ -328,9 +449,13 @@ fn line(name: String, color: &'static str, r: &ConvRun) -> svg::Series {
         name,
         color,
         points: r
+            .series
             .samples
             .iter()
-            .map(|s| (s.t_s, s.remaining as f64 / MIB, None))
+            .filter_map(|s| {
+                s.remaining_bytes
+                    .map(|b| (s.elapsed_ms / 1000.0, b as f64 / MIB, None))
+            })
             .collect(),
     }
 }
@@ -344,16 +469,17 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
     );
     let tmax = |runs: &[&ConvRun]| {
         runs.iter()
-            .flat_map(|r| r.samples.last().map(|s| s.t_s))
+            .map(|r| r.series.end_ms() / 1000.0)
             .fold(1.0f64, f64::max)
     };
     // All modes on one chart: the run of each with the median total (or the first).
     let mut series = Vec::new();
     let mut reps: Vec<&ConvRun> = Vec::new();
+    let mut rep_of: Vec<(Mode, &ConvRun)> = Vec::new();
     for (i, m) in Mode::ALL.into_iter().enumerate() {
         let runs: Vec<&ConvRun> = by(m)
             .into_iter()
-            .filter(|r| !r.samples.is_empty())
+            .filter(|r| !r.series.samples.is_empty())
             .collect();
         let tot = of(&runs, ConvRun::total_s);
         let rep = median(&tot)
@@ -372,6 +498,7 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
         if let Some(r) = rep {
             series.push(line(m.key().to_string(), svg::COLORS[i % 6], r));
             reps.push(r);
+            rep_of.push((m, r));
         }
     }
     let chart = svg::line_chart(
@@ -387,7 +514,7 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
     for m in Mode::ALL {
         let runs: Vec<&ConvRun> = by(m)
             .into_iter()
-            .filter(|r| !r.samples.is_empty())
+            .filter(|r| !r.series.samples.is_empty())
             .collect();
         if runs.is_empty() {
             continue;
@@ -408,6 +535,42 @@ fn charts<'a>(opts: &Opts, by: &dyn Fn(Mode) -> Vec<&'a ConvRun>) -> String {
         let name = format!("converge-{}.svg", m.key());
         let _ = std::fs::write(img.join(&name), chart);
         md.push_str(&format!("![{}](img/{name})\n", m.key()));
+    }
+    md.push_str(&series_charts(opts, &rep_of));
+    md
+}
+
+/// The time series of each mode's representative run (remaining bytes,
+/// throughput, dirty rate, pass starts, throttle): `converge-series.svg`
+/// for auto-converge, `converge-MODE-series.svg` for every mode.
+fn series_charts(opts: &Opts, reps: &[(Mode, &ConvRun)]) -> String {
+    let img = opts.root.join("docs/img");
+    let mut md = String::new();
+    if let Some((_, r)) = reps.iter().find(|(m, _)| *m == Mode::AutoConverge) {
+        md.push_str(&series_svg::write_suite(
+            &opts.root,
+            "converge",
+            "Busy guest, auto-converge: remaining, rates, passes, throttle",
+            "auto-converge, the run with the median total",
+            &r.series,
+        ));
+    }
+    let mut links = Vec::new();
+    for (m, r) in reps {
+        if r.series.samples.is_empty() {
+            continue;
+        }
+        let name = format!("converge-{}-series.svg", m.key());
+        let chart = series_svg::chart(&format!("Busy guest, {}: time series", m.key()), &r.series);
+        if std::fs::write(img.join(&name), chart).is_ok() {
+            links.push(format!("[{}](img/{name})", m.key()));
+        }
+    }
+    if !links.is_empty() {
+        md.push_str(&format!(
+            "\nThe same chart for the run of each mode drawn above: {}.\n",
+            links.join(", ")
+        ));
     }
     md
 }

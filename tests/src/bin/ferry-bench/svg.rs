@@ -17,7 +17,7 @@ pub const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];
 
-fn nice_step(range: f64, ticks: f64) -> f64 {
+pub(crate) fn nice_step(range: f64, ticks: f64) -> f64 {
     let raw = (range / ticks).max(1e-9);
     let mag = 10f64.powf(raw.log10().floor());
     let n = raw / mag;
@@ -33,7 +33,7 @@ fn nice_step(range: f64, ticks: f64) -> f64 {
     s * mag
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if v == v.round() {
         format!("{}", v as i64)
     } else {
@@ -41,7 +41,7 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

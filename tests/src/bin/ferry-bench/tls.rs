@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::report::{f, met, min_max, table};
-use crate::suites::{col, fails, first_error, header, med, one_run, total_s, Section};
+use crate::suites::{
+    col, fails, first_error, header, med, one_run, series_chart, total_s, Section,
+};
 use crate::svg;
 use crate::vmm::{self, Env, MigrateSpec, RunResult, SourceSpec};
 use crate::Opts;
@@ -151,6 +153,13 @@ pub fn tls(env: &Env, opts: &Opts) -> Section {
     );
     let _ = std::fs::write(img.join("tls-vs-plain.svg"), chart);
     md.push_str("\n![TLS vs plain](img/tls-vs-plain.svg)\n");
+    md.push_str(&series_chart(
+        opts,
+        "tls",
+        "4 GiB random, 4 connections, mutual TLS",
+        "mutual TLS, the median total",
+        &t,
+    ));
     let failed = plain.iter().chain(&tls).filter(|r| !r.ok).count();
     Section {
         markdown: md,

@@ -9,6 +9,7 @@ use ferry_tests::{mig_state, start_receive_with, tcp_url_of, try_api, Vmm};
 use serde_json::{json, Value};
 
 use crate::procfs::{self, Mem, Peaks, Sampler};
+use crate::series::Series;
 
 /// Where the helper binary is, and how to behave.
 #[derive(Debug, Clone)]
@@ -199,6 +200,8 @@ pub struct RunResult {
     pub dst_after: Mem,
     /// 1-minute load average right before the send.
     pub loadavg: f64,
+    /// The source's status over time (every read, at most one per 20 ms).
+    pub series: Series,
 }
 
 impl RunResult {
@@ -247,6 +250,7 @@ impl RunResult {
             "wall_s": self.wall_s, "loadavg": self.loadavg, "src_cpu_s": self.src_cpu_s, "dst_cpu_s": self.dst_cpu_s,
             "src_before": m(&self.src_before), "dst_before": m(&self.dst_before), "dst_after": m(&self.dst_after),
             "src_peak": p(&self.src_peak), "dst_peak": p(&self.dst_peak),
+            "series": self.series.to_json(),
         })
     }
 }
@@ -259,6 +263,9 @@ pub fn num(v: &Value, key: &str) -> Option<f64> {
             .and_then(Value::as_f64)
     })
 }
+
+/// The shortest gap between two kept samples of [`RunResult::series`].
+const SERIES_GAP: Duration = Duration::from_millis(20);
 
 /// Runs one migration from `src` to `dst` (both up; the settle wait is done here).
 pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> RunResult {
@@ -277,6 +284,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
         dst_peak: Peaks::default(),
         dst_after: Mem::default(),
         loadavg: loadavg(),
+        series: Series::new(SERIES_GAP),
     };
     // The receive request may answer only at the end: the harness runs it on a thread.
     let recv_body = match &spec.tls {
@@ -318,6 +326,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     let dst_cpu0 = procfs::cpu_seconds(dpid);
     let sampler = Sampler::start(vec![spid, dpid], Duration::from_millis(10));
     let t0 = Instant::now();
+    res.series.start(t0);
     match try_api(&src.sock, "PUT", "vm.send-migration", Some(&body)) {
         Ok((st, _)) if ferry_tests::ok(st) => {}
         Ok((st, v)) => res.error = Some(format!("vm.send-migration: {st} {v}")),
@@ -329,6 +338,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     while res.error.is_none() && t0.elapsed() < spec.timeout {
         if src.is_running() {
             if let Some(v) = src.migration_status() {
+                res.series.record(&v);
                 if matches!(mig_state(&v), "failed" | "cancelled") {
                     res.error = Some(format!(
                         "source: {}",
