@@ -58,13 +58,16 @@ pub fn set_big_buffers(fd: &impl AsRawFd) {
 }
 
 /// Prepares a connected stream: blocking with [`POLL_INTERVAL`] timeouts,
-/// TCP_NODELAY for the main connection only, big buffers for data.
+/// TCP_NODELAY on every connection (a data connection's small frames, SYNC
+/// above all, must not wait behind Nagle for the peer's delayed ACK: that
+/// held the post-copy switch up by ~40 ms; RAM goes out in large `writev`s
+/// either way), big buffers for data.
 pub fn prepare_stream(s: &TcpStream, data: bool) -> Result<(), MigrationError> {
     let e = |err| MigrationError::io("configuring a migration socket", err);
     s.set_nonblocking(false).map_err(e)?;
     s.set_read_timeout(Some(POLL_INTERVAL)).map_err(e)?;
     s.set_write_timeout(Some(POLL_INTERVAL)).map_err(e)?;
-    s.set_nodelay(!data).map_err(e)?;
+    s.set_nodelay(true).map_err(e)?;
     if data {
         set_big_buffers(s);
     }
