@@ -150,6 +150,9 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
             !tcp_listening(port)
         });
-        assert!(gone, "port {port} still listening after the listener closed");
+        assert!(
+            gone,
+            "port {port} still listening after the listener closed"
+        );
     }
 }
