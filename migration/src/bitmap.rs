@@ -22,6 +22,15 @@ pub(crate) fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (usize, u
     })
 }
 
+/// Whether page `page` of region `region` is set in `maps` (one bitmap of
+/// 64 pages a word per region); pages past a bitmap's end, and regions
+/// past the last, are not.
+pub(crate) fn page_set(maps: &[Vec<u64>], region: usize, page: u64) -> bool {
+    maps.get(region)
+        .and_then(|m| m.get((page / 64) as usize))
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::word_masks;

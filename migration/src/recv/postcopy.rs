@@ -101,14 +101,8 @@ impl PcDest {
         self.got.load(SeqCst) >= self.total
     }
 
-    fn bit(&self, v: &[Vec<u64>], region: usize, page: u64) -> bool {
-        v.get(region)
-            .and_then(|m| m.get((page / 64) as usize))
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
-
     fn is_missing(&self, region: usize, page: u64) -> bool {
-        self.bit(&self.missing, region, page)
+        crate::bitmap::page_set(&self.missing, region, page)
     }
 
     fn is_received(&self, region: usize, page: u64) -> bool {

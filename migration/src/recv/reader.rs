@@ -102,12 +102,6 @@ pub struct ReaderCtx {
     pub stale: OnceLock<Arc<Vec<Vec<u64>>>>,
 }
 
-/// Whether page `page` is set in `map` (pages past its end are not).
-fn in_map(map: &[u64], page: u64) -> bool {
-    map.get((page / 64) as usize)
-        .is_some_and(|w| w & (1 << (page % 64)) != 0)
-}
-
 /// Starts one reader per data connection (index = connection index) into
 /// `workers`.
 pub fn spawn_readers(
@@ -312,7 +306,7 @@ fn read_ram_data(
     let stale_at = |region: usize, page: u64| {
         ctx.stale
             .get()
-            .is_some_and(|m| m.get(region).is_some_and(|map| in_map(map, page)))
+            .is_some_and(|m| crate::bitmap::page_set(m, region, page))
     };
     for r in ranges.iter().filter(|r| !r.zero) {
         let end = r.first_page + r.npages;
@@ -439,7 +433,7 @@ mod tests {
         let map = stale_map();
         for p in 0..PAGES {
             let got = &mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
-            let stale = p >= stale_from && in_map(&map[0], p);
+            let stale = p >= stale_from && crate::bitmap::page_set(&map, 0, p);
             if stale {
                 assert!(got.iter().all(|&b| b == 0), "stale page {p} was written");
                 assert!(!ctx.ram.is_written(0, p), "stale page {p} marked written");
