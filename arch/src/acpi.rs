@@ -13,6 +13,11 @@
 //! declares COM1 (PNP0501, IRQ 4) and the i8042 keyboard port (PNP0303,
 //! IRQ 1) with their resources, and the `_S5_` sleep type. The MADT lists
 //! the local APICs, the IOAPIC, the IRQ0 -> GSI2 override and LINT1 NMI.
+//!
+//! PCI: the MCFG points at the ECAM of bus 0 ([`crate::pci`]), and the DSDT
+//! declares the host bridge `\_SB_.PCI0` (PNP0A08, bus 0, the legacy config
+//! ports, the I/O BAR window and the 32-bit and 64-bit MMIO windows) and a
+//! motherboard resource `\_SB_.MBRD` (PNP0C02) claiming the ECAM.
 
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -20,6 +25,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::bytes::{checksum, ByteBuf};
 use crate::layout::{ACPI_MAX_SIZE, ACPI_START, APIC_ADDR, IOAPIC_ADDR, MAX_SUPPORTED_CPUS};
 use crate::mptable::ioapic_id;
+use crate::pci::{
+    mmio64_window, PCI_CONFIG_ADDRESS_PORT, PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_IO_END, PCI_IO_START,
+    PCI_MMIO32_END, PCI_MMIO32_START,
+};
 use crate::{Error, Result};
 
 /// OEM ID in every table.
@@ -34,6 +43,8 @@ pub const SDT_HEADER_SIZE: usize = 36;
 pub const RSDP_SIZE: usize = 36;
 /// Size of a revision 6 FADT.
 pub const FADT_SIZE: usize = 276;
+/// Size of the MCFG with its one allocation entry.
+pub const MCFG_SIZE: usize = 60;
 
 /// FADT flag: power button is a control-method device (none here).
 const FADT_F_PWR_BUTTON: u32 = 1 << 4;
@@ -83,6 +94,8 @@ pub struct AcpiLayout {
     pub dsdt: u64,
     /// MADT ("APIC").
     pub madt: u64,
+    /// MCFG (PCI ECAM).
+    pub mcfg: u64,
 }
 
 fn sdt_header(sig: &[u8; 4], revision: u8) -> ByteBuf {
@@ -161,8 +174,9 @@ const I8042_DATA: u16 = 0x60;
 const I8042_CMD: u16 = 0x64;
 const I8042_IRQ: u32 = 1;
 
-/// The DSDT: `\_SB.COM1`, `\_SB.PS2K` and `\_S5_`.
-fn build_dsdt() -> Vec<u8> {
+/// The DSDT: `\_SB.COM1`, `\_SB.PS2K`, `\_SB.PCI0`, `\_SB.MBRD` and
+/// `\_S5_`; `mmio64` is the 64-bit PCI window.
+fn build_dsdt(mmio64: &std::ops::Range<u64>) -> Vec<u8> {
     // Extended IRQ descriptor: consumer, edge-triggered, active high,
     // exclusive (the ISA defaults).
     let com1_io = aml::IO::new(COM1_BASE, COM1_BASE, 1, 8);
@@ -183,7 +197,52 @@ fn build_dsdt() -> Vec<u8> {
     let kbd_crs = aml::Name::new("_CRS".into(), &kbd_crs);
     let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd]);
+    // PCI host bridge of segment 0, bus 0.
+    let pci_hid = aml::EISAName::new("PNP0A08");
+    let pci_cid = aml::EISAName::new("PNP0A03");
+    let pci_hid = aml::Name::new("_HID".into(), &pci_hid);
+    let pci_cid = aml::Name::new("_CID".into(), &pci_cid);
+    let pci_adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let pci_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let pci_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let pci_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_ADDRESS_PORT, 1, 8);
+    // The constants are below 2^16 / 2^32 (checked in tests::pci_constants_fit).
+    let bar_io = aml::AddressSpace::new_io(PCI_IO_START as u16, (PCI_IO_END - 1) as u16, None);
+    let mem32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64.start,
+        mmio64.end - 1,
+        None,
+    );
+    let pci_crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &bar_io, &mem32, &mem64]);
+    let pci_crs = aml::Name::new("_CRS".into(), &pci_crs);
+    let pci0 = aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &pci_hid, &pci_cid, &pci_adr, &pci_seg, &pci_bbn, &pci_uid, &pci_crs,
+        ],
+    );
+
+    // The ECAM as a motherboard resource (Linux checks that it is claimed).
+    let mbrd_hid = aml::EISAName::new("PNP0C02");
+    let mbrd_hid = aml::Name::new("_HID".into(), &mbrd_hid);
+    let mbrd_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_BASE as u32, PCI_ECAM_SIZE as u32);
+    let mbrd_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let mbrd_crs = aml::Name::new("_CRS".into(), &mbrd_crs);
+    let mbrd = aml::Device::new("MBRD".into(), vec![&mbrd_hid, &mbrd_uid, &mbrd_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &pci0, &mbrd]);
     let s5_type = ACPI_S5_SLEEP_TYPE;
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type]));
 
@@ -225,6 +284,18 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
     finish_sdt(b)
 }
 
+/// The MCFG: one allocation for the ECAM of segment 0, buses 0..=0.
+fn build_mcfg() -> Vec<u8> {
+    let mut b = sdt_header(b"MCFG", 1);
+    b.zeros(8) // reserved
+        .u64(PCI_ECAM_BASE)
+        .u16(0) // PCI segment group
+        .u8(0) // start bus
+        .u8(0) // end bus
+        .u32(0); // reserved
+    finish_sdt(b)
+}
+
 fn build_xsdt(entries: &[u64]) -> Vec<u8> {
     let mut b = sdt_header(b"XSDT", 1);
     for e in entries {
@@ -259,7 +330,9 @@ const fn align16(x: usize) -> usize {
 /// to guest-physical `base` (RSDP first, at `base`, which must be 16-byte
 /// aligned for the RSDP scan to find it). Tables are 16-byte aligned, all
 /// checksums valid, and the whole image is at most [`ACPI_MAX_SIZE`].
-pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>)> {
+/// `ram_end` (first address past RAM, [`crate::layout::ram_end`]) places
+/// the 64-bit PCI window the DSDT declares.
+pub fn build_acpi_tables(base: u64, num_cpus: u8, ram_end: u64) -> Result<(AcpiLayout, Vec<u8>)> {
     if num_cpus == 0 || num_cpus > MAX_SUPPORTED_CPUS {
         return Err(Error::InvalidCpuCount(num_cpus));
     }
@@ -273,27 +346,34 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
 
     // The DSDT does not depend on any address, so it is built first; then
     // every address is known before the tables that point at others.
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(&mmio64_window(ram_end));
     let rsdp_at = 0usize;
     let xsdt_at = align16(rsdp_at + RSDP_SIZE);
-    let xsdt_len = SDT_HEADER_SIZE + 2 * 8;
+    let xsdt_len = SDT_HEADER_SIZE + 3 * 8;
     let dsdt_at = align16(xsdt_at + xsdt_len);
     let fadt_at = align16(dsdt_at + dsdt.len());
     let madt_at = align16(fadt_at + FADT_SIZE);
+    let madt = build_madt(num_cpus);
+    let mcfg_at = align16(madt_at + madt.len());
     let layout = AcpiLayout {
         rsdp: base + rsdp_at as u64,
         xsdt: base + xsdt_at as u64,
         dsdt: base + dsdt_at as u64,
         fadt: base + fadt_at as u64,
         madt: base + madt_at as u64,
+        mcfg: base + mcfg_at as u64,
     };
 
     let placed = [
         place(&build_rsdp(layout.xsdt), &mut image),
-        place(&build_xsdt(&[layout.fadt, layout.madt]), &mut image),
+        place(
+            &build_xsdt(&[layout.fadt, layout.madt, layout.mcfg]),
+            &mut image,
+        ),
         place(&dsdt, &mut image),
         place(&build_fadt(layout.dsdt), &mut image),
-        place(&build_madt(num_cpus), &mut image),
+        place(&madt, &mut image),
+        place(&build_mcfg(), &mut image),
     ];
     debug_assert_eq!(
         placed,
@@ -302,7 +382,8 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
             layout.xsdt,
             layout.dsdt,
             layout.fadt,
-            layout.madt
+            layout.madt,
+            layout.mcfg
         ]
     );
     if image.len() > ACPI_MAX_SIZE {
@@ -315,11 +396,15 @@ pub fn build_acpi_tables(base: u64, num_cpus: u8) -> Result<(AcpiLayout, Vec<u8>
     Ok((layout, image))
 }
 
-/// Writes the ACPI tables for `num_cpus` vCPUs at [`ACPI_START`] and
-/// returns the RSDP address (for `hvm_start_info.rsdp_paddr` /
-/// `boot_params.acpi_rsdp_addr`).
-pub fn setup_acpi_tables<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<GuestAddress> {
-    let (layout, image) = build_acpi_tables(ACPI_START, num_cpus)?;
+/// Writes the ACPI tables for `num_cpus` vCPUs (RAM ending at `ram_end`,
+/// see [`build_acpi_tables`]) at [`ACPI_START`] and returns the RSDP
+/// address (for `hvm_start_info.rsdp_paddr` / `boot_params.acpi_rsdp_addr`).
+pub fn setup_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    num_cpus: u8,
+    ram_end: u64,
+) -> Result<GuestAddress> {
+    let (layout, image) = build_acpi_tables(ACPI_START, num_cpus, ram_end)?;
     mem.write_slice(&image, GuestAddress(ACPI_START))
         .map_err(|source| Error::GuestWrite {
             what: "ACPI tables",
@@ -349,7 +434,7 @@ mod tests {
 
     #[test]
     fn rsdp_checksums() {
-        let (l, img) = build_acpi_tables(ACPI_START, 2).unwrap();
+        let (l, img) = build_acpi_tables(ACPI_START, 2, 512 << 20).unwrap();
         let rsdp = &img[..RSDP_SIZE];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "v1 checksum");
@@ -362,12 +447,15 @@ mod tests {
 
     #[test]
     fn xsdt_fadt_dsdt() {
-        let (l, img) = build_acpi_tables(ACPI_START, 2).unwrap();
+        let (l, img) = build_acpi_tables(ACPI_START, 2, 512 << 20).unwrap();
         let xsdt = table(&img, l.xsdt);
         assert_eq!(&xsdt[..4], b"XSDT");
         assert_eq!(sum(xsdt), 0);
-        assert_eq!(xsdt.len(), 36 + 16);
-        assert_eq!((u64_at(xsdt, 36), u64_at(xsdt, 44)), (l.fadt, l.madt));
+        assert_eq!(xsdt.len(), 36 + 24);
+        assert_eq!(
+            (u64_at(xsdt, 36), u64_at(xsdt, 44), u64_at(xsdt, 52)),
+            (l.fadt, l.madt, l.mcfg)
+        );
 
         let fadt = table(&img, l.fadt);
         assert_eq!(&fadt[..4], b"FACP");
@@ -401,7 +489,7 @@ mod tests {
 
     #[test]
     fn dsdt_declares_com1_keyboard_and_s5() {
-        let (l, img) = build_acpi_tables(ACPI_START, 1).unwrap();
+        let (l, img) = build_acpi_tables(ACPI_START, 1, 512 << 20).unwrap();
         let dsdt = &table(&img, l.dsdt)[SDT_HEADER_SIZE..];
         // DeviceOp (0x5B 0x82) named COM1 and PS2K inside \_SB_.
         assert!(find(dsdt, b"\\_SB_").is_some());
@@ -433,7 +521,7 @@ mod tests {
     #[test]
     fn madt_entries() {
         for n in [1u8, 4, 254] {
-            let (l, img) = build_acpi_tables(ACPI_START, n).unwrap();
+            let (l, img) = build_acpi_tables(ACPI_START, n, 512 << 20).unwrap();
             let madt = table(&img, l.madt);
             assert_eq!(&madt[..4], b"APIC");
             assert_eq!(sum(madt), 0);
@@ -466,15 +554,92 @@ mod tests {
     }
 
     #[test]
+    fn pci_constants_fit() {
+        const {
+            assert!(PCI_IO_END - 1 <= u16::MAX as u64);
+            assert!(PCI_MMIO32_END - 1 <= u32::MAX as u64);
+            assert!(PCI_ECAM_BASE + PCI_ECAM_SIZE <= u32::MAX as u64);
+        }
+    }
+
+    #[test]
+    fn mcfg_bytes() {
+        let (l, img) = build_acpi_tables(ACPI_START, 2, 512 << 20).unwrap();
+        let mcfg = table(&img, l.mcfg);
+        assert_eq!(&mcfg[..4], b"MCFG");
+        assert_eq!(mcfg.len(), MCFG_SIZE);
+        assert_eq!(mcfg[8], 1, "revision");
+        assert_eq!(sum(mcfg), 0);
+        assert_eq!(u64_at(mcfg, 36), 0, "reserved");
+        assert_eq!(u64_at(mcfg, 44), 0xE000_0000);
+        assert_eq!(u16::from_le_bytes([mcfg[52], mcfg[53]]), 0, "segment");
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0), "buses 0..=0");
+        assert_eq!(u32_at(mcfg, 56), 0);
+        assert_eq!(l.mcfg % 16, 0);
+    }
+
+    #[test]
+    fn dsdt_declares_the_pci_host_bridge() {
+        for (ram_end, win64) in [
+            (512u64 << 20, 4u64 << 30),
+            (6 << 30, 6 << 30),
+            ((6 << 30) + 1, 7 << 30),
+        ] {
+            let (l, img) = build_acpi_tables(ACPI_START, 1, ram_end).unwrap();
+            let dsdt = &table(&img, l.dsdt)[SDT_HEADER_SIZE..];
+            let at = find(dsdt, b"PCI0").expect("PCI0");
+            // DeviceOp, then a PkgLength of 1 to 4 bytes.
+            assert!(
+                (2..=5).any(|k| dsdt[at - k - 2..at - k] == [0x5b, 0x82]),
+                "DeviceOp before PCI0"
+            );
+            // PNP0A08 = 41 D0 0A 08, PNP0A03 = 41 D0 0A 03, PNP0C02 = 41 D0 0C 02.
+            assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]).is_some());
+            assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]).is_some());
+            assert!(find(dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]).is_some());
+            for name in [&b"_SEG"[..], b"_BBN", b"_UID", b"_CRS"] {
+                assert!(find(&dsdt[at..], name).is_some(), "{name:?}");
+            }
+            // WordBusNumber 0..0: 0x88, len 13, type 2, flags, 0, gran 0, min 0, max 0, tra 0, len 1.
+            assert!(find(
+                dsdt,
+                &[0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+            )
+            .is_some());
+            // IO 0xCF8 len 8.
+            assert!(find(dsdt, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]).is_some());
+            // WordIO 0xC000..0xFFFF.
+            assert!(find(dsdt, &[0x88, 13, 0, 1, 0x0c, 3, 0, 0, 0, 0xc0, 0xff, 0xff]).is_some());
+            // DWordMemory 0xC000_0000..0xDFFF_FFFF, length 0x2000_0000.
+            let mut dw = vec![0x87, 23, 0, 0, 0x0c, 1];
+            for v in [0u32, 0xC000_0000, 0xDFFF_FFFF, 0, 0x2000_0000] {
+                dw.extend_from_slice(&v.to_le_bytes());
+            }
+            assert!(find(dsdt, &dw).is_some(), "DWordMemory");
+            // QWordMemory for the 64-bit window.
+            let mut qw = vec![0x8a, 43, 0, 0, 0x0c, 1];
+            for v in [0u64, win64, win64 + (64 << 30) - 1, 0, 64 << 30] {
+                qw.extend_from_slice(&v.to_le_bytes());
+            }
+            assert!(find(dsdt, &qw).is_some(), "QWordMemory at {win64:#x}");
+            // Memory32Fixed of the ECAM in MBRD.
+            let mut ecam = vec![0x86, 9, 0, 0];
+            ecam.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+            ecam.extend_from_slice(&0x10_0000u32.to_le_bytes());
+            assert!(find(dsdt, &ecam).is_some(), "ECAM claimed");
+        }
+    }
+
+    #[test]
     fn bad_cpu_counts() {
-        assert!(build_acpi_tables(ACPI_START, 0).is_err());
-        assert!(build_acpi_tables(ACPI_START, 255).is_err());
+        assert!(build_acpi_tables(ACPI_START, 0, 512 << 20).is_err());
+        assert!(build_acpi_tables(ACPI_START, 255, 512 << 20).is_err());
     }
 
     #[test]
     fn written_to_guest_memory() {
         let mem = guest_mem(512 << 20);
-        let rsdp = setup_acpi_tables(&mem, 2).unwrap();
+        let rsdp = setup_acpi_tables(&mem, 2, 512 << 20).unwrap();
         assert_eq!(rsdp, GuestAddress(ACPI_START));
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();

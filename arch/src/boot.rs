@@ -12,9 +12,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use crate::acpi::setup_acpi_tables;
 use crate::e820::{memory_map, MemoryMapEntry};
 use crate::layout::{
-    low_ram_end, ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MAX_SUPPORTED_CPUS,
-    MPTABLE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
-    ZERO_PAGE_START,
+    low_ram_end, ram_end, ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START,
+    MAX_SUPPORTED_CPUS, MPTABLE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START,
+    PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use crate::loader::{initrd_limit, stored_setup_header};
 use crate::mptable::setup_mptable;
@@ -109,7 +109,7 @@ pub fn configure_system<M: GuestMemoryBackend>(mem: &M, setup: &BootSetup) -> Re
         })?;
 
     setup_mptable(mem, GuestAddress(MPTABLE_START), setup.num_cpus)?;
-    let rsdp = setup_acpi_tables(mem, setup.num_cpus)?;
+    let rsdp = setup_acpi_tables(mem, setup.num_cpus, ram_end(setup.mem_size))?;
     crate::reset::setup_reset_vector(mem)?;
 
     match setup.protocol {

@@ -98,7 +98,7 @@ fn pvh_start_info_512m() {
 fn pvh_start_info_5g() {
     check_pvh(5 << 30);
     let map = memory_map(5 << 30).unwrap();
-    assert_eq!(map.len(), 4);
+    assert_eq!(map.len(), 5);
     assert_eq!(map[2].addr + map[2].size, MEM_32BIT_GAP_START);
 }
 
@@ -162,8 +162,13 @@ fn linux64_boot_params_5g() {
     configure_system(&mem, &setup(BootProtocol::Linux64, 5 << 30)).unwrap();
     let bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
     let t = bp.e820_table;
-    assert_eq!(bp.e820_entries, 4);
-    assert_eq!(({ t[3].addr }, { t[3].size }), (1 << 32, 2 << 30));
+    assert_eq!(bp.e820_entries, 5);
+    assert_eq!(
+        ({ t[3].addr }, { t[3].size }, { t[3].r#type }),
+        (0xE000_0000, 0x10_0000, E820_RESERVED),
+        "PCI ECAM"
+    );
+    assert_eq!(({ t[4].addr }, { t[4].size }), (1 << 32, 2 << 30));
     assert_eq!(({ bp.hdr.ramdisk_image }, { bp.hdr.ramdisk_size }), (0, 0));
 }
 

@@ -5,6 +5,7 @@ use crate::layout::{
     low_ram_end, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START, MAX_MEM_SIZE,
     MEM_32BIT_GAP_START, MIN_MEM_SIZE,
 };
+use crate::pci::{PCI_ECAM_BASE, PCI_ECAM_SIZE};
 use crate::{Error, Result};
 
 /// e820 / PVH type of usable RAM.
@@ -29,9 +30,11 @@ pub struct MemoryMapEntry {
 ///
 /// Entries are sorted, non-overlapping and non-empty:
 /// RAM `[0, EBDA_START)`, reserved `[EBDA_START, 1 MiB)` (EBDA, VGA hole,
-/// BIOS area holding the ACPI and MP tables), RAM `[1 MiB, min(mem, 3 GiB))`
-/// and, if `mem_size` exceeds 3 GiB, RAM `[4 GiB, 4 GiB + mem_size - 3 GiB)`.
-/// The MMIO gap itself is left out (a hole), as on real machines.
+/// BIOS area holding the ACPI and MP tables), RAM `[1 MiB, min(mem, 3 GiB))`,
+/// reserved `[PCI_ECAM_BASE, +PCI_ECAM_SIZE)` (the PCI ECAM, which Linux
+/// only uses when it is reserved) and, if `mem_size` exceeds 3 GiB, RAM
+/// `[4 GiB, 4 GiB + mem_size - 3 GiB)`. The rest of the MMIO gap is left
+/// out (a hole), as on real machines.
 ///
 /// Fails with [`Error::InvalidMemSize`] outside `MIN_MEM_SIZE..=MAX_MEM_SIZE`.
 pub fn memory_map(mem_size: u64) -> Result<Vec<MemoryMapEntry>> {
@@ -53,6 +56,11 @@ pub fn memory_map(mem_size: u64) -> Result<Vec<MemoryMapEntry>> {
             addr: HIMEM_START,
             size: low_ram_end(mem_size) - HIMEM_START,
             kind: E820_RAM,
+        },
+        MemoryMapEntry {
+            addr: PCI_ECAM_BASE,
+            size: PCI_ECAM_SIZE,
+            kind: E820_RESERVED,
         },
     ];
     if mem_size > MEM_32BIT_GAP_START {
@@ -97,6 +105,11 @@ mod tests {
                     size: (512 << 20) - 0x10_0000,
                     kind: E820_RAM
                 },
+                MemoryMapEntry {
+                    addr: 0xE000_0000,
+                    size: 0x10_0000,
+                    kind: E820_RESERVED
+                },
             ]
         );
     }
@@ -104,10 +117,19 @@ mod tests {
     #[test]
     fn large_memory_map_splits_around_gap() {
         let map = memory_map(5 << 30).unwrap();
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(map[2].addr + map[2].size, 0xC000_0000);
         assert_eq!(
             map[3],
+            MemoryMapEntry {
+                addr: 0xE000_0000,
+                size: 0x10_0000,
+                kind: E820_RESERVED
+            },
+            "the ECAM is reserved"
+        );
+        assert_eq!(
+            map[4],
             MemoryMapEntry {
                 addr: 1 << 32,
                 size: 2 << 30,
@@ -123,7 +145,7 @@ mod tests {
 
     #[test]
     fn exactly_gap_start_has_no_high_region() {
-        assert_eq!(memory_map(MEM_32BIT_GAP_START).unwrap().len(), 3);
+        assert_eq!(memory_map(MEM_32BIT_GAP_START).unwrap().len(), 4);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! 0x000E_0000  ACPI: RSDP, then XSDT/FADT/DSDT/MADT (up to 0xF_0000)
 //! 0x000F_0000  MP floating pointer + MP configuration table (up to 1 MiB)
 //! 0x0010_0000  HIMEM_START: kernel image
-//! 0xC000_0000  32-bit MMIO gap (1 GiB, IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000)
+//! 0xC000_0000  32-bit MMIO gap (1 GiB): PCI 32-bit BAR window up to
+//!              0xE000_0000, PCI ECAM 0xE000_0000 (1 MiB, e820 reserved),
+//!              IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000 (see `crate::pci`)
 //! 0x1_0000_0000 RAM above the gap when mem_size > 3 GiB
 //! ```
 
@@ -133,6 +135,15 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     ]
 }
 
+/// First address past the highest RAM byte for `mem_size` bytes of RAM
+/// laid out by [`ram_regions`] (0 when `mem_size == 0`). The PCI 64-bit
+/// window ([`crate::pci::mmio64_window`]) starts above it.
+pub fn ram_end(mem_size: u64) -> u64 {
+    ram_regions(mem_size)
+        .last()
+        .map_or(0, |(start, len)| start.0 + *len as u64)
+}
+
 /// First address past RAM below the gap for `mem_size` bytes of RAM.
 pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MEM_32BIT_GAP_START)
@@ -161,6 +172,14 @@ mod tests {
         );
         let total: usize = r.iter().map(|(_, s)| s).sum();
         assert_eq!(total, 5 << 30);
+    }
+
+    #[test]
+    fn ram_end_follows_the_regions() {
+        assert_eq!(ram_end(0), 0);
+        assert_eq!(ram_end(512 << 20), 512 << 20);
+        assert_eq!(ram_end(3 << 30), 3 << 30);
+        assert_eq!(ram_end(5 << 30), 6 << 30);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod layout;
 mod loader;
 pub mod mptable;
 pub mod msr;
+pub mod pci;
 pub mod regs;
 pub mod reset;
 
