@@ -48,6 +48,10 @@ pub enum Error {
         /// What failed.
         msg: String,
     },
+    /// A PCI layer (config space, BARs, MSI-X) refused a request or a
+    /// saved state.
+    #[error("pci: {0}")]
+    Pci(String),
     /// A migration state operation failed on a device.
     #[error("device {id}: {msg}")]
     Device {

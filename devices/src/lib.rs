@@ -9,6 +9,7 @@ pub mod error;
 pub mod i8042;
 pub mod mig_fsm;
 pub mod options;
+pub mod pci;
 pub mod serial;
 pub mod sim_vfio;
 pub mod vfio;

@@ -8,6 +8,23 @@ use crate::vfio::validate_id;
 pub const MAX_STATE_SIZE: u64 = 16 << 30;
 /// Largest accepted rate (MiB/s); higher values are meaningless here.
 pub const MAX_RATE_MIBS: f64 = 1_000_000.0;
+/// Default DMA engine rate (MiB/s of pages written).
+pub const DEFAULT_DMA_RATE_MIBS: f64 = 64.0;
+
+/// What the device's DMA logging does (`dma-log=`).
+///
+/// Invariant: none beyond the variants' meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DmaLogMode {
+    /// Logging works as the kernel uAPI says (`on`, the default).
+    #[default]
+    On,
+    /// Test knob: logging is advertised and START/REPORT succeed, but no
+    /// page is ever recorded (`off`): a migration then misses DMA writes.
+    Off,
+    /// The device cannot log its DMA (`none`): `DmaLog::Unsupported`.
+    None,
+}
 
 /// Parsed `--sim-vfio` argument.
 ///
@@ -32,6 +49,10 @@ pub struct SimVfioConfig {
     pub fail_save_after: Option<u64>,
     /// Fault injection: the destination refuses its data.
     pub fail_load: bool,
+    /// MiB/s of pages the DMA engine writes (0 = unlimited).
+    pub dma_rate: f64,
+    /// DMA logging behaviour.
+    pub dma_log: DmaLogMode,
 }
 
 impl SimVfioConfig {
@@ -46,6 +67,8 @@ impl SimVfioConfig {
             load_rate: 0.0,
             fail_save_after: None,
             fail_load: false,
+            dma_rate: DEFAULT_DMA_RATE_MIBS,
+            dma_log: DmaLogMode::On,
         }
     }
 
@@ -68,6 +91,7 @@ impl SimVfioConfig {
             ("dirty-rate", self.dirty_rate),
             ("save-rate", self.save_rate),
             ("load-rate", self.load_rate),
+            ("dma-rate", self.dma_rate),
         ] {
             if !r.is_finite() || !(0.0..=MAX_RATE_MIBS).contains(&r) {
                 return Err(bad(format!(
@@ -94,10 +118,13 @@ pub const KEYS: &[&str] = &[
     "load-rate",
     "fail-save-after",
     "fail-load",
+    "dma-rate",
+    "dma-log",
 ];
 
 /// Parses `id=NAME,state=SIZE[,precopy=SIZE][,dirty-rate=MBPS]
-/// [,save-rate=MBPS][,load-rate=MBPS][,fail-save-after=SIZE][,fail-load=1]`
+/// [,save-rate=MBPS][,load-rate=MBPS][,fail-save-after=SIZE][,fail-load=1]
+/// [,dma-rate=MBPS][,dma-log=on|off|none]`
 /// (grammar of lists and sizes: [`crate::options`]).
 pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
     let bad = |reason: String| Error::InvalidArg {
@@ -109,12 +136,19 @@ pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
     }
     let opt = |e: OptionError| bad(e.to_string());
     let kv = KeyValues::parse(s, KEYS, None).map_err(opt)?;
-    let rate = |k: &str| -> Result<f64> {
+    let rate_or = |k: &str, default: f64| -> Result<f64> {
         match kv.get(k) {
-            None => Ok(0.0),
+            None => Ok(default),
             Some(v) => parse_rate(v)
                 .ok_or_else(|| bad(format!("{k}: bad rate `{v}` (MiB/s, 0 to {MAX_RATE_MIBS})"))),
         }
+    };
+    let rate = |k: &str| rate_or(k, 0.0);
+    let dma_log = match kv.get("dma-log").map(str::trim) {
+        None | Some("on") => DmaLogMode::On,
+        Some("off") => DmaLogMode::Off,
+        Some("none") => DmaLogMode::None,
+        Some(v) => return Err(bad(format!("dma-log: `{v}` is not on, off or none"))),
     };
     let id = kv.required("id").map_err(opt)?;
     let state_size = kv.size("state").map_err(opt)?;
@@ -127,6 +161,8 @@ pub fn parse_sim_vfio_arg(s: &str) -> Result<SimVfioConfig> {
         load_rate: rate("load-rate")?,
         fail_save_after: kv.size("fail-save-after").map_err(opt)?,
         fail_load: kv.flag("fail-load").map_err(opt)?.unwrap_or(false),
+        dma_rate: rate_or("dma-rate", DEFAULT_DMA_RATE_MIBS)?,
+        dma_log,
     };
     validate_id(s, &cfg.id)?;
     let state_size = state_size.ok_or_else(|| bad("missing state=".into()))?;
@@ -191,7 +227,15 @@ mod tests {
         assert_eq!(c.load_rate, 0.0);
         assert_eq!(c.fail_save_after, Some(1 << 20));
         assert!(c.fail_load);
+        assert_eq!(c.dma_rate, DEFAULT_DMA_RATE_MIBS);
+        assert_eq!(c.dma_log, DmaLogMode::On);
         c.validate().unwrap();
+        let c = parse_sim_vfio_arg("id=a,state=1M,dma-rate=0,dma-log=off").unwrap();
+        assert_eq!((c.dma_rate, c.dma_log), (0.0, DmaLogMode::Off));
+        let c = parse_sim_vfio_arg("id=a,state=1M,dma-rate=2.5,dma-log=none").unwrap();
+        assert_eq!((c.dma_rate, c.dma_log), (2.5, DmaLogMode::None));
+        let c = parse_sim_vfio_arg("id=a,state=1M,dma-log=on").unwrap();
+        assert_eq!(c.dma_log, DmaLogMode::On);
         let d = parse_sim_vfio_arg("state=4096,id=a").unwrap();
         assert_eq!(d, SimVfioConfig::new("a", 4096, 0));
     }
@@ -216,6 +260,11 @@ mod tests {
             "id=a,state=1M,,precopy=0",
             "id=a,state=1M,id=b",
             "id=a,state=1M,fail-save-after=",
+            "id=a,state=1M,dma-rate=-1",
+            "id=a,state=1M,dma-rate=x",
+            "id=a,state=1M,dma-log=1",
+            "id=a,state=1M,dma-log=maybe",
+            "id=a,state=1M,dma-log=",
             "ID=a,state=1M",
             "",
         ] {

@@ -21,12 +21,55 @@
 //! Fault injection: `fail_save_after` makes the pump close the stream early
 //! and the device report ERROR; `fail_load` makes the loader refuse the
 //! stream so that leaving RESUMING fails. Errors name the device id.
+//!
+//! # The PCI function and its DMA (issue 12)
+//!
+//! The device is also a PCI function (1b36:fe77, see [`pci_fn`]) with a
+//! register file in BAR0 ([`regs`]) and a DMA engine thread ([`engine`])
+//! that writes guest pages through the IOMMU mappings ([`dma`]) and logs
+//! them ([`dma_log`], kernel uAPI semantics). One object, two views:
+//!
+//! - [`SimVfioDevice`] itself is the [`migration::MigratableDevice`]
+//!   (state machine, stop-copy stream, `dma_log*`);
+//! - [`SimVfioDevice::pci`] returns the `Arc<dyn PciDevice>` for the bus
+//!   (config space, BARs, MSI-X, `save_pci`/`restore_pci` of the
+//!   virtualized PCI layer, which the VMM saves in the VM state).
+//!
+//! What the VMM does with it:
+//! 1. `let dev = Arc::new(SimVfioDevice::new_source(&cfg)?)` (or
+//!    `new_destination`), `let f = dev.pci()`, add `f` to the bus,
+//!    `f.attach_msi(sink)` (1 vector), allocate BAR0 from `f.bar_requests()`
+//!    and `f.assign_bar(0, addr)` (boot only; a destination gets its BARs
+//!    from `restore_pci`).
+//! 2. Map every guest RAM region: `unsafe { dev.dma_target().dma_map(gpa,
+//!    size, host_addr) }` (same object as `f.dma()`), at boot, and on a
+//!    destination before its devices go RUNNING. DMA outside the mappings
+//!    sets STATUS.ERROR.
+//! 3. Route BAR0 accesses to `f.bar_read`/`f.bar_write` (always trapped)
+//!    and config accesses to `f.config_read`/`f.config_write`.
+//! 4. Destination: `f.restore_pci(&state)` in `restore_state` (before
+//!    `set_state(RUNNING)`: the engine needs Bus Master Enable from the
+//!    restored command register, or it stops with ERROR).
+//!
+//! The engine runs while the migration state is RUNNING, RUNNING_P2P,
+//! PRE_COPY or PRE_COPY_P2P; every arc into another state halts it before
+//! `set_state` returns (the page in flight is finished first), so after
+//! STOP_COPY entry no DMA happens and the next `dma_log_report` is
+//! complete. The registers and engine position travel in the stop-copy
+//! stream's register record ([`stream`], version 3); the destination's
+//! engine continues from there once it runs.
 
 pub mod config;
+pub mod dma;
+pub mod dma_log;
+pub mod engine;
+mod migratable;
+pub mod pci_fn;
+pub mod regs;
 pub mod stream;
 mod workers;
 
-pub use config::{parse_sim_vfio_arg, SimVfioConfig};
+pub use config::{parse_sim_vfio_arg, DmaLogMode, SimVfioConfig};
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -36,11 +79,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, warn};
-use migration::{BackendError, BackendResult, MigCaps, MigState, MigratableDevice, PrecopyInfo};
+use migration::{BackendError, BackendResult, MigState};
 
 use crate::error::{Error, Result};
 use crate::mig_fsm;
-use stream::{LoadError, BLOCK, CHUNK, END_LEN, HEADER_LEN, RECORD_HDR_LEN};
+use crate::pci::{DmaTarget, PciDevice};
+use engine::Hw;
+use pci_fn::SimPciFunction;
+use stream::{LoadError, BLOCK, CHUNK, HEADER_LEN, RECORD_HDR_LEN, TAIL_LEN};
 
 /// How long the loader waits for more data once the stream must be complete.
 const LOAD_GRACE: Duration = Duration::from_secs(2);
@@ -56,6 +102,10 @@ enum Seg {
     Data {
         off: u64,
         len: u64,
+    },
+    /// The register record (registers at STOP_COPY entry).
+    Regs {
+        regs: [u8; regs::REGS_LEN],
     },
     /// The end marker, carrying the state digest at STOP_COPY entry.
     End {
@@ -100,6 +150,8 @@ struct Core {
 
 struct Shared {
     cfg: SimVfioConfig,
+    /// The PCI function's hardware (registers, DMA engine, DMA log).
+    hw: Arc<Hw>,
     core: Mutex<Core>,
     /// Wakes the dirtier (state became running, or shutdown).
     run_cv: Condvar,
@@ -114,9 +166,12 @@ impl Shared {
 
     fn fail_save(&self, msg: String) {
         warn!("sim-vfio {}: {msg}", self.cfg.id);
-        let mut c = self.lock();
-        c.save_error = Some(msg);
-        c.state = MigState::Error;
+        {
+            let mut c = self.lock();
+            c.save_error = Some(msg);
+            c.state = MigState::Error;
+        }
+        self.hw.set_mig_runs(false);
     }
 
     /// Queues `[from, to)` in CHUNK records; returns the stream bytes.
@@ -194,18 +249,20 @@ impl Shared {
         RECORD_HDR_LEN + end - off
     }
 
-    /// Commits everything left for STOP_COPY, then the end marker with the
+    /// Commits everything left for STOP_COPY, then the register record
+    /// (`regs`, taken with the engine halted) and the end marker with the
     /// digest of the state now. Must be called with `c.state` already
     /// STOP_COPY (the dirtier checks it under the same lock), so the state
     /// cannot change after the digest is taken.
-    fn commit_rest(&self, c: &mut Core) {
+    fn commit_rest(&self, c: &mut Core, regs: [u8; regs::REGS_LEN]) {
         self.commit_initial(c);
         self.commit_dirty(c);
         Self::queue_range(c, self.cfg.precopy_size, self.cfg.state_size);
         let digest = stream::digest(&c.data);
         c.switchover_digest = Some(digest);
+        c.queue.push_back(Seg::Regs { regs });
         c.queue.push_back(Seg::End { digest });
-        c.commit_total += END_LEN;
+        c.commit_total += TAIL_LEN;
         c.reader = None; // no more PRECOPY_INFO: let a closed reader fail the pump
         self.work_cv.notify_all();
     }
@@ -256,13 +313,19 @@ struct Ctl {
 ///
 /// Invariants: `data.len() == cfg.state_size`; the state only changes while
 /// the migration state is RUNNING, RUNNING_P2P, PRE_COPY or PRE_COPY_P2P
-/// (dirtier) or RESUMING (loader); at most one pump or loader exists; all
-/// threads are joined on drop and every fd the device created is closed by
-/// then (the fds handed out belong to the caller).
+/// (dirtier) or RESUMING (loader); the DMA engine writes guest memory
+/// only in those running states (never once an arc to another state has
+/// returned) and only through the DMA mappings; at most one pump or loader
+/// exists; all threads (dirtier, DMA engine, pump, loader) are joined on
+/// drop and every fd the device created is closed by then (the fds handed
+/// out belong to the caller). The PCI view ([`SimVfioDevice::pci`]) may
+/// outlive the device; it then only serves registers.
 pub struct SimVfioDevice {
     shared: Arc<Shared>,
     ctl: Mutex<Ctl>,
     dirtier: Option<JoinHandle<()>>,
+    engine: Option<JoinHandle<()>>,
+    pci: Arc<SimPciFunction>,
 }
 
 impl std::fmt::Debug for SimVfioDevice {
@@ -316,8 +379,11 @@ impl SimVfioDevice {
             stream::fill(&mut data, &mut seed);
         }
         let words = cfg.precopy_size.div_ceil(BLOCK).div_ceil(64) as usize;
+        let hw = Arc::new(Hw::new(&cfg.id, cfg.dma_rate, cfg.dma_log));
+        let pci = Arc::new(SimPciFunction::new(hw.clone())?);
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
+            hw: hw.clone(),
             core: Mutex::new(Core {
                 state: MigState::Running,
                 data,
@@ -346,6 +412,16 @@ impl SimVfioDevice {
         let rate = if source { cfg.dirty_rate } else { 0.0 };
         let dirtier = spawn(&cfg.id, "dirtier", move || workers::dirtier(sh, rate))
             .map_err(|e| dev_err(e.to_string()))?;
+        let h2 = hw.clone();
+        let engine = match spawn(&cfg.id, "dma", move || engine::engine(h2)) {
+            Ok(h) => h,
+            Err(e) => {
+                shared.lock().shutdown = true;
+                shared.run_cv.notify_all();
+                let _ = dirtier.join();
+                return Err(dev_err(e.to_string()));
+            }
+        };
         debug!(
             "sim-vfio {}: {} bytes ({} pre-copyable), {}",
             cfg.id,
@@ -357,7 +433,32 @@ impl SimVfioDevice {
             shared,
             ctl: Mutex::new(Ctl::default()),
             dirtier: Some(dirtier),
+            engine: Some(engine),
+            pci,
         })
+    }
+
+    /// The IOMMU side of the device: the VMM maps every guest RAM region
+    /// here (identity IOVA) before the guest can start the DMA engine (boot)
+    /// or before the device runs (migration destination).
+    pub fn dma_target(&self) -> &dyn DmaTarget {
+        &self.shared.hw.dma
+    }
+
+    /// The device's PCI function, for the bus (the same device: its
+    /// registers, DMA engine and DMA log are what this object migrates).
+    pub fn pci(&self) -> Arc<dyn PciDevice> {
+        self.pci.clone()
+    }
+
+    /// The PCI function with its concrete type (tests, diagnostics).
+    pub fn pci_function(&self) -> &Arc<SimPciFunction> {
+        &self.pci
+    }
+
+    /// Pages the DMA engine wrote since the device was made.
+    pub fn dma_pages_written(&self) -> u64 {
+        self.shared.hw.pages_written()
     }
 
     /// The configuration.
@@ -437,8 +538,27 @@ impl SimVfioDevice {
         Ok(())
     }
 
-    /// Executes one uAPI arc.
+    /// Executes one uAPI arc, halting the DMA engine first when `to` does
+    /// not run (so no DMA happens once the arc is done) and letting it run
+    /// after it when `to` does.
     fn step(&self, ctl: &mut Ctl, from: MigState, to: MigState) -> BackendResult<Option<File>> {
+        let runs = mig_fsm::is_running(to);
+        if !runs {
+            self.shared.hw.set_mig_runs(false);
+        }
+        let r = self.step_inner(ctl, from, to);
+        if runs && r.is_ok() {
+            self.shared.hw.set_mig_runs(true);
+        }
+        r
+    }
+
+    fn step_inner(
+        &self,
+        ctl: &mut Ctl,
+        from: MigState,
+        to: MigState,
+    ) -> BackendResult<Option<File>> {
         use MigState::*;
         let sh = &self.shared;
         let pair = || stream::socket_pair().map_err(|e| self.err(format_args!("socketpair: {e}")));
@@ -478,18 +598,20 @@ impl SimVfioDevice {
                 Ok(None)
             }
             (PreCopy, StopCopy) | (PreCopyP2p, StopCopy) => {
+                let regs = sh.hw.lock().regs.encode(); // engine halted by `step`
                 let mut c = sh.lock();
                 c.state = StopCopy; // freezes the dirtier
-                sh.commit_rest(&mut c);
+                sh.commit_rest(&mut c, regs);
                 Ok(None)
             }
             (Stop, StopCopy) => {
                 let (rd, wr) = pair()?;
+                let regs = sh.hw.lock().regs.encode();
                 {
                     let mut c = sh.lock();
                     sh.begin_session(&mut c, None);
                     c.state = StopCopy;
-                    sh.commit_rest(&mut c);
+                    sh.commit_rest(&mut c, regs);
                 }
                 self.start_pump(ctl, wr)?;
                 Ok(Some(rd))
@@ -545,6 +667,8 @@ impl SimVfioDevice {
         c.save_error = None;
         c.state = MigState::Running;
         self.shared.run_cv.notify_all();
+        drop(c);
+        self.shared.hw.set_mig_runs(true);
     }
 }
 
@@ -564,143 +688,21 @@ impl Drop for SimVfioDevice {
                 warn!("sim-vfio {}: dirtier thread panicked", self.shared.cfg.id);
             }
         }
-    }
-}
-
-impl MigratableDevice for SimVfioDevice {
-    fn id(&self) -> &str {
-        &self.shared.cfg.id
-    }
-
-    /// STOP_COPY and P2P always; PRE_COPY iff `precopy_size > 0`.
-    fn caps(&self) -> MigCaps {
-        MigCaps {
-            stop_copy: true,
-            p2p: true,
-            pre_copy: self.shared.cfg.precopy_size > 0,
-        }
-    }
-
-    /// ERROR after a failed save stream or a failed load.
-    fn state(&self) -> BackendResult<MigState> {
-        let c = self.shared.lock();
-        Ok(if c.save_error.is_some() {
-            MigState::Error
-        } else {
-            c.state
-        })
-    }
-
-    /// Walks the uAPI FSM one arc at a time, like the kernel.
-    ///
-    /// - Entering PRE_COPY returns the read end of a socket a pump thread
-    ///   writes into; PRE_COPY -> STOP_COPY keeps it (`None`), freezes the
-    ///   state and queues everything left followed by the end marker, after
-    ///   which the pump closes its end (the reader sees EOF).
-    /// - STOP -> STOP_COPY (e.g. from RUNNING) returns a fresh socket carrying
-    ///   the whole state, then EOF.
-    /// - Entering RESUMING returns the write end; leaving RESUMING waits for
-    ///   the loader to reach the end marker (the writer must have written the
-    ///   whole stream; a writer silent for 2 s counts as truncation) and fails,
-    ///   naming the device, if the stream was truncated or malformed, or if
-    ///   the loaded state's digest differs from the source's digest carried
-    ///   by the end marker ("state digest mismatch after load").
-    /// - Leaving PRE_COPY/STOP_COPY for RUNNING/STOP cancels the pump.
-    /// - From ERROR only RUNNING is accepted: it acts as a device reset
-    ///   (VFIO_DEVICE_RESET), stopping any pump/loader; the state bytes are
-    ///   kept. Any other request in ERROR fails with the recorded error.
-    fn set_state(&self, new: MigState) -> BackendResult<Option<File>> {
-        let mut ctl = self.lock_ctl();
-        let (cur, save_error) = {
-            let c = self.shared.lock();
-            // A failed save is sticky until reset, whatever arc raced it.
-            let cur = if c.save_error.is_some() {
-                MigState::Error
-            } else {
-                c.state
-            };
-            (cur, c.save_error.clone())
-        };
-        if cur == MigState::Error {
-            if new == MigState::Running {
-                self.reset_to_running(&mut ctl);
-                return Ok(None);
+        self.shared.hw.shutdown();
+        if let Some(h) = self.engine.take() {
+            if h.join().is_err() {
+                warn!(
+                    "sim-vfio {}: DMA engine thread panicked",
+                    self.shared.cfg.id
+                );
             }
-            let why = save_error.unwrap_or_else(|| "device is in ERROR".into());
-            return Err(self.err(format_args!("cannot go to {new:?}: {why}")));
         }
-        let steps = mig_fsm::path(self.caps(), cur, new).ok_or_else(|| {
-            self.err(format_args!("transition {cur:?} -> {new:?} is not allowed"))
-        })?;
-        let mut fd = None;
-        let mut at = cur;
-        for s in steps {
-            if let Some(f) = self.step(&mut ctl, at, s)? {
-                fd = Some(f);
-            }
-            at = s;
-        }
-        debug!("sim-vfio {}: {cur:?} -> {new:?}", self.shared.cfg.id);
-        Ok(fd)
-    }
-
-    /// Commits to the stream everything pending now — the stream header and
-    /// all initial bytes at the first call, then the blocks dirtied since the
-    /// previous call — and reports what is committed but not yet read by the
-    /// reader (record headers included), VFIO-style: `initial_bytes` is the
-    /// unread part of the initial data (a prefix of the stream), and
-    /// `dirty_bytes` the rest. All reported bytes are (or will shortly be,
-    /// at `save_rate`) readable without blocking; reading more may block
-    /// until the next call or STOP_COPY (the socket never returns ENOMSG).
-    /// A reader that reads everything reported after each call thus reads
-    /// exactly `initial_bytes + dirty_bytes` each time.
-    fn precopy_info(&self) -> BackendResult<PrecopyInfo> {
-        let mut c = self.shared.lock();
-        if let Some(e) = &c.save_error {
-            return Err(self.err(e));
-        }
-        if !mig_fsm::is_pre_copy(c.state) {
-            return Err(self.err(format_args!("precopy info asked in state {:?}", c.state)));
-        }
-        self.shared.commit_initial(&mut c);
-        self.shared.commit_dirty(&mut c);
-        self.shared.work_cv.notify_all();
-        let consumed = match &c.reader {
-            Some(r) => {
-                // Holding `sent` keeps the pump from sending meanwhile.
-                let sent = c.sent.clone();
-                let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
-                let queued = stream::unread(r)
-                    .map_err(|e| self.err(format_args!("FIONREAD on the data socket: {e}")))?;
-                sent.saturating_sub(queued)
-            }
-            None => 0,
-        };
-        let unread = c.commit_total.saturating_sub(consumed);
-        let initial_bytes = c
-            .initial_end
-            .map_or(0, |e| e.saturating_sub(consumed))
-            .min(unread);
-        Ok(PrecopyInfo {
-            initial_bytes,
-            dirty_bytes: unread - initial_bytes,
-        })
-    }
-
-    /// Stream bytes STOP_COPY would still produce (excluding bytes already
-    /// committed in PRE_COPY); the full stream size outside a session.
-    fn stop_copy_size(&self) -> BackendResult<u64> {
-        let c = self.shared.lock();
-        let cfg = &self.shared.cfg;
-        let rest = stream::stream_len(cfg.state_size - cfg.precopy_size) + END_LEN;
-        if !c.tracking {
-            return Ok(HEADER_LEN + stream::stream_len(cfg.precopy_size) + rest);
-        }
-        let hdr = if c.header_queued { 0 } else { HEADER_LEN };
-        let dirty = c.dirty_blocks * (BLOCK + RECORD_HDR_LEN);
-        Ok(hdr + stream::stream_len(cfg.precopy_size - c.initial_next) + dirty + rest)
     }
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_dma;
+#[cfg(test)]
+mod tests_pci;

@@ -6,14 +6,20 @@
 //!   `reserved: u32 = 0`, `state_size: u64` (24 bytes);
 //! - records: `offset: u64`, `len: u32`, then `len` bytes to store at
 //!   `offset` (1 <= len <= MAX_RECORD; later records override earlier ones);
+//! - exactly one register record, right before the end marker:
+//!   `offset = REGS_OFFSET (u64::MAX - 1)`, `len = REGS_LEN`, then the PCI
+//!   function's registers and DMA engine position as of STOP_COPY entry
+//!   (layout: [`super::regs::Regs::encode`]; validated on load);
 //! - an end marker: `offset = u64::MAX`, `len = 8`, then `digest: u64`, the
 //!   [`digest`] of the source's whole state when it entered STOP_COPY (the
 //!   state is frozen from then on, so every record is consistent with it).
 //!
 //! Version 2 added the digest to the end marker (version 1 ended with
-//! `offset = u64::MAX`, `len = 0`); a reader accepts only its own version.
+//! `offset = u64::MAX`, `len = 0`); version 3 added the register record. A
+//! reader accepts only its own version.
 //! Invariant: a loader that applied every record of a complete stream holds
-//! state whose [`digest`] equals the end marker's digest.
+//! state whose [`digest`] equals the end marker's digest, and the
+//! registers the source had at STOP_COPY entry.
 
 use std::fs::File;
 use std::io;
@@ -24,8 +30,9 @@ use std::time::{Duration, Instant};
 
 /// Magic number opening a stream ("FRYSIMV1").
 pub const STREAM_MAGIC: u64 = u64::from_le_bytes(*b"FRYSIMV1");
-/// Stream format version (2: the end marker carries the state digest).
-pub const STREAM_VERSION: u32 = 2;
+/// Stream format version (2: the end marker carries the state digest; 3:
+/// a register record precedes it).
+pub const STREAM_VERSION: u32 = 3;
 /// Size of the stream header.
 pub const HEADER_LEN: u64 = 24;
 /// Size of a record header.
@@ -36,6 +43,14 @@ pub const END_DIGEST_LEN: u64 = 8;
 pub const END_LEN: u64 = RECORD_HDR_LEN + END_DIGEST_LEN;
 /// Offset value marking the end record.
 pub const END_OFFSET: u64 = u64::MAX;
+/// Offset value marking the register record.
+pub const REGS_OFFSET: u64 = u64::MAX - 1;
+/// Payload length of the register record.
+pub const REGS_LEN: u64 = super::regs::REGS_LEN as u64;
+/// Size of the register record (header + payload).
+pub const REGS_RECORD_LEN: u64 = RECORD_HDR_LEN + REGS_LEN;
+/// What every stream ends with: the register record and the end marker.
+pub const TAIL_LEN: u64 = REGS_RECORD_LEN + END_LEN;
 /// Largest record payload a writer emits.
 pub const CHUNK: u64 = 256 << 10;
 /// Largest record payload a reader accepts.
@@ -96,6 +111,14 @@ pub fn encode_end(digest: u64) -> [u8; END_LEN as usize] {
     b
 }
 
+/// Encodes the register record carrying `regs` (an encoded register file).
+pub fn encode_regs(regs: &[u8; super::regs::REGS_LEN]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(REGS_RECORD_LEN as usize);
+    b.extend_from_slice(&encode_record(REGS_OFFSET, REGS_LEN as u32));
+    b.extend_from_slice(regs);
+    b
+}
+
 /// Decodes the digest that follows an end marker's record header.
 pub fn decode_end_digest(b: &[u8; END_DIGEST_LEN as usize]) -> u64 {
     u64::from_le_bytes(*b)
@@ -145,6 +168,8 @@ pub enum Record {
         /// Payload length.
         len: u32,
     },
+    /// The register record: [`REGS_LEN`] bytes follow.
+    Regs,
     /// End of stream: [`END_DIGEST_LEN`] bytes of digest follow.
     End,
 }
@@ -163,6 +188,12 @@ pub fn decode_record(b: &[u8; RECORD_HDR_LEN as usize], state_size: u64) -> Resu
             return Ok(Record::End);
         }
         return Err(format!("end marker has bad length {len}"));
+    }
+    if offset == REGS_OFFSET {
+        if u64::from(len) == REGS_LEN {
+            return Ok(Record::Regs);
+        }
+        return Err(format!("register record has bad length {len}"));
     }
     if len == 0 || u64::from(len) > MAX_RECORD {
         return Err(format!("record at offset {offset} has bad length {len}"));
@@ -501,6 +532,11 @@ mod tests {
             decode_record(&encode_record(END_OFFSET, END_DIGEST_LEN as u32), 10),
             Ok(Record::End)
         );
+        assert_eq!(
+            decode_record(&encode_record(REGS_OFFSET, REGS_LEN as u32), 10),
+            Ok(Record::Regs)
+        );
+        assert!(decode_record(&encode_record(REGS_OFFSET, 8), u64::MAX).is_err());
         // A version-1 end marker (no digest) is malformed now.
         assert!(decode_record(&encode_record(END_OFFSET, 0), 10).is_err());
         let e = encode_end(0x0123_4567_89ab_cdef);

@@ -1,7 +1,9 @@
 use super::*;
+use migration::{MigCaps, MigratableDevice, PrecopyInfo};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
+use stream::END_LEN;
 
 fn cfg(id: &str, state: u64, pre: u64) -> SimVfioConfig {
     SimVfioConfig::new(id, state, pre)
@@ -174,7 +176,7 @@ fn precopy_info_semantics() {
     assert_eq!(s.precopy_info().unwrap(), PrecopyInfo::default());
     assert_eq!(
         s.stop_copy_size().unwrap(),
-        stream::stream_len(1 << 19) + END_LEN
+        stream::stream_len(1 << 19) + TAIL_LEN
     );
     // Back to RUNNING: the pump stops, the reader sees EOF.
     s.set_state(MigState::Running).unwrap();

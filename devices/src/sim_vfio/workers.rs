@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use log::debug;
 
+use super::regs::{Regs, REGS_LEN};
 use super::stream::{
     self, LoadError, RateLimiter, Record, XferError, BLOCK, CHUNK, END_DIGEST_LEN, HEADER_LEN,
     RECORD_HDR_LEN,
@@ -108,6 +109,7 @@ pub(super) fn pump(sh: Arc<Shared>, sock: File, sent: Arc<Mutex<u64>>, cancel: A
                     buf.extend_from_slice(&stream::encode_record(off, len as u32));
                     buf.extend_from_slice(&c.data[off as usize..(off + len) as usize]);
                 }
+                Seg::Regs { regs } => buf.extend_from_slice(&stream::encode_regs(&regs)),
                 Seg::End { digest } => buf.extend_from_slice(&stream::encode_end(digest)),
             }
         }
@@ -160,7 +162,10 @@ pub(super) fn pump(sh: Arc<Shared>, sock: File, sent: Arc<Mutex<u64>>, cancel: A
 
 /// Reads and applies a load stream until the end marker, then checks the
 /// loaded state against the source's digest the marker carries (recorded in
-/// `source_digest` whether or not it matches).
+/// `source_digest` whether or not it matches). The register record (exactly
+/// one, before the end marker) is validated when read and applied to the
+/// hardware when the end marker arrives (the engine is halted in RESUMING;
+/// it resumes from the loaded position once the device runs).
 ///
 /// Everything read is untrusted: malformed input yields an error, never a
 /// panic.
@@ -191,14 +196,29 @@ pub(super) fn loader(
     }
     let mut buf = Vec::new();
     let mut records = 0u64;
+    let mut regs: Option<Regs> = None;
     loop {
         let mut rh = [0u8; RECORD_HDR_LEN as usize];
         read(&mut rh, "a record header")?;
         match stream::decode_record(&rh, size)? {
+            Record::Regs => {
+                let mut rb = [0u8; REGS_LEN];
+                read(&mut rb, "the register record")?;
+                if regs.is_some() {
+                    return Err(LoadError::Stream("a second register record".into()));
+                }
+                regs = Some(Regs::decode(&rb)?);
+            }
             Record::End => {
                 let mut dg = [0u8; END_DIGEST_LEN as usize];
                 read(&mut dg, "the end marker digest")?;
                 let sent = stream::decode_end_digest(&dg);
+                let Some(regs) = regs else {
+                    return Err(LoadError::Stream(
+                        "the stream ended without its register record".into(),
+                    ));
+                };
+                sh.hw.lock().regs = regs;
                 let checked = {
                     let mut c = sh.lock();
                     c.source_digest = Some(sent);

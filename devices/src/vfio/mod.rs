@@ -6,6 +6,15 @@
 //! handed to the kernel is a single FSM arc: combined transitions are walked
 //! with [`crate::mig_fsm::path`].
 
+pub mod dma_log;
+#[cfg(test)]
+#[allow(missing_docs)]
+mod fake;
+pub mod pci;
+pub mod pci_caps;
+pub mod pci_ops;
+pub mod pci_uapi;
+pub mod pci_virt;
 pub mod uapi;
 
 use std::fs::File;
@@ -14,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, info, warn};
-use migration::{BackendError, BackendResult, MigCaps, MigState, MigratableDevice, PrecopyInfo};
+use migration::{
+    BackendError, BackendResult, DmaLog, MigCaps, MigState, MigratableDevice, PrecopyInfo,
+};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
 use crate::error::{Error, Result};
@@ -121,6 +132,11 @@ pub trait RawMigOps: Send + Sync {
     fn data_size(&self) -> io::Result<u64>;
     /// VFIO_MIG_GET_PRECOPY_INFO on `data_fd`.
     fn precopy_info(&self, data_fd: &File) -> io::Result<(u64, u64)>;
+    /// Raw `VFIO_DEVICE_FEATURE` (header + payload, `argsz` = length), for
+    /// the DMA logging features. Default: ENOTTY (no such feature).
+    fn device_feature(&self, _arg: &mut [u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTTY))
+    }
 }
 
 /// [`RawMigOps`] over a real VFIO device fd.
@@ -144,12 +160,17 @@ impl RawMigOps for KernelOps {
     fn precopy_info(&self, data_fd: &File) -> io::Result<(u64, u64)> {
         uapi::get_precopy_info(data_fd)
     }
+    fn device_feature(&self, arg: &mut [u8]) -> io::Result<()> {
+        uapi::device_feature_bytes(&*self.device, arg)
+    }
 }
 
 struct Inner {
     state: MigState,
     /// A duplicate of the data fd handed out, kept for PRECOPY_INFO.
     data_fd: Option<File>,
+    /// DMA logging started: the page size the kernel chose.
+    dma_log_page: Option<u64>,
 }
 
 /// A kernel VFIO device with migration v2 support.
@@ -161,6 +182,7 @@ struct Inner {
 pub struct KernelVfioDevice {
     id: String,
     caps: MigCaps,
+    dma_log: DmaLog,
     ops: Box<dyn RawMigOps>,
     container: Option<Arc<VfioContainer>>,
     device: Option<Arc<VfioDevice>>,
@@ -273,16 +295,19 @@ impl KernelVfioDevice {
             .map_err(|e| vfio_err(id, format!("reading migration state: {e}")))?;
         let state = mig_fsm::state_from_u32(raw)
             .ok_or_else(|| vfio_err(id, format!("kernel reported unknown state {raw}")))?;
-        debug!("vfio {id}: migration caps {caps:?}, state {state:?}");
+        let dma_log = dma_log::probe(&*ops);
+        debug!("vfio {id}: migration caps {caps:?}, state {state:?}, DMA logging {dma_log:?}");
         Ok(KernelVfioDevice {
             id: id.to_string(),
             caps,
+            dma_log,
             ops,
             container: None,
             device: None,
             inner: Mutex::new(Inner {
                 state,
                 data_fd: None,
+                dma_log_page: None,
             }),
         })
     }
@@ -416,6 +441,50 @@ impl MigratableDevice for KernelVfioDevice {
         self.ops
             .data_size()
             .map_err(|e| self.err(format_args!("VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: {e}")))
+    }
+
+    /// A PCI function may always DMA: `Supported` when the PROBE of
+    /// DMA_LOGGING_START succeeded at open, `Unsupported` otherwise.
+    fn dma_log(&self) -> DmaLog {
+        self.dma_log
+    }
+
+    fn dma_log_start(&self, ranges: &[std::ops::Range<u64>], page_size: u64) -> BackendResult<()> {
+        let mut inner = self.lock();
+        if inner.dma_log_page.is_some() {
+            return Err(self.err("DMA logging is already started"));
+        }
+        let got = dma_log::start(&*self.ops, ranges, page_size).map_err(|e| self.err(e))?;
+        if got != page_size {
+            info!(
+                "vfio {}: DMA logging at {got} byte pages (asked {page_size})",
+                self.id
+            );
+        }
+        inner.dma_log_page = Some(got);
+        Ok(())
+    }
+
+    fn dma_log_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> BackendResult<()> {
+        let inner = self.lock();
+        if inner.dma_log_page.is_none() {
+            return Err(self.err("DMA logging report without a start"));
+        }
+        dma_log::report(&*self.ops, iova, length, page_size, bitmap).map_err(|e| self.err(e))
+    }
+
+    fn dma_log_stop(&self) -> BackendResult<()> {
+        let mut inner = self.lock();
+        if inner.dma_log_page.take().is_none() {
+            return Ok(());
+        }
+        dma_log::stop(&*self.ops).map_err(|e| self.err(e))
     }
 }
 

@@ -35,6 +35,23 @@ pub const FEATURE_MIGRATION: u32 = 1;
 pub const FEATURE_MIG_DEVICE_STATE: u32 = 2;
 /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
 pub const FEATURE_MIG_DATA_SIZE: u32 = 9;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` (SET, payload
+/// `vfio_device_feature_dma_logging_control`).
+pub const FEATURE_DMA_LOGGING_START: u32 = 6;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP` (SET, no payload).
+pub const FEATURE_DMA_LOGGING_STOP: u32 = 7;
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT` (GET, payload
+/// `vfio_device_feature_dma_logging_report`).
+pub const FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+/// Size of `struct vfio_device_feature_dma_logging_control`.
+pub const DMA_LOGGING_CONTROL_SIZE: usize = 24;
+/// Size of `struct vfio_device_feature_dma_logging_range`.
+pub const DMA_LOGGING_RANGE_SIZE: usize = 16;
+/// Size of `struct vfio_device_feature_dma_logging_report`.
+pub const DMA_LOGGING_REPORT_SIZE: usize = 32;
+/// Ranges the kernel core accepts in one START (`LOG_MAX_RANGES` in
+/// drivers/vfio/vfio_main.c: the ranges that fit one 4 KiB page).
+pub const DMA_LOGGING_MAX_RANGES: usize = 256;
 
 mod nr {
     use super::{VFIO_BASE, VFIO_TYPE};
@@ -106,6 +123,148 @@ pub fn device_feature<F: AsRawFd, T: Copy + Default>(
     } else {
         Ok(())
     }
+}
+
+/// Issues `VFIO_DEVICE_FEATURE` on `fd` with the raw argument `arg`
+/// (header + payload; `argsz` must equal `arg.len()`, checked here).
+pub fn device_feature_bytes<F: AsRawFd>(fd: &F, arg: &mut [u8]) -> io::Result<()> {
+    if arg.len() < size_of::<FeatureHeader>() || get_u32(arg, 0) != Some(arg.len() as u32) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `arg` is a live, exclusively borrowed buffer of exactly
+    // `argsz` bytes (checked above); the kernel reads/writes at most that
+    // many. Pointers inside the payload (DMA logging) are the caller's.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ptr(fd, VFIO_DEVICE_FEATURE(), arg.as_mut_ptr())
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a native-endian `u32` at `off` of `b` (`None` past the end).
+pub fn get_u32(b: &[u8], off: usize) -> Option<u32> {
+    let s = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_ne_bytes(s.try_into().ok()?))
+}
+
+/// Reads a native-endian `u64` at `off` of `b` (`None` past the end).
+pub fn get_u64(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off.checked_add(8)?)?;
+    Some(u64::from_ne_bytes(s.try_into().ok()?))
+}
+
+/// Reads a native-endian `u16` at `off` of `b` (`None` past the end).
+pub fn get_u16(b: &[u8], off: usize) -> Option<u16> {
+    let s = b.get(off..off.checked_add(2)?)?;
+    Some(u16::from_ne_bytes(s.try_into().ok()?))
+}
+
+/// Writes a native-endian `u32` at `off` of `b` (ignored past the end).
+pub fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    if let Some(s) = off.checked_add(4).and_then(|e| b.get_mut(off..e)) {
+        s.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// Writes a native-endian `u64` at `off` of `b` (ignored past the end).
+pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
+    if let Some(s) = off.checked_add(8).and_then(|e| b.get_mut(off..e)) {
+        s.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// A `vfio_device_feature` header alone (`argsz` = 8): PROBE, or STOP.
+pub fn feature_header_arg(flags: u32) -> Vec<u8> {
+    let mut b = vec![0u8; size_of::<FeatureHeader>()];
+    let n = b.len() as u32;
+    put_u32(&mut b, 0, n);
+    put_u32(&mut b, 4, flags);
+    b
+}
+
+/// PROBE | SET `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`: succeeds iff the
+/// device can log DMA (the kernel returns ENOTTY for devices without
+/// `log_ops`).
+pub fn dma_logging_probe_arg() -> Vec<u8> {
+    feature_header_arg(FEATURE_PROBE | FEATURE_SET | FEATURE_DMA_LOGGING_START)
+}
+
+/// The ranges array of a DMA logging START (`num_ranges` x
+/// `vfio_device_feature_dma_logging_range`), kept in u64 words so the
+/// pointer handed to the kernel is 8-byte aligned.
+///
+/// Invariant: `words.len() == 2 * num_ranges`; word `2i` is `iova`, `2i+1`
+/// is `length` of range `i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmaLoggingRanges {
+    /// The packed ranges.
+    pub words: Vec<u64>,
+}
+
+impl DmaLoggingRanges {
+    /// Packs `(iova, length)` pairs.
+    pub fn new(ranges: &[(u64, u64)]) -> Self {
+        DmaLoggingRanges {
+            words: ranges.iter().flat_map(|&(i, l)| [i, l]).collect(),
+        }
+    }
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.words.len() / 2
+    }
+    /// No range.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+}
+
+/// SET `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` argument: header (8) +
+/// `vfio_device_feature_dma_logging_control` (24) = 32 bytes. `ranges` must
+/// outlive the ioctl (the payload holds its address).
+pub fn dma_logging_start_arg(page_size: u64, ranges: &DmaLoggingRanges) -> Vec<u8> {
+    let mut b = vec![0u8; size_of::<FeatureHeader>() + DMA_LOGGING_CONTROL_SIZE];
+    let n = b.len() as u32;
+    put_u32(&mut b, 0, n);
+    put_u32(&mut b, 4, FEATURE_SET | FEATURE_DMA_LOGGING_START);
+    put_u64(&mut b, 8, page_size);
+    put_u32(&mut b, 16, ranges.len() as u32);
+    put_u32(&mut b, 20, 0);
+    put_u64(&mut b, 24, ranges.words.as_ptr() as u64);
+    b
+}
+
+/// The page size the kernel wrote back into a START argument (it may pick
+/// another granularity than the one asked for).
+pub fn dma_logging_start_page_size(arg: &[u8]) -> Option<u64> {
+    get_u64(arg, 8)
+}
+
+/// GET `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT` argument: header (8) +
+/// `vfio_device_feature_dma_logging_report` (32) = 40 bytes. `bitmap` must
+/// outlive the ioctl and hold `ceil(length / page_size)` bits.
+pub fn dma_logging_report_arg(
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    bitmap: &mut [u64],
+) -> Vec<u8> {
+    let mut b = vec![0u8; size_of::<FeatureHeader>() + DMA_LOGGING_REPORT_SIZE];
+    let n = b.len() as u32;
+    put_u32(&mut b, 0, n);
+    put_u32(&mut b, 4, FEATURE_GET | FEATURE_DMA_LOGGING_REPORT);
+    put_u64(&mut b, 8, iova);
+    put_u64(&mut b, 16, length);
+    put_u64(&mut b, 24, page_size);
+    put_u64(&mut b, 32, bitmap.as_mut_ptr() as u64);
+    b
+}
+
+/// SET `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP` argument (header only).
+pub fn dma_logging_stop_arg() -> Vec<u8> {
+    feature_header_arg(FEATURE_SET | FEATURE_DMA_LOGGING_STOP)
 }
 
 /// GET `VFIO_DEVICE_FEATURE_MIGRATION`: the `VFIO_MIGRATION_*` flags.
@@ -267,6 +426,95 @@ mod tests {
             migration::MigState::Resuming as u32,
             b::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING
         );
+    }
+
+    #[test]
+    fn dma_logging_abi_matches_kernel() {
+        use vfio_bindings::bindings::vfio as b;
+        // include/uapi/linux/vfio.h: START 6, STOP 7, REPORT 8.
+        assert_eq!(FEATURE_DMA_LOGGING_START, 6);
+        assert_eq!(FEATURE_DMA_LOGGING_STOP, 7);
+        assert_eq!(FEATURE_DMA_LOGGING_REPORT, 8);
+        assert_eq!(
+            FEATURE_DMA_LOGGING_START,
+            b::VFIO_DEVICE_FEATURE_DMA_LOGGING_START
+        );
+        assert_eq!(
+            FEATURE_DMA_LOGGING_STOP,
+            b::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
+        );
+        assert_eq!(
+            FEATURE_DMA_LOGGING_REPORT,
+            b::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT
+        );
+        type Ctl = b::vfio_device_feature_dma_logging_control;
+        type Rng = b::vfio_device_feature_dma_logging_range;
+        type Rep = b::vfio_device_feature_dma_logging_report;
+        assert_eq!(size_of::<Ctl>(), DMA_LOGGING_CONTROL_SIZE);
+        assert_eq!(size_of::<Ctl>(), 24);
+        assert_eq!(align_of::<Ctl>(), 8);
+        assert_eq!(offset_of!(Ctl, page_size), 0);
+        assert_eq!(offset_of!(Ctl, num_ranges), 8);
+        assert_eq!(offset_of!(Ctl, __reserved), 12);
+        assert_eq!(offset_of!(Ctl, ranges), 16);
+        assert_eq!(size_of::<Rng>(), DMA_LOGGING_RANGE_SIZE);
+        assert_eq!(size_of::<Rng>(), 16);
+        assert_eq!(offset_of!(Rng, iova), 0);
+        assert_eq!(offset_of!(Rng, length), 8);
+        assert_eq!(size_of::<Rep>(), DMA_LOGGING_REPORT_SIZE);
+        assert_eq!(size_of::<Rep>(), 32);
+        assert_eq!(offset_of!(Rep, iova), 0);
+        assert_eq!(offset_of!(Rep, length), 8);
+        assert_eq!(offset_of!(Rep, page_size), 16);
+        assert_eq!(offset_of!(Rep, bitmap), 24);
+        // The payload sits right after the 8-byte header (data[] at 8).
+        assert_eq!(offset_of!(FeatureArg<Ctl>, payload), 8);
+        assert_eq!(size_of::<FeatureArg<Ctl>>(), 32);
+        assert_eq!(size_of::<FeatureArg<Rep>>(), 40);
+
+        let ranges = DmaLoggingRanges::new(&[(0x1000, 0x2000), (0x10_0000, 0x4000)]);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges.words.as_ptr() as usize % 8, 0);
+        let a = dma_logging_start_arg(4096, &ranges);
+        assert_eq!(a.len(), 32);
+        assert_eq!(get_u32(&a, 0), Some(32));
+        assert_eq!(get_u32(&a, 4), Some(FEATURE_SET | 6));
+        assert_eq!(get_u32(&a, 4), Some(0x2_0006));
+        assert_eq!(get_u64(&a, 8), Some(4096));
+        assert_eq!(get_u32(&a, 16), Some(2));
+        assert_eq!(get_u32(&a, 20), Some(0));
+        assert_eq!(get_u64(&a, 24), Some(ranges.words.as_ptr() as u64));
+        assert_eq!(dma_logging_start_page_size(&a), Some(4096));
+
+        let mut bm = vec![0u64; 3];
+        let r = dma_logging_report_arg(0x4000, 0x10_0000, 4096, &mut bm);
+        assert_eq!(r.len(), 40);
+        assert_eq!(get_u32(&r, 0), Some(40));
+        assert_eq!(get_u32(&r, 4), Some(0x1_0008));
+        assert_eq!(get_u64(&r, 8), Some(0x4000));
+        assert_eq!(get_u64(&r, 16), Some(0x10_0000));
+        assert_eq!(get_u64(&r, 24), Some(4096));
+        assert_eq!(get_u64(&r, 32), Some(bm.as_ptr() as u64));
+
+        let p = dma_logging_probe_arg();
+        assert_eq!(p.len(), 8);
+        assert_eq!(get_u32(&p, 0), Some(8));
+        assert_eq!(get_u32(&p, 4), Some(0x6_0006));
+        let s = dma_logging_stop_arg();
+        assert_eq!((get_u32(&s, 0), get_u32(&s, 4)), (Some(8), Some(0x2_0007)));
+    }
+
+    #[test]
+    fn byte_helpers_are_bounded() {
+        let mut b = [0u8; 6];
+        put_u32(&mut b, 4, 1);
+        put_u64(&mut b, usize::MAX, 1);
+        assert_eq!(b, [0; 6]);
+        assert_eq!(get_u32(&b, 3), None);
+        assert_eq!(get_u64(&b, usize::MAX - 2), None);
+        assert_eq!(get_u16(&b, 4), Some(0));
+        let mut short = [0u8; 4];
+        assert!(device_feature_bytes(&File::open("/dev/null").unwrap(), &mut short).is_err());
     }
 
     #[test]
