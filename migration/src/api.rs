@@ -104,6 +104,11 @@ pub struct SendParams {
     /// still lacks. Only valid while a post-copy is paused on this VM.
     #[serde(default)]
     pub resume: bool,
+    /// Accept devices that write guest memory by DMA and cannot log it:
+    /// every populated page is then re-sent in the final pass, after the
+    /// devices stopped. Without it such a send is refused.
+    #[serde(default)]
+    pub allow_untracked_dma: bool,
 }
 
 impl SendParams {
@@ -131,6 +136,7 @@ impl SendParams {
             tls_dir: None,
             tls: None,
             resume: false,
+            allow_untracked_dma: false,
         }
     }
 }

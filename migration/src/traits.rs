@@ -300,4 +300,55 @@ pub trait MigratableDevice: Send + Sync {
 
     /// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: estimated STOP_COPY size in bytes.
     fn stop_copy_size(&self) -> BackendResult<u64>;
+
+    /// Whether the device writes guest memory by DMA, and whether it can log
+    /// those writes (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
+    fn dma_log(&self) -> DmaLog {
+        DmaLog::NoDma
+    }
+
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_START: starts logging the pages the
+    /// device writes in `ranges` (guest-physical, identity IOVA) at
+    /// `page_size` granularity. Only called when [`MigratableDevice::dma_log`]
+    /// is [`DmaLog::Supported`].
+    fn dma_log_start(&self, _ranges: &[Range<u64>], _page_size: u64) -> BackendResult<()> {
+        Err(BackendError::new("DMA logging is not supported"))
+    }
+
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: sets bit `i` of `bitmap`
+    /// (64 pages per word, least significant bit first) for every page
+    /// `iova + i * page_size` of `[iova, iova + length)` written since the
+    /// previous report (or the start), and clears those pages in the
+    /// device's log. Bits already set in `bitmap` are kept.
+    ///
+    /// Invariant the caller keeps: `bitmap.len() * 64 * page_size >= length`.
+    fn dma_log_report(
+        &self,
+        _iova: u64,
+        _length: u64,
+        _page_size: u64,
+        _bitmap: &mut [u64],
+    ) -> BackendResult<()> {
+        Err(BackendError::new("DMA logging is not supported"))
+    }
+
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP: ends logging (idempotent).
+    fn dma_log_stop(&self) -> BackendResult<()> {
+        Ok(())
+    }
+}
+
+/// What a device does to guest memory, as the sender must know it.
+///
+/// Invariant: a device that may write guest memory by DMA never reports
+/// [`DmaLog::NoDma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaLog {
+    /// The device never writes guest memory.
+    NoDma,
+    /// The device writes guest memory and logs those writes.
+    Supported,
+    /// The device writes guest memory and cannot log it: a migration must
+    /// re-send every page it may have written, after stopping it.
+    Unsupported,
 }

@@ -10,6 +10,14 @@
 //! for budget before they allocate anything. The last [`HEADROOM`] bytes
 //! of it are kept for items that their device's load thread needs next, so
 //! the buffers cannot deadlock (see `docs/migration-protocol.md`).
+//!
+//! Payloads are read from the socket straight into the buffer that the load
+//! thread later writes to the device fd (no copy in between), and buffers
+//! are reused: an applied item's buffer goes to a cache that counts
+//! against the same budget (cached bytes + admitted bytes ≤ bound), and an
+//! admission that needs the room evicts cached buffers first. A buffer is
+//! reused only for a payload of nearly its size ([`fits`]), so a small
+//! item never holds a large buffer.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,6 +49,13 @@ enum DevItem {
     End,
 }
 
+/// Whether a cached buffer of `cap` bytes may carry a payload of `len`
+/// bytes: at least as large, and at most an eighth larger (so the memory an
+/// item holds stays within 9/8 of the budget it was charged).
+fn fits(cap: usize, len: usize) -> bool {
+    cap >= len && cap - len <= len / 8
+}
+
 /// Budget cost of an item of `kind` with `len` payload bytes.
 fn cost_of(kind: DevItemKind, len: u64) -> u64 {
     if kind.has_data() {
@@ -50,29 +65,64 @@ fn cost_of(kind: DevItemKind, len: u64) -> u64 {
     }
 }
 
-/// The budget shared by all devices and readers.
+/// The budget shared by all devices and readers, and the cache of payload
+/// buffers of applied items.
 ///
-/// Invariant: `used <= bound` at all times; `peak` is the highest `used`.
+/// Invariant: `used + cached <= bound` at all times, where `cached` is the
+/// total capacity of the buffers in `free`; `peak` is the highest `used`.
 #[derive(Debug, Default)]
 struct Budget {
     used: u64,
     peak: u64,
+    cached: u64,
+    free: Vec<Vec<u8>>,
+}
+
+impl Budget {
+    /// Takes a cached buffer that [`fits`] a payload of `len` bytes.
+    fn take_fitting(&mut self, len: usize) -> Option<Vec<u8>> {
+        let i = self.free.iter().position(|b| fits(b.capacity(), len))?;
+        let b = self.free.swap_remove(i);
+        self.cached -= b.capacity() as u64;
+        Some(b)
+    }
+
+    /// Moves cached buffers out (into `evicted`, to be freed outside the
+    /// lock) until `used + cached <= bound`.
+    fn evict(&mut self, bound: u64, evicted: &mut Vec<Vec<u8>>) {
+        while self.used + self.cached > bound {
+            let Some(b) = self.free.pop() else { break };
+            self.cached -= b.capacity() as u64;
+            evicted.push(b);
+        }
+    }
 }
 
 /// Budget reserved for one item whose payload a reader is about to read
-/// ([`DeviceInbox::admit`]); handed to [`DeviceInbox::deliver`] with the
-/// payload. Dropped undelivered (a failed read), it gives the budget back.
+/// ([`DeviceInbox::admit`]), with the buffer the payload goes into
+/// ([`Admitted::payload_mut`]); then handed to [`DeviceInbox::deliver`].
+/// Dropped undelivered (a failed read), it gives the budget back.
+///
+/// Invariant: `buf.len()` is the item's payload length (0 for markers).
 pub struct Admitted<'a> {
     inbox: &'a DeviceInbox,
     dev: usize,
     seq: u64,
     kind: DevItemKind,
     cost: u64,
+    buf: Vec<u8>,
+}
+
+impl Admitted<'_> {
+    /// The buffer to read the item's payload into (exactly its length).
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.inbox.release(self.cost);
+        self.inbox.release(self.cost, std::mem::take(&mut self.buf));
     }
 }
 
@@ -163,8 +213,10 @@ impl DeviceInbox {
     /// buffered items, and with `in_order` anything but the next expected
     /// item are errors), then waits until the budget admits it: always
     /// within `bound - HEADROOM`, and within `bound` if it is the next item
-    /// its device needs. Nothing is allocated before this returns. Waiting
-    /// with no item applied anywhere for the stall timeout is an error.
+    /// its device needs. Nothing is allocated before the budget admitted
+    /// the item; then the payload buffer (`len` bytes) is a cached one that
+    /// [`fits`], or a new one. Waiting with no item applied anywhere for
+    /// the stall timeout is an error.
     pub fn admit(
         &self,
         dev: usize,
@@ -200,12 +252,30 @@ impl DeviceInbox {
                 if b.used + cost <= limit {
                     b.used += cost;
                     b.peak = b.peak.max(b.used);
+                    // Bounded by the header check (≤ MAX_DEVICE_CHUNK) and
+                    // admitted against the budget just now.
+                    let len = if kind.has_data() { len as usize } else { 0 };
+                    let reused = if len > 0 { b.take_fitting(len) } else { None };
+                    let mut evicted = Vec::new();
+                    b.evict(self.bound, &mut evicted);
+                    drop(b);
+                    drop(evicted);
+                    let buf = match reused {
+                        Some(mut buf) => {
+                            // Within capacity: no reallocation; only bytes
+                            // beyond the buffer's last length are zeroed.
+                            buf.resize(len, 0);
+                            buf
+                        }
+                        None => vec![0; len],
+                    };
                     return Ok(Admitted {
                         inbox: self,
                         dev,
                         seq,
                         kind,
                         cost,
+                        buf,
                     });
                 }
                 let now = self.progress();
@@ -281,12 +351,23 @@ impl DeviceInbox {
         Ok(())
     }
 
-    /// Gives `cost` bytes of budget back.
-    fn release(&self, cost: u64) {
+    /// Gives `cost` bytes of budget back, and keeps `buf` (a payload buffer
+    /// no longer needed) in the cache if the budget has room for it.
+    fn release(&self, cost: u64, buf: Vec<u8>) {
         let mut b = lock(&self.budget);
         b.used = b.used.saturating_sub(cost);
+        let cap = buf.capacity() as u64;
+        let spare = if cap > 0 && b.used + b.cached + cap <= self.bound {
+            b.cached += cap;
+            b.free.push(buf);
+            None
+        } else {
+            Some(buf)
+        };
         drop(b);
         self.budget_cv.notify_all();
+        // Freed outside the lock.
+        drop(spare);
     }
 
     /// Highest budget use so far, in bytes (at most the bound).
@@ -294,16 +375,14 @@ impl DeviceInbox {
         lock(&self.budget).peak
     }
 
-    /// Hands the payload of an admitted item to its device's buffer (the
+    /// Hands an admitted item, its payload read into
+    /// [`Admitted::payload_mut`], to its device's reorder buffer (the
     /// budget it holds stays taken until the item was applied). The stream
     /// checks run again: another reader may have delivered the same
     /// sequence number meanwhile.
-    pub fn deliver(
-        self: &Arc<Self>,
-        mut t: Admitted<'_>,
-        data: Vec<u8>,
-    ) -> Result<(), MigrationError> {
+    pub fn deliver(self: &Arc<Self>, mut t: Admitted<'_>) -> Result<(), MigrationError> {
         let (dev, seq, kind, cost) = (t.dev, t.seq, t.kind, t.cost);
+        let data = std::mem::take(&mut t.buf);
         let item = match kind {
             DevItemKind::PrecopyData | DevItemKind::StopCopyData => DevItem::Data(data),
             DevItemKind::InitialDone => DevItem::InitialDone,
@@ -498,19 +577,25 @@ impl DeviceInbox {
         loop {
             let (item, cost) = self.next_item(dev)?;
             // The budget of the item comes back once it was applied (also
-            // if applying it fails).
-            let _applied = Released(self, cost);
+            // if applying it fails), and its buffer goes to the cache.
+            let mut applied = Released(self, cost, Vec::new());
             match item {
                 DevItem::Data(data) => {
                     let t = Instant::now();
                     if let Some(f) = f.as_mut() {
+                        // Straight from the buffer the reader filled.
                         f.write_all(&data).map_err(|e| {
                             MigrationError::device(&id, format!("loading state: {e}"))
                         })?;
                     }
                     busy += t.elapsed();
-                    loaded += data.len() as u64;
-                    c.transferred.fetch_add(data.len() as u64, Relaxed);
+                    let n = data.len() as u64;
+                    // Budget and buffer back before the item counts as
+                    // applied, so that whoever waits for that finds both.
+                    applied.2 = data;
+                    drop(applied);
+                    loaded += n;
+                    c.transferred.fetch_add(n, Relaxed);
                     if busy.as_micros() > 0 {
                         c.load_rate.store(
                             (loaded as u128 * 1_000_000 / busy.as_micros()) as u64,
@@ -540,147 +625,16 @@ impl DeviceInbox {
     }
 }
 
-/// Gives an item's budget back when dropped.
-struct Released<'a>(&'a DeviceInbox, u64);
+/// Gives an item's budget back when dropped, and its payload buffer (if
+/// any) to the cache.
+struct Released<'a>(&'a DeviceInbox, u64, Vec<u8>);
 
 impl Drop for Released<'_> {
     fn drop(&mut self) {
-        self.0.release(self.1);
+        self.0.release(self.1, std::mem::take(&mut self.2));
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::mpsc::channel;
-
-    use super::*;
-    use crate::api::CancelToken;
-    use crate::tests::{pattern, FakeDevice};
-
-    const MIB: u64 = 1 << 20;
-
-    fn inbox(n: usize, bound: u64) -> (Arc<DeviceInbox>, Vec<Arc<FakeDevice>>) {
-        let devs: Vec<Arc<FakeDevice>> = (0..n)
-            .map(|i| Arc::new(FakeDevice::new(&format!("d{i}"), true, vec![], vec![])))
-            .collect();
-        let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(2));
-        let (tx, _) = channel();
-        let inbox = DeviceInbox::new(
-            devs.iter()
-                .map(|d| d.clone() as Arc<dyn MigratableDevice>)
-                .collect(),
-            (0..n)
-                .map(|_| Arc::new(DeviceCounters::default()))
-                .collect(),
-            bound,
-            ctl,
-            tx,
-            Arc::new(Notify::default()),
-        );
-        (inbox, devs)
-    }
-
-    fn put(inbox: &Arc<DeviceInbox>, dev: usize, seq: u64, kind: DevItemKind, data: Vec<u8>) {
-        let t = inbox
-            .admit(dev, seq, kind, data.len() as u64, false)
-            .unwrap();
-        inbox.deliver(t, data).unwrap();
-    }
-
-    /// Two devices' streams of 1 MiB chunks from four "connections" (each
-    /// in its own order, like the source's per-connection FIFOs) under a
-    /// 32 MiB budget: everything loads, in order, and the memory held never
-    /// exceeded the budget.
-    #[test]
-    fn one_budget_for_all_devices_and_readers() {
-        let (inbox, devs) = inbox(2, 32 * MIB);
-        let chunks = 48u64;
-        let readers: Vec<_> = (0..4u64)
-            .map(|r| {
-                let inbox = inbox.clone();
-                std::thread::spawn(move || {
-                    for seq in (0..chunks).filter(|s| s % 4 == r) {
-                        for dev in 0..2 {
-                            let data = pattern((seq + dev as u64) as u8, MIB as usize);
-                            put(&inbox, dev, seq, DevItemKind::PrecopyData, data);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for r in readers {
-            r.join().unwrap();
-        }
-        for dev in 0..2 {
-            put(&inbox, dev, chunks, DevItemKind::End, vec![]);
-        }
-        while !inbox.all_done() {
-            inbox.ctl.check().unwrap();
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        inbox.join();
-        for (dev, d) in devs.iter().enumerate() {
-            let want: Vec<u8> = (0..chunks)
-                .flat_map(|seq| pattern((seq + dev as u64) as u8, MIB as usize))
-                .collect();
-            assert!(*d.loaded.lock().unwrap() == Some(want), "device {dev}");
-        }
-        let peak = inbox.peak_bytes();
-        assert!(peak > 0 && peak <= 32 * MIB, "peak {peak}");
-        assert_eq!(lock(&inbox.budget).used, 0, "budget given back");
-    }
-
-    /// A peer that sends only chunks a device cannot apply yet (its chunk 0
-    /// never comes) fills the budget's ordinary part and then gets a
-    /// protocol error naming the budget; nothing beyond it was taken.
-    #[test]
-    fn chunks_that_cannot_be_applied_exhaust_the_budget_with_a_clear_error() {
-        let (inbox, _devs) = inbox(1, 32 * MIB);
-        let mut err = None;
-        for seq in 1..=40 {
-            match inbox.admit(0, seq, DevItemKind::PrecopyData, MIB, false) {
-                Ok(t) => inbox.deliver(t, vec![7; MIB as usize]).unwrap(),
-                Err(e) => {
-                    err = Some((seq, e));
-                    break;
-                }
-            }
-        }
-        let (seq, e) = err.expect("the budget never ran out");
-        assert_eq!(seq, 17, "16 MiB admitted (32 MiB less the headroom)");
-        let m = e.to_string();
-        assert!(
-            matches!(e, MigrationError::Protocol(_))
-                && m.contains("budget of 33554432 bytes")
-                && m.contains("d0")
-                && m.contains("needs chunk 0"),
-            "{m}"
-        );
-        assert_eq!(inbox.peak_bytes(), 16 * MIB);
-        // The item the device needs next is still admitted (headroom).
-        let t = inbox
-            .admit(0, 0, DevItemKind::PrecopyData, MIB, false)
-            .unwrap();
-        drop(t);
-        assert_eq!(
-            lock(&inbox.budget).used,
-            16 * MIB,
-            "an unused admission is given back"
-        );
-        inbox.ctl.fail(MigrationError::Aborted);
-        inbox.join();
-    }
-
-    /// On the main connection (`device_state = main`) items come in order.
-    #[test]
-    fn main_connection_items_must_be_in_order() {
-        let (inbox, _devs) = inbox(1, 32 * MIB);
-        let e = inbox
-            .admit(0, 3, DevItemKind::PrecopyData, 10, true)
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("out of order"), "{e}");
-        inbox.ctl.fail(MigrationError::Aborted);
-        inbox.join();
-    }
-}
+#[path = "devices_tests.rs"]
+mod tests;

@@ -252,10 +252,12 @@ fn run_reader(
                         ctx.chunk_max
                     )));
                 }
-                // Budget first (waiting while it is spent), then the payload.
-                let t = inbox.admit(dev as usize, seq, item, len, false)?;
-                let data = recv_payload(s, len, &ctx.ctl, &what)?;
-                inbox.deliver(t, data)?;
+                // Budget first (waiting while it is spent), then the payload,
+                // straight into the buffer the load thread writes to the
+                // device.
+                let mut t = inbox.admit(dev as usize, seq, item, len, false)?;
+                read_full(s, t.payload_mut(), &ctx.ctl, &what)?;
+                inbox.deliver(t)?;
             }
             Frame::Abort { len } => {
                 let m = recv_payload(s, len, &ctx.ctl, &what)?;

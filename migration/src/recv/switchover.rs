@@ -12,7 +12,9 @@ use super::{close_ready, or_fail, Ctx, Failed, Phase, Ready, Receiving, StateInf
 use crate::api::{CancelToken, DeviceStateMode};
 use crate::error::MigrationError;
 use crate::host::{MAX_HOST_MIGRATIONS, SHARE_INTERVAL};
-use crate::net::{epoch_us, recv_frame, recv_payload, Ctl, MainConn, Recv, POLL_INTERVAL};
+use crate::net::{
+    epoch_us, read_full, recv_frame, recv_payload, Ctl, MainConn, Recv, POLL_INTERVAL,
+};
 use crate::testhook::{self, Point};
 use crate::traits::{DestinationVm, MigState};
 use crate::wire::{self, Frame};
@@ -154,9 +156,9 @@ impl Receiving {
                 let inbox = &self.p.inbox;
                 // One device after another, in order: anything else is a
                 // protocol error here.
-                let t = inbox.admit(dev as usize, seq, item, len, true)?;
-                let data = recv_payload(&main.stream, len, &ctx.ctl, what)?;
-                inbox.deliver(t, data)?;
+                let mut t = inbox.admit(dev as usize, seq, item, len, true)?;
+                read_full(&main.stream, t.payload_mut(), &ctx.ctl, what)?;
+                inbox.deliver(t)?;
                 // The single-channel path is sequential end to end: the next
                 // frame is read only once this chunk is in the device.
                 inbox.wait_applied(dev as usize)?;

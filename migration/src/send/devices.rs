@@ -65,12 +65,20 @@ fn berr(id: &str, what: &str, e: impl std::fmt::Display) -> MigrationError {
     MigrationError::device(id, format!("{what}: {e}"))
 }
 
-/// Reads up to `max` bytes from a device data fd. Returns fewer bytes at end
-/// of stream (read → 0) or when nothing is available now (`ENOMSG`). Waits
-/// with `poll` so abort is noticed; a device that hands out nothing for the
-/// stall timeout fails.
-pub fn read_chunk(f: &File, max: usize, ctl: &Ctl, id: &str) -> Result<Vec<u8>, MigrationError> {
-    let mut buf = vec![0u8; max];
+/// Reads up to `max` bytes from a device data fd into `buf` (a buffer to
+/// reuse, any length: it is resized to `max`, which zeroes only bytes
+/// beyond its current length, and truncated to what was read). Returns
+/// fewer bytes at end of stream (read → 0) or when nothing is available now
+/// (`ENOMSG`). Waits with `poll` so abort is noticed; a device that hands
+/// out nothing for the stall timeout fails.
+pub fn read_chunk(
+    f: &File,
+    mut buf: Vec<u8>,
+    max: usize,
+    ctl: &Ctl,
+    id: &str,
+) -> Result<Vec<u8>, MigrationError> {
+    buf.resize(max, 0);
     let mut got = 0;
     let mut last = Instant::now();
     while got < max {
@@ -117,6 +125,10 @@ pub fn read_chunk(f: &File, max: usize, ctl: &Ctl, id: &str) -> Result<Vec<u8>, 
     Ok(buf)
 }
 
+/// A save thread's view of the savers: the phase it must be in, and the
+/// count of devices that entered STOP_COPY.
+type SaverSync<'a> = (&'a (Mutex<Phase>, Condvar), &'a (Mutex<usize>, Condvar));
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     PreCopy,
@@ -131,6 +143,9 @@ enum Phase {
 /// the savers without [`DeviceSavers::join`] aborts and joins the threads.
 pub struct DeviceSavers {
     phase: Arc<(Mutex<Phase>, Condvar)>,
+    /// Save threads whose device entered STOP_COPY.
+    entered: Arc<(Mutex<usize>, Condvar)>,
+    n: usize,
     workers: Workers,
 }
 
@@ -145,18 +160,21 @@ impl DeviceSavers {
         precopy: bool,
     ) -> Result<DeviceSavers, MigrationError> {
         let phase = Arc::new((Mutex::new(Phase::PreCopy), Condvar::new()));
+        let entered = Arc::new((Mutex::new(0usize), Condvar::new()));
         let mut workers = Workers::new(ctl);
         for (i, d) in devices.iter().enumerate() {
-            let (d, pool, ctl, c, ph) = (
+            let (d, pool, ctl, c, ph, en) = (
                 d.clone(),
                 pool.clone(),
                 ctl.clone(),
                 counters[i].clone(),
                 phase.clone(),
+                entered.clone(),
             );
             let pre = does_precopy(&*d, precopy);
             workers.spawn(&format!("mig-save-{i}"), move || {
-                match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, &ph) {
+                let sync = (&*ph, &*en);
+                match save_thread(i as u32, &*d, &pool, &ctl, &c, chunk, pre, sync) {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         ctl.fail(match e {
@@ -168,7 +186,39 @@ impl DeviceSavers {
                 }
             })?;
         }
-        Ok(DeviceSavers { phase, workers })
+        Ok(DeviceSavers {
+            phase,
+            entered,
+            n: devices.len(),
+            workers,
+        })
+    }
+
+    /// Tells every save thread to enter STOP_COPY and waits until every
+    /// device is in it (stopped: no more DMA), while their stop-copy data
+    /// may still be draining. Fails with the first save failure, on cancel
+    /// or when `timed_out` says the migration's time is up.
+    pub fn quiesce(
+        &self,
+        ctl: &Ctl,
+        timed_out: impl Fn() -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        self.stop_copy();
+        let (m, cv) = &*self.entered;
+        let mut g = lock(m);
+        while *g < self.n {
+            drop(g);
+            ctl.check()?;
+            timed_out()?;
+            g = lock(m);
+            if *g < self.n {
+                g = cv
+                    .wait_timeout(g, POLL_INTERVAL)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        Ok(())
     }
 
     /// Tells every save thread to enter STOP_COPY and drain its device.
@@ -204,7 +254,7 @@ fn save_thread(
     c: &DeviceCounters,
     chunk: usize,
     precopy: bool,
-    ph: &(Mutex<Phase>, Condvar),
+    (ph, entered): SaverSync<'_>,
 ) -> Result<(), MigrationError> {
     let id = dev.id().to_string();
     let mut fd: Option<File> = None;
@@ -238,11 +288,12 @@ fn save_thread(
             let buf = if want == 0 {
                 Vec::new()
             } else if let Some(f) = &fd {
-                read_chunk(f, (want as usize).min(chunk), ctl, &id)?
+                read_chunk(f, pool.spare_buffer(), (want as usize).min(chunk), ctl, &id)?
             } else {
                 Vec::new()
             };
             if buf.is_empty() {
+                pool.recycle(buf);
                 if !announced {
                     stall.idle(ctl, &id, info.initial_bytes)?;
                 }
@@ -266,10 +317,14 @@ fn save_thread(
     {
         fd = Some(f);
     }
+    *lock(&entered.0) += 1;
+    entered.1.notify_all();
     let f = fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
     loop {
-        let buf = read_chunk(&f, chunk, ctl, &id)?;
+        // A buffer a writer has sent (no allocation, no zeroing).
+        let buf = read_chunk(&f, pool.spare_buffer(), chunk, ctl, &id)?;
         if buf.is_empty() {
+            pool.recycle(buf);
             break;
         }
         pool.push_device(idx, DevItemKind::StopCopyData, buf)?;
@@ -289,6 +344,8 @@ fn save_thread(
 pub struct MainModeDevices {
     fds: Vec<Option<File>>,
     seqs: Vec<u64>,
+    /// Devices already in STOP_COPY ([`MainModeDevices::quiesce`]).
+    entered: Vec<bool>,
 }
 
 impl MainModeDevices {
@@ -297,6 +354,7 @@ impl MainModeDevices {
         MainModeDevices {
             fds: (0..n).map(|_| None).collect(),
             seqs: vec![0; n],
+            entered: vec![false; n],
         }
     }
 
@@ -345,13 +403,15 @@ impl MainModeDevices {
                 .map_err(|e| berr(&id, "entering PRE_COPY", e))?
                 .ok_or_else(|| MigrationError::device(&id, "PRE_COPY returned no data fd"))?;
             let mut stall = InitialStall::new();
+            let mut buf = Vec::new();
             loop {
                 ctl.check()?;
                 let info = d.precopy_info().map_err(|e| berr(&id, "precopy_info", e))?;
                 if info.initial_bytes == 0 {
                     break;
                 }
-                let buf = read_chunk(&f, (info.initial_bytes as usize).min(chunk), ctl, &id)?;
+                let max = (info.initial_bytes as usize).min(chunk);
+                buf = read_chunk(&f, buf, max, ctl, &id)?;
                 if buf.is_empty() {
                     stall.idle(ctl, &id, info.initial_bytes)?;
                     std::thread::sleep(IDLE_POLL);
@@ -367,6 +427,24 @@ impl MainModeDevices {
         Ok(me)
     }
 
+    /// Moves every device to STOP_COPY (stopped: no more DMA), keeping the
+    /// data fds for [`MainModeDevices::stop_copy`].
+    pub fn quiesce(&mut self, devices: &[Arc<dyn MigratableDevice>]) -> Result<(), MigrationError> {
+        for (i, d) in devices.iter().enumerate() {
+            if self.entered[i] {
+                continue;
+            }
+            if let Some(f) = d
+                .set_state(MigState::StopCopy)
+                .map_err(|e| berr(d.id(), "entering STOP_COPY", e))?
+            {
+                self.fds[i] = Some(f);
+            }
+            self.entered[i] = true;
+        }
+        Ok(())
+    }
+
     /// Stop-copies every device in order, then sends its END.
     pub fn stop_copy(
         mut self,
@@ -379,16 +457,21 @@ impl MainModeDevices {
         for (i, d) in devices.iter().enumerate() {
             let id = d.id().to_string();
             let mut fd = self.fds[i].take();
-            if let Some(f) = d
-                .set_state(MigState::StopCopy)
-                .map_err(|e| berr(&id, "entering STOP_COPY", e))?
-            {
-                fd = Some(f);
+            if !self.entered[i] {
+                if let Some(f) = d
+                    .set_state(MigState::StopCopy)
+                    .map_err(|e| berr(&id, "entering STOP_COPY", e))?
+                {
+                    fd = Some(f);
+                }
             }
             let f =
                 fd.ok_or_else(|| MigrationError::device(&id, "STOP_COPY returned no data fd"))?;
+            // One buffer for the whole stream: the chunk is sent before
+            // the next is read.
+            let mut buf = Vec::new();
             loop {
-                let buf = read_chunk(&f, chunk, ctl, &id)?;
+                buf = read_chunk(&f, buf, chunk, ctl, &id)?;
                 if buf.is_empty() {
                     break;
                 }

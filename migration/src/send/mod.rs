@@ -29,6 +29,7 @@
 
 mod devices;
 mod dirty;
+mod dma;
 mod guards;
 mod hostshare;
 mod link;
@@ -101,9 +102,36 @@ struct Ctx {
     resume: Arc<Mutex<Option<crate::api::ResumeToken>>>,
     /// The VMM refused a throttle once (it is not logged again).
     throttle_refused: std::sync::atomic::AtomicBool,
+    /// The devices that write guest memory by DMA.
+    dma: dma::DmaPlan,
+    /// A post-copy request was refused once (it is not logged again).
+    postcopy_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
+    /// The parameters a pass decision uses: the live ones, except that with
+    /// a device that writes guest memory by DMA a request for post-copy is
+    /// refused (logged once) and pre-copy goes on.
+    fn decision_params(&self) -> crate::live::MigrationParameters {
+        let mut p = self.live.get();
+        let asked = p.technique == crate::live::Technique::PostCopy
+            || p.policy == crate::live::Policy::PostCopy;
+        if asked {
+            if let Some(why) = self.dma.postcopy_blocker(&self.devices) {
+                if !self.postcopy_refused.swap(true, Relaxed) {
+                    log::warn!("post-copy refused, pre-copy goes on: {why}");
+                    self.events
+                        .emit("postcopy-refused", serde_json::json!({ "reason": why }));
+                }
+                p.technique = crate::live::Technique::PreCopy;
+                if p.policy == crate::live::Policy::PostCopy {
+                    p.policy = crate::live::Policy::MinimalDowntime;
+                }
+            }
+        }
+        p
+    }
+
     /// Throttles the vCPUs to `pct` percent, records it and reports it; a
     /// VMM that cannot throttle is logged once and the migration goes on.
     fn set_throttle(&self, pct: u32) {
@@ -279,6 +307,23 @@ pub fn run(
         }
     };
     let devices = vm.devices();
+    let dma = dma::DmaPlan::of(&devices);
+    let refused = dma.check(&devices, p.allow_untracked_dma).and_then(|()| {
+        let post = p.technique == Some(crate::live::Technique::PostCopy)
+            || p.policy == Some(crate::live::Policy::PostCopy);
+        match dma.postcopy_blocker(&devices) {
+            Some(why) if post => Err(MigrationError::InvalidParams(format!(
+                "post-copy is refused: {why}"
+            ))),
+            _ => Ok(()),
+        }
+    });
+    if let Err(e) = refused {
+        stats.begin();
+        stats.fail(&e);
+        log::error!("migration refused: {e}");
+        return Err(e);
+    }
     let mem = Arc::new(GuestMemory::of_source(&vm));
     let token = if p.resume {
         let t = lock(&hooks.resume).take();
@@ -334,6 +379,8 @@ pub fn run(
         host_max: hooks.host_max_mib_s,
         resume: hooks.resume.clone(),
         throttle_refused: Default::default(),
+        dma,
+        postcopy_refused: Default::default(),
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(

@@ -4,12 +4,14 @@
 //! pass.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::devices::does_precopy;
 use super::dirty::{count_dirty, merge, Packetizer, PACKET_PAGES};
+use super::dma::DmaLogs;
 use super::policy::{Effects, Governor, PassReport, Verdict};
 use super::pool::{Item, Pool, RateLimiter};
 use super::{or_fail, Ctx, Failed, PausedVm, Phase, Stopped, Streaming, PASS_POLL};
@@ -22,6 +24,12 @@ use crate::traits::{DirtyBitmap, PAGE_SIZE};
 /// How often the sender peeks at the dirty log during a pass (for the
 /// live dirty rate; the pages found join the next pass).
 const DIRTY_PEEK: Duration = Duration::from_secs(1);
+
+/// How long the sender waits, when a pass found no dirty page, before the
+/// next pass (unless the destination reports something sooner): without it
+/// a guest that dirties nothing while devices still pre-copy would turn
+/// the pass loop into a stream of empty passes.
+const EMPTY_PASS_WAIT: Duration = Duration::from_millis(20);
 
 /// Bytes as MiB, for log lines.
 fn mib(b: u64) -> f64 {
@@ -61,12 +69,15 @@ pub struct Passes {
     /// The switch to post-copy came before the current pass was wholly on
     /// the wire (some of its pages may never have been queued).
     pub(super) interrupted: bool,
+    /// The DMA logs merged into every fetch.
+    dma: Arc<DmaLogs>,
 }
 
 impl Passes {
-    /// Before pass 1.
-    pub fn new() -> Passes {
+    /// Before pass 1; `dma` is merged into every fetch of the dirty log.
+    pub fn new(dma: Arc<DmaLogs>) -> Passes {
         Passes {
+            dma,
             pass: 0,
             pages_queued: 0,
             held: Vec::new(),
@@ -108,6 +119,10 @@ impl Passes {
                 .fetch_dirty(i)
                 .map_err(|e| MigrationError::vm("fetching the dirty log", e))?;
             merge(&mut self.held[i], &bm);
+            let dma = self.dma.report_into(r, &mut self.held[i])?;
+            if dma > 0 {
+                ctx.stats.dma_dirty_pages.fetch_add(dma, Relaxed);
+            }
             pages += count_dirty(&self.held[i], r.pages());
         }
         let new = pages.saturating_sub(self.held_pages);
@@ -120,6 +135,24 @@ impl Passes {
         st.dirty_syncs.fetch_add(1, Relaxed);
         st.held_pages.store(pages, Relaxed);
         Ok(pages)
+    }
+
+    /// Marks every populated page of every region in `held` (the pages an
+    /// untracked device may have written); returns the populated pages.
+    fn resend_populated(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
+        let regions = ctx.mem.regions();
+        self.held.resize(regions.len(), DirtyBitmap::default());
+        let mut n = 0;
+        for (i, r) in regions.iter().enumerate() {
+            let ranges = ctx
+                .vm
+                .populated(i)
+                .map_err(|e| MigrationError::vm("reading the populated ranges", e))?;
+            let bm = ranges_bitmap(&ranges, r.pages());
+            n += count_dirty(&bm, r.pages());
+            merge(&mut self.held[i], &bm);
+        }
+        Ok(n)
     }
 
     /// While a pass runs: brings the live rates up to date and peeks at the
@@ -325,7 +358,7 @@ impl Streaming {
         let (dev_bytes, dev_load) = device_estimate(ctx);
         let remaining = dirty + pool.backlog() + dev_bytes;
         let est = ps.conv.estimate(remaining, dev_load);
-        let params = ctx.live.get();
+        let params = ctx.decision_params();
         let report = PassReport {
             pass: ps.pass,
             remaining,
@@ -395,17 +428,17 @@ impl Streaming {
             Verdict::PostCopy(r) => return Ok(Step::PostCopy(r)),
             Verdict::Continue => {}
         }
-        if est <= allowed && !report.acks {
-            if !ps.waiting_warned {
-                log::info!(
-                    "converged; waiting for the destination to load the devices' initial data"
-                );
-                ps.waiting_warned = true;
-            }
-            if dirty_pages == 0 {
-                let g = ctx.from_dest.notify.generation();
-                ctx.from_dest.notify.wait(g, Duration::from_millis(20));
-            }
+        if est <= allowed && !report.acks && !ps.waiting_warned {
+            log::info!("converged; waiting for the destination to load the devices' initial data");
+            ps.waiting_warned = true;
+        }
+        if dirty_pages == 0 {
+            // Nothing new for RAM (what remains is device data or the
+            // queues): an empty pass would only put a SYNC on every
+            // connection ahead of the device chunks. Wait for news from the
+            // destination, or a short while, before the next one.
+            let g = ctx.from_dest.notify.generation();
+            ctx.from_dest.notify.wait(g, EMPTY_PASS_WAIT);
         }
         Ok(Step::Continue)
     }
@@ -480,9 +513,21 @@ impl Streaming {
 }
 
 impl Stopped {
-    /// Fetches the last dirty pages and queues them as the final pass.
+    /// Stops the devices (no DMA after this), fetches the last dirty pages
+    /// (DMA logs included) and queues them as the final pass. With an
+    /// untracked DMA device the operator allowed, every populated page is
+    /// in the final pass.
     fn final_pass(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        self.devs.quiesce(ctx)?;
         let ps = &mut self.passes;
+        if !ctx.dma.untracked.is_empty() {
+            let n = ps.resend_populated(ctx)?;
+            log::warn!(
+                "switch-over: a device cannot log its DMA writes; re-sending all {:.1} MiB of \
+                 populated RAM (allow_untracked_dma)",
+                mib(n * PAGE_SIZE)
+            );
+        }
         let pages = ps.fetch_all(ctx)?;
         ps.pass += 1;
         ctx.stats.iteration.store(ps.pass, Relaxed);

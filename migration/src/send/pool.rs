@@ -78,6 +78,10 @@ struct PoolState {
     queued: Vec<u64>,
     dev_seq: Vec<u64>,
     dev_inflight: u64,
+    /// Device payload buffers already written, for the save threads to
+    /// reuse; `spare_bytes` is their total capacity.
+    spare: Vec<Vec<u8>>,
+    spare_bytes: u64,
 }
 
 /// The bounded queues feeding the writer threads.
@@ -85,7 +89,9 @@ struct PoolState {
 /// Invariants: `queued[i]` is the cost of items pushed to connection `i` and
 /// not yet reported written; pushes wait while every queue is over
 /// `conn_limit` (markers excepted) or device bytes in flight exceed
-/// `dev_limit`, which bounds sender memory.
+/// `dev_limit`, which bounds sender memory; a spare device buffer is kept
+/// for reuse only while the device bytes in flight plus the spare buffers'
+/// capacity stay within `dev_limit` (so spares never exceed it).
 pub struct Pool {
     st: Mutex<PoolState>,
     writer_cv: Vec<Condvar>,
@@ -115,6 +121,8 @@ impl Pool {
                 queued: vec![0; n],
                 dev_seq: vec![0; ndev],
                 dev_inflight: 0,
+                spare: Vec::new(),
+                spare_bytes: 0,
             }),
             writer_cv: (0..n).map(|_| Condvar::new()).collect(),
             space_cv: Condvar::new(),
@@ -306,6 +314,34 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// A device payload buffer to reuse (one a writer has sent), or a new
+    /// empty one.
+    pub fn spare_buffer(&self) -> Vec<u8> {
+        let mut st = lock(&self.st);
+        match st.spare.pop() {
+            Some(b) => {
+                st.spare_bytes -= b.capacity() as u64;
+                b
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Keeps `buf` (a device payload no longer needed) for
+    /// [`Pool::spare_buffer`] while the device bytes in flight plus the
+    /// spare buffers stay within `dev_limit`; frees it otherwise.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let cap = buf.capacity() as u64;
+        let mut st = lock(&self.st);
+        if cap > 0 && st.dev_inflight + st.spare_bytes + cap <= self.dev_limit {
+            st.spare_bytes += cap;
+            st.spare.push(buf);
+            return;
+        }
+        drop(st);
+        drop(buf);
     }
 
     /// Reports an item of `cost` bytes (of which `dev_bytes` device bytes)

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::devices::{DeviceSavers, MainModeDevices};
+use super::dma::DmaLogs;
 use super::hostshare::{ShareInputs, ShareTicker};
 use super::link::Link;
 use super::passes::Passes;
@@ -125,8 +126,11 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         postcopy: std::sync::OnceLock::new(),
     });
     let live = ctx.live.clone();
+    // With a DMA device post-copy is refused (see `Ctx::decision_params`):
+    // nothing may interrupt a pass for it.
+    let dma = ctx.dma.any();
     pool.set_interrupt(Box::new(move || {
-        live.get().technique == crate::live::Technique::PostCopy
+        !dma && live.get().technique == crate::live::Technique::PostCopy
     }));
     let clones = streams.clone();
     let mut writers = Workers::new(&ctx.ctl);
@@ -208,11 +212,12 @@ fn start_devices(ctx: &Ctx, l: &Linked) -> Result<DeviceStreams, MigrationError>
 pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
     let r = (|| {
         let dirty = DirtyLog::start(&ctx.vm)?;
+        let dma = Arc::new(DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?);
         let restore = RestoreDevices::new(&ctx.devices);
         let devs = start_devices(ctx, &l)?;
-        Ok((dirty, restore, devs))
+        Ok((dirty, dma, restore, devs))
     })();
-    let (dirty, restore, devs) = or_fail!(r, Phase::Linked(l));
+    let (dirty, dma, restore, devs) = or_fail!(r, Phase::Linked(l));
     let Linked { link, data } = *l;
     let mut s = Box::new(Streaming {
         link,
@@ -220,7 +225,7 @@ pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
         devs,
         restore,
         dirty,
-        passes: Passes::new(),
+        passes: Passes::new(dma),
     });
     or_fail!(s.first_pass(ctx), Phase::Streaming(s));
     Ok(Phase::Streaming(s))

@@ -14,6 +14,16 @@ use crate::traits::BackendError;
 use crate::wire::{self, Frame};
 
 impl DeviceStreams {
+    /// Stops every device (STOP_COPY entry) with the VM paused, before the
+    /// final fetch of the dirty log: a device writes no guest memory after
+    /// this, so the final DMA reports are complete.
+    pub(super) fn quiesce(&mut self, ctx: &Ctx) -> Result<(), MigrationError> {
+        match self {
+            DeviceStreams::Channels(savers) => savers.quiesce(&ctx.ctl, || ctx.check_timeout()),
+            DeviceStreams::Main(mm) => mm.quiesce(&ctx.devices),
+        }
+    }
+
     /// Finishes the device streams with the VM paused and closes the data
     /// connections after the final pass (unless post-copy follows, `close`
     /// false: the writers then push missing pages): channels mode joins the

@@ -125,6 +125,8 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     add(&d.transferred, data.len() as u64);
                 }
                 ctx.pool.done(conn, cost, cost);
+                // Back to the save threads: no allocation per chunk.
+                ctx.pool.recycle(data);
             }
             Item::Sync { pass } => {
                 let head = Frame::Sync { pass }.encode(ctx.session);

@@ -77,6 +77,8 @@ pub struct MigrationStats {
     pub(crate) pages_per_s: AtomicU64,
     pub(crate) dirty_rate: AtomicU64,
     pub(crate) dirty_syncs: AtomicU64,
+    /// Pages the devices' DMA logs reported (per device).
+    pub(crate) dma_dirty_pages: AtomicU64,
     /// RAM wire bytes and device bytes at the pause (value + 1; 0: not
     /// paused yet).
     ram_at_pause: AtomicU64,
@@ -181,6 +183,7 @@ impl MigrationStats {
             &self.pages_per_s,
             &self.dirty_rate,
             &self.dirty_syncs,
+            &self.dma_dirty_pages,
             &self.ram_at_pause,
             &self.dev_at_pause,
             &self.state_bytes,
@@ -492,6 +495,7 @@ impl MigrationStats {
             dirty_rate_bytes_per_s: dirty_rate,
             dirty_rate_bps: dirty_rate,
             dirty_sync_count: self.dirty_syncs.load(Relaxed),
+            dma_dirty_pages: self.dma_dirty_pages.load(Relaxed),
             precopy_bytes,
             downtime_bytes,
             peer_address: lock(&self.peer).clone(),

@@ -180,6 +180,11 @@ pub struct MigrationStatus {
     /// destination (n/a).
     #[serde(default)]
     pub dirty_sync_count: u64,
+    /// Source only: pages the devices reported written by DMA so far
+    /// (summed over devices; merged into the dirty set). 0 on the
+    /// destination (n/a).
+    #[serde(default)]
+    pub dma_dirty_pages: u64,
     /// Source only: RAM bytes on the wire while the guest ran on the source
     /// (every pass before the switch-over). 0 on the destination (n/a).
     #[serde(default)]

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod devices;
+mod dma;
 mod e2e;
 mod failures;
 mod fuzz;
@@ -121,6 +122,8 @@ pub struct FakeDevice {
     pub transitions: Mutex<Vec<MigState>>,
     /// `precopy_info` panics (a broken device backend).
     pub panic_in_info: AtomicBool,
+    /// The device writes guest memory by DMA (see `dma::DmaSim`).
+    pub dma: Mutex<Option<Arc<dma::DmaSim>>>,
 }
 
 impl FakeDevice {
@@ -143,6 +146,7 @@ impl FakeDevice {
             fail_on: None,
             transitions: Mutex::new(Vec::new()),
             panic_in_info: AtomicBool::new(false),
+            dma: Mutex::new(None),
         }
     }
     pub fn cur(&self) -> MigState {
@@ -213,6 +217,12 @@ impl MigratableDevice for FakeDevice {
             return Err(BackendError::new(format!("cannot enter {new:?}")));
         }
         let old = self.cur();
+        if let Some(d) = &*self.dma.lock().unwrap() {
+            // A stopping device completes its last DMA before it is stopped.
+            if matches!(old, MigState::Running | MigState::PreCopy) && new == MigState::StopCopy {
+                d.write_last();
+            }
+        }
         *self.state.lock().unwrap() = new;
         match (old, new) {
             (MigState::Running, MigState::PreCopy) => {
@@ -285,6 +295,36 @@ impl MigratableDevice for FakeDevice {
     }
     fn stop_copy_size(&self) -> BackendResult<u64> {
         Ok(self.stop.len() as u64)
+    }
+    fn dma_log(&self) -> DmaLog {
+        match &*self.dma.lock().unwrap() {
+            None => DmaLog::NoDma,
+            Some(d) => d.kind(),
+        }
+    }
+    fn dma_log_start(&self, ranges: &[Range<u64>], page_size: u64) -> BackendResult<()> {
+        match &*self.dma.lock().unwrap() {
+            Some(d) => d.start(ranges, page_size),
+            None => Err(BackendError::new("no DMA")),
+        }
+    }
+    fn dma_log_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> BackendResult<()> {
+        match &*self.dma.lock().unwrap() {
+            Some(d) => d.report(iova, length, page_size, bitmap),
+            None => Err(BackendError::new("no DMA")),
+        }
+    }
+    fn dma_log_stop(&self) -> BackendResult<()> {
+        if let Some(d) = &*self.dma.lock().unwrap() {
+            d.stop();
+        }
+        Ok(())
     }
 }
 
