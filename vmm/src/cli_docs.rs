@@ -43,6 +43,11 @@ K/M/G suffix):
                         (default: never)
   fail-load=on          fault injection: the destination refuses the data
                         (default off)
+  dma-rate=MIB_S        pages the PCI function's DMA engine writes per
+                        second (default 64; 0: unlimited)
+  dma-log=on|off|none   DMA logging: on (default); off: advertised but
+                        never records a page (test knob); none: the device
+                        cannot log its DMA
 Example: --sim-vfio id=gpu0,state=64M,precopy=48M,dirty-rate=10";
 
 /// The help of `--vfio`: every key of [`devices::vfio::KEYS`].

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use devices::sim_vfio::{parse_sim_vfio_arg, SimVfioDevice};
+use devices::vfio::pci::KernelVfioPci;
 use devices::vfio::{parse_vfio_arg, validate_id, KernelVfioDevice};
 use migration::MigratableDevice;
 use serde::{Deserialize, Serialize};
@@ -190,7 +191,8 @@ pub fn match_declared(
 
 enum Handle {
     Sim(Arc<SimVfioDevice>),
-    Vfio(Arc<KernelVfioDevice>),
+    /// The migration side and the PCI side over the same fds.
+    Vfio(Arc<KernelVfioDevice>, Arc<KernelVfioPci>),
 }
 
 /// The devices of one VM.
@@ -305,9 +307,10 @@ impl DeviceSet {
                         flag: "--vfio",
                         source,
                     })?;
-                    Handle::Vfio(Arc::new(
-                        KernelVfioDevice::open(&cfg).map_err(DeviceError::Create)?,
-                    ))
+                    let dev = Arc::new(KernelVfioDevice::open(&cfg).map_err(DeviceError::Create)?);
+                    let pci =
+                        KernelVfioPci::from_device(dev.clone()).map_err(DeviceError::Create)?;
+                    Handle::Vfio(dev, Arc::new(pci))
                 }
             };
             entries.push((spec.clone(), handle));
@@ -327,7 +330,7 @@ impl DeviceSet {
             .map(|(_, h)| -> Arc<dyn MigratableDevice> {
                 match h {
                     Handle::Sim(d) => d.clone(),
-                    Handle::Vfio(d) => d.clone(),
+                    Handle::Vfio(d, _) => d.clone(),
                 }
             })
             .collect()
@@ -345,7 +348,7 @@ impl DeviceSet {
             .map(|(spec, h)| {
                 let (mut v, dev): (_, &dyn MigratableDevice) = match h {
                     Handle::Sim(d) => (sim_info(spec, d), &**d),
-                    Handle::Vfio(d) => (
+                    Handle::Vfio(d, _) => (
                         serde_json::json!({
                             "id": spec.id(),
                             "kind": "vfio",
@@ -360,6 +363,19 @@ impl DeviceSet {
                     .and_then(|s| serde_json::to_value(s).ok())
                     .unwrap_or(serde_json::Value::Null);
                 v
+            })
+            .collect()
+    }
+
+    /// The devices as PCI functions, in order (the PCI bus order).
+    pub fn pci_functions(&self) -> Vec<Arc<dyn devices::pci::PciDevice>> {
+        self.entries
+            .iter()
+            .map(|(_, h)| -> Arc<dyn devices::pci::PciDevice> {
+                match h {
+                    Handle::Sim(d) => d.pci(),
+                    Handle::Vfio(_, p) => p.clone(),
+                }
             })
             .collect()
     }

@@ -19,7 +19,7 @@ use crate::pio::{serial_output, PioBus};
 use crate::vm::{kvm_err, Vm, VmError};
 
 /// Version of the state encoding; bumped on any layout change.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 /// IA32_TSC_DEADLINE. KVM drops a write of it while the LAPIC timer is not
 /// in TSC-deadline mode, so it is restored after KVM_SET_LAPIC.
@@ -130,6 +130,8 @@ pub struct VmState {
     pub serial: SerialState,
     /// i8042.
     pub i8042: I8042State,
+    /// The PCI layer of every PCI device, in bus order (version 3).
+    pub pci: Vec<devices::pci::PciFunctionState>,
 }
 
 /// Errors decoding or applying state.
@@ -593,6 +595,7 @@ impl Vm {
             clock,
             serial: pio.serial_state(),
             i8042: pio.i8042_state(),
+            pci: self.pci.save(),
         };
         debug!("VM state saved in {:?}", start.elapsed());
         Ok(state)
@@ -693,6 +696,8 @@ impl Vm {
         let out = serial_output(&self.serial_cfg).map_err(VmError::from)?;
         let pio = PioBus::from_state(&s.serial, &s.i8042, irqs, out).map_err(VmError::from)?;
         *self.pio.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(pio);
+        // PCI layers last: their MSI routes go into the restored irqchip.
+        self.pci.restore(&s.pci).map_err(StateError::Mismatch)?;
         debug!("VM state restored in {:?}", start.elapsed());
         Ok(())
     }

@@ -18,6 +18,7 @@ use crate::caps::HostCaps;
 use crate::config::{BootConfig, SerialConfig};
 use crate::device_set::DeviceSet;
 use crate::memory::GuestRam;
+use crate::pci::wiring::PciWiring;
 use crate::pio::{serial_output, LegacyIrqs, PioBus, PioError};
 use crate::state::VcpuStateSpec;
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
@@ -216,6 +217,8 @@ pub struct Vm {
     pub(crate) cpus: u8,
     vcpus: Mutex<Vcpus>,
     pub(crate) pio: Mutex<Arc<PioBus>>,
+    /// The PCI bus and its KVM wiring (host bridge at least).
+    pub(crate) pci: Arc<PciWiring>,
     pub(crate) irqs: LegacyIrqs,
     pub(crate) serial_cfg: SerialConfig,
     pub(crate) spec: Arc<VcpuStateSpec>,
@@ -327,6 +330,13 @@ impl Vm {
             slots.push(slot);
         }
 
+        // Before any guest code runs (a destination's RAM exists now): the
+        // PCI bus, its MSI sinks, and guest RAM DMA-mapped in its devices.
+        let pci = Arc::new(
+            PciWiring::build(&fd, &ram, devices.pci_functions(), !desc.migrated_in)
+                .map_err(VmError::Device)?,
+        );
+
         let irqs = LegacyIrqs::new()?;
         fd.register_irqfd(&irqs.serial, SERIAL_GSI)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
@@ -415,6 +425,7 @@ impl Vm {
                 phase: VmPhase::Created,
             }),
             pio: Mutex::new(Arc::new(pio)),
+            pci,
             irqs,
             serial_cfg: serial,
             spec,
@@ -519,7 +530,9 @@ impl Vm {
         }
         self.user_paused.store(paused, Ordering::SeqCst);
         let pio = self.pio.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Err(e) = vcpu::start_all(&g.handles, &pio) {
+        let pci: Arc<dyn crate::pci::io::PciIo> = self.pci.clone();
+        let buses = Arc::new(crate::pci::io::Buses::new(pio, Some(pci)));
+        if let Err(e) = vcpu::start_all(&g.handles, &buses) {
             drop(g);
             self.stop();
             return Err(e);

@@ -35,7 +35,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 use log::{debug, warn};
 
-use crate::pio::PioBus;
+use crate::pci::io::Buses;
 use crate::state::{StateError, VcpuState, VcpuStateSpec};
 use crate::vm::{BootRegs, VmError};
 use crate::EventSink;
@@ -67,7 +67,7 @@ pub enum VcpuEvent {
     /// Restore a vCPU state (not started).
     RestoreState(Box<VcpuState>),
     /// Leave the "created" phase: run with these devices once resumed.
-    Start(Arc<PioBus>),
+    Start(Arc<Buses>),
     /// Stop running guest code (completing a pending I/O first).
     Pause,
     /// Run guest code again.
@@ -379,9 +379,9 @@ pub fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VmError> {
 }
 
 /// Gives every vCPU of `vcpus` its devices (they stay paused).
-pub fn start_all(vcpus: &[VcpuHandle], pio: &Arc<PioBus>) -> Result<(), VmError> {
+pub fn start_all(vcpus: &[VcpuHandle], buses: &Arc<Buses>) -> Result<(), VmError> {
     for v in vcpus {
-        match v.request(VcpuEvent::Start(pio.clone())) {
+        match v.request(VcpuEvent::Start(buses.clone())) {
             Some(VcpuResponse::Started) => {}
             other => return Err(v.unexpected(other)),
         }

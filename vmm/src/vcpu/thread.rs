@@ -11,7 +11,8 @@ use log::{debug, error, info, warn};
 use super::kick::{eat_kicks, setup_kick_mask, KickTarget};
 use super::throttle::{Next, SliceClock, SliceTimer};
 use super::{VcpuContext, VcpuEvent, VcpuResponse, VmEnd};
-use crate::pio::{PioAction, PioBus};
+use crate::pci::io::Buses;
+use crate::pio::PioAction;
 use crate::state::{restore_vcpu, save_vcpu};
 use crate::VmmEvent;
 
@@ -20,9 +21,9 @@ enum Phase {
     /// Created: registers and state can be set; no devices yet.
     Created,
     /// Started and paused.
-    Paused(Arc<PioBus>),
+    Paused(Arc<Buses>),
     /// Running guest code.
-    Running(Arc<PioBus>),
+    Running(Arc<Buses>),
     /// The thread ends.
     Done,
 }
@@ -109,7 +110,7 @@ pub(super) fn thread_main(
     let mut phase = Phase::Created;
     loop {
         phase = match phase {
-            Phase::Running(pio) => t.run(pio),
+            Phase::Running(buses) => t.run(buses),
             Phase::Done => break,
             other => t.wait(other),
         };
@@ -157,9 +158,9 @@ impl VcpuThread {
                     self.answer(VcpuResponse::Exited);
                     return Phase::Done;
                 }
-                (VcpuEvent::Resume, Phase::Paused(pio)) => {
+                (VcpuEvent::Resume, Phase::Paused(buses)) => {
                     self.answer(VcpuResponse::Resumed);
-                    return Phase::Running(pio);
+                    return Phase::Running(buses);
                 }
                 (VcpuEvent::Resume, p) => {
                     self.answer(VcpuResponse::Refused("not started"));
@@ -176,9 +177,9 @@ impl VcpuThread {
                     self.answer(VcpuResponse::Throttled);
                     p
                 }
-                (VcpuEvent::Start(pio), Phase::Created) => {
+                (VcpuEvent::Start(buses), Phase::Created) => {
                     self.answer(VcpuResponse::Started);
-                    Phase::Paused(pio)
+                    Phase::Paused(buses)
                 }
                 (VcpuEvent::Start(_), p) => {
                     self.answer(VcpuResponse::Refused("already started"));
@@ -217,8 +218,8 @@ impl VcpuThread {
 
     /// Runs guest code until an event or the end of the VM; a throttled
     /// vCPU runs in slices and naps in between (see [`super::throttle`]).
-    fn run(&mut self, pio: Arc<PioBus>) -> Phase {
-        let next = self.run_slices(pio);
+    fn run(&mut self, buses: Arc<Buses>) -> Phase {
+        let next = self.run_slices(buses);
         // Whatever ended the run, no slice timer stays armed and the next
         // run starts a fresh slice.
         self.timer.disarm(self.ctx.id);
@@ -227,14 +228,14 @@ impl VcpuThread {
         next
     }
 
-    fn run_slices(&mut self, pio: Arc<PioBus>) -> Phase {
+    fn run_slices(&mut self, buses: Arc<Buses>) -> Phase {
         // Kicks left pending from while the vCPU was paused are stale.
         eat_kicks();
         let mut pending = false;
         loop {
             match self.events.try_recv() {
                 Ok(ev) => {
-                    if let Some(next) = self.on_event(ev, pending, &pio) {
+                    if let Some(next) = self.on_event(ev, pending, &buses) {
                         return next;
                     }
                     continue;
@@ -258,7 +259,7 @@ impl VcpuThread {
                     // new throttle): never a blind sleep.
                     match self.events.recv_timeout(d) {
                         Ok(ev) => {
-                            if let Some(next) = self.on_event(ev, pending, &pio) {
+                            if let Some(next) = self.on_event(ev, pending, &buses) {
                                 return next;
                             }
                         }
@@ -272,7 +273,7 @@ impl VcpuThread {
                 }
             }
             match self.fd.run() {
-                Ok(exit) => match handle_exit(exit, &pio) {
+                Ok(exit) => match handle_exit(exit, &buses) {
                     Handled::Continue(p) => pending = p,
                     Handled::End(end) => {
                         self.report_end(end);
@@ -295,16 +296,16 @@ impl VcpuThread {
 
     /// Serves one event while the vCPU runs (or naps between slices);
     /// returns the next phase if the event ends the run.
-    fn on_event(&mut self, ev: VcpuEvent, pending: bool, pio: &Arc<PioBus>) -> Option<Phase> {
+    fn on_event(&mut self, ev: VcpuEvent, pending: bool, buses: &Arc<Buses>) -> Option<Phase> {
         match ev {
             VcpuEvent::Pause => {
-                if let Some(end) = self.complete_pending(pending, pio) {
+                if let Some(end) = self.complete_pending(pending, buses) {
                     self.report_end(end);
                     self.answer(VcpuResponse::Paused);
                     return Some(Phase::Done);
                 }
                 self.answer(VcpuResponse::Paused);
-                Some(Phase::Paused(pio.clone()))
+                Some(Phase::Paused(buses.clone()))
             }
             VcpuEvent::Exit => {
                 self.answer(VcpuResponse::Exited);
@@ -332,14 +333,14 @@ impl VcpuThread {
     /// Completes a pending I/O or MMIO access without running further guest
     /// instructions, so that a saved state is consistent. Returns the end
     /// of the VM if the access ended it.
-    fn complete_pending(&mut self, mut pending: bool, pio: &PioBus) -> Option<VmEnd> {
+    fn complete_pending(&mut self, mut pending: bool, buses: &Buses) -> Option<VmEnd> {
         self.fd.set_kvm_immediate_exit(1);
         let mut rounds = 0;
         let mut end = None;
         while pending && rounds < 64 {
             rounds += 1;
             pending = match self.fd.run() {
-                Ok(exit) => match handle_exit(exit, pio) {
+                Ok(exit) => match handle_exit(exit, buses) {
                     Handled::Continue(p) => p,
                     Handled::End(e) => {
                         end = Some(e);
@@ -362,6 +363,11 @@ impl VcpuThread {
             }
             e => e,
         };
+        if let VmEnd::Reset(why) = &end {
+            if why.starts_with("triple fault") {
+                warn!("vCPU {id}: {}", fault_state(&mut self.fd));
+            }
+        }
         match &end {
             VmEnd::Reset(why) => info!("vCPU {id}: guest ended the VM: {why}"),
             VmEnd::Error(msg) => error!("{msg}"),
@@ -379,21 +385,24 @@ enum Handled {
     End(VmEnd),
 }
 
-fn handle_exit(exit: VcpuExit<'_>, pio: &PioBus) -> Handled {
+fn handle_exit(exit: VcpuExit<'_>, buses: &Buses) -> Handled {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            pio.io_in(port, data);
+            buses.io_in(port, data);
             Handled::Continue(true)
         }
-        VcpuExit::IoOut(port, data) => match pio.io_out(port, data) {
+        VcpuExit::IoOut(port, data) => match buses.io_out(port, data) {
             PioAction::Continue => Handled::Continue(true),
             PioAction::End(why) => Handled::End(VmEnd::Reset(why.into())),
         },
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0);
+        VcpuExit::MmioRead(addr, data) => {
+            buses.mmio_read(addr, data);
             Handled::Continue(true)
         }
-        VcpuExit::MmioWrite(..) => Handled::Continue(true),
+        VcpuExit::MmioWrite(addr, data) => {
+            buses.mmio_write(addr, data);
+            Handled::Continue(true)
+        }
         VcpuExit::Hlt => Handled::Continue(false),
         VcpuExit::Shutdown => Handled::End(VmEnd::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into())),
         VcpuExit::SystemEvent(kind, _) => match kind {
@@ -418,6 +427,38 @@ fn handle_exit(exit: VcpuExit<'_>, pio: &PioBus) -> Handled {
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => Handled::Continue(false),
         other => Handled::End(VmEnd::Error(format!("unexpected vCPU exit {other:?}"))),
     }
+}
+
+/// The registers that tell where and why a guest triple-faulted, for the
+/// log: the last instruction, the paging and descriptor-table state, and the
+/// event KVM had pending.
+fn fault_state(fd: &mut VcpuFd) -> String {
+    let regs = match fd.get_regs() {
+        Ok(r) => format!("RIP {:#x} RSP {:#x} RFLAGS {:#x}", r.rip, r.rsp, r.rflags),
+        Err(e) => format!("registers unavailable: {e}"),
+    };
+    let sregs = match fd.get_sregs() {
+        Ok(s) => format!(
+            "CS {:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} IDT {:#x}/{:#x} GDT {:#x}/{:#x}",
+            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit,
+            s.gdt.base, s.gdt.limit
+        ),
+        Err(e) => format!("special registers unavailable: {e}"),
+    };
+    let events = match fd.get_vcpu_events() {
+        Ok(ev) => format!(
+            "exception {}/{} vector {} error {:#x}, interrupt {}/{}, nmi {}",
+            ev.exception.injected,
+            ev.exception.pending,
+            ev.exception.nr,
+            ev.exception.error_code,
+            ev.interrupt.injected,
+            ev.interrupt.nr,
+            ev.nmi.injected
+        ),
+        Err(e) => format!("events unavailable: {e}"),
+    };
+    format!("state at the triple fault: {regs}; {sregs}; {events}")
 }
 
 fn describe_error(fd: &mut VcpuFd, vcpu: u8, what: &str) -> String {

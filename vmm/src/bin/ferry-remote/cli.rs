@@ -245,6 +245,11 @@ pub enum Cmd {
         /// to the destination (which must still be waiting) and finish.
         #[arg(long)]
         resume: bool,
+        /// Accept devices that write guest memory by DMA and cannot log it:
+        /// every populated page is re-sent after they stop (longer downtime).
+        /// Without it such a migration is refused.
+        #[arg(long)]
+        allow_untracked_dma: bool,
         #[command(flatten)]
         live: LiveArgs,
         /// Deprecated alias of --max-bandwidth-mib-s (the value is MiB/s).

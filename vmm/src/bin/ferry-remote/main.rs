@@ -127,8 +127,9 @@ fn run(args: Args) -> Result<()> {
             device_chunk_bytes,
             transport,
             wait,
+            allow_untracked_dma,
         } => {
-            let params = cli::send_params(
+            let mut params = cli::send_params(
                 url,
                 *connections,
                 *resume,
@@ -140,6 +141,7 @@ fn run(args: Args) -> Result<()> {
                 *device_chunk_bytes,
                 transport,
             );
+            params.allow_untracked_dma = *allow_untracked_dma;
             let r = client.call("PUT", "vm.send-migration", Some(&params))?;
             if wait.wait {
                 wait::wait(&client, "source", wait.cancel_on_interrupt)
