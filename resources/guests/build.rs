@@ -1,7 +1,7 @@
 //! Build script of the `ferry-guests` crate.
 //!
 //! Assembles and links the "stamp" test guest (`resources/guests/stamp.S`,
-//! which includes `checks.S`, + `stamp.ld`) with the system toolchain and places the result at
+//! which includes `checks.S`, `dev.S` and `helpers.S`, + `stamp.ld`) with the system toolchain and places the result at
 //! `<workspace target dir>/guests/stamp.elf`. The absolute path is exported
 //! to the crate as the `FERRY_STAMP_GUEST` compile-time environment variable
 //! (`ferry_guests::STAMP_ELF`).
@@ -30,10 +30,9 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-changed={}", lds.display());
-    println!(
-        "cargo:rerun-if-changed={}",
-        guests_src.join("checks.S").display()
-    );
+    for inc in ["checks.S", "dev.S", "helpers.S"] {
+        println!("cargo:rerun-if-changed={}", guests_src.join(inc).display());
+    }
     println!("cargo:rerun-if-env-changed=FERRY_GUEST_CC");
     println!("cargo:rerun-if-env-changed=FERRY_GUEST_LD");
 

@@ -19,11 +19,23 @@ idle_loop:
         call    tick_report
         jmp     idle_loop
 
-/* timer_setup: fills the IDT (every vector -> unexpected_isr but the timer
- * and spurious vectors), software-enables the xAPIC, puts its timer in
- * TSC-deadline mode, arms the first deadline and sets IF.
+/* timer_setup: idt_setup, then puts the LAPIC timer in TSC-deadline mode,
+ * arms the first deadline and sets IF.
  * Clobbers rax, rcx, rdx, rdi. */
 timer_setup:
+        call    idt_setup
+        mov     rdi, [lapic_base]
+        mov     dword ptr [rdi + APIC_LVT_TIMER], TIMER_VEC | LVT_TSC_DEADLINE
+        call    arm_timer
+        sti
+        ret
+
+/* idt_setup: fills the IDT (every vector -> unexpected_isr but the timer
+ * and spurious vectors), loads it and software-enables the xAPIC (SVR,
+ * TPR = 0; the LVT entries stay as they are: masked after reset).  Used by
+ * timer=1 and dev=1 (dev.S then installs its vectors 0x41..0x48).
+ * Clobbers rax, rcx, rdx, rdi. */
+idt_setup:
         lea     rdi, [idt]
         xor     ecx, ecx
 1:      lea     rax, [unexpected_isr]
@@ -56,9 +68,6 @@ timer_setup:
         mov     rdi, rax
         mov     dword ptr [rdi + APIC_TPR], 0
         mov     dword ptr [rdi + APIC_SVR], 0x100 | SPURIOUS_VEC
-        mov     dword ptr [rdi + APIC_LVT_TIMER], TIMER_VEC | LVT_TSC_DEADLINE
-        call    arm_timer
-        sti
         ret
 
 /* arm_timer: IA32_TSC_DEADLINE = TSC + TICK_TSC.  Clobbers rax, rcx, rdx. */
@@ -124,7 +133,7 @@ tick_report:
 
 /* zero_sweep: for every RAM entry of the memmap (clipped to the identity
  * map), checks the parts outside the image and the stamp region:
- * [__image_end, REGION_BASE) and [region end, ...).  Prints
+ * [__image_end, REGION_BASE) and [region end + DMA areas (dev=1), ...).  Prints
  * "stamp: zero-check <n> ok" after a clean sweep; a NONZERO page is
  * reported by zero_range, which halts.
  * Clobbers rax, rcx, rdx, rsi, rdi, r8, r10, r11. */
@@ -158,10 +167,11 @@ zero_sweep:
         jbe     31f
         mov     r11, rbx
 31:     call    zero_range
-        /* part 2: [max(rsi, region end), rbx) */
+        /* part 2: [max(rsi, region end + DMA areas), rbx) */
         mov     rdi, [region_mib]
         shl     rdi, 20
         add     rdi, REGION_BASE
+        add     rdi, [dma_total]                /* 0 unless dev=1 */
         cmp     rdi, rsi
         jae     32f
         mov     rdi, rsi

@@ -51,6 +51,7 @@ build c0 -DSELFTEST_CORRUPT=5 -DSELFTEST_CORRUPT_OFF=0
 build c2048 -DSELFTEST_CORRUPT=77 -DSELFTEST_CORRUPT_OFF=2048 -DSELFTEST_CORRUPT_PASS=2
 build c4088 -DSELFTEST_CORRUPT=4095 -DSELFTEST_CORRUPT_OFF=4088
 build dirty -DSELFTEST_CORRUPT=0 -DSELFTEST_CORRUPT_OFF=4088 -DSELFTEST_CORRUPT_PASS=0
+build nvme -DSELFTEST_DEV_ID=0x00101b36   # dev=1 drives QEMU's NVMe (1b36:0010)
 
 run stamp 60 256 "region=16 passes=3"
 expect "3 passes then reset" "stamp: boot mem=255 region=16
@@ -96,6 +97,37 @@ stamp: MISMATCH page=4095 expected=$s found=$(flip "$s")" 124
 run dirty 4 256 "region=16 passes=5"
 expect "non-zero page before pass 1" "stamp: boot mem=255 region=16
 stamp: MISMATCH page=0 expected=0 found=1" 124
+
+# dev=1 (q35's ECAM is at 0xb0000000; Ferry's at 0xe0000000, the default).
+run stamp 20 256 "region=16 passes=2 dev=1 ecam=b0000000"
+expect "dev=1 without a device" "stamp: boot mem=255 region=16
+stamp: ERROR no device" 0
+
+run stamp 20 256 "region=16 passes=2 dev=1"
+expect "dev=1, default ECAM (nothing there on q35)" "stamp: boot mem=255 region=16
+stamp: ERROR no device" 0
+
+run stamp 20 256 "region=16 dev=1 dma=4097 ecam=B0000000"
+expect "dma= out of range" "stamp: boot mem=255 region=16
+stamp: ERROR dma out of range" 0
+
+# Two NVMe controllers stand in for the device: the scan finds both, BAR0
+# (64-bit there) is programmed to 0xd0000000 (the reads of STATUS/SEQ hit
+# the NVMe registers, else the BUSY wait would spin on 0xffffffff), the
+# MSI-X capability is found with its table in BAR0, and the DMA check reads
+# device 0's first data page: 16 MiB + region + the ring page = pfn 8193.
+# NVMe's "SEQ" registers are not zero, so it reports a DMA MISMATCH there.
+qemu_dev="-device nvme,serial=a -device nvme,serial=b"
+rc=0
+timeout 20 qemu-system-x86_64 -machine q35 -m 256 -nographic -display none \
+    -net none -no-reboot -serial stdio -monitor none $qemu_dev \
+    -kernel "$work/nvme.elf" -append "region=16 passes=3 dev=1 ecam=b0000000" \
+    >"$work/raw" 2>&1 || rc=$?
+grep -ao 'stamp: .*' "$work/raw" | tr -d '\r' | sed 's/expected=.*/expected=.../' >"$work/out" || true
+expect "dev=1 on two NVMe stand-ins" "stamp: boot mem=255 region=16
+stamp: dev found=2
+stamp: pass 1 ok
+stamp: DMA MISMATCH page=8193 expected=..." 124
 
 if ((fails)); then echo "$fails test(s) failed"; exit 1; fi
 echo "all stamp guest self-tests passed"

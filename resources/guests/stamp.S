@@ -8,7 +8,7 @@
  *
  * Constraints (nested "PVM" KVM emulates every instruction): plain integer
  * instructions, port I/O and memory accesses only.  No SSE, no string ops,
- * no cmov, no int n.  IF stays 0 and there is no IDT unless `timer=1`.
+ * no cmov, no int n.  IF stays 0 and there is no IDT unless `timer=1` or `dev=1`.
  *
  * Optional checks (command line, see README.md):
  *   timer=1       IDT + LAPIC timer in TSC-deadline mode, re-armed by its
@@ -17,6 +17,9 @@
  *   zero-check=1  after each pass, sample every RAM page the guest never
  *                 writes; "stamp: NONZERO page=<pfn> found=<hex>" (then halt)
  *                 or "stamp: zero-check <n> ok".
+ *   dev=1         drive the simulated DMA devices (dev.S): after each pass
+ *                 check their DMA pages, SCRATCH registers and MSI-X;
+ *                 "stamp: dev <pass> ok seq=<n>" (dma=<pages>, ecam=<hex>).
  *
  * See README.md next to this file for line formats and memory layout.
  *
@@ -26,6 +29,9 @@
  *                                    default 4088) of that region page.
  *   -DSELFTEST_CORRUPT_PASS=<n>      corrupt after pass n instead of pass 1
  *                                    (0 = before pass 1: "fresh" page dirty).
+ *   -DSELFTEST_DEV_ID=<id>           dev=1 looks for this (device << 16 |
+ *                                    vendor) instead of 1b36:fe77, and
+ *                                    does not wait for its interrupts.
  *   -DSELFTEST_TOUCH_TOP             after building the page tables, write
  *                                    and read back the last qword of the
  *                                    highest RAM range (checks the >4 GiB
@@ -88,6 +94,44 @@
         .set ZC_OFF2,         2056
         .set ZC_OFF3,         3080
         .set ZC_OFF4,         4088
+
+        /* dev=1: simulated DMA devices (dev.S, README.md). */
+#ifdef SELFTEST_DEV_ID
+        .set DEV_ID,          SELFTEST_DEV_ID /* selftest.sh: a QEMU device */
+#else
+        .set DEV_ID,          0xfe771b36      /* device << 16 | vendor */
+#endif
+        .set DEV_MAX,         8
+        .set DEV_VEC,         0x41            /* MSI-X vector of device n: 0x41 + n */
+        .set DEV_BAR_BASE,    0xd0000000      /* BAR0 of device n: + n * 0x10000 */
+        .set DEFAULT_ECAM,    0xe0000000
+        .set DEFAULT_DMA,     256             /* pages per device */
+        .set DMA_MAX_PAGES,   4096
+        .set DESC_PAGES,      64              /* pages per descriptor */
+        .set PCI_COMMAND,     0x04            /* dword: command | status << 16 */
+        .set PCI_STATUS_CAP_LIST, 0x10
+        .set PCI_CMD_MEM_BM,  0x6
+        .set PCI_BAR0,        0x10
+        .set PCI_CAP_PTR,     0x34
+        .set PCI_CAP_MSIX,    0x11
+        .set MSIX_ENABLE,     0x80000000      /* in the capability's first dword */
+        .set MSIX_FMASK,      0x40000000
+        .set MSI_ADDR,        0xfee00000
+        .set DEV_CTRL,        0x04
+        .set DEV_CTRL_RUN_IRQ, 0x3
+        .set DEV_STATUS,      0x08
+        .set DEV_STATUS_BUSY, 0x1
+        .set DEV_STATUS_ERROR, 0x2
+        .set DEV_RING_LO,     0x10
+        .set DEV_RING_HI,     0x14
+        .set DEV_RING_LEN,    0x18
+        .set DEV_SEQ_LO,      0x20
+        .set DEV_SEQ_HI,      0x24
+        .set DEV_ERR_ADDR_LO, 0x30
+        .set DEV_ERR_ADDR_HI, 0x34
+        .set DEV_SCRATCH,     0x40
+        .set DEV_SCRATCH_N,   16
+        .set SCRATCH_K,       0x9e3779b1
 
 #ifdef SELFTEST_CORRUPT
 #ifndef SELFTEST_CORRUPT_OFF
@@ -283,6 +327,10 @@ long_entry:
         mov     qword ptr [passes], 0
         mov     qword ptr [timer_on], 0
         mov     qword ptr [zero_check], 0
+        mov     qword ptr [dev_on], 0
+        mov     qword ptr [dma_pages], DEFAULT_DMA
+        mov     eax, DEFAULT_ECAM
+        mov     [ecam_base], rax
         mov     rsi, [rbx + SI_CMDLINE]
         test    rsi, rsi
         jz      cmdline_done
@@ -325,11 +373,38 @@ cmd_token:
 92:     lea     rdi, [str_zero_check_eq]
         call    match_prefix
         test    eax, eax
-        jz      cmd_skip
+        jz      93f
         call    parse_dec
         test    rdx, rdx
         jz      cmd_skip
         mov     [zero_check], rax
+        jmp     cmd_skip
+93:     lea     rdi, [str_dev_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      94f
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [dev_on], rax
+        jmp     cmd_skip
+94:     lea     rdi, [str_dma_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      95f
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [dma_pages], rax
+        jmp     cmd_skip
+95:     lea     rdi, [str_ecam_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      cmd_skip
+        call    parse_hex
+        test    rdx, rdx
+        jz      cmd_skip
+        mov     [ecam_base], rax
 cmd_skip:                               /* skip the rest of the token */
         movzx   eax, byte ptr [rsi]
         test    al, al
@@ -353,12 +428,18 @@ cmdline_done:
         call    print_dec
         call    newline
 
+        /* ---- dev=1: find the devices (sizes the DMA areas) ---- */
+        cmp     qword ptr [dev_on], 0
+        je      20f
+        call    dev_scan
+20:
         /* ---- region fit: contiguous RAM from REGION_BASE ---- */
         mov     rax, [region_mib]
         cmp     rax, REGION_MAX_MIB
         ja      err_region
         shl     rax, 20
         add     rax, REGION_BASE        /* rax = region end */
+        add     rax, [dma_total]        /* + DMA areas (dev=1) */
         mov     r10d, REGION_BASE       /* r10 = end of contiguous RAM */
 10:     xor     r11d, r11d              /* extended in this round? */
         mov     rsi, [rbx + SI_MEMMAP]
@@ -385,7 +466,10 @@ cmdline_done:
         cmp     qword ptr [timer_on], 0
         je      16f
         call    timer_setup
-16:     cmp     qword ptr [zero_check], 0
+16:     cmp     qword ptr [dev_on], 0
+        je      21f
+        call    dev_setup
+21:     cmp     qword ptr [zero_check], 0
         je      17f
         call    zero_sweep              /* before the first pass too */
 17:
@@ -403,6 +487,8 @@ cmdline_done:
         mov     r15, STAMP_K            /* r15 = K */
         test    r12, r12
         jnz     pass_loop
+        cmp     qword ptr [dev_on], 0
+        jne     pass_loop               /* region=0 dev=1: empty passes */
         cmp     qword ptr [timer_on], 0
         jne     idle_loop               /* region=0 timer=1: tick only */
 
@@ -479,8 +565,11 @@ pass_done:
 18:     cmp     qword ptr [timer_on], 0
         je      19f
         call    tick_report
-19:
-        test    r13, r13
+19:     cmp     qword ptr [dev_on], 0
+        je      22f
+        mov     rax, r14
+        call    dev_check
+22:     test    r13, r13
         jz      15f
         cmp     r14, r13
         jae     reset
@@ -541,113 +630,9 @@ halt_forever:
 /* ------------------------------------------------------------------------ */
 
 #include "checks.S"
+#include "dev.S"
 
-/* match_prefix: rsi = cursor, rdi = NUL-terminated prefix.
- * On match: eax = 1, rsi advanced past prefix.  Else eax = 0, rsi unchanged.
- * Clobbers rax, rdx, rdi. */
-match_prefix:
-        mov     rdx, rsi
-1:      movzx   eax, byte ptr [rdi]
-        test    al, al
-        jz      2f
-        cmp     al, [rdx]
-        jne     3f
-        inc     rdi
-        inc     rdx
-        jmp     1b
-2:      mov     rsi, rdx
-        mov     eax, 1
-        ret
-3:      xor     eax, eax
-        ret
-
-/* parse_dec: rsi = cursor.  Returns rax = value, rdx = digit count, rsi
- * advanced past the digits.  Clobbers rax, rdx, r10. */
-parse_dec:
-        xor     eax, eax
-        xor     edx, edx
-1:      movzx   r10d, byte ptr [rsi]
-        sub     r10d, '0'
-        cmp     r10d, 9
-        ja      2f
-        imul    rax, rax, 10
-        add     rax, r10
-        inc     rdx
-        inc     rsi
-        jmp     1b
-2:      ret
-
-/* putc: dil = byte.  Polls LSR.THRE before writing.  Preserves all. */
-putc:
-        push    rax
-        push    rdx
-1:      mov     dx, COM1_LSR
-        in      al, dx
-        test    al, LSR_THRE
-        jz      1b
-        mov     dx, COM1
-        mov     eax, edi
-        out     dx, al
-        pop     rdx
-        pop     rax
-        ret
-
-/* puts: rsi = NUL-terminated string.  Clobbers rsi, rdi. */
-puts:
-1:      movzx   edi, byte ptr [rsi]
-        test    edi, edi
-        jz      2f
-        call    putc
-        inc     rsi
-        jmp     1b
-2:      ret
-
-newline:
-        push    rdi
-        mov     edi, '\n'
-        call    putc
-        pop     rdi
-        ret
-
-/* print_dec: rax = unsigned value.  Clobbers rax, rcx, rdx, rdi, rsi. */
-print_dec:
-        sub     rsp, 32
-        lea     rsi, [rsp + 31]
-        mov     byte ptr [rsi], 0
-        mov     ecx, 10
-1:      xor     edx, edx
-        div     rcx
-        add     edx, '0'
-        dec     rsi
-        mov     [rsi], dl
-        test    rax, rax
-        jnz     1b
-        call    puts
-        add     rsp, 32
-        ret
-
-/* print_hex: rax = value, lowercase, no leading zeros ("0" for zero).
- * Clobbers rax, rcx, rdx, rdi. */
-print_hex:
-        mov     rdx, rax
-        mov     ecx, 60                 /* shift of the current nibble */
-1:      test    ecx, ecx                /* skip leading zero nibbles */
-        jz      2f
-        mov     rax, rdx
-        shr     rax, cl
-        and     eax, 0xf
-        jnz     2f
-        sub     ecx, 4
-        jmp     1b
-2:      mov     rax, rdx
-        shr     rax, cl
-        and     eax, 0xf
-        lea     rdi, [hex_digits]
-        movzx   edi, byte ptr [rdi + rax]
-        call    putc
-        sub     ecx, 4
-        jns     2b
-        ret
+#include "helpers.S"
 
 /* ------------------------------------------------------------------------ */
 /* Data                                                                      */
@@ -658,6 +643,24 @@ str_region_eq:     .asciz "region="
 str_passes_eq:     .asciz "passes="
 str_timer_eq:      .asciz "timer="
 str_zero_check_eq: .asciz "zero-check="
+str_dev_eq:        .asciz "dev="
+str_dma_eq:        .asciz "dma="
+str_ecam_eq:       .asciz "ecam="
+str_dev_found:     .asciz "stamp: dev found="
+str_dev:           .asciz "stamp: dev "
+str_dev_seq:       .asciz " ok seq="
+str_dma_mismatch:  .asciz "stamp: DMA MISMATCH page="
+str_reg_mismatch:  .asciz "stamp: REG MISMATCH dev="
+str_reg:           .asciz " reg="
+str_dev_error:     .asciz "stamp: DEV ERROR dev="
+str_status:        .asciz " status="
+str_addr:          .asciz " addr="
+str_dev_short:     .asciz "stamp: dev WARNING ring too short dev="
+str_dev_short2:    .asciz " wraps="
+str_dev_short3:    .asciz " (a DMA page lost in a migration may be rewritten before it is checked: raise dma= or lower dma-rate)\n"
+str_err_nodev:     .asciz "stamp: ERROR no device\n"
+str_err_dma:       .asciz "stamp: ERROR dma out of range\n"
+str_err_msix:      .asciz "stamp: ERROR no MSI-X table in BAR0 dev="
 str_ticks:         .asciz "stamp: ticks "
 str_zero_ok1:      .asciz "stamp: zero-check "
 str_nonzero:       .asciz "stamp: NONZERO page="
@@ -702,6 +705,17 @@ lapic_base:        .quad 0
 ticks:             .quad 0
 next_report:       .quad TICKS_PER_LINE
 zero_sweeps:       .quad 0
+dev_on:            .quad 0
+dma_pages:         .quad 0
+ecam_base:         .quad 0
+ndevs:             .quad 0
+dma_total:         .quad 0                 /* bytes of DMA areas (dev=1) */
+dev_pass:          .quad 0
+dev_cfg:           .skip DEV_MAX * 8        /* ECAM config base per device */
+dev_area:          .skip DEV_MAX * 8        /* ring page per device */
+dev_irqs:          .skip DEV_MAX * 8        /* MSI-X interrupts per device */
+dev_irq_seen:      .skip DEV_MAX * 8        /* dev_irqs at the last (re)start */
+dev_short_warned:  .quad 0
 idt_desc_pad:      .word 0, 0, 0
 idt_desc:
         .word   IDT_ENTRIES * 16 - 1
