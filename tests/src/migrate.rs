@@ -332,6 +332,7 @@ pub fn check_completed_status(s: &Value, who: &str) {
         "dirty_rate_bytes_per_s",
         "dirty_rate_bps",
         "dirty_sync_count",
+        "dma_dirty_pages",
         "precopy_bytes",
         "downtime_bytes",
         "expected_downtime_ms",

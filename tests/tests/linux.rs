@@ -16,11 +16,24 @@ const L2_MEM: &str = "--memory size=256M";
 fn run_ok(sc: Scenario) -> Option<L1Run> {
     let bed = bed_or_skip()?;
     let run = bed.run(&sc);
+    // The lines that say what went wrong come first: CI logs keep only the
+    // head and the tail of a long transcript.
+    let key: Vec<&str> = run
+        .lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| {
+            ["FAIL", "triple fault", "kernel warning", "panicked", "ERROR"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .collect();
     assert_eq!(
         run.exit_code(),
         Some(0),
-        "scenario {} failed; transcript:\n{}",
+        "scenario {} failed; key lines:\n{}\ntranscript:\n{}",
         sc.name,
+        key.join("\n"),
         run.transcript()
     );
     Some(run)
@@ -44,6 +57,18 @@ fn boot_warnings(run: &L1Run, vm: &str) -> u64 {
 /// its boot.
 fn check_guest_moved(run: &L1Run, vms: &[&str], min_after: usize) {
     let base = boot_warnings(run, vms[0]);
+    // What the guests reported, first in every message: CI logs keep the
+    // head and the tail of a long transcript only.
+    let reported: Vec<String> = vms
+        .iter()
+        .flat_map(|vm| {
+            run.log(vm)
+                .into_iter()
+                .filter(|l| l.contains("kernel warning"))
+                .map(move |l| format!("[{vm}] {l}"))
+        })
+        .collect();
+    let reported = reported.join("\n");
     let mut all = Vec::new();
     for vm in vms {
         let t = run.ticks(vm);
@@ -69,7 +94,7 @@ fn check_guest_moved(run: &L1Run, vms: &[&str], min_after: usize) {
         assert!(rest.contains("sum=ok"), "tick {n}: checksum broken: {rest}");
         assert!(
             rest.contains(&format!("warn={base} ")),
-            "tick {n}: kernel warnings beyond the {base} of boot: {rest}; transcript:\n{}",
+            "tick {n}: kernel warnings beyond the {base} of boot: {rest}; the guests reported:\n{reported}\ntranscript:\n{}",
             run.transcript()
         );
     }
@@ -124,6 +149,51 @@ dump vm
         assert!(!log.iter().any(|l| l.contains(bad)), "{bad}: {log:#?}");
     }
     assert!(run.ticks("vm").len() >= 2);
+}
+
+/// A real Linux finds the host bridge through ACPI (PNP0A08 and MCFG),
+/// uses ECAM, and enumerates a simulated device with its BAR inside the
+/// bridge's window, as firmware assigned it.
+#[test]
+fn linux_sees_the_pci_bus_and_a_simulated_device() {
+    let Some(run) = run_ok(Scenario::new(
+        "pci",
+        &format!(
+            r#"
+boot_vm vm "l2.dmesg=1" {L2_MEM} --sim-vfio id=d0,state=1M
+wait_tick vm 1 180 || fail "no tick"
+dump vm
+"#
+        ),
+    )) else {
+        return;
+    };
+    let log = run.log("vm");
+    let dmesg: Vec<&str> = log
+        .iter()
+        .copied()
+        .filter(|l| l.contains("l2: dmesg:"))
+        .collect();
+    let has = |needle: &str| dmesg.iter().any(|l| l.contains(needle));
+    assert!(has("PCI0"), "no PCI0 root bridge: {dmesg:#?}");
+    assert!(
+        dmesg
+            .iter()
+            .any(|l| (l.contains("ECAM") || l.contains("MMCONFIG")) && l.contains("e0000000")),
+        "ECAM not used: {dmesg:#?}"
+    );
+    assert!(
+        has("[1b36:fe77]"),
+        "simulated device not enumerated: {dmesg:#?}"
+    );
+    for bad in [
+        "can't claim",
+        "no compatible bridge window",
+        "not reserved",
+        "Kernel panic",
+    ] {
+        assert!(!has(bad), "{bad}: {dmesg:#?}");
+    }
 }
 
 #[test]

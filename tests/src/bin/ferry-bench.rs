@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
-//!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8] [--keep-file]
+//!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8]
+//!             [--devices 1,2,4] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
 //!             [--baseline OLD.json [--baseline-note TEXT]] [--modes a,b] [-v]
 //! ```
@@ -36,7 +37,10 @@
 //! Every part prints a Markdown section, writes the raw per-run results to
 //! `resources/bench/results/PART-DATE.json`, and with `--out` replaces the
 //! matching `<!-- ferry-bench:PART begin/end -->` block of that document.
-//! The `devices` part also writes `docs/img/downtime-vs-{devices,connections}.svg`.
+//! The `devices` part (4 devices, `main` against `channels` at 1, 4, 6, 8
+//! and 16 connections unless `--conns` says otherwise, then 1, 2 and 4
+//! devices at 6 connections unless `--devices` does) also writes
+//! `docs/img/downtime-vs-{devices,connections}.svg`.
 //!
 //! Benchmarks run strictly one at a time, and each timed run is preceded by a
 //! settle wait (`--settle`, default 6 s): the host hands freed memory back
@@ -86,6 +90,11 @@ pub struct Opts {
     pub out: Option<PathBuf>,
     pub root: PathBuf,
     pub conns: Vec<u32>,
+    /// Whether `--conns` was given (the devices part has its own default).
+    pub conns_given: bool,
+    /// `--devices 1,2,4`: the device counts of the devices part's second
+    /// table (default 1, 2, 4).
+    pub devices: Option<Vec<usize>>,
     pub keep_file: bool,
     /// `--max-load`: wait for a 1-min load average below this before a run (converge).
     pub max_load: Option<f64>,
@@ -104,7 +113,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
-         \x20      [--conns 1,2,4,8] [--root REPO] [--keep-file] [--netns-rate 1gbit]\n\
+         \x20      [--conns 1,2,4,8] [--devices 1,2,4] [--root REPO] [--keep-file]\n\
+         \x20      [--netns-rate 1gbit]\n\
          \x20      [--max-load 1.0] [--hold-file PATH] [--baseline OLD.json]\n\
          \x20      [--baseline-note TEXT] [--modes reference,pre-copy,...] [-v]"
     );
@@ -125,6 +135,8 @@ fn main() {
         out: None,
         root: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")),
         conns: vec![1, 2, 4, 8],
+        conns_given: false,
+        devices: None,
         keep_file: false,
         max_load: None,
         hold_file: None,
@@ -146,7 +158,16 @@ fn main() {
                 opts.conns = val()
                     .split(',')
                     .map(|c| c.parse().unwrap_or_else(|_| usage()))
-                    .collect()
+                    .collect();
+                opts.conns_given = true;
+            }
+            "--devices" => {
+                opts.devices = Some(
+                    val()
+                        .split(',')
+                        .map(|c| c.parse().unwrap_or_else(|_| usage()))
+                        .collect(),
+                )
             }
             "--keep-file" => opts.keep_file = true,
             "--netns-rate" => netns_rate = Some(val()),

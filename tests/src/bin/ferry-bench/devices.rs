@@ -1,5 +1,9 @@
-//! The device-state benchmark of issue #4: downtime against the number of
-//! simulated VFIO devices and against the number of connections.
+//! The device-state benchmark of issues #4 and #12: downtime of 4 simulated
+//! VFIO devices in `device_state = main` (sequential on the main
+//! connection, the reference) against `channels` (multiplexed on the data
+//! connections), over a range of connection counts, and against the number
+//! of devices at 6 connections. Every ratio is taken against the `main`
+//! figure measured in the same invocation.
 
 use serde_json::json;
 
@@ -10,6 +14,15 @@ use crate::vmm::{Env, MigrateSpec, RunResult, SourceSpec};
 use crate::Opts;
 
 const MIB: f64 = (1u64 << 20) as f64;
+/// Connection counts of the main table (unless `--conns` is given).
+const CONNS: [u32; 5] = [1, 4, 6, 8, 16];
+/// Device counts of the second table (unless `--devices` is given).
+const DEVICES: [usize; 3] = [1, 2, 4];
+/// The connection count of the targets and of the device-count table.
+const REF_CONNS: u32 = 6;
+/// The device count of the connection table.
+const REF_DEVICES: usize = 4;
+const MODES: [&str; 2] = ["main", "channels"];
 
 fn device_source(n: usize) -> SourceSpec {
     let mut extra = Vec::new();
@@ -27,94 +40,169 @@ fn device_source(n: usize) -> SourceSpec {
     }
 }
 
+/// One measured cell: devices, connections, mode, its runs.
+struct Cell {
+    devs: usize,
+    conns: u32,
+    mode: &'static str,
+    runs: Vec<RunResult>,
+}
+
+fn dt(r: &RunResult) -> Option<f64> {
+    r.stat("downtime_ms")
+}
+
+fn find<'a>(cells: &'a [Cell], devs: usize, conns: u32, mode: &str) -> Vec<&'a RunResult> {
+    cells
+        .iter()
+        .find(|c| c.devs == devs && c.conns == conns && c.mode == mode)
+        .map(|c| c.runs.iter().collect())
+        .unwrap_or_default()
+}
+
+fn range(v: &[&RunResult]) -> String {
+    min_max(&col(v, dt))
+        .map(|(a, b)| format!(" ({a:.1}–{b:.1})"))
+        .unwrap_or_default()
+}
+
 pub fn devices(env: &Env, opts: &Opts) -> Section {
-    let n = opts.runs.max(5);
-    let mut records = Vec::new();
-    let mut by_dev: Vec<(usize, &'static str, Vec<RunResult>)> = Vec::new();
-    for devs in [1usize, 2, 4] {
-        for mode in ["main", "channels"] {
-            let mut v = Vec::new();
-            for i in 0..n {
-                env.log(&format!(
-                    "devices: {devs} x 100 MiB, device_state={mode}, 6 connections, run {}",
-                    i + 1
-                ));
-                let mut spec = MigrateSpec::new(6);
-                spec.device_state = Some(mode.into());
-                spec.device_precopy = Some(true);
-                let r = one_run(env, &device_source(devs), None, None, &spec);
-                if r.ok {
-                    env.log(&format!("   downtime {} ms", f(r.stat("downtime_ms"), 1)));
-                }
-                v.push(r);
-            }
-            by_dev.push((devs, mode, v));
+    let n = opts.runs;
+    let conns: Vec<u32> = if opts.conns_given {
+        opts.conns.clone()
+    } else {
+        CONNS.to_vec()
+    };
+    let devs_sweep: Vec<usize> = opts.devices.clone().unwrap_or_else(|| DEVICES.to_vec());
+    // Every (devices, connections) pair to measure, each in both modes;
+    // the rounds interleave the modes so that a change of load hits both.
+    let mut pairs: Vec<(usize, u32)> = conns.iter().map(|&c| (REF_DEVICES, c)).collect();
+    for &d in &devs_sweep {
+        if !pairs.contains(&(d, REF_CONNS)) {
+            pairs.push((d, REF_CONNS));
         }
     }
-    let conns = [2u32, 4, 6, 8, 12, 16];
-    let mut by_conn: Vec<(u32, Vec<RunResult>)> = Vec::new();
-    for &c in &conns {
-        if c == 6 {
-            // Same condition as "4 devices, channels, 6 connections" above: reuse it.
-            let v = by_dev
-                .iter()
-                .find(|x| x.0 == 4 && x.1 == "channels")
-                .map(|x| x.2.clone())
-                .unwrap_or_default();
-            by_conn.push((c, v));
-            continue;
+    let mut cells: Vec<Cell> = Vec::new();
+    for &(devs, c) in &pairs {
+        for mode in MODES {
+            cells.push(Cell {
+                devs,
+                conns: c,
+                mode,
+                runs: Vec::new(),
+            });
         }
-        let mut v = Vec::new();
-        for i in 0..n {
+    }
+    for i in 0..n {
+        for cell in cells.iter_mut() {
             env.log(&format!(
-                "devices: 4 x 100 MiB, channels, {c} connections, run {}",
+                "devices: {} x 100 MiB, device_state={}, {} connections, run {}",
+                cell.devs,
+                cell.mode,
+                cell.conns,
                 i + 1
             ));
-            let mut spec = MigrateSpec::new(c);
-            spec.device_state = Some("channels".into());
+            let mut spec = MigrateSpec::new(cell.conns);
+            spec.device_state = Some(cell.mode.into());
             spec.device_precopy = Some(true);
-            let r = one_run(env, &device_source(4), None, None, &spec);
+            let r = one_run(env, &device_source(cell.devs), None, None, &spec);
             if r.ok {
-                env.log(&format!("   downtime {} ms", f(r.stat("downtime_ms"), 1)));
+                env.log(&format!(
+                    "   downtime {} ms (load {:.2})",
+                    f(dt(&r), 1),
+                    r.loadavg
+                ));
             }
-            v.push(r);
+            cell.runs.push(r);
         }
-        by_conn.push((c, v));
     }
 
-    let dt = |r: &RunResult| r.stat("downtime_ms");
-    let mut failed = 0;
-    let mut md = header("Device state (issue #4): 1 GiB guest, devices of 100 MiB (precopy 10 MiB, save 2000 MB/s, load 250 MB/s)");
+    let failed: usize = cells
+        .iter()
+        .map(|c| c.runs.iter().filter(|r| !r.ok).count())
+        .sum();
+    let loads: Vec<f64> = cells
+        .iter()
+        .flat_map(|c| c.runs.iter().map(|r| r.loadavg))
+        .collect();
+    let (lmin, lmax) = min_max(&loads).unwrap_or((0.0, 0.0));
+    let main_ref = med(&find(&cells, REF_DEVICES, REF_CONNS, "main"), dt);
+
+    let mut md = header(
+        "Device state (issues #4, #12): 1 GiB guest, devices of 100 MiB (precopy 10 MiB, save 2000 MiB/s, load 250 MiB/s)",
+    );
     md.push_str(&format!(
-        "Downtime vs number of devices, 6 connections, median of {n} runs (min–max):\n\n"
+        "1-min load average before the runs: {lmin:.2}–{lmax:.2}. Reference: `main` with \
+         {REF_DEVICES} devices over {REF_CONNS} connections, {} ms, measured in this run.\n\n",
+        f(main_ref, 1)
+    ));
+    md.push_str(&format!(
+        "Downtime vs connections, {REF_DEVICES} devices, median of {n} runs (min–max):\n\n"
     ));
     let mut rows = Vec::new();
-    for devs in [1usize, 2, 4] {
-        let get = |mode: &str| {
-            by_dev
-                .iter()
-                .find(|x| x.0 == devs && x.1 == mode)
-                .map(|x| x.2.iter().collect::<Vec<_>>())
-                .unwrap_or_default()
-        };
-        let (m, c) = (get("main"), get("channels"));
-        failed += m.iter().chain(c.iter()).filter(|r| !r.ok).count();
-        let (mm, cm) = (med(&m, dt), med(&c, dt));
-        let rng = |v: &[&RunResult]| {
-            min_max(&col(v, dt))
-                .map(|(a, b)| format!(" ({a:.1}–{b:.1})"))
-                .unwrap_or_default()
-        };
+    let mut chan_meds = Vec::new();
+    for &c in &conns {
+        let (m, ch) = (
+            find(&cells, REF_DEVICES, c, "main"),
+            find(&cells, REF_DEVICES, c, "channels"),
+        );
+        let (mm, cm) = (med(&m, dt), med(&ch, dt));
+        if let Some(x) = cm {
+            chan_meds.push((c, x));
+        }
         rows.push(vec![
-            devs.to_string(),
-            format!("{}{}", f(mm, 1), rng(&m)),
-            format!("{}{}", f(cm, 1), rng(&c)),
+            c.to_string(),
+            fails(&ch),
+            format!("{}{}", f(mm, 1), range(&m)),
+            format!("{}{}", f(cm, 1), range(&ch)),
+            f(mm.zip(cm).map(|(a, b)| b / a), 2),
+            f(main_ref.zip(cm).map(|(a, b)| b / a), 2),
+            f(med(&ch, |r| r.stat("total_time_ms")), 0),
+            f(med(&ch, |r| r.dst_cpu_s), 2),
+            f(med(&ch, |r| r.src_cpu_s), 2),
+        ]);
+    }
+    md.push_str(&table(
+        &[
+            "connections",
+            "runs",
+            "main: downtime (ms)",
+            "channels: downtime (ms)",
+            "channels / main (same count)",
+            &format!("channels / main@{REF_CONNS}"),
+            "total (ms, channels)",
+            "dst CPU s (channels)",
+            "src CPU s (channels)",
+        ],
+        &rows,
+    ));
+
+    md.push_str(&format!(
+        "\nDowntime vs number of devices, {REF_CONNS} connections, median of {n} runs (min–max):\n\n"
+    ));
+    let mut rows = Vec::new();
+    let mut dev_pts: Vec<Vec<svg::Point>> = vec![Vec::new(), Vec::new()];
+    for &d in &devs_sweep {
+        let (m, ch) = (
+            find(&cells, d, REF_CONNS, "main"),
+            find(&cells, d, REF_CONNS, "channels"),
+        );
+        let (mm, cm) = (med(&m, dt), med(&ch, dt));
+        for (i, (v, x)) in [(&m, mm), (&ch, cm)].into_iter().enumerate() {
+            if let Some(x) = x {
+                dev_pts[i].push((d as f64, x, min_max(&col(v, dt))));
+            }
+        }
+        rows.push(vec![
+            d.to_string(),
+            format!("{}{}", f(mm, 1), range(&m)),
+            format!("{}{}", f(cm, 1), range(&ch)),
             f(mm.zip(cm).map(|(a, b)| b / a), 2),
             f(
-                med(&c, |r| r.stat("device_bytes_transferred")).map(|x| x / MIB),
+                med(&ch, |r| r.stat("device_bytes_transferred")).map(|x| x / MIB),
                 0,
             ),
-            f(med(&c, |r| r.stat("total_time_ms")), 0),
+            f(med(&ch, |r| r.stat("total_time_ms")), 0),
         ]);
     }
     md.push_str(&table(
@@ -128,73 +216,36 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
         ],
         &rows,
     ));
-    md.push_str(&format!(
-        "\nDowntime vs connections, 4 devices, device_state=channels, median of {n} runs:\n\n"
-    ));
-    let mut rows = Vec::new();
-    let mut meds = Vec::new();
-    for (c, v) in &by_conn {
-        let v: Vec<&RunResult> = v.iter().collect();
-        if *c != 6 {
-            failed += v.iter().filter(|r| !r.ok).count();
-        }
-        let m = med(&v, dt);
-        if let Some(m) = m {
-            meds.push((*c, m));
-        }
-        let rng = min_max(&col(&v, dt))
-            .map(|(a, b)| format!("{a:.1}–{b:.1}"))
-            .unwrap_or_else(|| "–".into());
-        rows.push(vec![
-            c.to_string(),
-            fails(&v),
-            f(m, 1),
-            rng,
-            f(med(&v, |r| r.stat("total_time_ms")), 0),
-        ]);
-    }
-    md.push_str(&table(
-        &[
-            "connections",
-            "runs",
-            "median downtime (ms)",
-            "min–max (ms)",
-            "total (ms)",
-        ],
-        &rows,
-    ));
 
-    let main4 = by_dev
-        .iter()
-        .find(|x| x.0 == 4 && x.1 == "main")
-        .and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
-    let chan4 = by_dev
-        .iter()
-        .find(|x| x.0 == 4 && x.1 == "channels")
-        .and_then(|x| med(&x.2.iter().collect::<Vec<_>>(), dt));
-    let best = meds
-        .iter()
-        .map(|x| x.1)
-        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
-    let at16 = meds.iter().find(|x| x.0 == 16).map(|x| x.1);
+    let chan_ref = med(&find(&cells, REF_DEVICES, REF_CONNS, "channels"), dt);
+    let best = chan_meds.iter().min_by(|a, b| a.1.total_cmp(&b.1)).copied();
+    let at16 = chan_meds.iter().find(|x| x.0 == 16).map(|x| x.1);
     md.push_str("\nTargets:\n\n");
     md.push_str(&table(
         &["target", "measured", "status"],
         &[
             vec![
-                "4 devices: channels downtime ≤ 0.35 × main".into(),
+                format!(
+                    "{REF_DEVICES} devices, {REF_CONNS} connections: channels downtime ≤ 0.35 × main"
+                ),
                 format!(
                     "{} / {} ms = {}",
-                    f(chan4, 1),
-                    f(main4, 1),
-                    f(chan4.zip(main4).map(|(a, b)| a / b), 2)
+                    f(chan_ref, 1),
+                    f(main_ref, 1),
+                    f(chan_ref.zip(main_ref).map(|(a, b)| a / b), 2)
                 ),
-                met(chan4.zip(main4).map(|(a, b)| a <= 0.35 * b)).into(),
+                met(chan_ref.zip(main_ref).map(|(a, b)| a <= 0.35 * b)).into(),
             ],
             vec![
-                "downtime at 16 connections within 10% of the best".into(),
-                format!("{} ms vs best {} ms", f(at16, 1), f(best, 1)),
-                met(at16.zip(best).map(|(a, b)| a <= 1.10 * b)).into(),
+                "channels downtime at 16 connections within 10% of the best count".into(),
+                format!(
+                    "{} ms vs best {} ms ({} connections) = {}",
+                    f(at16, 1),
+                    f(best.map(|b| b.1), 1),
+                    best.map(|b| b.0.to_string()).unwrap_or_else(|| "–".into()),
+                    f(at16.zip(best).map(|(a, b)| a / b.1), 2)
+                ),
+                met(at16.zip(best).map(|(a, b)| a <= 1.10 * b.1)).into(),
             ],
         ],
     ));
@@ -202,79 +253,71 @@ pub fn devices(env: &Env, opts: &Opts) -> Section {
     // Plots.
     let img = opts.root.join("docs/img");
     let _ = std::fs::create_dir_all(&img);
-    let mut series = Vec::new();
-    for (i, mode) in ["main", "channels"].iter().enumerate() {
-        let mut pts = Vec::new();
-        for devs in [1usize, 2, 4] {
-            if let Some(x) = by_dev.iter().find(|x| x.0 == devs && x.1 == *mode) {
-                let v: Vec<&RunResult> = x.2.iter().collect();
-                if let Some(m) = med(&v, dt) {
-                    pts.push((devs as f64, m, min_max(&col(&v, dt))));
-                }
-            }
-        }
-        series.push(svg::Series {
+    let conn_series: Vec<svg::Series> = MODES
+        .iter()
+        .enumerate()
+        .map(|(i, mode)| svg::Series {
             name: format!("device_state={mode}"),
             color: svg::COLORS[i],
-            points: pts,
-        });
-    }
-    let s1 = svg::line_chart(
-        "Downtime vs devices (100 MiB each, 6 connections)",
-        "devices",
-        "downtime (ms), median with min–max",
-        &[1.0, 2.0, 4.0],
-        &series,
-        None,
-    );
-    let pts: Vec<svg::Point> = by_conn
-        .iter()
-        .filter_map(|(c, v)| {
-            let v: Vec<&RunResult> = v.iter().collect();
-            med(&v, dt).map(|m| (*c as f64, m, min_max(&col(&v, dt))))
+            points: conns
+                .iter()
+                .filter_map(|&c| {
+                    let v = find(&cells, REF_DEVICES, c, mode);
+                    med(&v, dt).map(|m| (c as f64, m, min_max(&col(&v, dt))))
+                })
+                .collect(),
         })
         .collect();
-    let s2 = svg::line_chart(
-        "Downtime vs connections (4 devices, channels)",
+    let s_conn = svg::line_chart(
+        &format!("Downtime vs connections ({REF_DEVICES} devices of 100 MiB)"),
         "connections",
         "downtime (ms), median with min–max",
         &conns.iter().map(|&c| c as f64).collect::<Vec<_>>(),
-        &[svg::Series {
-            name: "device_state=channels".into(),
-            color: svg::COLORS[1],
-            points: pts,
-        }],
-        best.map(|b| ("best + 10%", b * 1.1)),
+        &conn_series,
+        main_ref.map(|m| ("0.35 × main@6 (target)", 0.35 * m)),
     );
-    let _ = std::fs::write(img.join("downtime-vs-devices.svg"), s1);
-    let _ = std::fs::write(img.join("downtime-vs-connections.svg"), s2);
-    md.push_str("\n![downtime vs devices](img/downtime-vs-devices.svg)\n![downtime vs connections](img/downtime-vs-connections.svg)\n");
-
-    let chan4: Vec<&RunResult> = by_dev
+    let dev_series: Vec<svg::Series> = MODES
         .iter()
-        .filter(|x| x.0 == 4 && x.1 == "channels")
-        .flat_map(|x| x.2.iter())
+        .zip(dev_pts)
+        .enumerate()
+        .map(|(i, (mode, points))| svg::Series {
+            name: format!("device_state={mode}"),
+            color: svg::COLORS[i],
+            points,
+        })
         .collect();
+    let s_dev = svg::line_chart(
+        &format!("Downtime vs devices (100 MiB each, {REF_CONNS} connections)"),
+        "devices",
+        "downtime (ms), median with min–max",
+        &devs_sweep.iter().map(|&d| d as f64).collect::<Vec<_>>(),
+        &dev_series,
+        None,
+    );
+    let _ = std::fs::write(img.join("downtime-vs-connections.svg"), s_conn);
+    let _ = std::fs::write(img.join("downtime-vs-devices.svg"), s_dev);
+    md.push_str(
+        "\n![downtime vs connections](img/downtime-vs-connections.svg)\n\
+         ![downtime vs devices](img/downtime-vs-devices.svg)\n",
+    );
+
+    let chan_ref_runs = find(&cells, REF_DEVICES, REF_CONNS, "channels");
     md.push_str(&series_chart(
         opts,
         "devices",
         "1 GiB guest, 4 devices of 100 MiB, channels, 6 connections",
         "4 devices, device_state=channels, 6 connections, the median total",
-        &chan4,
+        &chan_ref_runs,
     ));
-    for (devs, mode, v) in &by_dev {
-        for r in v {
-            records.push(json!({"devices": devs, "device_state": mode, "connections": 6, "result": r.to_json()}));
-        }
-    }
-    for (c, v) in &by_conn {
-        if *c == 6 {
-            continue;
-        }
-        for r in v {
-            records.push(json!({"devices": 4, "device_state": "channels", "connections": c, "result": r.to_json()}));
-        }
-    }
+    let records: Vec<_> = cells
+        .iter()
+        .flat_map(|c| {
+            c.runs.iter().map(move |r| {
+                json!({"devices": c.devs, "device_state": c.mode, "connections": c.conns,
+                       "result": r.to_json()})
+            })
+        })
+        .collect();
     Section {
         markdown: md,
         json: json!({"runs": records}),
