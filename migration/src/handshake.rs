@@ -356,6 +356,9 @@ pub fn refuse_now(s: &Channel, session: u128, msg: &str, stop: &CancelToken) {
     net::drain(s.tcp(), Duration::from_secs(1), &|| stop.is_cancelled());
 }
 
+/// Longest wait of the accept loop before it re-checks its stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
 fn accept_loop(
     listener: TcpListener,
     stop: CancelToken,
@@ -397,7 +400,10 @@ fn accept_loop(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                // Woken by the next connection at once (each data connection
+                // of a session waits here for the one before it), by the
+                // time-out otherwise, to see `stop`.
+                net::wait_readable(&listener, ACCEPT_POLL);
             }
             Err(e) => {
                 log::warn!("accepting a migration connection: {e}");

@@ -15,7 +15,7 @@ use crate::device_set::{validate_args, DeviceSet};
 use crate::jobs::migration::{Direction, Job, JobResult, Progress};
 use crate::memory::GuestRam;
 use crate::vcpu::VmEnd;
-use crate::vm::{Vm, VmDescription};
+use crate::vm::{Vm, VmDescription, VmShell};
 
 /// With `--exit-after-migration`: how long a source waits, after a
 /// completed send, for someone to read `vm.migration` before it exits
@@ -162,59 +162,81 @@ impl Inner {
     }
 }
 
-/// RAM provisioned at start for incoming migrations, faulted in by a
-/// background thread so that the API is up at once.
+/// What an API-only VMM started with `--memory` prepares for an incoming
+/// migration, on a background thread so that the API is up at once: the
+/// RAM (faulted in with `prefault=on`), and a KVM VM with its memory slots
+/// over it ([`VmShell`]), whose cost grows with the guest's size and would
+/// otherwise fall inside the migration.
 ///
-/// Invariant: `done` becomes true once, when the prefault thread finished
-/// (successfully or not); the RAM is usable either way.
+/// Invariant: `done` becomes true once, when the thread finished
+/// (successfully or not); the RAM is usable either way, and `shell`, if
+/// any, maps exactly this RAM.
 pub struct Provisioned {
     ram: GuestRam,
+    shell: Mutex<Option<VmShell>>,
     done: Mutex<bool>,
     cv: std::sync::Condvar,
 }
 
 impl Provisioned {
-    /// Maps `cfg`'s memory and starts faulting it in on a thread.
+    /// Maps `cfg`'s memory and starts preparing it on a thread.
     fn start(cfg: &crate::config::MemoryConfig) -> Result<Arc<Provisioned>, RunError> {
         let ram = GuestRam::new(cfg).map_err(|e| RunError::Failed(e.to_string()))?;
         let p = Arc::new(Provisioned {
             ram,
+            shell: Mutex::new(None),
             done: Mutex::new(false),
             cv: std::sync::Condvar::new(),
         });
         let q = p.clone();
-        let size = cfg.size;
+        let (size, prefault) = (cfg.size, cfg.prefault);
         std::thread::Builder::new()
-            .name("prefault".into())
+            .name("provision".into())
             .spawn(move || {
-                match q.ram.prefault() {
-                    Ok(()) => info!(
-                        "{} MiB of RAM provisioned for an incoming migration",
-                        size >> 20
+                let t = Instant::now();
+                match VmShell::new(q.ram.clone()) {
+                    Ok(shell) => {
+                        *q.shell.lock().unwrap_or_else(|p| p.into_inner()) = Some(shell);
+                        info!(
+                            "KVM VM of {} MiB prepared for an incoming migration in {:?}",
+                            size >> 20,
+                            t.elapsed()
+                        );
+                    }
+                    Err(e) => warn!(
+                        "preparing the KVM VM for an incoming migration: {e}; it will be made \
+                         when the migration arrives"
                     ),
-                    Err(e) => warn!("{e}; pages will be faulted in on first use"),
+                }
+                if prefault {
+                    match q.ram.prefault() {
+                        Ok(()) => info!(
+                            "{} MiB of RAM provisioned for an incoming migration",
+                            size >> 20
+                        ),
+                        Err(e) => warn!("{e}; pages will be faulted in on first use"),
+                    }
                 }
                 *q.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 q.cv.notify_all();
             })
-            .map_err(|e| RunError::Failed(format!("spawning the prefault thread: {e}")))?;
+            .map_err(|e| RunError::Failed(format!("spawning the provisioning thread: {e}")))?;
         Ok(p)
     }
 
-    /// The RAM, once faulted in.
-    fn wait(&self) -> GuestRam {
+    /// Waits until the thread finished.
+    fn wait(&self) {
         let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
         while !*d {
             d = self.cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
-        self.ram.clone()
     }
 }
 
 /// The VMM of one `ferry` process.
 ///
-/// Invariant: `provisioned` is RAM faulted in at start (API-only VMM with
-/// `--memory ...,prefault=on`), shared by every VM received into it;
+/// Invariant: `provisioned` is the RAM prepared at start (API-only VMM with
+/// `--memory`), shared by every VM received into it;
 /// `events` reaches this VMM's control loop.
 pub struct Vmm {
     cfg: VmmConfig,
@@ -234,11 +256,11 @@ impl Vmm {
 
     /// A VMM without VM for `cfg`, and the loop side of its event channel.
     /// RAM is pre-provisioned (in the background) for an API-only VMM
-    /// started with `--memory ...,prefault=on`.
+    /// started with `--memory` (and faulted in with `prefault=on`).
     pub fn new(cfg: VmmConfig) -> Result<(Arc<Vmm>, EventSource), RunError> {
         let (sink, source) = crate::control::event_channel()
             .map_err(|e| RunError::Failed(format!("creating the event channel: {e}")))?;
-        let provisioned = if cfg.boot.is_none() && cfg.memory_explicit && cfg.memory.prefault {
+        let provisioned = if cfg.boot.is_none() && cfg.memory_explicit {
             Some(Provisioned::start(&cfg.memory)?)
         } else {
             None
@@ -278,9 +300,22 @@ impl Vmm {
         self.events.clone()
     }
 
-    /// Pre-provisioned RAM, if any; waits until it is faulted in.
+    /// Pre-provisioned RAM, if any; waits until it is prepared.
     pub fn provisioned_ram(&self) -> Option<GuestRam> {
-        self.provisioned.as_ref().map(|p| p.wait())
+        self.provisioned.as_ref().map(|p| {
+            p.wait();
+            p.ram.clone()
+        })
+    }
+
+    /// The prepared KVM VM over the provisioned RAM, once: the first VM
+    /// received takes it; later ones (after a failed attempt) make their
+    /// own.
+    pub fn take_vm_shell(&self) -> Option<VmShell> {
+        let p = self.provisioned.as_ref()?;
+        p.wait();
+        let shell = p.shell.lock().unwrap_or_else(|p| p.into_inner()).take();
+        shell
     }
 
     /// Whether RAM was pre-provisioned (without waiting for it).

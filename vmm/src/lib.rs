@@ -28,6 +28,7 @@ pub mod host;
 pub mod jobs;
 pub mod logging;
 pub mod memory;
+pub mod pagemap;
 pub mod pci;
 pub mod pio;
 pub mod postcopy;

@@ -392,6 +392,13 @@ impl GuestRam {
         match (&self.fd, r.file_offset) {
             (Some(fd), Some(off)) => seek_data_ranges(fd, off, r.size).map_err(perr),
             _ => {
+                // Page tables first: cost follows populated memory, and
+                // swapped-out pages are seen.
+                if let Some(ranges) =
+                    crate::pagemap::data_ranges(r.host_addr, r.size).map_err(perr)?
+                {
+                    return Ok(ranges);
+                }
                 if host_has_swap() {
                     return Ok(whole(r.size));
                 }

@@ -280,18 +280,32 @@ pub fn host_guest_cpuid(cpus: u8) -> Result<Vec<kvm_cpuid_entry2>, VmError> {
     Ok(cpuid.as_slice().to_vec())
 }
 
-impl Vm {
-    /// Creates a VM over `ram` with `cpus` vCPUs (CPUID, boot MSRs, FPU and
-    /// LAPIC LINT set, registers not), in-kernel irqchip and PIT, COM1 and
-    /// i8042. The VM does not run until [`Vm::start`].
-    pub fn create(
-        ram: GuestRam,
-        cpus: u8,
-        serial: SerialConfig,
-        desc: VmDescription,
-        devices: DeviceSet,
-        events: EventSink,
-    ) -> Result<Vm, VmError> {
+/// A KVM VM with its memory slots over `ram`, and nothing else yet: the
+/// part of a VM whose cost grows with the guest's size (the kernel's
+/// per-page metadata of each slot), made ahead of time where a destination
+/// knows its guest's memory (`--memory` without `--kernel`).
+///
+/// Invariant: `slots[i]` is registered in `fd` over `ram.regions()[i]`,
+/// and `ram` outlives `fd` (both move together into the [`Vm`]).
+pub struct VmShell {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    ram: GuestRam,
+    slots: Vec<Slot>,
+    manual_protect: bool,
+}
+
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell").field("ram", &self.ram).finish()
+    }
+}
+
+impl VmShell {
+    /// Creates the KVM VM (TSS, identity map, irqchip, PIT, dirty-log
+    /// protection mode) and registers `ram` as its memory slots.
+    pub fn new(ram: GuestRam) -> Result<VmShell, VmError> {
+        let started = std::time::Instant::now();
         let kvm = Kvm::new()
             .map_err(|e| VmError::Host(format!("cannot open /dev/kvm: {e} (is KVM available?)")))?;
         let api = kvm.get_api_version();
@@ -324,12 +338,64 @@ impl Vm {
                 host_addr: r.host_addr,
             };
             // SAFETY: the region maps live memory owned by `ram`, which the
-            // Vm keeps for as long as the VM fd exists.
+            // shell (then the Vm) keeps for as long as the VM fd exists.
             unsafe { fd.set_user_memory_region(slot.region(0)) }
                 .map_err(kvm_err(format!("KVM_SET_USER_MEMORY_REGION slot {i}")))?;
             slots.push(slot);
         }
+        debug!(
+            "KVM VM with {} MiB in {} slot(s) made in {:?}",
+            ram.size() >> 20,
+            slots.len(),
+            started.elapsed()
+        );
+        Ok(VmShell {
+            kvm,
+            fd,
+            ram,
+            slots,
+            manual_protect,
+        })
+    }
 
+    /// The RAM the slots map.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
+
+impl Vm {
+    /// Creates a VM over `ram` with `cpus` vCPUs (CPUID, boot MSRs, FPU and
+    /// LAPIC LINT set, registers not), in-kernel irqchip and PIT, COM1 and
+    /// i8042. The VM does not run until [`Vm::start`].
+    pub fn create(
+        ram: GuestRam,
+        cpus: u8,
+        serial: SerialConfig,
+        desc: VmDescription,
+        devices: DeviceSet,
+        events: EventSink,
+    ) -> Result<Vm, VmError> {
+        Vm::create_in(VmShell::new(ram)?, cpus, serial, desc, devices, events)
+    }
+
+    /// [`Vm::create`] in a [`VmShell`] made earlier (a destination's
+    /// pre-provisioned one): the KVM VM and its memory slots exist already.
+    pub fn create_in(
+        shell: VmShell,
+        cpus: u8,
+        serial: SerialConfig,
+        desc: VmDescription,
+        devices: DeviceSet,
+        events: EventSink,
+    ) -> Result<Vm, VmError> {
+        let VmShell {
+            kvm,
+            fd,
+            ram,
+            slots,
+            manual_protect,
+        } = shell;
         // Before any guest code runs (a destination's RAM exists now): the
         // PCI bus, its MSI sinks, and guest RAM DMA-mapped in its devices.
         let pci = Arc::new(

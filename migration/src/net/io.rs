@@ -83,6 +83,23 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// Waits until `fd` is readable (for a listener: a connection is ready to
+/// accept), an error or hang-up is pending, or `timeout` passed; returns
+/// whether it became ready. An interrupted or failed poll counts as not
+/// ready: the caller's loop tries again.
+pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is one valid pollfd that lives across the call, and the
+    // count passed is 1; poll writes only `p.revents`.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0
+}
+
 /// Reads and discards what the peer still sends, for up to `limit` or
 /// until it closes or `stopped()`: after our last words (an ERROR frame, a
 /// TLS alert) and our write shutdown, so that closing with unread input

@@ -20,7 +20,7 @@ pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
 pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
-    send_message, set_big_buffers, write_vecs, Recv,
+    send_message, set_big_buffers, wait_readable, write_vecs, Recv,
 };
 
 use std::sync::{Mutex, MutexGuard};

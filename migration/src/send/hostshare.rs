@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::link::FromDest;
 use super::pool::RateLimiter;
-use crate::api::{CancelToken, Connections, Hooks, SendParams};
+use crate::api::{Connections, Hooks, SendParams};
 use crate::error::MigrationError;
 use crate::events::EventLog;
 use crate::handshake::Dial;
@@ -124,7 +124,8 @@ impl ShareInputs {
 /// Invariant: the share was applied once before [`ShareTicker::start`]
 /// returned; dropping the ticker stops and joins its thread.
 pub(super) struct ShareTicker {
-    stop: CancelToken,
+    /// Dropping it wakes and ends the thread at once.
+    stop: Option<std::sync::mpsc::Sender<()>>,
     handle: Option<Worker>,
 }
 
@@ -132,22 +133,19 @@ impl ShareTicker {
     /// Applies the share now and keeps it current on a thread.
     pub fn start(inputs: ShareInputs, ctl: &Arc<Ctl>) -> Result<ShareTicker, MigrationError> {
         inputs.apply();
-        let stop = CancelToken::default();
-        let s = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let handle = worker::spawn("mig-share", ctl, move || {
-            let mut waited = std::time::Duration::ZERO;
-            while !s.is_cancelled() {
-                std::thread::sleep(crate::net::POLL_INTERVAL.min(SHARE_INTERVAL));
-                waited += crate::net::POLL_INTERVAL.min(SHARE_INTERVAL);
-                if waited >= SHARE_INTERVAL {
-                    waited = std::time::Duration::ZERO;
-                    inputs.apply();
-                }
+            // A message or the sender's drop ends the thread without
+            // waiting out the interval (the join is on the completion path).
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(SHARE_INTERVAL)
+            {
+                inputs.apply();
             }
             Ok(())
         })?;
         Ok(ShareTicker {
-            stop,
+            stop: Some(stop),
             handle: Some(handle),
         })
     }
@@ -155,7 +153,7 @@ impl ShareTicker {
 
 impl Drop for ShareTicker {
     fn drop(&mut self) {
-        self.stop.cancel();
+        drop(self.stop.take());
         if let Some(h) = self.handle.take() {
             let _ = worker::join(h);
         }

@@ -188,6 +188,8 @@ struct DataPlane {
 struct Linked {
     link: Link,
     data: DataPlane,
+    /// On from the start of the setup (see `setup::link`).
+    dirty: DirtyLog,
 }
 
 /// Where device state streams from while the VM runs.
@@ -521,9 +523,10 @@ fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
             remote_cause(err, fd)
         }
         Phase::Linked(l) => {
-            let Linked { link, data } = *l;
+            let Linked { link, data, dirty } = *l;
             let err = link.abort(err, false, fd);
             drop(data);
+            drop(dirty);
             err
         }
         Phase::Streaming(s) => {

@@ -148,12 +148,38 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
 /// Connected → Linked: SETUP, data connections and writers, main reader
 /// and keepalive.
 pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
-    let r = (|| {
-        negotiate(ctx, &main)?;
-        let data = data_plane(ctx)?;
-        let link = Link::start(main.clone(), &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
-        Ok(Linked { link, data })
-    })();
+    let r = std::thread::scope(|sc| {
+        // Dirty logging is switched on while the destination makes its VM
+        // and the data connections come up: the kernel's part of it (dirty
+        // bitmaps for every slot) grows with the guest's size, and here it
+        // overlaps with the network's round trips instead of adding to them.
+        // It only has to be on before pass 1 lists populated memory.
+        let dirty = std::thread::Builder::new()
+            .name("mig-dirty-on".into())
+            .spawn_scoped(sc, || DirtyLog::start(&ctx.vm));
+        let r = (|| {
+            negotiate(ctx, &main)?;
+            let data = data_plane(ctx)?;
+            let link = Link::start(main.clone(), &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
+            Ok((link, data))
+        })();
+        let dirty = match dirty {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                Err(MigrationError::Internal(
+                    "the thread starting dirty logging panicked".into(),
+                ))
+            }),
+            // No thread: start it here instead.
+            Err(_) => DirtyLog::start(&ctx.vm),
+        };
+        r.and_then(|(link, data)| {
+            Ok(Linked {
+                link,
+                data,
+                dirty: dirty?,
+            })
+        })
+    });
     let linked = or_fail!(r, Phase::Connected(main));
     ctx.stats.mark_setup_done();
     let params = ctx.live.get();
@@ -207,18 +233,17 @@ fn start_devices(ctx: &Ctx, l: &Linked) -> Result<DeviceStreams, MigrationError>
     })
 }
 
-/// Linked → Streaming: dirty logging on, device streams started, pass 1
-/// queued.
+/// Linked → Streaming (dirty logging is on since Linked): device streams
+/// started, pass 1 queued.
 pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
     let r = (|| {
-        let dirty = DirtyLog::start(&ctx.vm)?;
         let dma = Arc::new(DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?);
         let restore = RestoreDevices::new(&ctx.devices);
         let devs = start_devices(ctx, &l)?;
-        Ok((dirty, dma, restore, devs))
+        Ok((dma, restore, devs))
     })();
-    let (dirty, dma, restore, devs) = or_fail!(r, Phase::Linked(l));
-    let Linked { link, data } = *l;
+    let (dma, restore, devs) = or_fail!(r, Phase::Linked(l));
+    let Linked { link, data, dirty } = *l;
     let mut s = Box::new(Streaming {
         link,
         data,

@@ -21,11 +21,10 @@ fn destination_refuses_config() {
     assert!(e.to_string().contains("this host has no AVX-512"), "{e}");
     assert!(fin.factory.created.lock().unwrap().is_empty());
     assert_source_running(&src);
-    assert_eq!(
-        src.stop_log_calls.load(SeqCst),
-        0,
-        "dirty logging never started"
-    );
+    // Dirty logging starts while the setup runs (its kernel cost then
+    // overlaps the network's); refused, it is off again, stopped once.
+    assert!(!src.logging.load(SeqCst), "dirty logging left on");
+    assert!(src.stop_log_calls.load(SeqCst) <= 1);
     let s = stats.snapshot();
     assert_eq!(s.state, MigrationState::Failed);
     assert!(s.error.unwrap().contains("AVX-512"));

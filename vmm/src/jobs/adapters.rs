@@ -187,7 +187,16 @@ impl DestinationFactory for DestFactory {
             serial: serial.clone(),
             migrated_in: true,
         };
-        let vm = Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()).map_err(be)?;
+        // The KVM VM prepared at start (its memory slots cost time that
+        // grows with the guest's size), or a new one.
+        let vm = match vmm.take_vm_shell() {
+            Some(shell) => {
+                log::debug!("incoming VM placed in the KVM VM prepared at start");
+                Vm::create_in(shell, cfg.cpus, serial, desc, devices, vmm.event_sink())
+            }
+            None => Vm::create(ram, cfg.cpus, serial, desc, devices, vmm.event_sink()),
+        }
+        .map_err(be)?;
         cfg.check_msrs(&vm.spec.msr_list)
             .map_err(BackendError::new)?;
         vm.caps()

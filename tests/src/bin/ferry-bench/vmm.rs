@@ -122,12 +122,25 @@ pub fn start_destination(
     if let Some(m) = memory {
         args.push("--memory");
         args.push(m);
+        // Info level: the line that says the prepared VM is ready.
+        args.push("-v");
     }
     let vm = match &env.net {
         Some(n) => Vmm::spawn_netns("bench-dst", &n.dst_ns, &n.dst_ip, &args),
         None => Vmm::spawn("bench-dst", &args),
     };
     guarded("destination API", || vm.wait_api())?;
+    if memory.is_some() {
+        // A destination given its guest's memory prepares the KVM VM in the
+        // background; a run measures the migration, not that preparation.
+        let t = Instant::now();
+        while !vm.stderr().contains("prepared for an incoming migration") {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err("the destination did not prepare its VM within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     if let Some(b) = prefault_bytes {
         let t = Instant::now();
         let (mut last, mut since) = (0u64, Instant::now());
