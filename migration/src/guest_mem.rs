@@ -319,10 +319,18 @@ impl<D> IoVecs<'_, D> {
     /// for one `sendmsg` whose size must stay bounded (zero-copy: the
     /// kernel charges locked memory by the size asked). Returns the bytes
     /// `out` describes.
-    pub fn pending_capped(&self, max: usize, max_bytes: usize, out: &mut Vec<libc::iovec>) -> usize {
+    pub fn pending_capped(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> usize {
         out.clear();
         let mut total = 0;
-        for v in self.iovs[self.start.min(self.iovs.len())..].iter().take(max) {
+        for v in self.iovs[self.start.min(self.iovs.len())..]
+            .iter()
+            .take(max)
+        {
             if total == max_bytes {
                 break;
             }

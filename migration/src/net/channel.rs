@@ -665,10 +665,9 @@ impl Channel {
             if zc.z.in_flight() == 0 {
                 return Ok(());
             }
-            let got = zc
-                .z
-                .wait(POLL_INTERVAL)
-                .map_err(|e| MigrationError::io(what, e))?;
+            let got =
+                zc.z.wait(POLL_INTERVAL)
+                    .map_err(|e| MigrationError::io(what, e))?;
             zc.recycle();
             if got {
                 last = Instant::now();

@@ -26,9 +26,7 @@ pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
     send_message, set_big_buffers, write_vecs, Recv,
 };
-pub use zerocopy::{
-    check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW,
-};
+pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

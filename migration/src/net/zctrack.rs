@@ -118,7 +118,12 @@ impl Tracker {
     /// split is as exact as the kernel reports it). A range naming sends
     /// that were never made, or that completed long ago, is an error
     /// (nothing is changed); a send reported twice counts once.
-    pub fn complete(&mut self, lo: u32, hi: u32, copied: bool) -> Result<Completed, MigrationError> {
+    pub fn complete(
+        &mut self,
+        lo: u32,
+        hi: u32,
+        copied: bool,
+    ) -> Result<Completed, MigrationError> {
         let first = lo.wrapping_sub(self.base) as usize;
         let count = hi.wrapping_sub(lo) as usize + 1;
         let len = self.pending.len();
@@ -165,10 +170,24 @@ mod tests {
         assert_eq!(t.in_flight(), 5);
         assert_eq!(t.charged(), 5000);
         let c = t.complete(0, 0, false).unwrap();
-        assert_eq!(c, Completed { zero_copy: 100, copied: 0, sends: 1 });
+        assert_eq!(
+            c,
+            Completed {
+                zero_copy: 100,
+                copied: 0,
+                sends: 1
+            }
+        );
         // A merged range of three, copied by the kernel.
         let c = t.complete(1, 3, true).unwrap();
-        assert_eq!(c, Completed { zero_copy: 0, copied: 101 + 102 + 103, sends: 3 });
+        assert_eq!(
+            c,
+            Completed {
+                zero_copy: 0,
+                copied: 101 + 102 + 103,
+                sends: 3
+            }
+        );
         assert!(t.done_through(3));
         assert!(!t.done_through(4));
         assert_eq!(t.in_flight(), 1);

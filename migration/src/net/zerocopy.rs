@@ -268,6 +268,23 @@ impl ZeroCopy {
     /// memory that stays readable and unchanged-or-resent until the send
     /// completes.
     fn send_once(&mut self, asked: usize) -> io::Result<(usize, u32)> {
+        // Only call when the socket takes data: a call that times out with
+        // nothing sent may leave its charge on the previous send until
+        // that one completes (the kernel extends the previous
+        // notification's accounting before it blocks).
+        let mut p = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, exclusively borrowed.
+        let r = unsafe { libc::poll(&mut p, 1, POLL_INTERVAL.as_millis() as i32) };
+        if r == 0 || (r > 0 && p.revents & libc::POLLOUT == 0) {
+            self.iov.clear();
+            // POLLERR: completions to read (the callers do), or a failed
+            // socket (returned here, so that nobody spins on it).
+            return Err(self.socket_error().unwrap_or(ErrorKind::WouldBlock.into()));
+        }
         // SAFETY: msghdr is a plain C struct; all-zero is a valid empty one.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = self.iov.as_mut_ptr();
@@ -275,13 +292,7 @@ impl ZeroCopy {
         // SAFETY: `msg` names `self.iov`, entries that describe readable
         // memory valid beyond this call (the callers' contract); the
         // kernel only reads them.
-        let r = unsafe {
-            libc::sendmsg(
-                self.fd,
-                &msg,
-                libc::MSG_ZEROCOPY | libc::MSG_NOSIGNAL,
-            )
-        };
+        let r = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_ZEROCOPY | libc::MSG_NOSIGNAL) };
         self.iov.clear();
         if r < 0 {
             return Err(io::Error::last_os_error());
@@ -351,9 +362,8 @@ impl ZeroCopy {
                 if recverr && full {
                     // SAFETY: the message holds a whole sock_extended_err
                     // (length checked above) at CMSG_DATA(c).
-                    let ee: libc::sock_extended_err = unsafe {
-                        std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const _)
-                    };
+                    let ee: libc::sock_extended_err =
+                        unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const _) };
                     if ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY && ee.ee_errno == 0 {
                         let copied = ee.ee_code & SO_EE_CODE_ZEROCOPY_COPIED != 0;
                         let done = self
@@ -404,25 +414,31 @@ impl ZeroCopy {
         }
         if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             // Not a completion: the socket failed (or was shut down).
-            let mut err: i32 = 0;
-            let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-            // SAFETY: getsockopt writes one int into the valid `err`.
-            unsafe {
-                libc::getsockopt(
-                    self.fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    &mut err as *mut i32 as *mut libc::c_void,
-                    &mut len,
-                )
-            };
-            if err != 0 {
-                return Err(io::Error::from_raw_os_error(err));
+            if let Some(e) = self.socket_error() {
+                return Err(e);
             }
             // A shut-down socket reports POLLHUP at once: do not spin.
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(false)
+    }
+
+    /// The socket's pending error (`SO_ERROR`, which this clears), if any.
+    fn socket_error(&self) -> Option<io::Error> {
+        let mut err: i32 = 0;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into the valid `err`, whose
+        // size `len` gives.
+        unsafe {
+            libc::getsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut err as *mut i32 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (err != 0).then(|| io::Error::from_raw_os_error(err))
     }
 
     /// One bounded step of sending `buf` (which must stay unchanged and
@@ -562,9 +578,15 @@ mod tests {
         assert!(check_memlock(None, 64).is_ok());
         assert!(check_memlock(Some(16 << 20), 4).is_ok());
         let e = check_memlock(Some(8 << 20), 4).unwrap_err().to_string();
-        assert!(e.contains("RLIMIT_MEMLOCK is 8388608 bytes (8192 KiB)"), "{e}");
+        assert!(
+            e.contains("RLIMIT_MEMLOCK is 8388608 bytes (8192 KiB)"),
+            "{e}"
+        );
         assert!(e.contains("needs 16777216 bytes (16 MiB)"), "{e}");
-        assert!(e.contains("4194304 bytes in flight per data connection x 4 connections"), "{e}");
+        assert!(
+            e.contains("4194304 bytes in flight per data connection x 4 connections"),
+            "{e}"
+        );
         assert!(e.contains("ulimit -l 16384"), "{e}");
     }
 

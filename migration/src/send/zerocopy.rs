@@ -49,9 +49,10 @@ pub(super) fn enable(ctx: &Ctx, streams: &[Arc<Channel>]) -> Result<(), Migratio
         zc.connections.load(Relaxed),
         ZC_WINDOW,
         memlock_need(n),
-        limit.map_or("not applied (unlimited or CAP_IPC_LOCK)".into(), |l| format!(
-            "{l} bytes"
-        ))
+        limit.map_or(
+            "not applied (unlimited or CAP_IPC_LOCK)".into(),
+            |l| format!("{l} bytes")
+        )
     );
     Ok(())
 }

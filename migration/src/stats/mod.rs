@@ -16,9 +16,7 @@ mod status;
 
 pub use histogram::LatencyHistogram;
 pub(crate) use meter::RxMeter;
-pub use status::{
-    DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome, ZeroCopyStatus,
-};
+pub use status::{DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome, ZeroCopyStatus};
 
 /// Counters of one device. Updated by its save/load thread and the writers.
 #[derive(Debug, Default)]

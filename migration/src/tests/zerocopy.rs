@@ -44,7 +44,11 @@ fn zero_copy_over_four_connections_with_pages_rewritten_between_passes() {
     assert_eq!(s.state, MigrationState::Completed);
     let z = check_zero_copy_status(&s, 4);
     // Only page data goes zero-copy: never more than the RAM on the wire.
-    assert!(z.sent_bytes <= s.transferred_bytes, "{z:?} vs {}", s.transferred_bytes);
+    assert!(
+        z.sent_bytes <= s.transferred_bytes,
+        "{z:?} vs {}",
+        s.transferred_bytes
+    );
     assert!(z.note.is_none(), "{z:?}");
 }
 
