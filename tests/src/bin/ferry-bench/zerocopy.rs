@@ -36,7 +36,14 @@ pub fn zerocopy(env: &Env, opts: &Opts) -> Section {
     let conns = 4;
     let file = PathBuf::from("/dev/shm/ferry-bench-zc-2g.img");
     let pki = ferry_tests::Pki::new("bench-zc");
-    let tls_dirs = (pki.host("src.bench", &pki), pki.host("dst.bench", &pki));
+    // The destination's certificate must name the host of its URL: its
+    // address inside the namespace pair (an IP SAN), or 127.0.0.1.
+    let dst_name = env
+        .net
+        .as_ref()
+        .map(|n| n.dst_ip.clone())
+        .unwrap_or_else(|| "dst.bench".into());
+    let tls_dirs = (pki.host("src.bench", &pki), pki.host(&dst_name, &pki));
     env.log(&format!(
         "writing 2 GiB of xorshift output to {}",
         file.display()
