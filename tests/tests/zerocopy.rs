@@ -28,6 +28,10 @@ fn check_zero_copy(m: &Migration, conns: u64, what: &str) {
     assert!(sent > 0, "{z}");
     assert_eq!(z["in_flight_bytes"], 0, "completions outstanding: {z}");
     assert_eq!(zc + copied, sent, "{z}");
+    // The status with its zero_copy part is what docs/openapi.yaml says.
+    ferry_tests::openapi::Spec::load()
+        .validate_named("MigrationStatus", s)
+        .unwrap_or_else(|e| panic!("{what}: the status does not match the spec: {e}\n{s}"));
 }
 
 fn zc_params(conns: u32) -> Value {
