@@ -63,3 +63,29 @@ fn without_zero_copy_the_status_has_no_zero_copy_part() {
     assert_same_ram(&src, &dest.factory.last());
     assert!(stats.snapshot().zero_copy.is_none());
 }
+
+/// A cancel in the middle of a zero-copy send: the source runs on, and
+/// nothing waits for completions that an aborted connection never gives.
+#[test]
+fn zero_copy_send_cancelled_in_the_middle() {
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB)]));
+    fill(&src, 0, 2, 1);
+    let cancel = CancelToken::default();
+    let c = cancel.clone();
+    src.set_hook(move |s, n| {
+        s.write(0, (n % 100) * 4096, &[n as u8; 64]);
+        if n == 3 {
+            c.cancel();
+        }
+    });
+    let dest = start_dest(FakeFactory::new(src.layout()));
+    let mut p = params(dest.port, 4);
+    p.zero_copy = true;
+    p.downtime_ms = Some(0);
+    let stats = Arc::new(MigrationStats::default());
+    let e = send(src.clone(), &p, &stats, &cancel).unwrap_err();
+    assert!(matches!(e, MigrationError::Cancelled), "{e}");
+    assert_eq!(stats.snapshot().state, MigrationState::Cancelled);
+    assert_source_running(&src);
+    let _ = dest.handle.join();
+}
