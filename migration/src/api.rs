@@ -14,7 +14,7 @@ pub use crate::live::{
     LiveParams, MigrationParameters, ParametersUpdate, Policy, SwitchoverReason, Technique,
 };
 pub use crate::stats::{
-    DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
+    DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome, ZeroCopyStatus,
 };
 use crate::tls::{ClientTls, ServerTls};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
@@ -109,6 +109,12 @@ pub struct SendParams {
     /// devices stopped. Without it such a send is refused.
     #[serde(default)]
     pub allow_untracked_dma: bool,
+    /// Send RAM with `MSG_ZEROCOPY` on every data connection (with TLS: the
+    /// ciphertext buffers). Needs [`crate::net::ZC_WINDOW`] bytes of
+    /// locked memory per connection unless `CAP_IPC_LOCK`; refused with
+    /// the limit and the need when `RLIMIT_MEMLOCK` is smaller.
+    #[serde(default)]
+    pub zero_copy: bool,
 }
 
 impl SendParams {
@@ -137,6 +143,7 @@ impl SendParams {
             tls: None,
             resume: false,
             allow_untracked_dma: false,
+            zero_copy: false,
         }
     }
 }
@@ -356,6 +363,9 @@ impl SendParams {
         LIMIT_TIMEOUT_S.check_int(self.timeout_s)?;
         LIMIT_DEVICE_CHUNK_BYTES.check_int(self.device_chunk_bytes)?;
         self.client_tls()?;
+        if let (true, Connections::Count(n)) = (self.zero_copy, self.connections) {
+            crate::net::check_memlock(crate::net::memlock_limit(), n)?;
+        }
         Ok(())
     }
 

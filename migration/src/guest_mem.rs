@@ -314,6 +314,36 @@ impl<D> IoVecs<'_, D> {
         )
     }
 
+    /// Copies the entries not yet moved into `out` (cleared first), at
+    /// most `max` entries and `max_bytes` bytes (the last entry trimmed),
+    /// for one `sendmsg` whose size must stay bounded (zero-copy: the
+    /// kernel charges locked memory by the size asked). Returns the bytes
+    /// `out` describes.
+    pub fn pending_capped(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> usize {
+        out.clear();
+        let mut total = 0;
+        for v in self.iovs[self.start.min(self.iovs.len())..]
+            .iter()
+            .take(max)
+        {
+            if total == max_bytes {
+                break;
+            }
+            let n = v.iov_len.min(max_bytes - total);
+            out.push(libc::iovec {
+                iov_base: v.iov_base,
+                iov_len: n,
+            });
+            total += n;
+        }
+        total
+    }
+
     /// Drops `n` moved bytes from the front.
     pub fn advance(&mut self, mut n: usize) {
         while n > 0 && self.start < self.iovs.len() {

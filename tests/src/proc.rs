@@ -100,20 +100,20 @@ impl Vmm {
     /// Spawns `ferry` with `args`, adding `--api-socket <dir>/api.sock` and
     /// `--serial file=<dir>/serial.log` unless `args` has them. Does not wait.
     pub fn spawn(name: &str, args: &[&str]) -> Vmm {
-        Vmm::spawn_inner(name, args, true, None)
+        Vmm::spawn_inner(name, args, true, None, &[])
     }
 
     /// Like [`Vmm::spawn`], in network namespace `netns` (`ip netns exec`)
     /// where its address is `host`.
     pub fn spawn_netns(name: &str, netns: &str, host: &str, args: &[&str]) -> Vmm {
-        Vmm::spawn_inner(name, args, true, Some((netns, host)))
+        Vmm::spawn_inner(name, args, true, Some((netns, host)), &[])
     }
 
     /// Like [`Vmm::spawn`] without adding `--serial`: the guest's serial
     /// output is ferry's default, its stdout (`stdout.log`, which
     /// [`Vmm::serial`] then reads).
     pub fn spawn_serial_default(name: &str, args: &[&str]) -> Vmm {
-        Vmm::spawn_inner(name, args, false, None)
+        Vmm::spawn_inner(name, args, false, None, &[])
     }
 
     fn spawn_inner(
@@ -121,6 +121,7 @@ impl Vmm {
         args: &[&str],
         add_serial: bool,
         netns: Option<(&str, &str)>,
+        wrapper: &[&str],
     ) -> Vmm {
         let dir = TempDir::new(name);
         let sock = dir.join("api.sock");
@@ -144,6 +145,11 @@ impl Vmm {
             Some((ns, _)) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None if !wrapper.is_empty() => {
+                let mut c = Command::new(wrapper[0]);
+                c.args(&wrapper[1..]).arg(ferry_bin());
                 c
             }
             None => Command::new(ferry_bin()),
@@ -191,7 +197,20 @@ impl Vmm {
         let guest = guest.to_str().unwrap().to_string();
         let mut args = vec!["--kernel", &guest, "--cmdline", cmdline];
         args.extend_from_slice(extra);
-        Vmm::spawn_inner(name, &args, true, netns)
+        Vmm::spawn_inner(name, &args, true, netns, &[])
+    }
+
+    /// Like [`Vmm::boot`], with ferry started through `wrapper` (a command
+    /// that execs its arguments, e.g. `setpriv ... --`, so that the pid is
+    /// ferry's).
+    pub fn boot_wrapped(name: &str, wrapper: &[&str], cmdline: &str, extra: &[&str]) -> Vmm {
+        let guest = stamp_guest();
+        let guest = guest.to_str().unwrap().to_string();
+        let mut args = vec!["--kernel", &guest, "--cmdline", cmdline];
+        args.extend_from_slice(extra);
+        let vmm = Vmm::spawn_inner(name, &args, true, None, wrapper);
+        vmm.wait_api();
+        vmm
     }
 
     /// Starts a VM-less `ferry` (to receive a migration) and waits for its API.

@@ -8,14 +8,16 @@
 //! of a buffer, and a `flush_some` that pushes sealed records out. The
 //! loops add abort checks and stall detection.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::ops::Range;
-use std::sync::Mutex;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
-use super::{drain, is_timeout, lock, POLL_INTERVAL};
+use super::{drain, is_timeout, lock, Ctl, ZcCounters, ZeroCopy, POLL_INTERVAL};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs};
 use crate::tls;
@@ -24,6 +26,11 @@ use crate::tls;
 const RX_BUFFER: usize = 256 << 10;
 /// Sealed bytes a TLS channel queues before `write_some` stops accepting.
 const TX_HIGH: usize = 256 << 10;
+/// Capacity of a TLS send buffer: [`TX_HIGH`] plus one record, so that
+/// sealing below [`TX_HIGH`] never reallocates it.
+const TX_CAP: usize = TX_HIGH + record::MAX_RECORD;
+/// Spare ciphertext buffers a zero-copy TLS channel keeps for reuse.
+const TX_SPARE: usize = 4;
 /// Largest handshake record accepted (TLS allows 2^14 + 2048 of payload).
 const MAX_HANDSHAKE_RECORD: usize = HEADER + (1 << 14) + 2048;
 
@@ -36,6 +43,9 @@ const MAX_HANDSHAKE_RECORD: usize = HEADER + (1 << 14) + 2048;
 pub struct Channel {
     tcp: TcpStream,
     tls: Option<Tls>,
+    /// Plain TCP with zero-copy on: RAM pages go out with `MSG_ZEROCOPY`
+    /// (with TLS the state lives in [`Tx`] instead).
+    zc: Mutex<Option<ZeroCopy>>,
 }
 
 /// A TLS failure after the handshake (an alert from the peer, a bad
@@ -74,19 +84,83 @@ struct Tls {
 /// The send direction: sealed records waiting for the socket.
 ///
 /// Invariant: `buf[off..]` are sealed bytes not yet written; the queue is
-/// compacted before records are added, so it never holds more than
-/// [`TX_HIGH`] plus one record.
+/// compacted before records are added (without zero-copy), so it never
+/// holds more than [`TX_HIGH`] plus one record. With zero-copy (`zc`), no
+/// byte of `buf` that was handed to the kernel is moved, changed or freed
+/// before its send completed: `buf` is never compacted nor reallocated
+/// once sending from it began (records are only appended within its
+/// capacity), a fully sent `buf` moves to `zc.inflight` until its last
+/// send completed, and buffers still in flight when the channel goes are
+/// leaked rather than freed (bounded by the zero-copy window).
 struct Tx {
     keys: Keys,
     buf: Vec<u8>,
     off: usize,
+    zc: Option<ZcTx>,
+}
+
+/// The zero-copy part of a TLS send direction (see [`Tx`]).
+struct ZcTx {
+    z: ZeroCopy,
+    /// Number of the last send from `Tx::buf`, if any began.
+    last: Option<u32>,
+    /// Fully sent buffers and the number of their last send.
+    inflight: VecDeque<(Vec<u8>, u32)>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl ZcTx {
+    /// Takes back the in-flight buffers whose sends all completed.
+    fn recycle(&mut self) {
+        while let Some((_, id)) = self.inflight.front() {
+            if !self.z.done_through(*id) {
+                break;
+            }
+            if let Some((mut b, _)) = self.inflight.pop_front() {
+                if self.spare.len() < TX_SPARE {
+                    b.clear();
+                    self.spare.push(b);
+                }
+            }
+        }
+    }
 }
 
 impl Tx {
     fn compact(&mut self) {
-        if self.off > 0 {
+        if self.off > 0 && self.zc.is_none() {
             self.buf.drain(..self.off);
             self.off = 0;
+        }
+    }
+
+    /// Whether one more record can be sealed into `buf` (below
+    /// [`TX_HIGH`]; with zero-copy also without reallocating it).
+    fn room(&self) -> bool {
+        self.buf.len() < TX_HIGH
+            && (self.zc.is_none() || self.buf.capacity() - self.buf.len() >= record::MAX_RECORD)
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        let Some(zc) = &mut self.zc else {
+            return;
+        };
+        let _ = zc.z.reap();
+        zc.recycle();
+        // The kernel may still read these (retransmits, queued data after
+        // an abort): leak them rather than let the allocator reuse them.
+        let mut n = zc.inflight.len();
+        for (b, _) in zc.inflight.drain(..) {
+            std::mem::forget(b);
+        }
+        if zc.last.is_some() && zc.z.in_flight() > 0 {
+            std::mem::forget(std::mem::take(&mut self.buf));
+            n += 1;
+        }
+        if n > 0 {
+            log::debug!("TLS zero-copy: {n} ciphertext buffers still in flight at close, kept");
         }
     }
 }
@@ -186,7 +260,11 @@ fn flush_handshake(
 impl Channel {
     /// A plain TCP channel.
     pub fn plain(tcp: TcpStream) -> Channel {
-        Channel { tcp, tls: None }
+        Channel {
+            tcp,
+            tls: None,
+            zc: Mutex::new(None),
+        }
     }
 
     /// Runs the TLS handshake of `conn` over `tcp` (blocking with poll
@@ -252,8 +330,9 @@ impl Channel {
                 leaf,
                 tx: Mutex::new(Tx {
                     keys: tx,
-                    buf: Vec::with_capacity(TX_HIGH + record::MAX_RECORD),
+                    buf: Vec::with_capacity(TX_CAP),
                     off: 0,
+                    zc: None,
                 }),
                 rx: Mutex::new(Rx {
                     keys: rx,
@@ -265,6 +344,7 @@ impl Channel {
                     closed: false,
                 }),
             }),
+            zc: Mutex::new(None),
         })
     }
 
@@ -428,7 +508,7 @@ impl Channel {
         let mut tx = lock(&t.tx);
         tx.compact();
         let mut n = 0;
-        while !v.is_empty() && tx.buf.len() < TX_HIGH {
+        while !v.is_empty() && tx.room() {
             let start = tx.buf.len();
             tx.buf.extend_from_slice(&[0; HEADER]);
             let got = v.append_to(&mut tx.buf, record::MAX_PLAINTEXT);
@@ -464,6 +544,9 @@ impl Channel {
     /// Writes queued records for at most about one poll interval; returns
     /// the bytes written (a full socket is not an error).
     fn push(tx: &mut Tx, tcp: &TcpStream) -> io::Result<usize> {
+        if tx.zc.is_some() {
+            return Self::push_zc(tx);
+        }
         let started = Instant::now();
         let mut pushed = 0;
         while tx.off < tx.buf.len() && started.elapsed() < POLL_INTERVAL {
@@ -484,11 +567,135 @@ impl Channel {
         Ok(pushed)
     }
 
+    /// [`Channel::push`] with zero-copy: sends from `buf` with
+    /// `MSG_ZEROCOPY` (the window bounds what is in flight), moves a fully
+    /// sent buffer to the in-flight list and takes back completed ones.
+    fn push_zc(tx: &mut Tx) -> io::Result<usize> {
+        let Tx { buf, off, zc, .. } = tx;
+        let Some(zc) = zc.as_mut() else {
+            return Ok(0);
+        };
+        let started = Instant::now();
+        let mut pushed = 0;
+        while *off < buf.len() && started.elapsed() < POLL_INTERVAL {
+            // The bytes stay unchanged until their send completed: see the
+            // `Tx` invariant.
+            match zc.z.send_buf(&buf[*off..]) {
+                Ok((n, id)) => {
+                    *off += n;
+                    pushed += n;
+                    zc.last = Some(id);
+                }
+                Err(e) if is_timeout(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if *off == buf.len() {
+            match zc.last.take() {
+                Some(id) => {
+                    let fresh = zc.spare.pop().unwrap_or_else(|| Vec::with_capacity(TX_CAP));
+                    zc.inflight.push_back((std::mem::replace(buf, fresh), id));
+                }
+                None => buf.clear(),
+            }
+            *off = 0;
+        }
+        zc.z.reap()?;
+        zc.recycle();
+        Ok(pushed)
+    }
+
+    /// Turns on zero-copy send (`SO_ZEROCOPY`) for this data connection:
+    /// RAM pages on plain TCP ([`Channel::send_zero_copy`]), every sealed
+    /// record with TLS. `conns`: the migration's connections (error text).
+    pub fn enable_zero_copy(&self, counters: &Arc<ZcCounters>, conns: u32) -> io::Result<()> {
+        let z = ZeroCopy::enable(self.tcp.as_raw_fd(), counters.clone(), conns)?;
+        match &self.tls {
+            Some(t) => {
+                lock(&t.tx).zc = Some(ZcTx {
+                    z,
+                    last: None,
+                    inflight: VecDeque::new(),
+                    spare: Vec::new(),
+                })
+            }
+            None => *lock(&self.zc) = Some(z),
+        }
+        Ok(())
+    }
+
+    /// Whether guest pages go out with [`Channel::send_zero_copy`] (plain
+    /// TCP with zero-copy on).
+    pub fn zero_copy_pages(&self) -> bool {
+        lock(&self.zc).is_some()
+    }
+
+    /// Sends the guest pages of `v` with `MSG_ZEROCOPY` (plain TCP with
+    /// zero-copy on; otherwise an ordinary [`super::write_vecs`]).
+    pub fn send_zero_copy(
+        &self,
+        v: &mut IoVecs<'_, Gather>,
+        ctl: &Ctl,
+        what: &str,
+    ) -> Result<(), MigrationError> {
+        if let Some(z) = lock(&self.zc).as_mut() {
+            return z.send(v, ctl, what);
+        }
+        super::write_vecs(self, v, ctl, what)
+    }
+
+    /// Waits until every zero-copy send of this connection completed (a
+    /// no-op without zero-copy); fails after the stall timeout without a
+    /// completion.
+    pub fn drain_zero_copy(&self, ctl: &Ctl, what: &str) -> Result<(), MigrationError> {
+        if let Some(z) = lock(&self.zc).as_mut() {
+            return z.drain(ctl, what);
+        }
+        let Some(t) = &self.tls else {
+            return Ok(());
+        };
+        let mut last = Instant::now();
+        loop {
+            ctl.check()?;
+            let mut tx = lock(&t.tx);
+            let Some(zc) = tx.zc.as_mut() else {
+                return Ok(());
+            };
+            zc.recycle();
+            if zc.z.in_flight() == 0 {
+                return Ok(());
+            }
+            let got =
+                zc.z.wait(POLL_INTERVAL)
+                    .map_err(|e| MigrationError::io(what, e))?;
+            zc.recycle();
+            if got {
+                last = Instant::now();
+            } else if last.elapsed() > ctl.stall {
+                return Err(MigrationError::Stalled(format!(
+                    "zero-copy sends not completed after {:?} {what}",
+                    ctl.stall
+                )));
+            }
+        }
+    }
+
     /// Announces the end of what this side sends (TLS close_notify, best
     /// effort) and shuts down the TCP write side.
     pub fn close_write(&self) {
         if let Some(t) = &self.tls {
             let mut tx = lock(&t.tx);
+            if !tx.room() {
+                // Zero-copy: make room without moving bytes in flight.
+                let _ = Self::push(&mut tx, &self.tcp);
+            }
+            if tx.zc.is_some() && tx.buf.capacity() - tx.buf.len() < 64 {
+                // Appending would reallocate bytes the kernel still reads.
+                log::debug!("TLS zero-copy: send queue full at close, close_notify not sent");
+                drop(tx);
+                let _ = self.tcp.shutdown(std::net::Shutdown::Write);
+                return;
+            }
             let start = tx.buf.len();
             tx.buf.resize(start + HEADER, 0);
             tx.buf.extend_from_slice(&[1, 0]); // warning, close_notify

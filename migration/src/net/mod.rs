@@ -7,13 +7,17 @@
 //!   that never block longer than [`POLL_INTERVAL`] without checking for
 //!   abort, cancel and stalls;
 //! * `channel`: one connection, plain TCP or mutual TLS ([`Channel`]);
-//! * `conn`: the main connection ([`MainConn`]) and its keepalive thread.
+//! * `conn`: the main connection ([`MainConn`]) and its keepalive thread;
+//! * `zerocopy`, `zctrack`: `MSG_ZEROCOPY` sends and their completions
+//!   ([`ZeroCopy`], [`ZcCounters`]).
 
 mod channel;
 mod conn;
 mod ctl;
 mod io;
 mod record;
+mod zctrack;
+mod zerocopy;
 
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
@@ -22,6 +26,7 @@ pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
     send_message, set_big_buffers, wait_readable, write_vecs, Recv,
 };
+pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

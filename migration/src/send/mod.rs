@@ -41,6 +41,7 @@ mod push;
 mod setup;
 mod switchover;
 mod writer;
+mod zerocopy;
 
 pub use dirty::runs_of;
 

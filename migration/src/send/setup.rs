@@ -89,6 +89,9 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         ctx.ctl.register(s.tcp());
         streams.push(Arc::new(s));
     }
+    if ctx.p.zero_copy {
+        super::zerocopy::enable(ctx, &streams)?;
+    }
     let pool = Pool::new(
         n as usize,
         ctx.devices.len(),
@@ -124,6 +127,8 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         limiter: limiter.clone(),
         ctl: ctx.ctl.clone(),
         postcopy: std::sync::OnceLock::new(),
+        zero_copy: ctx.p.zero_copy,
+        zc_synced: WriterCtx::zc_slots(n as usize),
     });
     let live = ctx.live.clone();
     // With a DMA device post-copy is refused (see `Ctx::decision_params`):

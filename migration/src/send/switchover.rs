@@ -162,6 +162,13 @@ impl Switching {
             // The destination registered its RAM: pages may be placed now.
             post.arm(ctx, &self.link.main, &self.data);
         }
+        // Zero-copy: the kernel no longer reads any page of this side.
+        or_fail!(
+            self.data
+                .wctx
+                .await_zero_copy(self.pass, &|| ctx.check_timeout()),
+            Phase::AwaitReady(self)
+        );
         testhook::fire(Point::BeforeCommit, self.link.main.stream.tcp());
         // Cancel and the deadline are honoured up to here and ignored after.
         or_fail!(ctx.ctl.commit_point(), Phase::AwaitReady(self));

@@ -1,10 +1,15 @@
 //! Writer threads: one per data connection. A writer takes items from its
 //! queue, detects zero pages, builds the frame header and range table and
 //! `writev`s them together with the page data straight from guest memory
-//! (no copy into an intermediate buffer).
+//! (no copy into an intermediate buffer). With `"zero_copy": true` the
+//! pages go out with `MSG_ZEROCOPY` instead (see `crate::net::ZeroCopy`):
+//! a writer waits for its connection's completions after each SYNC and
+//! before it ends, and publishes that in [`WriterCtx::zc_synced`], which
+//! the switch-over awaits before the commit point.
 
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
 use super::push::{PushSet, PUSH_PACKET_PAGES};
@@ -34,6 +39,39 @@ pub struct WriterCtx {
     pub ctl: Arc<Ctl>,
     /// Set when post-copy starts, before [`Item::Postcopy`] is queued.
     pub postcopy: OnceLock<Arc<PushSet>>,
+    /// Zero-copy is on for the data connections.
+    pub zero_copy: bool,
+    /// Per connection: 1 + the last pass whose SYNC was written with every
+    /// zero-copy send before it completed (0: none yet).
+    pub zc_synced: Vec<AtomicU64>,
+}
+
+impl WriterCtx {
+    /// The `zc_synced` slots for `conns` connections.
+    pub fn zc_slots(conns: usize) -> Vec<AtomicU64> {
+        (0..conns).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    /// Waits until every connection's zero-copy sends up to the SYNC of
+    /// `pass` completed (at once without zero-copy): the source's pages
+    /// are then no longer read by the kernel. `check` is polled (deadline).
+    pub fn await_zero_copy(
+        &self,
+        pass: u64,
+        check: &dyn Fn() -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        if !self.zero_copy {
+            return Ok(());
+        }
+        loop {
+            self.ctl.check()?;
+            if self.zc_synced.iter().all(|a| a.load(SeqCst) > pass) {
+                return Ok(());
+            }
+            check()?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// What a RAM frame is: a pre-copy pass's or a post-copy push.
@@ -136,9 +174,16 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 storage = v.into_storage();
                 add(&ctx.pool.sent_bytes, HEADER_LEN as u64);
                 log::trace!("data connection {conn}: SYNC({pass}) written");
+                if ctx.zero_copy {
+                    s.drain_zero_copy(&ctx.ctl, &what)?;
+                    if let Some(a) = ctx.zc_synced.get(conn) {
+                        a.store(pass + 1, SeqCst);
+                    }
+                }
             }
             Item::Close => {
                 s.close_write();
+                s.drain_zero_copy(&ctx.ctl, &what)?;
                 log::debug!("data connection {conn}: closed after the final pass");
                 return Ok(());
             }
@@ -175,6 +220,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     add(&ctx.stats.normal_pages, pages - zero);
                 }
                 s.close_write();
+                s.drain_zero_copy(&ctx.ctl, &what)?;
                 log::debug!("data connection {conn}: post-copy push done ({pushed} pages)");
                 return Ok(());
             }
@@ -297,6 +343,18 @@ fn write_ram(
     let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
     v.push_bytes(&head);
     v.push_bytes(table);
+    if s.zero_copy_pages() && c.data > 0 {
+        // Header and table are copied (their buffers are reused at once);
+        // the pages go from guest memory with MSG_ZEROCOPY.
+        write_vecs(s, &mut v, &ctx.ctl, what)?;
+        let mut d: IoVecs<'_, Gather> = IoVecs::with_storage(v.into_storage());
+        for &(region, first, n) in data_runs.iter() {
+            d.push_guest(mem, region, first, n)?;
+        }
+        s.send_zero_copy(&mut d, &ctx.ctl, what)?;
+        *storage = d.into_storage();
+        return Ok(Some((wire, c.zero, c.pages)));
+    }
     for &(region, first, n) in data_runs.iter() {
         v.push_guest(mem, region, first, n)?;
     }

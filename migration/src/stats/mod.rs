@@ -16,7 +16,7 @@ mod status;
 
 pub use histogram::LatencyHistogram;
 pub(crate) use meter::RxMeter;
-pub use status::{DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome};
+pub use status::{DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome, ZeroCopyStatus};
 
 /// Counters of one device. Updated by its save/load thread and the writers.
 #[derive(Debug, Default)]
@@ -116,6 +116,8 @@ pub struct MigrationStats {
     /// The destination's p50/p99 as the source learnt them (value + 1).
     postcopy_p50: AtomicU64,
     postcopy_p99: AtomicU64,
+    /// Zero-copy send (source, `"zero_copy": true`).
+    pub(crate) zero_copy: Arc<crate::net::ZcCounters>,
 }
 
 /// Where a post-copy is (the `postcopy` status field).
@@ -155,6 +157,7 @@ impl MigrationStats {
         self.live_remaining.store(false, Relaxed);
         self.postcopy.store(0, Relaxed);
         self.fault_latency.reset();
+        self.zero_copy.reset();
         for a in [
             &self.postcopy_requests,
             &self.postcopy_bytes,
@@ -544,6 +547,20 @@ impl MigrationStats {
                 .quantile(0.99)
                 .or_else(|| opt(&self.postcopy_p99)),
             postcopy_resumes: self.postcopy_resumes.load(Relaxed),
+            zero_copy: self.zero_copy_status(),
         }
+    }
+
+    fn zero_copy_status(&self) -> Option<ZeroCopyStatus> {
+        let z = &self.zero_copy;
+        z.requested.load(Relaxed).then(|| ZeroCopyStatus {
+            connections: z.connections.load(Relaxed) as u32,
+            sent_bytes: z.sent.load(Relaxed),
+            zero_copy_bytes: z.zero_copy.load(Relaxed),
+            copied_bytes: z.copied.load(Relaxed),
+            in_flight_bytes: z.in_flight.load(Relaxed),
+            notifications: z.notifications.load(Relaxed),
+            note: lock(&z.note).clone(),
+        })
     }
 }

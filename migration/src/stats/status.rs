@@ -284,4 +284,34 @@ pub struct MigrationStatus {
     /// connection).
     #[serde(default)]
     pub postcopy_resumes: u64,
+    /// Source only, with `"zero_copy": true`: what the kernel did with the
+    /// zero-copy sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_copy: Option<ZeroCopyStatus>,
+}
+
+/// Zero-copy send in a [`MigrationStatus`] (source, `"zero_copy": true`).
+///
+/// Invariant: `zero_copy_bytes + copied_bytes + in_flight_bytes ==
+/// sent_bytes` (up to sends dropped with a failed connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ZeroCopyStatus {
+    /// Data connections on which `MSG_ZEROCOPY` is in use.
+    pub connections: u32,
+    /// Bytes handed to the kernel with `MSG_ZEROCOPY` (RAM pages on plain
+    /// TCP; every sealed record with TLS).
+    pub sent_bytes: u64,
+    /// Completed bytes the NIC took from our pages without a copy.
+    pub zero_copy_bytes: u64,
+    /// Completed bytes the kernel copied after all
+    /// (`SO_EE_CODE_ZEROCOPY_COPIED`: loopback and veth always copy).
+    pub copied_bytes: u64,
+    /// Bytes sent and not completed yet.
+    pub in_flight_bytes: u64,
+    /// Completion notifications read from the error queues.
+    pub notifications: u64,
+    /// Why zero-copy is not (or only partly) used, or what it applies to
+    /// (TLS: the ciphertext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }

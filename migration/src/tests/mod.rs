@@ -17,6 +17,7 @@ mod postcopy;
 mod switchover;
 mod tls;
 mod unwind;
+mod zerocopy;
 
 use std::fs::File;
 use std::io::Seek;

@@ -154,6 +154,27 @@ fn postcopy_from_the_start() {
     assert_eq!(s.iteration, 2, "pass 1 interrupted, then the final pass");
 }
 
+/// Post-copy with zero-copy: the background push goes with MSG_ZEROCOPY
+/// too, and every send completed by the end.
+#[test]
+fn postcopy_with_zero_copy() {
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB)]));
+    fill(&src, 0, 3, 1);
+    let mut p = params(0, 4);
+    p.technique = Some(Technique::PostCopy);
+    p.zero_copy = true;
+    let pages = every_page(&src, 3);
+    let r = run(src.clone(), p, pages.clone(), Hooks::default());
+    check_completed(&r, SwitchoverReason::User);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+    let s = r.src_stats.snapshot();
+    let z = s.zero_copy.clone().expect("zero_copy in the status");
+    assert_eq!(z.in_flight_bytes, 0, "{z:?}");
+    assert_eq!(z.zero_copy_bytes + z.copied_bytes, z.sent_bytes, "{z:?}");
+    assert!(z.sent_bytes > 0, "{z:?}");
+}
+
 #[test]
 fn postcopy_policy_after_a_stall_with_stale_precopied_pages() {
     let src = Arc::new(FakeSource::new(&[(0, 8 * MIB)]));

@@ -1,7 +1,7 @@
 //! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
 //!
 //! ```text
-//! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
+//! ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8]
 //!             [--devices 1,2,4] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
@@ -70,6 +70,8 @@ mod svg;
 mod tls;
 #[path = "ferry-bench/vmm.rs"]
 mod vmm;
+#[path = "ferry-bench/zerocopy.rs"]
+mod zerocopy;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -111,7 +113,7 @@ pub struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]\n\
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--devices 1,2,4] [--root REPO] [--keep-file]\n\
          \x20      [--netns-rate 1gbit]\n\
@@ -193,7 +195,7 @@ fn main() {
     }
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
-        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" => {
+        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" | "zerocopy" => {
             vec![opts.part.as_str()]
         }
         _ => usage(),
@@ -214,6 +216,9 @@ fn main() {
     }
     if opts.part == "converge" && netns_rate.is_none() {
         netns_rate = Some("1gbit".into());
+    }
+    if opts.part == "zerocopy" && netns_rate.is_none() {
+        netns_rate = Some("10gbit".into());
     }
     if let Some(rate) = &netns_rate {
         match ferry_tests::NetPair::new(rate) {
@@ -240,6 +245,7 @@ fn main() {
             "downtime" => suites::downtime(&env, &opts),
             "devices" => devices::devices(&env, &opts),
             "tls" => tls::tls(&env, &opts),
+            "zerocopy" => zerocopy::zerocopy(&env, &opts),
             "converge" => converge_report::converge(&env, &opts),
             _ => unreachable!(),
         };

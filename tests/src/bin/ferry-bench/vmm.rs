@@ -179,6 +179,8 @@ pub struct MigrateSpec {
     pub timeout: Duration,
     /// Mutual TLS: (source tls_dir, destination tls_dir); None: plain TCP.
     pub tls: Option<(String, String)>,
+    /// `"zero_copy": true` in the send request.
+    pub zero_copy: bool,
 }
 
 impl MigrateSpec {
@@ -190,6 +192,7 @@ impl MigrateSpec {
             device_precopy: None,
             timeout: Duration::from_secs(600),
             tls: None,
+            zero_copy: false,
         }
     }
 }
@@ -330,6 +333,9 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     match &spec.tls {
         Some((s, _)) => body["tls_dir"] = json!(s),
         None => body["tls"] = json!(false),
+    }
+    if spec.zero_copy {
+        body["zero_copy"] = json!(true);
     }
 
     let (spid, dpid) = (src.pid(), dst.pid());

@@ -250,6 +250,11 @@ pub enum Cmd {
         /// Without it such a migration is refused.
         #[arg(long)]
         allow_untracked_dma: bool,
+        /// Send RAM with MSG_ZEROCOPY on every data connection (with TLS:
+        /// the ciphertext buffers). Needs 4 MiB of locked memory per
+        /// connection (RLIMIT_MEMLOCK) unless ferry has CAP_IPC_LOCK.
+        #[arg(long)]
+        zero_copy: bool,
         #[command(flatten)]
         live: LiveArgs,
         /// Deprecated alias of --max-bandwidth-mib-s (the value is MiB/s).

@@ -128,6 +128,7 @@ fn run(args: Args) -> Result<()> {
             transport,
             wait,
             allow_untracked_dma,
+            zero_copy,
         } => {
             let mut params = cli::send_params(
                 url,
@@ -142,6 +143,7 @@ fn run(args: Args) -> Result<()> {
                 transport,
             );
             params.allow_untracked_dma = *allow_untracked_dma;
+            params.zero_copy = *zero_copy;
             let r = client.call("PUT", "vm.send-migration", Some(&params))?;
             if wait.wait {
                 wait::wait(&client, "source", wait.cancel_on_interrupt)
