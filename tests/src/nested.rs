@@ -508,19 +508,8 @@ impl Bed {
         let path = self.dir.join(format!("{}.cpio", sc.name));
         fs::write(&path, &initrd).expect("writing the L1 initramfs");
 
-        // One TCG thread for all L1 vCPUs: with multi-threaded TCG, a
-        // two-vCPU L1 running a two-vCPU L2 saw L2 triple faults (during boot
-        // with no migration, and after one) that no ferry call explains, in
-        // 2 of the CI runs on record. Round-robin TCG keeps L1 SMP (ferry's
-        // threads still run on two L1 CPUs) without the races between host
-        // threads in QEMU's SVM emulation.
-        let accel = if sc.smp > 1 {
-            "tcg,thread=single"
-        } else {
-            "tcg"
-        };
         let mut cmd = Command::new(QEMU);
-        cmd.args(["-accel", accel, "-cpu", "max", "-nodefaults", "-no-reboot"])
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-reboot"])
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
             .arg("-smp")
             .arg(sc.smp.to_string())
