@@ -16,6 +16,7 @@ pub use crate::live::{
 pub use crate::stats::{
     DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
 };
+pub use crate::compress::Compression;
 use crate::tls::{ClientTls, ServerTls};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
 use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
@@ -109,6 +110,17 @@ pub struct SendParams {
     /// devices stopped. Without it such a send is refused.
     #[serde(default)]
     pub allow_untracked_dma: bool,
+    /// `"none"` (default) or `"zstd"`: compress each RAM packet's page data
+    /// in the writer threads (sent as is when it does not shrink). The
+    /// destination must agree at SETUP; one that does not know compression
+    /// refuses the migration there (the source keeps running).
+    #[serde(default)]
+    pub compression: Compression,
+    /// zstd level, [`crate::compress::MIN_ZSTD_LEVEL`]..=
+    /// [`crate::compress::MAX_ZSTD_LEVEL`] (default
+    /// [`crate::compress::DEFAULT_ZSTD_LEVEL`]); only with `"zstd"`.
+    #[serde(default)]
+    pub compression_level: Option<i64>,
 }
 
 impl SendParams {
@@ -137,6 +149,8 @@ impl SendParams {
             tls: None,
             resume: false,
             allow_untracked_dma: false,
+            compression: Compression::None,
+            compression_level: None,
         }
     }
 }
@@ -331,6 +345,15 @@ pub const LIMIT_DEVICE_BUFFER_BYTES: Limit = Limit {
     range: Range::Int(MIN_DEVICE_BUFFER, MAX_DEVICE_BUFFER),
 };
 
+/// `compression_level`: zstd's regular levels.
+pub const LIMIT_COMPRESSION_LEVEL: Limit = Limit {
+    field: "compression_level",
+    range: Range::Int(
+        crate::compress::MIN_ZSTD_LEVEL as u64,
+        crate::compress::MAX_ZSTD_LEVEL as u64,
+    ),
+};
+
 /// The numeric fields of [`SendParams`].
 pub const SEND_LIMITS: &[Limit] = &[
     LIMIT_CONNECTIONS,
@@ -338,6 +361,7 @@ pub const SEND_LIMITS: &[Limit] = &[
     LIMIT_MAX_BANDWIDTH_MBPS,
     LIMIT_TIMEOUT_S,
     LIMIT_DEVICE_CHUNK_BYTES,
+    LIMIT_COMPRESSION_LEVEL,
 ];
 /// The numeric fields of [`ReceiveParams`].
 pub const RECEIVE_LIMITS: &[Limit] = &[LIMIT_DEVICE_BUFFER_BYTES];
@@ -355,8 +379,35 @@ impl SendParams {
         self.parameters_update()?.validate()?;
         LIMIT_TIMEOUT_S.check_int(self.timeout_s)?;
         LIMIT_DEVICE_CHUNK_BYTES.check_int(self.device_chunk_bytes)?;
+        self.zstd_level()?;
         self.client_tls()?;
         Ok(())
+    }
+
+    /// The zstd level this request asks for (`None`: no compression).
+    /// Refuses a level without `"compression": "zstd"` and a level out of
+    /// [`LIMIT_COMPRESSION_LEVEL`].
+    pub fn zstd_level(&self) -> Result<Option<i32>, MigrationError> {
+        match (self.compression, self.compression_level) {
+            (Compression::None, None) => Ok(None),
+            (Compression::None, Some(_)) => Err(MigrationError::InvalidParams(
+                "compression_level needs \"compression\": \"zstd\"".into(),
+            )),
+            (Compression::Zstd, None) => Ok(Some(crate::compress::DEFAULT_ZSTD_LEVEL)),
+            (Compression::Zstd, Some(l)) => {
+                let v = u64::try_from(l).unwrap_or(u64::MAX);
+                if l < 0 {
+                    // Negative levels (zstd's "fast" ones) are not offered.
+                    return Err(MigrationError::InvalidParams(format!(
+                        "compression_level must be in {}, got {l}",
+                        LIMIT_COMPRESSION_LEVEL.range
+                    )));
+                }
+                LIMIT_COMPRESSION_LEVEL.check_int(v)?;
+                // In range 1..=19: fits an i32.
+                Ok(Some(l as i32))
+            }
+        }
     }
 
     /// The parameter fields this request names, as a change of the live
@@ -616,7 +667,8 @@ mod tests {
                 "downtime_ms",
                 "max_bandwidth_mbps",
                 "timeout_s",
-                "device_chunk_bytes"
+                "device_chunk_bytes",
+                "compression_level"
             ]
         );
         assert_eq!(RECEIVE_LIMITS[0].field, "device_buffer_bytes");
@@ -719,5 +771,58 @@ mod tests {
             e.contains("device_buffer_bytes must be in 16777216..=4294967296"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn compression_is_zstd_with_a_bounded_level() {
+        let p = |j: &str| {
+            serde_json::from_str::<SendParams>(&format!(
+                r#"{{"destination_url":"tcp:127.0.0.1:1","tls":false{j}}}"#
+            ))
+        };
+        assert_eq!(p("").unwrap().zstd_level().unwrap(), None);
+        let z = p(r#","compression":"zstd""#).unwrap();
+        assert_eq!(z.compression, Compression::Zstd);
+        assert_eq!(
+            z.zstd_level().unwrap(),
+            Some(crate::compress::DEFAULT_ZSTD_LEVEL)
+        );
+        z.validate().unwrap();
+        let z9 = p(r#","compression":"zstd","compression_level":9"#).unwrap();
+        assert_eq!(z9.zstd_level().unwrap(), Some(9));
+        assert_eq!(
+            p(r#","compression":"none""#).unwrap().compression,
+            Compression::None
+        );
+        for bad in [r#""lz4""#, r#""ZSTD""#, "1", "true", "null"] {
+            let e = p(&format!(r#","compression":{bad}"#));
+            assert!(e.is_err(), "{bad} accepted");
+        }
+        let e = p(r#","compression":"lz4""#).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `lz4`") && e.contains("zstd"), "{e}");
+        for (j, want) in [
+            (
+                r#","compression":"zstd","compression_level":0"#,
+                "compression_level must be in 1..=19, got 0",
+            ),
+            (
+                r#","compression":"zstd","compression_level":20"#,
+                "compression_level must be in 1..=19, got 20",
+            ),
+            (
+                r#","compression":"zstd","compression_level":-5"#,
+                "compression_level must be in 1..=19, got -5",
+            ),
+            (
+                r#","compression_level":3"#,
+                "compression_level needs \"compression\": \"zstd\"",
+            ),
+        ] {
+            let e = p(j).unwrap().validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{j}: {e}");
+        }
+        let v = serde_json::to_value(&z9).unwrap();
+        assert_eq!(v["compression"], "zstd");
+        assert_eq!(serde_json::from_value::<SendParams>(v).unwrap(), z9);
     }
 }

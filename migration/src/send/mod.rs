@@ -41,6 +41,7 @@ mod push;
 mod setup;
 mod switchover;
 mod writer;
+mod zstd;
 
 pub use dirty::runs_of;
 

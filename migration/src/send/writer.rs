@@ -1,13 +1,16 @@
 //! Writer threads: one per data connection. A writer takes items from its
 //! queue, detects zero pages, builds the frame header and range table and
 //! `writev`s them together with the page data straight from guest memory
-//! (no copy into an intermediate buffer).
+//! (no copy into an intermediate buffer). With compression each writer
+//! compresses its packets' page data with its own zstd context
+//! ([`super::zstd::WriterZstd`]) and sends the result when it shrinks.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, OnceLock};
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
 use super::push::{PushSet, PUSH_PACKET_PAGES};
+use super::zstd::WriterZstd;
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, GuestMemory, IoVecs};
 use crate::net::{write_vecs, Channel, Ctl};
@@ -34,6 +37,9 @@ pub struct WriterCtx {
     pub ctl: Arc<Ctl>,
     /// Set when post-copy starts, before [`Item::Postcopy`] is queued.
     pub postcopy: OnceLock<Arc<PushSet>>,
+    /// The zstd level of RAM compression (`None`: off); agreed with the
+    /// destination at SETUP.
+    pub zstd_level: Option<i32>,
 }
 
 /// What a RAM frame is: a pre-copy pass's or a post-copy push.
@@ -68,6 +74,8 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
     let mut table: Vec<u8> = Vec::with_capacity(8192);
     let mut data_runs: Vec<(usize, u64, u64)> = Vec::with_capacity(1030);
     let mut storage: Vec<libc::iovec> = Vec::with_capacity(1030);
+    // One zstd context per writer, reused for every packet.
+    let mut zstd = ctx.zstd_level.map(WriterZstd::new).transpose()?;
     loop {
         let item = ctx.pool.pop(conn)?;
         let cost = item.cost();
@@ -81,6 +89,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     &mut table,
                     &mut data_runs,
                     &mut storage,
+                    zstd.as_mut(),
                     &what,
                 )?
                 else {
@@ -160,6 +169,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                         &mut table,
                         &mut data_runs,
                         &mut storage,
+                        zstd.as_mut(),
                         &what,
                     )?
                     else {
@@ -264,20 +274,29 @@ fn write_ram(
     table: &mut Vec<u8>,
     data_runs: &mut Vec<(usize, u64, u64)>,
     storage: &mut Vec<libc::iovec>,
+    zstd: Option<&mut WriterZstd>,
     what: &str,
 ) -> Result<Option<(u64, u64, u64)>, MigrationError> {
     let mem = &*ctx.mem;
     let c = classify(mem, runs, table, data_runs)?;
+    // Zero pages were taken out above: only the data pages are compressed.
+    let packed = match zstd {
+        Some(z) => Some(z.pack(mem, data_runs, c.data)?),
+        None => None,
+    };
+    let zstd_len = packed.flatten().map_or(0, |p| p.len() as u64);
     let frame = match kind {
         Packet::Ram { pass } => Frame::Ram {
             pass,
             ranges: c.count,
             data_len: c.data,
+            zstd_len,
         },
         Packet::Pages => Frame::Pages {
             requested: false,
             ranges: c.count,
             data_len: c.data,
+            zstd_len,
         },
     };
     let head = frame.encode(ctx.session);
@@ -297,10 +316,19 @@ fn write_ram(
     let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
     v.push_bytes(&head);
     v.push_bytes(table);
-    for &(region, first, n) in data_runs.iter() {
-        v.push_guest(mem, region, first, n)?;
+    match packed.flatten() {
+        Some(p) => v.push_bytes(p),
+        None => {
+            for &(region, first, n) in data_runs.iter() {
+                v.push_guest(mem, region, first, n)?;
+            }
+        }
     }
     write_vecs(s, &mut v, &ctx.ctl, what)?;
     *storage = v.into_storage();
+    if packed.is_some() && c.data > 0 {
+        let sent = if zstd_len > 0 { zstd_len } else { c.data };
+        ctx.stats.compression.packet(c.data, sent);
+    }
     Ok(Some((wire, c.zero, c.pages)))
 }

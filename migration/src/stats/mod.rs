@@ -10,13 +10,15 @@ use crate::live::{LiveParams, SwitchoverReason};
 use crate::net::lock;
 use crate::traits::PAGE_SIZE;
 
+mod compression;
 mod histogram;
 mod meter;
 mod status;
 
 pub use histogram::LatencyHistogram;
 pub(crate) use meter::RxMeter;
-pub use status::{DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome};
+pub use compression::CompressionCounters;
+pub use status::{CompressionStatus, DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome};
 
 /// Counters of one device. Updated by its save/load thread and the writers.
 #[derive(Debug, Default)]
@@ -116,6 +118,8 @@ pub struct MigrationStats {
     /// The destination's p50/p99 as the source learnt them (value + 1).
     postcopy_p50: AtomicU64,
     postcopy_p99: AtomicU64,
+    /// RAM compression (both sides).
+    pub(crate) compression: CompressionCounters,
 }
 
 /// Where a post-copy is (the `postcopy` status field).
@@ -155,6 +159,7 @@ impl MigrationStats {
         self.live_remaining.store(false, Relaxed);
         self.postcopy.store(0, Relaxed);
         self.fault_latency.reset();
+        self.compression.reset();
         for a in [
             &self.postcopy_requests,
             &self.postcopy_bytes,
@@ -544,6 +549,9 @@ impl MigrationStats {
                 .quantile(0.99)
                 .or_else(|| opt(&self.postcopy_p99)),
             postcopy_resumes: self.postcopy_resumes.load(Relaxed),
+            compression: self
+                .compression
+                .status(self.role.load(Relaxed) == Role::Source as u8),
         }
     }
 }
