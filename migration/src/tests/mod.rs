@@ -11,12 +11,13 @@ mod failures;
 mod fuzz;
 mod guest_mem;
 mod host;
-mod hostile;
+pub(crate) mod hostile;
 mod pcfake;
 mod postcopy;
 mod switchover;
 mod tls;
 mod unwind;
+mod compression;
 
 use std::fs::File;
 use std::io::Seek;
