@@ -276,4 +276,56 @@ mod tests {
             &text(4 * PAGE_SIZE as usize).repeat(2)[..]
         );
     }
+
+    /// Not a test: prints compression speed and ratio per level on text,
+    /// stamp-like and random packets (`cargo test --release -p migration
+    /// --lib zstd_levels -- --ignored --nocapture`), the measurement behind
+    /// [`DEFAULT_ZSTD_LEVEL`]. Asserts nothing about time.
+    #[test]
+    #[ignore]
+    fn zstd_levels() {
+        let n = MAX_PACKET_BYTES;
+        let mut stamp = vec![0u8; n];
+        for p in 0..n / PAGE_SIZE as usize {
+            let o = p * PAGE_SIZE as usize;
+            let v = (p as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            stamp[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            stamp[o + 8..o + 16].copy_from_slice(&(o as u64).to_le_bytes());
+            stamp[o + 4088..o + 4096].copy_from_slice(&(!v).to_le_bytes());
+        }
+        for (what, data) in [("text", text(n)), ("stamp", stamp), ("random", random(n))] {
+            for level in [1, 3, 6, 9] {
+                let mut c = PacketCompressor::new(level).unwrap();
+                let mut d = PacketDecompressor::new().unwrap();
+                let rounds = 64;
+                let t = std::time::Instant::now();
+                let mut out = 0;
+                let mut packed = Vec::new();
+                for _ in 0..rounds {
+                    match c.compress(&data) {
+                        Some(p) => {
+                            out += p.len();
+                            packed = p.to_vec();
+                        }
+                        None => out += n,
+                    }
+                }
+                let ct = t.elapsed().as_secs_f64();
+                let t = std::time::Instant::now();
+                if !packed.is_empty() {
+                    for _ in 0..rounds {
+                        d.decompress(&packed, n).unwrap();
+                    }
+                }
+                let dt = t.elapsed().as_secs_f64();
+                let mb = (rounds * n) as f64 / 1e6;
+                println!(
+                    "{what:6} level {level}: compress {:7.0} MB/s, decompress {:7.0} MB/s, ratio {:.1}",
+                    mb / ct,
+                    if packed.is_empty() { 0.0 } else { mb / dt },
+                    (rounds * n) as f64 / out as f64
+                );
+            }
+        }
+    }
 }

@@ -128,6 +128,8 @@ fn run(args: Args) -> Result<()> {
             transport,
             wait,
             allow_untracked_dma,
+            compression,
+            compression_level,
         } => {
             let mut params = cli::send_params(
                 url,
@@ -142,6 +144,10 @@ fn run(args: Args) -> Result<()> {
                 transport,
             );
             params.allow_untracked_dma = *allow_untracked_dma;
+            if let Some(c) = compression {
+                params.compression = c.to_api();
+            }
+            params.compression_level = *compression_level;
             let r = client.call("PUT", "vm.send-migration", Some(&params))?;
             if wait.wait {
                 wait::wait(&client, "source", wait.cancel_on_interrupt)
