@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::compress::Compression;
 pub use crate::error::MigrationError;
 pub use crate::events::{EventBatch, EventLog};
 pub use crate::host::{Direction, Host, HostMigrations, HostSlot, LinkSpeed};
@@ -16,7 +17,6 @@ pub use crate::live::{
 pub use crate::stats::{
     DeviceStatus, MigrationState, MigrationStats, MigrationStatus, SourceVmOutcome,
 };
-pub use crate::compress::Compression;
 use crate::tls::{ClientTls, ServerTls};
 use crate::traits::{DestinationFactory, DestinationVm, SourceVm};
 use crate::wire::{MAX_CONNECTIONS, MAX_DEVICE_CHUNK};
@@ -799,7 +799,10 @@ mod tests {
             assert!(e.is_err(), "{bad} accepted");
         }
         let e = p(r#","compression":"lz4""#).unwrap_err().to_string();
-        assert!(e.contains("unknown variant `lz4`") && e.contains("zstd"), "{e}");
+        assert!(
+            e.contains("unknown variant `lz4`") && e.contains("zstd"),
+            "{e}"
+        );
         for (j, want) in [
             (
                 r#","compression":"zstd","compression_level":0"#,

@@ -70,8 +70,9 @@ fn zerr(what: &str, e: std::io::Error) -> MigrationError {
 
 /// One writer thread's zstd context and output buffer.
 ///
-/// Invariant: `out` is [`MAX_PACKET_BYTES`] long; the context's level is
-/// within [`MIN_ZSTD_LEVEL`]..=[`MAX_ZSTD_LEVEL`].
+/// Invariant: `out` is at most [`MAX_PACKET_BYTES`] long (it grows to the
+/// largest packet seen: the sender's packets are 2 MiB); the context's
+/// level is within [`MIN_ZSTD_LEVEL`]..=[`MAX_ZSTD_LEVEL`].
 pub struct PacketCompressor {
     cx: zstd::bulk::Compressor<'static>,
     out: Vec<u8>,
@@ -92,7 +93,7 @@ impl PacketCompressor {
             .map_err(|e| zerr("checksum flag", e))?;
         Ok(PacketCompressor {
             cx,
-            out: vec![0; MAX_PACKET_BYTES],
+            out: Vec::new(),
         })
     }
 
@@ -102,6 +103,9 @@ impl PacketCompressor {
     pub fn compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
         if raw.is_empty() || raw.len() > MAX_PACKET_BYTES {
             return None;
+        }
+        if self.out.len() < raw.len() {
+            self.out.resize(raw.len(), 0);
         }
         // A destination one byte shorter than the input: zstd fails with
         // "destination too small" as soon as the result would not shrink.
@@ -119,7 +123,8 @@ impl PacketCompressor {
 
 /// One reader thread's zstd context and output buffer.
 ///
-/// Invariant: `out` is [`MAX_PACKET_BYTES`] long.
+/// Invariant: `out` is at most [`MAX_PACKET_BYTES`] long (it grows to the
+/// largest raw length announced by a validated header).
 pub struct PacketDecompressor {
     dx: zstd::bulk::Decompressor<'static>,
     out: Vec<u8>,
@@ -133,7 +138,7 @@ impl PacketDecompressor {
             .map_err(|e| zerr("window bound", e))?;
         Ok(PacketDecompressor {
             dx,
-            out: vec![0; MAX_PACKET_BYTES],
+            out: Vec::new(),
         })
     }
 
@@ -147,6 +152,9 @@ impl PacketDecompressor {
                 "compressed packet of {} bytes for {raw_len} raw bytes",
                 packed.len()
             )));
+        }
+        if self.out.len() < raw_len {
+            self.out.resize(raw_len, 0);
         }
         let dst = &mut self.out[..raw_len];
         match self.dx.decompress_to_buffer(packed, dst) {
@@ -194,7 +202,12 @@ mod tests {
         for pages in [1usize, 7, 1024] {
             let raw = text(pages * PAGE_SIZE as usize);
             let packed = c.compress(&raw).expect("text shrinks").to_vec();
-            assert!(packed.len() * 10 < raw.len(), "{} of {}", packed.len(), raw.len());
+            assert!(
+                packed.len() * 10 < raw.len(),
+                "{} of {}",
+                packed.len(),
+                raw.len()
+            );
             assert_eq!(d.decompress(&packed, raw.len()).unwrap(), &raw[..]);
         }
     }

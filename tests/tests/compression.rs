@@ -12,6 +12,13 @@ const GUEST: &str = "region=32 passes=0";
 /// Checks the `compression` object of both sides' final status: zstd at
 /// `level` on the source, packets compressed, fewer bytes on the wire.
 fn check_compression(m: &Migration, level: u64) {
+    let spec = ferry_tests::openapi::Spec::load();
+    spec.validate_named("MigrationStatus", &m.dest_status)
+        .unwrap_or_else(|e| panic!("destination status against the spec: {e}"));
+    if let Some(s) = &m.source_status {
+        spec.validate_named("MigrationStatus", s)
+            .unwrap_or_else(|e| panic!("source status against the spec: {e}"));
+    }
     let d = &m.dest_status["compression"];
     assert_eq!(d["algorithm"], "zstd", "{}", m.dest_status);
     assert!(d["compressed_packets"].as_u64().unwrap_or(0) > 0, "{d}");
@@ -113,10 +120,7 @@ fn bad_compression_requests_are_refused() {
             json!({ "compression": "zstd", "compression_level": 25 }),
             "compression_level must be in 1..=19",
         ),
-        (
-            json!({ "compression_level": 3 }),
-            "compression_level needs",
-        ),
+        (json!({ "compression_level": 3 }), "compression_level needs"),
     ] {
         let mut p = send_params(free_tcp_port(), 4);
         for (k, v) in extra.as_object().unwrap() {

@@ -142,7 +142,8 @@ fn run_reader(
     let mut ranges: Vec<ResolvedRange> = Vec::new();
     let mut pages: Vec<u8> = Vec::new();
     let mut bufs = ReadBufs::default();
-    // Made at the first compressed packet (its buffers are 8 MiB).
+    // Made at the first compressed packet (its buffers grow to the
+    // packets' size, at most 4 MiB each).
     let mut unz: Option<ReaderZstd> = None;
     let ram = &*ctx.ram;
     loop {
@@ -232,9 +233,10 @@ fn run_reader(
                     };
                     // Decompressed into the reader's buffer, then copied.
                     let data = z.read(s, zstd_len, data_len, &ctx.ctl, &what)?;
-                    bufs.discarded += apply_data(ctx, &mut bufs.storage, &ranges, data, &|r, p| {
-                        stale(ctx, r, p)
-                    })?;
+                    bufs.discarded +=
+                        apply_data(ctx, &mut bufs.storage, &ranges, data, &|r, p| {
+                            stale(ctx, r, p)
+                        })?;
                     apply_zero_ranges(ctx, &ranges)?
                 } else {
                     read_ram_data(s, ctx, &ranges, &mut bufs, &what)?

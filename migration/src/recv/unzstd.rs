@@ -102,8 +102,7 @@ pub(super) fn apply_data(
                 // guest RAM (validated by decode_ranges); within a pass
                 // each page is sent once, so no other reader writes these
                 // pages now.
-                let mut v: IoVecs<'_, Scatter> =
-                    IoVecs::with_storage(std::mem::take(storage));
+                let mut v: IoVecs<'_, Scatter> = IoVecs::with_storage(std::mem::take(storage));
                 v.push_guest_mut(&ram.mem, r.region, p, q - p)?;
                 let n = v.copy_in(src);
                 *storage = v.into_storage();

@@ -79,7 +79,9 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
     )
     .map_err(|e| match e {
         // A destination from before compression knows no feature word.
-        MigrationError::Remote(m) if setup.features != 0 && m.contains("trailing bytes in SETUP") => {
+        MigrationError::Remote(m)
+            if setup.features != 0 && m.contains("trailing bytes in SETUP") =>
+        {
             MigrationError::Incompatible(format!(
                 "the destination does not support \"compression\": \"zstd\" (an older ferry; it \
                  answered: {m}); send without compression"

@@ -22,7 +22,7 @@ impl WriterZstd {
     pub fn new(level: i32) -> Result<Self, MigrationError> {
         Ok(WriterZstd {
             cx: PacketCompressor::new(level)?,
-            raw: Vec::with_capacity(MAX_PACKET_BYTES),
+            raw: Vec::new(),
             storage: Vec::with_capacity(1030),
         })
     }

@@ -15,10 +15,12 @@ mod histogram;
 mod meter;
 mod status;
 
+pub use compression::CompressionCounters;
 pub use histogram::LatencyHistogram;
 pub(crate) use meter::RxMeter;
-pub use compression::CompressionCounters;
-pub use status::{CompressionStatus, DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome};
+pub use status::{
+    CompressionStatus, DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome,
+};
 
 /// Counters of one device. Updated by its save/load thread and the writers.
 #[derive(Debug, Default)]

@@ -64,7 +64,10 @@ fn compressible_and_random_pages_over_4_connections() {
         assert_eq!(c.level, Some(level.unwrap_or(1) as i32));
         // All data pages went through compression (zero pages did not).
         assert_eq!(c.raw_bytes, s.normal_pages * 4096, "{c:?}");
-        assert!(c.compressed_packets > 0 && c.uncompressed_packets > 0, "{c:?}");
+        assert!(
+            c.compressed_packets > 0 && c.uncompressed_packets > 0,
+            "{c:?}"
+        );
         // 16 MiB of text shrink a lot, 8 MiB of noise not at all.
         assert!(c.wire_bytes < 9 * MIB && c.wire_bytes > 8 * MIB, "{c:?}");
         assert!(c.ratio > 2.5, "{c:?}");

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bounds;
+mod compression;
 mod devices;
 mod dma;
 mod e2e;
@@ -17,7 +18,6 @@ mod postcopy;
 mod switchover;
 mod tls;
 mod unwind;
-mod compression;
 
 use std::fs::File;
 use std::io::Seek;

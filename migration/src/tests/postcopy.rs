@@ -426,5 +426,8 @@ fn postcopy_with_compression() {
     check_read(&src, &pages, &r.read);
     assert_same_ram(&src, &r.factory.last());
     let c = r.dst_stats.snapshot().compression.expect("compression");
-    assert!(c.compressed_packets > 0 && c.wire_bytes < c.raw_bytes, "{c:?}");
+    assert!(
+        c.compressed_packets > 0 && c.wire_bytes < c.raw_bytes,
+        "{c:?}"
+    );
 }

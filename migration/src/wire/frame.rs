@@ -293,11 +293,7 @@ impl Frame {
                 data_len,
                 zstd_len,
             } => {
-                let mut h = h.args(
-                    requested as u64,
-                    0,
-                    if zstd_len > 0 { data_len } else { 0 },
-                );
+                let mut h = h.args(requested as u64, 0, if zstd_len > 0 { data_len } else { 0 });
                 h.count = ranges;
                 if zstd_len > 0 {
                     h.flags = super::FLAG_ZSTD;
@@ -714,7 +710,9 @@ mod tests {
             data_len: 3 * PAGE_SIZE,
             zstd_len: 100,
         };
-        let mut h = Header::new(Kind::Ram, s).args(1, 0, 3 * PAGE_SIZE).with_len(32 + 100);
+        let mut h = Header::new(Kind::Ram, s)
+            .args(1, 0, 3 * PAGE_SIZE)
+            .with_len(32 + 100);
         h.count = 2;
         h.flags = super::super::FLAG_ZSTD;
         assert_eq!(f.encode(s), h.encode());
@@ -732,7 +730,9 @@ mod tests {
             b.count = 2;
             bad(b);
         }
-        let mut p = Header::new(Kind::Pages, s).args(0, 0, 2 * PAGE_SIZE).with_len(16 + 10);
+        let mut p = Header::new(Kind::Pages, s)
+            .args(0, 0, 2 * PAGE_SIZE)
+            .with_len(16 + 10);
         p.count = 1;
         bad(p);
         p.flags = super::super::FLAG_ZSTD;

@@ -1,8 +1,8 @@
 //! The raw 64-byte frame header: layout, encoding and validation.
 
 use super::{
-    arr, DevItemKind, Kind, WireError, FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_BITMAP_LEN, MAX_CONNECTIONS,
-    MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
+    arr, DevItemKind, Kind, WireError, FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_BITMAP_LEN,
+    MAX_CONNECTIONS, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
     MAX_REQUEST_PAGES, MAX_SETUP_LEN, MAX_STATE_LEN, RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN,
     VERSION,
 };
@@ -154,9 +154,9 @@ impl Header {
                     return Err(self.invalid(format!("{raw} data bytes")));
                 }
                 if packed && (data == 0 || data >= raw) {
-                    return Err(self.invalid(format!(
-                        "{data} compressed bytes for {raw} data bytes"
-                    )));
+                    return Err(
+                        self.invalid(format!("{data} compressed bytes for {raw} data bytes"))
+                    );
                 }
                 table + MAX_PACKET_PAGES * PAGE_SIZE
             }

@@ -1,6 +1,9 @@
 //! The SETUP payload: VM configuration, RAM layout and devices.
 
-use super::{arr, SETUP_FEATURE_ZSTD, MAX_CONFIG_LEN, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_DEVICE_ID, MAX_REGIONS};
+use super::{
+    arr, MAX_CONFIG_LEN, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_DEVICE_ID, MAX_REGIONS,
+    SETUP_FEATURE_ZSTD,
+};
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
 use crate::traits::{MigCaps, PAGE_SIZE};

@@ -166,6 +166,8 @@ pub struct MigrateSpec {
     pub timeout: Duration,
     /// Mutual TLS: (source tls_dir, destination tls_dir); None: plain TCP.
     pub tls: Option<(String, String)>,
+    /// `compression` of the request (None: not sent, i.e. none).
+    pub compression: Option<String>,
 }
 
 impl MigrateSpec {
@@ -177,6 +179,7 @@ impl MigrateSpec {
             device_precopy: None,
             timeout: Duration::from_secs(600),
             tls: None,
+            compression: None,
         }
     }
 }
@@ -317,6 +320,9 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     match &spec.tls {
         Some((s, _)) => body["tls_dir"] = json!(s),
         None => body["tls"] = json!(false),
+    }
+    if let Some(c) = &spec.compression {
+        body["compression"] = json!(c);
     }
 
     let (spid, dpid) = (src.pid(), dst.pid());
