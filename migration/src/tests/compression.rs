@@ -289,3 +289,61 @@ fn a_raw_compressed_frame_lands() {
     let c = dest.stats.snapshot().compression.unwrap();
     assert_eq!((c.raw_bytes, c.compressed_packets), (8192, 1));
 }
+
+/// The request fields: `"zstd"` or `"none"`, a level in 1..=19 only with
+/// zstd; anything else is refused naming the field.
+#[test]
+fn compression_is_zstd_with_a_bounded_level() {
+    let p = |j: &str| {
+        serde_json::from_str::<SendParams>(&format!(
+            r#"{{"destination_url":"tcp:127.0.0.1:1","tls":false{j}}}"#
+        ))
+    };
+    assert_eq!(p("").unwrap().zstd_level().unwrap(), None);
+    let z = p(r#","compression":"zstd""#).unwrap();
+    assert_eq!(z.compression, Compression::Zstd);
+    assert_eq!(
+        z.zstd_level().unwrap(),
+        Some(crate::compress::DEFAULT_ZSTD_LEVEL)
+    );
+    z.validate().unwrap();
+    let z9 = p(r#","compression":"zstd","compression_level":9"#).unwrap();
+    assert_eq!(z9.zstd_level().unwrap(), Some(9));
+    assert_eq!(
+        p(r#","compression":"none""#).unwrap().compression,
+        Compression::None
+    );
+    for bad in [r#""lz4""#, r#""ZSTD""#, "1", "true", "null"] {
+        let e = p(&format!(r#","compression":{bad}"#));
+        assert!(e.is_err(), "{bad} accepted");
+    }
+    let e = p(r#","compression":"lz4""#).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown variant `lz4`") && e.contains("zstd"),
+        "{e}"
+    );
+    for (j, want) in [
+        (
+            r#","compression":"zstd","compression_level":0"#,
+            "compression_level must be in 1..=19, got 0",
+        ),
+        (
+            r#","compression":"zstd","compression_level":20"#,
+            "compression_level must be in 1..=19, got 20",
+        ),
+        (
+            r#","compression":"zstd","compression_level":-5"#,
+            "compression_level must be in 1..=19, got -5",
+        ),
+        (
+            r#","compression_level":3"#,
+            "compression_level needs \"compression\": \"zstd\"",
+        ),
+    ] {
+        let e = p(j).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains(want), "{j}: {e}");
+    }
+    let v = serde_json::to_value(&z9).unwrap();
+    assert_eq!(v["compression"], "zstd");
+    assert_eq!(serde_json::from_value::<SendParams>(v).unwrap(), z9);
+}
