@@ -95,10 +95,14 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
 /// resumed post-copy sends as is: its destination agreed to compression
 /// (or not) at the first SETUP, which a resume does not repeat.
 fn zstd_level(ctx: &Ctx) -> Option<i32> {
+    let level = ctx.p.zstd_level().ok().flatten();
     if ctx.p.resume {
+        if level.is_some() {
+            log::debug!("a resumed post-copy sends its pages uncompressed");
+        }
         return None;
     }
-    ctx.p.zstd_level().ok().flatten()
+    level
 }
 
 /// Connects the data connections and starts their writers.
