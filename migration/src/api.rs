@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::compress::Compression;
 pub use crate::error::MigrationError;
 pub use crate::events::{EventBatch, EventLog};
 pub use crate::host::{Direction, Host, HostMigrations, HostSlot, LinkSpeed};
@@ -115,6 +116,17 @@ pub struct SendParams {
     /// the limit and the need when `RLIMIT_MEMLOCK` is smaller.
     #[serde(default)]
     pub zero_copy: bool,
+    /// `"none"` (default) or `"zstd"`: compress each RAM packet's page data
+    /// in the writer threads (sent as is when it does not shrink). The
+    /// destination must agree at SETUP; one that does not know compression
+    /// refuses the migration there (the source keeps running).
+    #[serde(default)]
+    pub compression: Compression,
+    /// zstd level, [`crate::compress::MIN_ZSTD_LEVEL`]..=
+    /// [`crate::compress::MAX_ZSTD_LEVEL`] (default
+    /// [`crate::compress::DEFAULT_ZSTD_LEVEL`]); only with `"zstd"`.
+    #[serde(default)]
+    pub compression_level: Option<i64>,
 }
 
 impl SendParams {
@@ -144,6 +156,8 @@ impl SendParams {
             resume: false,
             allow_untracked_dma: false,
             zero_copy: false,
+            compression: Compression::None,
+            compression_level: None,
         }
     }
 }
@@ -338,6 +352,15 @@ pub const LIMIT_DEVICE_BUFFER_BYTES: Limit = Limit {
     range: Range::Int(MIN_DEVICE_BUFFER, MAX_DEVICE_BUFFER),
 };
 
+/// `compression_level`: zstd's regular levels.
+pub const LIMIT_COMPRESSION_LEVEL: Limit = Limit {
+    field: "compression_level",
+    range: Range::Int(
+        crate::compress::MIN_ZSTD_LEVEL as u64,
+        crate::compress::MAX_ZSTD_LEVEL as u64,
+    ),
+};
+
 /// The numeric fields of [`SendParams`].
 pub const SEND_LIMITS: &[Limit] = &[
     LIMIT_CONNECTIONS,
@@ -345,6 +368,7 @@ pub const SEND_LIMITS: &[Limit] = &[
     LIMIT_MAX_BANDWIDTH_MBPS,
     LIMIT_TIMEOUT_S,
     LIMIT_DEVICE_CHUNK_BYTES,
+    LIMIT_COMPRESSION_LEVEL,
 ];
 /// The numeric fields of [`ReceiveParams`].
 pub const RECEIVE_LIMITS: &[Limit] = &[LIMIT_DEVICE_BUFFER_BYTES];
@@ -362,11 +386,38 @@ impl SendParams {
         self.parameters_update()?.validate()?;
         LIMIT_TIMEOUT_S.check_int(self.timeout_s)?;
         LIMIT_DEVICE_CHUNK_BYTES.check_int(self.device_chunk_bytes)?;
+        self.zstd_level()?;
         self.client_tls()?;
         if let (true, Connections::Count(n)) = (self.zero_copy, self.connections) {
             crate::net::check_memlock(crate::net::memlock_limit(), n)?;
         }
         Ok(())
+    }
+
+    /// The zstd level this request asks for (`None`: no compression).
+    /// Refuses a level without `"compression": "zstd"` and a level out of
+    /// [`LIMIT_COMPRESSION_LEVEL`].
+    pub fn zstd_level(&self) -> Result<Option<i32>, MigrationError> {
+        match (self.compression, self.compression_level) {
+            (Compression::None, None) => Ok(None),
+            (Compression::None, Some(_)) => Err(MigrationError::InvalidParams(
+                "compression_level needs \"compression\": \"zstd\"".into(),
+            )),
+            (Compression::Zstd, None) => Ok(Some(crate::compress::DEFAULT_ZSTD_LEVEL)),
+            (Compression::Zstd, Some(l)) => {
+                let v = u64::try_from(l).unwrap_or(u64::MAX);
+                if l < 0 {
+                    // Negative levels (zstd's "fast" ones) are not offered.
+                    return Err(MigrationError::InvalidParams(format!(
+                        "compression_level must be in {}, got {l}",
+                        LIMIT_COMPRESSION_LEVEL.range
+                    )));
+                }
+                LIMIT_COMPRESSION_LEVEL.check_int(v)?;
+                // In range 1..=19: fits an i32.
+                Ok(Some(l as i32))
+            }
+        }
     }
 
     /// The parameter fields this request names, as a change of the live
@@ -626,7 +677,8 @@ mod tests {
                 "downtime_ms",
                 "max_bandwidth_mbps",
                 "timeout_s",
-                "device_chunk_bytes"
+                "device_chunk_bytes",
+                "compression_level"
             ]
         );
         assert_eq!(RECEIVE_LIMITS[0].field, "device_buffer_bytes");

@@ -30,6 +30,7 @@
 
 pub mod api;
 mod bitmap;
+pub mod compress;
 mod convergence;
 pub mod error;
 pub mod events;

@@ -25,6 +25,7 @@ pub(crate) mod postcopy;
 mod reader;
 mod setup;
 mod switchover;
+mod unzstd;
 
 use std::cell::Cell;
 use std::net::{Shutdown, TcpListener};

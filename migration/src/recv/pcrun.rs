@@ -281,8 +281,17 @@ impl PcRun {
         match env.frame {
             Frame::Keepalive => Ok(()),
             Frame::Pages {
-                ranges, data_len, ..
+                ranges,
+                data_len,
+                zstd_len,
+                ..
             } => {
+                if zstd_len > 0 {
+                    // Requested pages are never compressed (a vCPU waits).
+                    return Err(MigrationError::proto(
+                        "compressed PAGES on the main connection",
+                    ));
+                }
                 let len = env.frame.payload_len();
                 let data = recv_payload(&e.main.stream, len, &e.ctl, what)?;
                 let split = ranges as usize * RANGE_ENTRY_LEN;
@@ -413,6 +422,8 @@ impl PcRun {
             sealed: std::sync::atomic::AtomicBool::new(false),
             postcopy: std::sync::OnceLock::new(),
             stale: std::sync::OnceLock::new(),
+            // A resumed post-copy sends as is (a resume has no SETUP).
+            zstd: false,
         });
         let _ = rctx.postcopy.set(self.pcd.clone());
         let mut readers = Workers::new(&ectl);

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use super::barrier::PassBarrier;
 use super::devices::DeviceInbox;
 use super::postcopy::PcDest;
+use super::unzstd::{apply_data, check_negotiated, ReaderZstd};
 use crate::error::MigrationError;
 use crate::guest_mem::{GuestMemory, IoVecs, Scatter};
 use crate::net::{read_full, read_vecs, recv_frame, recv_payload, Channel, Ctl, Notify, Recv};
@@ -100,6 +101,9 @@ pub struct ReaderCtx {
     /// pages are dropped at the switch and pulled again anyway), so that
     /// the switch does not wait for memory writes that would be undone.
     pub stale: OnceLock<Arc<Vec<Vec<u64>>>>,
+    /// SETUP negotiated compression: RAM and PAGES frames may carry zstd
+    /// data (refused otherwise).
+    pub zstd: bool,
 }
 
 /// Starts one reader per data connection (index = connection index) into
@@ -138,6 +142,9 @@ fn run_reader(
     let mut ranges: Vec<ResolvedRange> = Vec::new();
     let mut pages: Vec<u8> = Vec::new();
     let mut bufs = ReadBufs::default();
+    // Made at the first compressed packet (its buffers grow to the
+    // packets' size, at most 4 MiB each).
+    let mut unz: Option<ReaderZstd> = None;
     let ram = &*ctx.ram;
     loop {
         let env = match recv_frame(s, &ctx.ctl, true, &what)? {
@@ -158,6 +165,7 @@ fn run_reader(
             Frame::Pages {
                 ranges: count,
                 data_len,
+                zstd_len,
                 ..
             } => {
                 let pcd = ctx.postcopy.get().ok_or_else(|| {
@@ -168,10 +176,21 @@ fn run_reader(
                 table.resize(count as usize * RANGE_ENTRY_LEN, 0);
                 read_full(s, &mut table, &ctx.ctl, &what)?;
                 decode_ranges(&table, data_len, &ram.layout, &mut ranges)?;
-                // Bounded by the header check (≤ MAX_PACKET_PAGES pages).
-                pages.resize(data_len as usize, 0);
-                read_full(s, &mut pages, &ctx.ctl, &what)?;
-                pcd.accept_all(&ranges, &pages)?;
+                if zstd_len > 0 {
+                    check_negotiated(ctx, idx)?;
+                    let z = match &mut unz {
+                        Some(z) => z,
+                        None => unz.insert(ReaderZstd::new()?),
+                    };
+                    let data = z.read(s, zstd_len, data_len, &ctx.ctl, &what)?;
+                    pcd.accept_all(&ranges, data)?;
+                } else {
+                    // Bounded by the header check (≤ MAX_PACKET_PAGES pages).
+                    pages.resize(data_len as usize, 0);
+                    read_full(s, &mut pages, &ctx.ctl, &what)?;
+                    pcd.accept_all(&ranges, &pages)?;
+                }
+                count_packet(ctx, data_len, zstd_len);
                 let (zero, normal) = count_pages(&ranges);
                 add(&ctx.stats.zero_pages, zero);
                 add(&ctx.stats.normal_pages, normal);
@@ -188,6 +207,7 @@ fn run_reader(
                 pass: p,
                 ranges: count,
                 data_len,
+                zstd_len,
             } => {
                 if ctx.postcopy.get().is_some() {
                     return Err(MigrationError::proto(format!(
@@ -205,7 +225,23 @@ fn run_reader(
                 // Every range lies inside a region of the destination's
                 // guest RAM (validated above). Within a pass each page is
                 // sent once, so no other reader writes these pages now.
-                let zero = read_ram_data(s, ctx, &ranges, &mut bufs, &what)?;
+                let zero = if zstd_len > 0 {
+                    check_negotiated(ctx, idx)?;
+                    let z = match &mut unz {
+                        Some(z) => z,
+                        None => unz.insert(ReaderZstd::new()?),
+                    };
+                    // Decompressed into the reader's buffer, then copied.
+                    let data = z.read(s, zstd_len, data_len, &ctx.ctl, &what)?;
+                    bufs.discarded +=
+                        apply_data(ctx, &mut bufs.storage, &ranges, data, &|r, p| {
+                            stale(ctx, r, p)
+                        })?;
+                    apply_zero_ranges(ctx, &ranges)?
+                } else {
+                    read_ram_data(s, ctx, &ranges, &mut bufs, &what)?
+                };
+                count_packet(ctx, data_len, zstd_len);
                 let (_, normal) = count_pages(&ranges);
                 add(
                     &ctx.stats.transferred_bytes,
@@ -305,11 +341,7 @@ fn read_ram_data(
     if bufs.sink.is_empty() {
         bufs.sink = vec![0; (READ_CHUNK_PAGES * PAGE_SIZE) as usize];
     }
-    let stale_at = |region: usize, page: u64| {
-        ctx.stale
-            .get()
-            .is_some_and(|m| crate::bitmap::page_set(m, region, page))
-    };
+    let stale_at = |region: usize, page: u64| stale(ctx, region, page);
     for r in ranges.iter().filter(|r| !r.zero) {
         let end = r.first_page + r.npages;
         let mut at = r.first_page;
@@ -350,6 +382,29 @@ fn read_ram_data(
             at = stop;
         }
     }
+    apply_zero_ranges(ctx, ranges)
+}
+
+/// Whether page `page` of `region` is in a known post-copy missing set.
+fn stale(ctx: &ReaderCtx, region: usize, page: u64) -> bool {
+    ctx.stale
+        .get()
+        .is_some_and(|m| crate::bitmap::page_set(m, region, page))
+}
+
+/// The compression counters of one RAM/PAGES packet of `data_len` raw
+/// data bytes, `zstd_len` of them compressed (0: as is).
+fn count_packet(ctx: &ReaderCtx, data_len: u64, zstd_len: u64) {
+    if ctx.zstd && data_len > 0 {
+        let wire = if zstd_len > 0 { zstd_len } else { data_len };
+        ctx.stats.compression.packet(data_len, wire);
+    }
+}
+
+/// Applies the zero ranges of a RAM frame; returns its zero pages.
+fn apply_zero_ranges(ctx: &ReaderCtx, ranges: &[ResolvedRange]) -> Result<u64, MigrationError> {
+    let ram = &*ctx.ram;
+    let stale_at = |region: usize, page: u64| stale(ctx, region, page);
     let mut zero = 0;
     for r in ranges.iter().filter(|r| r.zero) {
         zero += r.npages;
@@ -407,6 +462,7 @@ mod tests {
             sealed: AtomicBool::new(false),
             postcopy: OnceLock::new(),
             stale: OnceLock::new(),
+            zstd: false,
         };
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();

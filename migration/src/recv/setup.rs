@@ -163,7 +163,11 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
         sealed: AtomicBool::new(false),
         postcopy: std::sync::OnceLock::new(),
         stale: std::sync::OnceLock::new(),
+        zstd: setup.features & crate::wire::SETUP_FEATURE_ZSTD != 0,
     });
+    if rctx.zstd {
+        ctx.stats.compression.enable(None);
+    }
     let p = Box::new(Prepared {
         s: *s,
         inbox,

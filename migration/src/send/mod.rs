@@ -42,6 +42,7 @@ mod setup;
 mod switchover;
 mod writer;
 mod zerocopy;
+mod zstd;
 
 pub use dirty::runs_of;
 

@@ -241,6 +241,8 @@ impl PageServer {
             requested: true,
             ranges: c.count,
             data_len: c.data,
+            // Requested pages go as is: a vCPU waits for them.
+            zstd_len: 0,
         };
         let mut payload = Vec::with_capacity(table.len() + c.data as usize);
         payload.extend_from_slice(&table);

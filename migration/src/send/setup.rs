@@ -55,6 +55,11 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
             .collect(),
         chunk_bytes: ctx.p.device_chunk_bytes,
         device_mode: ctx.p.device_state,
+        features: if zstd_level(ctx).is_some() {
+            wire::SETUP_FEATURE_ZSTD
+        } else {
+            0
+        },
     };
     let payload = setup.encode();
     main.send(
@@ -72,6 +77,32 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
         SETUP_TIMEOUT,
         "waiting for the destination to accept the configuration",
     )
+    .map_err(|e| match e {
+        // A destination from before compression knows no feature word.
+        MigrationError::Remote(m)
+            if setup.features != 0 && m.contains("trailing bytes in SETUP") =>
+        {
+            MigrationError::Incompatible(format!(
+                "the destination does not support \"compression\": \"zstd\" (an older ferry; it \
+                 answered: {m}); send without compression"
+            ))
+        }
+        e => e,
+    })
+}
+
+/// The zstd level of this send's writers (`None`: no compression). A
+/// resumed post-copy sends as is: its destination agreed to compression
+/// (or not) at the first SETUP, which a resume does not repeat.
+fn zstd_level(ctx: &Ctx) -> Option<i32> {
+    let level = ctx.p.zstd_level().ok().flatten();
+    if ctx.p.resume {
+        if level.is_some() {
+            log::debug!("a resumed post-copy sends its pages uncompressed");
+        }
+        return None;
+    }
+    level
 }
 
 /// Connects the data connections and starts their writers.
@@ -129,7 +160,11 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
         postcopy: std::sync::OnceLock::new(),
         zero_copy: ctx.p.zero_copy,
         zc_synced: WriterCtx::zc_slots(n as usize),
+        zstd_level: zstd_level(ctx),
     });
+    if let Some(l) = zstd_level(ctx) {
+        ctx.stats.compression.enable(Some(l));
+    }
     let live = ctx.live.clone();
     // With a DMA device post-copy is refused (see `Ctx::decision_params`):
     // nothing may interrupt a pass for it.

@@ -5,7 +5,11 @@
 //! pages go out with `MSG_ZEROCOPY` instead (see `crate::net::ZeroCopy`):
 //! a writer waits for its connection's completions after each SYNC and
 //! before it ends, and publishes that in [`WriterCtx::zc_synced`], which
-//! the switch-over awaits before the commit point.
+//! the switch-over awaits before the commit point. With compression each
+//! writer compresses its packets' page data with its own zstd context
+//! ([`super::zstd::WriterZstd`]) and sends the result when it shrinks; a
+//! compressed packet goes copied (it is the writer's reused buffer, not
+//! guest memory), one that did not shrink zero-copy when that is on.
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
@@ -13,6 +17,7 @@ use std::time::Duration;
 
 use super::pool::{add, Item, PageRun, Pool, RateLimiter};
 use super::push::{PushSet, PUSH_PACKET_PAGES};
+use super::zstd::WriterZstd;
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, GuestMemory, IoVecs};
 use crate::net::{write_vecs, Channel, Ctl};
@@ -72,6 +77,9 @@ impl WriterCtx {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    /// The zstd level of RAM compression (`None`: off); agreed with the
+    /// destination at SETUP.
+    pub zstd_level: Option<i32>,
 }
 
 /// What a RAM frame is: a pre-copy pass's or a post-copy push.
@@ -106,6 +114,8 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
     let mut table: Vec<u8> = Vec::with_capacity(8192);
     let mut data_runs: Vec<(usize, u64, u64)> = Vec::with_capacity(1030);
     let mut storage: Vec<libc::iovec> = Vec::with_capacity(1030);
+    // One zstd context per writer, reused for every packet.
+    let mut zstd = ctx.zstd_level.map(WriterZstd::new).transpose()?;
     loop {
         let item = ctx.pool.pop(conn)?;
         let cost = item.cost();
@@ -119,6 +129,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     &mut table,
                     &mut data_runs,
                     &mut storage,
+                    zstd.as_mut(),
                     &what,
                 )?
                 else {
@@ -205,6 +216,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                         &mut table,
                         &mut data_runs,
                         &mut storage,
+                        zstd.as_mut(),
                         &what,
                     )?
                     else {
@@ -310,20 +322,29 @@ fn write_ram(
     table: &mut Vec<u8>,
     data_runs: &mut Vec<(usize, u64, u64)>,
     storage: &mut Vec<libc::iovec>,
+    zstd: Option<&mut WriterZstd>,
     what: &str,
 ) -> Result<Option<(u64, u64, u64)>, MigrationError> {
     let mem = &*ctx.mem;
     let c = classify(mem, runs, table, data_runs)?;
+    // Zero pages were taken out above: only the data pages are compressed.
+    let packed = match zstd {
+        Some(z) => Some(z.pack(mem, data_runs, c.data)?),
+        None => None,
+    };
+    let zstd_len = packed.flatten().map_or(0, |p| p.len() as u64);
     let frame = match kind {
         Packet::Ram { pass } => Frame::Ram {
             pass,
             ranges: c.count,
             data_len: c.data,
+            zstd_len,
         },
         Packet::Pages => Frame::Pages {
             requested: false,
             ranges: c.count,
             data_len: c.data,
+            zstd_len,
         },
     };
     let head = frame.encode(ctx.session);
@@ -343,9 +364,16 @@ fn write_ram(
     let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(storage));
     v.push_bytes(&head);
     v.push_bytes(table);
-    if s.zero_copy_pages() && c.data > 0 {
+    let compressed = packed.flatten();
+    if packed.is_some() && c.data > 0 {
+        let sent = if zstd_len > 0 { zstd_len } else { c.data };
+        ctx.stats.compression.packet(c.data, sent);
+    }
+    if compressed.is_none() && s.zero_copy_pages() && c.data > 0 {
         // Header and table are copied (their buffers are reused at once);
-        // the pages go from guest memory with MSG_ZEROCOPY.
+        // the pages go from guest memory with MSG_ZEROCOPY. A compressed
+        // packet is not guest memory but the writer's reused output
+        // buffer (and a fraction of the pages' size): it is copied.
         write_vecs(s, &mut v, &ctx.ctl, what)?;
         let mut d: IoVecs<'_, Gather> = IoVecs::with_storage(v.into_storage());
         for &(region, first, n) in data_runs.iter() {
@@ -355,8 +383,13 @@ fn write_ram(
         *storage = d.into_storage();
         return Ok(Some((wire, c.zero, c.pages)));
     }
-    for &(region, first, n) in data_runs.iter() {
-        v.push_guest(mem, region, first, n)?;
+    match compressed {
+        Some(p) => v.push_bytes(p),
+        None => {
+            for &(region, first, n) in data_runs.iter() {
+                v.push_guest(mem, region, first, n)?;
+            }
+        }
     }
     write_vecs(s, &mut v, &ctx.ctl, what)?;
     *storage = v.into_storage();

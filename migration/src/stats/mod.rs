@@ -10,13 +10,18 @@ use crate::live::{LiveParams, SwitchoverReason};
 use crate::net::lock;
 use crate::traits::PAGE_SIZE;
 
+mod compression;
 mod histogram;
 mod meter;
 mod status;
 
+pub use compression::CompressionCounters;
 pub use histogram::LatencyHistogram;
 pub(crate) use meter::RxMeter;
-pub use status::{DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome, ZeroCopyStatus};
+pub use status::{
+    CompressionStatus, DeviceStatus, MigrationState, MigrationStatus, SourceVmOutcome,
+    ZeroCopyStatus,
+};
 
 /// Counters of one device. Updated by its save/load thread and the writers.
 #[derive(Debug, Default)]
@@ -118,6 +123,8 @@ pub struct MigrationStats {
     postcopy_p99: AtomicU64,
     /// Zero-copy send (source, `"zero_copy": true`).
     pub(crate) zero_copy: Arc<crate::net::ZcCounters>,
+    /// RAM compression (both sides).
+    pub(crate) compression: CompressionCounters,
 }
 
 /// Where a post-copy is (the `postcopy` status field).
@@ -158,6 +165,7 @@ impl MigrationStats {
         self.postcopy.store(0, Relaxed);
         self.fault_latency.reset();
         self.zero_copy.reset();
+        self.compression.reset();
         for a in [
             &self.postcopy_requests,
             &self.postcopy_bytes,
@@ -548,6 +556,9 @@ impl MigrationStats {
                 .or_else(|| opt(&self.postcopy_p99)),
             postcopy_resumes: self.postcopy_resumes.load(Relaxed),
             zero_copy: self.zero_copy_status(),
+            compression: self
+                .compression
+                .status(self.role.load(Relaxed) == Role::Source as u8),
         }
     }
 

@@ -288,6 +288,9 @@ pub struct MigrationStatus {
     /// zero-copy sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero_copy: Option<ZeroCopyStatus>,
+    /// RAM compression, when this migration uses it (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStatus>,
 }
 
 /// Zero-copy send in a [`MigrationStatus`] (source, `"zero_copy": true`).
@@ -314,4 +317,31 @@ pub struct ZeroCopyStatus {
     /// (TLS: the ciphertext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+/// The `compression` object of a [`MigrationStatus`]: page data of the RAM
+/// packets before and after compression (range tables and headers are in
+/// neither; `transferred_bytes` has everything on the wire).
+///
+/// Invariant: `wire_bytes <= raw_bytes`; `ratio` is `raw_bytes /
+/// wire_bytes` (1 while nothing was sent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CompressionStatus {
+    /// `"zstd"`.
+    pub algorithm: String,
+    /// The zstd level (source only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<i32>,
+    /// Page data bytes of the RAM packets, raw (zero pages are not data
+    /// and are in neither count).
+    pub raw_bytes: u64,
+    /// Those bytes as they went on the wire (compressed, or as is for a
+    /// packet that did not shrink).
+    pub wire_bytes: u64,
+    /// `raw_bytes / wire_bytes`.
+    pub ratio: f64,
+    /// Packets sent (received) compressed.
+    pub compressed_packets: u64,
+    /// Packets sent (received) as is because they did not shrink.
+    pub uncompressed_packets: u64,
 }

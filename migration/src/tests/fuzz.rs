@@ -179,9 +179,29 @@ fn setup_parser_never_panics() {
         }],
         chunk_bytes: 1 << 20,
         device_mode: DeviceStateMode::Main,
+        features: 0,
     };
     let enc = good.encode();
     assert_eq!(Setup::decode(&enc).unwrap(), good);
+    // The feature word: absent when 0 (the bytes of earlier builds), a
+    // known bit round-trips, an unknown one is refused by name.
+    let z = Setup {
+        features: crate::wire::SETUP_FEATURE_ZSTD,
+        ..good.clone()
+    };
+    let zenc = z.encode();
+    assert_eq!(zenc.len(), enc.len() + 4);
+    assert_eq!(&zenc[..enc.len()], &enc[..]);
+    assert_eq!(Setup::decode(&zenc).unwrap(), z);
+    let unknown = Setup {
+        features: 1 << 7,
+        ..good.clone()
+    };
+    let e = Setup::decode(&unknown.encode()).unwrap_err().to_string();
+    assert!(e.contains("features 0x80"), "{e}");
+    let mut extra = zenc.clone();
+    extra.push(0);
+    assert!(Setup::decode(&extra).is_err());
     for i in 0..50_000 {
         let mut b = if i % 3 == 0 {
             (0..rng.gen_range(0..200))

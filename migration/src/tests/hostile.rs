@@ -83,6 +83,19 @@ impl RawSource {
         mode: DeviceStateMode,
         chunk: u64,
     ) -> RawSource {
+        Self::start_with(port, n, layout, devices, mode, chunk, 0)
+    }
+
+    /// [`RawSource::start`] with SETUP `features`.
+    pub fn start_with(
+        port: u16,
+        n: u64,
+        layout: &[(u64, u64)],
+        devices: &[&str],
+        mode: DeviceStateMode,
+        chunk: u64,
+        features: u32,
+    ) -> RawSource {
         let session = 0x1234_5678_9abc_def0_u128 << 3;
         let (main, r) = hello(port, session, ROLE_MAIN, 0, n);
         r.unwrap();
@@ -102,6 +115,7 @@ impl RawSource {
                 .collect(),
             chunk_bytes: chunk,
             device_mode: mode,
+            features,
         };
         raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
         raw_reply(&main).unwrap();
@@ -254,6 +268,7 @@ fn raw_source_protocol_and_refusals() {
         devices: vec![],
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
+        features: 0,
     };
     raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
     raw_reply(&main).unwrap();
@@ -532,6 +547,7 @@ fn refused_setups_leave_the_receive_armed() {
         }],
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
+        features: 0,
     };
     let mut other_layout = good.clone();
     other_layout.regions = vec![(0, 4 * MIB)];

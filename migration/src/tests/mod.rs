@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bounds;
+mod compression;
 mod devices;
 mod dma;
 mod e2e;
@@ -11,7 +12,7 @@ mod failures;
 mod fuzz;
 mod guest_mem;
 mod host;
-mod hostile;
+pub(crate) mod hostile;
 mod pcfake;
 mod postcopy;
 mod switchover;

@@ -429,3 +429,26 @@ fn a_destination_without_post_copy_fails_before_commit() {
     assert_eq!(stats.snapshot().source_vm, Some(SourceVmOutcome::Resumed));
     assert!(dest.factory.last().discarded.load(SeqCst));
 }
+
+/// With compression the background push sends compressed PAGES on the
+/// data connections (requested pages go as is on main); every page the
+/// vCPU reads is the source's.
+#[test]
+fn postcopy_with_compression() {
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB), (4 << 30, 4 * MIB)]));
+    fill(&src, 0, 3, 1);
+    fill(&src, 1, 5, 2);
+    let mut p = params(0, 4);
+    p.technique = Some(Technique::PostCopy);
+    p.compression = Compression::Zstd;
+    let pages = every_page(&src, 3);
+    let r = run(src.clone(), p, pages.clone(), Hooks::default());
+    check_completed(&r, SwitchoverReason::User);
+    check_read(&src, &pages, &r.read);
+    assert_same_ram(&src, &r.factory.last());
+    let c = r.dst_stats.snapshot().compression.expect("compression");
+    assert!(
+        c.compressed_packets > 0 && c.wire_bytes < c.raw_bytes,
+        "{c:?}"
+    );
+}

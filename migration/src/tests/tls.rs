@@ -158,6 +158,32 @@ fn zero_copy_over_mutual_tls() {
     assert!(z.note.as_deref().unwrap_or("").contains("TLS"), "{z:?}");
 }
 
+/// Compression under TLS: packets are compressed, then sealed by the
+/// record layer.
+#[test]
+fn compressed_migration_over_mutual_tls() {
+    let ca = Ca::new("zstd");
+    let dst_dir = ca.host("dst.test", &ca);
+    let src_dir = ca.host("src.test", &ca);
+    let src = Arc::new(FakeSource::new(&[(0, 16 * MIB)]));
+    fill(&src, 0, 3, 1);
+    let dest = start_dest_with(
+        FakeFactory::new(src.layout()),
+        tls_receive(&dst_dir, &["src.test"]),
+    );
+    let stats = Arc::new(MigrationStats::default());
+    let mut p = tls_send(dest.port, Some(&src_dir));
+    p.compression = Compression::Zstd;
+    send(src.clone(), &p, &stats, &CancelToken::default()).unwrap();
+    dest.handle.join().unwrap().unwrap();
+    assert_same_ram(&src, &dest.factory.last());
+    let s = stats.snapshot();
+    assert_eq!(s.transport.as_deref(), Some("tls"));
+    let c = s.compression.clone().expect("compression");
+    assert!(c.compressed_packets > 0 && c.ratio > 2.0, "{c:?}");
+    assert!(s.transferred_bytes < 8 * MIB, "{s:?}");
+}
+
 #[test]
 fn refused_peers_never_abort_the_receive() {
     let ca = Ca::new("main");

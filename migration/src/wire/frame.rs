@@ -61,14 +61,18 @@ pub enum Frame {
         /// Payload bytes.
         len: u64,
     },
-    /// RAM packet: `ranges` range-table entries, then `data_len` page bytes.
+    /// RAM packet: `ranges` range-table entries, then `data_len` page bytes
+    /// (or, compressed, `zstd_len` bytes that decompress to them).
     Ram {
         /// Pass of the pages (≥ 1 when sent).
         pass: u64,
         /// Range-table entries (1..=`MAX_RANGES`).
         ranges: u32,
-        /// Page data bytes (a multiple of the page size).
+        /// Page data bytes (a multiple of the page size), raw.
         data_len: u64,
+        /// Compressed page data bytes on the wire, `1..data_len`; 0: the
+        /// data is not compressed ([`super::FLAG_ZSTD`]).
+        zstd_len: u64,
     },
     /// End of pass `pass` on this connection.
     Sync {
@@ -161,8 +165,10 @@ pub enum Frame {
         requested: bool,
         /// Range-table entries (1..=`MAX_RANGES`).
         ranges: u32,
-        /// Page data bytes (a multiple of the page size).
+        /// Page data bytes (a multiple of the page size), raw.
         data_len: u64,
+        /// Compressed page data bytes, as for [`Frame::Ram`] (0: plain).
+        zstd_len: u64,
     },
     /// The destination has every page: post-copy is over.
     PostcopyDone {
@@ -239,11 +245,20 @@ impl Frame {
             | Frame::Postcopy { len, .. }
             | Frame::ResumeAck { len, .. } => len,
             Frame::Ram {
-                ranges, data_len, ..
+                ranges,
+                data_len,
+                zstd_len,
+                ..
             }
             | Frame::Pages {
-                ranges, data_len, ..
-            } => ranges as u64 * RANGE_ENTRY_LEN as u64 + data_len,
+                ranges,
+                data_len,
+                zstd_len,
+                ..
+            } => {
+                let data = if zstd_len > 0 { zstd_len } else { data_len };
+                ranges as u64 * RANGE_ENTRY_LEN as u64 + data
+            }
             _ => 0,
         }
     }
@@ -259,16 +274,30 @@ impl Frame {
                 };
                 h.args(r, i, connections as u64)
             }
-            Frame::Ram { pass, ranges, .. } => {
-                let mut h = h.args(pass, 0, 0);
+            Frame::Ram {
+                pass,
+                ranges,
+                data_len,
+                zstd_len,
+            } => {
+                let mut h = h.args(pass, 0, if zstd_len > 0 { data_len } else { 0 });
                 h.count = ranges;
+                if zstd_len > 0 {
+                    h.flags = super::FLAG_ZSTD;
+                }
                 h
             }
             Frame::Pages {
-                requested, ranges, ..
+                requested,
+                ranges,
+                data_len,
+                zstd_len,
             } => {
-                let mut h = h.args(requested as u64, 0, 0);
+                let mut h = h.args(requested as u64, 0, if zstd_len > 0 { data_len } else { 0 });
                 h.count = ranges;
+                if zstd_len > 0 {
+                    h.flags = super::FLAG_ZSTD;
+                }
                 h
             }
             Frame::Postcopy {
@@ -355,6 +384,7 @@ impl Frame {
                 pass: h.a,
                 ranges: h.count,
                 data_len: h.ram_data_len(),
+                zstd_len: h.ram_zstd_len(),
             },
             Kind::Sync => Frame::Sync { pass: h.a },
             Kind::Device => Frame::Device {
@@ -403,6 +433,7 @@ impl Frame {
                 requested: h.a == 1,
                 ranges: h.count,
                 data_len: h.ram_data_len(),
+                zstd_len: h.ram_zstd_len(),
             },
             Kind::PostcopyDone => Frame::PostcopyDone {
                 requests: h.a,
@@ -442,6 +473,13 @@ mod tests {
                 pass: 2,
                 ranges: 3,
                 data_len: 5 * PAGE_SIZE,
+                zstd_len: 0,
+            },
+            Frame::Ram {
+                pass: 2,
+                ranges: 1,
+                data_len: 1024 * PAGE_SIZE,
+                zstd_len: 77,
             },
             Frame::Sync { pass: 9 },
             Frame::Device {
@@ -491,11 +529,19 @@ mod tests {
                 requested: true,
                 ranges: 2,
                 data_len: PAGE_SIZE,
+                zstd_len: 0,
             },
             Frame::Pages {
                 requested: false,
                 ranges: 1,
                 data_len: 0,
+                zstd_len: 0,
+            },
+            Frame::Pages {
+                requested: false,
+                ranges: 3,
+                data_len: 2 * PAGE_SIZE,
+                zstd_len: 2 * PAGE_SIZE - 1,
             },
             Frame::PostcopyDone {
                 requests: 5,
@@ -554,6 +600,7 @@ mod tests {
                 pass: 3,
                 ranges: 2,
                 data_len: 4096,
+                zstd_len: 0,
             },
             ram,
         );
@@ -648,5 +695,52 @@ mod tests {
         let mut pages = Header::new(Kind::Pages, s).with_len(16 + 1025 * PAGE_SIZE);
         pages.count = 1;
         bad(pages);
+    }
+
+    /// A compressed RAM/PAGES header carries the raw length in `c` and the
+    /// flag; its compressed data must be non-empty and strictly shorter
+    /// than the raw data, which keeps the RAM bounds; the flag is refused
+    /// on every other kind.
+    #[test]
+    fn compressed_frames_are_bounded() {
+        let s = 0x99_u128;
+        let f = Frame::Ram {
+            pass: 1,
+            ranges: 2,
+            data_len: 3 * PAGE_SIZE,
+            zstd_len: 100,
+        };
+        let mut h = Header::new(Kind::Ram, s)
+            .args(1, 0, 3 * PAGE_SIZE)
+            .with_len(32 + 100);
+        h.count = 2;
+        h.flags = super::super::FLAG_ZSTD;
+        assert_eq!(f.encode(s), h.encode());
+        assert_eq!(f.payload_len(), 132);
+        let bad = |h: Header| assert!(Frame::decode(&h.encode()).is_err(), "{h:?}");
+        for (raw, packed) in [
+            (3 * PAGE_SIZE, 0),
+            (3 * PAGE_SIZE, 3 * PAGE_SIZE),
+            (3 * PAGE_SIZE, 3 * PAGE_SIZE + 1),
+            (3 * PAGE_SIZE + 1, 100),
+            (1025 * PAGE_SIZE, 100),
+            (0, 100),
+        ] {
+            let mut b = h.args(1, 0, raw).with_len(32 + packed);
+            b.count = 2;
+            bad(b);
+        }
+        let mut p = Header::new(Kind::Pages, s)
+            .args(0, 0, 2 * PAGE_SIZE)
+            .with_len(16 + 10);
+        p.count = 1;
+        bad(p);
+        p.flags = super::super::FLAG_ZSTD;
+        assert!(Frame::decode(&p.encode()).is_ok());
+        p.flags = 2;
+        bad(p);
+        let mut sync = Header::new(Kind::Sync, s).args(1, 0, 0);
+        sync.flags = super::super::FLAG_ZSTD;
+        bad(sync);
     }
 }

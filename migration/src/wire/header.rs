@@ -1,8 +1,8 @@
 //! The raw 64-byte frame header: layout, encoding and validation.
 
 use super::{
-    arr, DevItemKind, Kind, WireError, HEADER_LEN, MAGIC, MAX_BITMAP_LEN, MAX_CONNECTIONS,
-    MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
+    arr, DevItemKind, Kind, WireError, FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_BITMAP_LEN,
+    MAX_CONNECTIONS, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_MESSAGE_LEN, MAX_PACKET_PAGES, MAX_RANGES,
     MAX_REQUEST_PAGES, MAX_SETUP_LEN, MAX_STATE_LEN, RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN,
     VERSION,
 };
@@ -14,7 +14,7 @@ use crate::traits::PAGE_SIZE;
 pub struct Header {
     /// Frame kind.
     pub kind: Kind,
-    /// Reserved, zero.
+    /// Zero, except [`FLAG_ZSTD`] on RAM and PAGES frames.
     pub flags: u32,
     /// Entries in the RAM range table (RAM only).
     pub count: u32,
@@ -110,10 +110,12 @@ impl Header {
     }
 
     fn validate(&self) -> Result<(), WireError> {
-        if self.flags != 0 {
+        let ram_like = matches!(self.kind, Kind::Ram | Kind::Pages);
+        let allowed = if ram_like { FLAG_ZSTD } else { 0 };
+        if self.flags & !allowed != 0 {
             return Err(self.invalid(format!("reserved flags {:#x}", self.flags)));
         }
-        let ram_like = matches!(self.kind, Kind::Ram | Kind::Pages);
+        let packed = self.flags & FLAG_ZSTD != 0;
         if !ram_like && self.count != 0 {
             return Err(self.invalid("non-zero count"));
         }
@@ -145,8 +147,16 @@ impl Header {
                     .len
                     .checked_sub(table)
                     .ok_or_else(|| self.invalid("length shorter than its range table"))?;
-                if data % PAGE_SIZE != 0 || data / PAGE_SIZE > MAX_PACKET_PAGES {
-                    return Err(self.invalid(format!("{data} data bytes")));
+                // Compressed: `c` is the raw data length, and the
+                // compressed data is strictly shorter.
+                let raw = if packed { self.c } else { data };
+                if raw % PAGE_SIZE != 0 || raw / PAGE_SIZE > MAX_PACKET_PAGES {
+                    return Err(self.invalid(format!("{raw} data bytes")));
+                }
+                if packed && (data == 0 || data >= raw) {
+                    return Err(
+                        self.invalid(format!("{data} compressed bytes for {raw} data bytes"))
+                    );
                 }
                 table + MAX_PACKET_PAGES * PAGE_SIZE
             }
@@ -176,7 +186,7 @@ impl Header {
             Kind::HostLoad if self.a == 0 || self.a > crate::host::MAX_HOST_MIGRATIONS => {
                 return Err(self.invalid(format!("{} migrations on the host", self.a)));
             }
-            Kind::Pages if self.a > 1 || self.b != 0 || self.c != 0 => {
+            Kind::Pages if self.a > 1 || self.b != 0 || (self.c != 0 && !packed) => {
                 return Err(self.invalid(format!("arguments {} {} {}", self.a, self.b, self.c)));
             }
             Kind::Postcopy | Kind::ResumeAck if self.c != 0 => {
@@ -211,9 +221,29 @@ impl Header {
         Ok(())
     }
 
-    /// Bytes of page data of a validated RAM header.
+    /// Bytes of page data of a validated RAM header (raw: after
+    /// decompression for a compressed one).
     pub fn ram_data_len(&self) -> u64 {
+        if self.flags & FLAG_ZSTD != 0 {
+            self.c
+        } else {
+            self.ram_packed_len()
+        }
+    }
+
+    /// Bytes after the range table of a validated RAM header as they are
+    /// on the wire (compressed or not).
+    fn ram_packed_len(&self) -> u64 {
         self.len
             .saturating_sub(self.count as u64 * RANGE_ENTRY_LEN as u64)
+    }
+
+    /// Compressed data bytes of a validated RAM header (0: not compressed).
+    pub fn ram_zstd_len(&self) -> u64 {
+        if self.flags & FLAG_ZSTD != 0 {
+            self.ram_packed_len()
+        } else {
+            0
+        }
     }
 }

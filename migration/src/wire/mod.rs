@@ -23,7 +23,7 @@ pub use bitmap::{bitmap_len, decode_bitmap, encode_bitmap};
 pub use frame::{ConnRole, Envelope, Frame, ERROR_DISCARDED};
 pub use header::Header;
 pub use ranges::{decode_ranges, resolve, RangeEntry, ResolvedRange};
-pub use setup::{DeviceDesc, Setup};
+pub use setup::{DeviceDesc, Setup, SETUP_FEATURES};
 
 use crate::error::MigrationError;
 
@@ -61,6 +61,15 @@ pub const MAX_DEVICES: u32 = 256;
 pub const MAX_DEVICE_ID: usize = 256;
 /// Range-table flag: the range is zero pages, no data follows for it.
 pub const RANGE_ZERO: u32 = 1;
+/// Header flag of RAM and PAGES frames: the page data after the range
+/// table is one zstd stream of `len - table` bytes (strictly fewer than
+/// the raw data) that decompresses to exactly `c` bytes, the raw data
+/// length (see [`crate::compress`]). Sent only when SETUP negotiated
+/// compression ([`SETUP_FEATURE_ZSTD`]).
+pub const FLAG_ZSTD: u32 = 1;
+/// SETUP feature bit: RAM packets on the data connections may be
+/// compressed ([`FLAG_ZSTD`]).
+pub const SETUP_FEATURE_ZSTD: u32 = 1;
 /// Bound of a post-copy page bitmap (POSTCOPY, RESUME_ACK): one bit per
 /// 4 KiB page of 2 TiB of guest RAM. The exact length follows from the
 /// layout SETUP announced ([`bitmap_len`]).

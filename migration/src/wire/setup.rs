@@ -1,6 +1,9 @@
 //! The SETUP payload: VM configuration, RAM layout and devices.
 
-use super::{arr, MAX_CONFIG_LEN, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_DEVICE_ID, MAX_REGIONS};
+use super::{
+    arr, MAX_CONFIG_LEN, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_DEVICE_ID, MAX_REGIONS,
+    SETUP_FEATURE_ZSTD,
+};
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
 use crate::traits::{MigCaps, PAGE_SIZE};
@@ -28,7 +31,16 @@ pub struct Setup {
     pub chunk_bytes: u64,
     /// Where device data travels.
     pub device_mode: DeviceStateMode,
+    /// Optional features the source will use ([`SETUP_FEATURES`] bits).
+    /// 0 is not encoded at all, so that a SETUP without features is the
+    /// same bytes an earlier build sent; a destination that does not know
+    /// the word refuses SETUP (trailing bytes), one that knows it refuses
+    /// bits it does not know.
+    pub features: u32,
 }
+
+/// The SETUP feature bits this build knows: [`SETUP_FEATURE_ZSTD`].
+pub const SETUP_FEATURES: u32 = SETUP_FEATURE_ZSTD;
 
 fn caps_bits(c: MigCaps) -> u32 {
     (c.stop_copy as u32) | (c.p2p as u32) << 1 | (c.pre_copy as u32) << 2
@@ -56,6 +68,9 @@ impl Setup {
             DeviceStateMode::Channels => 0,
             DeviceStateMode::Main => 1,
         });
+        if self.features != 0 {
+            o.extend_from_slice(&self.features.to_le_bytes());
+        }
         o
     }
 
@@ -111,6 +126,13 @@ impl Setup {
             1 => DeviceStateMode::Main,
             v => return Err(MigrationError::proto(format!("device mode {v}"))),
         };
+        let features = if c.pos == b.len() { 0 } else { c.u32()? };
+        if features & !SETUP_FEATURES != 0 {
+            return Err(MigrationError::Incompatible(format!(
+                "SETUP asks for features {:#x} this destination does not know (it knows {:#x})",
+                features, SETUP_FEATURES
+            )));
+        }
         if c.pos != b.len() {
             return Err(MigrationError::proto("trailing bytes in SETUP"));
         }
@@ -120,6 +142,7 @@ impl Setup {
             devices,
             chunk_bytes,
             device_mode,
+            features,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
 //!
 //! ```text
-//! ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|limits|all> [--runs N]
+//! ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8]
 //!             [--devices 1,2,4] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
@@ -11,6 +11,9 @@
 //! `--netns-rate RATE` runs every source and destination in two network
 //! namespaces joined by a veth pair whose source side is shaped to RATE with
 //! `tc ... tbf` (root and iproute2 needed; see `ferry_tests::NetPair`).
+//!
+//! `compress` (issue #13 §2) runs in the namespaces too (default `1gbit`):
+//! 4 GiB of text and of random data, with and without zstd.
 //!
 //! `converge` (issue #10) always runs in the namespaces (`--netns-rate`,
 //! default `1gbit` for it); before each of its runs it waits until the
@@ -46,6 +49,8 @@
 //! settle wait (`--settle`, default 6 s): the host hands freed memory back
 //! within seconds, and first-touch costs swing 2-4x without the wait.
 
+#[path = "ferry-bench/compress.rs"]
+mod compress;
 #[path = "ferry-bench/converge.rs"]
 mod converge;
 #[path = "ferry-bench/converge_report.rs"]
@@ -113,7 +118,7 @@ pub struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|limits|all> [--runs N]\n\
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--devices 1,2,4] [--root REPO] [--keep-file]\n\
          \x20      [--netns-rate 1gbit]\n\
@@ -195,7 +200,8 @@ fn main() {
     }
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
-        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" | "zerocopy" => {
+        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" | "zerocopy"
+        | "compress" => {
             vec![opts.part.as_str()]
         }
         _ => usage(),
@@ -214,7 +220,7 @@ fn main() {
         );
         std::process::exit(2);
     }
-    if opts.part == "converge" && netns_rate.is_none() {
+    if (opts.part == "converge" || opts.part == "compress") && netns_rate.is_none() {
         netns_rate = Some("1gbit".into());
     }
     if opts.part == "zerocopy" && netns_rate.is_none() {
@@ -247,6 +253,7 @@ fn main() {
             "tls" => tls::tls(&env, &opts),
             "zerocopy" => zerocopy::zerocopy(&env, &opts),
             "converge" => converge_report::converge(&env, &opts),
+            "compress" => compress::compress(&env, &opts),
             _ => unreachable!(),
         };
         let path = report::write_json(

@@ -181,6 +181,8 @@ pub struct MigrateSpec {
     pub tls: Option<(String, String)>,
     /// `"zero_copy": true` in the send request.
     pub zero_copy: bool,
+    /// `compression` of the request (None: not sent, i.e. none).
+    pub compression: Option<String>,
 }
 
 impl MigrateSpec {
@@ -193,6 +195,7 @@ impl MigrateSpec {
             timeout: Duration::from_secs(600),
             tls: None,
             zero_copy: false,
+            compression: None,
         }
     }
 }
@@ -336,6 +339,9 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     }
     if spec.zero_copy {
         body["zero_copy"] = json!(true);
+    }
+    if let Some(c) = &spec.compression {
+        body["compression"] = json!(c);
     }
 
     let (spid, dpid) = (src.pid(), dst.pid());

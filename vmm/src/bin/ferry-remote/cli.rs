@@ -181,6 +181,25 @@ pub enum DeviceStateArg {
     Main,
 }
 
+/// `--compression`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CompressionArg {
+    /// RAM goes as is (default).
+    None,
+    /// Each RAM packet compressed with zstd in the writer threads.
+    Zstd,
+}
+
+impl CompressionArg {
+    /// The request's value.
+    pub fn to_api(self) -> migration::api::Compression {
+        match self {
+            CompressionArg::None => migration::api::Compression::None,
+            CompressionArg::Zstd => migration::api::Compression::Zstd,
+        }
+    }
+}
+
 /// How `--wait` reacts to Ctrl-C.
 #[derive(ClapArgs, Debug, Default, Clone, Copy)]
 pub struct WaitArgs {
@@ -255,6 +274,12 @@ pub enum Cmd {
         /// connection (RLIMIT_MEMLOCK) unless ferry has CAP_IPC_LOCK.
         #[arg(long)]
         zero_copy: bool,
+        /// Compress RAM (the destination must support it) [default: none].
+        #[arg(long, value_enum)]
+        compression: Option<CompressionArg>,
+        /// zstd level, 1 to 19 [default: 1].
+        #[arg(long, value_name = "LEVEL", requires = "compression")]
+        compression_level: Option<i64>,
         #[command(flatten)]
         live: LiveArgs,
         /// Deprecated alias of --max-bandwidth-mib-s (the value is MiB/s).
@@ -474,6 +499,10 @@ mod tests {
             "--policy",
             "post-copy",
             "--no-device-precopy",
+            "--compression",
+            "zstd",
+            "--compression-level",
+            "3",
         ])
         .unwrap();
         let Cmd::SendMigration {
@@ -487,11 +516,15 @@ mod tests {
             no_device_precopy,
             device_chunk_bytes,
             transport,
+            compression,
+            compression_level,
             ..
         } = &a.cmd
         else {
             panic!("{a:?}")
         };
+        assert!(matches!(compression, Some(CompressionArg::Zstd)));
+        assert_eq!(*compression_level, Some(3));
         let p = send_params(
             url,
             *connections,

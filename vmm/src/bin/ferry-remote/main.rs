@@ -129,6 +129,8 @@ fn run(args: Args) -> Result<()> {
             wait,
             allow_untracked_dma,
             zero_copy,
+            compression,
+            compression_level,
         } => {
             let mut params = cli::send_params(
                 url,
@@ -144,6 +146,10 @@ fn run(args: Args) -> Result<()> {
             );
             params.allow_untracked_dma = *allow_untracked_dma;
             params.zero_copy = *zero_copy;
+            if let Some(c) = compression {
+                params.compression = c.to_api();
+            }
+            params.compression_level = *compression_level;
             let r = client.call("PUT", "vm.send-migration", Some(&params))?;
             if wait.wait {
                 wait::wait(&client, "source", wait.cancel_on_interrupt)
