@@ -49,6 +49,9 @@ pub struct WriterCtx {
     /// Per connection: 1 + the last pass whose SYNC was written with every
     /// zero-copy send before it completed (0: none yet).
     pub zc_synced: Vec<AtomicU64>,
+    /// The zstd level of RAM compression (`None`: off); agreed with the
+    /// destination at SETUP.
+    pub zstd_level: Option<i32>,
 }
 
 impl WriterCtx {
@@ -77,9 +80,6 @@ impl WriterCtx {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    /// The zstd level of RAM compression (`None`: off); agreed with the
-    /// destination at SETUP.
-    pub zstd_level: Option<i32>,
 }
 
 /// What a RAM frame is: a pre-copy pass's or a post-copy push.
