@@ -35,8 +35,14 @@ pub enum DeviceStateMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendParams {
-    /// `tcp:HOST:PORT`.
+    /// `tcp:HOST:PORT`, or `unix:PATH` for a destination on this host (the
+    /// memory handover when RAM is shareable, see [`crate::handover`]).
     pub destination_url: String,
+    /// The protocol version to announce, `MIN_VERSION..=VERSION` of
+    /// [`crate::wire`] (default: the newest): an older one reaches a
+    /// destination running an older `ferry` (no memory handover below 4).
+    #[serde(default)]
+    pub protocol_version: Option<u16>,
     /// Data connections, 1..=64, or `"auto"` (chosen from the outgoing
     /// link's speed and the vCPUs, see [`crate::host::auto_connections`]).
     #[serde(default)]
@@ -117,6 +123,7 @@ impl SendParams {
     pub fn to(destination_url: impl Into<String>) -> SendParams {
         SendParams {
             destination_url: destination_url.into(),
+            protocol_version: None,
             connections: Connections::default(),
             downtime_ms: None,
             max_bandwidth_mbps: None,
@@ -345,7 +352,19 @@ pub const RECEIVE_LIMITS: &[Limit] = &[LIMIT_DEVICE_BUFFER_BYTES];
 impl SendParams {
     /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
-        crate::handshake::parse_url(&self.destination_url)?;
+        crate::handshake::check_url(&self.destination_url)?;
+        if let Some(v) = self.protocol_version {
+            if !crate::wire::version_accepted(v) {
+                return Err(MigrationError::InvalidParams(format!(
+                    "protocol_version {v} is outside {}..={}",
+                    crate::wire::MIN_VERSION,
+                    crate::wire::VERSION
+                )));
+            }
+        }
+        if crate::handover::is_unix(&self.destination_url) && self.client_tls()?.is_some() {
+            return Err(crate::handover::tls_refusal());
+        }
         if let Connections::Count(n) = self.connections {
             LIMIT_CONNECTIONS.check_int(n as u64)?;
         }
@@ -386,6 +405,11 @@ impl SendParams {
         })
     }
 
+    /// The protocol version this send announces.
+    pub fn wire_version(&self) -> u16 {
+        self.protocol_version.unwrap_or(crate::wire::VERSION)
+    }
+
     /// The TLS configuration this request asks for (`None`: plain TCP),
     /// loaded from `tls_dir`.
     pub fn client_tls(&self) -> Result<Option<ClientTls>, MigrationError> {
@@ -418,12 +442,65 @@ impl ReceiveParams {
             .transpose()
     }
 
-    /// The listen address of `receiver_url` (`tcp:HOST:PORT`).
-    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, MigrationError> {
+    /// The listen address of `receiver_url` (`tcp:HOST:PORT` or
+    /// `unix:PATH`).
+    pub fn listen_addr(&self) -> Result<ListenAddr, MigrationError> {
+        if crate::handover::is_unix(&self.receiver_url) {
+            if self.server_tls()?.is_some() {
+                return Err(crate::handover::tls_refusal());
+            }
+            return crate::handover::parse_unix(&self.receiver_url).map(ListenAddr::Unix);
+        }
         crate::handshake::parse_url(&self.receiver_url)?
             .into_iter()
             .next()
+            .map(ListenAddr::Tcp)
             .ok_or_else(|| MigrationError::InvalidParams("receiver_url resolves to nothing".into()))
+    }
+}
+
+/// Where a destination listens. Invariant: a `Unix` path passed
+/// [`crate::handover::parse_unix`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `tcp:HOST:PORT`.
+    Tcp(std::net::SocketAddr),
+    /// `unix:PATH` (same host).
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Binds the listener. A `unix:` path that names a stale socket (one
+    /// nobody listens on) is replaced; any other existing file is an error.
+    pub fn bind(&self) -> std::io::Result<crate::net::Listener> {
+        match self {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).map(Into::into),
+            ListenAddr::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    let stale = m.file_type().is_socket()
+                        && std::os::unix::net::UnixStream::connect(p).is_err();
+                    if !stale {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{} exists (and is not a stale socket)", p.display()),
+                        ));
+                    }
+                    std::fs::remove_file(p)?;
+                }
+                let l = std::os::unix::net::UnixListener::bind(p)?;
+                Ok(crate::net::Listener::Unix(l, p.clone()))
+            }
+        }
     }
 }
 
@@ -527,7 +604,7 @@ pub fn send_with(
 /// new or cloned listener). Strangers connecting meanwhile are refused with
 /// an ERROR frame without disturbing the migration.
 pub fn receive(
-    listener: TcpListener,
+    listener: impl Into<crate::net::Listener>,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
@@ -538,7 +615,7 @@ pub fn receive(
 
 /// [`receive`] reporting its events to `hooks.events`.
 pub fn receive_with(
-    listener: TcpListener,
+    listener: impl Into<crate::net::Listener>,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
@@ -550,7 +627,7 @@ pub fn receive_with(
         stats.fail(&e);
         return Err(e);
     }
-    crate::recv::run(listener, factory, params, stats, cancel, hooks)
+    crate::recv::run(listener.into(), factory, params, stats, cancel, hooks)
 }
 
 #[cfg(test)]

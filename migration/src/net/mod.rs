@@ -6,7 +6,8 @@
 //!   frames, zero-copy `writev`/`readv` over [`crate::guest_mem::IoVecs`])
 //!   that never block longer than [`POLL_INTERVAL`] without checking for
 //!   abort, cancel and stalls;
-//! * `channel`: one connection, plain TCP or mutual TLS ([`Channel`]);
+//! * `sock`: the socket under a connection, TCP or UNIX ([`Sock`], [`Listener`]);
+//! * `channel`: one connection, plain or mutual TLS ([`Channel`]);
 //! * `conn`: the main connection ([`MainConn`]) and its keepalive thread.
 
 mod channel;
@@ -14,10 +15,12 @@ mod conn;
 mod ctl;
 mod io;
 mod record;
+mod sock;
 
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
+pub use sock::{Listener, Sock};
 pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
     send_message, set_big_buffers, write_vecs, Recv,

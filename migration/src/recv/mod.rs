@@ -27,7 +27,7 @@ mod setup;
 mod switchover;
 
 use std::cell::Cell;
-use std::net::{Shutdown, TcpListener};
+use std::net::Shutdown;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -222,7 +222,7 @@ use crate::phase::or_fail;
 
 /// Receives one migration (see [`crate::receive`]).
 pub fn run(
-    listener: TcpListener,
+    listener: crate::net::Listener,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,

@@ -55,6 +55,20 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
             .collect(),
         chunk_bytes: ctx.p.device_chunk_bytes,
         device_mode: ctx.p.device_state,
+        handover: false,
+    };
+    let lent = ctx.handover.as_ref().and_then(|h| {
+        match crate::handover::offer(h, main.stream.version(), &setup.regions) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                log::info!("unix: migration copies RAM: {why}");
+                None
+            }
+        }
+    });
+    let setup = Setup {
+        handover: lent.is_some(),
+        ..setup
     };
     let payload = setup.encode();
     main.send(
@@ -65,13 +79,30 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
         &ctx.ctl,
         "sending the VM configuration",
     )?;
+    if let Some(regions) = &lent {
+        crate::handover::send_regions(main, regions, &ctx.ctl)?;
+    }
     await_reply(
         &main.stream,
         ctx.session,
         &ctx.ctl,
         SETUP_TIMEOUT,
         "waiting for the destination to accept the configuration",
-    )
+    )?;
+    if let (Some(h), Some(regions)) = (&ctx.handover, &lent) {
+        // Before the dirty log starts and pass 1: nothing of RAM moves.
+        h.engage();
+        log::info!(
+            "memory handed over ({} region(s), {} MiB): only vCPU and device state move",
+            regions.len(),
+            regions.iter().map(|r| r.size).sum::<u64>() >> 20
+        );
+        ctx.events.emit(
+            "memory-handover",
+            serde_json::json!({ "regions": regions.len() }),
+        );
+    }
+    Ok(())
 }
 
 /// Connects the data connections and starts their writers.

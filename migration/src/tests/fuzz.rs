@@ -179,6 +179,7 @@ fn setup_parser_never_panics() {
         }],
         chunk_bytes: 1 << 20,
         device_mode: DeviceStateMode::Main,
+        handover: false,
     };
     let enc = good.encode();
     assert_eq!(Setup::decode(&enc).unwrap(), good);

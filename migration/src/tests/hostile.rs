@@ -102,6 +102,7 @@ impl RawSource {
                 .collect(),
             chunk_bytes: chunk,
             device_mode: mode,
+            handover: false,
         };
         raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
         raw_reply(&main).unwrap();
@@ -254,6 +255,7 @@ fn raw_source_protocol_and_refusals() {
         devices: vec![],
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
+        handover: false,
     };
     raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
     raw_reply(&main).unwrap();
@@ -532,6 +534,7 @@ fn refused_setups_leave_the_receive_armed() {
         }],
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
+        handover: false,
     };
     let mut other_layout = good.clone();
     other_layout.regions = vec![(0, 4 * MIB)];

@@ -10,6 +10,7 @@ mod e2e;
 mod failures;
 mod fuzz;
 mod guest_mem;
+mod handover;
 mod host;
 mod hostile;
 mod pcfake;

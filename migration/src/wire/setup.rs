@@ -28,6 +28,11 @@ pub struct Setup {
     pub chunk_bytes: u64,
     /// Where device data travels.
     pub device_mode: DeviceStateMode,
+    /// The source hands its memory over (version 4, `unix:` only): a
+    /// HANDOVER frame with the memory file descriptors follows SETUP and no
+    /// RAM is sent. Encoded as one optional byte at the end (absent: false,
+    /// so a version-3 SETUP decodes unchanged).
+    pub handover: bool,
 }
 
 fn caps_bits(c: MigCaps) -> u32 {
@@ -56,6 +61,9 @@ impl Setup {
             DeviceStateMode::Channels => 0,
             DeviceStateMode::Main => 1,
         });
+        if self.handover {
+            o.push(1);
+        }
         o
     }
 
@@ -111,15 +119,21 @@ impl Setup {
             1 => DeviceStateMode::Main,
             v => return Err(MigrationError::proto(format!("device mode {v}"))),
         };
-        if c.pos != b.len() {
-            return Err(MigrationError::proto("trailing bytes in SETUP"));
-        }
+        let handover = match b.len() - c.pos {
+            0 => false,
+            1 => match c.u8()? {
+                1 => true,
+                v => return Err(MigrationError::proto(format!("handover byte {v}"))),
+            },
+            _ => return Err(MigrationError::proto("trailing bytes in SETUP")),
+        };
         Ok(Setup {
             config,
             regions,
             devices,
             chunk_bytes,
             device_mode,
+            handover,
         })
     }
 }
