@@ -285,6 +285,15 @@ fn tls_choice(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<&str
     }
 }
 
+/// The TLS choice of a `unix:` URL: none (the peer is this host; `tls`
+/// unset or false), any request for TLS is refused with the reason.
+fn unix_tls<T>(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<T>, MigrationError> {
+    match (tls_dir, tls) {
+        (None, None | Some(false)) => Ok(None),
+        _ => Err(crate::handover::tls_refusal()),
+    }
+}
+
 /// Default of `device_buffer_bytes`: the destination's budget for device
 /// state held in memory, all devices and connections together.
 pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
@@ -362,9 +371,6 @@ impl SendParams {
                 )));
             }
         }
-        if crate::handover::is_unix(&self.destination_url) && self.client_tls()?.is_some() {
-            return Err(crate::handover::tls_refusal());
-        }
         if let Connections::Count(n) = self.connections {
             LIMIT_CONNECTIONS.check_int(n as u64)?;
         }
@@ -413,6 +419,9 @@ impl SendParams {
     /// The TLS configuration this request asks for (`None`: plain TCP),
     /// loaded from `tls_dir`.
     pub fn client_tls(&self) -> Result<Option<ClientTls>, MigrationError> {
+        if crate::handover::is_unix(&self.destination_url) {
+            return unix_tls(&self.tls_dir, self.tls);
+        }
         tls_choice(&self.tls_dir, self.tls)?
             .map(ClientTls::load)
             .transpose()
@@ -432,6 +441,12 @@ impl ReceiveParams {
     /// The TLS configuration this request asks for (`None`: plain TCP),
     /// loaded from `tls_dir` with the allowed subjects.
     pub fn server_tls(&self) -> Result<Option<ServerTls>, MigrationError> {
+        if crate::handover::is_unix(&self.receiver_url) {
+            if !self.tls_allowed_subjects.is_empty() {
+                return Err(crate::handover::tls_refusal());
+            }
+            return unix_tls(&self.tls_dir, self.tls);
+        }
         let dir = tls_choice(&self.tls_dir, self.tls)?;
         if dir.is_none() && !self.tls_allowed_subjects.is_empty() {
             return Err(MigrationError::InvalidParams(
@@ -446,9 +461,6 @@ impl ReceiveParams {
     /// `unix:PATH`).
     pub fn listen_addr(&self) -> Result<ListenAddr, MigrationError> {
         if crate::handover::is_unix(&self.receiver_url) {
-            if self.server_tls()?.is_some() {
-                return Err(crate::handover::tls_refusal());
-            }
             return crate::handover::parse_unix(&self.receiver_url).map(ListenAddr::Unix);
         }
         crate::handshake::parse_url(&self.receiver_url)?

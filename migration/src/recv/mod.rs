@@ -237,6 +237,9 @@ pub fn run(
         .max(wire::MAX_DEVICE_CHUNK);
     let tls = params.server_tls()?;
     stats.set_transport(tls.is_some());
+    if matches!(listener, crate::net::Listener::Unix(..)) {
+        stats.set_unix_transport();
+    }
     let ctx = Ctx {
         factory,
         bound,

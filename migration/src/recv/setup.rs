@@ -93,6 +93,7 @@ fn read_setup(ctx: &Ctx, s: &Session) -> Result<(Setup, BuiltVm), MigrationError
             "memory handover: mapping {} region(s) of the source",
             regions.len()
         );
+        ctx.stats.set_memory_handover();
         ctx.factory.create_mapped(&setup.config, regions)
     } else {
         ctx.factory.create(&setup.config)

@@ -286,9 +286,7 @@ use crate::phase::or_fail;
 fn dial_for(p: &SendParams) -> Result<Dial, MigrationError> {
     if crate::handover::is_unix(&p.destination_url) {
         let path = crate::handover::parse_unix(&p.destination_url)?;
-        if p.client_tls()?.is_some() {
-            return Err(crate::handover::tls_refusal());
-        }
+        p.client_tls()?;
         return Ok(Dial {
             addrs: Vec::new(),
             unix: Some(path),
@@ -372,6 +370,9 @@ pub fn run(
     stats.begin();
     stats.set_role(Role::Source);
     stats.set_transport(dial.tls.is_some());
+    if dial.unix.is_some() {
+        stats.set_unix_transport();
+    }
     let (conns, why) = hostshare::choose_connections(p, &*vm, &dial, hooks);
     stats.connections.store(conns as u64, Relaxed);
     stats.set_connections_reason(why.clone());

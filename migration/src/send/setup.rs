@@ -92,6 +92,7 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
     if let (Some(h), Some(regions)) = (&ctx.handover, &lent) {
         // Before the dirty log starts and pass 1: nothing of RAM moves.
         h.engage();
+        ctx.stats.set_memory_handover();
         log::info!(
             "memory handed over ({} region(s), {} MiB): only vCPU and device state move",
             regions.len(),
