@@ -1,7 +1,7 @@
 //! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
 //!
 //! ```text
-//! ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]
+//! ferry-bench <ram|idle|downtime|devices|tls|converge|handover|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8]
 //!             [--devices 1,2,4] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
@@ -31,6 +31,11 @@
 //! directory as this binary (the ferry-tests harness locates them;
 //! `FERRY_STAMP_GUEST` overrides the guest).
 //!
+//! `handover` (issue #13 §3) moves a 16 GiB running guest over `unix:`
+//! with its memory handed over (`shared=on`, `file=`), against an
+//! anonymous guest copied over `unix:` and the shared guest over TCP
+//! loopback, interleaved in the same run.
+//!
 //! ```text
 //! ```
 //!
@@ -52,6 +57,8 @@ mod converge;
 mod converge_report;
 #[path = "ferry-bench/devices.rs"]
 mod devices;
+#[path = "ferry-bench/handover.rs"]
+mod handover;
 #[path = "ferry-bench/limits.rs"]
 mod limits;
 #[path = "ferry-bench/procfs.rs"]
@@ -111,7 +118,7 @@ pub struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|limits|all> [--runs N]\n\
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|converge|handover|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--devices 1,2,4] [--root REPO] [--keep-file]\n\
          \x20      [--netns-rate 1gbit]\n\
@@ -193,7 +200,7 @@ fn main() {
     }
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
-        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" => {
+        "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" | "handover" => {
             vec![opts.part.as_str()]
         }
         _ => usage(),
@@ -241,6 +248,7 @@ fn main() {
             "devices" => devices::devices(&env, &opts),
             "tls" => tls::tls(&env, &opts),
             "converge" => converge_report::converge(&env, &opts),
+            "handover" => handover::handover(&env, &opts),
             _ => unreachable!(),
         };
         let path = report::write_json(
