@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::net::{
-    self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Channel, Ctl, Listener,
-    Recv, Sock, TlsFailure,
+    self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Channel, Ctl, Listener, Recv,
+    Sock, TlsFailure,
 };
 use crate::tls::{ClientTls, ServerTls};
 use crate::wire::{self, ConnRole, Frame, HEADER_LEN};
@@ -310,10 +310,7 @@ pub struct Acceptor {
 impl Acceptor {
     /// Starts accepting on `listener`; with `tls`, every newcomer must
     /// complete a mutual-TLS handshake (and pass the subject check) first.
-    pub fn start(
-        listener: Listener,
-        tls: Option<ServerTls>,
-    ) -> Result<Acceptor, MigrationError> {
+    pub fn start(listener: Listener, tls: Option<ServerTls>) -> Result<Acceptor, MigrationError> {
         listener
             .set_nonblocking(true)
             .map_err(|e| MigrationError::io("configuring the migration listener", e))?;

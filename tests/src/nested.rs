@@ -514,7 +514,11 @@ impl Bed {
         // 2 of the CI runs on record. Round-robin TCG keeps L1 SMP (ferry's
         // threads still run on two L1 CPUs) without the races between host
         // threads in QEMU's SVM emulation.
-        let accel = if sc.smp > 1 { "tcg,thread=single" } else { "tcg" };
+        let accel = if sc.smp > 1 {
+            "tcg,thread=single"
+        } else {
+            "tcg"
+        };
         let mut cmd = Command::new(QEMU);
         cmd.args(["-accel", accel, "-cpu", "max", "-nodefaults", "-no-reboot"])
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])

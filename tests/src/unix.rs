@@ -19,7 +19,11 @@ pub fn unix_sock_of(dst: &Vmm) -> PathBuf {
     if p.as_os_str().len() <= 100 {
         return p;
     }
-    PathBuf::from(format!("/tmp/ferry-{}-{}.sock", std::process::id(), dst.name))
+    PathBuf::from(format!(
+        "/tmp/ferry-{}-{}.sock",
+        std::process::id(),
+        dst.name
+    ))
 }
 
 /// Asks `dst` to receive on `unix:path` and returns once the socket

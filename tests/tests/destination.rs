@@ -81,6 +81,7 @@ fn crafted_setup(port: u16, session: u128, config: &[u8], devices: &[&str]) -> S
             .collect(),
         chunk_bytes: 1 << 20,
         device_mode: DeviceStateMode::Channels,
+        handover: false,
     };
     let payload = setup.encode();
     s.write_all(

@@ -86,7 +86,11 @@ fn unix_migration_from_an_older_protocol_version() {
         "{}",
         m.dest_status
     );
-    assert!(m.dest_status["memory_handover"].is_null(), "{}", m.dest_status);
+    assert!(
+        m.dest_status["memory_handover"].is_null(),
+        "{}",
+        m.dest_status
+    );
     check_guest_moved(&[&src.serial], &dst);
 }
 

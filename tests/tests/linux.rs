@@ -23,9 +23,15 @@ fn run_ok(sc: Scenario) -> Option<L1Run> {
         .iter()
         .map(String::as_str)
         .filter(|l| {
-            ["FAIL", "triple fault", "kernel warning", "panicked", "ERROR"]
-                .iter()
-                .any(|k| l.contains(k))
+            [
+                "FAIL",
+                "triple fault",
+                "kernel warning",
+                "panicked",
+                "ERROR",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
         })
         .collect();
     assert_eq!(

@@ -64,11 +64,7 @@ pub fn send_fds(
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
             (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                raw.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                data_len,
-            );
+            std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
             libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
         };
         if r >= 0 {
@@ -259,7 +255,9 @@ mod tests {
         let (r, _w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
         assert!(validate_fd(r.as_fd(), 0).unwrap_err().contains("a pipe"));
         let d = File::open("/").unwrap();
-        assert!(validate_fd(d.as_fd(), 0).unwrap_err().contains("a directory"));
+        assert!(validate_fd(d.as_fd(), 0)
+            .unwrap_err()
+            .contains("a directory"));
         let n = File::open("/dev/null").unwrap();
         assert!(validate_fd(n.as_fd(), 0)
             .unwrap_err()

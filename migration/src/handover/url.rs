@@ -57,7 +57,10 @@ mod tests {
             parse_unix("unix:/run/ferry/mig.sock").unwrap(),
             PathBuf::from("/run/ferry/mig.sock")
         );
-        assert_eq!(parse_unix("unix:rel.sock").unwrap(), PathBuf::from("rel.sock"));
+        assert_eq!(
+            parse_unix("unix:rel.sock").unwrap(),
+            PathBuf::from("rel.sock")
+        );
         let longest = format!("unix:/{}", "a".repeat(MAX_UNIX_PATH - 1));
         assert!(parse_unix(&longest).is_ok());
         assert!(is_unix("unix:/x") && !is_unix("tcp:1.2.3.4:5"));

@@ -2,8 +2,8 @@
 //! zero-copy vectored transfers. No call blocks longer than
 //! [`POLL_INTERVAL`] without checking abort, cancel and stalls.
 
-use std::io::{self, ErrorKind, Read};
 use super::Sock;
+use std::io::{self, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 

@@ -20,11 +20,11 @@ mod sock;
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
-pub use sock::{Listener, Sock};
 pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
     send_message, set_big_buffers, write_vecs, Recv,
 };
+pub use sock::{Listener, Sock};
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

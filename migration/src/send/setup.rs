@@ -244,7 +244,12 @@ fn start_devices(ctx: &Ctx, l: &Linked) -> Result<DeviceStreams, MigrationError>
 pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
     let r = (|| {
         let dirty = DirtyLog::start(&ctx.vm)?;
-        let dma = Arc::new(DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?);
+        let handed_over = ctx.handover.as_ref().is_some_and(|h| h.engaged());
+        let dma = Arc::new(if handed_over {
+            DmaLogs::none()
+        } else {
+            DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?
+        });
         let restore = RestoreDevices::new(&ctx.devices);
         let devs = start_devices(ctx, &l)?;
         Ok((dirty, dma, restore, devs))

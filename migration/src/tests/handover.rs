@@ -122,7 +122,7 @@ impl SourceVm for SharedSource {
             .collect()
     }
     fn populated(&self, region: usize) -> BackendResult<Vec<std::ops::Range<u64>>> {
-        Ok(vec![0..self.maps[region].1])
+        Ok(std::iter::once(0..self.maps[region].1).collect())
     }
     fn start_dirty_log(&self) -> BackendResult<()> {
         self.inner.start_dirty_log()
@@ -284,7 +284,10 @@ fn a_refused_handover_leaves_the_source_running() {
     p.destination_url = url;
     let stats = Arc::new(MigrationStats::default());
     let e = send(src.clone(), &p, &stats, &CancelToken::default()).unwrap_err();
-    assert!(e.to_string().contains("cannot map handed-over memory"), "{e}");
+    assert!(
+        e.to_string().contains("cannot map handed-over memory"),
+        "{e}"
+    );
     assert_source_running(&src.inner);
     assert_eq!(stats.snapshot().state, MigrationState::Failed);
     drop(h);

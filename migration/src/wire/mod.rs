@@ -150,7 +150,7 @@ pub enum Kind {
     /// Memory handover (version 4, `unix:` only): `a` regions; `len` =
     /// `a` × 24 bytes of (gpa, size, offset) follow, and the frame's first
     /// byte carries one file descriptor per region (SCM_RIGHTS).
-    Handover = 23,
+    Handover = 25,
 }
 
 impl Kind {
@@ -178,7 +178,7 @@ impl Kind {
             20 => Kind::PostcopyDone,
             21 => Kind::Resume,
             22 => Kind::ResumeAck,
-            23 => Kind::Handover,
+            25 => Kind::Handover,
             _ => return None,
         })
     }

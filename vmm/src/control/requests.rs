@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use log::{info, warn};
-use migration::live::{MigrationParameters, ParametersUpdate};
 use migration::api::ListenAddr;
+use migration::live::{MigrationParameters, ParametersUpdate};
 use migration::{ReceiveParams, SendParams};
 use serde::Serialize;
 use serde_json::{json, Value};

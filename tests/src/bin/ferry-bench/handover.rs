@@ -19,6 +19,8 @@ const CMDLINE: &str = "region=32 passes=0";
 struct Mode {
     name: &'static str,
     memory: String,
+    /// The `file=` backing, made afresh (sparse, 16 GiB) before each run.
+    file: Option<std::path::PathBuf>,
     unix: bool,
     connections: u32,
 }
@@ -38,6 +40,13 @@ fn run(env: &Env, mode: &Mode) -> RunResult {
         r.loadavg = vmm::loadavg();
         r
     };
+    if let Some(p) = &mode.file {
+        let _ = std::fs::remove_file(p);
+        let made = std::fs::File::create(p).and_then(|f| f.set_len(16 << 30));
+        if let Err(e) = made {
+            return fail(format!("memory file {}: {e}", p.display()));
+        }
+    }
     let mut s = match vmm::boot_source(env, &spec) {
         Ok(s) => s,
         Err(e) => return fail(format!("source: {e}")),
@@ -75,33 +84,34 @@ fn run(env: &Env, mode: &Mode) -> RunResult {
 }
 
 pub fn handover(env: &Env, opts: &Opts) -> Section {
-    let file = std::env::temp_dir().join(format!("ferry-bench-handover-{}.mem", std::process::id()));
-    let sized = std::fs::File::create(&file).and_then(|f| f.set_len(16 << 30));
-    if let Err(e) = sized {
-        env.log(&format!("handover: cannot create {}: {e}", file.display()));
-    }
+    let file =
+        std::env::temp_dir().join(format!("ferry-bench-handover-{}.mem", std::process::id()));
     let modes = [
         Mode {
             name: "unix: handover, shared=on",
             memory: "size=16G,shared=on".into(),
+            file: None,
             unix: true,
             connections: 1,
         },
         Mode {
             name: "unix: handover, file=",
             memory: format!("size=16G,file={}", file.display()),
+            file: Some(file.clone()),
             unix: true,
             connections: 1,
         },
         Mode {
             name: "unix: copy, anonymous",
             memory: "size=16G".into(),
+            file: None,
             unix: true,
             connections: 4,
         },
         Mode {
             name: "TCP loopback (reference), shared=on",
             memory: "size=16G,shared=on".into(),
+            file: None,
             unix: false,
             connections: 4,
         },
@@ -152,10 +162,7 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
                     med(&refs[i], |r| r.stat("transferred_bytes")).map(|b| b / (1 << 20) as f64),
                     2,
                 ),
-                f(
-                    total(i).zip(reference).map(|(t, r)| t / r),
-                    2,
-                ),
+                f(total(i).zip(reference).map(|(t, r)| t / r), 2),
                 f(med(&refs[i], |r| Some(r.loadavg)), 2),
             ]
         })
