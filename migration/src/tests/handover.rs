@@ -371,3 +371,56 @@ fn a_handover_frame_is_refused_below_version_4() {
     assert!(Header::decode(&ok.args(17, 0, 0).with_len(17 * 24).encode()).is_err());
     assert!(Header::decode(&ok.with_len(48).encode()).is_err());
 }
+
+#[test]
+fn unix_urls_in_requests() {
+    let mut p = SendParams::to("unix:/run/ferry/m.sock");
+    p.validate().unwrap();
+    assert_eq!(p.client_tls().unwrap().map(|_| ()), None);
+    p.tls_dir = Some("/etc/ferry/tls".into());
+    let e = p.validate().unwrap_err().to_string();
+    assert!(e.contains("TLS is not used on a unix: URL"), "{e}");
+    p.tls_dir = None;
+    p.tls = Some(true);
+    assert!(p.validate().is_err());
+    let r = ReceiveParams {
+        receiver_url: "unix:/run/ferry/m.sock".into(),
+        device_buffer_bytes: None,
+        tls_dir: None,
+        tls: None,
+        tls_allowed_subjects: Vec::new(),
+    };
+    r.validate().unwrap();
+    assert_eq!(
+        r.listen_addr().unwrap(),
+        ListenAddr::Unix(PathBuf::from("/run/ferry/m.sock"))
+    );
+    assert_eq!(
+        r.listen_addr().unwrap().to_string(),
+        "unix:/run/ferry/m.sock"
+    );
+    let r = ReceiveParams {
+        tls_allowed_subjects: vec!["src".into()],
+        ..r
+    };
+    assert!(r.validate().is_err());
+    for bad in ["unix:", "unix:@x", "unix:/d/"] {
+        let e = SendParams::to(bad).validate().unwrap_err();
+        assert!(matches!(e, MigrationError::InvalidParams(_)), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_file_is_not() {
+    let path = sock_path("stale");
+    let _ = std::fs::remove_file(&path);
+    // A socket nobody listens on any more.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let l = ListenAddr::Unix(path.clone()).bind().unwrap();
+    drop(l);
+    assert!(!path.exists(), "the listener's socket is removed with it");
+    std::fs::write(&path, b"not a socket").unwrap();
+    let e = ListenAddr::Unix(path.clone()).bind().unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    let _ = std::fs::remove_file(&path);
+}
