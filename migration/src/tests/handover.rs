@@ -222,7 +222,7 @@ impl DestinationFactory for MappingFactory {
 fn receive_unix<F: DestinationFactory + 'static>(
     name: &str,
     f: Arc<F>,
-) -> (String, JoinHandle<RecvResult>) {
+) -> (String, JoinHandle<RecvResult>, CancelToken) {
     let path = sock_path(name);
     let l = ListenAddr::Unix(path.clone()).bind().unwrap();
     let p = ReceiveParams {
@@ -232,11 +232,13 @@ fn receive_unix<F: DestinationFactory + 'static>(
         tls: Some(false),
         tls_allowed_subjects: Vec::new(),
     };
+    let cancel = CancelToken::default();
+    let c = cancel.clone();
     let h = std::thread::spawn(move || {
         let s = Arc::new(MigrationStats::default());
-        receive(l, &*f, &p, &s, &CancelToken::default())
+        receive(l, &*f, &p, &s, &c)
     });
-    (format!("unix:{}", path.display()), h)
+    (format!("unix:{}", path.display()), h, cancel)
 }
 
 #[test]
@@ -248,7 +250,7 @@ fn shared_memory_is_handed_over_without_copying_ram() {
     let f = Arc::new(MappingFactory {
         mapped: Mutex::new(None),
     });
-    let (url, h) = receive_unix("handover", f.clone());
+    let (url, h, _) = receive_unix("handover", f.clone());
     let mut p = params(0, 2);
     p.destination_url = url;
     let stats = Arc::new(MigrationStats::default());
@@ -279,7 +281,7 @@ fn a_refused_handover_leaves_the_source_running() {
     let src = Arc::new(SharedSource::new(&layout));
     // A destination that cannot map handed-over memory.
     let f = Arc::new(FakeFactory::new(layout.to_vec()));
-    let (url, h) = receive_unix("refused", f.clone());
+    let (url, h, cancel) = receive_unix("refused", f.clone());
     let mut p = params(0, 1);
     p.destination_url = url;
     let stats = Arc::new(MigrationStats::default());
@@ -290,7 +292,8 @@ fn a_refused_handover_leaves_the_source_running() {
     );
     assert_source_running(&src.inner);
     assert_eq!(stats.snapshot().state, MigrationState::Failed);
-    drop(h);
+    cancel.cancel();
+    assert!(matches!(rerr(h.join().unwrap()), MigrationError::Cancelled));
 }
 
 #[test]
@@ -299,7 +302,7 @@ fn anonymous_memory_is_copied_over_unix_connections() {
     fill(&src, 0, 1, 2);
     fill(&src, 1, 2, 3);
     let f = Arc::new(FakeFactory::new(src.layout()));
-    let (url, h) = receive_unix("copy", f.clone());
+    let (url, h, _) = receive_unix("copy", f.clone());
     let mut p = params(0, 4);
     p.destination_url = url;
     let stats = Arc::new(MigrationStats::default());
@@ -423,4 +426,82 @@ fn a_stale_socket_is_replaced_and_a_file_is_not() {
     let e = ListenAddr::Unix(path.clone()).bind().unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
     let _ = std::fs::remove_file(&path);
+}
+
+/// A hostile `unix:` source: SETUP asks for a handover, then HANDOVER
+/// brings the wrong descriptors. Each is refused with the reason, and
+/// nothing is mapped.
+#[test]
+fn wrong_descriptors_are_refused_at_setup() {
+    let layout = vec![(0u64, 4 * MIB)];
+    let mut p = [0i32; 2];
+    // SAFETY: pipe into a valid 2-int array; both ends owned below.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors nothing else owns.
+    let (pipe_r, _pipe_w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]))
+    };
+    let small = memfd(&[]);
+    small.set_len(MIB).unwrap();
+    let cases: Vec<(&str, Vec<std::os::fd::BorrowedFd<'_>>, u64)> = vec![
+        ("a pipe", vec![pipe_r.as_fd()], 1),
+        ("holds 1048576 bytes", vec![small.as_fd()], 1),
+        ("2 descriptors", vec![small.as_fd(), small.as_fd()], 1),
+    ];
+    for (want, fds, regions) in cases {
+        let f = Arc::new(MappingFactory {
+            mapped: Mutex::new(None),
+        });
+        let (url, h, cancel) = receive_unix(&format!("hostile-{}", want.len()), f.clone());
+        let path = url.strip_prefix("unix:").unwrap().to_string();
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let session = 0x77u128;
+        let hello = Frame::Hello {
+            role: wire::ConnRole::Main,
+            connections: 1,
+        };
+        (&s).write_all(&hello.encode(session)).unwrap();
+        let mut head = [0u8; HEADER_LEN];
+        (&s).read_exact(&mut head).unwrap();
+        assert_eq!(Header::decode(&head).unwrap().kind, Kind::Ok);
+        let setup = wire::Setup {
+            config: b"fake-config-v1".to_vec(),
+            regions: layout.clone(),
+            devices: Vec::new(),
+            chunk_bytes: 1 << 20,
+            device_mode: DeviceStateMode::Channels,
+            handover: true,
+        }
+        .encode();
+        let frame = Frame::Setup {
+            len: setup.len() as u64,
+        };
+        (&s).write_all(&frame.encode(session)).unwrap();
+        (&s).write_all(&setup).unwrap();
+        let mut bytes = Frame::Handover {
+            regions,
+            len: regions * 24,
+        }
+        .encode(session)
+        .to_vec();
+        for &(gpa, size) in &layout {
+            for v in [gpa, size, 0u64] {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let soon = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        crate::handover::send_fds(&s, &bytes, &fds, soon).unwrap();
+        (&s).read_exact(&mut head).unwrap();
+        let h2 = Header::decode(&head).unwrap();
+        assert_eq!(h2.kind, Kind::Error, "{want}");
+        let mut msg = vec![0u8; h2.len as usize];
+        (&s).read_exact(&mut msg).unwrap();
+        let msg = String::from_utf8(msg).unwrap();
+        assert!(msg.contains(want), "{want}: {msg}");
+        assert!(f.mapped.lock().unwrap().is_none());
+        drop(s);
+        cancel.cancel();
+        assert!(matches!(rerr(h.join().unwrap()), MigrationError::Cancelled));
+    }
 }
