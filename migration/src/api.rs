@@ -41,7 +41,9 @@ pub struct SendParams {
     /// The protocol version to announce, `MIN_VERSION..=VERSION` of
     /// [`crate::wire`] (default: the newest): an older one reaches a
     /// destination running an older `ferry` (no memory handover below 4).
-    #[serde(default)]
+    /// Not serialized when unset, so that a request from this build is
+    /// still understood by an older VMM's API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u16>,
     /// Data connections, 1..=64, or `"auto"` (chosen from the outgoing
     /// link's speed and the vCPUs, see [`crate::host::auto_connections`]).
