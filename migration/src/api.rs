@@ -36,8 +36,16 @@ pub enum DeviceStateMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendParams {
-    /// `tcp:HOST:PORT`.
+    /// `tcp:HOST:PORT`, or `unix:PATH` for a destination on this host (the
+    /// memory handover when RAM is shareable, see [`crate::handover`]).
     pub destination_url: String,
+    /// The protocol version to announce, `MIN_VERSION..=VERSION` of
+    /// [`crate::wire`] (default: the newest): an older one reaches a
+    /// destination running an older `ferry` (no memory handover below 4).
+    /// Not serialized when unset, so that a request from this build is
+    /// still understood by an older VMM's API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u16>,
     /// Data connections, 1..=64, or `"auto"` (chosen from the outgoing
     /// link's speed and the vCPUs, see [`crate::host::auto_connections`]).
     #[serde(default)]
@@ -135,6 +143,7 @@ impl SendParams {
     pub fn to(destination_url: impl Into<String>) -> SendParams {
         SendParams {
             destination_url: destination_url.into(),
+            protocol_version: None,
             connections: Connections::default(),
             downtime_ms: None,
             max_bandwidth_mbps: None,
@@ -299,6 +308,15 @@ fn tls_choice(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<&str
     }
 }
 
+/// The TLS choice of a `unix:` URL: none (the peer is this host; `tls`
+/// unset or false), any request for TLS is refused with the reason.
+fn unix_tls<T>(tls_dir: &Option<String>, tls: Option<bool>) -> Result<Option<T>, MigrationError> {
+    match (tls_dir, tls) {
+        (None, None | Some(false)) => Ok(None),
+        _ => Err(crate::handover::tls_refusal()),
+    }
+}
+
 /// Default of `device_buffer_bytes`: the destination's budget for device
 /// state held in memory, all devices and connections together.
 pub const DEFAULT_DEVICE_BUFFER: u64 = 64 << 20;
@@ -376,7 +394,16 @@ pub const RECEIVE_LIMITS: &[Limit] = &[LIMIT_DEVICE_BUFFER_BYTES];
 impl SendParams {
     /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
-        crate::handshake::parse_url(&self.destination_url)?;
+        crate::handshake::check_url(&self.destination_url)?;
+        if let Some(v) = self.protocol_version {
+            if !crate::wire::version_accepted(v) {
+                return Err(MigrationError::InvalidParams(format!(
+                    "protocol_version {v} is outside {}..={}",
+                    crate::wire::MIN_VERSION,
+                    crate::wire::VERSION
+                )));
+            }
+        }
         if let Connections::Count(n) = self.connections {
             LIMIT_CONNECTIONS.check_int(n as u64)?;
         }
@@ -447,9 +474,17 @@ impl SendParams {
         })
     }
 
+    /// The protocol version this send announces.
+    pub fn wire_version(&self) -> u16 {
+        self.protocol_version.unwrap_or(crate::wire::VERSION)
+    }
+
     /// The TLS configuration this request asks for (`None`: plain TCP),
     /// loaded from `tls_dir`.
     pub fn client_tls(&self) -> Result<Option<ClientTls>, MigrationError> {
+        if crate::handover::is_unix(&self.destination_url) {
+            return unix_tls(&self.tls_dir, self.tls);
+        }
         tls_choice(&self.tls_dir, self.tls)?
             .map(ClientTls::load)
             .transpose()
@@ -469,6 +504,12 @@ impl ReceiveParams {
     /// The TLS configuration this request asks for (`None`: plain TCP),
     /// loaded from `tls_dir` with the allowed subjects.
     pub fn server_tls(&self) -> Result<Option<ServerTls>, MigrationError> {
+        if crate::handover::is_unix(&self.receiver_url) {
+            if !self.tls_allowed_subjects.is_empty() {
+                return Err(crate::handover::tls_refusal());
+            }
+            return unix_tls(&self.tls_dir, self.tls);
+        }
         let dir = tls_choice(&self.tls_dir, self.tls)?;
         if dir.is_none() && !self.tls_allowed_subjects.is_empty() {
             return Err(MigrationError::InvalidParams(
@@ -479,12 +520,62 @@ impl ReceiveParams {
             .transpose()
     }
 
-    /// The listen address of `receiver_url` (`tcp:HOST:PORT`).
-    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, MigrationError> {
+    /// The listen address of `receiver_url` (`tcp:HOST:PORT` or
+    /// `unix:PATH`).
+    pub fn listen_addr(&self) -> Result<ListenAddr, MigrationError> {
+        if crate::handover::is_unix(&self.receiver_url) {
+            return crate::handover::parse_unix(&self.receiver_url).map(ListenAddr::Unix);
+        }
         crate::handshake::parse_url(&self.receiver_url)?
             .into_iter()
             .next()
+            .map(ListenAddr::Tcp)
             .ok_or_else(|| MigrationError::InvalidParams("receiver_url resolves to nothing".into()))
+    }
+}
+
+/// Where a destination listens. Invariant: a `Unix` path passed
+/// [`crate::handover::parse_unix`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `tcp:HOST:PORT`.
+    Tcp(std::net::SocketAddr),
+    /// `unix:PATH` (same host).
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Binds the listener. A `unix:` path that names a stale socket (one
+    /// nobody listens on) is replaced; any other existing file is an error.
+    pub fn bind(&self) -> std::io::Result<crate::net::Listener> {
+        match self {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).map(Into::into),
+            ListenAddr::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    let stale = m.file_type().is_socket()
+                        && std::os::unix::net::UnixStream::connect(p).is_err();
+                    if !stale {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{} exists (and is not a stale socket)", p.display()),
+                        ));
+                    }
+                    std::fs::remove_file(p)?;
+                }
+                let l = std::os::unix::net::UnixListener::bind(p)?;
+                Ok(crate::net::Listener::Unix(l, p.clone()))
+            }
+        }
     }
 }
 
@@ -588,7 +679,7 @@ pub fn send_with(
 /// new or cloned listener). Strangers connecting meanwhile are refused with
 /// an ERROR frame without disturbing the migration.
 pub fn receive(
-    listener: TcpListener,
+    listener: impl Into<crate::net::Listener>,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
@@ -599,7 +690,7 @@ pub fn receive(
 
 /// [`receive`] reporting its events to `hooks.events`.
 pub fn receive_with(
-    listener: TcpListener,
+    listener: impl Into<crate::net::Listener>,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
@@ -611,7 +702,7 @@ pub fn receive_with(
         stats.fail(&e);
         return Err(e);
     }
-    crate::recv::run(listener, factory, params, stats, cancel, hooks)
+    crate::recv::run(listener.into(), factory, params, stats, cancel, hooks)
 }
 
 #[cfg(test)]

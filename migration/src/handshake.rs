@@ -3,7 +3,9 @@
 //! on its own short-lived thread, under one deadline) and refusals with an
 //! ERROR frame the sender can show.
 
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,8 +14,8 @@ use std::time::{Duration, Instant};
 use crate::api::CancelToken;
 use crate::error::MigrationError;
 use crate::net::{
-    self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Channel, Ctl, Recv,
-    TlsFailure,
+    self, lock, prepare_stream, recv_frame, recv_payload, send_frame, Channel, Ctl, Listener, Recv,
+    Sock, TlsFailure,
 };
 use crate::tls::{ClientTls, ServerTls};
 use crate::wire::{self, ConnRole, Frame, HEADER_LEN};
@@ -57,20 +59,38 @@ pub fn url_host(url: &str) -> Result<String, MigrationError> {
 
 /// How the source reaches the destination.
 ///
-/// Invariant: `addrs` is not empty; with `tls`, every connection runs a
-/// mutual-TLS handshake that must verify the destination as the host name.
+/// Invariant: exactly one of `addrs` (not empty) and `unix` names the
+/// destination; with `tls`, every connection runs a mutual-TLS handshake
+/// that must verify the destination as the host name (never with `unix`).
 #[derive(Debug, Clone)]
 pub struct Dial {
-    /// Resolved addresses, tried in order.
+    /// Resolved addresses, tried in order (empty with `unix`).
     pub addrs: Vec<SocketAddr>,
+    /// The UNIX socket of a destination on this host (`unix:PATH`).
+    pub unix: Option<PathBuf>,
+    /// The protocol version announced on every connection (accepted by
+    /// [`wire::version_accepted`]; [`wire::VERSION`] unless the request
+    /// asked for an older one to reach an older destination).
+    pub version: u16,
     /// TLS configuration and the destination's expected name.
     pub tls: Option<(ClientTls, String)>,
+}
+
+/// Checks a destination URL, `tcp:HOST:PORT` (resolved) or `unix:PATH`.
+pub fn check_url(url: &str) -> Result<(), MigrationError> {
+    if crate::handover::is_unix(url) {
+        crate::handover::parse_unix(url).map(drop)
+    } else {
+        parse_url(url).map(drop)
+    }
 }
 
 /// Parses `tcp:HOST:PORT` into socket addresses.
 pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, MigrationError> {
     let rest = url.strip_prefix("tcp:").ok_or_else(|| {
-        MigrationError::InvalidParams(format!("unsupported URL {url:?} (expected tcp:HOST:PORT)"))
+        MigrationError::InvalidParams(format!(
+            "unsupported URL {url:?} (expected tcp:HOST:PORT or unix:PATH)"
+        ))
     })?;
     let addrs: Vec<SocketAddr> = rest
         .to_socket_addrs()
@@ -175,11 +195,22 @@ fn connect_once(
         ConnRole::Data { index } => format!("on data connection {index}"),
     };
     let mut last = None;
-    let mut stream = None;
+    let mut stream: Option<Sock> = None;
+    if let Some(p) = &dial.unix {
+        match UnixStream::connect(p) {
+            Ok(s) => stream = Some(s.into()),
+            Err(e) => {
+                last = Some(std::io::Error::new(
+                    e.kind(),
+                    format!("unix:{}: {e}", p.display()),
+                ))
+            }
+        }
+    }
     for a in &dial.addrs {
         match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
             Ok(s) => {
-                stream = Some(s);
+                stream = Some(s.into());
                 break;
             }
             Err(e) => last = Some(e),
@@ -208,6 +239,7 @@ fn connect_once(
             }
         }
     };
+    s.set_version(dial.version);
     let hello = Frame::Hello { role, connections };
     send_frame(
         &s,
@@ -278,10 +310,7 @@ pub struct Acceptor {
 impl Acceptor {
     /// Starts accepting on `listener`; with `tls`, every newcomer must
     /// complete a mutual-TLS handshake (and pass the subject check) first.
-    pub fn start(
-        listener: TcpListener,
-        tls: Option<ServerTls>,
-    ) -> Result<Acceptor, MigrationError> {
+    pub fn start(listener: Listener, tls: Option<ServerTls>) -> Result<Acceptor, MigrationError> {
         listener
             .set_nonblocking(true)
             .map_err(|e| MigrationError::io("configuring the migration listener", e))?;
@@ -360,7 +389,7 @@ pub fn refuse_now(s: &Channel, session: u128, msg: &str, stop: &CancelToken) {
 const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     stop: CancelToken,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
     tx: SyncSender<Incoming>,
@@ -422,7 +451,7 @@ struct Handshake {
 }
 
 /// Waits for the first byte of `s` (without consuming it) until `deadline`.
-fn peek_first(s: &TcpStream, deadline: Instant, stop: &CancelToken) -> Option<u8> {
+fn peek_first(s: &Sock, deadline: Instant, stop: &CancelToken) -> Option<u8> {
     let mut b = [0u8; 1];
     while Instant::now() < deadline && !stop.is_cancelled() {
         match s.peek(&mut b) {
@@ -436,7 +465,7 @@ fn peek_first(s: &TcpStream, deadline: Instant, stop: &CancelToken) -> Option<u8
 }
 
 impl Handshake {
-    fn run(self, s: TcpStream, peer: SocketAddr) {
+    fn run(self, s: Sock, peer: String) {
         if prepare_stream(&s, true).is_err() {
             return;
         }
@@ -486,7 +515,7 @@ impl Handshake {
         self.read_hello(ch, deadline, peer)
     }
 
-    fn read_hello(self, s: Channel, deadline: Instant, peer: SocketAddr) {
+    fn read_hello(self, s: Channel, deadline: Instant, peer: String) {
         let ctl = Ctl::new(self.stop.clone(), HELLO_TIMEOUT);
         ctl.set_deadline(deadline, format!("no HELLO within {HELLO_TIMEOUT:?}"));
         let res = loop {
@@ -496,7 +525,19 @@ impl Handshake {
                 Ok(Recv::Eof) => return,
                 Ok(Recv::Frame(env)) => match env.frame {
                     Frame::Hello { role, connections } => {
-                        break Ok((env.session, role, connections))
+                        // Answer in the version the source spoke (accepted
+                        // by the header check: MIN_VERSION..=VERSION).
+                        s.set_version(env.version);
+                        if env.version != wire::VERSION {
+                            log::info!(
+                                "migration connection from {peer} speaks protocol version {} \
+                                 (this build: {}); answering in {}",
+                                env.version,
+                                wire::VERSION,
+                                env.version
+                            );
+                        }
+                        break Ok((env.session, role, connections));
                     }
                     f => break Err(format!("expected HELLO, got {:?}", f.kind())),
                 },

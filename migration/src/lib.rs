@@ -21,6 +21,8 @@
 //! * [`wire`] (frame layout: typed [`wire::Frame`], range tables, SETUP) and
 //!   `guest_mem` (the one audited module that touches guest memory through
 //!   host addresses: [`RamRegion`], volatile zero scan, iovecs);
+//! * [`handover`] (`unix:PATH` URLs, the memory handover of a local
+//!   migration: SCM_RIGHTS descriptors, the source without RAM passes);
 //! * [`tls`] (mutual-TLS configuration from a `tls_dir`, subject checks);
 //! * [`host`] (the host's bandwidth shared between its migrations, the
 //!   `connections: "auto"` rule; the host itself is the VMM's [`host::Host`]);
@@ -35,6 +37,7 @@ mod convergence;
 pub mod error;
 pub mod events;
 mod guest_mem;
+pub mod handover;
 mod handshake;
 pub mod host;
 mod limits;
@@ -58,4 +61,5 @@ pub use api::{
     DeviceStatus, Hooks, MigrationError, MigrationState, MigrationStats, MigrationStatus,
     ReceiveParams, ResumeToken, SendParams, SourceVmOutcome,
 };
+pub use net::Listener;
 pub use traits::*;

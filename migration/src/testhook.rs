@@ -10,7 +10,7 @@
 //! the current thread ([`set_stall`]), so that a stall is reached in
 //! seconds; [`stall_timeout`] is [`STALL_TIMEOUT`] everywhere else.
 
-use std::net::TcpStream;
+use crate::net::Sock;
 use std::time::Duration;
 
 use crate::net::STALL_TIMEOUT;
@@ -27,7 +27,7 @@ pub enum Point {
 }
 
 #[cfg(test)]
-type Hook = Box<dyn Fn(Point, &TcpStream)>;
+type Hook = Box<dyn Fn(Point, &Sock)>;
 
 #[cfg(test)]
 thread_local! {
@@ -36,13 +36,13 @@ thread_local! {
 
 /// Installs `f` for migrations run on the current thread (tests only).
 #[cfg(test)]
-pub fn set(f: impl Fn(Point, &TcpStream) + 'static) {
+pub fn set(f: impl Fn(Point, &Sock) + 'static) {
     HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
 }
 
 /// Calls the current thread's hook, if any.
 #[cfg(test)]
-pub fn fire(p: Point, s: &TcpStream) {
+pub fn fire(p: Point, s: &Sock) {
     HOOK.with(|h| {
         if let Some(f) = &*h.borrow() {
             f(p, s)
@@ -53,7 +53,7 @@ pub fn fire(p: Point, s: &TcpStream) {
 /// Calls the current thread's hook (no-op outside tests).
 #[cfg(not(test))]
 #[inline(always)]
-pub fn fire(_p: Point, _s: &TcpStream) {}
+pub fn fire(_p: Point, _s: &Sock) {}
 
 #[cfg(test)]
 thread_local! {

@@ -118,6 +118,41 @@ pub trait SourceVm: Send + Sync {
             Err(BackendError::new("this VMM cannot throttle vCPUs"))
         }
     }
+
+    /// The memory handover of this VM (`None`: this VMM cannot hand its
+    /// memory over; a `unix:` migration then copies RAM).
+    fn memory_handover(&self) -> Option<&dyn MemoryHandover> {
+        None
+    }
+}
+
+/// One RAM region's backing file, for a memory handover on the same host
+/// (`unix:` migrations).
+///
+/// Invariant: `fd` is open read-write; `offset..offset+size` of it backs
+/// the guest range `gpa..gpa+size` (page multiples). On the destination it
+/// passed [`crate::handover::validate_fd`] (a regular file or memfd of at
+/// least `offset + size` bytes).
+#[derive(Debug)]
+pub struct RegionFd {
+    /// Guest physical address of the region.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of the region in `fd`.
+    pub offset: u64,
+    /// The backing file (owned: a duplicate of the VMM's).
+    pub fd: std::os::fd::OwnedFd,
+}
+
+/// The memory handover of a source VM whose RAM is shareable (`shared=on`
+/// or `file=`): the destination maps the same memory, nothing is copied.
+pub trait MemoryHandover: Send + Sync {
+    /// The backing of every RAM region, in [`SourceVm::ram`] order, as
+    /// duplicated descriptors; `Err(why)` when this RAM cannot be handed
+    /// over (anonymous memory). Taking them marks the RAM as lent: the VMM
+    /// must never clear it afterwards (the destination may own it).
+    fn lend(&self) -> Result<Vec<RegionFd>, String>;
 }
 
 /// Builds the destination VM from a received configuration.
@@ -127,6 +162,18 @@ pub trait DestinationFactory: Send + Sync {
     /// An incompatible configuration fails with a message that the sender
     /// shows to its user.
     fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>>;
+
+    /// Builds the VM of a memory handover: like [`Self::create`], but its
+    /// RAM is `regions` mapped `MAP_SHARED` at their guest addresses, as is
+    /// (the guest's live memory: never cleared, never written before the
+    /// VM starts). A VMM that cannot map handed-over memory refuses.
+    fn create_mapped(
+        &self,
+        _config: &[u8],
+        _regions: Vec<RegionFd>,
+    ) -> BackendResult<Arc<dyn DestinationVm>> {
+        Err(BackendError::new("this VMM cannot map handed-over memory"))
+    }
 }
 
 /// The destination-side VM while it is being received.

@@ -15,6 +15,7 @@
 //! - [`guest`]: [`SerialLog`] tails a serial file and parses the stamp guest's lines;
 //! - [`migrate`](mod@migrate): [`start_pair`], [`migrate_and_check`], [`start_receive`],
 //!   [`Migration`], ...;
+//! - [`unix`](mod@unix): `unix:PATH` migrations ([`migrate_unix`], [`start_receive_unix`]);
 //! - [`util`]: [`TempDir`], [`poll`], [`free_tcp_port`], ...
 //! - [`openapi`]: `docs/openapi.yaml`, loaded and checked, and a strict validator
 //!   of replies against its schemas;
@@ -36,6 +37,7 @@ pub mod netns;
 pub mod openapi;
 pub mod proc;
 pub mod tls;
+pub mod unix;
 pub mod util;
 
 pub use api::*;
@@ -44,6 +46,7 @@ pub use migrate::*;
 pub use netns::{netns_unavailable, skip_unless_netns, NetPair};
 pub use proc::*;
 pub use tls::Pki;
+pub use unix::*;
 pub use util::*;
 
 /// Generous bound for anything that should happen "soon" (a line, an exit).

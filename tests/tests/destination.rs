@@ -82,6 +82,7 @@ fn crafted_setup(port: u16, session: u128, config: &[u8], devices: &[&str]) -> S
         chunk_bytes: 1 << 20,
         device_mode: DeviceStateMode::Channels,
         features: 0,
+        handover: false,
     };
     let payload = setup.encode();
     s.write_all(

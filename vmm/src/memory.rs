@@ -14,6 +14,8 @@ use vm_memory::{FileOffset, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::config::{MemoryBacking, MemoryConfig};
 
+mod handover;
+
 /// Guest memory with a bitmap of the VMM's own writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
@@ -25,6 +27,12 @@ pub const PAGE: u64 = 4096;
 /// Invariant: messages name the operation and the OS error.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The memory was handed over to another process (it is not cleared).
+    #[error("guest RAM was handed over to another process; it is never cleared here")]
+    Lent,
+    /// Handed-over memory that cannot be mapped as this guest's RAM.
+    #[error("handed-over memory: {0}")]
+    Handover(String),
     /// memfd_create failed.
     #[error("creating the guest memory memfd: {0}")]
     Memfd(#[source] std::io::Error),
@@ -102,6 +110,11 @@ pub struct RegionInfo {
 /// clones) is true only while every byte reads as zero and no VM was handed
 /// the memory since ([`GuestRam::claim_zeroed`]); `resident` is true once
 /// [`GuestRam::prefault`] succeeded (zeroing then keeps pages faulted in).
+/// `lent` (shared by all clones) is set once the memory was handed over to
+/// (or received from) another process by a `unix:` migration: from then on
+/// this process never clears it ([`GuestRam::zero`] and
+/// [`GuestRam::claim_zeroed`] refuse), since the other side's guest may run
+/// on it.
 #[derive(Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
@@ -111,6 +124,7 @@ pub struct GuestRam {
     size: u64,
     clean: Arc<AtomicBool>,
     resident: Arc<AtomicBool>,
+    lent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -158,6 +172,25 @@ impl GuestRam {
                     })?,
             )),
         };
+        // Fresh anonymous memory and a fresh memfd read as zero; a file may
+        // hold anything.
+        let clean = !matches!(cfg.backing, MemoryBacking::File(_));
+        GuestRam::map(cfg.size, cfg.backing.clone(), fd, clean)
+    }
+
+    /// Maps `size` bytes of guest RAM as [`arch::layout::ram_regions`] lays
+    /// them out: anonymous without `fd`, else `MAP_SHARED` from `fd` at
+    /// consecutive offsets from 0.
+    fn map(
+        size: u64,
+        backing: MemoryBacking,
+        fd: Option<Arc<File>>,
+        clean: bool,
+    ) -> Result<GuestRam, MemoryError> {
+        let layout = arch::layout::ram_regions(size);
+        if layout.is_empty() {
+            return Err(MemoryError::Empty(size));
+        }
         let mut regions = Vec::with_capacity(layout.len());
         let mut mmaps = Vec::with_capacity(layout.len());
         let mut offset = 0u64;
@@ -200,21 +233,19 @@ impl GuestRam {
                 r.gpa,
                 r.gpa + r.size,
                 r.size >> 20,
-                cfg.backing.kind(),
+                backing.kind(),
                 r.host_addr
             );
         }
-        // Fresh anonymous memory and a fresh memfd read as zero; a file may
-        // hold anything.
-        let clean = !matches!(cfg.backing, MemoryBacking::File(_));
         Ok(GuestRam {
             mem,
             regions,
-            backing: cfg.backing.clone(),
+            backing,
             fd,
-            size: cfg.size,
+            size,
             clean: Arc::new(AtomicBool::new(clean)),
             resident: Arc::new(AtomicBool::new(false)),
+            lent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -296,6 +327,10 @@ impl GuestRam {
     /// memory after a failed migration). Pages stay faulted in. The caller
     /// guarantees that no vCPU or migration thread uses the memory.
     pub fn zero(&self) {
+        if self.lent.load(Ordering::SeqCst) {
+            log::warn!("guest RAM was handed over to another process: not zeroing it");
+            return;
+        }
         for r in &self.regions {
             // SAFETY: the mapping is live and writable for `size` bytes (type
             // invariant); the caller guarantees nothing else accesses it now.
@@ -315,6 +350,9 @@ impl GuestRam {
     /// the fallback where the file system cannot punch holes. The caller
     /// guarantees that no vCPU or migration thread uses the memory.
     pub fn claim_zeroed(&self) -> Result<(), MemoryError> {
+        if self.lent.load(Ordering::SeqCst) {
+            return Err(MemoryError::Lent);
+        }
         if self.clean.swap(false, Ordering::SeqCst) {
             return Ok(());
         }

@@ -10,17 +10,17 @@
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::record::{self, Keys, RecordError, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER};
-use super::{drain, is_timeout, lock, Ctl, ZcCounters, ZeroCopy, POLL_INTERVAL};
+use super::{drain, is_timeout, lock, Ctl, Sock, ZcCounters, ZeroCopy, POLL_INTERVAL};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs};
 use crate::tls;
+use crate::wire;
 
 /// Receive buffer of a TLS channel (whole records are opened in it).
 const RX_BUFFER: usize = 256 << 10;
@@ -40,12 +40,16 @@ const MAX_HANDSHAKE_RECORD: usize = HEADER + (1 << 14) + 2048;
 /// and buffer behind their own mutex, so a writer (the keepalive) never
 /// waits for a reader blocked on the socket. At most one thread reads a
 /// channel at a time.
+///
+/// `version` is the protocol version stamped on every frame written here:
+/// [`wire::VERSION`] until the handshake settles an older one.
 pub struct Channel {
-    tcp: TcpStream,
+    tcp: Sock,
     tls: Option<Tls>,
     /// Plain TCP with zero-copy on: RAM pages go out with `MSG_ZEROCOPY`
     /// (with TLS the state lives in [`Tx`] instead).
     zc: Mutex<Option<ZeroCopy>>,
+    version: std::sync::atomic::AtomicU16,
 }
 
 /// A TLS failure after the handshake (an alert from the peer, a bad
@@ -167,7 +171,7 @@ impl Drop for Tx {
 
 /// After a failed handshake: sends rustls' alert, closes our write side and
 /// drains briefly, so that the peer reads the alert instead of a reset.
-fn send_alert_and_close(conn: &mut rustls::Connection, tcp: &TcpStream) {
+fn send_alert_and_close(conn: &mut rustls::Connection, tcp: &Sock) {
     let _ = conn.write_tls(&mut &*tcp);
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     drain(tcp, std::time::Duration::from_millis(500), &|| false);
@@ -212,7 +216,7 @@ pub enum TlsFailure {
 
 /// Reads from `tcp` until `pending` holds at least `want` bytes.
 fn fill(
-    tcp: &TcpStream,
+    tcp: &Sock,
     pending: &mut Vec<u8>,
     want: usize,
     deadline: Instant,
@@ -243,7 +247,7 @@ fn fill(
 
 fn flush_handshake(
     conn: &mut rustls::Connection,
-    tcp: &TcpStream,
+    tcp: &Sock,
     deadline: Instant,
 ) -> Result<(), TlsFailure> {
     while conn.wants_write() {
@@ -259,11 +263,12 @@ fn flush_handshake(
 
 impl Channel {
     /// A plain TCP channel.
-    pub fn plain(tcp: TcpStream) -> Channel {
+    pub fn plain(tcp: Sock) -> Channel {
         Channel {
             tcp,
             tls: None,
             zc: Mutex::new(None),
+            version: wire::VERSION.into(),
         }
     }
 
@@ -273,7 +278,7 @@ impl Channel {
     /// source (for error texts). Records are handed to rustls one at a
     /// time, so no byte after the handshake is consumed by it.
     pub fn handshake(
-        tcp: TcpStream,
+        tcp: Sock,
         mut conn: rustls::Connection,
         deadline: Instant,
         stopped: &dyn Fn() -> bool,
@@ -325,6 +330,7 @@ impl Channel {
         pending.resize(RX_BUFFER.max(end), 0);
         Ok(Channel {
             tcp,
+            version: wire::VERSION.into(),
             tls: Some(Tls {
                 client,
                 leaf,
@@ -349,7 +355,19 @@ impl Channel {
     }
 
     /// The TCP socket underneath (options, shutdown, tests).
-    pub fn tcp(&self) -> &TcpStream {
+    /// The protocol version of the frames written on this channel.
+    pub fn version(&self) -> u16 {
+        self.version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the protocol version of the frames written on this channel
+    /// (the one its HELLO settled; callers pass an accepted version).
+    pub fn set_version(&self, v: u16) {
+        self.version.store(v, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The socket (TCP or UNIX).
+    pub fn tcp(&self) -> &Sock {
         &self.tcp
     }
 
@@ -543,7 +561,7 @@ impl Channel {
 
     /// Writes queued records for at most about one poll interval; returns
     /// the bytes written (a full socket is not an error).
-    fn push(tx: &mut Tx, tcp: &TcpStream) -> io::Result<usize> {
+    fn push(tx: &mut Tx, tcp: &Sock) -> io::Result<usize> {
         if tx.zc.is_some() {
             return Self::push_zc(tx);
         }

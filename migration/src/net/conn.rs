@@ -45,6 +45,13 @@ impl MainConn {
         io::send_frame(&self.stream, self.session, frame, payload, ctl, what)
     }
 
+    /// Runs `f` holding the write lock (a frame written some other way,
+    /// such as one carrying descriptors).
+    pub fn with_write_lock<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _g = lock(&self.wlock);
+        f()
+    }
+
     /// Best-effort ERROR/ABORT frame (ignores failures); see
     /// [`io::send_message`].
     pub fn send_message(&self, frame: fn(u64) -> Frame, msg: &str) {

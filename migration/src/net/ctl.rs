@@ -2,7 +2,9 @@
 //! cancel token, deadline, commit point; and [`Notify`], the wake-up of a
 //! waiting state machine.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+
+use super::Sock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +29,7 @@ pub struct Ctl {
     committed: AtomicBool,
     first: Mutex<Option<MigrationError>>,
     cancel: CancelToken,
-    sockets: Mutex<Vec<TcpStream>>,
+    sockets: Mutex<Vec<Sock>>,
     deadline: Mutex<Option<(Instant, String)>>,
     peer_seen: Mutex<Option<Instant>>,
     /// Stall timeout in force.
@@ -69,7 +71,7 @@ impl Ctl {
     }
 
     /// Registers a socket to be shut down on abort.
-    pub fn register(&self, s: &TcpStream) {
+    pub fn register(&self, s: &Sock) {
         if let Ok(c) = s.try_clone() {
             lock(&self.sockets).push(c);
         }

@@ -2,8 +2,8 @@
 //! zero-copy vectored transfers. No call blocks longer than
 //! [`POLL_INTERVAL`] without checking abort, cancel and stalls.
 
+use super::Sock;
 use std::io::{self, ErrorKind, Read};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ pub fn set_big_buffers(fd: &impl AsRawFd) {
 /// above all, must not wait behind Nagle for the peer's delayed ACK: that
 /// held the post-copy switch up by ~40 ms; RAM goes out in large `writev`s
 /// either way), big buffers for data.
-pub fn prepare_stream(s: &TcpStream, data: bool) -> Result<(), MigrationError> {
+pub fn prepare_stream(s: &Sock, data: bool) -> Result<(), MigrationError> {
     let e = |err| MigrationError::io("configuring a migration socket", err);
     s.set_nonblocking(false).map_err(e)?;
     s.set_read_timeout(Some(POLL_INTERVAL)).map_err(e)?;
@@ -104,7 +104,7 @@ pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: Duration) -> bool 
 /// until it closes or `stopped()`: after our last words (an ERROR frame, a
 /// TLS alert) and our write shutdown, so that closing with unread input
 /// does not turn into a reset that loses them.
-pub fn drain(tcp: &TcpStream, limit: Duration, stopped: &dyn Fn() -> bool) {
+pub fn drain(tcp: &Sock, limit: Duration, stopped: &dyn Fn() -> bool) {
     let until = Instant::now() + limit;
     let mut buf = [0u8; 4096];
     while Instant::now() < until && !stopped() {
@@ -389,7 +389,7 @@ pub fn send_frame(
             payload.len()
         )));
     }
-    let head = frame.encode(session);
+    let head = frame.encode_v(session, s.version());
     if payload.is_empty() {
         return write_full(s, &head, ctl, what);
     }

@@ -6,7 +6,8 @@
 //!   frames, zero-copy `writev`/`readv` over [`crate::guest_mem::IoVecs`])
 //!   that never block longer than [`POLL_INTERVAL`] without checking for
 //!   abort, cancel and stalls;
-//! * `channel`: one connection, plain TCP or mutual TLS ([`Channel`]);
+//! * `sock`: the socket under a connection, TCP or UNIX ([`Sock`], [`Listener`]);
+//! * `channel`: one connection, plain or mutual TLS ([`Channel`]);
 //! * `conn`: the main connection ([`MainConn`]) and its keepalive thread;
 //! * `zerocopy`, `zctrack`: `MSG_ZEROCOPY` sends and their completions
 //!   ([`ZeroCopy`], [`ZcCounters`]).
@@ -18,6 +19,7 @@ mod io;
 mod record;
 mod zctrack;
 mod zerocopy;
+mod sock;
 
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
@@ -27,6 +29,7 @@ pub use io::{
     send_message, set_big_buffers, wait_readable, write_vecs, Recv,
 };
 pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};
+pub use sock::{Listener, Sock};
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

@@ -28,7 +28,7 @@ mod switchover;
 mod unzstd;
 
 use std::cell::Cell;
-use std::net::{Shutdown, TcpListener};
+use std::net::Shutdown;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,7 +223,7 @@ use crate::phase::or_fail;
 
 /// Receives one migration (see [`crate::receive`]).
 pub fn run(
-    listener: TcpListener,
+    listener: crate::net::Listener,
     factory: &dyn DestinationFactory,
     params: &ReceiveParams,
     stats: &Arc<MigrationStats>,
@@ -238,6 +238,9 @@ pub fn run(
         .max(wire::MAX_DEVICE_CHUNK);
     let tls = params.server_tls()?;
     stats.set_transport(tls.is_some());
+    if matches!(listener, crate::net::Listener::Unix(..)) {
+        stats.set_unix_transport();
+    }
     let ctx = Ctx {
         factory,
         bound,

@@ -469,7 +469,7 @@ mod tests {
         let (rx, _) = l.accept().unwrap();
         rx.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        (fake, ctx, Channel::plain(rx), tx)
+        (fake, ctx, Channel::plain(rx.into()), tx)
     }
 
     fn page_bytes(p: u64) -> Vec<u8> {

@@ -86,7 +86,19 @@ fn read_setup(ctx: &Ctx, s: &Session) -> Result<(Setup, BuiltVm), MigrationError
     };
     let payload = recv_payload(&main.stream, len, &ctx.ctl, what)?;
     let setup = Setup::decode(&payload).map_err(|e| refuse_setup(ctx, main, e))?;
-    let vm = ctx.factory.create(&setup.config).map_err(|e| {
+    let vm = if setup.handover {
+        let regions = crate::handover::receive_regions(main, &setup, &ctx.ctl)
+            .map_err(|e| refuse_setup(ctx, main, e))?;
+        log::info!(
+            "memory handover: mapping {} region(s) of the source",
+            regions.len()
+        );
+        ctx.stats.set_memory_handover();
+        ctx.factory.create_mapped(&setup.config, regions)
+    } else {
+        ctx.factory.create(&setup.config)
+    };
+    let vm = vm.map_err(|e| {
         refuse_setup(
             ctx,
             main,
@@ -187,8 +199,17 @@ pub fn negotiate(ctx: &Ctx, s: Box<Session>) -> Result<Phase, Failed> {
 }
 
 /// Accepts the session's data connections (refusing strangers).
+/// Every connection of a session speaks the version of its main one.
 fn accept_all(ctx: &Ctx, p: &Prepared) -> Result<Vec<Channel>, MigrationError> {
-    accept_data_of(ctx, p.s.session, p.s.n, &ctx.ctl)
+    let data = accept_data_of(ctx, p.s.session, p.s.n, &ctx.ctl)?;
+    let v = p.s.main.stream.version();
+    if let Some(d) = data.iter().find(|d| d.version() != v) {
+        return Err(MigrationError::proto(format!(
+            "a data connection speaks protocol version {}, its main connection {v}",
+            d.version()
+        )));
+    }
+    Ok(data)
 }
 
 /// Accepts the `n` data connections of `session` (refusing strangers);

@@ -91,6 +91,15 @@ pub struct DmaLogs {
 }
 
 impl DmaLogs {
+    /// No logging at all: a memory handover, where the destination maps the
+    /// memory the devices write, so no page they write is ever re-sent
+    /// (re-sending one would race the device on the shared memory).
+    pub fn none() -> DmaLogs {
+        DmaLogs {
+            devices: Vec::new(),
+        }
+    }
+
     /// Starts logging in every logged device over all of guest RAM, at
     /// [`PAGE_SIZE`] granularity. On failure, the devices already started
     /// are stopped again.

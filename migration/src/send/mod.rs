@@ -108,6 +108,9 @@ struct Ctx {
     dma: dma::DmaPlan,
     /// A post-copy request was refused once (it is not logged again).
     postcopy_refused: std::sync::atomic::AtomicBool,
+    /// The VM of a `unix:` send, engaged when the destination accepted the
+    /// memory handover (`None` over TCP).
+    handover: Option<Arc<crate::handover::HandoverSource>>,
 }
 
 impl Ctx {
@@ -285,12 +288,27 @@ use crate::phase::or_fail;
 
 /// Resolves the destination URL and loads the TLS configuration.
 fn dial_for(p: &SendParams) -> Result<Dial, MigrationError> {
+    if crate::handover::is_unix(&p.destination_url) {
+        let path = crate::handover::parse_unix(&p.destination_url)?;
+        p.client_tls()?;
+        return Ok(Dial {
+            addrs: Vec::new(),
+            unix: Some(path),
+            tls: None,
+            version: p.wire_version(),
+        });
+    }
     let addrs = parse_url(&p.destination_url)?;
     let tls = match p.client_tls()? {
         Some(t) => Some((t, url_host(&p.destination_url)?)),
         None => None,
     };
-    Ok(Dial { addrs, tls })
+    Ok(Dial {
+        addrs,
+        unix: None,
+        tls,
+        version: p.wire_version(),
+    })
 }
 
 /// Runs a migration on the source (see [`crate::send()`]).
@@ -309,6 +327,14 @@ pub fn run(
             stats.fail(&e);
             return Err(e);
         }
+    };
+    let handover = dial
+        .unix
+        .is_some()
+        .then(|| crate::handover::HandoverSource::new(vm.clone()));
+    let vm: Arc<dyn SourceVm> = match &handover {
+        Some(h) => h.clone(),
+        None => vm,
     };
     let devices = vm.devices();
     let dma = dma::DmaPlan::of(&devices);
@@ -348,6 +374,9 @@ pub fn run(
     stats.begin();
     stats.set_role(Role::Source);
     stats.set_transport(dial.tls.is_some());
+    if dial.unix.is_some() {
+        stats.set_unix_transport();
+    }
     let (conns, why) = hostshare::choose_connections(p, &*vm, &dial, hooks);
     stats.connections.store(conns as u64, Relaxed);
     stats.set_connections_reason(why.clone());
@@ -385,6 +414,7 @@ pub fn run(
         throttle_refused: Default::default(),
         dma,
         postcopy_refused: Default::default(),
+        handover,
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(

@@ -60,6 +60,20 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
         } else {
             0
         },
+        handover: false,
+    };
+    let lent = ctx.handover.as_ref().and_then(|h| {
+        match crate::handover::offer(h, main.stream.version(), &setup.regions) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                log::info!("unix: migration copies RAM: {why}");
+                None
+            }
+        }
+    });
+    let setup = Setup {
+        handover: lent.is_some(),
+        ..setup
     };
     let payload = setup.encode();
     main.send(
@@ -70,6 +84,9 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
         &ctx.ctl,
         "sending the VM configuration",
     )?;
+    if let Some(regions) = &lent {
+        crate::handover::send_regions(main, regions, &ctx.ctl)?;
+    }
     await_reply(
         &main.stream,
         ctx.session,
@@ -88,7 +105,22 @@ fn negotiate(ctx: &Ctx, main: &MainConn) -> Result<(), MigrationError> {
             ))
         }
         e => e,
-    })
+    })?;
+    if let (Some(h), Some(regions)) = (&ctx.handover, &lent) {
+        // Before the dirty log starts and pass 1: nothing of RAM moves.
+        h.engage();
+        ctx.stats.set_memory_handover();
+        log::info!(
+            "memory handed over ({} region(s), {} MiB): only vCPU and device state move",
+            regions.len(),
+            regions.iter().map(|r| r.size).sum::<u64>() >> 20
+        );
+        ctx.events.emit(
+            "memory-handover",
+            serde_json::json!({ "regions": regions.len() }),
+        );
+    }
+    Ok(())
 }
 
 /// The zstd level of this send's writers (`None`: no compression). A
@@ -277,7 +309,12 @@ fn start_devices(ctx: &Ctx, l: &Linked) -> Result<DeviceStreams, MigrationError>
 /// started, pass 1 queued.
 pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
     let r = (|| {
-        let dma = Arc::new(DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?);
+        let handed_over = ctx.handover.as_ref().is_some_and(|h| h.engaged());
+        let dma = Arc::new(if handed_over {
+            DmaLogs::none()
+        } else {
+            DmaLogs::start(&ctx.devices, &ctx.dma, ctx.mem.regions())?
+        });
         let restore = RestoreDevices::new(&ctx.devices);
         let devs = start_devices(ctx, &l)?;
         Ok((dma, restore, devs))

@@ -161,7 +161,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     item: kind,
                     len: data.len() as u64,
                 }
-                .encode(ctx.session);
+                .encode_v(ctx.session, s.version());
                 ctx.limiter
                     .take((HEADER_LEN + data.len()) as u64, &ctx.ctl)?;
                 let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
@@ -178,7 +178,7 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                 ctx.pool.recycle(data);
             }
             Item::Sync { pass } => {
-                let head = Frame::Sync { pass }.encode(ctx.session);
+                let head = Frame::Sync { pass }.encode_v(ctx.session, s.version());
                 let mut v: IoVecs<'_, Gather> = IoVecs::with_storage(std::mem::take(&mut storage));
                 v.push_bytes(&head);
                 write_vecs(s, &mut v, &ctx.ctl, &what)?;
@@ -347,7 +347,7 @@ fn write_ram(
             zstd_len,
         },
     };
-    let head = frame.encode(ctx.session);
+    let head = frame.encode_v(ctx.session, s.version());
     let wire = HEADER_LEN as u64 + frame.payload_len();
     match kind {
         Packet::Ram { .. } => {

@@ -106,6 +106,8 @@ pub struct MigrationStats {
     pub(crate) stalls: AtomicU64,
     switchover_reason: Mutex<Option<SwitchoverReason>>,
     connections_reason: Mutex<Option<String>>,
+    /// The guest's memory was handed over (`unix:`, shareable RAM).
+    memory_handover: AtomicBool,
     share_mib_s: Mutex<Option<f64>>,
     /// Outgoing migrations on the source host (0: unknown).
     host_source: AtomicU64,
@@ -152,6 +154,7 @@ impl MigrationStats {
         self.state.store(0, Relaxed);
         self.role.store(0, Relaxed);
         self.transport.store(0, Relaxed);
+        self.memory_handover.store(false, Relaxed);
         self.source_vm.store(0, Relaxed);
         *lock(&self.error) = None;
         *lock(&self.started) = None;
@@ -303,6 +306,16 @@ impl MigrationStats {
 
     pub(crate) fn set_role(&self, r: Role) {
         self.role.store(r as u8, Relaxed);
+    }
+
+    /// Records that the connections are UNIX sockets (`unix:`).
+    pub(crate) fn set_unix_transport(&self) {
+        self.transport.store(3, Relaxed);
+    }
+
+    /// Records that the guest's memory was handed over, not copied.
+    pub(crate) fn set_memory_handover(&self) {
+        self.memory_handover.store(true, Relaxed);
     }
 
     /// Records the transport in use (`tls`: mutual TLS, else plain TCP).
@@ -489,8 +502,10 @@ impl MigrationStats {
             transport: match self.transport.load(Relaxed) {
                 1 => Some("tcp".to_string()),
                 2 => Some("tls".to_string()),
+                3 => Some("unix".to_string()),
                 _ => None,
             },
+            memory_handover: self.memory_handover.load(Relaxed),
             iteration: self.iteration.load(Relaxed),
             connections: self.connections.load(Relaxed) as u32,
             total_bytes: self.total_bytes.load(Relaxed),

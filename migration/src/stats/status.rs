@@ -122,11 +122,16 @@ pub struct MigrationStatus {
     pub source_vm: Option<SourceVmOutcome>,
     /// "source" or "destination" (None before anything started).
     pub role: Option<String>,
-    /// How the connections are carried: "tls" (mutual TLS 1.3) or "tcp"
-    /// (plain, only with an explicit `"tls": false`); None before the
+    /// How the connections are carried: "tls" (mutual TLS 1.3), "tcp"
+    /// (plain, only with an explicit `"tls": false`) or "unix" (a
+    /// `unix:PATH` destination on the same host); None before the
     /// parameters were accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// `unix:` with shareable RAM: the memory file descriptors were handed
+    /// over and no page was copied (absent when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_handover: bool,
     /// Current (or last) RAM pass, starting at 1.
     pub iteration: u64,
     /// Data connections.

@@ -98,7 +98,10 @@ fn header_parser_never_panics() {
         // its frames round-trip.
         assert_eq!(Header::decode(&b).is_ok(), Frame::decode(&b).is_ok());
         if let Ok(env) = Frame::decode(&b) {
-            assert_eq!(Frame::decode(&env.frame.encode(env.session)), Ok(env));
+            assert_eq!(
+                Frame::decode(&env.frame.encode_v(env.session, env.version)),
+                Ok(env)
+            );
             assert_eq!(env.frame.kind(), Header::decode(&b).unwrap().kind);
         }
     }
@@ -180,6 +183,7 @@ fn setup_parser_never_panics() {
         chunk_bytes: 1 << 20,
         device_mode: DeviceStateMode::Main,
         features: 0,
+        handover: false,
     };
     let enc = good.encode();
     assert_eq!(Setup::decode(&enc).unwrap(), good);

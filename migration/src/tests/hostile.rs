@@ -116,6 +116,7 @@ impl RawSource {
             chunk_bytes: chunk,
             device_mode: mode,
             features,
+            handover: false,
         };
         raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
         raw_reply(&main).unwrap();
@@ -269,6 +270,7 @@ fn raw_source_protocol_and_refusals() {
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
         features: 0,
+        handover: false,
     };
     raw_send(&main, Header::new(Kind::Setup, session), &setup.encode());
     raw_reply(&main).unwrap();
@@ -548,6 +550,7 @@ fn refused_setups_leave_the_receive_armed() {
         chunk_bytes: 4096,
         device_mode: DeviceStateMode::Channels,
         features: 0,
+        handover: false,
     };
     let mut other_layout = good.clone();
     other_layout.regions = vec![(0, 4 * MIB)];

@@ -11,6 +11,7 @@ mod e2e;
 mod failures;
 mod fuzz;
 mod guest_mem;
+mod handover;
 mod host;
 pub(crate) mod hostile;
 mod pcfake;

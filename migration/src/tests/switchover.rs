@@ -3,7 +3,9 @@
 //! source stays paused with an uncertain outcome; cancel after COMMIT is
 //! ignored. Faults are injected at exact points with `testhook`.
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
+
+use crate::net::Sock;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ fn factory() -> FakeFactory {
 }
 
 /// Like `start_dest`, with `hook` installed on the receiver's thread.
-fn start_dest_hooked(f: FakeFactory, hook: impl Fn(Point, &TcpStream) + Send + 'static) -> Dest {
+fn start_dest_hooked(f: FakeFactory, hook: impl Fn(Point, &Sock) + Send + 'static) -> Dest {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let factory = Arc::new(f);
@@ -54,7 +56,7 @@ fn send_hooked(
     src: Arc<FakeSource>,
     port: u16,
     cancel: CancelToken,
-    hook: impl Fn(Point, &TcpStream) + Send + 'static,
+    hook: impl Fn(Point, &Sock) + Send + 'static,
 ) -> (Result<(), MigrationError>, Arc<MigrationStats>) {
     let stats = Arc::new(MigrationStats::default());
     let st = stats.clone();

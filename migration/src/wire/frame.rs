@@ -184,6 +184,15 @@ pub enum Frame {
         /// Connection epoch, ≥ 1 (the first connection was epoch 0).
         epoch: u64,
     },
+    /// Memory handover: `regions` entries of (gpa, size, offset) follow
+    /// (`len` bytes), one SCM_RIGHTS file descriptor per region rides on
+    /// the frame (version 4, `unix:` only).
+    Handover {
+        /// Regions (and fds), `1..=MAX_HANDOVER_REGIONS`.
+        regions: u64,
+        /// Payload bytes (`regions` × 24).
+        len: u64,
+    },
     /// Answer to RESUME: the pages still missing (`len` bytes of bitmap).
     ResumeAck {
         /// The epoch of the RESUME answered.
@@ -198,6 +207,8 @@ pub enum Frame {
 /// A decoded header: the session it carries and its typed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope {
+    /// The protocol version the frame was stamped with (accepted).
+    pub version: u16,
     /// Session id (0 in refusals of strangers).
     pub session: u128,
     /// The frame.
@@ -230,6 +241,7 @@ impl Frame {
             Frame::PostcopyDone { .. } => Kind::PostcopyDone,
             Frame::Resume { .. } => Kind::Resume,
             Frame::ResumeAck { .. } => Kind::ResumeAck,
+            Frame::Handover { .. } => Kind::Handover,
         }
     }
 
@@ -243,7 +255,8 @@ impl Frame {
             | Frame::Device { len, .. }
             | Frame::State { len, .. }
             | Frame::Postcopy { len, .. }
-            | Frame::ResumeAck { len, .. } => len,
+            | Frame::ResumeAck { len, .. }
+            | Frame::Handover { len, .. } => len,
             Frame::Ram {
                 ranges,
                 data_len,
@@ -313,6 +326,7 @@ impl Frame {
             } => h.args(requests, p50_us, p99_us),
             Frame::Resume { epoch } => h.args(epoch, 0, 0),
             Frame::ResumeAck { epoch, missing, .. } => h.args(epoch, missing, 0),
+            Frame::Handover { regions, .. } => h.args(regions, 0, 0),
             Frame::Sync { pass } => h.args(pass, 0, 0),
             Frame::Discarded { .. } => h.args(ERROR_DISCARDED, 0, 0),
             Frame::Device { dev, seq, item, .. } => h.args(dev as u64, seq, item as u64),
@@ -344,15 +358,22 @@ impl Frame {
         }
     }
 
-    /// Encodes the frame's header in `session`.
+    /// Encodes the frame's header in `session` at [`super::VERSION`].
     pub fn encode(&self, session: u128) -> [u8; HEADER_LEN] {
         self.header(session).encode()
+    }
+
+    /// Encodes the frame's header in `session` at protocol `version` (the
+    /// one its connection negotiated).
+    pub fn encode_v(&self, session: u128, version: u16) -> [u8; HEADER_LEN] {
+        self.header(session).with_version(version).encode()
     }
 
     /// Decodes and validates a header into a typed frame.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Envelope, WireError> {
         let h = Header::decode(b)?;
         Ok(Envelope {
+            version: h.version,
             session: h.session,
             frame: Frame::from_header(&h)?,
         })
@@ -444,6 +465,10 @@ impl Frame {
             Kind::ResumeAck => Frame::ResumeAck {
                 epoch: h.a,
                 missing: h.b,
+                len: h.len,
+            },
+            Kind::Handover => Frame::Handover {
+                regions: h.a,
                 len: h.len,
             },
         })
@@ -564,6 +589,7 @@ mod tests {
             assert_eq!(
                 e,
                 Envelope {
+                    version: super::super::VERSION,
                     session: 0xabc,
                     frame: f
                 }

@@ -6,12 +6,17 @@ use super::{
     MAX_REQUEST_PAGES, MAX_SETUP_LEN, MAX_STATE_LEN, RANGE_ENTRY_LEN, ROLE_DATA, ROLE_MAIN,
     VERSION,
 };
+use super::{version_accepted, HANDOVER_ENTRY_LEN, MAX_HANDOVER_REGIONS};
 use crate::traits::PAGE_SIZE;
 
 /// A decoded frame header. Invariant (after [`Header::decode`]): `len` and
-/// `count` are within the bounds of `kind`, reserved `flags` are zero.
+/// `count` are within the bounds of `kind`, reserved `flags` are zero,
+/// `version` is within `MIN_VERSION..=VERSION`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Protocol version stamped on the frame ([`VERSION`] unless the
+    /// connection negotiated an older one).
+    pub version: u16,
     /// Frame kind.
     pub kind: Kind,
     /// Zero, except [`FLAG_ZSTD`] on RAM and PAGES frames.
@@ -34,6 +39,7 @@ impl Header {
     /// A header of `kind` with every other field zero.
     pub fn new(kind: Kind, session: u128) -> Self {
         Header {
+            version: VERSION,
             kind,
             flags: 0,
             count: 0,
@@ -59,11 +65,17 @@ impl Header {
         self
     }
 
-    /// Encodes with [`MAGIC`] and [`VERSION`].
+    /// Sets the protocol version stamped on the frame.
+    pub fn with_version(mut self, version: u16) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Encodes with [`MAGIC`] and `self.version`.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
         b[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
         b[8..12].copy_from_slice(&self.flags.to_le_bytes());
         b[12..16].copy_from_slice(&self.count.to_le_bytes());
@@ -83,12 +95,13 @@ impl Header {
             return Err(WireError::BadMagic(magic));
         }
         let version = u16::from_le_bytes(arr(&b[4..6]));
-        if version != VERSION {
+        if !version_accepted(version) {
             return Err(WireError::BadVersion(version));
         }
         let kind_raw = u16::from_le_bytes(arr(&b[6..8]));
         let kind = Kind::from_u16(kind_raw).ok_or(WireError::UnknownKind(kind_raw))?;
         let h = Header {
+            version,
             kind,
             flags: u32::from_le_bytes(arr(&b[8..12])),
             count: u32::from_le_bytes(arr(&b[12..16])),
@@ -138,6 +151,7 @@ impl Header {
             Kind::Setup => MAX_SETUP_LEN,
             Kind::State => MAX_STATE_LEN,
             Kind::Device => MAX_DEVICE_CHUNK,
+            Kind::Handover => MAX_HANDOVER_REGIONS * HANDOVER_ENTRY_LEN,
             Kind::Ram | Kind::Pages => {
                 if self.count == 0 || self.count > MAX_RANGES {
                     return Err(self.invalid(format!("{} range entries", self.count)));
@@ -201,6 +215,17 @@ impl Header {
                 }
                 if self.b == 0 || self.b > MAX_REQUEST_PAGES {
                     return Err(self.invalid(format!("{} pages", self.b)));
+                }
+            }
+            Kind::Handover => {
+                if self.version < 4 {
+                    return Err(self.invalid(format!("in protocol version {}", self.version)));
+                }
+                if self.a == 0 || self.a > MAX_HANDOVER_REGIONS || self.b != 0 || self.c != 0 {
+                    return Err(self.invalid(format!("{} regions", self.a)));
+                }
+                if self.len != self.a * HANDOVER_ENTRY_LEN {
+                    return Err(self.invalid(format!("length {} for {} regions", self.len, self.a)));
                 }
             }
             Kind::Resume if self.a == 0 || self.b != 0 || self.c != 0 => {

@@ -29,10 +29,27 @@ use crate::error::MigrationError;
 
 /// `b"FRRY"` read as a little-endian u32: first four bytes of every frame.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
-/// The only protocol version this build speaks. Version 2 added the
-/// READY/COMMIT switch-over handshake and RATE frames; a version-1 peer is
-/// refused at HELLO (it would start the VM without waiting for COMMIT).
-pub const VERSION: u16 = 3;
+/// The newest protocol version this build speaks (and announces). Version 2
+/// added the READY/COMMIT switch-over handshake and RATE frames; version 4
+/// added the memory handover of `unix:` migrations (the HANDOVER frame and
+/// the handover byte at the end of SETUP).
+pub const VERSION: u16 = 4;
+/// The oldest version this build still accepts: a destination receives
+/// from any source speaking `MIN_VERSION..=VERSION` and answers it in the
+/// version it spoke (a newer `ferry` receives from an older one: the live
+/// upgrade). A version-1 peer is refused at HELLO (it would start the VM
+/// without waiting for COMMIT).
+pub const MIN_VERSION: u16 = 3;
+/// Bound of the memory regions one HANDOVER frame hands over (and of the
+/// file descriptors it carries).
+pub const MAX_HANDOVER_REGIONS: u64 = 16;
+/// Size of one HANDOVER entry: gpa, size, offset in the fd (u64 each).
+pub const HANDOVER_ENTRY_LEN: u64 = 24;
+
+/// Whether a peer speaking `v` is accepted.
+pub fn version_accepted(v: u16) -> bool {
+    (MIN_VERSION..=VERSION).contains(&v)
+}
 /// Size of every frame header.
 pub const HEADER_LEN: usize = 64;
 /// Size of one RAM range-table entry.
@@ -70,6 +87,9 @@ pub const FLAG_ZSTD: u32 = 1;
 /// SETUP feature bit: RAM packets on the data connections may be
 /// compressed ([`FLAG_ZSTD`]).
 pub const SETUP_FEATURE_ZSTD: u32 = 1;
+/// SETUP feature bit: the source hands its memory over (version 4,
+/// `unix:`); a HANDOVER frame follows SETUP ([`Setup::handover`]).
+pub const SETUP_FEATURE_HANDOVER: u32 = 1 << 1;
 /// Bound of a post-copy page bitmap (POSTCOPY, RESUME_ACK): one bit per
 /// 4 KiB page of 2 TiB of guest RAM. The exact length follows from the
 /// layout SETUP announced ([`bitmap_len`]).
@@ -139,6 +159,10 @@ pub enum Kind {
     /// Answer to RESUME: `a` epoch, `b` pages still missing; their bitmap
     /// follows (destination → main).
     ResumeAck = 22,
+    /// Memory handover (version 4, `unix:` only): `a` regions; `len` =
+    /// `a` × 24 bytes of (gpa, size, offset) follow, and the frame's first
+    /// byte carries one file descriptor per region (SCM_RIGHTS).
+    Handover = 25,
 }
 
 impl Kind {
@@ -166,6 +190,7 @@ impl Kind {
             20 => Kind::PostcopyDone,
             21 => Kind::Resume,
             22 => Kind::ResumeAck,
+            25 => Kind::Handover,
             _ => return None,
         })
     }
@@ -208,8 +233,11 @@ pub enum WireError {
     /// First four bytes are not [`MAGIC`].
     #[error("bad magic {0:#010x}: not a Ferry migration stream")]
     BadMagic(u32),
-    /// Version this build does not speak.
-    #[error("unsupported migration protocol version {0} (this side speaks {VERSION})")]
+    /// Version this build does not accept.
+    #[error(
+        "unsupported migration protocol version {0} (this side accepts versions \
+         {MIN_VERSION}..={VERSION})"
+    )]
     BadVersion(u16),
     /// Unknown frame kind.
     #[error("unknown frame kind {0}")]

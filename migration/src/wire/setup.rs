@@ -2,7 +2,7 @@
 
 use super::{
     arr, MAX_CONFIG_LEN, MAX_DEVICES, MAX_DEVICE_CHUNK, MAX_DEVICE_ID, MAX_REGIONS,
-    SETUP_FEATURE_ZSTD,
+    SETUP_FEATURE_HANDOVER, SETUP_FEATURE_ZSTD,
 };
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
@@ -37,10 +37,16 @@ pub struct Setup {
     /// the word refuses SETUP (trailing bytes), one that knows it refuses
     /// bits it does not know.
     pub features: u32,
+    /// The source hands its memory over (version 4, `unix:` only): a
+    /// HANDOVER frame with the memory file descriptors follows SETUP and no
+    /// RAM is sent. Encoded as the [`SETUP_FEATURE_HANDOVER`] bit of the
+    /// feature word (absent: false, so a version-3 SETUP decodes unchanged).
+    pub handover: bool,
 }
 
-/// The SETUP feature bits this build knows: [`SETUP_FEATURE_ZSTD`].
-pub const SETUP_FEATURES: u32 = SETUP_FEATURE_ZSTD;
+/// The SETUP feature bits this build knows: [`SETUP_FEATURE_ZSTD`] and
+/// [`SETUP_FEATURE_HANDOVER`].
+pub const SETUP_FEATURES: u32 = SETUP_FEATURE_ZSTD | SETUP_FEATURE_HANDOVER;
 
 fn caps_bits(c: MigCaps) -> u32 {
     (c.stop_copy as u32) | (c.p2p as u32) << 1 | (c.pre_copy as u32) << 2
@@ -68,8 +74,9 @@ impl Setup {
             DeviceStateMode::Channels => 0,
             DeviceStateMode::Main => 1,
         });
-        if self.features != 0 {
-            o.extend_from_slice(&self.features.to_le_bytes());
+        let word = self.features | if self.handover { SETUP_FEATURE_HANDOVER } else { 0 };
+        if word != 0 {
+            o.extend_from_slice(&word.to_le_bytes());
         }
         o
     }
@@ -126,16 +133,18 @@ impl Setup {
             1 => DeviceStateMode::Main,
             v => return Err(MigrationError::proto(format!("device mode {v}"))),
         };
-        let features = if c.pos == b.len() { 0 } else { c.u32()? };
-        if features & !SETUP_FEATURES != 0 {
+        let word = if c.pos == b.len() { 0 } else { c.u32()? };
+        if word & !SETUP_FEATURES != 0 {
             return Err(MigrationError::Incompatible(format!(
                 "SETUP asks for features {:#x} this destination does not know (it knows {:#x})",
-                features, SETUP_FEATURES
+                word, SETUP_FEATURES
             )));
         }
         if c.pos != b.len() {
             return Err(MigrationError::proto("trailing bytes in SETUP"));
         }
+        let handover = word & SETUP_FEATURE_HANDOVER != 0;
+        let features = word & !SETUP_FEATURE_HANDOVER;
         Ok(Setup {
             config,
             regions,
@@ -143,6 +152,7 @@ impl Setup {
             chunk_bytes,
             device_mode,
             features,
+            handover,
         })
     }
 }

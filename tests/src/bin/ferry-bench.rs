@@ -1,7 +1,7 @@
 //! `ferry-bench`: Ferry's live-migration benchmarks (issues #3 and #4).
 //!
 //! ```text
-//! ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|limits|all> [--runs N]
+//! ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|handover|limits|all> [--runs N]
 //!             [--out docs/benchmarks.md] [--settle S] [--conns 1,2,4,8]
 //!             [--devices 1,2,4] [--keep-file]
 //!             [--netns-rate 1gbit] [--max-load L] [--hold-file PATH]
@@ -34,6 +34,11 @@
 //! directory as this binary (the ferry-tests harness locates them;
 //! `FERRY_STAMP_GUEST` overrides the guest).
 //!
+//! `handover` (issue #13 §3) moves a 16 GiB running guest over `unix:`
+//! with its memory handed over (`shared=on`, `file=`), against an
+//! anonymous guest copied over `unix:` and the shared guest over TCP
+//! loopback, interleaved in the same run.
+//!
 //! ```text
 //! ```
 //!
@@ -57,6 +62,8 @@ mod converge;
 mod converge_report;
 #[path = "ferry-bench/devices.rs"]
 mod devices;
+#[path = "ferry-bench/handover.rs"]
+mod handover;
 #[path = "ferry-bench/limits.rs"]
 mod limits;
 #[path = "ferry-bench/procfs.rs"]
@@ -118,7 +125,7 @@ pub struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|limits|all> [--runs N]\n\
+        "usage: ferry-bench <ram|idle|downtime|devices|tls|zerocopy|converge|compress|handover|limits|all> [--runs N]\n\
          \x20      [--out FILE.md] [--settle SECONDS] [--first-touch PATH]\n\
          \x20      [--conns 1,2,4,8] [--devices 1,2,4] [--root REPO] [--keep-file]\n\
          \x20      [--netns-rate 1gbit]\n\
@@ -201,7 +208,7 @@ fn main() {
     let parts: Vec<&str> = match opts.part.as_str() {
         "all" => vec!["ram", "idle", "downtime", "devices", "tls"],
         "ram" | "idle" | "downtime" | "devices" | "limits" | "tls" | "converge" | "zerocopy"
-        | "compress" => {
+        | "compress" | "handover" => {
             vec![opts.part.as_str()]
         }
         _ => usage(),
@@ -254,6 +261,7 @@ fn main() {
             "zerocopy" => zerocopy::zerocopy(&env, &opts),
             "converge" => converge_report::converge(&env, &opts),
             "compress" => compress::compress(&env, &opts),
+            "handover" => handover::handover(&env, &opts),
             _ => unreachable!(),
         };
         let path = report::write_json(

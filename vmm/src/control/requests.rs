@@ -4,10 +4,10 @@
 //! [`Outcome`] back into a reply; everything between happens here, on the
 //! control loop's thread.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use log::{info, warn};
+use migration::api::ListenAddr;
 use migration::live::{MigrationParameters, ParametersUpdate};
 use migration::{ReceiveParams, SendParams};
 use serde::Serialize;
@@ -44,7 +44,7 @@ pub enum Request {
         /// Parameters.
         params: ReceiveParams,
         /// The address of `params.receiver_url`.
-        addr: SocketAddr,
+        addr: ListenAddr,
     },
     /// `vm.migration`
     MigrationStatus,
@@ -85,8 +85,8 @@ pub enum Response {
     SendStarted,
     /// A receive listens on `listening`.
     Receiving {
-        /// Bound address.
-        listening: SocketAddr,
+        /// Bound address (TCP) or socket path (`unix:`).
+        listening: ListenAddr,
     },
     /// Status of the current or last migration.
     MigrationStatus(Value),
@@ -456,7 +456,7 @@ impl Vmm {
     fn receive_migration(
         self: &Arc<Self>,
         params: ReceiveParams,
-        addr: SocketAddr,
+        addr: ListenAddr,
     ) -> Result<Response, RequestError> {
         let mut g = self.lock();
         if g.state.vm().is_some() {
@@ -465,7 +465,7 @@ impl Vmm {
         if g.job.as_ref().is_some_and(|j| j.busy()) {
             return Err(conflict("a migration is already running"));
         }
-        let job = start_receive(self, addr, params).map_err(start_error)?;
+        let job = start_receive(self, addr.clone(), params).map_err(start_error)?;
         g.job = Some(job);
         g.state = Lifecycle::Receiving;
         Ok(Response::Receiving { listening: addr })

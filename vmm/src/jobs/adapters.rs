@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use migration::{
-    BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap, MigratableDevice,
-    PostcopyRam, RamRegion, SourceVm,
+    BackendError, BackendResult, DestinationFactory, DestinationVm, DirtyBitmap, MemoryHandover,
+    MigratableDevice, PostcopyRam, RamRegion, RegionFd, SourceVm,
 };
 
 use super::guest_config::{Accepted, DestPolicy, MigrationConfig};
@@ -121,6 +121,18 @@ impl SourceVm for SourceAdapter {
     fn set_throttle(&self, percent: u32) -> BackendResult<()> {
         self.vm.set_throttle(percent).map_err(be)
     }
+
+    fn memory_handover(&self) -> Option<&dyn MemoryHandover> {
+        Some(self)
+    }
+}
+
+impl MemoryHandover for SourceAdapter {
+    /// The memfd or `file=` backing of the VM's RAM (see
+    /// [`GuestRam::lend`]).
+    fn lend(&self) -> Result<Vec<RegionFd>, String> {
+        self.vm.ram().lend()
+    }
 }
 
 /// Builds destination VMs for `migration::receive`.
@@ -145,6 +157,27 @@ impl DestinationFactory for DestFactory {
     /// devices) and offers (CPUID). Only then are RAM, devices and vCPUs
     /// allocated, all from this destination's own configuration.
     fn create(&self, config: &[u8]) -> BackendResult<Arc<dyn DestinationVm>> {
+        self.build(config, None)
+    }
+
+    /// As `create`, with the source's memory mapped shared instead of RAM
+    /// of this VMM (see [`GuestRam::from_handover`]).
+    fn create_mapped(
+        &self,
+        config: &[u8],
+        regions: Vec<RegionFd>,
+    ) -> BackendResult<Arc<dyn DestinationVm>> {
+        self.build(config, Some(regions))
+    }
+}
+
+impl DestFactory {
+    /// The VM of `create` (`handover`: None) or `create_mapped`.
+    fn build(
+        &self,
+        config: &[u8],
+        handover: Option<Vec<RegionFd>>,
+    ) -> BackendResult<Arc<dyn DestinationVm>> {
         let vmm = &self.vmm;
         let policy = DestPolicy::of(vmm.config()).map_err(BackendError::new)?;
         let Accepted {
@@ -159,10 +192,14 @@ impl DestinationFactory for DestFactory {
             cfg.memory_size >> 20,
             cfg.devices.len()
         );
-        let provisioned = vmm.provisioned_ram();
-        let ram = match &provisioned {
-            Some(r) => r.clone(),
-            None => {
+        let provisioned = match handover {
+            Some(_) => None,
+            None => vmm.provisioned_ram(),
+        };
+        let ram = match (&provisioned, handover) {
+            (_, Some(regions)) => GuestRam::from_handover(cfg.memory_size, regions).map_err(be)?,
+            (Some(r), None) => r.clone(),
+            (None, None) => {
                 let backing = if vmm.config().memory_explicit {
                     vmm.config().memory.backing.clone()
                 } else {
@@ -177,8 +214,11 @@ impl DestinationFactory for DestFactory {
             }
         };
         // Receiver contract: pages the source never sends read as zero, so
-        // a memory file with old contents or reused RAM is cleared first.
-        ram.claim_zeroed().map_err(be)?;
+        // a memory file with old contents or reused RAM is cleared first
+        // (not handed-over memory: the guest lives in it, no page is sent).
+        if !ram.is_lent() {
+            ram.claim_zeroed().map_err(be)?;
+        }
         let devices = DeviceSet::create(&specs, false).map_err(be)?;
         // This destination's serial setting; tty by default, as for a VM it boots.
         let serial = vmm.config().serial.clone().unwrap_or(SerialConfig::Tty);

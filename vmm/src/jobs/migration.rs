@@ -6,10 +6,10 @@
 //! result and tells the control loop ([`VmmEvent::JobEnded`]), which moves
 //! the VMM on (see [`crate::controller::Lifecycle`]).
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
+use migration::api::ListenAddr;
 use migration::{CancelToken, MigrationState, MigrationStats, ReceiveParams, SendParams};
 use serde_json::{json, Value};
 
@@ -312,13 +312,13 @@ pub fn start_send(vmm: &Arc<Vmm>, vm: Arc<Vm>, params: SendParams) -> Result<Job
     Ok(job)
 }
 
-/// Binds `addr` and starts receiving a VM into `vmm` on a worker thread.
+/// Binds `addr` (TCP or `unix:`) and starts receiving a VM into `vmm` on a worker thread.
 pub fn start_receive(
     vmm: &Arc<Vmm>,
-    addr: SocketAddr,
+    addr: ListenAddr,
     params: ReceiveParams,
 ) -> Result<Job, StartError> {
-    let listener = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+    let listener = addr.bind().map_err(|source| StartError::Bind {
         url: params.receiver_url.clone(),
         source,
     })?;

@@ -183,6 +183,9 @@ pub struct MigrateSpec {
     pub zero_copy: bool,
     /// `compression` of the request (None: not sent, i.e. none).
     pub compression: Option<String>,
+    /// Migrate over `unix:PATH` (a socket in the destination's temp dir)
+    /// instead of TCP.
+    pub unix: bool,
 }
 
 impl MigrateSpec {
@@ -196,6 +199,7 @@ impl MigrateSpec {
             tls: None,
             zero_copy: false,
             compression: None,
+            unix: false,
         }
     }
 }
@@ -274,6 +278,26 @@ impl RunResult {
     }
 }
 
+/// The result of a run that failed before its migration (`error`).
+pub fn failed_run(error: String) -> RunResult {
+    RunResult {
+        ok: false,
+        error: Some(error),
+        src_status: Value::Null,
+        dst_status: Value::Null,
+        wall_s: 0.0,
+        src_cpu_s: None,
+        dst_cpu_s: None,
+        src_before: Mem::default(),
+        dst_before: Mem::default(),
+        src_peak: Peaks::default(),
+        dst_peak: Peaks::default(),
+        dst_after: Mem::default(),
+        loadavg: 0.0,
+        series: Series::new(SERIES_GAP),
+    }
+}
+
 /// Reads a number at the top level of a status object (or under `stats`).
 pub fn num(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64).or_else(|| {
@@ -310,8 +334,18 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
         Some((_, d)) => json!({ "tls_dir": d }),
         None => json!({ "tls": false }),
     };
+    let sock = ferry_tests::unix_sock_of(dst);
+    let url = if spec.unix {
+        format!("unix:{}", sock.display())
+    } else {
+        tcp_url_of(dst, port)
+    };
     let recv = match guarded("vm.receive-migration", || {
-        start_receive_with(dst, port, recv_body)
+        if spec.unix {
+            ferry_tests::start_receive_unix(dst, &sock)
+        } else {
+            start_receive_with(dst, port, recv_body)
+        }
     }) {
         Ok(h) => h,
         Err(e) => {
@@ -323,7 +357,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     res.loadavg = loadavg();
 
     let mut body = json!({
-        "destination_url": tcp_url_of(dst, port),
+        "destination_url": url,
         "connections": spec.connections,
         "downtime_ms": spec.downtime_ms,
     });
@@ -335,6 +369,7 @@ pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> R
     }
     match &spec.tls {
         Some((s, _)) => body["tls_dir"] = json!(s),
+        None if spec.unix => {}
         None => body["tls"] = json!(false),
     }
     if spec.zero_copy {

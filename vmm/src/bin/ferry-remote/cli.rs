@@ -232,7 +232,7 @@ pub enum Cmd {
     /// PUT vm.receive-migration: listen for an incoming VM.
     #[command(after_help = EPILOGUE)]
     ReceiveMigration {
-        /// tcp:HOST:PORT to listen on.
+        /// tcp:HOST:PORT to listen on, or unix:PATH (a destination on this host).
         #[arg(value_name = "URL")]
         url: String,
         /// The destination's one budget for device state in memory, in
@@ -253,7 +253,7 @@ pub enum Cmd {
     /// PUT vm.send-migration: migrate the VM to a receiving ferry.
     #[command(after_help = EPILOGUE)]
     SendMigration {
-        /// tcp:HOST:PORT of the destination.
+        /// tcp:HOST:PORT of the destination, or unix:PATH (same host: memory handover).
         #[arg(value_name = "URL")]
         url: String,
         /// Data connections: 1..=64, or `auto` (chosen from the outgoing
