@@ -395,6 +395,8 @@ impl SendParams {
     /// Checks every field; the error names the offending one and its range.
     pub fn validate(&self) -> Result<(), MigrationError> {
         crate::handshake::check_url(&self.destination_url)?;
+        // What combines with what is decided in one place.
+        crate::combine::check(self)?;
         if let Some(v) = self.protocol_version {
             if !crate::wire::version_accepted(v) {
                 return Err(MigrationError::InvalidParams(format!(

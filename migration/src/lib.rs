@@ -32,6 +32,7 @@
 
 pub mod api;
 mod bitmap;
+pub mod combine;
 pub mod compress;
 mod convergence;
 pub mod error;

@@ -17,9 +17,9 @@ mod conn;
 mod ctl;
 mod io;
 mod record;
+mod sock;
 mod zctrack;
 mod zerocopy;
-mod sock;
 
 pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
@@ -28,8 +28,8 @@ pub use io::{
     drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
     send_message, set_big_buffers, wait_readable, write_vecs, Recv,
 };
-pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};
 pub use sock::{Listener, Sock};
+pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bounds;
+mod combine;
 mod compression;
 mod devices;
 mod dma;

@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 /// A fake vCPU on the destination: once the VM started, reads `pages`
 /// (region, page) in order through the post-copy backend and returns what
 /// it read.
-fn guest(f: Arc<FakeFactory>, pages: Vec<(usize, u64)>) -> JoinHandle<Vec<Vec<u8>>> {
+pub(super) fn guest(f: Arc<FakeFactory>, pages: Vec<(usize, u64)>) -> JoinHandle<Vec<Vec<u8>>> {
     std::thread::spawn(move || {
         let start = Instant::now();
         let d = loop {
@@ -69,7 +69,7 @@ fn run(src: Arc<FakeSource>, mut p: SendParams, pages: Vec<(usize, u64)>, hooks:
     }
 }
 
-fn factory_for_layout(src: &FakeSource) -> FakeFactory {
+pub(super) fn factory_for_layout(src: &FakeSource) -> FakeFactory {
     let f = FakeFactory::new(src.layout());
     *f.devices.lock().unwrap() = src
         .devices
@@ -80,7 +80,7 @@ fn factory_for_layout(src: &FakeSource) -> FakeFactory {
 }
 
 /// Every page the fake vCPU read equals the source's final copy.
-fn check_read(src: &FakeSource, pages: &[(usize, u64)], read: &[Vec<u8>]) {
+pub(super) fn check_read(src: &FakeSource, pages: &[(usize, u64)], read: &[Vec<u8>]) {
     for (&(r, p), got) in pages.iter().zip(read) {
         let want = src.regions[r].1.read((p * 4096) as usize, 4096);
         assert!(
@@ -119,7 +119,7 @@ fn check_completed(r: &Run, reason: SwitchoverReason) {
     );
 }
 
-fn every_page(src: &FakeSource, step: u64) -> Vec<(usize, u64)> {
+pub(super) fn every_page(src: &FakeSource, step: u64) -> Vec<(usize, u64)> {
     let mut v = Vec::new();
     for (r, reg) in src.regions.iter().enumerate() {
         let n = reg.2 / 4096;

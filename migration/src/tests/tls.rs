@@ -15,14 +15,14 @@ use crate::tls::{CA_FILE, CERT_FILE, KEY_FILE};
 const MIB: u64 = 1 << 20;
 
 /// A test CA that writes `tls_dir`s for hosts it signs.
-struct Ca {
+pub(super) struct Ca {
     root: PathBuf,
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(tag: &str) -> Ca {
+    pub(super) fn new(tag: &str) -> Ca {
         let root = std::env::temp_dir().join(format!(
             "ferry-tls-{tag}-{}-{}",
             std::process::id(),
@@ -40,7 +40,7 @@ impl Ca {
 
     /// A `tls_dir` for host `cn` (also valid for localhost and 127.0.0.1)
     /// that trusts `trust`'s CA.
-    fn host(&self, cn: &str, trust: &Ca) -> String {
+    pub(super) fn host(&self, cn: &str, trust: &Ca) -> String {
         let dir = self.root.join(cn);
         std::fs::create_dir_all(&dir).unwrap();
         let mut p = CertificateParams::new(vec![
@@ -69,7 +69,7 @@ impl Drop for Ca {
     }
 }
 
-fn tls_receive(dir: &str, allowed: &[&str]) -> ReceiveParams {
+pub(super) fn tls_receive(dir: &str, allowed: &[&str]) -> ReceiveParams {
     ReceiveParams {
         receiver_url: "tcp:127.0.0.1:0".into(),
         device_buffer_bytes: None,

@@ -74,7 +74,12 @@ impl Setup {
             DeviceStateMode::Channels => 0,
             DeviceStateMode::Main => 1,
         });
-        let word = self.features | if self.handover { SETUP_FEATURE_HANDOVER } else { 0 };
+        let word = self.features
+            | if self.handover {
+                SETUP_FEATURE_HANDOVER
+            } else {
+                0
+            };
         if word != 0 {
             o.extend_from_slice(&word.to_le_bytes());
         }
