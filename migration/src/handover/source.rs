@@ -13,12 +13,15 @@ use crate::traits::{
 
 /// [`SourceVm`] wrapper of a `unix:` send.
 ///
-/// Invariant: while not engaged it is exactly `inner`; once engaged (before
-/// the dirty log starts, never undone) `populated` and `fetch_dirty` are
-/// empty and the dirty log is not touched.
+/// Invariant: while not engaged it is exactly `inner`; once engaged (never
+/// undone) `populated` and `fetch_dirty` are empty and the dirty log is not
+/// started. The sender switches dirty logging on while SETUP (and so the
+/// engagement) may still be under way: `logging` records whether `inner`'s
+/// log was started, so that the stop always matches the start.
 pub struct HandoverSource {
     inner: Arc<dyn SourceVm>,
     engaged: AtomicBool,
+    logging: AtomicBool,
 }
 
 impl HandoverSource {
@@ -27,6 +30,7 @@ impl HandoverSource {
         Arc::new(HandoverSource {
             inner,
             engaged: AtomicBool::new(false),
+            logging: AtomicBool::new(false),
         })
     }
 
@@ -61,11 +65,13 @@ impl SourceVm for HandoverSource {
         if self.engaged() {
             return Ok(());
         }
-        self.inner.start_dirty_log()
+        self.inner.start_dirty_log()?;
+        self.logging.store(true, SeqCst);
+        Ok(())
     }
 
     fn stop_dirty_log(&self) -> BackendResult<()> {
-        if self.engaged() {
+        if !self.logging.swap(false, SeqCst) {
             return Ok(());
         }
         self.inner.stop_dirty_log()

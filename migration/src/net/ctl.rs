@@ -100,7 +100,14 @@ impl Ctl {
             }
             self.abort.store(true, Ordering::SeqCst);
         }
-        self.shutdown_all();
+        // A cancel or a deadline is this side's decision: the sockets stay
+        // up so that the state machine tells the peer why (ABORT, ERROR)
+        // before it closes them; every worker sees the abort flag within
+        // one poll interval. Shutting them down here let the peer see a
+        // closed data connection before the reason on the main one.
+        if !soft {
+            self.shutdown_all();
+        }
     }
 
     /// Shuts down every registered socket (wakes blocked readers/writers).

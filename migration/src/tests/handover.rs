@@ -269,7 +269,8 @@ fn shared_memory_is_handed_over_without_copying_ram() {
     let s = stats.snapshot();
     assert_eq!(s.state, MigrationState::Completed);
     assert_eq!(s.normal_pages, 0, "{s:?}");
-    // The source stays paused for good; its dirty log never started.
+    // The source stays paused for good; its dirty log is off (it may have
+    // been switched on while SETUP was under way, and then off again).
     assert!(src.inner.paused.load(SeqCst));
     assert_eq!(src.inner.resumes.load(SeqCst), 0);
     assert!(!src.inner.logging.load(SeqCst));

@@ -138,6 +138,9 @@ fn postcopy_from_the_start() {
     fill(&src, 1, 5, 3);
     let mut p = params(0, 4);
     p.technique = Some(Technique::PostCopy);
+    // The background push of the 20 MiB takes ~0.5 s at this cap, so the
+    // fake vCPU's faults are served by requests, not only by the push.
+    p.max_bandwidth_mib_s = Some(40.0);
     let pages = every_page(&src, 1);
     let r = run(src.clone(), p, pages.clone(), Hooks::default());
     check_completed(&r, SwitchoverReason::User);
