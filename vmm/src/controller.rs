@@ -314,8 +314,8 @@ impl Vmm {
     pub fn take_vm_shell(&self) -> Option<VmShell> {
         let p = self.provisioned.as_ref()?;
         p.wait();
-        let shell = p.shell.lock().unwrap_or_else(|p| p.into_inner()).take();
-        shell
+        let mut shell = p.shell.lock().unwrap_or_else(|p| p.into_inner());
+        shell.take()
     }
 
     /// Whether RAM was pre-provisioned (without waiting for it).

@@ -365,10 +365,6 @@ fn write_ram(
     v.push_bytes(&head);
     v.push_bytes(table);
     let compressed = packed.flatten();
-    if packed.is_some() && c.data > 0 {
-        let sent = if zstd_len > 0 { zstd_len } else { c.data };
-        ctx.stats.compression.packet(c.data, sent);
-    }
     if compressed.is_none() && s.zero_copy_pages() && c.data > 0 {
         // Header and table are copied (their buffers are reused at once);
         // the pages go from guest memory with MSG_ZEROCOPY. A compressed
@@ -381,17 +377,21 @@ fn write_ram(
         }
         s.send_zero_copy(&mut d, &ctx.ctl, what)?;
         *storage = d.into_storage();
-        return Ok(Some((wire, c.zero, c.pages)));
-    }
-    match compressed {
-        Some(p) => v.push_bytes(p),
-        None => {
-            for &(region, first, n) in data_runs.iter() {
-                v.push_guest(mem, region, first, n)?;
+    } else {
+        match compressed {
+            Some(p) => v.push_bytes(p),
+            None => {
+                for &(region, first, n) in data_runs.iter() {
+                    v.push_guest(mem, region, first, n)?;
+                }
             }
         }
+        write_vecs(s, &mut v, &ctx.ctl, what)?;
+        *storage = v.into_storage();
     }
-    write_vecs(s, &mut v, &ctx.ctl, what)?;
-    *storage = v.into_storage();
+    if packed.is_some() && c.data > 0 {
+        let sent = if zstd_len > 0 { zstd_len } else { c.data };
+        ctx.stats.compression.packet(c.data, sent);
+    }
     Ok(Some((wire, c.zero, c.pages)))
 }

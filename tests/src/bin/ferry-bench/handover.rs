@@ -36,9 +36,7 @@ fn run(env: &Env, mode: &Mode) -> RunResult {
     };
     let fail = |e: String| {
         env.log(&format!("   run failed: {e}"));
-        let mut r = vmm::failed_run(e);
-        r.loadavg = vmm::loadavg();
-        r
+        vmm::failed_run(e)
     };
     if let Some(p) = &mode.file {
         let _ = std::fs::remove_file(p);

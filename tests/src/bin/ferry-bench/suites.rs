@@ -41,22 +41,7 @@ pub(crate) fn one_run(
 ) -> RunResult {
     let fail = |e: String| {
         env.log(&format!("   run failed: {e}"));
-        RunResult {
-            ok: false,
-            error: Some(e),
-            src_status: Value::Null,
-            dst_status: Value::Null,
-            wall_s: 0.0,
-            src_cpu_s: None,
-            dst_cpu_s: None,
-            src_before: Default::default(),
-            dst_before: Default::default(),
-            src_peak: Default::default(),
-            dst_peak: Default::default(),
-            dst_after: Default::default(),
-            loadavg: vmm::loadavg(),
-            series: Default::default(),
-        }
+        vmm::failed_run(e)
     };
     let mut s = match vmm::boot_source(env, src) {
         Ok(s) => s,

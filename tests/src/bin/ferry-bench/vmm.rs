@@ -280,9 +280,15 @@ impl RunResult {
 
 /// The result of a run that failed before its migration (`error`).
 pub fn failed_run(error: String) -> RunResult {
+    not_run(Some(error))
+}
+
+/// A run that has not moved anything yet: not ok, nothing measured but the
+/// load average now.
+fn not_run(error: Option<String>) -> RunResult {
     RunResult {
         ok: false,
-        error: Some(error),
+        error,
         src_status: Value::Null,
         dst_status: Value::Null,
         wall_s: 0.0,
@@ -293,7 +299,7 @@ pub fn failed_run(error: String) -> RunResult {
         src_peak: Peaks::default(),
         dst_peak: Peaks::default(),
         dst_after: Mem::default(),
-        loadavg: 0.0,
+        loadavg: loadavg(),
         series: Series::new(SERIES_GAP),
     }
 }
@@ -313,22 +319,7 @@ const SERIES_GAP: Duration = Duration::from_millis(20);
 /// Runs one migration from `src` to `dst` (both up; the settle wait is done here).
 pub fn migrate(env: &Env, src: &mut Vmm, dst: &mut Vmm, spec: &MigrateSpec) -> RunResult {
     let port = ferry_tests::free_tcp_port();
-    let mut res = RunResult {
-        ok: false,
-        error: None,
-        src_status: Value::Null,
-        dst_status: Value::Null,
-        wall_s: 0.0,
-        src_cpu_s: None,
-        dst_cpu_s: None,
-        src_before: Mem::default(),
-        dst_before: Mem::default(),
-        src_peak: Peaks::default(),
-        dst_peak: Peaks::default(),
-        dst_after: Mem::default(),
-        loadavg: loadavg(),
-        series: Series::new(SERIES_GAP),
-    };
+    let mut res = not_run(None);
     // The receive request may answer only at the end: the harness runs it on a thread.
     let recv_body = match &spec.tls {
         Some((_, d)) => json!({ "tls_dir": d }),
