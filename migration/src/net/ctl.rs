@@ -78,7 +78,9 @@ impl Ctl {
     }
 
     /// Records `e` (if it is the first) and stops everything: sets the abort
-    /// flag and shuts down the registered sockets.
+    /// flag and shuts down the registered sockets. A bare
+    /// [`MigrationError::Aborted`] (a worker that saw the abort flag) once the
+    /// migration is already aborted changes nothing.
     pub fn fail(&self, e: MigrationError) {
         self.fail_inner(e, false);
     }
@@ -92,6 +94,12 @@ impl Ctl {
             let mut f = lock(&self.first);
             if soft && self.is_committed() {
                 log::warn!("ignored after the switch-over was committed: {e}");
+                return;
+            }
+            if matches!(e, MigrationError::Aborted) && self.abort.load(Ordering::SeqCst) {
+                // A worker that stopped because of an abort already under
+                // way: whoever set it chose whether the sockets go down
+                // (a cancel keeps them up until the peer was told why).
                 return;
             }
             if f.is_none() && !matches!(e, MigrationError::Aborted) {

@@ -353,6 +353,23 @@ fn is_connection_error(e: &MigrationError) -> bool {
     )
 }
 
+/// The error to report, from the first one a worker recorded and the one
+/// the state machine stopped with: the first, unless it is a mere
+/// connection error and the state machine read the source's ABORT. A
+/// source that gives up may close a data connection before its ABORT on
+/// the main connection is read here (the two are read by different
+/// threads); its reason is the cause, the closed connection a consequence.
+fn cause(first: Option<MigrationError>, direct: MigrationError) -> MigrationError {
+    match first {
+        Some(e) if is_connection_error(&e) && matches!(direct, MigrationError::PeerAborted(_)) => {
+            log::debug!("the source's ABORT explains {e}");
+            direct
+        }
+        Some(e) => e,
+        None => direct,
+    }
+}
+
 /// Looks briefly for the source's ABORT message after a connection error.
 fn peer_abort_message(main: &MainConn) -> Option<String> {
     let ctl = Ctl::new(CancelToken::default(), Duration::from_millis(500));
@@ -423,7 +440,7 @@ fn close_ready(ctx: &Ctx, r: Ready) -> BuiltVm {
 /// tells the source why (unless it aborted itself or was told already);
 /// threads are joined, sockets closed, and the VM is discarded last.
 fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
-    let mut err = ctx.ctl.take_error().unwrap_or(f.err);
+    let mut err = cause(ctx.ctl.take_error(), f.err);
     ctx.ctl.fail(MigrationError::Aborted);
     if let Some(main) = f.phase.main() {
         if is_connection_error(&err) {
@@ -469,4 +486,34 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
     };
     drop(vm);
     err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sources_abort_explains_a_closed_data_connection() {
+        let closed = || Some(MigrationError::PeerClosed("data connection 1 ended".into()));
+        let aborted = || MigrationError::PeerAborted("cancelled".into());
+        assert!(matches!(
+            cause(closed(), aborted()),
+            MigrationError::PeerAborted(_)
+        ));
+        // A real failure recorded first stays the cause.
+        let proto = Some(MigrationError::proto("bad frame"));
+        assert!(matches!(
+            cause(proto, aborted()),
+            MigrationError::Protocol(_)
+        ));
+        // Otherwise the first error wins over what the state machine saw.
+        assert!(matches!(
+            cause(closed(), MigrationError::Aborted),
+            MigrationError::PeerClosed(_)
+        ));
+        assert!(matches!(
+            cause(None, aborted()),
+            MigrationError::PeerAborted(_)
+        ));
+    }
 }

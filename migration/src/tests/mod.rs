@@ -663,8 +663,33 @@ pub fn start_dest_with(factory: FakeFactory, p: ReceiveParams) -> Dest {
     }
 }
 
+/// With `FERRY_TEST_LOG=debug` (or another level) set, the library's log
+/// goes to stderr with the thread's name: the order of events across
+/// threads is what a flaky failure needs.
 fn env_logger_init() -> Option<()> {
-    None
+    struct Stderr(std::time::Instant);
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let t = std::thread::current();
+            eprintln!(
+                "{:>10.6} {:5} [{}] {}",
+                self.0.elapsed().as_secs_f64(),
+                r.level(),
+                t.name().unwrap_or("?"),
+                r.args()
+            );
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: std::sync::OnceLock<Stderr> = std::sync::OnceLock::new();
+    let level: log::LevelFilter = std::env::var("FERRY_TEST_LOG").ok()?.parse().ok()?;
+    let logger = LOGGER.get_or_init(|| Stderr(std::time::Instant::now()));
+    log::set_logger(logger).ok()?;
+    log::set_max_level(level);
+    Some(())
 }
 
 /// Fills some pages of region `r` with data and a few with zeroes.
