@@ -54,6 +54,27 @@ fn unix_handover_of_file_memory() {
     assert!(file.exists(), "the memory file must not be removed");
 }
 
+/// A destination started with the guest's memory (`--memory`, as a live
+/// upgrade starts the new binary with the guest's configuration) has its
+/// KVM VM and memory slots made before the migration: the handed-over
+/// memory is mapped over that RAM, in place, and the guest runs on the
+/// source's memory there, not on the destination's own.
+#[test]
+fn unix_handover_into_a_destination_prepared_with_memory() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let mem = "size=512M,shared=on";
+    let mut src = Vmm::boot("src", GUEST, &["--memory", mem]);
+    src.wait_pass(2);
+    let dst = Vmm::destination("dst", &["--memory", mem]);
+    let m = migrate_unix(&mut src, &dst, send_params(0, 2));
+    if let Some(s) = &m.source_status {
+        check_handover_status(s);
+    }
+    check_handover_status(&m.dest_status);
+    check_guest_moved(&[&src.serial], &dst);
+}
+
 #[test]
 fn unix_copy_of_anonymous_memory() {
     skip_unless_kvm!();

@@ -362,6 +362,19 @@ impl VmShell {
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
+
+    /// The shell with the source's handed-over memory mapped in place of
+    /// its RAM ([`GuestRam::adopt_handover`]): the slots stay, so no
+    /// memory slot (whose cost grows with the guest) is made during the
+    /// migration. On error the shell is dropped (its RAM, possibly half
+    /// replaced, is lent and never cleared).
+    pub fn adopt_handover(self, regions: Vec<migration::RegionFd>) -> Result<VmShell, VmError> {
+        let ram = self
+            .ram
+            .adopt_handover(regions)
+            .map_err(|e| VmError::Host(e.to_string()))?;
+        Ok(VmShell { ram, ..self })
+    }
 }
 
 impl Vm {

@@ -192,12 +192,29 @@ impl DestFactory {
             cfg.memory_size >> 20,
             cfg.devices.len()
         );
+        // Provisioned RAM that a handover replaced is the source's memory
+        // now: never reused (nor cleared) for a later receive.
         let provisioned = match handover {
             Some(_) => None,
-            None => vmm.provisioned_ram(),
+            None => vmm.provisioned_ram().filter(|r| !r.is_lent()),
+        };
+        // The KVM VM prepared at start (its memory slots cost time that
+        // grows with the guest's size), if any is left; handed-over memory
+        // is mapped in place of its RAM.
+        let mut shell = match (&handover, &provisioned) {
+            (Some(_), _) | (None, Some(_)) => vmm.take_vm_shell(),
+            (None, None) => None,
         };
         let ram = match (&provisioned, handover) {
-            (_, Some(regions)) => GuestRam::from_handover(cfg.memory_size, regions).map_err(be)?,
+            (_, Some(regions)) => match shell.take() {
+                Some(s) if s.ram().size() == cfg.memory_size => {
+                    let s = s.adopt_handover(regions).map_err(be)?;
+                    let ram = s.ram().clone();
+                    shell = Some(s);
+                    ram
+                }
+                _ => GuestRam::from_handover(cfg.memory_size, regions).map_err(be)?,
+            },
             (Some(r), None) => r.clone(),
             (None, None) => {
                 let backing = if vmm.config().memory_explicit {
@@ -227,9 +244,7 @@ impl DestFactory {
             serial: serial.clone(),
             migrated_in: true,
         };
-        // The KVM VM prepared at start (its memory slots cost time that
-        // grows with the guest's size), or a new one.
-        let vm = match vmm.take_vm_shell() {
+        let vm = match shell {
             Some(shell) => {
                 log::debug!("incoming VM placed in the KVM VM prepared at start");
                 Vm::create_in(shell, cfg.cpus, serial, desc, devices, vmm.event_sink())

@@ -3,13 +3,13 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::info;
 use migration::RegionFd;
 
-use super::{GuestRam, MemoryError};
+use super::{GuestRam, MemoryError, RegionInfo};
 use crate::config::MemoryBacking;
 
 /// `(st_dev, st_ino)` of an open file.
@@ -69,35 +69,7 @@ impl GuestRam {
     /// bytes at the same addresses. The memory is live: it is neither
     /// cleared nor prefaulted, and never cleared later (`lent`).
     pub fn from_handover(size: u64, regions: Vec<RegionFd>) -> Result<GuestRam, MemoryError> {
-        let layout = arch::layout::ram_regions(size);
-        if layout.len() != regions.len() {
-            return Err(MemoryError::Handover(format!(
-                "{} regions handed over, this guest has {}",
-                regions.len(),
-                layout.len()
-            )));
-        }
-        let first = identity(&regions[0].fd)?;
-        let mut offset = 0u64;
-        for (r, (gpa, len)) in regions.iter().zip(&layout) {
-            if (r.gpa, r.size, r.offset) != (gpa.0, *len as u64, offset) {
-                return Err(MemoryError::Handover(format!(
-                    "region {:#x}+{:#x} at offset {:#x}; this layout has {:#x}+{:#x} at {offset:#x}",
-                    r.gpa, r.size, r.offset, gpa.0, len
-                )));
-            }
-            if identity(&r.fd)? != first {
-                return Err(MemoryError::Handover(
-                    "the regions come from different files".into(),
-                ));
-            }
-            offset += *len as u64;
-        }
-        let fd = regions
-            .into_iter()
-            .next()
-            .map(|r| Arc::new(File::from(r.fd)))
-            .ok_or_else(|| MemoryError::Handover("no region".into()))?;
+        let fd = check_handover(size, regions)?;
         let ram = GuestRam::map(size, MemoryBacking::Shared, Some(fd), false)?;
         ram.lent.store(true, Ordering::SeqCst);
         info!(
@@ -106,6 +78,114 @@ impl GuestRam {
         );
         Ok(ram)
     }
+
+    /// Maps handed-over memory (checked as [`GuestRam::from_handover`]
+    /// checks it) in place of this RAM, at the same host addresses
+    /// (`MAP_FIXED`), so that a KVM VM whose memory slots map these
+    /// addresses runs on the source's memory without a new slot: KVM
+    /// follows the host mapping, not the pages it found there first.
+    ///
+    /// The returned RAM shares this RAM's mappings and is backed by the
+    /// handed-over file. This RAM is marked lent before the first page is
+    /// replaced, so neither it nor any clone is ever cleared again, even
+    /// if a later region fails to map. The caller guarantees that nothing
+    /// uses the memory meanwhile (no vCPU runs on it).
+    pub fn adopt_handover(&self, regions: Vec<RegionFd>) -> Result<GuestRam, MemoryError> {
+        let offsets: Vec<u64> = regions.iter().map(|r| r.offset).collect();
+        let fd = check_handover(self.size, regions)?;
+        self.lent.store(true, Ordering::SeqCst);
+        for (r, &offset) in self.regions.iter().zip(&offsets) {
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| MemoryError::Handover(format!("offset {offset:#x}")))?;
+            // SAFETY: `host_addr..host_addr+size` is a live mapping owned by
+            // this RAM (type invariant); MAP_FIXED replaces exactly that
+            // range with the same length and protection, so every clone's
+            // view stays a valid mapping of `size` bytes. Guest memory is
+            // never borrowed as a Rust reference, and the caller guarantees
+            // no vCPU runs on it now.
+            let p = unsafe {
+                libc::mmap(
+                    r.host_addr as *mut libc::c_void,
+                    r.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    fd.as_raw_fd(),
+                    off,
+                )
+            };
+            if p == libc::MAP_FAILED || p as u64 != r.host_addr {
+                return Err(MemoryError::Mmap {
+                    gpa: r.gpa,
+                    size: r.size,
+                    msg: format!(
+                        "mapping the handed-over memory in place: {}",
+                        std::io::Error::last_os_error()
+                    ),
+                });
+            }
+        }
+        let regions = self
+            .regions
+            .iter()
+            .zip(&offsets)
+            .map(|(r, &o)| RegionInfo {
+                file_offset: Some(o),
+                ..*r
+            })
+            .collect();
+        info!(
+            "guest RAM: {} MiB handed over by the source, mapped in place of the prepared RAM",
+            self.size >> 20
+        );
+        Ok(GuestRam {
+            mem: self.mem.clone(),
+            regions,
+            backing: MemoryBacking::Shared,
+            fd: Some(fd),
+            size: self.size,
+            clean: Arc::new(AtomicBool::new(false)),
+            resident: Arc::new(AtomicBool::new(false)),
+            lent: self.lent.clone(),
+        })
+    }
+}
+
+/// Checks handed-over `regions` against this VMM's layout of a `size`-byte
+/// guest (one file, the layout's regions at consecutive offsets from 0)
+/// and returns that file.
+fn check_handover(size: u64, regions: Vec<RegionFd>) -> Result<Arc<File>, MemoryError> {
+    let layout = arch::layout::ram_regions(size);
+    if layout.len() != regions.len() {
+        return Err(MemoryError::Handover(format!(
+            "{} regions handed over, this guest has {}",
+            regions.len(),
+            layout.len()
+        )));
+    }
+    let Some(head) = regions.first() else {
+        return Err(MemoryError::Handover("no region".into()));
+    };
+    let first = identity(&head.fd)?;
+    let mut offset = 0u64;
+    for (r, (gpa, len)) in regions.iter().zip(&layout) {
+        if (r.gpa, r.size, r.offset) != (gpa.0, *len as u64, offset) {
+            return Err(MemoryError::Handover(format!(
+                "region {:#x}+{:#x} at offset {:#x}; this layout has {:#x}+{:#x} at {offset:#x}",
+                r.gpa, r.size, r.offset, gpa.0, len
+            )));
+        }
+        if identity(&r.fd)? != first {
+            return Err(MemoryError::Handover(
+                "the regions come from different files".into(),
+            ));
+        }
+        offset += *len as u64;
+    }
+    regions
+        .into_iter()
+        .next()
+        .map(|r| Arc::new(File::from(r.fd)))
+        .ok_or_else(|| MemoryError::Handover("no region".into()))
 }
 
 #[cfg(test)]
@@ -147,6 +227,45 @@ mod tests {
     fn anonymous_memory_cannot_be_lent() {
         let e = ram(16 << 20, MemoryBacking::Anonymous).lend().unwrap_err();
         assert!(e.contains("anonymous"), "{e}");
+    }
+
+    #[test]
+    fn handed_over_memory_is_mapped_in_place_of_prepared_ram() {
+        let src = ram(64 << 20, MemoryBacking::Shared);
+        let prepared = ram(64 << 20, MemoryBacking::Anonymous);
+        let (s1, p1) = (src.regions()[0], prepared.regions()[0]);
+        // SAFETY: live writable mappings of this test's guest RAM.
+        unsafe {
+            std::ptr::write_bytes((s1.host_addr + 8192) as *mut u8, 0x3c, 4096);
+            std::ptr::write_bytes((p1.host_addr + 8192) as *mut u8, 0x11, 4096);
+        }
+        let adopted = prepared.adopt_handover(src.lend().unwrap()).unwrap();
+        // Same addresses (the KVM slots stay valid), the source's bytes.
+        assert_eq!(adopted.regions()[0].host_addr, p1.host_addr);
+        // SAFETY: as above; the mapping was replaced, not removed.
+        let b = unsafe { *((p1.host_addr + 8192) as *const u8) };
+        assert_eq!(b, 0x3c);
+        // Writes go to the shared memory both processes see.
+        // SAFETY: as above.
+        unsafe { *((p1.host_addr + 8192) as *mut u8) = 0x77 };
+        // SAFETY: as above.
+        let b = unsafe { *((s1.host_addr + 8192) as *const u8) };
+        assert_eq!(b, 0x77);
+        // Neither the prepared RAM nor the adopted one is cleared again,
+        // and the adopted one can be handed on (a second upgrade).
+        assert!(prepared.is_lent() && adopted.is_lent());
+        assert!(matches!(prepared.claim_zeroed(), Err(MemoryError::Lent)));
+        assert_eq!(adopted.lend().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_adoption_leaves_the_prepared_ram_as_it_was() {
+        let src = ram(64 << 20, MemoryBacking::Shared);
+        let prepared = ram(32 << 20, MemoryBacking::Anonymous);
+        let e = prepared.adopt_handover(src.lend().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("this layout has"), "{e}");
+        assert!(!prepared.is_lent());
+        assert!(prepared.claim_zeroed().is_ok());
     }
 
     #[test]

@@ -23,6 +23,10 @@ struct Mode {
     file: Option<std::path::PathBuf>,
     unix: bool,
     connections: u32,
+    /// The destination's `--memory`: the guest's size, so that its KVM VM
+    /// and memory slots are prepared before the migration, as a live
+    /// upgrade starts the new binary with the guest's configuration.
+    dest_memory: &'static str,
 }
 
 /// Boots, migrates, and checks that the guest goes on at the destination
@@ -55,7 +59,7 @@ fn run(env: &Env, mode: &Mode) -> RunResult {
     {
         return fail("the source guest completed no second pass".into());
     }
-    let mut d = match vmm::start_destination(env, None, &[], None) {
+    let mut d = match vmm::start_destination(env, Some(mode.dest_memory), &[], None) {
         Ok(d) => d,
         Err(e) => return fail(format!("destination: {e}")),
     };
@@ -91,6 +95,7 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
             file: None,
             unix: true,
             connections: 1,
+            dest_memory: "size=16G,shared=on",
         },
         Mode {
             name: "unix: handover, file=",
@@ -98,6 +103,7 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
             file: Some(file.clone()),
             unix: true,
             connections: 1,
+            dest_memory: "size=16G,shared=on",
         },
         Mode {
             name: "unix: copy, anonymous",
@@ -105,6 +111,7 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
             file: None,
             unix: true,
             connections: 4,
+            dest_memory: "size=16G",
         },
         Mode {
             name: "TCP loopback (reference), shared=on",
@@ -112,6 +119,7 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
             file: None,
             unix: false,
             connections: 4,
+            dest_memory: "size=16G,shared=on",
         },
     ];
     let mut all: Vec<Vec<RunResult>> = modes.iter().map(|_| Vec::new()).collect();
@@ -142,8 +150,10 @@ pub fn handover(env: &Env, opts: &Opts) -> Section {
     );
     md.push_str(
         "Median of the runs per mode, interleaved; the source's `total_time_ms`, downtime from \
-         its pause/resume timestamps. The guest must complete a pass on the destination with \
-         no MISMATCH.\n\n",
+         its pause/resume timestamps. Every destination is started with the guest's `--memory` \
+         (as a live upgrade starts the new binary with the guest's configuration), so its KVM \
+         VM and memory slots exist before the migration; handed-over memory is mapped in place \
+         of that RAM. The guest must complete a pass on the destination with no MISMATCH.\n\n",
     );
     let rows: Vec<Vec<String>> = modes
         .iter()
