@@ -107,7 +107,7 @@ pub fn builder(
         writeln!(
             f,
             "[{} {:<5} {prog} {}] {}",
-            f.timestamp_millis(),
+            f.timestamp_micros(),
             rec.level(),
             rec.target(),
             rec.args()

@@ -8,16 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, info};
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::config::{MemoryBacking, MemoryConfig};
 
 mod handover;
+mod vmm_writes;
+
+pub use vmm_writes::VmmWrites;
 
 /// Guest memory with a bitmap of the VMM's own writes.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<VmmWrites>;
 
 /// Page size used for dirty tracking and population queries.
 pub const PAGE: u64 = 4096;
@@ -196,7 +198,7 @@ impl GuestRam {
         let mut offset = 0u64;
         for (gpa, size) in layout {
             let size64 = size as u64;
-            let builder = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            let builder = MmapRegionBuilder::new_with_bitmap(size, VmmWrites::new(size))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             let builder = match &fd {
                 None => builder
@@ -446,10 +448,11 @@ impl GuestRam {
     }
 
     /// Reads and clears the VMM's own-write bitmap of region `idx` (same
-    /// layout as KVM's dirty log). Empty if `idx` is out of range.
+    /// layout as KVM's dirty log). Empty if `idx` is out of range or the
+    /// VMM wrote nothing there since the previous take.
     pub fn take_vmm_dirty(&self, idx: usize) -> Vec<u64> {
         match self.mem.iter().nth(idx) {
-            Some(region) => (**region).bitmap().get_and_reset(),
+            Some(region) => (**region).bitmap().take().unwrap_or_default(),
             None => Vec::new(),
         }
     }

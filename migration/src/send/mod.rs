@@ -111,9 +111,48 @@ struct Ctx {
     /// The VM of a `unix:` send, engaged when the destination accepted the
     /// memory handover (`None` over TCP).
     handover: Option<Arc<crate::handover::HandoverSource>>,
+    /// The thread switching dirty logging on, started with the send so
+    /// that the kernel's part (it grows with the guest's size) overlaps
+    /// with connecting; joined by `link`, or by the teardown of a send
+    /// that failed before it.
+    dirty_on: Mutex<Option<std::thread::JoinHandle<Result<DirtyLog, MigrationError>>>>,
 }
 
 impl Ctx {
+    /// Starts switching dirty logging on, on a thread (inline if no thread
+    /// can be had: [`Ctx::dirty_log`] then starts it).
+    fn start_dirty_log(&self) {
+        let vm = self.vm.clone();
+        let h = std::thread::Builder::new()
+            .name("mig-dirty-on".into())
+            .spawn(move || DirtyLog::start(&vm));
+        match h {
+            Ok(h) => *lock(&self.dirty_on) = Some(h),
+            Err(e) => log::debug!("no thread to start dirty logging on ({e}); starting it later"),
+        }
+    }
+
+    /// The dirty log, on: waits for the thread of [`Ctx::start_dirty_log`],
+    /// or starts it here.
+    fn dirty_log(&self) -> Result<DirtyLog, MigrationError> {
+        match lock(&self.dirty_on).take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(MigrationError::Internal(
+                    "the thread starting dirty logging panicked".into(),
+                ))
+            }),
+            None => DirtyLog::start(&self.vm),
+        }
+    }
+
+    /// A send that failed before `link`: waits for the thread of
+    /// [`Ctx::start_dirty_log`] and switches dirty logging off again.
+    fn drop_dirty_log(&self) {
+        if let Some(h) = lock(&self.dirty_on).take() {
+            drop(h.join());
+        }
+    }
+
     /// The parameters a pass decision uses: the live ones, except that with
     /// a device that writes guest memory by DMA a request for post-copy is
     /// refused (logged once) and pre-copy goes on.
@@ -415,6 +454,7 @@ pub fn run(
         dma,
         postcopy_refused: Default::default(),
         handover,
+        dirty_on: Mutex::new(None),
     };
     ctx.stats.set_live(&ctx.live);
     ctx.events.emit(
@@ -433,7 +473,10 @@ pub fn run(
     );
     let r = match token {
         Some(t) => drive_from(&ctx, Phase::Resume(t)),
-        None => drive_from(&ctx, Phase::Connecting),
+        None => {
+            ctx.start_dirty_log();
+            drive_from(&ctx, Phase::Connecting)
+        }
     };
     // The guest never stays slowed, however the migration ended.
     ctx.set_throttle(0);
@@ -546,8 +589,12 @@ fn abort(ctx: &Ctx, f: Failed) -> MigrationError {
 fn release(ctx: &Ctx, phase: Phase, err: MigrationError) -> MigrationError {
     let fd = &*ctx.from_dest;
     match phase {
-        Phase::Connecting => err,
+        Phase::Connecting => {
+            ctx.drop_dirty_log();
+            err
+        }
         Phase::Connected(main) => {
+            ctx.drop_dirty_log();
             if !matches!(err, MigrationError::Remote(_)) {
                 main.send_message(|len| Frame::Abort { len }, &err.to_string());
             }

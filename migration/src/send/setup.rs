@@ -12,8 +12,8 @@ use super::passes::Passes;
 use super::pool::{Pool, RateLimiter};
 use super::writer::{spawn_writers, WriterCtx};
 use super::{
-    or_fail, Ctx, DataPlane, DeviceStreams, DirtyLog, Failed, Linked, Phase, RestoreDevices,
-    Streaming, CONN_QUEUE_BYTES, DEVICE_INFLIGHT_BYTES, SETUP_TIMEOUT,
+    or_fail, Ctx, DataPlane, DeviceStreams, Failed, Linked, Phase, RestoreDevices, Streaming,
+    CONN_QUEUE_BYTES, DEVICE_INFLIGHT_BYTES, SETUP_TIMEOUT,
 };
 use crate::api::DeviceStateMode;
 use crate::error::MigrationError;
@@ -220,36 +220,22 @@ pub(super) fn data_plane(ctx: &Ctx) -> Result<DataPlane, MigrationError> {
 /// Connected → Linked: SETUP, data connections and writers, main reader
 /// and keepalive.
 pub fn link(ctx: &Ctx, main: Arc<MainConn>) -> Result<Phase, Failed> {
-    let r = std::thread::scope(|sc| {
-        // Dirty logging is switched on while the destination makes its VM
-        // and the data connections come up: the kernel's part of it (dirty
-        // bitmaps for every slot) grows with the guest's size, and here it
-        // overlaps with the network's round trips instead of adding to them.
-        // It only has to be on before pass 1 lists populated memory.
-        let dirty = std::thread::Builder::new()
-            .name("mig-dirty-on".into())
-            .spawn_scoped(sc, || DirtyLog::start(&ctx.vm));
-        let r = (|| {
-            negotiate(ctx, &main)?;
-            let data = data_plane(ctx)?;
-            let link = Link::start(main.clone(), &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
-            Ok((link, data))
-        })();
-        let dirty = match dirty {
-            Ok(h) => h.join().unwrap_or_else(|_| {
-                Err(MigrationError::Internal(
-                    "the thread starting dirty logging panicked".into(),
-                ))
-            }),
-            // No thread: start it here instead.
-            Err(_) => DirtyLog::start(&ctx.vm),
-        };
-        r.and_then(|(link, data)| {
-            Ok(Linked {
-                link,
-                data,
-                dirty: dirty?,
-            })
+    // Dirty logging was being switched on since the send began (see
+    // `Ctx::start_dirty_log`), while the main connection came up; it goes
+    // on while the destination makes its VM and the data connections come
+    // up. It only has to be on before pass 1 lists populated memory.
+    let r = (|| {
+        negotiate(ctx, &main)?;
+        let data = data_plane(ctx)?;
+        let link = Link::start(main.clone(), &ctx.ctl, &ctx.from_dest, &ctx.counters)?;
+        Ok((link, data))
+    })();
+    let dirty = ctx.dirty_log();
+    let r = r.and_then(|(link, data)| {
+        Ok(Linked {
+            link,
+            data,
+            dirty: dirty?,
         })
     });
     let linked = or_fail!(r, Phase::Connected(main));
