@@ -74,6 +74,20 @@ pub trait SourceVm: Send + Sync {
     /// is true, the pages stay writable until [`SourceVm::clear_dirty`].
     fn fetch_dirty(&self, region: usize) -> BackendResult<DirtyBitmap>;
 
+    /// ORs what [`SourceVm::fetch_dirty`] returns into `into` (grown to the
+    /// region's words if it is shorter). A VM whose log is large overrides
+    /// it to fetch without allocating.
+    fn fetch_dirty_into(&self, region: usize, into: &mut DirtyBitmap) -> BackendResult<()> {
+        let bm = self.fetch_dirty(region)?;
+        if into.words.len() < bm.words.len() {
+            into.words.resize(bm.words.len(), 0);
+        }
+        for (d, s) in into.words.iter_mut().zip(&bm.words) {
+            *d |= *s;
+        }
+        Ok(())
+    }
+
     /// Whether KVM_CLEAR_DIRTY_LOG is in use: then the sender must call
     /// [`SourceVm::clear_dirty`] on each range just before reading it.
     fn manual_protect(&self) -> bool;

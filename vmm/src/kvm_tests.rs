@@ -112,6 +112,29 @@ fn pause_dirty_log_and_state_round_trip() {
     a.clear_dirty(0, 4096, 1024).unwrap();
     assert!(a.clear_dirty(0, 1, 64).is_err(), "unaligned clear");
 
+    // A fetch into a held bitmap ORs into it: bits held stay, the VMM's
+    // own writes (outside the stamped region) join KVM's.
+    {
+        use vm_memory::{Bytes, GuestAddress};
+        let vmm_page = (40 << 20) / PAGE as usize;
+        a.ram()
+            .mem()
+            .write_slice(&[7u8; 16], GuestAddress((vmm_page as u64) * PAGE + 8))
+            .unwrap();
+        let mut held = vec![0u64; bm.len()];
+        held[1] = 1 << 5;
+        a.fetch_dirty_into(0, &mut held).unwrap();
+        assert_eq!(held.len(), bm.len());
+        assert!(held[1] & (1 << 5) != 0, "a held bit was lost");
+        assert!(
+            held[vmm_page / 64] & (1 << (vmm_page % 64)) != 0,
+            "VMM write missed"
+        );
+        // Taken once: the next fetch does not report the VMM write again.
+        let again = a.fetch_dirty(0).unwrap();
+        assert_eq!(again[vmm_page / 64] & (1 << (vmm_page % 64)), 0);
+    }
+
     // Pause: the guest stops printing.
     a.pause_vcpus();
     let paused_at = last_pass(&s1);

@@ -84,6 +84,13 @@ impl SourceVm for HandoverSource {
         self.inner.fetch_dirty(region)
     }
 
+    fn fetch_dirty_into(&self, region: usize, into: &mut DirtyBitmap) -> BackendResult<()> {
+        if self.engaged() {
+            return Ok(());
+        }
+        self.inner.fetch_dirty_into(region, into)
+    }
+
     fn manual_protect(&self) -> bool {
         !self.engaged() && self.inner.manual_protect()
     }

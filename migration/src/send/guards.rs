@@ -5,20 +5,43 @@
 use std::sync::Arc;
 
 use crate::error::MigrationError;
-use crate::traits::{MigState, MigratableDevice, SourceVm};
+use crate::traits::{DirtyBitmap, MigState, MigratableDevice, SourceVm};
 
 /// Dirty logging is on. Dropping the guard stops it (on success and on
 /// failure alike: the trait says it is stopped exactly once).
 pub struct DirtyLog {
     vm: Arc<dyn SourceVm>,
+    buffers: Vec<DirtyBitmap>,
 }
 
 impl DirtyLog {
-    /// Starts dirty logging on every region.
+    /// Starts dirty logging on every region, and makes the bitmaps the
+    /// sender holds fetched pages in: zeroed, one per region, their memory
+    /// written, so that the first fetch neither allocates nor faults in
+    /// memory that grows with the guest (this runs while the connections
+    /// come up).
     pub fn start(vm: &Arc<dyn SourceVm>) -> Result<DirtyLog, MigrationError> {
         vm.start_dirty_log()
             .map_err(|e| MigrationError::vm("starting dirty logging", e))?;
-        Ok(DirtyLog { vm: vm.clone() })
+        let buffers = vm
+            .ram()
+            .iter()
+            .map(|r| {
+                let n = r.pages().div_ceil(64) as usize;
+                let mut words = Vec::with_capacity(n);
+                words.resize(n, 0);
+                DirtyBitmap { words }
+            })
+            .collect();
+        Ok(DirtyLog {
+            vm: vm.clone(),
+            buffers,
+        })
+    }
+
+    /// The bitmaps made by [`DirtyLog::start`] (empty after the first call).
+    pub fn take_buffers(&mut self) -> Vec<DirtyBitmap> {
+        std::mem::take(&mut self.buffers)
     }
 }
 

@@ -114,11 +114,9 @@ impl Passes {
         let mut pages = 0;
         self.held.resize(regions.len(), DirtyBitmap::default());
         for (i, r) in regions.iter().enumerate() {
-            let bm = ctx
-                .vm
-                .fetch_dirty(i)
+            ctx.vm
+                .fetch_dirty_into(i, &mut self.held[i])
                 .map_err(|e| MigrationError::vm("fetching the dirty log", e))?;
-            merge(&mut self.held[i], &bm);
             let dma = self.dma.report_into(r, &mut self.held[i])?;
             if dma > 0 {
                 ctx.stats.dma_dirty_pages.fetch_add(dma, Relaxed);

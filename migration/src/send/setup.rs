@@ -306,14 +306,20 @@ pub fn start_streaming(ctx: &Ctx, l: Box<Linked>) -> Result<Phase, Failed> {
         Ok((dma, restore, devs))
     })();
     let (dma, restore, devs) = or_fail!(r, Phase::Linked(l));
-    let Linked { link, data, dirty } = *l;
+    let Linked {
+        link,
+        data,
+        mut dirty,
+    } = *l;
+    let mut passes = Passes::new(dma);
+    *passes.held_mut() = dirty.take_buffers();
     let mut s = Box::new(Streaming {
         link,
         data,
         devs,
         restore,
         dirty,
-        passes: Passes::new(dma),
+        passes,
     });
     or_fail!(s.first_pass(ctx), Phase::Streaming(s));
     Ok(Phase::Streaming(s))

@@ -80,6 +80,12 @@ impl SourceVm for SourceAdapter {
         })
     }
 
+    fn fetch_dirty_into(&self, region: usize, into: &mut DirtyBitmap) -> BackendResult<()> {
+        self.vm
+            .fetch_dirty_into(region, &mut into.words)
+            .map_err(be)
+    }
+
     fn manual_protect(&self) -> bool {
         self.vm.caps().manual_protect
     }

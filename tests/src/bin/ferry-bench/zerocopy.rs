@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::report::{f, table};
 use crate::suites::{fails, first_error, header, med, one_run, total_s, Section};
+use crate::svg;
 use crate::vmm::{self, Env, MigrateSpec, RunResult, SourceSpec};
 use crate::Opts;
 
@@ -174,6 +175,7 @@ pub fn zerocopy(env: &Env, opts: &Opts) -> Section {
             }
         }
     }
+    md.push_str(&chart(opts, &refs, bps, &rate));
     let failed = results.iter().flatten().filter(|r| !r.ok).count();
     Section {
         markdown: md,
@@ -187,5 +189,43 @@ pub fn zerocopy(env: &Env, opts: &Opts) -> Section {
             "ratios": ratios,
         }),
         failed_runs: failed,
+    }
+}
+
+/// `docs/img/zerocopy.svg`: every run's throughput, one line per mode, and
+/// the Markdown that shows it.
+fn chart(
+    opts: &Opts,
+    refs: &[Vec<&RunResult>],
+    bps: impl Fn(&RunResult) -> Option<f64>,
+    rate: &str,
+) -> String {
+    let series: Vec<svg::Series> = MODES
+        .iter()
+        .zip(refs)
+        .enumerate()
+        .map(|(m, ((name, _, _), runs))| svg::Series {
+            name: name.to_string(),
+            color: svg::COLORS[m % svg::COLORS.len()],
+            points: runs
+                .iter()
+                .enumerate()
+                .filter_map(|(k, r)| bps(r).map(|b| ((k + 1) as f64, b / GIB as f64, None)))
+                .collect(),
+        })
+        .collect();
+    let chart = svg::line_chart(
+        &format!("2 GiB of random data over veth ({rate}), 4 connections: throughput per run"),
+        "run",
+        "GiB/s",
+        &(1..=opts.runs).map(|k| k as f64).collect::<Vec<_>>(),
+        &series,
+        None,
+    );
+    let img = opts.root.join("docs/img");
+    let _ = std::fs::create_dir_all(&img);
+    match std::fs::write(img.join("zerocopy.svg"), chart) {
+        Ok(()) => "\n![zero-copy: throughput per run](img/zerocopy.svg)\n".into(),
+        Err(e) => format!("\n(the chart could not be written: {e})\n"),
     }
 }
