@@ -422,27 +422,35 @@ impl GuestRam {
     /// data extents (SEEK_DATA/SEEK_HOLE). The whole region when the host
     /// has swap (swapped-out pages are not resident).
     pub fn populated(&self, idx: usize) -> Result<Vec<Range<u64>>, MemoryError> {
+        let size = self.regions.get(idx).map_or(0, |r| r.size);
+        Ok(self.populated_exact(idx)?.unwrap_or_else(|| whole(size)))
+    }
+
+    /// [`GuestRam::populated`], or `None` where this host cannot tell
+    /// (anonymous memory, no PAGEMAP_SCAN, and swap that mincore cannot
+    /// see): then every page may hold data.
+    pub fn populated_exact(&self, idx: usize) -> Result<Option<Vec<Range<u64>>>, MemoryError> {
         let Some(r) = self.regions.get(idx) else {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         };
         let perr = |source| MemoryError::Populated {
             region: idx,
             source,
         };
         match (&self.fd, r.file_offset) {
-            (Some(fd), Some(off)) => seek_data_ranges(fd, off, r.size).map_err(perr),
+            (Some(fd), Some(off)) => seek_data_ranges(fd, off, r.size).map(Some).map_err(perr),
             _ => {
                 // Page tables first: cost follows populated memory, and
                 // swapped-out pages are seen.
                 if let Some(ranges) =
                     crate::pagemap::data_ranges(r.host_addr, r.size).map_err(perr)?
                 {
-                    return Ok(ranges);
+                    return Ok(Some(ranges));
                 }
                 if host_has_swap() {
-                    return Ok(whole(r.size));
+                    return Ok(None);
                 }
-                mincore_ranges(r.host_addr, r.size).map_err(perr)
+                mincore_ranges(r.host_addr, r.size).map(Some).map_err(perr)
             }
         }
     }

@@ -292,7 +292,7 @@ pub struct VmShell {
     fd: Arc<VmFd>,
     ram: GuestRam,
     slots: Vec<Slot>,
-    manual_protect: bool,
+    manual_protect: crate::dirty::ManualProtect,
 }
 
 impl std::fmt::Debug for VmShell {
@@ -460,7 +460,7 @@ impl Vm {
                 .first()
                 .ok_or_else(|| VmError::State("a VM needs at least one vCPU".into()))?;
             let mut caps = HostCaps::probe(&kvm, first);
-            caps.manual_protect = manual_protect;
+            caps.manual_protect = manual_protect.enabled;
             let msr_list = crate::caps::probe_msrs(&kvm, first);
             Arc::new(VcpuStateSpec {
                 caps,
@@ -514,7 +514,7 @@ impl Vm {
             user_paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
             throttle: AtomicU32::new(0),
-            dirty: crate::dirty::DirtyTracker::default(),
+            dirty: crate::dirty::DirtyTracker::new(manual_protect),
         })
     }
 
