@@ -170,3 +170,49 @@ fn bad_unix_urls_are_refused_at_the_request() {
     );
     assert!(!ok(st) && v.to_string().contains("at most 107"), "{v}");
 }
+
+/// A destination started with `--memory file=P` receives a guest, then
+/// hands it over by `unix:` to a newer process, which runs it on P. Asked
+/// to receive again, the first process must not open P anew (receiving
+/// clears the memory first): the receive fails with the reason, and the
+/// guest in the newer process runs on without a MISMATCH.
+#[test]
+fn a_handed_over_memory_file_is_never_received_into_again() {
+    skip_unless_kvm!();
+    let _g = serial_guard();
+    let dir = TempDir::new("handover-again");
+    let file = dir.join("guest.mem");
+    fs::File::create(&file).unwrap().set_len(512 << 20).unwrap();
+    let mem = format!("size=512M,file={}", file.display());
+    let mut src = Vmm::boot("src", GUEST, &["--memory", "size=512M"]);
+    src.wait_pass(2);
+    let a = Vmm::destination("a", &["--memory", &mem]);
+    migrate(&mut src, &a, send_params(0, 2)).check_completed();
+    // A hands the guest over to C and stays up.
+    let c = Vmm::destination("c", &[]);
+    let path = unix_sock_of(&c);
+    let _recv = start_receive_unix(&c, &path);
+    let mut p = send_params(0, 1);
+    p["destination_url"] = json!(format!("unix:{}", path.display()));
+    start_send(&a, p);
+    let s = expect_migration_end(&a, &["completed"], LONG);
+    assert_eq!(s["memory_handover"], true, "{s}");
+    assert_guest_runs(&c, 1);
+    let (st, v) = a.api("PUT", "vm.shutdown", None);
+    assert!(ok(st), "vm.shutdown on the handed-over source: {v}");
+    // A second guest is offered to A: refused, P untouched.
+    let src2 = Vmm::boot("src2", GUEST, &["--memory", "size=512M"]);
+    src2.wait_pass(1);
+    let port = free_tcp_port();
+    let _recv = start_receive(&a, port);
+    let mut p = send_params(0, 1);
+    p["destination_url"] = json!(tcp_url_of(&a, port));
+    start_send(&src2, p);
+    let s = expect_migration_end(&src2, &["failed"], LONG);
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("handed over"),
+        "{s}"
+    );
+    assert_guest_runs(&src2, 1);
+    assert_guest_runs(&c, 2);
+}

@@ -200,9 +200,12 @@ impl DestFactory {
         );
         // Provisioned RAM that a handover replaced is the source's memory
         // now: never reused (nor cleared) for a later receive.
-        let provisioned = match handover {
-            Some(_) => None,
-            None => vmm.provisioned_ram().filter(|r| !r.is_lent()),
+        let (provisioned, lent) = match handover {
+            Some(_) => (None, false),
+            None => match vmm.provisioned_ram() {
+                Some(r) if r.is_lent() => (None, true),
+                r => (r, false),
+            },
         };
         // The KVM VM prepared at start (its memory slots cost time that
         // grows with the guest's size), if any is left; handed-over memory
@@ -228,6 +231,16 @@ impl DestFactory {
                 } else {
                     MemoryBacking::Anonymous
                 };
+                if let (true, MemoryBacking::File(path)) = (lent, &backing) {
+                    // The file is the memory of a guest that moved on to
+                    // another process: opening it again would clear it.
+                    return Err(BackendError::new(format!(
+                        "the memory file {} was handed over to another process with an \
+                         earlier guest; this VMM cannot receive into it again (start a new \
+                         one)",
+                        path.display()
+                    )));
+                }
                 GuestRam::new(&MemoryConfig {
                     size: cfg.memory_size,
                     backing,
