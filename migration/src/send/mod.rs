@@ -118,6 +118,15 @@ struct Ctx {
     dirty_on: Mutex<Option<std::thread::JoinHandle<Result<DirtyLog, MigrationError>>>>,
 }
 
+impl Drop for Ctx {
+    /// However the send ended (a panic too), the thread switching dirty
+    /// logging on is joined and its log stopped: it never outlives the
+    /// send to stop the log of a later one.
+    fn drop(&mut self) {
+        self.drop_dirty_log();
+    }
+}
+
 impl Ctx {
     /// Starts switching dirty logging on, on a thread (inline if no thread
     /// can be had: [`Ctx::dirty_log`] then starts it).
