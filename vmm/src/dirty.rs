@@ -173,6 +173,7 @@ fn set_bits(words: &mut [u64], first: u64, end: u64) {
 /// A zeroed bitmap of `words` words, its memory written (faulted in):
 /// unlike `vec![0; n]`, which may leave the kernel's zero page mapped until
 /// the first fetch writes it.
+#[allow(clippy::slow_vector_initialization)]
 fn touched(words: usize) -> Vec<u64> {
     let mut v = Vec::with_capacity(words);
     v.resize(words, 0u64);
@@ -249,7 +250,7 @@ impl Vm {
             let ranges = self
                 .ram
                 .populated_exact(i)?
-                .unwrap_or_else(|| vec![0..s.size]);
+                .unwrap_or_else(|| std::iter::once(0..s.size).collect());
             let mut mask = vec![0u64; bitmap_words(pages)];
             for r in &ranges {
                 set_bits(
