@@ -226,15 +226,11 @@ pub fn compress(env: &Env, opts: &Opts) -> Section {
     let mut series = Vec::new();
     for (what, (plain, zstd)) in &sets {
         for (name, runs) in [("none", plain), ("zstd", zstd)] {
-            series.push(svg::Series {
-                name: format!("{what}, {name}"),
-                color: svg::COLORS[series.len() % svg::COLORS.len()],
-                points: runs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(k, r)| total_s(r).map(|t| ((k + 1) as f64, t, None)))
-                    .collect(),
-            });
+            series.push(svg::per_run(
+                format!("{what}, {name}"),
+                svg::COLORS[series.len() % svg::COLORS.len()],
+                runs.iter().map(total_s),
+            ));
         }
     }
     let chart = svg::line_chart(

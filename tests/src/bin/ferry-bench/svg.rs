@@ -13,6 +13,24 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
+/// A line of one value per run (run k at x = k, from 1); runs without a
+/// value are left out.
+pub fn per_run(
+    name: String,
+    color: &'static str,
+    values: impl IntoIterator<Item = Option<f64>>,
+) -> Series {
+    Series {
+        name,
+        color,
+        points: values
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, v)| v.map(|y| ((k + 1) as f64, y, None)))
+            .collect(),
+    }
+}
+
 pub const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];

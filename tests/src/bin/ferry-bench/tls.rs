@@ -133,14 +133,12 @@ pub fn tls(env: &Env, opts: &Opts) -> Section {
     let series: Vec<svg::Series> = [("plain TCP", &plain), ("mutual TLS", &tls)]
         .iter()
         .enumerate()
-        .map(|(i, (name, runs))| svg::Series {
-            name: name.to_string(),
-            color: svg::COLORS[i],
-            points: runs
-                .iter()
-                .enumerate()
-                .filter_map(|(k, r)| bps(r).map(|b| ((k + 1) as f64, b / GIB as f64, None)))
-                .collect(),
+        .map(|(i, (name, runs))| {
+            svg::per_run(
+                name.to_string(),
+                svg::COLORS[i],
+                runs.iter().map(|r| bps(r).map(|b| b / GIB as f64)),
+            )
         })
         .collect();
     let chart = svg::line_chart(

@@ -204,14 +204,12 @@ fn chart(
         .iter()
         .zip(refs)
         .enumerate()
-        .map(|(m, ((name, _, _), runs))| svg::Series {
-            name: name.to_string(),
-            color: svg::COLORS[m % svg::COLORS.len()],
-            points: runs
-                .iter()
-                .enumerate()
-                .filter_map(|(k, r)| bps(r).map(|b| ((k + 1) as f64, b / GIB as f64, None)))
-                .collect(),
+        .map(|(m, ((name, _, _), runs))| {
+            svg::per_run(
+                name.to_string(),
+                svg::COLORS[m % svg::COLORS.len()],
+                runs.iter().map(|r| bps(r).map(|b| b / GIB as f64)),
+            )
         })
         .collect();
     let chart = svg::line_chart(
