@@ -41,6 +41,18 @@ pub struct DirtyBitmap {
     pub words: Vec<u64>,
 }
 
+impl DirtyBitmap {
+    /// ORs `src` into this bitmap (growing it as needed).
+    pub fn merge(&mut self, src: &DirtyBitmap) {
+        if self.words.len() < src.words.len() {
+            self.words.resize(src.words.len(), 0);
+        }
+        for (d, s) in self.words.iter_mut().zip(&src.words) {
+            *d |= *s;
+        }
+    }
+}
+
 /// The source-side VM, as seen by the sender.
 ///
 /// All methods may be called from the migration worker thread while vCPUs run.
@@ -78,13 +90,7 @@ pub trait SourceVm: Send + Sync {
     /// region's words if it is shorter). A VM whose log is large overrides
     /// it to fetch without allocating.
     fn fetch_dirty_into(&self, region: usize, into: &mut DirtyBitmap) -> BackendResult<()> {
-        let bm = self.fetch_dirty(region)?;
-        if into.words.len() < bm.words.len() {
-            into.words.resize(bm.words.len(), 0);
-        }
-        for (d, s) in into.words.iter_mut().zip(&bm.words) {
-            *d |= *s;
-        }
+        into.merge(&self.fetch_dirty(region)?);
         Ok(())
     }
 

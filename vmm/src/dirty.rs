@@ -83,19 +83,6 @@ pub fn bitmap_words(pages: u64) -> usize {
     pages.div_ceil(64) as usize
 }
 
-/// Clears bits at and past `pages` and fixes the length to
-/// [`bitmap_words`]`(pages)`.
-pub fn normalize_bitmap(mut words: Vec<u64>, pages: u64) -> Vec<u64> {
-    words.resize(bitmap_words(pages), 0);
-    let tail = pages % 64;
-    if tail != 0 {
-        if let Some(last) = words.last_mut() {
-            *last &= (1u64 << tail) - 1;
-        }
-    }
-    words
-}
-
 /// Validates a clear range: 64-page aligned start, length a multiple of 64
 /// or reaching the region's end, inside the region.
 pub fn check_clear_range(first_page: u64, npages: u64, region_pages: u64) -> Result<(), String> {
@@ -461,9 +448,6 @@ mod tests {
         assert_eq!(bitmap_words(1), 1);
         assert_eq!(bitmap_words(64), 1);
         assert_eq!(bitmap_words(65), 2);
-        assert_eq!(normalize_bitmap(vec![!0, !0], 70), vec![!0, 0x3f]);
-        assert_eq!(normalize_bitmap(vec![], 128), vec![0, 0]);
-        assert_eq!(normalize_bitmap(vec![1, 2, 3], 64), vec![1]);
     }
 
     #[test]

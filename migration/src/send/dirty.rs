@@ -237,10 +237,5 @@ pub fn count_dirty(bm: &DirtyBitmap, pages: u64) -> u64 {
 
 /// ORs `src` into `dst` (growing `dst` as needed).
 pub fn merge(dst: &mut DirtyBitmap, src: &DirtyBitmap) {
-    if dst.words.len() < src.words.len() {
-        dst.words.resize(src.words.len(), 0);
-    }
-    for (d, s) in dst.words.iter_mut().zip(&src.words) {
-        *d |= *s;
-    }
+    dst.merge(src);
 }
