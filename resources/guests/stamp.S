@@ -20,6 +20,8 @@
  *   dev=1         drive the simulated DMA devices (dev.S): after each pass
  *                 check their DMA pages, SCRATCH registers and MSI-X;
  *                 "stamp: dev <pass> ok seq=<n>" (dma=<pages>, ecam=<hex>).
+ *   high=1        the region starts at 4 GiB (RAM above the 32-bit gap)
+ *                 instead of REGION_BASE; not with zero-check=1 or dev=1.
  *
  * See README.md next to this file for line formats and memory layout.
  *
@@ -55,6 +57,7 @@
         .set E820_RAM,        1
 
         .set REGION_BASE,     0x1000000       /* 16 MiB */
+        .set HIGH_REGION_BASE, 0x100000000    /* 4 GiB: high=1 */
         .set REGION_MAX_MIB,  65536           /* 64 GiB -> 2^24 pages */
         .set DEFAULT_REGION,  16
         .set MAX_PDS,         64              /* 64 x 1 GiB mapped at most */
@@ -324,6 +327,7 @@ long_entry:
 #endif
         /* ---- command line: region=MiB passes=N timer=0|1 zero-check=0|1 ---- */
         mov     qword ptr [region_mib], DEFAULT_REGION
+        mov     qword ptr [region_base], REGION_BASE
         mov     qword ptr [passes], 0
         mov     qword ptr [timer_on], 0
         mov     qword ptr [zero_check], 0
@@ -397,7 +401,19 @@ cmd_token:
         jz      cmd_skip
         mov     [dma_pages], rax
         jmp     cmd_skip
-95:     lea     rdi, [str_ecam_eq]
+95:     lea     rdi, [str_high_eq]
+        call    match_prefix
+        test    eax, eax
+        jz      96f
+        call    parse_dec
+        test    rdx, rdx
+        jz      cmd_skip
+        test    rax, rax
+        jz      cmd_skip
+        mov     rax, HIGH_REGION_BASE
+        mov     [region_base], rax
+        jmp     cmd_skip
+96:     lea     rdi, [str_ecam_eq]
         call    match_prefix
         test    eax, eax
         jz      cmd_skip
@@ -433,14 +449,22 @@ cmdline_done:
         je      20f
         call    dev_scan
 20:
-        /* ---- region fit: contiguous RAM from REGION_BASE ---- */
+        /* ---- high=1 checks nothing but the region ---- */
+        mov     rax, [region_base]
+        cmp     rax, REGION_BASE
+        je      23f
+        mov     rax, [zero_check]
+        or      rax, [dev_on]
+        jnz     err_high
+23:
+        /* ---- region fit: contiguous RAM from region_base ---- */
         mov     rax, [region_mib]
         cmp     rax, REGION_MAX_MIB
         ja      err_region
         shl     rax, 20
-        add     rax, REGION_BASE        /* rax = region end */
+        add     rax, [region_base]      /* rax = region end */
         add     rax, [dma_total]        /* + DMA areas (dev=1) */
-        mov     r10d, REGION_BASE       /* r10 = end of contiguous RAM */
+        mov     r10, [region_base]      /* r10 = end of contiguous RAM */
 10:     xor     r11d, r11d              /* extended in this round? */
         mov     rsi, [rbx + SI_MEMMAP]
         mov     ecx, [rbx + SI_MEMMAP_N]
@@ -514,7 +538,7 @@ pass_loop:
         cmp     r14, 1
         je      13f
         not     rbp                     /* ... all ones afterwards */
-13:     mov     edi, REGION_BASE
+13:     mov     rdi, [region_base]
         xor     ecx, ecx                /* rcx = page index i */
         test    r12, r12
         jz      pass_done
@@ -604,6 +628,10 @@ mismatch:
 /* ------------------------------------------------------------------------ */
 /* Errors / termination                                                      */
 /* ------------------------------------------------------------------------ */
+err_high:
+        lea     rsi, [str_err_high]
+        call    puts
+        jmp     reset
 err_region:
         lea     rsi, [str_err_region]
         call    puts
@@ -645,6 +673,8 @@ str_timer_eq:      .asciz "timer="
 str_zero_check_eq: .asciz "zero-check="
 str_dev_eq:        .asciz "dev="
 str_dma_eq:        .asciz "dma="
+str_high_eq:       .asciz "high="
+str_err_high:      .asciz "stamp: ERROR high=1 with zero-check=1 or dev=1\n"
 str_ecam_eq:       .asciz "ecam="
 str_dev_found:     .asciz "stamp: dev found="
 str_dev:           .asciz "stamp: dev "
@@ -698,6 +728,7 @@ gdt_desc:
 start_info_ptr:    .quad 0
 ram_total:         .quad 0
 region_mib:        .quad 0
+region_base:       .quad 0                 /* REGION_BASE, or 4 GiB (high=1) */
 passes:            .quad 0
 timer_on:          .quad 0
 zero_check:        .quad 0

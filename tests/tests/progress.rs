@@ -150,11 +150,20 @@ fn source_keeps_final_record_until_shutdown() {
         (s == "migrated").then_some(s)
     });
     assert_eq!(state.as_deref(), Some("migrated"), "source VM state");
+    // The event carries the status's figures (it is emitted after the dirty
+    // log was switched off, which is not part of the migration's time).
+    let ev = src
+        .wait_event("migration-completed", LONG)
+        .expect("a migration-completed event");
+    for f in ["total_time_ms", "total_time_us"] {
+        assert_eq!(ev[f], done[f], "{f} of the event and the status: {ev}");
+    }
     for _ in 0..5 {
         let s = src.migration_status().expect("the source still answers");
         check_completed_status(&s, "source");
         for f in [
             "total_time_ms",
+            "total_time_us",
             "downtime_ms",
             "transferred_bytes",
             "precopy_bytes",
@@ -163,6 +172,12 @@ fn source_keeps_final_record_until_shutdown() {
         ] {
             assert_eq!(s[f], done[f], "{f} changed after completion: {s}");
         }
+        assert!(num(&s, "total_time_us") > 0, "{s}");
+        assert_eq!(
+            num(&s, "total_time_ms"),
+            num(&s, "total_time_us") / 1000,
+            "total_time_ms is total_time_us in whole ms: {s}"
+        );
         assert_eq!(s["source_vm"], "migrated", "{s}");
         assert_eq!(s["role"], "source", "{s}");
         assert!(num(&s, "precopy_bytes") > 0, "{s}");

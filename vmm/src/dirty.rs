@@ -105,18 +105,19 @@ pub fn check_clear_range(first_page: u64, npages: u64, region_pages: u64) -> Res
     Ok(())
 }
 
-/// The dirty-log state of one VM: the part of KVM's log each region
-/// reported at its last fetch (clearing only re-protects pages that were
-/// reported), the buffer KVM copies each region's log into, and, with
+/// The dirty-log state of one VM: the buffer KVM copies each region's log
+/// into, which keeps what the region reported at its last fetch (clearing
+/// only re-protects pages that were reported), and, with
 /// KVM_DIRTY_LOG_INITIALLY_SET, the pages already tracked.
 ///
-/// Invariant: while dirty logging is on, `last[i]` and `kernel[i]` have
-/// [`bitmap_words`] of region `i`'s pages words, every page of them
-/// written once when logging started: a fetch then neither allocates nor
-/// faults in memory that grows with the guest (0.5 ms for 13 GiB on this
-/// host, with the guest paused at the final fetch).
+/// Invariant: while dirty logging is on, `kernel[i]` has [`bitmap_words`]
+/// of region `i`'s pages words, every page of them written once when
+/// logging started: a fetch then neither allocates nor faults in memory
+/// that grows with the guest (0.5 ms for 13 GiB on this host, with the
+/// guest paused at the final fetch). Between fetches it holds the last
+/// report of region `i` (after [`Vm::fetch_dirty_into`]'s masking).
 ///
-/// With `initially_set`, `armed[i]` (same size) has a bit for each page of
+/// With `initially_set`, `armed[i]` has a bit for each page of
 /// region `i` that was cleared at least once since logging started: KVM
 /// tracks exactly those pages. Every other page still reads as dirty in
 /// KVM's log and is not write-protected; a fetch reports it only if it is
@@ -127,10 +128,77 @@ pub fn check_clear_range(first_page: u64, npages: u64, region_pages: u64) -> Res
 /// armed at once, so that pass 1 does not see them again.
 #[derive(Debug, Default)]
 pub struct DirtyTracker {
-    last: Mutex<Vec<Vec<u64>>>,
     kernel: Mutex<Vec<Vec<u64>>>,
-    armed: Mutex<Vec<Vec<u64>>>,
+    armed: Mutex<Vec<ArmedMap>>,
     initially_set: bool,
+}
+
+/// Words of [`ArmedMap`] per chunk: one 4 KiB page of the bitmap.
+const ARMED_CHUNK_WORDS: usize = 512;
+
+/// A bitmap of the pages armed (cleared at least once) in one region,
+/// written only where a bit was set: its memory is faulted in as pages
+/// are armed, not for the guest's whole size.
+///
+/// Invariant: a chunk of `words` whose `touched` flag is false reads as
+/// zero and was never written (its memory may still be unmapped).
+#[derive(Debug, Default)]
+struct ArmedMap {
+    words: Vec<u64>,
+    touched: Vec<bool>,
+}
+
+impl ArmedMap {
+    /// No page armed, for a region of `words` bitmap words (allocated
+    /// zeroed: nothing is written).
+    fn new(words: usize) -> ArmedMap {
+        ArmedMap {
+            words: vec![0; words],
+            touched: vec![false; words.div_ceil(ARMED_CHUNK_WORDS)],
+        }
+    }
+
+    /// ORs `mask` in at word `w0` (words past the map are ignored).
+    fn arm(&mut self, w0: usize, mask: &[u64]) {
+        for (i, m) in mask.iter().enumerate() {
+            if *m == 0 {
+                continue;
+            }
+            if let Some(x) = self.words.get_mut(w0 + i) {
+                *x |= *m;
+                self.touched[(w0 + i) / ARMED_CHUNK_WORDS] = true;
+            }
+        }
+    }
+
+    /// Whether any page is armed.
+    fn any(&self) -> bool {
+        self.touched.iter().any(|t| *t)
+    }
+
+    /// Word `w` (0 past the map or in an untouched chunk).
+    fn word(&self, w: usize) -> u64 {
+        if self.touched.get(w / ARMED_CHUNK_WORDS) == Some(&true) {
+            self.words.get(w).copied().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// `buf &= self`, word by word; untouched chunks zero `buf` without
+    /// being read.
+    fn mask(&self, buf: &mut [u64]) {
+        for (c, chunk) in buf.chunks_mut(ARMED_CHUNK_WORDS).enumerate() {
+            if self.touched.get(c) == Some(&true) {
+                let a = &self.words[c * ARMED_CHUNK_WORDS..];
+                for (k, m) in chunk.iter_mut().zip(a) {
+                    *k &= *m;
+                }
+            } else {
+                chunk.fill(0);
+            }
+        }
+    }
 }
 
 impl DirtyTracker {
@@ -200,12 +268,12 @@ impl Vm {
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
         self.ram.reset_vmm_dirty();
         let words = |s: &crate::vm::Slot| bitmap_words(s.size / crate::memory::PAGE);
-        let fresh = || -> Vec<Vec<u64>> { self.slots.iter().map(|s| touched(words(s))).collect() };
-        *self.dirty.last.lock().unwrap_or_else(|p| p.into_inner()) = fresh();
-        *self.dirty.kernel.lock().unwrap_or_else(|p| p.into_inner()) = fresh();
+        *self.dirty.kernel.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.slots.iter().map(|s| touched(words(s))).collect();
         let init = self.dirty.initially_set;
         if init {
-            *self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner()) = fresh();
+            *self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner()) =
+                self.slots.iter().map(|s| ArmedMap::new(words(s))).collect();
         }
         self.set_slot_flags(KVM_MEM_LOG_DIRTY_PAGES)?;
         if init {
@@ -249,7 +317,7 @@ impl Vm {
             self.clear_masked(s, 0, &mask)?;
             let mut armed = self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(a) = armed.get_mut(i) {
-                or_into(a, &mask, s.size / crate::memory::PAGE);
+                a.arm(0, &mask);
             }
         }
         Ok(())
@@ -289,30 +357,45 @@ impl Vm {
             .get_mut(idx)
             .filter(|b| b.len() == words)
             .ok_or_else(|| VmError::State(format!("no dirty-log buffer for region {idx}")))?;
-        let mut arg = kvm_dirty_log {
-            slot: slot.slot,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = buf.as_mut_ptr() as *mut libc::c_void;
-        // SAFETY: `buf` holds `bitmap_words(pages)` words, exactly the
-        // bytes KVM writes for a slot of `pages` pages (rounded up to 64
-        // bits), and outlives the call; the slot is one of this VM's.
-        let r = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DIRTY_LOG(), &arg) };
-        if r < 0 {
-            return Err(VmError::Kvm {
-                what: format!("KVM_GET_DIRTY_LOG slot {}", slot.slot),
-                source: kvm_ioctls::Error::last(),
-            });
-        }
-        if self.dirty.initially_set {
-            self.report_unarmed(idx, buf)?;
-        }
-        if self.caps().manual_protect {
-            let mut last = self.dirty.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(l) = last.get_mut(idx).filter(|l| l.len() == words) {
-                l.copy_from_slice(buf);
+        // Held from the GET to the report: the armed pages are those whose
+        // bits in KVM's log mean something.
+        let armed = self
+            .dirty
+            .initially_set
+            .then(|| self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner()));
+        let armed =
+            match &armed {
+                Some(a) => Some(a.get(idx).filter(|a| a.words.len() == words).ok_or_else(
+                    || VmError::State(format!("no armed-page map for region {idx}")),
+                )?),
+                None => None,
+            };
+        // With nothing armed in this slot, every bit KVM would copy reads
+        // dirty only because logging started with them set, and the report
+        // below zeroes them all: a large slot the guest never touched
+        // costs no GET.
+        if armed.is_none_or(|a| a.any()) {
+            let mut arg = kvm_dirty_log {
+                slot: slot.slot,
+                ..Default::default()
+            };
+            arg.__bindgen_anon_1.dirty_bitmap = buf.as_mut_ptr() as *mut libc::c_void;
+            // SAFETY: `buf` holds `bitmap_words(pages)` words, exactly the
+            // bytes KVM writes for a slot of `pages` pages (rounded up to 64
+            // bits), and outlives the call; the slot is one of this VM's.
+            let r = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DIRTY_LOG(), &arg) };
+            if r < 0 {
+                return Err(VmError::Kvm {
+                    what: format!("KVM_GET_DIRTY_LOG slot {}", slot.slot),
+                    source: kvm_ioctls::Error::last(),
+                });
             }
         }
+        if let Some(a) = armed {
+            self.report_unarmed(idx, a, buf)?;
+        }
+        // `buf` stays as it is until the next fetch: clear_dirty masks
+        // with it.
         if into.len() != words {
             into.resize(words, 0);
         }
@@ -328,16 +411,9 @@ impl Vm {
     /// their first clear) and adds the pages not armed that are populated
     /// now: the guest (or a device) wrote them at some time, and until they
     /// are cleared KVM does not say when.
-    fn report_unarmed(&self, idx: usize, buf: &mut [u64]) -> Result<(), VmError> {
+    fn report_unarmed(&self, idx: usize, a: &ArmedMap, buf: &mut [u64]) -> Result<(), VmError> {
         let ranges = self.ram.populated(idx)?;
-        let armed = self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner());
-        let a = armed
-            .get(idx)
-            .filter(|a| a.len() == buf.len())
-            .ok_or_else(|| VmError::State(format!("no armed-page map for region {idx}")))?;
-        for (k, m) in buf.iter_mut().zip(a) {
-            *k &= *m;
-        }
+        a.mask(buf);
         let mut populated = vec![0u64; 0];
         for r in &ranges {
             let (first, end) = (
@@ -355,8 +431,8 @@ impl Vm {
                 first - (w0 as u64) * 64,
                 end - (w0 as u64) * 64,
             );
-            for ((k, m), p) in buf[w0..w1].iter_mut().zip(&a[w0..w1]).zip(&populated) {
-                *k |= *p & !*m;
+            for (i, (k, p)) in buf[w0..w1].iter_mut().zip(&populated).enumerate() {
+                *k |= *p & !a.word(w0 + i);
             }
         }
         Ok(())
@@ -377,7 +453,7 @@ impl Vm {
         check_clear_range(first_page, npages, pages).map_err(VmError::State)?;
         let w0 = (first_page / 64) as usize;
         let mask: Vec<u64> = {
-            let last = self.dirty.last.lock().unwrap_or_else(|p| p.into_inner());
+            let last = self.dirty.kernel.lock().unwrap_or_else(|p| p.into_inner());
             let Some(l) = last.get(idx) else {
                 return Ok(());
             };
@@ -388,9 +464,7 @@ impl Vm {
         if self.dirty.initially_set {
             let mut armed = self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(a) = armed.get_mut(idx) {
-                for (x, m) in a.iter_mut().skip(w0).zip(&mask) {
-                    *x |= *m;
-                }
+                a.arm(w0, &mask);
             }
         }
         Ok(())
@@ -448,6 +522,29 @@ mod tests {
         assert_eq!(bitmap_words(1), 1);
         assert_eq!(bitmap_words(64), 1);
         assert_eq!(bitmap_words(65), 2);
+    }
+
+    #[test]
+    fn armed_map_reads_untouched_chunks_as_zero() {
+        let n = ARMED_CHUNK_WORDS * 3 + 7;
+        let mut a = ArmedMap::new(n);
+        a.arm(ARMED_CHUNK_WORDS + 2, &[0, 0b1010, 0]);
+        assert_eq!(a.touched, vec![false, true, false, false]);
+        assert_eq!(a.word(ARMED_CHUNK_WORDS + 3), 0b1010);
+        assert_eq!(a.word(ARMED_CHUNK_WORDS + 2), 0);
+        assert_eq!(a.word(n + 100), 0, "past the map");
+        a.arm(n - 1, &[1, 1]);
+        assert_eq!(a.word(n - 1), 1, "the word past the map is ignored");
+        let mut buf = vec![!0u64; n];
+        a.mask(&mut buf);
+        for (w, b) in buf.iter().enumerate() {
+            let want = match w {
+                w if w == ARMED_CHUNK_WORDS + 3 => 0b1010,
+                w if w == n - 1 => 1,
+                _ => 0,
+            };
+            assert_eq!(*b, want, "word {w}");
+        }
     }
 
     #[test]

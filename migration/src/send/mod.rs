@@ -492,9 +492,17 @@ pub fn run(
     match r {
         Ok(c) => {
             c.finish();
+            // The figures of the status (taken when the destination
+            // reported the VM running), not the time until this event:
+            // the dirty log is switched off in between.
+            let us = ctx.stats.total_time_us();
             ctx.events.emit(
                 "migration-completed",
-                serde_json::json!({ "role": "source", "total_time_ms": ctx.start.elapsed().as_millis() as u64 }),
+                serde_json::json!({
+                    "role": "source",
+                    "total_time_ms": us.map(|u| u / 1000),
+                    "total_time_us": us,
+                }),
             );
             Ok(())
         }

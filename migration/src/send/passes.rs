@@ -66,6 +66,9 @@ pub struct Passes {
     /// dirty log after): what the destination may lack if post-copy
     /// interrupts the pass.
     pub(super) current: Vec<DirtyBitmap>,
+    /// The bitmaps of the pass before `current`, reused (zeroed) by the
+    /// next fetch.
+    spare: Vec<DirtyBitmap>,
     /// The switch to post-copy came before the current pass was wholly on
     /// the wire (some of its pages may never have been queued).
     pub(super) interrupted: bool,
@@ -92,6 +95,7 @@ impl Passes {
             waiting_warned: false,
             gov: Governor::new(Instant::now()),
             current: Vec::new(),
+            spare: Vec::new(),
             interrupted: false,
         }
     }
@@ -112,6 +116,12 @@ impl Passes {
     pub(super) fn fetch_all(&mut self, ctx: &Ctx) -> Result<u64, MigrationError> {
         let regions = ctx.mem.regions();
         let mut pages = 0;
+        if self.held.is_empty() {
+            self.held = std::mem::take(&mut self.spare);
+            for bm in &mut self.held {
+                bm.words.fill(0);
+            }
+        }
         self.held.resize(regions.len(), DirtyBitmap::default());
         for (i, r) in regions.iter().enumerate() {
             ctx.vm
@@ -169,12 +179,19 @@ impl Passes {
         self.held_pages = 0;
         self.pass_started = Instant::now();
         let held = std::mem::take(&mut self.held);
-        self.current = held.clone();
-        let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), self.pass);
-        for (i, bm) in held.iter().enumerate() {
-            pk.add_bitmap(i, bm)?;
-        }
-        let pages = pk.finish()?;
+        let queued = (|| {
+            let mut pk = Packetizer::new(pool, &*ctx.vm, ctx.mem.regions(), self.pass);
+            for (i, bm) in held.iter().enumerate() {
+                pk.add_bitmap(i, bm)?;
+            }
+            pk.finish()
+        })();
+        // The held log becomes the pass being sent (queued or not), and the
+        // previous one's buffers take the next fetch (zeroed then): no
+        // bitmap of the guest's size is made or copied here, where the VM
+        // may be paused.
+        self.spare = std::mem::replace(&mut self.current, held);
+        let pages = queued?;
         self.pages_queued += pages;
         Ok(pages)
     }
@@ -221,7 +238,7 @@ impl Passes {
             self.peek(ctx)?;
             ctx.ctl.check()?;
             ctx.check_timeout()?;
-            std::thread::sleep(PASS_POLL);
+            pool.wait_pages(self.pages_queued, PASS_POLL);
         }
     }
 }

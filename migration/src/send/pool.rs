@@ -103,6 +103,11 @@ pub struct Pool {
     pub sent_bytes: AtomicU64,
     /// RAM pages handed to the wire (data or zero marker).
     pub pages_done: AtomicU64,
+    /// Notified once `pages_done` reaches `wake_at` (and when pages are
+    /// dropped): the pass loop waits on it rather than polling.
+    progress: crate::net::Notify,
+    /// The `pages_done` the pass loop waits for (`u64::MAX`: none).
+    wake_at: AtomicU64,
     /// RAM pages queued but dropped by the switch to post-copy (they are
     /// in its missing set).
     pub pages_dropped: AtomicU64,
@@ -131,10 +136,44 @@ impl Pool {
             ctl,
             sent_bytes: AtomicU64::new(0),
             pages_done: AtomicU64::new(0),
+            progress: crate::net::Notify::default(),
+            wake_at: AtomicU64::new(u64::MAX),
             pages_dropped: AtomicU64::new(0),
             switching: std::sync::atomic::AtomicBool::new(false),
             interrupt: Mutex::new(None),
         })
+    }
+
+    /// Counts `n` RAM pages handed to the wire, waking
+    /// [`Pool::wait_pages`] once its target is reached.
+    pub fn pages_written(&self, n: u64) {
+        let now = self
+            .pages_done
+            .fetch_add(n, Ordering::SeqCst)
+            .saturating_add(n);
+        if now >= self.wake_at.load(Ordering::SeqCst) {
+            self.progress.notify();
+        }
+    }
+
+    /// Counts `n` queued RAM pages dropped by the switch to post-copy.
+    pub fn drop_pages(&self, n: u64) {
+        self.pages_dropped.fetch_add(n, Ordering::SeqCst);
+        self.progress.notify();
+    }
+
+    /// Waits until `target` RAM pages were written, pages were dropped, or
+    /// `timeout` passed, whichever comes first.
+    ///
+    /// Invariant: no wake-up is lost. The target is published before
+    /// `pages_done` is read (both SeqCst), so a writer either sees the
+    /// target and notifies, or counted its pages before the read here.
+    pub fn wait_pages(&self, target: u64, timeout: Duration) {
+        self.wake_at.store(target, Ordering::SeqCst);
+        let seen = self.progress.generation();
+        if self.pages_done.load(Ordering::SeqCst) < target {
+            self.progress.wait(seen, timeout);
+        }
     }
 
     /// Installs the check a waiting RAM push polls (see
@@ -539,5 +578,26 @@ mod tests {
         assert!(lock(&l.st).tokens > -((1u64 << 20) as f64));
         // Abandoned before taking: nothing taken at all.
         assert!(!l.take_unless(1 << 30, &ctl, &|| true).unwrap());
+    }
+
+    /// The pass loop's wait ends when the writers reach its target, not at
+    /// its timeout: with an hour's timeout, a lost wake-up would hang here.
+    #[test]
+    fn a_drained_pass_wakes_its_waiter() {
+        let ctl = Ctl::new(CancelToken::default(), Duration::from_secs(5));
+        let pool = Pool::new(2, 0, 1 << 20, 1 << 20, ctl);
+        let p = pool.clone();
+        let writers = std::thread::spawn(move || {
+            for _ in 0..1000 {
+                p.pages_written(1);
+            }
+        });
+        pool.wait_pages(1000, Duration::from_secs(3600));
+        while pool.pages_done.load(Ordering::SeqCst) < 1000 {
+            pool.wait_pages(1000, Duration::from_secs(3600));
+        }
+        writers.join().unwrap();
+        // A target already reached returns at once.
+        pool.wait_pages(10, Duration::from_secs(3600));
     }
 }

@@ -137,12 +137,12 @@ fn run_writer(conn: usize, s: &Channel, ctx: &WriterCtx) -> Result<(), Migration
                     // for the bandwidth cap: its pages are in the missing
                     // set (the interrupted pass), so it is not sent.
                     let pages: u64 = runs.iter().map(|r| r.npages).sum();
-                    ctx.pool.pages_dropped.fetch_add(pages, SeqCst);
+                    ctx.pool.drop_pages(pages);
                     ctx.pool.done(conn, cost, 0);
                     continue;
                 };
                 add(&ctx.pool.sent_bytes, wire);
-                add(&ctx.pool.pages_done, pages);
+                ctx.pool.pages_written(pages);
                 add(&ctx.stats.transferred_bytes, wire);
                 add(&ctx.stats.zero_pages, zero);
                 add(&ctx.stats.normal_pages, pages - zero);

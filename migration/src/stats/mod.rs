@@ -95,7 +95,8 @@ pub struct MigrationStats {
     pub(crate) expected_downtime_ms: AtomicU64,
     devices: RwLock<Vec<Arc<DeviceCounters>>>,
     setup_time_ms: AtomicU64,
-    total_time_ms: AtomicU64,
+    /// The whole migration in µs (value + 1; 0: not ended).
+    total_time_us: AtomicU64,
     downtime_ms: AtomicU64,
     pause_to_ack_ms: AtomicU64,
     pause_time_us: AtomicU64,
@@ -210,7 +211,7 @@ impl MigrationStats {
         }
         for a in [
             &self.setup_time_ms,
-            &self.total_time_ms,
+            &self.total_time_us,
             &self.downtime_ms,
             &self.pause_to_ack_ms,
             &self.pause_time_us,
@@ -324,9 +325,20 @@ impl MigrationStats {
     }
 
     fn elapsed_ms(&self) -> u64 {
+        self.elapsed_us() / 1000
+    }
+
+    fn elapsed_us(&self) -> u64 {
         lock(&self.started)
-            .map(|s| s.elapsed().as_millis() as u64)
+            .map(|s| s.elapsed().as_micros() as u64)
             .unwrap_or(0)
+    }
+
+    /// The whole migration in µs, from [`MigrationStats::begin`] to the
+    /// final state; `None` while it runs. The status's `total_time_ms` is
+    /// this in whole ms (truncated).
+    pub fn total_time_us(&self) -> Option<u64> {
+        opt(&self.total_time_us)
     }
 
     /// Records what became of the source VM (set before the final state).
@@ -366,8 +378,9 @@ impl MigrationStats {
         if let Some(p) = pause_to_ack_ms {
             set_opt(&self.pause_to_ack_ms, p);
         }
-        let total = self.elapsed_ms();
-        set_opt(&self.total_time_ms, total);
+        let total_us = self.elapsed_us();
+        set_opt(&self.total_time_us, total_us);
+        let total = total_us / 1000;
         self.live_remaining.store(false, Relaxed);
         self.remaining_bytes.store(0, Relaxed);
         self.store_averages(total);
@@ -385,9 +398,9 @@ impl MigrationStats {
         } else {
             MigrationState::Failed
         };
-        let total = self.elapsed_ms();
-        set_opt(&self.total_time_ms, total);
-        self.store_averages(total);
+        let total_us = self.elapsed_us();
+        set_opt(&self.total_time_us, total_us);
+        self.store_averages(total_us / 1000);
         self.state.store(st.to_u8(), Relaxed);
     }
 
@@ -490,7 +503,8 @@ impl MigrationStats {
             _ => None,
         };
         let state = self.state();
-        let total = opt(&self.total_time_ms);
+        let total_us = opt(&self.total_time_us);
+        let total = total_us.map(|us| us / 1000);
         let throughput = self.throughput.load(Relaxed);
         let dirty_rate = self.dirty_rate.load(Relaxed);
         let (precopy_bytes, downtime_bytes) = self.precopy_downtime();
@@ -539,6 +553,11 @@ impl MigrationStats {
                 None
             } else {
                 total
+            },
+            total_time_us: if state == MigrationState::Active {
+                None
+            } else {
+                total_us
             },
             downtime_ms: opt(&self.downtime_ms),
             pause_to_ack_ms: opt(&self.pause_to_ack_ms),

@@ -220,6 +220,8 @@ pub struct MigrationStatus {
     pub setup_time_ms: Option<u64>,
     /// Whole migration, on completion.
     pub total_time_ms: Option<u64>,
+    /// The same in µs (`total_time_ms` is this truncated to whole ms).
+    pub total_time_us: Option<u64>,
     /// Actual downtime: source pause → destination resume (wall clock).
     pub downtime_ms: Option<u64>,
     /// Source-measured pause → "resumed" reply (source only).

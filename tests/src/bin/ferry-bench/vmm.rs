@@ -231,14 +231,17 @@ impl RunResult {
     /// A counter from the source's final statistics when the bench read them
     /// (the source exits right after completing), else the destination's.
     /// `total_time_ms` only from the source (the destination's counts from the
-    /// receive request, i.e. includes the settle wait), else the bench's wall
-    /// time; `downtime_ms` from the pause/resume timestamps (µs) when present.
+    /// receive request, i.e. includes the settle wait), in fractional ms from
+    /// its `total_time_us` when present, else the bench's wall time;
+    /// `downtime_ms` from the pause/resume timestamps (µs) when present.
     pub fn stat(&self, key: &str) -> Option<f64> {
         let src_done = self.src_status.get("state").and_then(Value::as_str) == Some("completed");
         match key {
             "total_time_ms" => {
                 if src_done {
-                    num(&self.src_status, key)
+                    num(&self.src_status, "total_time_us")
+                        .map(|us| us / 1000.0)
+                        .or_else(|| num(&self.src_status, key))
                 } else if self.ok {
                     Some(self.wall_s * 1000.0)
                 } else {
