@@ -408,10 +408,11 @@ cmd_token:
         call    parse_dec
         test    rdx, rdx
         jz      cmd_skip
+        mov     rdx, REGION_BASE        /* high=0: the default */
         test    rax, rax
-        jz      cmd_skip
-        mov     rax, HIGH_REGION_BASE
-        mov     [region_base], rax
+        jz      97f
+        mov     rdx, HIGH_REGION_BASE
+97:     mov     [region_base], rdx
         jmp     cmd_skip
 96:     lea     rdi, [str_ecam_eq]
         call    match_prefix
@@ -444,11 +445,6 @@ cmdline_done:
         call    print_dec
         call    newline
 
-        /* ---- dev=1: find the devices (sizes the DMA areas) ---- */
-        cmp     qword ptr [dev_on], 0
-        je      20f
-        call    dev_scan
-20:
         /* ---- high=1 checks nothing but the region ---- */
         mov     rax, [region_base]
         cmp     rax, REGION_BASE
@@ -456,7 +452,17 @@ cmdline_done:
         mov     rax, [zero_check]
         or      rax, [dev_on]
         jnz     err_high
+        lea     rsi, [str_region_at]
+        call    puts
+        mov     rax, [region_base]
+        call    print_hex
+        call    newline
 23:
+        /* ---- dev=1: find the devices (sizes the DMA areas) ---- */
+        cmp     qword ptr [dev_on], 0
+        je      20f
+        call    dev_scan
+20:
         /* ---- region fit: contiguous RAM from region_base ---- */
         mov     rax, [region_mib]
         cmp     rax, REGION_MAX_MIB
@@ -464,6 +470,9 @@ cmdline_done:
         shl     rax, 20
         add     rax, [region_base]      /* rax = region end */
         add     rax, [dma_total]        /* + DMA areas (dev=1) */
+        mov     rdx, MAX_PDS << 30      /* the identity map's end */
+        cmp     rax, rdx
+        ja      err_region
         mov     r10, [region_base]      /* r10 = end of contiguous RAM */
 10:     xor     r11d, r11d              /* extended in this round? */
         mov     rsi, [rbx + SI_MEMMAP]
@@ -526,7 +535,8 @@ pass_loop:
         cmp     rax, r12
         jae     14f
         shl     rax, 12
-        add     rax, REGION_BASE + SELFTEST_CORRUPT_OFF
+        add     rax, [region_base]
+        add     rax, SELFTEST_CORRUPT_OFF
         xor     qword ptr [rax], 1
 14:
 #endif
@@ -674,6 +684,7 @@ str_zero_check_eq: .asciz "zero-check="
 str_dev_eq:        .asciz "dev="
 str_dma_eq:        .asciz "dma="
 str_high_eq:       .asciz "high="
+str_region_at:     .asciz "stamp: region at "
 str_err_high:      .asciz "stamp: ERROR high=1 with zero-check=1 or dev=1\n"
 str_ecam_eq:       .asciz "ecam="
 str_dev_found:     .asciz "stamp: dev found="

@@ -283,13 +283,15 @@ fn memory_above_4_gib_migrates() {
         &["--memory", "size=3328M"],
     );
     src.serial
+        .wait_for_line(LONG, |l| l.trim() == "stamp: region at 100000000")
+        .unwrap_or_else(|| panic!("the region is not at 4 GiB: {}", src.serial.tail(3)));
+    src.serial
         .wait_for_line(LONG, |l| l.starts_with("stamp: pass 1 ok"))
         .unwrap_or_else(|| panic!("no first pass: {}", src.serial.tail(3)));
     let dst = Vmm::destination("dst", &[]);
     // Capped, so that the guest rewrites the region while pass 1 runs.
     let mut p = send_params(0, 2);
     p["max_bandwidth_mib_s"] = json!(64);
-    p["max_bandwidth_mbps"] = Value::Null;
     p["downtime_ms"] = json!(10_000);
     let m = migrate(&mut src, &dst, p);
     m.check_completed();

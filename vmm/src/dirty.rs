@@ -359,17 +359,45 @@ impl Vm {
             .ok_or_else(|| VmError::State(format!("no dirty-log buffer for region {idx}")))?;
         // Held from the GET to the report: the armed pages are those whose
         // bits in KVM's log mean something.
-        let armed = self
+        let armed_guard = self
             .dirty
             .initially_set
             .then(|| self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner()));
         let armed =
-            match &armed {
+            match &armed_guard {
                 Some(a) => Some(a.get(idx).filter(|a| a.words.len() == words).ok_or_else(
                     || VmError::State(format!("no armed-page map for region {idx}")),
                 )?),
                 None => None,
             };
+        if let Err(e) = self.get_and_report(slot, idx, armed, buf) {
+            // Raw or partial, it must not be what clear_dirty masks with:
+            // a clear could arm pages never reported. Zero clears nothing.
+            buf.fill(0);
+            return Err(e);
+        }
+        drop(armed_guard);
+        // `buf` stays as it is until the next fetch: clear_dirty masks
+        // with it.
+        if into.len() != words {
+            into.resize(words, 0);
+        }
+        or_into(into, buf, pages);
+        drop(kernel);
+        let own = self.ram.take_vmm_dirty(idx);
+        or_into(into, &own, pages);
+        Ok(())
+    }
+
+    /// KVM_GET_DIRTY_LOG of `slot` (region `idx`) into `buf`, then, with
+    /// KVM_DIRTY_LOG_INITIALLY_SET (`armed`), [`Vm::report_unarmed`].
+    fn get_and_report(
+        &self,
+        slot: &crate::vm::Slot,
+        idx: usize,
+        armed: Option<&ArmedMap>,
+        buf: &mut [u64],
+    ) -> Result<(), VmError> {
         // With nothing armed in this slot, every bit KVM would copy reads
         // dirty only because logging started with them set, and the report
         // below zeroes them all: a large slot the guest never touched
@@ -380,9 +408,10 @@ impl Vm {
                 ..Default::default()
             };
             arg.__bindgen_anon_1.dirty_bitmap = buf.as_mut_ptr() as *mut libc::c_void;
-            // SAFETY: `buf` holds `bitmap_words(pages)` words, exactly the
-            // bytes KVM writes for a slot of `pages` pages (rounded up to 64
-            // bits), and outlives the call; the slot is one of this VM's.
+            // SAFETY: `buf` holds `bitmap_words(pages)` words of the slot's
+            // pages (the caller checked), exactly the bytes KVM writes for
+            // the slot (rounded up to 64 bits), and outlives the call; the
+            // slot is one of this VM's.
             let r = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DIRTY_LOG(), &arg) };
             if r < 0 {
                 return Err(VmError::Kvm {
@@ -394,15 +423,6 @@ impl Vm {
         if let Some(a) = armed {
             self.report_unarmed(idx, a, buf)?;
         }
-        // `buf` stays as it is until the next fetch: clear_dirty masks
-        // with it.
-        if into.len() != words {
-            into.resize(words, 0);
-        }
-        or_into(into, buf, pages);
-        drop(kernel);
-        let own = self.ram.take_vmm_dirty(idx);
-        or_into(into, &own, pages);
         Ok(())
     }
 

@@ -103,8 +103,9 @@ pub struct Pool {
     pub sent_bytes: AtomicU64,
     /// RAM pages handed to the wire (data or zero marker).
     pub pages_done: AtomicU64,
-    /// Notified once `pages_done` reaches `wake_at` (and when pages are
-    /// dropped): the pass loop waits on it rather than polling.
+    /// Notified once `pages_done` reaches `wake_at`, when pages are
+    /// dropped and when the switch to post-copy is asked for: the pass
+    /// loop waits on it rather than polling.
     progress: crate::net::Notify,
     /// The `pages_done` the pass loop waits for (`u64::MAX`: none).
     wake_at: AtomicU64,
@@ -162,18 +163,21 @@ impl Pool {
         self.progress.notify();
     }
 
-    /// Waits until `target` RAM pages were written, pages were dropped, or
-    /// `timeout` passed, whichever comes first.
+    /// Waits until `target` RAM pages were written, pages were dropped,
+    /// the switch to post-copy was asked for, or `timeout` passed,
+    /// whichever comes first (callers re-check their condition).
     ///
     /// Invariant: no wake-up is lost. The target is published before
     /// `pages_done` is read (both SeqCst), so a writer either sees the
     /// target and notifies, or counted its pages before the read here.
+    /// Between waits no target is set, and writers do not notify.
     pub fn wait_pages(&self, target: u64, timeout: Duration) {
         self.wake_at.store(target, Ordering::SeqCst);
         let seen = self.progress.generation();
         if self.pages_done.load(Ordering::SeqCst) < target {
             self.progress.wait(seen, timeout);
         }
+        self.wake_at.store(u64::MAX, Ordering::SeqCst);
     }
 
     /// Installs the check a waiting RAM push polls (see
@@ -205,6 +209,7 @@ impl Pool {
     /// Asks for the switch to post-copy: no more RAM is queued.
     pub fn request_switch(&self) {
         self.switching.store(true, Ordering::SeqCst);
+        self.progress.notify();
     }
 
     /// Removes every queued (not yet taken) RAM item; their pages count as
@@ -226,7 +231,7 @@ impl Pool {
             st.queued[i] = st.queued[i].saturating_sub(cost);
         }
         drop(st);
-        self.pages_dropped.fetch_add(pages, Ordering::SeqCst);
+        self.drop_pages(pages);
         self.space_cv.notify_all();
         pages
     }
@@ -247,7 +252,7 @@ impl Pool {
         loop {
             self.ctl.check()?;
             if ram_pages > 0 && self.switching.load(Ordering::SeqCst) {
-                self.pages_dropped.fetch_add(ram_pages, Ordering::SeqCst);
+                self.drop_pages(ram_pages);
                 return Ok(0);
             }
             let (best, q) = st

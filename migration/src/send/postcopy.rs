@@ -161,7 +161,11 @@ impl Stopped {
                     "RAM in flight did not reach the wire at the switch to post-copy".into(),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let dropped = pool.pages_dropped.load(SeqCst);
+            pool.wait_pages(
+                ps.pages_queued().saturating_sub(dropped),
+                Duration::from_millis(1),
+            );
         }
         ps.fetch_all(ctx)?;
         let interrupted = ps.interrupted || pool.pages_dropped.load(SeqCst) > 0;

@@ -12,8 +12,19 @@ use migration::RegionFd;
 use super::{GuestRam, MemoryError, RegionInfo};
 use crate::config::MemoryBacking;
 
-/// `(st_dev, st_ino)` of an open file.
-fn identity(fd: &impl AsRawFd) -> Result<(u64, u64), MemoryError> {
+/// What [`check_handover`] needs to know of a handed-over descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileInfo {
+    /// `(st_dev, st_ino)`: which file it is.
+    id: (u64, u64),
+    /// Its size in bytes.
+    size: u64,
+    /// A regular file (memfds are).
+    regular: bool,
+}
+
+/// fstat of an open descriptor.
+fn file_info(fd: &impl AsRawFd) -> Result<FileInfo, MemoryError> {
     // SAFETY: fstat on an open descriptor into a zeroed stat buffer.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -23,7 +34,11 @@ fn identity(fd: &impl AsRawFd) -> Result<(u64, u64), MemoryError> {
                 std::io::Error::last_os_error()
             )));
         }
-        Ok((st.st_dev, st.st_ino))
+        Ok(FileInfo {
+            id: (st.st_dev, st.st_ino),
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        })
     }
 }
 
@@ -165,7 +180,12 @@ fn check_handover(size: u64, regions: Vec<RegionFd>) -> Result<Arc<File>, Memory
     let Some(head) = regions.first() else {
         return Err(MemoryError::Handover("no region".into()));
     };
-    let first = identity(&head.fd)?;
+    let first = file_info(&head.fd)?;
+    if !first.regular {
+        return Err(MemoryError::Handover(
+            "the handed-over memory is not a regular file or memfd".into(),
+        ));
+    }
     let mut offset = 0u64;
     for (r, (gpa, len)) in regions.iter().zip(&layout) {
         if (r.gpa, r.size, r.offset) != (gpa.0, *len as u64, offset) {
@@ -174,12 +194,20 @@ fn check_handover(size: u64, regions: Vec<RegionFd>) -> Result<Arc<File>, Memory
                 r.gpa, r.size, r.offset, gpa.0, len
             )));
         }
-        if identity(&r.fd)? != first {
+        if file_info(&r.fd)?.id != first.id {
             return Err(MemoryError::Handover(
                 "the regions come from different files".into(),
             ));
         }
         offset += *len as u64;
+    }
+    // Mapped past its end, the file would fault (SIGBUS) at the first
+    // guest access there instead of failing here.
+    if first.size < offset {
+        return Err(MemoryError::Handover(format!(
+            "the handed-over memory file has {} bytes, this guest needs {offset}",
+            first.size
+        )));
     }
     regions
         .into_iter()
@@ -190,6 +218,8 @@ fn check_handover(size: u64, regions: Vec<RegionFd>) -> Result<Arc<File>, Memory
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::FromRawFd;
+
     use super::*;
     use crate::config::MemoryConfig;
 
@@ -266,6 +296,51 @@ mod tests {
         assert!(e.to_string().contains("this layout has"), "{e}");
         assert!(!prepared.is_lent());
         assert!(prepared.claim_zeroed().is_ok());
+    }
+
+    /// A file shorter than the guest is refused: mapped, its missing tail
+    /// would kill this process with SIGBUS at the guest's first access.
+    #[test]
+    fn a_short_memory_file_is_refused() {
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor
+        // is owned below.
+        let raw = unsafe { libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        File::from(fd.try_clone().unwrap())
+            .set_len(32 << 20)
+            .unwrap();
+        let region = RegionFd {
+            gpa: 0,
+            size: 64 << 20,
+            offset: 0,
+            fd,
+        };
+        let e = GuestRam::from_handover(64 << 20, vec![region]).unwrap_err();
+        assert!(e.to_string().contains("needs"), "{e}");
+    }
+
+    #[test]
+    fn a_handed_over_pipe_is_refused() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe into a 2-element array; both ends are owned below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors nothing else owns.
+        let (r, _w) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let region = RegionFd {
+            gpa: 0,
+            size: 16 << 20,
+            offset: 0,
+            fd: r,
+        };
+        let e = GuestRam::from_handover(16 << 20, vec![region]).unwrap_err();
+        assert!(e.to_string().contains("regular"), "{e}");
     }
 
     #[test]
