@@ -88,16 +88,28 @@ pub fn is_timeout(e: &io::Error) -> bool {
 /// whether it became ready. An interrupted or failed poll counts as not
 /// ready: the caller's loop tries again.
 pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: Duration) -> bool {
+    poll_fd(fd.as_raw_fd(), libc::POLLIN, timeout).is_ok_and(|r| r != 0)
+}
+
+/// poll(2) of one descriptor for `events`, for up to `timeout` (whole ms,
+/// at most `i32::MAX`): the `revents` (0: timed out; POLLERR, POLLHUP and
+/// POLLNVAL come without being asked), or the error, EINTR included.
+pub fn poll_fd(fd: std::os::fd::RawFd, events: i16, timeout: Duration) -> io::Result<i16> {
     let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
+        fd,
+        events,
         revents: 0,
     };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `p` is one valid pollfd that lives across the call, and the
-    // count passed is 1; poll writes only `p.revents`.
+    // count passed is 1; poll writes only `p.revents`. A descriptor that
+    // is not open is reported in `revents` (POLLNVAL), not undefined.
     let n = unsafe { libc::poll(&mut p, 1, ms) };
-    n > 0
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.revents)
+    }
 }
 
 /// Reads and discards what the peer still sends, for up to `limit` or
@@ -452,4 +464,30 @@ pub fn send_message(s: &Channel, session: u128, frame: fn(u64) -> Frame, msg: &s
         &ctl,
         "sending an error frame",
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    #[test]
+    fn poll_fd_reports_readiness_timeouts_and_hangups() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let fd = b.as_raw_fd();
+        assert_eq!(poll_fd(fd, libc::POLLIN, Duration::ZERO).unwrap(), 0);
+        assert!(!wait_readable(&b, Duration::ZERO));
+        a.write_all(b"x").unwrap();
+        assert_eq!(
+            poll_fd(fd, libc::POLLIN, Duration::from_secs(60)).unwrap() & libc::POLLIN,
+            libc::POLLIN
+        );
+        assert!(wait_readable(&b, Duration::from_secs(60)));
+        drop(a);
+        let r = poll_fd(fd, 0, Duration::from_secs(60)).unwrap();
+        assert_ne!(r & libc::POLLHUP, 0, "revents {r:#x}");
+    }
 }

@@ -25,8 +25,8 @@ pub use channel::{Channel, TlsError, TlsFailure};
 pub use conn::{Keepalive, MainConn};
 pub use ctl::{Ctl, Notify};
 pub use io::{
-    drain, is_timeout, prepare_stream, read_full, read_vecs, recv_frame, recv_payload, send_frame,
-    send_message, set_big_buffers, wait_readable, write_vecs, Recv,
+    drain, is_timeout, poll_fd, prepare_stream, read_full, read_vecs, recv_frame, recv_payload,
+    send_frame, send_message, set_big_buffers, wait_readable, write_vecs, Recv,
 };
 pub use sock::{Listener, Sock};
 pub use zerocopy::{check_memlock, memlock_limit, memlock_need, ZcCounters, ZeroCopy, ZC_WINDOW};

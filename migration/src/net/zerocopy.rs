@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::zctrack::{Completed, Tracker};
-use super::{is_timeout, lock, Ctl, POLL_INTERVAL};
+use super::{is_timeout, lock, poll_fd, Ctl, POLL_INTERVAL};
 use crate::error::MigrationError;
 use crate::guest_mem::{Gather, IoVecs};
 
@@ -272,14 +272,8 @@ impl ZeroCopy {
         // nothing sent may leave its charge on the previous send until
         // that one completes (the kernel extends the previous
         // notification's accounting before it blocks).
-        let mut p = libc::pollfd {
-            fd: self.fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, exclusively borrowed.
-        let r = unsafe { libc::poll(&mut p, 1, POLL_INTERVAL.as_millis() as i32) };
-        if r == 0 || (r > 0 && p.revents & libc::POLLOUT == 0) {
+        let r = poll_fd(self.fd, libc::POLLOUT, POLL_INTERVAL);
+        if r.as_ref().is_ok_and(|r| r & libc::POLLOUT == 0) {
             self.iov.clear();
             // POLLERR: completions to read (the callers do), or a failed
             // socket (returned here, so that nobody spins on it).
@@ -394,25 +388,15 @@ impl ZeroCopy {
         if self.reap()? {
             return Ok(true);
         }
-        let mut p = libc::pollfd {
-            fd: self.fd,
-            events: 0,
-            revents: 0,
+        let revents = match poll_fd(self.fd, 0, timeout.min(Duration::from_secs(1))) {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(e),
         };
-        // SAFETY: one valid pollfd, exclusively borrowed.
-        let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(1000) as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
         if self.reap()? {
             return Ok(true);
         }
-        if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        if revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             // Not a completion: the socket failed (or was shut down).
             if let Some(e) = self.socket_error() {
                 return Err(e);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::pool::Pool;
 use crate::error::MigrationError;
-use crate::net::{lock, Ctl, MainConn, POLL_INTERVAL};
+use crate::net::{lock, poll_fd, Ctl, MainConn, POLL_INTERVAL};
 use crate::stats::DeviceCounters;
 use crate::traits::{MigState, MigratableDevice};
 use crate::wire::{DevItemKind, Frame};
@@ -83,28 +83,19 @@ pub fn read_chunk(
     let mut last = Instant::now();
     while got < max {
         ctl.check()?;
-        let mut pfd = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, POLL_INTERVAL.as_millis() as i32) };
-        if r == 0 {
-            if last.elapsed() > ctl.stall {
-                return Err(MigrationError::device(
-                    id,
-                    "no state data for the stall timeout",
-                ));
-            }
-            continue;
-        }
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
+        match poll_fd(f.as_raw_fd(), libc::POLLIN, POLL_INTERVAL) {
+            Ok(0) => {
+                if last.elapsed() > ctl.stall {
+                    return Err(MigrationError::device(
+                        id,
+                        "no state data for the stall timeout",
+                    ));
+                }
                 continue;
             }
-            return Err(berr(id, "polling the data fd", e));
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(berr(id, "polling the data fd", e)),
         }
         match (&*f).read(&mut buf[got..]) {
             Ok(0) => break,
