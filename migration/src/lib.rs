@@ -31,7 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
-mod bitmap;
+pub mod bitmap;
 pub mod combine;
 pub mod compress;
 mod convergence;

@@ -10,6 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, info};
+use migration::bitmap::{ranges_words, word_masks, written_zeros};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::vm::{kvm_err, Vm, VmError};
@@ -211,30 +212,6 @@ impl DirtyTracker {
     }
 }
 
-/// Sets the bits of pages `[first, end)` in `words`.
-fn set_bits(words: &mut [u64], first: u64, end: u64) {
-    let mut p = first;
-    while p < end {
-        let (w, b) = ((p / 64) as usize, p % 64);
-        let n = (64 - b).min(end - p);
-        let m = if n == 64 { !0 } else { ((1u64 << n) - 1) << b };
-        if let Some(x) = words.get_mut(w) {
-            *x |= m;
-        }
-        p += n;
-    }
-}
-
-/// A zeroed bitmap of `words` words, its memory written (faulted in):
-/// unlike `vec![0; n]`, which may leave the kernel's zero page mapped until
-/// the first fetch writes it.
-#[allow(clippy::slow_vector_initialization)]
-fn touched(words: usize) -> Vec<u64> {
-    let mut v = Vec::with_capacity(words);
-    v.resize(words, 0u64);
-    v
-}
-
 /// ORs `src` into `dst` (same length), clearing bits at and past `pages`.
 fn or_into(dst: &mut [u64], src: &[u64], pages: u64) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -269,7 +246,7 @@ impl Vm {
         self.ram.reset_vmm_dirty();
         let words = |s: &crate::vm::Slot| bitmap_words(s.size / crate::memory::PAGE);
         *self.dirty.kernel.lock().unwrap_or_else(|p| p.into_inner()) =
-            self.slots.iter().map(|s| touched(words(s))).collect();
+            self.slots.iter().map(|s| written_zeros(words(s))).collect();
         let init = self.dirty.initially_set;
         if init {
             *self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -306,14 +283,7 @@ impl Vm {
                 .ram
                 .populated_exact(i)?
                 .unwrap_or_else(|| std::iter::once(0..s.size).collect());
-            let mut mask = vec![0u64; bitmap_words(pages)];
-            for r in &ranges {
-                set_bits(
-                    &mut mask,
-                    r.start / crate::memory::PAGE,
-                    r.end.div_ceil(crate::memory::PAGE),
-                );
-            }
+            let mask = ranges_words(&ranges, pages, crate::memory::PAGE);
             self.clear_masked(s, 0, &mask)?;
             let mut armed = self.dirty.armed.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(a) = armed.get_mut(i) {
@@ -434,25 +404,12 @@ impl Vm {
     fn report_unarmed(&self, idx: usize, a: &ArmedMap, buf: &mut [u64]) -> Result<(), VmError> {
         let ranges = self.ram.populated(idx)?;
         a.mask(buf);
-        let mut populated = vec![0u64; 0];
         for r in &ranges {
-            let (first, end) = (
-                r.start / crate::memory::PAGE,
-                r.end.div_ceil(crate::memory::PAGE),
-            );
-            let (w0, w1) = ((first / 64) as usize, bitmap_words(end).min(buf.len()));
-            if w0 >= w1 {
-                continue;
-            }
-            populated.clear();
-            populated.resize(w1 - w0, 0);
-            set_bits(
-                &mut populated,
-                first - (w0 as u64) * 64,
-                end - (w0 as u64) * 64,
-            );
-            for (i, (k, p)) in buf[w0..w1].iter_mut().zip(&populated).enumerate() {
-                *k |= *p & !a.word(w0 + i);
+            let end = r.end.div_ceil(crate::memory::PAGE);
+            for (w, m) in word_masks(r.start / crate::memory::PAGE, end) {
+                if let Some(k) = buf.get_mut(w) {
+                    *k |= m & !a.word(w);
+                }
             }
         }
         Ok(())

@@ -234,8 +234,3 @@ pub fn count_dirty(bm: &DirtyBitmap, pages: u64) -> u64 {
     }
     n
 }
-
-/// ORs `src` into `dst` (growing `dst` as needed).
-pub fn merge(dst: &mut DirtyBitmap, src: &DirtyBitmap) {
-    dst.merge(src);
-}

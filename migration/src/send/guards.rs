@@ -26,14 +26,9 @@ impl DirtyLog {
         let buffers = vm
             .ram()
             .iter()
-            .map(|r| {
-                let n = r.pages().div_ceil(64) as usize;
-                // Written, not `vec![0; n]`: calloc may leave the zero
-                // page mapped, and the first fetch would fault it in.
-                #[allow(clippy::slow_vector_initialization)]
-                let mut words = Vec::with_capacity(n);
-                words.resize(n, 0);
-                DirtyBitmap { words }
+            .map(|r| DirtyBitmap {
+                // Written: the first fetch must not fault it in.
+                words: crate::bitmap::written_zeros(r.pages().div_ceil(64) as usize),
             })
             .collect();
         Ok(DirtyLog {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::devices::does_precopy;
-use super::dirty::{count_dirty, merge, Packetizer, PACKET_PAGES};
+use super::dirty::{count_dirty, Packetizer, PACKET_PAGES};
 use super::dma::DmaLogs;
 use super::policy::{Effects, Governor, PassReport, Verdict};
 use super::pool::{Item, Pool, RateLimiter};
@@ -158,7 +158,7 @@ impl Passes {
                 .map_err(|e| MigrationError::vm("reading the populated ranges", e))?;
             let bm = ranges_bitmap(&ranges, r.pages());
             n += count_dirty(&bm, r.pages());
-            merge(&mut self.held[i], &bm);
+            self.held[i].merge(&bm);
         }
         Ok(n)
     }
@@ -270,14 +270,9 @@ fn apply(ctx: &Ctx, fx: Effects) {
 /// The pages of byte `ranges` (rounded out to pages) as a bitmap of a
 /// region of `pages` pages.
 fn ranges_bitmap(ranges: &[std::ops::Range<u64>], pages: u64) -> DirtyBitmap {
-    let mut words = vec![0u64; pages.div_ceil(64) as usize];
-    for r in ranges {
-        let end = r.end.div_ceil(PAGE_SIZE).min(pages);
-        for (word, mask) in crate::bitmap::word_masks(r.start / PAGE_SIZE, end) {
-            words[word] |= mask;
-        }
+    DirtyBitmap {
+        words: crate::bitmap::ranges_words(ranges, pages, PAGE_SIZE),
     }
-    DirtyBitmap { words }
 }
 
 fn precopy_devices(ctx: &Ctx) -> Vec<usize> {

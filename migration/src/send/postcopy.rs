@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::dirty::merge;
 use super::pool::Item;
 use super::push::{PageServer, PushSet};
 use super::{
@@ -175,7 +174,7 @@ impl Stopped {
                 if held.len() <= i {
                     held.resize(i + 1, DirtyBitmap::default());
                 }
-                merge(&mut held[i], cur);
+                held[i].merge(cur);
             }
         }
         let pages: Vec<u64> = ctx.mem.regions().iter().map(|r| r.pages()).collect();
