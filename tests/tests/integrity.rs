@@ -227,6 +227,21 @@ fn provisioned_memory_reused_after_a_cancelled_attempt_reads_zero() {
     check_zero_guest_moved(&src, &dst);
 }
 
+/// Migrates `src` to `dst` over 2 connections capped at 64 MiB/s, so that
+/// the passes last while the guest writes; the generous downtime lets the
+/// migration end soon after (nothing here is timed). Checks that it
+/// completed and that the guest moved with no MISMATCH; returns the
+/// source's final status (the destination's if the source's was missed).
+fn migrate_capped(src: &mut Vmm, dst: &Vmm) -> Value {
+    let mut p = send_params(0, 2);
+    p["max_bandwidth_mib_s"] = json!(64);
+    p["downtime_ms"] = json!(10_000);
+    let m = migrate(src, dst, p);
+    m.check_completed();
+    check_guest_moved(&[&src.serial], dst);
+    m.source_status.unwrap_or(m.dest_status)
+}
+
 /// Memory the guest populates while it migrates arrives: the send starts
 /// during the guest's first pass over a 256 MiB region, so pages are
 /// touched for the first time during every pass of the migration. The
@@ -248,16 +263,8 @@ fn memory_populated_during_the_migration_arrives() {
         "the guest finished its first pass before the send"
     );
     // Capped, the passes last long enough for the guest to touch tens of
-    // MiB it never touched before (it touches ~180 MiB/s); the generous
-    // downtime lets the migration end soon after (nothing here is timed).
-    let mut p = send_params(0, 2);
-    p["max_bandwidth_mib_s"] = json!(64);
-    p["max_bandwidth_mbps"] = Value::Null;
-    p["downtime_ms"] = json!(10_000);
-    let m = migrate(&mut src, &dst, p);
-    m.check_completed();
-    check_guest_moved(&[&src.serial], &dst);
-    let s = m.source_status.as_ref().unwrap_or(&m.dest_status);
+    // MiB it never touched before (it touches ~180 MiB/s).
+    let s = migrate_capped(&mut src, &dst);
     assert!(
         s["transferred_bytes"].as_u64().unwrap_or(0) > 16 << 20,
         "the guest populated too little during the migration: {s}"
@@ -290,13 +297,7 @@ fn memory_above_4_gib_migrates() {
         .unwrap_or_else(|| panic!("no first pass: {}", src.serial.tail(3)));
     let dst = Vmm::destination("dst", &[]);
     // Capped, so that the guest rewrites the region while pass 1 runs.
-    let mut p = send_params(0, 2);
-    p["max_bandwidth_mib_s"] = json!(64);
-    p["downtime_ms"] = json!(10_000);
-    let m = migrate(&mut src, &dst, p);
-    m.check_completed();
-    check_guest_moved(&[&src.serial], &dst);
-    let s = m.source_status.as_ref().unwrap_or(&m.dest_status);
+    let s = migrate_capped(&mut src, &dst);
     assert!(
         s["transferred_bytes"].as_u64().unwrap_or(0) > 192 << 20,
         "less than the region moved: {s}"
